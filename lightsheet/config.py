@@ -1,0 +1,177 @@
+"""Typed run configuration: one pydantic model per stage and the pipeline's.
+
+The models are the Prefect flow's parameters (and so the form in the Prefect UI and the
+schema the server enforces on API-triggered runs). Building one has no side effects.
+Unknown keys are errors everywhere (``extra="forbid"``): the server's schema check would
+otherwise let them through.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+VoxelSize = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+ChunkShape = tuple[
+    Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]
+]
+
+#: Lattice light-sheet style names, e.g.
+#: ``ex6-2_CamA_ch1_CAM1_stack0000_560nm_0000000msec_0001291795msecAbs_000x_001y_000z_0000t.tif``
+DEFAULT_PATTERN = (
+    r"_ch(?P<c>\d+)_.*_(?P<x>\d+)x_(?P<y>\d+)y_(?P<z>\d+)z_(?P<t>\d+)t\.tiff?$"
+)
+PATTERN_GROUPS = ("c", "t", "z", "y", "x")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StitchConfig(_Model):
+    """How tiles become one volume."""
+
+    chunks_zyx: ChunkShape | None = Field(
+        None,
+        description="Chunk shape (z, y, x) of the stitched volume; default: derived from the "
+        "tile shape and voxel size so chunks hold ~32 MiB and FFT sizes stay fast.",
+    )
+
+
+class DeconvolveConfig(_Model):
+    """Richardson–Lucy deconvolution."""
+
+    enabled: bool = True
+    iterations: int = Field(10, ge=1, le=1000, description="Richardson–Lucy iterations.")
+    acceleration: bool = Field(
+        False, description="Biggs–Andrews vector extrapolation: same quality in fewer iterations."
+    )
+    channels: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Channel indices to deconvolve; default all (others are copied)."
+    )
+
+
+class FeaturizeConfig(_Model):
+    """Per-pixel features from the pretrained UNet."""
+
+    enabled: bool = True
+    model: Path | None = Field(
+        None, description="Checkpoint (dict .pt, TorchScript or .safetensors); default: bundled."
+    )
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = Field(8, ge=1, le=1024, description="z-slices per forward pass.")
+
+
+class SegmentConfig(_Model):
+    """Intensity → binary mask → instance labels → cells table."""
+
+    channel: int = Field(0, ge=0, description="Channel index that holds the nuclei.")
+    method: Literal["otsu", "absolute", "model"] = Field(
+        "otsu", description="otsu: global histogram over the whole volume; absolute: `threshold`."
+    )
+    threshold: float | None = Field(None, description="Intensity threshold for method=absolute.")
+    nucleus_diameter_um: PositiveFloat = Field(
+        9.0, description="Typical nucleus diameter; sets size filters and watershed seeds."
+    )
+    min_volume_um3: PositiveFloat | None = Field(
+        None, description="Smallest object kept; default from nucleus_diameter_um."
+    )
+    max_volume_um3: PositiveFloat | None = Field(
+        None, description="Largest object kept; default from nucleus_diameter_um."
+    )
+    watershed: bool = Field(True, description="Split touching nuclei with a seeded watershed.")
+
+
+class DensityConfig(_Model):
+    """Mapping of image coordinates into the atlas, and counting."""
+
+    orientation: str = Field(
+        "asr",
+        description="BrainGlobe three-letter orientation of the image axes (z, y, x), e.g. 'asr'.",
+    )
+    offset_um: tuple[float, float, float] = Field(
+        (0.0, 0.0, 0.0), description="Position (z, y, x) in µm of the image origin in the atlas."
+    )
+    affine: list[list[float]] | None = Field(
+        None, description="Optional 4x4 affine (µm → µm) applied after orientation and offset."
+    )
+    outside_warning_fraction: float = Field(
+        0.2, ge=0, le=1, description="Warn when more than this fraction of cells is outside."
+    )
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation(cls, v: str) -> str:
+        v = v.lower()
+        if len(v) != 3 or not all(sum(c in pair for c in v) == 1 for pair in ("ap", "si", "lr")):
+            raise ValueError(
+                f"orientation must be three letters, one from each of a/p, s/i, l/r; got {v!r}"
+            )
+        return v
+
+
+class ClusterConfig(_Model):
+    """Where Dask computes."""
+
+    profile: Literal["local", "slurm", "cuda", "address"] = "local"
+    address: str | None = Field(None, description="Scheduler address for profile=address.")
+    n_workers: int | None = Field(None, ge=1, description="Default: from the machine.")
+    threads_per_worker: int | None = Field(None, ge=1, description="Default: from the machine.")
+    memory_limit: str | None = Field(None, description="Per worker, e.g. '4GiB'; default: auto.")
+
+
+class PipelineConfig(_Model):
+    """The pipeline's parameters: one run from raw tiles to densities."""
+
+    input: str = Field(..., description="Glob of the raw TIFF tiles, e.g. /data/brain1/*.tif")
+    pattern: str = Field(
+        DEFAULT_PATTERN,
+        description="Regex matched against each file name; named groups among c, t, z, y, x "
+        "give channel, time point and tile grid position (a missing group means one).",
+    )
+    voxel_size_um: VoxelSize = Field(..., description="Voxel size (z, y, x) in µm.")
+    psf: Path = Field(..., description="PSF TIFF at the image voxel size.")
+    atlas: Path = Field(..., description="BrainGlobe-layout atlas folder.")
+    output: Path = Field(..., description="Output folder.")
+    stitch: StitchConfig = StitchConfig()
+    deconvolve: DeconvolveConfig = DeconvolveConfig()
+    featurize: FeaturizeConfig = FeaturizeConfig()
+    segment: SegmentConfig = SegmentConfig()
+    density: DensityConfig = DensityConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            rx = re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"pattern is not a valid regular expression: {exc}") from exc
+        unknown = set(rx.groupindex) - set(PATTERN_GROUPS)
+        if unknown:
+            raise ValueError(
+                f"pattern has named groups {sorted(unknown)}; allowed: {list(PATTERN_GROUPS)}"
+            )
+        return v
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a YAML run config; relative paths are taken relative to the YAML file's folder."""
+    import yaml
+
+    path = Path(path)
+    with path.open() as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of parameters, got {type(raw).__name__}")
+    base = path.resolve().parent
+    for key in ("psf", "atlas", "output"):
+        if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
+            raw[key] = str(base / raw[key])
+    if isinstance(raw.get("input"), str) and not Path(raw["input"]).is_absolute():
+        raw["input"] = str(base / raw["input"])
+    return PipelineConfig.model_validate(raw)

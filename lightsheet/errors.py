@@ -1,0 +1,31 @@
+"""Domain errors: each subclasses the built-in a caller would catch and says what, where, expected."""
+
+from __future__ import annotations
+
+
+class LightsheetError(Exception):
+    """Base class of the project's errors."""
+
+
+class InputFilesError(LightsheetError, FileNotFoundError):
+    """No input files, or an input file that cannot be read."""
+
+
+class TileGridError(LightsheetError, ValueError):
+    """The tiles do not form a complete, unambiguous, uniform grid."""
+
+
+class PSFError(LightsheetError, ValueError):
+    """A point-spread function that cannot be used."""
+
+
+class AtlasError(LightsheetError, ValueError):
+    """An atlas folder or annotation that is missing parts or inconsistent."""
+
+
+class ModelError(LightsheetError, ValueError):
+    """A model checkpoint that cannot be loaded safely or does not match the architecture."""
+
+
+class ConfigError(LightsheetError, ValueError):
+    """A run configuration that is invalid."""

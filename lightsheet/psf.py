@@ -1,0 +1,193 @@
+"""Point-spread functions: generated from the optics, or read from a TIFF and checked.
+
+A PSF here is a float32 ``(Z, Y, X)`` array with odd size in every axis, its peak at the
+centre voxel, non-negative and summing to 1, sampled at the image's voxel size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lightsheet.errors import PSFError
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def gaussian_psf(
+    sigma_um: Sequence[float], voxel_size_um: Sequence[float], *, truncate: float = 3.0
+) -> np.ndarray:
+    """Sample an anisotropic 3-D Gaussian PSF on the voxel grid.
+
+    Parameters
+    ----------
+    sigma_um : (3,) sequence of float
+        Standard deviation along ``(z, y, x)`` in µm.
+    voxel_size_um : (3,) sequence of float
+        Voxel size along ``(z, y, x)`` in µm.
+    truncate : float
+        Half-size of the kernel in standard deviations.
+
+    Returns
+    -------
+    psf : (Z, Y, X) ndarray of float32
+        Odd-sized, centred, summing to 1.
+
+    Examples
+    --------
+    >>> psf = gaussian_psf((2.0, 0.8, 0.8), (2.0, 1.0, 1.0))
+    >>> psf.shape, round(float(psf.sum()), 6)
+    ((7, 5, 5), 1.0)
+    """
+    sigma_um = _triple(sigma_um, "sigma_um")
+    voxel_size_um = _triple(voxel_size_um, "voxel_size_um")
+    sigma_vox = [s / v for s, v in zip(sigma_um, voxel_size_um, strict=True)]
+    half = [max(1, math.ceil(truncate * s)) for s in sigma_vox]
+    grids = np.meshgrid(*[np.arange(-h, h + 1, dtype=np.float64) for h in half], indexing="ij")
+    r2 = sum((g / s) ** 2 for g, s in zip(grids, sigma_vox, strict=True))
+    psf = np.exp(-0.5 * r2)
+    return (psf / psf.sum()).astype(np.float32)
+
+
+def psf_from_optics(
+    *,
+    na: float,
+    wavelength_nm: float,
+    refractive_index: float,
+    voxel_size_um: Sequence[float],
+    sheet_fwhm_um: float | None = None,
+    truncate: float = 3.0,
+) -> np.ndarray:
+    """Gaussian approximation of a light-sheet microscope's PSF from its optics.
+
+    Lateral and axial widths of the detection objective follow the paraxial Gaussian
+    fits of Zhang, Zerubia & Olivo-Marin (Appl. Opt. 2007): ``sigma_xy = 0.21 λ / NA`` and
+    ``sigma_z = 0.66 λ n / NA²``. A light sheet of the given FWHM confines the axial extent;
+    the two axial profiles multiply, so their inverse variances add.
+
+    Parameters
+    ----------
+    na : float
+        Numerical aperture of the detection objective, in ``(0, refractive_index)``.
+    wavelength_nm : float
+        Emission wavelength in nm.
+    refractive_index : float
+        Refractive index of the immersion medium.
+    voxel_size_um : (3,) sequence of float
+        Voxel size ``(z, y, x)`` in µm.
+    sheet_fwhm_um : float, optional
+        Full width at half maximum of the illumination sheet in µm; None for widefield.
+    truncate : float
+        Half-size of the kernel in standard deviations.
+
+    Returns
+    -------
+    psf : (Z, Y, X) ndarray of float32
+
+    Examples
+    --------
+    >>> psf = psf_from_optics(na=0.2, wavelength_nm=560, refractive_index=1.45,
+    ...                       voxel_size_um=(2.0, 1.0, 1.0), sheet_fwhm_um=6.0)
+    >>> psf.shape[0] > 1 and psf.shape[0] % 2 == 1
+    True
+    """
+    if not 0 < na < refractive_index:
+        raise PSFError(f"na must be in (0, refractive_index={refractive_index}); got {na}")
+    if wavelength_nm <= 0:
+        raise PSFError(f"wavelength_nm must be positive; got {wavelength_nm}")
+    lam_um = wavelength_nm / 1000.0
+    sigma_xy = 0.21 * lam_um / na
+    sigma_z = 0.66 * lam_um * refractive_index / na**2
+    if sheet_fwhm_um is not None:
+        if sheet_fwhm_um <= 0:
+            raise PSFError(f"sheet_fwhm_um must be positive; got {sheet_fwhm_um}")
+        sigma_sheet = sheet_fwhm_um / FWHM_PER_SIGMA
+        sigma_z = 1.0 / math.sqrt(1.0 / sigma_z**2 + 1.0 / sigma_sheet**2)
+    return gaussian_psf((sigma_z, sigma_xy, sigma_xy), voxel_size_um, truncate=truncate)
+
+
+def validate_psf(psf: np.ndarray, *, name: str = "psf") -> np.ndarray:
+    """Check a PSF and return it as a centred, odd-sized float32 array summing to 1.
+
+    Parameters
+    ----------
+    psf : (Z, Y, X) ndarray
+        Candidate PSF.
+    name : str
+        What to call it in error messages (e.g. its file name).
+
+    Returns
+    -------
+    psf : (Z, Y, X) ndarray of float32
+
+    Raises
+    ------
+    PSFError
+        Not 3-D, not finite, negative values, or all zeros.
+    """
+    psf = np.asarray(psf)
+    if psf.ndim != 3:
+        raise PSFError(f"{name}: a PSF must be a 3-D (Z, Y, X) array; got shape {psf.shape}")
+    if not np.all(np.isfinite(psf)):
+        raise PSFError(f"{name}: PSF contains NaN or infinite values; expected finite values")
+    if np.any(psf < 0):
+        raise PSFError(
+            f"{name}: PSF has negative values (min {float(psf.min()):.3g}); expected >= 0"
+        )
+    total = float(psf.sum(dtype=np.float64))
+    if total <= 0:
+        raise PSFError(f"{name}: PSF sums to {total}; expected a positive sum (all zeros?)")
+    psf = _recentre(psf.astype(np.float64))
+    return (psf / psf.sum()).astype(np.float32)
+
+
+def _recentre(psf: np.ndarray) -> np.ndarray:
+    """Pad to odd sizes with the intensity peak at the centre voxel."""
+    peak = np.unravel_index(int(np.argmax(psf)), psf.shape)
+    pads = []
+    for p, n in zip(peak, psf.shape, strict=True):
+        before, after = p, n - 1 - p
+        half = max(before, after)
+        pads.append((half - before, half - after))
+    return np.pad(psf, pads) if any(a or b for a, b in pads) else psf
+
+
+def load_psf(path: str | Path) -> np.ndarray:
+    """Read a PSF TIFF and validate it (see `validate_psf`)."""
+    import tifffile
+
+    path = Path(path)
+    if not path.is_file():
+        raise PSFError(f"psf: no such file {path}; expected a (Z, Y, X) TIFF")
+    try:
+        data = tifffile.imread(path)
+    except Exception as exc:  # any decoder failure is reported with the file name
+        raise PSFError(f"psf: cannot read {path} as TIFF: {exc}") from exc
+    return validate_psf(np.squeeze(data), name=str(path))
+
+
+def write_psf(path: str | Path, psf: np.ndarray, voxel_size_um: Sequence[float]) -> Path:
+    """Write a PSF as a float32 ImageJ TIFF carrying its voxel size."""
+    import tifffile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vz, vy, vx = _triple(voxel_size_um, "voxel_size_um")
+    tifffile.imwrite(
+        path,
+        np.asarray(psf, dtype=np.float32),
+        imagej=True,
+        resolution=(1.0 / vx, 1.0 / vy),
+        metadata={"spacing": vz, "unit": "um", "axes": "ZYX"},
+    )
+    return path
+
+
+def _triple(values: Sequence[float], name: str) -> tuple[float, float, float]:
+    vals = tuple(float(v) for v in values)
+    if len(vals) != 3 or any(not math.isfinite(v) or v <= 0 for v in vals):
+        raise ValueError(f"{name} must be three positive numbers (z, y, x); got {values!r}")
+    return vals  # type: ignore[return-value]
