@@ -1,4 +1,4 @@
-"""Domain errors: each subclasses the built-in a caller would catch and says what, where, expected."""
+"""Domain errors: each subclasses the built-in a caller would catch; messages say what, where."""
 
 from __future__ import annotations
 

@@ -1,0 +1,265 @@
+"""OME-Zarr (NGFF 0.5, zarr v3) writing and reading: the one place images touch disk.
+
+Every image the pipeline writes is a 5-D ``t, c, z, y, x`` multiscale image:
+
+* level ``s0`` has zarr chunks equal to the dask chunks (a mismatch would corrupt data
+  when chunks are written in parallel), compressed with Blosc zstd + bitshuffle;
+* lower levels halve the finest spatial axes until the smallest is under ``min_size``,
+  so napari opens a whole brain at once; they are computed from the *stored* level
+  above (re-read chunk by chunk), never by re-running the stage's computation;
+* ``coordinateTransformations`` carry the voxel size in µm;
+* the write happens in a hidden sibling folder that is renamed into place only when
+  every level and the metadata are written, so an interrupted stage never leaves an
+  output that looks complete.
+
+Labels are written the same way with NGFF ``image-label`` metadata and nearest-neighbour
+downsampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+AXES = [
+    {"name": "t", "type": "time", "unit": "second"},
+    {"name": "c", "type": "channel"},
+    {"name": "z", "type": "space", "unit": "micrometer"},
+    {"name": "y", "type": "space", "unit": "micrometer"},
+    {"name": "x", "type": "space", "unit": "micrometer"},
+]
+ATTRS_KEY = "lightsheet"
+
+
+def compressor() -> BloscCodec:
+    """Blosc zstd with bitshuffle: a good default for uint16 microscopy and float data."""
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def pyramid_factors(
+    shape_zyx: Sequence[int], voxel_size_um: Sequence[float], *, min_size: int = 64
+) -> list[tuple[int, int, int]]:
+    """Downsampling factors (z, y, x) of each level relative to the one above.
+
+    The finest axes are halved first, so anisotropic voxels become closer to isotropic
+    before the coarse axis is reduced; levels stop when every axis is under ``min_size``.
+
+    Examples
+    --------
+    >>> pyramid_factors((100, 400, 400), (2.0, 1.0, 1.0))
+    [(1, 2, 2), (2, 2, 2), (1, 2, 2)]
+    """
+    shape = [int(s) for s in shape_zyx]
+    size = [float(v) for v in voxel_size_um]
+    factors = []
+    while max(shape) > min_size:
+        finest = min(size[i] for i in range(3) if shape[i] > 1)
+        f = tuple(2 if shape[i] > 1 and size[i] <= finest * 1.5 else 1 for i in range(3))
+        factors.append(f)
+        shape = [-(-s // fi) for s, fi in zip(shape, f, strict=True)]
+        size = [v * fi for v, fi in zip(size, f, strict=True)]
+    return factors
+
+
+def _downsample(level: da.Array, factor: tuple[int, int, int], *, labels: bool) -> da.Array:
+    """One pyramid step on a (T, C, Z, Y, X) array: block mean, or nearest for labels."""
+    if labels:
+        return level[(slice(None), slice(None), *(slice(None, None, f) for f in factor))]
+    # pad to a multiple of the factor by edge replication so coarsen sees whole windows
+    pad = [(0, 0), (0, 0)] + [(0, (-s) % f) for s, f in zip(level.shape[2:], factor, strict=True)]
+    if any(p[1] for p in pad):
+        level = da.pad(level, pad, mode="edge")
+    axes = {2 + i: f for i, f in enumerate(factor)}
+    out = da.coarsen(np.mean, level.astype(np.float32), axes, trim_excess=False)
+    return out.astype(level.dtype) if level.dtype.kind == "f" else da.round(out).astype(level.dtype)
+
+
+def _regular_chunks(array: da.Array) -> da.Array:
+    """Rechunk so every chunk but the last along each axis has the same size (zarr's grid)."""
+    regular = all(len(set(c[:-1])) <= 1 and c[-1] <= c[0] for c in array.chunks)
+    return array if regular else array.rechunk(array.chunksize)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder that replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_path(tmp, path)
+
+
+def replace_path(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing an existing file or folder there."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def write_image(
+    image: da.Array,
+    path: str | Path,
+    *,
+    voxel_size_um: Sequence[float],
+    name: str | None = None,
+    labels: bool = False,
+    channel_names: Sequence[str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    min_size: int = 64,
+) -> Path:
+    """Write a (T, C, Z, Y, X) dask array as a multiscale OME-Zarr image (or label image).
+
+    Parameters
+    ----------
+    image : (T, C, Z, Y, X) dask.array.Array
+        The data; its chunks become the zarr chunks of the full-resolution level.
+    path : path-like
+        Output folder, conventionally ``<stage>.ome.zarr``; replaced atomically.
+    voxel_size_um : (3,) sequence of float
+        Voxel size (z, y, x) in µm of the full-resolution level.
+    name : str, optional
+        The multiscale's name.
+    labels : bool
+        Integer instance labels: nearest-neighbour pyramid and ``image-label`` metadata.
+    channel_names : sequence of str, optional
+        Recorded as ``omero`` channel labels (images only).
+    attrs : mapping, optional
+        JSON-serialisable attributes stored under the ``lightsheet`` key (lineage, params).
+    min_size : int
+        Stop the pyramid when every spatial axis is at most this many voxels.
+
+    Returns
+    -------
+    path : Path
+        The written image.
+
+    Notes
+    -----
+    The computation runs on the current Dask scheduler (the flow's cluster inside a task).
+    """
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata
+
+    if image.ndim != 5:
+        raise ValueError(f"write_image: expected a (T, C, Z, Y, X) array; got shape {image.shape}")
+    path = Path(path)
+    vz, vy, vx = (float(v) for v in voxel_size_um)
+    image = _regular_chunks(image)
+    factors = pyramid_factors(image.shape[2:], (vz, vy, vx), min_size=min_size)
+    with atomic_dir(path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        datasets = []
+        scale = [1.0, 1.0, vz, vy, vx]
+        level = image
+        for i in range(len(factors) + 1):
+            key = f"s{i}"
+            chunks = tuple(
+                max(1, min(c, s)) for c, s in zip(level.chunksize, level.shape, strict=True)
+            )
+            level = level.rechunk(chunks)
+            arr = root.create_array(
+                key,
+                shape=level.shape,
+                dtype=level.dtype,
+                chunks=chunks,
+                compressors=[compressor()],
+                dimension_names=[a["name"] for a in AXES],
+                fill_value=0,
+            )
+            da.store(level, arr, lock=False, compute=True)
+            datasets.append(
+                {
+                    "path": key,
+                    "coordinateTransformations": [{"type": "scale", "scale": list(scale)}],
+                }
+            )
+            if i < len(factors):
+                f = factors[i]
+                scale = scale[:2] + [s * fi for s, fi in zip(scale[2:], f, strict=True)]
+                stored = da.from_zarr(arr)
+                level = _downsample(stored, f, labels=labels)
+                # keep chunks about the same number of voxels as the level above
+                level = level.rechunk(
+                    (1, 1)
+                    + tuple(
+                        min(c * fi, s)
+                        for c, fi, s in zip(chunks[2:], f, level.shape[2:], strict=True)
+                    )
+                )
+        fmt = FormatV05()
+        write_multiscales_metadata(
+            root, datasets=datasets, fmt=fmt, axes=AXES, name=name or path.stem
+        )
+        if labels:
+            # NGFF image-label metadata marks this multiscale as a label image
+            root.attrs.update({"ome": {**root.attrs["ome"], "image-label": {}}})
+        elif channel_names is not None:
+            root.attrs.update(
+                {
+                    "ome": {
+                        **root.attrs["ome"],
+                        "omero": {
+                            "channels": [{"label": str(n), "active": True} for n in channel_names]
+                        },
+                    }
+                }
+            )
+        if attrs:
+            root.attrs[ATTRS_KEY] = dict(attrs)
+    return path
+
+
+def read_image(
+    path: str | Path, level: int = 0
+) -> tuple[da.Array, tuple[float, float, float], dict]:
+    """Open an OME-Zarr image lazily.
+
+    Parameters
+    ----------
+    path : path-like
+        An ``.ome.zarr`` folder written by `write_image` (or any NGFF 0.4/0.5 image with
+        ``t, c, z, y, x`` or ``z, y, x`` axes).
+    level : int
+        Pyramid level.
+
+    Returns
+    -------
+    image : (T, C, Z, Y, X) dask.array.Array
+    voxel_size_um : tuple of float
+        (z, y, x) of that level.
+    attrs : dict
+        The ``lightsheet`` attributes (empty when absent).
+    """
+    path = Path(path)
+    if not (path / "zarr.json").is_file() and not (path / ".zattrs").is_file():
+        raise FileNotFoundError(f"{path}: not an OME-Zarr image (no zarr.json or .zattrs)")
+    root = zarr.open_group(str(path), mode="r")
+    meta = root.attrs.get("ome", root.attrs)
+    ms = meta["multiscales"][0]
+    ds = ms["datasets"][level]
+    names = [a["name"] if isinstance(a, dict) else a for a in ms["axes"]]
+    scale = next(t["scale"] for t in ds["coordinateTransformations"] if t["type"] == "scale")
+    arr = da.from_zarr(root[ds["path"]])
+    while arr.ndim < 5:
+        arr = arr[None]
+    voxel = tuple(float(scale[names.index(a)]) for a in ("z", "y", "x"))
+    return arr, voxel, dict(root.attrs.get(ATTRS_KEY, {}))
