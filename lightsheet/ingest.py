@@ -1,0 +1,220 @@
+"""Ingest: find the raw tiles, parse their names into a grid, and check every file.
+
+Everything that can be wrong with the input is found here, before any compute: no
+files, names the pattern does not parse, two files for one grid position, holes in the
+grid, tiles of different shapes or dtypes, unreadable or truncated TIFFs.
+
+Examples
+--------
+>>> from lightsheet.config import DEFAULT_PATTERN
+>>> from lightsheet.ingest import discover
+>>> manifest = discover("sample/tiles/*.tif", DEFAULT_PATTERN)  # doctest: +SKIP
+>>> manifest.grid_shape  # (T, C, tiles in z, y, x)  # doctest: +SKIP
+(1, 2, 1, 2, 2)
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightsheet.errors import InputFilesError, TileGridError
+from lightsheet.io.tiff import TiffInfo, inspect_tiff
+
+GROUPS = ("t", "c", "z", "y", "x")
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One file and its position: time point, channel and tile grid indices."""
+
+    path: str
+    index: tuple[int, int, int, int, int]  # (t, c, z, y, x), 0-based
+    info: TiffInfo
+
+
+@dataclass
+class Manifest:
+    """The checked set of tiles of one acquisition; small and JSON-serialisable."""
+
+    input: str
+    pattern: str
+    grid_shape: tuple[int, int, int, int, int]  # (T, C, NZ, NY, NX)
+    tile_shape: tuple[int, int, int]  # (Z, Y, X) voxels of every tile
+    dtype: str
+    tiles: list[Tile]
+    values: dict[str, list[str]] = field(default_factory=dict)  # name value of each index
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """Shape (T, C, Z, Y, X) of the stitched volume."""
+        t, c, nz, ny, nx = self.grid_shape
+        z, y, x = self.tile_shape
+        return (t, c, nz * z, ny * y, nx * x)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of raw pixel data over all tiles."""
+        import numpy as np
+
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def channel_names(self) -> list[str]:
+        """Channel labels as they appear in the file names (e.g. ``ch0``)."""
+        return [f"ch{v}" for v in self.values.get("c", ["0"])]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, for passing between tasks and for lineage records."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        """Inverse of `to_dict`."""
+        tiles = [
+            Tile(
+                path=t["path"],
+                index=tuple(t["index"]),
+                info=TiffInfo(**{**t["info"], "shape": tuple(t["info"]["shape"])}),
+            )
+            for t in d["tiles"]
+        ]
+        return cls(
+            input=d["input"],
+            pattern=d["pattern"],
+            grid_shape=tuple(d["grid_shape"]),
+            tile_shape=tuple(d["tile_shape"]),
+            dtype=d["dtype"],
+            tiles=tiles,
+            values={k: list(v) for k, v in d["values"].items()},
+        )
+
+
+def find_files(input_glob: str) -> list[Path]:
+    """Files matching a glob (``**`` recurses), sorted; an error when there are none."""
+    paths = sorted(Path(p) for p in glob.glob(str(input_glob), recursive=True))
+    files = [p for p in paths if p.is_file()]
+    if not files:
+        where = Path(input_glob).parent
+        hint = "" if where.is_dir() else f" (folder {where} does not exist)"
+        raise InputFilesError(f"input: no files match {input_glob!r}{hint}")
+    return files
+
+
+def _sort_key(value: str) -> tuple[int, Any]:
+    # numeric values sort as numbers (ch2 before ch10), others as text
+    return (0, int(value)) if value.isdigit() else (1, value)
+
+
+def parse_names(files: list[Path], pattern: str) -> dict[Path, dict[str, str]]:
+    """Match each file name against ``pattern`` and return its named groups.
+
+    Raises
+    ------
+    TileGridError
+        Some names do not match (listed), or the pattern has no usable groups.
+    """
+    rx = re.compile(pattern)
+    parsed, unmatched = {}, []
+    for f in files:
+        m = rx.search(f.name)
+        if m is None:
+            unmatched.append(f.name)
+        else:
+            parsed[f] = {k: v for k, v in m.groupdict().items() if k in GROUPS and v is not None}
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+        raise TileGridError(
+            f"pattern: {len(unmatched)} of {len(files)} files match the input glob but not the "
+            f"pattern {pattern!r}: {shown}; narrow the glob or fix the pattern"
+        )
+    return parsed
+
+
+def discover(input_glob: str, pattern: str, *, max_workers: int = 8) -> Manifest:
+    """Find, parse and check every tile; nothing is computed and nothing is modified.
+
+    Parameters
+    ----------
+    input_glob : str
+        Glob of the raw TIFF files.
+    pattern : str
+        Regex searched in each file name; named groups among ``t, c, z, y, x`` give the
+        time point, channel and tile grid position. A missing group means a single one.
+        Group values are ordered numerically when they are digits, else as text.
+    max_workers : int
+        Threads reading headers (I/O bound).
+
+    Returns
+    -------
+    manifest : Manifest
+
+    Raises
+    ------
+    InputFilesError
+        No files, or a file that is not a readable, complete TIFF (named).
+    TileGridError
+        Names that do not parse, two files for one position, a missing tile, or tiles
+        whose shape or dtype differs from the others (named, with what was expected).
+    """
+    files = find_files(input_glob)
+    parsed = parse_names(files, pattern)
+    values = {g: sorted({p[g] for p in parsed.values() if g in p}, key=_sort_key) for g in GROUPS}
+    values = {g: (v if v else ["0"]) for g, v in values.items()}
+    index_of = {g: {v: i for i, v in enumerate(vals)} for g, vals in values.items()}
+
+    by_index: dict[tuple[int, ...], Path] = {}
+    for f, groups in parsed.items():
+        idx = tuple(index_of[g][groups.get(g, "0")] for g in GROUPS)
+        if idx in by_index:
+            raise TileGridError(
+                f"tile grid: two files map to the same tile {_describe(idx, values)}: "
+                f"{by_index[idx].name} and {f.name}; expected one file per position"
+            )
+        by_index[idx] = f
+
+    grid_shape = tuple(len(values[g]) for g in GROUPS)
+    missing = [i for i in itertools.product(*(range(n) for n in grid_shape)) if i not in by_index]
+    if missing:
+        shown = "; ".join(_describe(i, values) for i in missing[:5])
+        raise TileGridError(
+            f"tile grid: {len(missing)} of {len(list(itertools.product(*map(range, grid_shape))))} "
+            f"tiles missing from the {'x'.join(map(str, grid_shape))} (t, c, z, y, x) grid "
+            f"matching {input_glob!r}: no file for {shown}"
+        )
+
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        infos = dict(zip(by_index, pool.map(inspect_tiff, by_index.values()), strict=True))
+
+    (shape, dtype), _ = Counter((i.shape, i.dtype) for i in infos.values()).most_common(1)[0]
+    for info in infos.values():
+        if (info.shape, info.dtype) != (shape, dtype):
+            raise TileGridError(
+                f"{info.path}: tile has shape {info.shape} and dtype {_dtype_name(info.dtype)}; "
+                f"expected shape {shape} and dtype {_dtype_name(dtype)} like the other tiles"
+            )
+    tiles = [Tile(str(by_index[i]), i, infos[i]) for i in sorted(by_index)]
+    return Manifest(
+        input=str(input_glob),
+        pattern=pattern,
+        grid_shape=grid_shape,  # type: ignore[arg-type]
+        tile_shape=shape,
+        dtype=dtype,
+        tiles=tiles,
+        values=values,
+    )
+
+
+def _dtype_name(dtype: str) -> str:
+    import numpy as np
+
+    return np.dtype(dtype).name
+
+
+def _describe(idx: tuple[int, ...], values: dict[str, list[str]]) -> str:
+    return "(" + ", ".join(f"{g}={values[g][i]}" for g, i in zip(GROUPS, idx, strict=True)) + ")"

@@ -1,0 +1,218 @@
+"""A small UNet for per-pixel features, 2-D (per z-slice) or 3-D.
+
+The network is fully convolutional with zero-padded convolutions, max pooling and
+stride-2 transposed convolutions, and no normalisation layer that looks across pixels
+(GroupNorm or InstanceNorm would make a block's output depend on the whole block). Two
+facts about it make blockwise evaluation exact (see `lightsheet.featurize`):
+
+* ``receptive_field_px``: output pixel ``p`` depends only on input pixels within this
+  distance of ``p`` (measured exactly from the layer structure, not from the weights);
+* ``alignment_px`` (``2 ** depth``): the output commutes with shifts of the input by
+  multiples of this, so a block whose origin is a multiple of it sees the same pooling grid
+  as the whole image.
+
+``forward`` returns the ``F`` features per pixel (the segmentation head removed); ``head``
+maps features to two logits, nucleus and nucleus boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as nnf
+
+#: The two outputs of the segmentation head, in order.
+HEAD_CLASSES = ("nucleus", "boundary")
+
+
+def _layers(ndim: int) -> tuple[type[nn.Module], type[nn.Module], Any]:
+    if ndim == 2:
+        return nn.Conv2d, nn.ConvTranspose2d, nnf.max_pool2d
+    if ndim == 3:
+        return nn.Conv3d, nn.ConvTranspose3d, nnf.max_pool3d
+    raise ValueError(f"ndim must be 2 (per z-slice) or 3; got {ndim!r}")
+
+
+class _DoubleConv(nn.Module):
+    def __init__(self, ndim: int, c_in: int, c_out: int, n_convs: int) -> None:
+        super().__init__()
+        conv, _, _ = _layers(ndim)
+        self.convs = nn.ModuleList(
+            conv(c_in if i == 0 else c_out, c_out, kernel_size=3, padding=1)
+            for i in range(n_convs)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = nnf.relu(conv(x))
+        return x
+
+
+class UNet(nn.Module):
+    """UNet emitting ``features`` channels per pixel, with a two-class segmentation head.
+
+    Parameters
+    ----------
+    ndim : {2, 3}
+        2: input ``(B, 1, Y, X)`` (one z-slice per batch item); 3: input ``(B, 1, Z, Y, X)``.
+    depth : int
+        Number of 2× poolings; the bottleneck sees ``1 / 2**depth`` of the resolution.
+    width : int
+        Channels at full resolution; doubled at each level.
+    features : int
+        Channels of the feature map returned by `forward` (``F``).
+    convs_per_level : int
+        3×3 convolutions (each followed by ReLU) per level and path.
+    in_channels : int
+        Input channels (1 for a single fluorescence channel).
+
+    Examples
+    --------
+    >>> net = UNet(depth=2, width=4, features=6).eval()
+    >>> net(torch.zeros(1, 1, 30, 17)).shape
+    torch.Size([1, 6, 30, 17])
+    >>> net.alignment_px
+    4
+    """
+
+    receptive_field_px: int
+    alignment_px: int
+    ndim: int
+
+    def __init__(
+        self,
+        *,
+        ndim: int = 2,
+        depth: int = 2,
+        width: int = 8,
+        features: int = 16,
+        convs_per_level: int = 2,
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        conv, up, _ = _layers(ndim)
+        for name, value, low in (
+            ("depth", depth, 0),
+            ("width", width, 1),
+            ("features", features, 1),
+            ("convs_per_level", convs_per_level, 1),
+            ("in_channels", in_channels, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"UNet {name} must be an integer >= {low}; got {value!r}")
+        self.model_args = {
+            "ndim": ndim,
+            "depth": depth,
+            "width": width,
+            "features": features,
+            "convs_per_level": convs_per_level,
+            "in_channels": in_channels,
+        }
+        self.ndim = ndim
+        self.depth = depth
+        self.in_channels = in_channels
+        self.n_features = features
+        widths = [width * 2**level for level in range(depth + 1)]
+        self.down = nn.ModuleList()
+        c_in = in_channels
+        for level in range(depth):
+            self.down.append(_DoubleConv(ndim, c_in, widths[level], convs_per_level))
+            c_in = widths[level]
+        self.bottom = _DoubleConv(ndim, c_in, widths[depth], convs_per_level)
+        self.up = nn.ModuleList()
+        self.up_convs = nn.ModuleList()
+        for level in reversed(range(depth)):
+            self.up.append(up(widths[level + 1], widths[level], kernel_size=2, stride=2))
+            self.up_convs.append(
+                _DoubleConv(ndim, 2 * widths[level], widths[level], convs_per_level)
+            )
+        self.to_features = conv(widths[0], features, kernel_size=1)
+        self.head = conv(features, len(HEAD_CLASSES), kernel_size=1)
+        self.alignment_px = 2**depth
+        self.receptive_field_px = receptive_field_px(depth=depth, convs_per_level=convs_per_level)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``(B, F, *spatial)`` of input ``(B, C, *spatial)``, any spatial size.
+
+        Inputs whose size is not a multiple of ``alignment_px`` are zero-padded at the far
+        end and the output cropped back, so any slice size works.
+        """
+        spatial = x.shape[2:]
+        a = self.alignment_px
+        pad: list[int] = []
+        for n in reversed(spatial):
+            pad += [0, (-n) % a]
+        if any(p > 0 for p in pad):
+            x = nnf.pad(x, pad)
+        skips: list[torch.Tensor] = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = _max_pool(x, self.ndim)
+        x = self.bottom(x)
+        for i, (up, block) in enumerate(zip(self.up, self.up_convs, strict=True)):
+            x = up(x)
+            x = block(torch.cat([skips[len(skips) - 1 - i], x], dim=1))
+        x = nnf.relu(self.to_features(x))
+        if self.ndim == 2:
+            return x[:, :, : spatial[0], : spatial[1]]
+        return x[:, :, : spatial[0], : spatial[1], : spatial[2]]
+
+    @torch.jit.export
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation-head logits ``(B, 2, *spatial)``: nucleus, boundary."""
+        return self.head(self.forward(x))
+
+
+def _max_pool(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    if ndim == 2:
+        return nnf.max_pool2d(x, 2)
+    return nnf.max_pool3d(x, 2)
+
+
+def receptive_field_px(*, depth: int, convs_per_level: int = 2) -> int:
+    """Exact one-sided receptive field, in input pixels, of a `UNet` with this structure.
+
+    Follows an impulse's support through the layers on a 1-D index grid, for every phase of
+    the pooling grid: a 3-wide convolution widens it by one, a 2× max pooling keeps a coarse
+    pixel if either of its two fine pixels is in it, a stride-2 transposed convolution copies
+    a coarse pixel to its two fine pixels, a skip connection takes the union. Every layer is
+    separable, so the per-axis extent is the same in 2-D and 3-D. The result depends on the
+    structure only, never on the weights (a weight of zero can only shrink the dependence).
+
+    Examples
+    --------
+    >>> receptive_field_px(depth=0, convs_per_level=2)
+    2
+    """
+    a = 2**depth
+    half = 8 * a * (convs_per_level + 2)
+    n = 2 * half + 2 * a
+    radius = 0
+    for phase in range(a):
+        x = np.zeros(n, dtype=bool)
+        centre = half + phase
+        x[centre] = True
+        skips = []
+        for _ in range(depth):
+            x = _dilate(x, convs_per_level)
+            skips.append(x)
+            x = x.reshape(-1, 2).any(axis=1)
+        x = _dilate(x, convs_per_level)
+        for skip in reversed(skips):
+            x = _dilate(np.repeat(x, 2) | skip, convs_per_level)
+        idx = np.flatnonzero(x)
+        radius = max(radius, centre - int(idx[0]), int(idx[-1]) - centre)
+    return radius
+
+
+def _dilate(x: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        y = x.copy()
+        y[1:] |= x[:-1]
+        y[:-1] |= x[1:]
+        x = y
+    return x

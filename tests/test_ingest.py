@@ -1,0 +1,128 @@
+"""Ingest: every bad-input case fails before compute, naming the file and what was expected."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from lightsheet.config import DEFAULT_PATTERN
+from lightsheet.errors import InputFilesError, TileGridError
+from lightsheet.ingest import Manifest, discover
+
+TILE = (4, 6, 5)
+
+
+def name(c=0, t=0, z=0, y=0, x=0):
+    return (
+        f"ex6-2_CamA_ch{c}_CAM1_stack0000_560nm_0000000msec_0001291795msecAbs_"
+        f"{x:03d}x_{y:03d}y_{z:03d}z_{t:04d}t.tif"
+    )
+
+
+def write_grid(folder: Path, grid=(1, 2, 1, 2, 3), dtype=np.uint16, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tiles = {}
+    for t in range(grid[0]):
+        for c in range(grid[1]):
+            for z in range(grid[2]):
+                for y in range(grid[3]):
+                    for x in range(grid[4]):
+                        data = rng.integers(0, 4000, TILE).astype(dtype)
+                        tifffile.imwrite(folder / name(c, t, z, y, x), data)
+                        tiles[(t, c, z, y, x)] = data
+    return tiles
+
+
+def checksums(folder: Path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_discover_parses_grid(tmp_path):
+    write_grid(tmp_path)
+    m = discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+    assert m.grid_shape == (1, 2, 1, 2, 3)
+    assert m.tile_shape == TILE
+    assert m.shape == (1, 2, 4, 12, 15)
+    assert m.channel_names() == ["ch0", "ch1"]
+    assert Manifest.from_dict(m.to_dict()) == m
+
+
+def test_missing_groups_mean_one(tmp_path):
+    for x in range(2):
+        tifffile.imwrite(tmp_path / f"tile_x{x}.tif", np.zeros(TILE, np.uint16))
+    m = discover(str(tmp_path / "*.tif"), r"_x(?P<x>\d+)\.tif$")
+    assert m.grid_shape == (1, 1, 1, 1, 2)
+
+
+def test_numeric_order(tmp_path):
+    for x in (1, 2, 10):
+        tifffile.imwrite(tmp_path / f"t_x{x}.tif", np.full(TILE, x, np.uint16))
+    m = discover(str(tmp_path / "*.tif"), r"_x(?P<x>\d+)\.tif$")
+    assert m.values["x"] == ["1", "2", "10"]
+
+
+def test_no_files(tmp_path):
+    with pytest.raises(InputFilesError, match="no files match"):
+        discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+
+
+def test_names_not_matching_pattern(tmp_path):
+    write_grid(tmp_path, grid=(1, 1, 1, 1, 1))
+    tifffile.imwrite(tmp_path / "psf.tif", np.zeros(TILE, np.uint16))
+    with pytest.raises(TileGridError, match=r"psf\.tif"):
+        discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+
+
+def test_duplicate_tile(tmp_path):
+    write_grid(tmp_path, grid=(1, 1, 1, 1, 2))
+    tifffile.imwrite(tmp_path / name(x=1).replace("560nm", "561nm"), np.zeros(TILE, np.uint16))
+    with pytest.raises(TileGridError, match="same tile.*x=001"):
+        discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+
+
+def test_missing_tile(tmp_path):
+    write_grid(tmp_path, grid=(1, 1, 1, 2, 2))
+    (tmp_path / name(y=1, x=1)).unlink()
+    with pytest.raises(TileGridError, match=r"1 of 4 tiles missing.*y=001, x=001"):
+        discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+
+
+def test_different_shape(tmp_path):
+    write_grid(tmp_path, grid=(1, 1, 1, 1, 3))
+    tifffile.imwrite(tmp_path / name(x=2), np.zeros((4, 6, 4), np.uint16))
+    with pytest.raises(
+        TileGridError, match=r"000y_000z.*shape \(4, 6, 4\).*expected shape \(4, 6, 5\)"
+    ):
+        discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+
+
+def test_different_dtype(tmp_path):
+    write_grid(tmp_path, grid=(1, 1, 1, 1, 3))
+    tifffile.imwrite(tmp_path / name(x=1), np.zeros(TILE, np.uint8))
+    with pytest.raises(TileGridError, match="dtype uint8.*expected.*uint16"):
+        discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+
+
+def test_unreadable_tiff(tmp_path):
+    write_grid(tmp_path, grid=(1, 1, 1, 1, 2))
+    (tmp_path / name(x=1)).write_bytes(b"this is not a tiff")
+    with pytest.raises(InputFilesError, match=r"001x.*not a readable TIFF"):
+        discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+
+
+def test_truncated_tiff(tmp_path):
+    write_grid(tmp_path, grid=(1, 1, 1, 1, 2))
+    path = tmp_path / name(x=1)
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(InputFilesError, match=r"001x.*truncated"):
+        discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+
+
+def test_inputs_never_modified(tmp_path):
+    write_grid(tmp_path)
+    before = checksums(tmp_path)
+    discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+    assert checksums(tmp_path) == before
