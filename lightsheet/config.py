@@ -92,13 +92,26 @@ class DensityConfig(_Model):
         description="BrainGlobe three-letter orientation of the image axes (z, y, x), e.g. 'asr'.",
     )
     offset_um: tuple[float, float, float] = Field(
-        (0.0, 0.0, 0.0), description="Position (z, y, x) in µm of the image origin in the atlas."
+        (0.0, 0.0, 0.0),
+        description="Position in µm, along the atlas axes (0, 1, 2), of the image's first voxel "
+        "centre after reorientation: where a sub-volume sits in the atlas.",
     )
     affine: list[list[float]] | None = Field(
-        None, description="Optional 4x4 affine (µm → µm) applied after orientation and offset."
+        None,
+        description="Optional 4x4 affine (µm → µm, atlas axes, last row 0 0 0 1) applied after "
+        "orientation and offset, before scaling to atlas voxels.",
     )
     outside_warning_fraction: float = Field(
-        0.2, ge=0, le=1, description="Warn when more than this fraction of cells is outside."
+        0.2,
+        ge=0,
+        le=1,
+        description="Warn when more than this fraction of cells is outside every atlas region "
+        "(background or outside the atlas volume).",
+    )
+    volume_within_image: bool = Field(
+        True,
+        description="Count region volumes only where the image covers the atlas (right for a "
+        "sub-volume); False: whole atlas regions.",
     )
 
     @field_validator("orientation")
@@ -109,6 +122,19 @@ class DensityConfig(_Model):
             raise ValueError(
                 f"orientation must be three letters, one from each of a/p, s/i, l/r; got {v!r}"
             )
+        return v
+
+    @field_validator("affine")
+    @classmethod
+    def _affine(cls, v: list[list[float]] | None) -> list[list[float]] | None:
+        if v is None:
+            return v
+        if len(v) != 4 or any(len(row) != 4 for row in v):
+            raise ValueError(f"affine must be a 4x4 matrix (list of 4 rows of 4); got {v!r}")
+        if any(x != x or x in (float("inf"), float("-inf")) for row in v for x in row):
+            raise ValueError("affine must hold finite numbers")
+        if [float(x) for x in v[3]] != [0.0, 0.0, 0.0, 1.0]:
+            raise ValueError(f"affine: last row is {v[3]}; expected [0, 0, 0, 1]")
         return v
 
 

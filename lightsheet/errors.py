@@ -29,3 +29,19 @@ class ModelError(LightsheetError, ValueError):
 
 class ConfigError(LightsheetError, ValueError):
     """A run configuration that is invalid."""
+
+
+class ImageError(LightsheetError, ValueError):
+    """An image array that a stage cannot process (wrong shape or dtype, NaN, negative)."""
+
+
+class AtlasCoverageWarning(UserWarning):
+    """Many cells fall outside every atlas region: usually a wrong orientation or voxel size."""
+
+
+class SampleError(LightsheetError, ValueError):
+    """Bad arguments for the generated sample acquisition."""
+
+
+class OutputExistsError(LightsheetError, FileExistsError):
+    """An output folder holds files that would be overwritten."""

@@ -28,18 +28,18 @@ from torch.nn import functional as nnf
 HEAD_CLASSES = ("nucleus", "boundary")
 
 
-def _layers(ndim: int) -> tuple[type[nn.Module], type[nn.Module], Any]:
+def _layers(ndim: int) -> tuple[Any, Any]:
     if ndim == 2:
-        return nn.Conv2d, nn.ConvTranspose2d, nnf.max_pool2d
+        return nn.Conv2d, nn.ConvTranspose2d
     if ndim == 3:
-        return nn.Conv3d, nn.ConvTranspose3d, nnf.max_pool3d
+        return nn.Conv3d, nn.ConvTranspose3d
     raise ValueError(f"ndim must be 2 (per z-slice) or 3; got {ndim!r}")
 
 
 class _DoubleConv(nn.Module):
     def __init__(self, ndim: int, c_in: int, c_out: int, n_convs: int) -> None:
         super().__init__()
-        conv, _, _ = _layers(ndim)
+        conv, _ = _layers(ndim)
         self.convs = nn.ModuleList(
             conv(c_in if i == 0 else c_out, c_out, kernel_size=3, padding=1)
             for i in range(n_convs)
@@ -49,6 +49,17 @@ class _DoubleConv(nn.Module):
         for conv in self.convs:
             x = nnf.relu(conv(x))
         return x
+
+
+class _Up(nn.Module):
+    def __init__(self, ndim: int, c_in: int, c_out: int, n_convs: int) -> None:
+        super().__init__()
+        _, up = _layers(ndim)
+        self.up = up(c_in, c_out, kernel_size=2, stride=2)
+        self.convs = _DoubleConv(ndim, 2 * c_out, c_out, n_convs)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.convs(torch.cat([skip, self.up(x)], dim=1))
 
 
 class UNet(nn.Module):
@@ -78,10 +89,6 @@ class UNet(nn.Module):
     4
     """
 
-    receptive_field_px: int
-    alignment_px: int
-    ndim: int
-
     def __init__(
         self,
         *,
@@ -93,7 +100,7 @@ class UNet(nn.Module):
         in_channels: int = 1,
     ) -> None:
         super().__init__()
-        conv, up, _ = _layers(ndim)
+        conv, _ = _layers(ndim)
         for name, value, low in (
             ("depth", depth, 0),
             ("width", width, 1),
@@ -122,13 +129,10 @@ class UNet(nn.Module):
             self.down.append(_DoubleConv(ndim, c_in, widths[level], convs_per_level))
             c_in = widths[level]
         self.bottom = _DoubleConv(ndim, c_in, widths[depth], convs_per_level)
-        self.up = nn.ModuleList()
-        self.up_convs = nn.ModuleList()
-        for level in reversed(range(depth)):
-            self.up.append(up(widths[level + 1], widths[level], kernel_size=2, stride=2))
-            self.up_convs.append(
-                _DoubleConv(ndim, 2 * widths[level], widths[level], convs_per_level)
-            )
+        self.up = nn.ModuleList(
+            _Up(ndim, widths[level + 1], widths[level], convs_per_level)
+            for level in reversed(range(depth))
+        )
         self.to_features = conv(widths[0], features, kernel_size=1)
         self.head = conv(features, len(HEAD_CLASSES), kernel_size=1)
         self.alignment_px = 2**depth
@@ -142,10 +146,14 @@ class UNet(nn.Module):
         """
         spatial = x.shape[2:]
         a = self.alignment_px
+        # F.pad lists the last axis first: (x_before, x_after, y_before, y_after, ...)
         pad: list[int] = []
-        for n in reversed(spatial):
-            pad += [0, (-n) % a]
-        if any(p > 0 for p in pad):
+        padded = False
+        for k in range(len(spatial) - 1, -1, -1):
+            extra = (a - spatial[k] % a) % a
+            pad += [0, extra]
+            padded = padded or extra > 0
+        if padded:
             x = nnf.pad(x, pad)
         skips: list[torch.Tensor] = []
         for block in self.down:
@@ -153,9 +161,10 @@ class UNet(nn.Module):
             skips.append(x)
             x = _max_pool(x, self.ndim)
         x = self.bottom(x)
-        for i, (up, block) in enumerate(zip(self.up, self.up_convs, strict=True)):
-            x = up(x)
-            x = block(torch.cat([skips[len(skips) - 1 - i], x], dim=1))
+        i = len(skips) - 1
+        for up in self.up:
+            x = up(x, skips[i])
+            i -= 1
         x = nnf.relu(self.to_features(x))
         if self.ndim == 2:
             return x[:, :, : spatial[0], : spatial[1]]

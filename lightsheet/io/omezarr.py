@@ -22,7 +22,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,30 @@ def _downsample(level: da.Array, factor: tuple[int, int, int], *, labels: bool) 
     return out.astype(level.dtype) if level.dtype.kind == "f" else da.round(out).astype(level.dtype)
 
 
+def store_chunks(array: da.Array, target: zarr.Array) -> da.Array:
+    """Lazily write each chunk of ``array`` into ``target``; one small result per chunk.
+
+    Computing the returned array performs the writes. Each of its elements is the number of
+    bytes written by one chunk, so a scheduler's per-key futures double as a progress count.
+    """
+
+    def write(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        loc = block_info[0]["array-location"]
+        target[tuple(slice(a, b) for a, b in loc)] = block
+        return np.full((1,) * block.ndim, block.nbytes, dtype=np.int64)
+
+    return array.map_blocks(
+        write,
+        dtype=np.int64,
+        chunks=tuple((1,) * len(c) for c in array.chunks),
+        meta=np.empty((0,) * array.ndim, np.int64),
+    )
+
+
+def _default_compute(written: da.Array) -> None:
+    written.compute()
+
+
 def _regular_chunks(array: da.Array) -> da.Array:
     """Rechunk so every chunk but the last along each axis has the same size (zarr's grid)."""
     regular = all(len(set(c[:-1])) <= 1 and c[-1] <= c[0] for c in array.chunks)
@@ -125,6 +149,7 @@ def write_image(
     channel_names: Sequence[str] | None = None,
     attrs: Mapping[str, Any] | None = None,
     min_size: int = 64,
+    compute: Callable[[da.Array], object] = _default_compute,
 ) -> Path:
     """Write a (T, C, Z, Y, X) dask array as a multiscale OME-Zarr image (or label image).
 
@@ -146,6 +171,9 @@ def write_image(
         JSON-serialisable attributes stored under the ``lightsheet`` key (lineage, params).
     min_size : int
         Stop the pyramid when every spatial axis is at most this many voxels.
+    compute : callable
+        Runs the lazy per-chunk writes of one level (see `store_chunks`); tasks pass one
+        that reports progress.
 
     Returns
     -------
@@ -185,7 +213,7 @@ def write_image(
                 dimension_names=[a["name"] for a in AXES],
                 fill_value=0,
             )
-            da.store(level, arr, lock=False, compute=True)
+            compute(store_chunks(level, arr))
             datasets.append(
                 {
                     "path": key,

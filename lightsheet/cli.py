@@ -1,0 +1,236 @@
+"""The ``lightsheet`` command: the top of the stack (the one module that imports flows).
+
+Subcommands::
+
+    lightsheet sample DIR [--size tiny|small|medium|large] [--seed N]
+    lightsheet run CONFIG.yaml
+    lightsheet demo [DIR] [--size tiny|small|medium|large]
+    lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
+    lightsheet train SAMPLE_DIR --out CHECKPOINT
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+SIZES = ("tiny", "small", "medium", "large")
+
+
+def _prefect_defaults() -> None:
+    """Settings that make Prefect's local default work on machines without internet."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+
+
+def _progress_bar(description: str):
+    """A rich progress bar and the ``progress(done, total, what)`` callback that moves it."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[what]}"),
+        transient=False,
+    )
+    task = bar.add_task(description, total=None, what="")
+
+    def progress(done: int, total: int, what: str = "") -> None:
+        bar.update(task, completed=done, total=total, what=what)
+
+    return bar, progress
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """`lightsheet sample`: write a sample acquisition with ground truth."""
+    from lightsheet.sample import generate
+
+    bar, progress = _progress_bar(f"sample ({args.size})")
+    with bar:
+        info = generate(
+            args.dir,
+            size=args.size,
+            seed=args.seed,
+            channels=args.channels,
+            timepoints=args.timepoints,
+            progress=progress,
+        )
+    gb = info.get("bytes_written", 0) / 1e9
+    print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
+    print(f"  lightsheet run {Path(args.dir) / 'config.yaml'}")
+    return 0
+
+
+def run_config(config) -> dict:
+    """Run the pipeline flow on a validated config and return its summary."""
+    _prefect_defaults()
+    from flows.pipeline import pipeline
+
+    return pipeline(config)
+
+
+def print_summary(summary: dict) -> None:
+    """Readable end-of-run report: where outputs are, the densest regions."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"\n[bold]Prefect flow run:[/bold] {summary['flow_run_name']}")
+    stages = Table(title="stages")
+    for col in ("stage", "seconds", "output"):
+        stages.add_column(col)
+    for s in summary["stages"]:
+        stages.add_row(s["stage"], f"{s['seconds']:.1f}", str(s["output"]))
+    console.print(stages)
+    console.print(f"cells: {summary['n_cells']} → {summary['cells']}")
+    console.print(f"densities: {summary['density']}")
+    console.print("plots: " + ", ".join(summary["plots"]))
+    top = Table(title="densest regions (cells per mm³)")
+    rows = summary["top_regions"]
+    if rows:
+        for col in rows[0]:
+            top.add_column(col, justify="right" if col != "structure_name" else "left")
+        for r in rows:
+            top.add_row(*(str(v) for v in r.values()))
+    console.print(top)
+    for w in summary.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`lightsheet run`: validate a YAML config and run the pipeline."""
+    from pydantic import ValidationError
+
+    from lightsheet.config import load_config
+
+    try:
+        config = load_config(args.config)
+    except ValidationError as exc:
+        print(f"{args.config}: invalid run config:\n{exc}", file=sys.stderr)
+        return 2
+    print_summary(run_config(config))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`lightsheet demo`: sample (reused when present) + run + summary."""
+    import json
+
+    from lightsheet.config import load_config
+    from lightsheet.sample import generate
+
+    sample_dir = Path(args.dir) / f"sample-{args.size}"
+    meta = sample_dir / "sample.json"
+    reuse = meta.is_file() and json.loads(meta.read_text()).get("seed") == args.seed
+    if reuse:
+        print(f"reusing the sample acquisition in {sample_dir}")
+    else:
+        bar, progress = _progress_bar(f"generating the {args.size} sample")
+        with bar:
+            generate(sample_dir, size=args.size, seed=args.seed, progress=progress)
+    config = load_config(sample_dir / "config.yaml")
+    summary = run_config(config)
+    print_summary(summary)
+    truth = sample_dir / "truth" / "density.csv"
+    print(f"\nground truth for comparison: {truth}")
+    return 0
+
+
+def cmd_psf(args: argparse.Namespace) -> int:
+    """`lightsheet psf`: write a PSF generated from the optics."""
+    from lightsheet.psf import psf_from_optics, write_psf
+
+    psf = psf_from_optics(
+        na=args.na,
+        wavelength_nm=args.wavelength_nm,
+        refractive_index=args.refractive_index,
+        voxel_size_um=args.voxel_size_um,
+        sheet_fwhm_um=args.sheet_fwhm_um,
+    )
+    write_psf(args.out, psf, args.voxel_size_um)
+    print(f"PSF {psf.shape} (z, y, x) written to {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`lightsheet train`: train the UNet on a sample and write a checkpoint."""
+    from lightsheet.featurize import train
+
+    record = train(args.sample_dir, args.out, epochs=args.epochs, seed=args.seed)
+    print(f"checkpoint written to {args.out}")
+    for k in ("epochs", "final_loss", "data_fingerprint"):
+        if k in record:
+            print(f"  {k}: {record[k]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lightsheet`` command."""
+    parser = argparse.ArgumentParser(
+        prog="lightsheet",
+        description="Light-sheet microscopy: raw TIFF tiles to cell densities per brain region.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="generate a sample acquisition with ground truth")
+    p.add_argument("dir", help="output folder (created; must be empty or a previous sample)")
+    p.add_argument("--size", choices=SIZES, default="tiny", help="default: tiny")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--channels", type=int, default=2, help="channels (default 2: nuclei, autofl.)")
+    p.add_argument("--timepoints", type=int, default=1, help="time points (default 1)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("run", help="run the pipeline on a YAML run config")
+    p.add_argument("config", help="YAML file with the pipeline's parameters (see README)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="generate a sample, run the pipeline, print densities")
+    p.add_argument("dir", nargs="?", default="lightsheet-demo", help="default: ./lightsheet-demo")
+    p.add_argument("--size", choices=SIZES, default="small", help="default: small")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("psf", help="write a PSF TIFF generated from the optics")
+    p.add_argument("out", help="output TIFF")
+    p.add_argument("--na", type=float, required=True, help="detection numerical aperture")
+    p.add_argument("--wavelength-nm", type=float, required=True, help="emission wavelength")
+    p.add_argument("--refractive-index", type=float, default=1.45, help="default 1.45")
+    p.add_argument("--voxel-size-um", type=float, nargs=3, required=True, metavar=("Z", "Y", "X"))
+    p.add_argument("--sheet-fwhm-um", type=float, default=None, help="light-sheet FWHM")
+    p.set_defaults(func=cmd_psf)
+
+    p = sub.add_parser("train", help="train the UNet on a sample acquisition")
+    p.add_argument("sample_dir", help="a folder made by `lightsheet sample`")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightsheet`` console script."""
+    from lightsheet.errors import LightsheetError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (LightsheetError, FileNotFoundError, PermissionError) as exc:
+        print(f"lightsheet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
