@@ -1,0 +1,115 @@
+"""The whole pipeline flow on generated samples, under a real (temporary) Prefect server."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pandas as pd
+import pytest
+import zarr
+
+from lightsheet.config import load_config
+from lightsheet.errors import TileGridError
+
+DENSITY_COLUMNS = [
+    "structure_name",
+    "left_cell_count",
+    "right_cell_count",
+    "total_cells",
+    "left_volume_mm3",
+    "right_volume_mm3",
+    "total_volume_mm3",
+    "left_cells_per_mm3",
+    "right_cells_per_mm3",
+    "structure_id",
+    "acronym",
+    "total_cells_per_mm3",
+]
+IMAGES = ["raw.ome.zarr", "deconvolved.ome.zarr", "features.ome.zarr", "labels.ome.zarr"]
+
+
+def run(sample, output, **update):
+    from flows.pipeline import pipeline
+
+    config = load_config(sample / "config.yaml")
+    config = config.model_copy(update={"output": output, **update})
+    return pipeline(config)
+
+
+def tree_checksums(folder):
+    return {
+        p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_sample, prefect_harness, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-run")
+    before = tree_checksums(tiny_sample)
+    summary = run(tiny_sample, out)
+    return tiny_sample, out, summary, before
+
+
+def test_outputs_and_contract(tiny_run):
+    sample, out, summary, _ = tiny_run
+    for name in IMAGES:
+        assert (out / name / "zarr.json").is_file(), name
+    density = pd.read_csv(out / "density.csv")
+    assert set(DENSITY_COLUMNS) <= set(density.columns)
+    cells = pd.read_csv(out / "cells.csv")
+    assert {"z_um", "y_um", "x_um", "structure_id", "hemisphere"} <= set(cells.columns)
+    assert len(cells) == summary["n_cells"] > 0
+    # every cell is counted somewhere, background and outside rows included
+    root = density[density["depth"] == 0]["total_cells"].sum()
+    special = density[density["structure_id"] <= 0]["total_cells"].sum()
+    assert root + special == len(cells)
+    assert summary["top_regions"] and summary["flow_run_name"]
+
+
+def test_images_open_with_ome_zarr_at_voxel_size(tiny_run):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models import open_ome_zarr
+
+    sample, out, _, _ = tiny_run
+    voxel = list(load_config(sample / "config.yaml").voxel_size_um)
+    for name in IMAGES:
+        node = next(iter(Reader(parse_url(str(out / name)))()))
+        scale = node.metadata["coordinateTransformations"][0][0]["scale"]
+        assert scale[-3:] == voxel, name
+        assert node.data[0].shape[-3:] == node.data[0].shape[-3:]
+        open_ome_zarr(zarr.open_group(str(out / name), mode="r"))  # validates against NGFF
+
+
+def test_inputs_unchanged(tiny_run):
+    sample, _, _, before = tiny_run
+    after = {k: v for k, v in tree_checksums(sample).items() if k.parts[0] != "output"}
+    assert after == {k: v for k, v in before.items() if k.parts[0] != "output"}
+
+
+def test_bad_input_fails_before_compute(tiny_sample, prefect_harness, tmp_path):
+    broken = tmp_path / "sample"
+    shutil.copytree(tiny_sample, broken, ignore=shutil.ignore_patterns("output"))
+    victim = sorted((broken / "tiles").glob("*.tif"))[3]
+    victim.unlink()
+    out = tmp_path / "out"
+    with pytest.raises(TileGridError, match="missing"):
+        run(broken, out)
+    assert not any(out.glob("*.ome.zarr")), "no stage may start on bad input"
+
+
+@pytest.mark.slow
+def test_small_sample_counts_match_truth(small_sample, prefect_harness, tmp_path):
+    run(small_sample, tmp_path / "out")
+    found = pd.read_csv(tmp_path / "out" / "density.csv").set_index("structure_id")
+    truth = pd.read_csv(small_sample / "truth" / "density.csv").set_index("structure_id")
+    parents = set(truth["parent_structure_id"].dropna().astype(int))
+    leaves = truth[~truth.index.isin(parents) & (truth.index > 0) & (truth["total_cells"] >= 50)]
+    assert len(leaves) >= 4
+    errors = (found.loc[leaves.index, "total_cells"] - leaves["total_cells"]) / leaves[
+        "total_cells"
+    ]
+    assert errors.abs().max() <= 0.15, errors.round(3).to_dict()
