@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect_dask import DaskTaskRunner
@@ -24,8 +26,22 @@ def pipeline(config: PipelineConfig) -> dict:
     The cluster is a parameter, so the same deployment runs on a laptop, SLURM or GPUs:
     the stages run as a subflow whose task runner is built from it.
     """
+    share_api_url()
     runner = DaskTaskRunner(**task_runner_kwargs(config.cluster))
     return stages.with_options(task_runner=runner)(config)
+
+
+def share_api_url() -> None:
+    """Point Dask workers started from this process at this flow's Prefect API.
+
+    Without a configured server, Prefect runs a temporary one inside this process; workers
+    would otherwise each start another. Worker processes inherit the environment.
+    """
+    from prefect.client.orchestration import get_client
+
+    if not os.environ.get("PREFECT_API_URL"):
+        with get_client(sync_client=True) as client:
+            os.environ["PREFECT_API_URL"] = str(client.api_url)
 
 
 @flow(name="lightsheet-stages")
@@ -58,7 +74,8 @@ def summarize(records: list[dict], output: str) -> dict:
 
     density = records[-1]
     table = pd.read_csv(density["density"])
-    top = table[table["total_volume_mm3"] > 0].sort_values("total_cells_per_mm3", ascending=False)
+    top = table[(table["structure_id"] > 0) & (table["total_volume_mm3"] > 0)]
+    top = top.sort_values("total_cells_per_mm3", ascending=False)
     top = top.head(10)[SUMMARY_COLUMNS]
     stages = [
         {"stage": r["stage"], "seconds": r["seconds"], "output": r.get("path", r.get("density"))}
@@ -67,7 +84,7 @@ def summarize(records: list[dict], output: str) -> dict:
     md = ["## lightsheet run summary", "", "| stage | seconds | output |", "|---|---|---|"]
     md += [f"| {s['stage']} | {s['seconds']:.1f} | `{s['output']}` |" for s in stages]
     md += ["", f"**{density['n_cells']} cells.** Densest regions (cells/mm³):", ""]
-    md += [markdown_table(top.round(1))]
+    md += [markdown_table(top.round(4))]
     create_markdown_artifact(key="run-summary", markdown="\n".join(md), description=output)
     return {
         "flow_run_name": runtime.flow_run.name,
@@ -77,6 +94,6 @@ def summarize(records: list[dict], output: str) -> dict:
         "density": density["density"],
         "cells": density["cells"],
         "plots": density["plots"],
-        "top_regions": top.round(1).to_dict(orient="records"),
+        "top_regions": top.to_dict(orient="records"),
         "warnings": density["warnings"],
     }

@@ -97,13 +97,19 @@ def print_summary(summary: dict) -> None:
     console.print(f"cells: {summary['n_cells']} → {summary['cells']}")
     console.print(f"densities: {summary['density']}")
     console.print("plots: " + ", ".join(summary["plots"]))
-    top = Table(title="densest regions (cells per mm³)")
-    rows = summary["top_regions"]
-    if rows:
-        for col in rows[0]:
-            top.add_column(col, justify="right" if col != "structure_name" else "left")
-        for r in rows:
-            top.add_row(*(str(v) for v in r.values()))
+    top = Table(title="densest regions")
+    columns = {
+        "acronym": ("region", str),
+        "left_cells_per_mm3": ("left /mm³", "{:,.0f}".format),
+        "right_cells_per_mm3": ("right /mm³", "{:,.0f}".format),
+        "total_cells_per_mm3": ("total /mm³", "{:,.0f}".format),
+        "total_cells": ("cells", "{:,.0f}".format),
+        "total_volume_mm3": ("volume mm³", "{:.4g}".format),
+    }
+    for title, _ in columns.values():
+        top.add_column(title, justify="left" if title == "region" else "right")
+    for row in summary["top_regions"]:
+        top.add_row(*(fmt(row[key]) for key, (_, fmt) in columns.items()))
     console.print(top)
     for w in summary.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")

@@ -41,9 +41,11 @@ def dask_client() -> Iterator[Any]:
         yield client
 
 
-def compute_with_progress(collection: da.Array, *, description: str) -> Any:
+def compute_with_progress(collection: da.Array, level: int = 0, *, description: str) -> Any:
     """Compute on the current Dask client, moving a Prefect progress artifact as chunks finish.
 
+    ``level`` is the pyramid level being written (see `lightsheet.io.omezarr.write_image`):
+    level 0 holds the stage's work and gets the progress artifact; lower levels are logged.
     Falls back to ``dask.compute`` when no distributed client is active (library use).
     """
     from distributed import as_completed, futures_of, get_client
@@ -56,7 +58,9 @@ def compute_with_progress(collection: da.Array, *, description: str) -> Any:
     persisted = client.persist(collection)
     futures = futures_of(persisted)
     total = len(futures)
-    artifact = create_progress_artifact(0.0, description=description)
+    if level:
+        description = f"{description} (pyramid level s{level})"
+    artifact = None if level else create_progress_artifact(0.0, description=description)
     last_report, done = time.monotonic(), 0
     for future in as_completed(futures):
         done += 1
@@ -65,7 +69,8 @@ def compute_with_progress(collection: da.Array, *, description: str) -> Any:
         now = time.monotonic()
         if now - last_report > 2.0 or done == total:
             pct = 100.0 * done / total
-            update_progress_artifact(artifact, pct)
+            if artifact is not None:
+                update_progress_artifact(artifact, pct)
             logger.info("%s: %d/%d chunks (%.0f%%)", description, done, total, pct)
             last_report = now
     return persisted.compute()

@@ -54,7 +54,7 @@ def density_table(
         table = region_table(
             cells,
             atlas_obj,
-            transform=transform,
+            transform=transform if config.volume_within_image else None,
             outside_warning_fraction=config.outside_warning_fraction,
         )
     for w in caught:
@@ -64,7 +64,7 @@ def density_table(
     bar = plot_top_regions(table, out / "density_top_regions.png")
     slice_png = plot_density_slice(table, atlas_obj, out / "density_slice.png")
     top = table.sort_values("total_cells_per_mm3", ascending=False)
-    top = top[top["total_volume_mm3"] > 0].head(15)[SUMMARY_COLUMNS]
+    top = top[(top["structure_id"] > 0) & (top["total_volume_mm3"] > 0)].head(15)[SUMMARY_COLUMNS]
     create_table_artifact(
         key="density-top-regions",
         table=top.round(1).to_dict(orient="records"),

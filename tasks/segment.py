@@ -14,7 +14,7 @@ from prefect.artifacts import create_table_artifact
 from lightsheet.config import SegmentConfig
 from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.io.tables import write_table
-from lightsheet.segment import measure, segment_labels
+from lightsheet.segment import segment_volume as segment_one
 from tasks._common import (
     OUTPUTS,
     compute_with_progress,
@@ -38,7 +38,7 @@ def segment_volume(image: dict, features: dict | None, config: SegmentConfig, ou
         _check_channel(channel, source.shape[1], "segment.channel")
         feats = read_image(features["path"])[0] if features else None
         per_t = [
-            segment_labels(
+            segment_one(
                 source[t, channel],
                 voxel_size_um=voxel_size_um,
                 config=config,
@@ -58,15 +58,13 @@ def segment_volume(image: dict, features: dict | None, config: SegmentConfig, ou
                 {**config.model_dump(mode="json"), "thresholds": [r.threshold for r in per_t]},
                 {"image": image["path"], "features": features["path"] if features else None},
             ),
-            compute=partial(compute_with_progress, description="segment: labelling"),
+            compute=partial(compute_with_progress, description="segment: writing labels"),
         )
-        # measure on the stored labels: the labelling is not computed twice
-        stored, _, _ = read_image(path)
-        tables = []
-        for t in range(source.shape[0]):
-            table = measure(stored[t, 0], source[t, channel], voxel_size_um=voxel_size_um)
-            table.insert(1, "t", t)
-            tables.append(table)
+    tables = []
+    for t, r in enumerate(per_t):
+        table = r.table.copy()
+        table.insert(1, "t", t)
+        tables.append(table)
     cells = pd.concat(tables, ignore_index=True)
     cells_path = write_table(cells, Path(output) / "cells.csv")
     seconds = time.monotonic() - start

@@ -104,7 +104,7 @@ def store_chunks(array: da.Array, target: zarr.Array) -> da.Array:
     )
 
 
-def _default_compute(written: da.Array) -> None:
+def _default_compute(written: da.Array, level: int) -> None:
     written.compute()
 
 
@@ -149,7 +149,7 @@ def write_image(
     channel_names: Sequence[str] | None = None,
     attrs: Mapping[str, Any] | None = None,
     min_size: int = 64,
-    compute: Callable[[da.Array], object] = _default_compute,
+    compute: Callable[[da.Array, int], object] = _default_compute,
 ) -> Path:
     """Write a (T, C, Z, Y, X) dask array as a multiscale OME-Zarr image (or label image).
 
@@ -172,8 +172,9 @@ def write_image(
     min_size : int
         Stop the pyramid when every spatial axis is at most this many voxels.
     compute : callable
-        Runs the lazy per-chunk writes of one level (see `store_chunks`); tasks pass one
-        that reports progress.
+        ``compute(writes, level)`` runs the lazy per-chunk writes of one pyramid level (see
+        `store_chunks`); tasks pass one that reports progress. Level 0 carries the stage's
+        computation; lower levels only re-read the stored level above.
 
     Returns
     -------
@@ -213,7 +214,7 @@ def write_image(
                 dimension_names=[a["name"] for a in AXES],
                 fill_value=0,
             )
-            compute(store_chunks(level, arr))
+            compute(store_chunks(level, arr), i)
             datasets.append(
                 {
                     "path": key,
