@@ -11,6 +11,8 @@ Three steps, each usable on its own:
    descendants plus its own voxels) and divides. Cells in the background (id 0) and outside
    the atlas volume (id -1) get their own rows; none are dropped.
 
+The row layout is the one of ``truth/density.csv`` written by `lightsheet.sample`.
+
 `plot_top_regions` and `plot_density_slice` draw the table as PNGs (matplotlib, Agg).
 """
 
@@ -437,25 +439,40 @@ def _count_block(labels, hemispheres, origin, inv, bounds):
     if inv is not None:
         mask = _inside_image(labels.shape, origin, inv, bounds)
         labels, hemispheres = labels[mask], hemispheres[mask]
-    key = labels.astype(np.uint64).ravel() * np.uint64(3) + hemispheres.astype(np.uint64).ravel()
-    keys, counts = np.unique(key, return_counts=True)
-    return keys, counts
+    labels, hemispheres = labels.ravel(), hemispheres.ravel()
+    keys, counts = [], []
+    # one unique per hemisphere sorts the labels' own dtype, not a wider combined key
+    for h in (HEMISPHERE_NONE, HEMISPHERE_LEFT, HEMISPHERE_RIGHT):
+        ids, n = np.unique(labels[hemispheres == h], return_counts=True)
+        keys.append(ids.astype(np.uint64) * np.uint64(3) + np.uint64(h))
+        counts.append(n)
+    return np.concatenate(keys), np.concatenate(counts)
 
 
 def _inside_image(shape, origin, inv, bounds) -> np.ndarray:
     """Mask of block voxels whose centres map inside the imaged box."""
     lo, hi = bounds
     axes = [np.arange(o, o + n, dtype=np.float64) for o, n in zip(origin, shape, strict=True)]
-    mask = np.ones(shape, dtype=bool)
-    for d in range(3):
-        # image coordinate d is affine in the three atlas indices: build it by broadcasting
-        coord = (
-            inv[d, 0] * axes[0][:, None, None]
-            + inv[d, 1] * axes[1][None, :, None]
-            + inv[d, 2] * axes[2][None, None, :]
-            + inv[d, 3]
-        )
-        mask &= (coord >= lo[d]) & (coord < hi[d])
+    lin = inv[:3, :3]
+    if np.all(np.count_nonzero(lin, axis=1) == 1):
+        # axis-aligned (orientation, offset, scaling): a box, one 1-D test per atlas axis
+        mask = np.ones(shape, dtype=bool)
+        for d in range(3):
+            a = int(np.flatnonzero(lin[d])[0])
+            coord = lin[d, a] * axes[a] + inv[d, 3]
+            keep = (coord >= lo[d]) & (coord < hi[d])
+            mask &= keep.reshape([-1 if k == a else 1 for k in range(3)])
+        return mask
+    mask = np.empty(shape, dtype=bool)
+    for p, i in enumerate(axes[0]):
+        # one plane at a time keeps the float temporaries to a plane's size
+        plane = np.ones(shape[1:], dtype=bool)
+        for d in range(3):
+            coord = (
+                lin[d, 1] * axes[1][:, None] + lin[d, 2] * axes[2][None, :] + lin[d, 0] * i
+            ) + inv[d, 3]
+            plane &= (coord >= lo[d]) & (coord < hi[d])
+        mask[p] = plane
     return mask
 
 
@@ -483,13 +500,14 @@ def region_table(
     Returns
     -------
     pandas.DataFrame
-        One row per structure (``structures.json`` order) after a row for the cells outside
-        the atlas (id -1, "outside atlas") and one for the background (id 0,
-        "background"); columns `TABLE_COLUMNS`. A structure's counts and volumes include
-        all its descendants. ``left``/``right`` use the hemisphere volume; ``total``
-        includes voxels and cells of hemisphere 0 too. Densities are cells per mm³, NaN
-        where the volume is 0 (always for the background and outside rows: the atlas does
-        not bound a meaningful volume for them).
+        Columns `TABLE_COLUMNS`: one row per structure (``structures.json`` order), then
+        the background (id 0, "background": annotation voxels labelled 0, their volume and
+        the cells in them) and the cells outside the atlas volume (id -1, "outside atlas",
+        volume NaN). A structure's counts and volumes include all its descendants'.
+        ``left``/``right`` split by the hemisphere volume; ``total`` also includes
+        hemisphere 0. Densities are cells per mm³, NaN (never inf) where the volume is 0 or
+        undefined; ``parent_structure_id`` and ``depth`` (root 0) are missing for roots
+        and for the two special rows.
 
     Raises
     ------
@@ -508,12 +526,12 @@ def region_table(
     >>> cells = pd.DataFrame({"structure_id": [2, 3, 3, 0, -1], "hemisphere": [2, 1, 1, 0, 0]})
     >>> t = region_table(cells, atlas, outside_warning_fraction=1.0)
     >>> t[["acronym", "total_cells", "total_volume_mm3", "total_cells_per_mm3"]]
-          acronym  total_cells  total_volume_mm3  total_cells_per_mm3
-    0     outside            1             0.000                  NaN
-    1  background            1             0.000                  NaN
-    2           A            3             0.003               1000.0
-    3           B            1             0.001               1000.0
-    4           C            2             0.002               1000.0
+             acronym  total_cells  total_volume_mm3  total_cells_per_mm3
+    0              A            3             0.003               1000.0
+    1              B            1             0.001               1000.0
+    2              C            2             0.002               1000.0
+    3     background            1             0.001               1000.0
+    4  outside atlas            1               NaN                  NaN
     """
     for col in ("structure_id", "hemisphere"):
         if col not in cells.columns:
@@ -573,20 +591,27 @@ def region_table(
             ]
         )
 
-    counts = np.vstack([special(OUTSIDE_ID), special(BACKGROUND_ID), cells_sum])
-    volume_mm3 = np.vstack([np.zeros((2, 3)), vox_sum * atlas.voxel_volume_mm3])
+    background_vox = (
+        voxels.loc[BACKGROUND_ID, ["left", "right", "total"]].to_numpy()
+        if BACKGROUND_ID in voxels.index
+        else np.zeros(3)
+    )
+    counts = np.vstack([cells_sum, special(BACKGROUND_ID), special(OUTSIDE_ID)])
+    # outside the atlas volume there is no volume to speak of: NaN, not 0
+    volume_mm3 = np.vstack([vox_sum, background_vox, np.full(3, np.nan)]) * atlas.voxel_volume_mm3
     with np.errstate(divide="ignore", invalid="ignore"):
         density = np.where(volume_mm3 > 0, counts / np.where(volume_mm3 > 0, volume_mm3, 1), np.nan)
 
+    depth = pd.array([*structures["depth"], pd.NA, pd.NA], dtype="Int64")
     table = pd.DataFrame(
         {
-            "structure_id": np.concatenate([[OUTSIDE_ID, BACKGROUND_ID], pos.to_numpy()]),
-            "acronym": ["outside", "background", *structures["acronym"]],
-            "structure_name": ["outside atlas", "background", *structures["structure_name"]],
+            "structure_id": np.concatenate([pos.to_numpy(), [BACKGROUND_ID, OUTSIDE_ID]]),
+            "acronym": [*structures["acronym"], "background", "outside atlas"],
+            "structure_name": [*structures["structure_name"], "background", "outside atlas"],
             "parent_structure_id": pd.array(
-                [pd.NA, pd.NA, *structures["parent_structure_id"]], dtype="Int64"
+                [*structures["parent_structure_id"], pd.NA, pd.NA], dtype="Int64"
             ),
-            "depth": np.concatenate([[0, 0], structures["depth"].to_numpy()]).astype(np.int64),
+            "depth": depth,
             "left_cell_count": counts[:, 0],
             "right_cell_count": counts[:, 1],
             "total_cells": counts[:, 2],
@@ -628,13 +653,14 @@ def plot_top_regions(
     path: str | Path,
     *,
     n: int = 20,
-    min_cells: int = 1,
+    min_cells: int = 10,
+    leaves_only: bool = True,
     title: str | None = None,
 ) -> Path:
     """Bar chart of the ``n`` regions with the highest density, left and right marked.
 
     Background, outside and zero-volume rows are left out; so are regions with fewer than
-    ``min_cells`` cells (their density is noise).
+    ``min_cells`` cells (a Poisson count of 10 is ±30%: its density is mostly noise).
 
     Parameters
     ----------
@@ -646,6 +672,9 @@ def plot_top_regions(
         Number of regions shown.
     min_cells : int
         Fewest cells a region needs to be shown.
+    leaves_only : bool
+        Show only regions without children (a parent's density is an average of its
+        children's, so mixing levels repeats the same cells).
     title : str, optional
         Figure title.
 
@@ -661,6 +690,8 @@ def plot_top_regions(
         & (table["total_volume_mm3"] > 0)
         & (table["total_cells"] >= min_cells)
     ]
+    if leaves_only:
+        rows = rows[~rows["structure_id"].isin(table["parent_structure_id"].dropna())]
     rows = rows.sort_values("total_cells_per_mm3", ascending=False).head(n)[::-1]
     height = max(2.5, 0.32 * len(rows) + 1.2)
     fig = _figure(figsize=(7.5, height))
@@ -674,10 +705,11 @@ def plot_top_regions(
         [f"{a}  ({c:,} cells)" for a, c in zip(rows["acronym"], rows["total_cells"], strict=True)],
     )
     ax.set_xlabel("density (cells per mm³)")
-    ax.set_title(title or f"Densest {len(rows)} regions")
+    kind = "leaf regions" if leaves_only else "regions"
+    ax.set_title(title or f"Densest {len(rows)} {kind} (≥ {min_cells} cells)")
     ax.grid(axis="x", alpha=0.3)
     if len(rows):
-        ax.legend(loc="lower right", fontsize="small")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
         ax.text(0.5, 0.5, "no region with cells", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
@@ -753,7 +785,7 @@ def plot_density_slice(
     fig = _figure(figsize=(7, 6))
     ax = fig.add_subplot()
     ax.set_facecolor("white")
-    cmap = colormaps["magma"].with_extremes(bad="#d9d9d9")
+    cmap = colormaps["magma"].with_extremes(bad="white")
     finite = values[np.isfinite(values)]
     vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
     shown = np.ma.masked_where(labels == 0, values)
@@ -772,22 +804,53 @@ def plot_density_slice(
         extent=extent_mm,
         interpolation="nearest",
     )
+    _label_regions(ax, labels, regions["acronym"], extent_mm)
     cbar = fig.colorbar(img, ax=ax, shrink=0.8)
     cbar.set_label("density (cells per mm³)")
     names = {
-        "a": "anterior",
-        "p": "posterior",
-        "s": "superior",
-        "i": "inferior",
-        "l": "left",
-        "r": "right",
+        "a": ("anterior", "posterior"),
+        "p": ("posterior", "anterior"),
+        "s": ("superior", "inferior"),
+        "i": ("inferior", "superior"),
+        "l": ("left", "right"),
+        "r": ("right", "left"),
     }
     o = atlas.orientation
-    ax.set_ylabel(f"atlas axis {other[0]}: {names[o[other[0]]]} → (mm)")
-    ax.set_xlabel(f"atlas axis {other[1]}: {names[o[other[1]]]} → (mm)")
-    ax.set_title(title or f"Density, atlas axis {axis} slice {index} of {n_axis}")
+    ax.set_ylabel("{} → {} (mm)".format(*names[o[other[0]]]))
+    ax.set_xlabel("{} → {} (mm)".format(*names[o[other[1]]]))
+    plane = {"a": "coronal", "p": "coronal", "s": "horizontal", "i": "horizontal"}
+    ax.set_title(
+        title or f"Density, {plane.get(o[axis], 'sagittal')} atlas slice {index} of {n_axis}"
+    )
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _label_regions(ax, labels, acronyms, extent_mm, *, most=12) -> None:
+    """Write the acronym of the largest regions of a slice at their medoid-ish centre."""
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    if ids.size == 0:
+        return
+    # regions under 1% of the slice's brain area are too small to label legibly
+    order = np.argsort(counts)[::-1][:most]
+    keep = ids[order][counts[order] >= 0.01 * counts.sum()]
+    x0, x1, y1, y0 = extent_mm
+    sx = (x1 - x0) / labels.shape[1]
+    sy = (y1 - y0) / labels.shape[0]
+    for sid in keep:
+        rr, cc = np.nonzero(labels == sid)
+        # the region's own pixel nearest its mean: inside even for curved regions
+        k = np.argmin((rr - rr.mean()) ** 2 + (cc - cc.mean()) ** 2)
+        ax.text(
+            x0 + (cc[k] + 0.5) * sx,
+            y0 + (rr[k] + 0.5) * sy,
+            str(acronyms.get(sid, sid)),
+            ha="center",
+            va="center",
+            fontsize="small",
+            color="white",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.45, "lw": 0},
+        )
 
 
 def _figure(figsize):

@@ -45,3 +45,7 @@ class SampleError(LightsheetError, ValueError):
 
 class OutputExistsError(LightsheetError, FileExistsError):
     """An output folder holds files that would be overwritten."""
+
+
+class SegmentError(LightsheetError, ValueError):
+    """Segmentation input or parameters that cannot be used (shape, dtype, values)."""
