@@ -82,6 +82,22 @@ class SegmentConfig(_Model):
         None, description="Largest object kept; default from nucleus_diameter_um."
     )
     watershed: bool = Field(True, description="Split touching nuclei with a seeded watershed.")
+    split_depth_um: PositiveFloat | None = Field(
+        None,
+        description="Watershed: two touching nuclei stay separate when the smaller one's "
+        "distance-transform peak rises at least this far (µm) above the neck between them; "
+        "default: max(nucleus_diameter_um / 10, finest voxel size).",
+    )
+    connectivity: Literal[1, 2, 3] = Field(
+        1,
+        description="Voxel neighbourhood: 1 faces (6), 2 faces+edges (18), 3 all (26).",
+    )
+    subtract_background: bool = Field(
+        False, description="Remove smooth background (white top-hat) before thresholding."
+    )
+    background_radius_um: PositiveFloat | None = Field(
+        None, description="Top-hat box half-size in µm; default: nucleus_diameter_um."
+    )
 
 
 class DensityConfig(_Model):
