@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from prefect import flow, runtime
+from prefect import Task, flow, runtime
 from prefect.artifacts import create_markdown_artifact
+from prefect.assets import Asset
+from prefect.tasks import MaterializingTask
 from prefect_dask import DaskTaskRunner
 
 from lightsheet.clusters import task_runner_kwargs
 from lightsheet.config import PipelineConfig
-from tasks._common import markdown_table
+from tasks._common import OUTPUTS, markdown_table
 from tasks.deconvolve import deconvolve_volume
-from tasks.density import SUMMARY_COLUMNS, density_table
+from tasks.density import density_table, top_regions
 from tasks.featurize import featurize_volume
 from tasks.ingest import ingest
 from tasks.segment import segment_volume
@@ -44,52 +47,81 @@ def share_api_url() -> None:
             os.environ["PREFECT_API_URL"] = str(client.api_url)
 
 
+def materializing(task: Task, *outputs: Path) -> MaterializingTask:
+    """``task`` emitting Prefect asset materializations for its output files.
+
+    Upstream assets are linked by Prefect from the futures passed in as inputs.
+    """
+    return MaterializingTask(
+        fn=task.fn,
+        assets=[Asset(key=p.resolve().as_uri()) for p in outputs],
+        materialized_by="lightsheet",
+        name=task.name,
+    )
+
+
 @flow(name="lightsheet-stages")
 def stages(config: PipelineConfig) -> dict:
     """Ingest → stitch → deconvolve → featurize → segment → density."""
-    out = str(config.output)
+    out = Path(config.output)
+    o = str(out)
     voxel = list(config.voxel_size_um)
-    manifest = ingest.submit(config.input, config.pattern, str(config.psf), str(config.atlas), out)
-    raw = stitch_tiles.submit(manifest, voxel, config.stitch.chunks_zyx, out)
-    image = (
-        deconvolve_volume.submit(raw, str(config.psf), config.deconvolve, out)
-        if config.deconvolve.enabled
-        else raw
+    manifest = ingest.submit(config.input, config.pattern, str(config.psf), str(config.atlas), o)
+    raw = materializing(stitch_tiles, out / OUTPUTS["stitch"]).submit(
+        manifest, voxel, config.stitch.chunks_zyx, o
     )
-    features = (
-        featurize_volume.submit(image, config.segment.channel, config.featurize, out)
-        if config.featurize.enabled
-        else None
-    )
-    segmented = segment_volume.submit(image, features, config.segment, out)
-    density = density_table.submit(segmented, raw, str(config.atlas), config.density, out)
-    records = [r.result() for r in (raw, image, features, segmented) if r is not None]
-    records = list({r["stage"]: r for r in records}.values()) + [density.result()]
-    return summarize(records, out)
+    image = raw
+    if config.deconvolve.enabled:
+        image = materializing(deconvolve_volume, out / OUTPUTS["deconvolve"]).submit(
+            raw, str(config.psf), config.deconvolve, o
+        )
+    features = None
+    if config.featurize.enabled:
+        features = materializing(featurize_volume, out / OUTPUTS["featurize"]).submit(
+            image, config.segment.channel, config.featurize, o
+        )
+    segmented = materializing(
+        segment_volume, out / OUTPUTS["segment"], out / OUTPUTS["segment_table"]
+    ).submit(image, features, config.segment, o)
+    density = materializing(
+        density_table, out / OUTPUTS["density"], out / OUTPUTS["density_cells"]
+    ).submit(segmented, raw, str(config.atlas), config.density, o)
+    records = [f.result() for f in (raw, image, features, segmented, density) if f is not None]
+    records = list({r["stage"]: r for r in records}.values())
+    return summarize(records, o)
 
 
 def summarize(records: list[dict], output: str) -> dict:
-    """The run summary: stage timings, outputs and the densest regions (also an artifact)."""
+    """The run summary: stages with timings and reuse, the densest regions (also an artifact)."""
     import pandas as pd
 
     density = records[-1]
-    table = pd.read_csv(density["density"])
-    top = table[(table["structure_id"] > 0) & (table["total_volume_mm3"] > 0)]
-    top = top.sort_values("total_cells_per_mm3", ascending=False)
-    top = top.head(10)[SUMMARY_COLUMNS]
-    stages = [
-        {"stage": r["stage"], "seconds": r["seconds"], "output": r.get("path", r.get("density"))}
+    top = top_regions(pd.read_csv(density["density"]))
+    stage_rows = [
+        {
+            "stage": r["stage"],
+            "seconds": r["seconds"],
+            "reused": r["reused"],
+            "output": r["path"],
+        }
         for r in records
     ]
-    md = ["## lightsheet run summary", "", "| stage | seconds | output |", "|---|---|---|"]
-    md += [f"| {s['stage']} | {s['seconds']:.1f} | `{s['output']}` |" for s in stages]
-    md += ["", f"**{density['n_cells']} cells.** Densest regions (cells/mm³):", ""]
-    md += [markdown_table(top.round(4))]
+    md = [
+        "## lightsheet run summary",
+        "",
+        markdown_table(pd.DataFrame(stage_rows)),
+        "",
+        f"**{density['n_cells']} cells.** Densest regions (cells/mm³):",
+        "",
+        markdown_table(top.round(1)),
+        "",
+        f"Plots: {', '.join(density['plots'])}",
+    ]
     create_markdown_artifact(key="run-summary", markdown="\n".join(md), description=output)
     return {
         "flow_run_name": runtime.flow_run.name,
         "output": output,
-        "stages": stages,
+        "stages": stage_rows,
         "n_cells": density["n_cells"],
         "density": density["density"],
         "cells": density["cells"],

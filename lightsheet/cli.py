@@ -89,10 +89,11 @@ def print_summary(summary: dict) -> None:
     console = Console()
     console.print(f"\n[bold]Prefect flow run:[/bold] {summary['flow_run_name']}")
     stages = Table(title="stages")
-    for col in ("stage", "seconds", "output"):
+    for col in ("stage", "seconds", "reused", "output"):
         stages.add_column(col)
     for s in summary["stages"]:
-        stages.add_row(s["stage"], f"{s['seconds']:.1f}", str(s["output"]))
+        reused = "yes" if s["reused"] else "no"
+        stages.add_row(s["stage"], f"{s['seconds']:.1f}", reused, str(s["output"]))
     console.print(stages)
     console.print(f"cells: {summary['n_cells']} → {summary['cells']}")
     console.print(f"densities: {summary['density']}")

@@ -1,27 +1,35 @@
-"""What every stage task shares: running Dask work with progress, records, artifacts, lineage."""
+"""What every stage task shares: cache checks, lineage, progress and artifacts.
+
+A task describes its stage as a `Stage` (name, output, parameters, input fingerprints). The
+stage's cache key decides whether the output on disk can be reused; otherwise the task
+computes, writes with the lineage record, and `Stage.finish` returns the small record that
+flows pass on (paths, fingerprints, timings — never arrays).
+"""
 
 from __future__ import annotations
 
 import base64
 import io
-import platform
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
-from prefect import get_run_logger
+from prefect import get_run_logger, runtime
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
+    create_table_artifact,
     update_progress_artifact,
 )
 
-import lightsheet
+from lightsheet.lineage import cache_key, make_record, read_lineage
 
 #: Stage output names, in pipeline order: a reader of the output folder sees the pipeline.
 OUTPUTS = {
@@ -29,6 +37,9 @@ OUTPUTS = {
     "deconvolve": "deconvolved.ome.zarr",
     "featurize": "features.ome.zarr",
     "segment": "labels.ome.zarr",
+    "segment_table": "cells_segmented.csv",
+    "density": "density.csv",
+    "density_cells": "cells.csv",
 }
 
 
@@ -76,51 +87,152 @@ def compute_with_progress(collection: da.Array, level: int = 0, *, description: 
     return persisted.compute()
 
 
-def lineage_attrs(stage: str, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict:
-    """The record stored with an output: what made it, from what, with which code."""
-    from prefect import runtime
-
+def output_input(record: Mapping[str, Any], path_key: str = "path") -> dict[str, Any]:
+    """How a stage names an upstream stage's output among its inputs."""
     return {
-        "stage": stage,
-        "params": _jsonable(params),
-        "inputs": _jsonable(inputs),
-        "code_version": lightsheet.__version__,
-        "flow_run_id": str(runtime.flow_run.id) if runtime.flow_run.id else None,
-        "task_run_id": str(runtime.task_run.id) if runtime.task_run.id else None,
-        "host": platform.node(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "kind": "output",
+        "stage": record["stage"],
+        "path": record[path_key],
+        "fingerprint": record["fingerprints"][path_key],
     }
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+class Stage:
+    """One stage's run: its cache key, whether its outputs can be reused, its lineage record.
+
+    Parameters
+    ----------
+    name : str
+        Stage name (``stitch``, ``deconvolve``, ...).
+    outputs : mapping of str to Path
+        The files or folders the stage writes, by role (the first is the main output).
+    params : mapping
+        JSON-serialisable parameters that shape the result.
+    inputs : mapping
+        Each input's description with at least ``fingerprint`` (see `lightsheet.lineage`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        outputs: Mapping[str, Path],
+        params: Mapping[str, Any],
+        inputs: Mapping[str, Mapping[str, Any]],
+    ):
+        self.name = name
+        self.outputs = {k: Path(v) for k, v in outputs.items()}
+        self.params = dict(params)
+        self.inputs = dict(inputs)
+        self.key = cache_key(name, self.params, self.inputs)
+        self.started = time.time()
+        self.logger = get_run_logger()
+        records = [read_lineage(p) for p in self.outputs.values()]
+        reusable = all(
+            r is not None and r.get("cache_key") == self.key and r.get("output_fingerprint")
+            for r in records
+        )
+        self.reused = (
+            {role: r["output_fingerprint"] for role, r in zip(self.outputs, records, strict=True)}
+            if reusable
+            else None
+        )
+        if self.reused:
+            self.logger.info(
+                "%s: reusing %s (same inputs, parameters and code)",
+                name,
+                ", ".join(str(p) for p in self.outputs.values()),
+            )
+
+    def lineage(self) -> dict[str, Any]:
+        """The lineage record to store with each output."""
+        return make_record(
+            self.name,
+            params=self.params,
+            inputs=self.inputs,
+            key=self.key,
+            started=self.started,
+            run={
+                "flow_run_id": _str(runtime.flow_run.id),
+                "flow_run_name": runtime.flow_run.name,
+                "task_run_id": _str(runtime.task_run.id),
+            },
+        )
+
+    def progress(self, description: str | None = None):
+        """The ``compute`` callable for `write_image`: progress artifact + log lines."""
+        return partial(compute_with_progress, description=description or self.name)
+
+    def finish(self, fingerprints: Mapping[str, str] | None = None, **extra: Any) -> dict:
+        """The stage's record; publishes its artifacts. ``fingerprints`` of new outputs."""
+        seconds = time.time() - self.started
+        fps = dict(self.reused or fingerprints or {})
+        record = {
+            "stage": self.name,
+            **{role: str(p) for role, p in self.outputs.items()},
+            "path": str(next(iter(self.outputs.values()))),
+            "fingerprints": {**fps, "path": next(iter(fps.values()), None)},
+            "cache_key": self.key,
+            "reused": self.reused is not None,
+            "seconds": round(seconds, 3),
+            **extra,
+        }
+        return record
 
 
-def image_record(
-    stage: str, path: Path, image: da.Array, voxel_size_um, seconds: float, **extra: Any
-) -> dict[str, Any]:
-    """Small description of a written image, returned by the task (never the array)."""
-    nbytes = int(image.nbytes)
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def describe_image(path: Path) -> dict[str, Any]:
+    """Shape, chunks, dtype, bytes and voxel size of a stored image (metadata only)."""
+    from lightsheet.io.omezarr import read_image
+
+    image, voxel, _ = read_image(path)
     return {
-        "stage": stage,
-        "path": str(path),
         "shape": list(image.shape),
         "chunks": list(image.chunksize),
         "dtype": str(image.dtype),
-        "bytes": nbytes,
-        "voxel_size_um": list(voxel_size_um),
-        "seconds": round(seconds, 3),
-        "mb_per_s": round(nbytes / 1e6 / max(seconds, 1e-9), 1),
-        **extra,
+        "bytes": int(image.nbytes),
+        "voxel_size_um": list(voxel),
     }
+
+
+def publish_image(record: Mapping[str, Any], *, channel: int = 0) -> dict[str, Any]:
+    """Artifacts of an image stage, keyed by stage so they group across runs.
+
+    A table (shape, chunks, dtype, bytes, voxel size, duration, throughput), a
+    maximum-intensity thumbnail and a link to the output. Returns the description.
+    """
+    stage, path = record["stage"], Path(record["path"])
+    info = describe_image(path)
+    seconds = record["seconds"]
+    rows = {
+        **info,
+        "seconds": seconds,
+        "throughput_mb_per_s": None
+        if record["reused"]
+        else round(info["bytes"] / 1e6 / max(seconds, 1e-9), 1),
+        "reused": record["reused"],
+        "path": str(path),
+    }
+    create_table_artifact(
+        key=f"{stage}-output",
+        table=[{"field": k, "value": str(v)} for k, v in rows.items()],
+        description=f"{stage} output {path.name}",
+    )
+    png = base64.b64encode(mip_png(path, channel=channel)).decode()
+    create_markdown_artifact(
+        key=f"{stage}-thumbnail",
+        markdown=f"### {stage}: {path.name}\n\n![MIP](data:image/png;base64,{png})\n",
+        description=f"{stage}: maximum-intensity projection along z",
+    )
+    create_link_artifact(
+        key=f"{stage}-link",
+        link=path.resolve().as_uri(),
+        link_text=str(path),
+        description=f"{stage} output on disk",
+    )
+    return info
 
 
 def mip_png(path: Path, *, channel: int = 0, max_side: int = 256) -> bytes:
@@ -133,11 +245,11 @@ def mip_png(path: Path, *, channel: int = 0, max_side: int = 256) -> bytes:
     from lightsheet.io.omezarr import read_image
 
     levels = sorted(p.name for p in Path(path).glob("s*") if p.name[1:].isdigit())
-    level = max(0, len(levels) - 1)
-    image, _, _ = read_image(path, level=level)
+    image, _, _ = read_image(path, level=max(0, len(levels) - 1))
     mip = np.asarray(image[0, min(channel, image.shape[1] - 1)].max(axis=0).compute(), float)
-    lo, hi = np.percentile(mip, [1, 99.8]) if mip.size else (0, 1)
-    fig = plt.figure(figsize=(3, 3 * mip.shape[0] / max(mip.shape[1], 1)), dpi=max_side / 3)
+    lo, hi = np.percentile(mip, [1, 99.8]) if mip.size else (0.0, 1.0)
+    aspect = mip.shape[0] / max(mip.shape[1], 1)
+    fig = plt.figure(figsize=(3, 3 * aspect), dpi=max_side / 3)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(mip, cmap="magma", vmin=lo, vmax=hi if hi > lo else lo + 1)
     ax.axis("off")
@@ -145,33 +257,6 @@ def mip_png(path: Path, *, channel: int = 0, max_side: int = 256) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
-
-
-def publish_image_stage(record: Mapping[str, Any], *, channel: int = 0) -> None:
-    """Artifact for an image stage: its numbers and a thumbnail, keyed by stage across runs."""
-    stage = record["stage"]
-    rows = "\n".join(
-        f"| {k} | {record[k]} |"
-        for k in (
-            "path",
-            "shape",
-            "chunks",
-            "dtype",
-            "bytes",
-            "voxel_size_um",
-            "seconds",
-            "mb_per_s",
-        )
-    )
-    png = base64.b64encode(mip_png(Path(record["path"]), channel=channel)).decode()
-    create_markdown_artifact(
-        key=f"{stage}-output",
-        markdown=(
-            f"### {stage}\n\n| field | value |\n|---|---|\n{rows}\n\n"
-            f"![max-intensity projection](data:image/png;base64,{png})\n"
-        ),
-        description=f"{stage}: {record['path']}",
-    )
 
 
 def markdown_table(table) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from functools import partial
 from pathlib import Path
 
 import dask.array as da
@@ -13,68 +11,64 @@ from prefect import task
 from lightsheet.config import DeconvolveConfig
 from lightsheet.deconvolve import deconvolve
 from lightsheet.io.omezarr import read_image, write_image
+from lightsheet.lineage import file_content_fingerprint
 from lightsheet.psf import load_psf
-from tasks._common import (
-    OUTPUTS,
-    compute_with_progress,
-    dask_client,
-    image_record,
-    lineage_attrs,
-    publish_image_stage,
-)
+from tasks._common import OUTPUTS, Stage, dask_client, output_input, publish_image
 
 
 @task(name="deconvolve")
 def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str) -> dict:
     """Deconvolve every selected channel and time point; other channels pass through."""
-    start = time.monotonic()
-    path = Path(output) / OUTPUTS["deconvolve"]
-    psf_array = load_psf(psf)
-    with dask_client():
-        image, voxel_size_um, _ = read_image(raw["path"])
-        channels = range(image.shape[1]) if config.channels is None else config.channels
-        for c in channels:
-            if c >= image.shape[1]:
-                raise ValueError(
-                    f"deconvolve.channels: channel {c} does not exist; the image has "
-                    f"{image.shape[1]} channels (0..{image.shape[1] - 1})"
-                )
-        volumes = [
-            [
-                deconvolve(
-                    image[t, c],
-                    psf_array,
-                    iterations=config.iterations,
-                    acceleration=config.acceleration,
-                )
-                if c in channels
-                else image[t, c].astype(np.float32)
-                for c in range(image.shape[1])
-            ]
-            for t in range(image.shape[0])
-        ]
-        result = da.stack([da.stack(per_t) for per_t in volumes])
-        write_image(
-            result,
-            path,
-            voxel_size_um=voxel_size_um,
-            name="deconvolved",
-            channel_names=raw.get("channel_names"),
-            attrs=lineage_attrs(
-                "deconvolve", config.model_dump(mode="json"), {"raw": raw["path"], "psf": psf}
-            ),
-            compute=partial(compute_with_progress, description="deconvolve"),
-        )
-    record = image_record(
+    stage = Stage(
         "deconvolve",
-        path,
-        result,
-        voxel_size_um,
-        time.monotonic() - start,
-        channel_names=raw.get("channel_names"),
-        voxel_iterations_per_s=round(
-            result.size * config.iterations / max(time.monotonic() - start, 1e-9)
-        ),
+        {"path": Path(output) / OUTPUTS["deconvolve"]},
+        params=config.model_dump(mode="json"),
+        inputs={
+            "raw": output_input(raw),
+            "psf": {"kind": "file", "path": psf, "fingerprint": file_content_fingerprint(psf)},
+        },
     )
-    publish_image_stage(record)
+    if not stage.reused:
+        psf_array = load_psf(psf)
+        with dask_client():
+            image, voxel_size_um, _ = read_image(raw["path"])
+            n_channels = image.shape[1]
+            channels = range(n_channels) if config.channels is None else config.channels
+            for c in channels:
+                if c >= n_channels:
+                    raise ValueError(
+                        f"deconvolve.channels: channel {c} does not exist; the image has "
+                        f"{n_channels} channels (0..{n_channels - 1})"
+                    )
+            result = da.stack(
+                [
+                    da.stack(
+                        [
+                            deconvolve(
+                                image[t, c],
+                                psf_array,
+                                iterations=config.iterations,
+                                acceleration=config.acceleration,
+                            )
+                            if c in channels
+                            else image[t, c].astype(np.float32)
+                            for c in range(n_channels)
+                        ]
+                    )
+                    for t in range(image.shape[0])
+                ]
+            )
+            fingerprint = write_image(
+                result,
+                stage.outputs["path"],
+                voxel_size_um=voxel_size_um,
+                name="deconvolved",
+                channel_names=raw.get("channel_names"),
+                lineage=stage.lineage(),
+                compute=stage.progress(),
+            )
+    record = stage.finish(
+        None if stage.reused else {"path": fingerprint}, channel_names=raw.get("channel_names")
+    )
+    record.update(publish_image(record))
     return record

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import base64
-import time
 import warnings
 from pathlib import Path
 
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lightsheet.config import DensityConfig
@@ -21,6 +20,13 @@ from lightsheet.density import (
 )
 from lightsheet.io.atlas import load_atlas
 from lightsheet.io.tables import write_table
+from lightsheet.lineage import (
+    file_content_fingerprint,
+    finish_record,
+    folder_fingerprint,
+    write_sidecar,
+)
+from tasks._common import OUTPUTS, Stage, markdown_table, output_input
 
 #: density.csv columns shown first in artifacts and summaries.
 SUMMARY_COLUMNS = [
@@ -39,52 +45,82 @@ def density_table(
     segmented: dict, raw: dict, atlas: str, config: DensityConfig, output: str
 ) -> dict:
     """Map cells into the atlas, count per region and hemisphere, divide by volume."""
-    start = time.monotonic()
-    image_shape_zyx, voxel_size_um = raw["shape"][2:], raw["voxel_size_um"]
-    logger = get_run_logger()
     out = Path(output)
-    atlas_obj = load_atlas(atlas)
-    transform = AtlasTransform.from_config(
-        config, atlas_obj, image_shape=image_shape_zyx, voxel_size_um=voxel_size_um
+    image_shape_zyx, voxel_size_um = raw["shape"][2:], raw["voxel_size_um"]
+    stage = Stage(
+        "density",
+        {"density": out / OUTPUTS["density"], "cells": out / OUTPUTS["density_cells"]},
+        params={
+            **config.model_dump(mode="json"),
+            "image_shape_zyx": list(image_shape_zyx),
+            "voxel_size_um": list(voxel_size_um),
+        },
+        inputs={
+            "cells": output_input(segmented, "cells"),
+            "atlas": {"kind": "atlas", "path": atlas, "fingerprint": folder_fingerprint(atlas)},
+        },
     )
-    cells = pd.read_csv(segmented["cells"])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cells = assign_regions(cells, atlas_obj, transform)
-        table = region_table(
-            cells,
-            atlas_obj,
-            transform=transform if config.volume_within_image else None,
-            outside_warning_fraction=config.outside_warning_fraction,
+    atlas_obj = load_atlas(atlas)
+    caught: list[warnings.WarningMessage] = []
+    if not stage.reused:
+        transform = AtlasTransform.from_config(
+            config, atlas_obj, image_shape=image_shape_zyx, voxel_size_um=voxel_size_um
         )
-    for w in caught:
-        logger.warning("density: %s", w.message)
-    density_path = write_table(table, out / "density.csv")
-    cells_path = write_table(cells, out / "cells.csv")
-    bar = plot_top_regions(table, out / "density_top_regions.png")
-    slice_png = plot_density_slice(table, atlas_obj, out / "density_slice.png")
-    top = table.sort_values("total_cells_per_mm3", ascending=False)
-    top = top[(top["structure_id"] > 0) & (top["total_volume_mm3"] > 0)].head(15)[SUMMARY_COLUMNS]
+        cells = pd.read_csv(segmented["cells"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cells = assign_regions(cells, atlas_obj, transform)
+            table = region_table(
+                cells,
+                atlas_obj,
+                transform=transform if config.volume_within_image else None,
+                outside_warning_fraction=config.outside_warning_fraction,
+            )
+        for w in caught:
+            stage.logger.warning("density: %s", w.message)
+        lineage = {**stage.lineage(), "warnings": [str(w.message) for w in caught]}
+        fps = {}
+        for role, frame in (("density", table), ("cells", cells)):
+            write_table(frame, stage.outputs[role])
+            fps[role] = file_content_fingerprint(stage.outputs[role])
+            write_sidecar(stage.outputs[role], finish_record(lineage, fps[role]))
+    record = stage.finish(None if stage.reused else fps)
+    table = pd.read_csv(record["density"])
+    plots = [out / "density_top_regions.png", out / "density_slice.png"]
+    if not stage.reused or not all(p.is_file() for p in plots):
+        plot_top_regions(table, plots[0])
+        plot_density_slice(table, atlas_obj, plots[1])
+    publish_density(table, plots, record["density"])
+    record.update(
+        plots=[str(p) for p in plots],
+        n_cells=int(
+            table.loc[table["depth"] == 0, "total_cells"].sum()
+            + table.loc[table["structure_id"] <= 0, "total_cells"].sum()
+        ),
+        warnings=[str(w.message) for w in caught],
+    )
+    return record
+
+
+def top_regions(table: pd.DataFrame, n: int = 10) -> pd.DataFrame:
+    """The ``n`` densest atlas regions (background and outside rows left out)."""
+    regions = table[(table["structure_id"] > 0) & (table["total_volume_mm3"] > 0)]
+    return regions.sort_values("total_cells_per_mm3", ascending=False).head(n)[SUMMARY_COLUMNS]
+
+
+def publish_density(table: pd.DataFrame, plots: list[Path], where: str) -> None:
+    """The densest regions as a table artifact, and the plots as a markdown artifact."""
     create_table_artifact(
         key="density-top-regions",
-        table=top.round(1).to_dict(orient="records"),
-        description=f"Densest regions ({density_path})",
+        table=top_regions(table, 15).round(4).to_dict(orient="records"),
+        description=f"Densest regions ({where})",
+    )
+    images = "\n\n".join(
+        f"![{p.stem}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})"
+        for p in plots
     )
     create_markdown_artifact(
         key="density-plots",
-        markdown="### Cell density\n\n"
-        + "\n\n".join(
-            f"![{p.stem}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})"
-            for p in (bar, slice_png)
-        ),
+        markdown=f"### Cell density\n\n{markdown_table(top_regions(table).round(1))}\n\n{images}",
         description="Densest regions and an atlas slice coloured by density",
     )
-    return {
-        "stage": "density",
-        "density": str(density_path),
-        "cells": str(cells_path),
-        "plots": [str(bar), str(slice_png)],
-        "n_cells": int(len(cells)),
-        "seconds": round(time.monotonic() - start, 3),
-        "warnings": [str(w.message) for w in caught],
-    }

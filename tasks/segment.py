@@ -2,87 +2,80 @@
 
 from __future__ import annotations
 
-import time
-from functools import partial
 from pathlib import Path
 
 import dask.array as da
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from lightsheet.config import SegmentConfig
 from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.io.tables import write_table
+from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
 from lightsheet.segment import segment_volume as segment_one
-from tasks._common import (
-    OUTPUTS,
-    compute_with_progress,
-    dask_client,
-    image_record,
-    lineage_attrs,
-    publish_image_stage,
-)
-from tasks.featurize import _check_channel
+from tasks._common import OUTPUTS, Stage, dask_client, output_input, publish_image
+from tasks.featurize import check_channel
 
 
 @task(name="segment")
 def segment_volume(image: dict, features: dict | None, config: SegmentConfig, output: str) -> dict:
-    """Label nuclei with ids unique over the volume, then measure each cell once."""
-    start = time.monotonic()
-    logger = get_run_logger()
-    path = Path(output) / OUTPUTS["segment"]
-    channel = config.channel
-    with dask_client():
-        source, voxel_size_um, _ = read_image(image["path"])
-        _check_channel(channel, source.shape[1], "segment.channel")
-        feats = read_image(features["path"])[0] if features else None
-        per_t = [
-            segment_one(
-                source[t, channel],
-                voxel_size_um=voxel_size_um,
-                config=config,
-                features=None if feats is None else feats[t],
-            )
-            for t in range(source.shape[0])
-        ]
-        labels = da.stack([r.labels[None] for r in per_t])
-        write_image(
-            labels,
-            path,
-            voxel_size_um=voxel_size_um,
-            name="labels",
-            labels=True,
-            attrs=lineage_attrs(
-                "segment",
-                {**config.model_dump(mode="json"), "thresholds": [r.threshold for r in per_t]},
-                {"image": image["path"], "features": features["path"] if features else None},
-            ),
-            compute=partial(compute_with_progress, description="segment: writing labels"),
-        )
-    tables = []
-    for t, r in enumerate(per_t):
-        table = r.table.copy()
-        table.insert(1, "t", t)
-        tables.append(table)
-    cells = pd.concat(tables, ignore_index=True)
-    cells_path = write_table(cells, Path(output) / "cells.csv")
-    seconds = time.monotonic() - start
-    logger.info("segment: %d cells in %.1f s", len(cells), seconds)
-    record = image_record(
+    """Label nuclei with ids unique over the volume and measure each cell once."""
+    uses_features = config.method == "model"
+    inputs = {"image": output_input(image)}
+    if uses_features and features is not None:
+        inputs["features"] = output_input(features)
+    stage = Stage(
         "segment",
-        path,
-        labels,
-        voxel_size_um,
-        seconds,
-        cells=str(cells_path),
-        n_cells=len(cells),
-        thresholds=[r.threshold for r in per_t],
+        {
+            "path": Path(output) / OUTPUTS["segment"],
+            "cells": Path(output) / OUTPUTS["segment_table"],
+        },
+        params=config.model_dump(mode="json"),
+        inputs=inputs,
     )
-    publish_image_stage(record)
+    thresholds = None
+    if not stage.reused:
+        with dask_client():
+            source, voxel_size_um, _ = read_image(image["path"])
+            check_channel(config.channel, source.shape[1], "segment.channel")
+            feats = read_image(features["path"])[0] if uses_features and features else None
+            results = [
+                segment_one(
+                    source[t, config.channel],
+                    voxel_size_um=voxel_size_um,
+                    config=config,
+                    features=None if feats is None else feats[t],
+                )
+                for t in range(source.shape[0])
+            ]
+            thresholds = [r.threshold for r in results]
+            lineage = {**stage.lineage(), "thresholds": thresholds}
+            labels_fp = write_image(
+                da.stack([r.labels[None] for r in results]),
+                stage.outputs["path"],
+                voxel_size_um=voxel_size_um,
+                name="labels",
+                labels=True,
+                lineage=lineage,
+                compute=stage.progress("segment: labelling"),
+            )
+        cells = pd.concat([r.table.assign(t=t) for t, r in enumerate(results)], ignore_index=True)
+        cells.insert(1, "t", cells.pop("t"))
+        write_table(cells, stage.outputs["cells"])
+        cells_fp = file_content_fingerprint(stage.outputs["cells"])
+        write_sidecar(stage.outputs["cells"], finish_record(lineage, cells_fp))
+    record = stage.finish(
+        None if stage.reused else {"path": labels_fp, "cells": cells_fp},
+        thresholds=thresholds,
+    )
+    record.update(publish_image(record))
+    cells = pd.read_csv(record["cells"])
+    record["n_cells"] = len(cells)
+    stage.logger.info("segment: %d cells", len(cells))
     create_table_artifact(
         key="segment-cells",
         table=cells.head(20).round(2).to_dict(orient="records"),
-        description=f"First 20 of {len(cells)} cells ({cells_path})",
+        description=f"First 20 of {len(cells)} cells ({record['cells']})",
     )
     return record

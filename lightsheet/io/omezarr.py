@@ -18,11 +18,7 @@ downsampling.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +27,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from lightsheet.io.atomic import atomic_path
+from lightsheet.lineage import ATTRS_KEY, chunk_digest, combine_digests, finish_record
+
 AXES = [
     {"name": "t", "type": "time", "unit": "second"},
     {"name": "c", "type": "channel"},
@@ -38,7 +37,6 @@ AXES = [
     {"name": "y", "type": "space", "unit": "micrometer"},
     {"name": "x", "type": "space", "unit": "micrometer"},
 ]
-ATTRS_KEY = "lightsheet"
 
 
 def compressor() -> BloscCodec:
@@ -87,14 +85,16 @@ def _downsample(level: da.Array, factor: tuple[int, int, int], *, labels: bool) 
 def store_chunks(array: da.Array, target: zarr.Array) -> da.Array:
     """Lazily write each chunk of ``array`` into ``target``; one small result per chunk.
 
-    Computing the returned array performs the writes. Each of its elements is the number of
-    bytes written by one chunk, so a scheduler's per-key futures double as a progress count.
+    Computing the returned array performs the writes. Each of its elements is the digest of
+    one chunk's bytes (`lightsheet.lineage.chunk_digest`), hashed by the worker that writes
+    it, so the output's fingerprint costs no extra read; a scheduler's per-key futures
+    double as a progress count.
     """
 
     def write(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
         loc = block_info[0]["array-location"]
         target[tuple(slice(a, b) for a, b in loc)] = block
-        return np.full((1,) * block.ndim, block.nbytes, dtype=np.int64)
+        return np.full((1,) * block.ndim, chunk_digest(block), dtype=np.int64)
 
     return array.map_blocks(
         write,
@@ -104,39 +104,14 @@ def store_chunks(array: da.Array, target: zarr.Array) -> da.Array:
     )
 
 
-def _default_compute(written: da.Array, level: int) -> None:
-    written.compute()
+def _default_compute(written: da.Array, level: int) -> np.ndarray:
+    return written.compute()
 
 
 def _regular_chunks(array: da.Array) -> da.Array:
     """Rechunk so every chunk but the last along each axis has the same size (zarr's grid)."""
     regular = all(len(set(c[:-1])) <= 1 and c[-1] <= c[0] for c in array.chunks)
     return array if regular else array.rechunk(array.chunksize)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a hidden temporary folder that replaces ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_path(tmp, path)
-
-
-def replace_path(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing file or folder there."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def write_image(
@@ -147,10 +122,10 @@ def write_image(
     name: str | None = None,
     labels: bool = False,
     channel_names: Sequence[str] | None = None,
-    attrs: Mapping[str, Any] | None = None,
+    lineage: Mapping[str, Any] | None = None,
     min_size: int = 64,
     compute: Callable[[da.Array, int], object] = _default_compute,
-) -> Path:
+) -> str:
     """Write a (T, C, Z, Y, X) dask array as a multiscale OME-Zarr image (or label image).
 
     Parameters
@@ -167,8 +142,9 @@ def write_image(
         Integer instance labels: nearest-neighbour pyramid and ``image-label`` metadata.
     channel_names : sequence of str, optional
         Recorded as ``omero`` channel labels (images only).
-    attrs : mapping, optional
-        JSON-serialisable attributes stored under the ``lightsheet`` key (lineage, params).
+    lineage : mapping, optional
+        Lineage record (`lightsheet.lineage.make_record`); stored under the ``lightsheet``
+        attribute with the end time and the output fingerprint added.
     min_size : int
         Stop the pyramid when every spatial axis is at most this many voxels.
     compute : callable
@@ -178,8 +154,8 @@ def write_image(
 
     Returns
     -------
-    path : Path
-        The written image.
+    fingerprint : str
+        Hash of the full-resolution chunks (`lightsheet.lineage.combine_digests`).
 
     Notes
     -----
@@ -194,7 +170,7 @@ def write_image(
     vz, vy, vx = (float(v) for v in voxel_size_um)
     image = _regular_chunks(image)
     factors = pyramid_factors(image.shape[2:], (vz, vy, vx), min_size=min_size)
-    with atomic_dir(path) as tmp:
+    with atomic_path(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         datasets = []
         scale = [1.0, 1.0, vz, vy, vx]
@@ -214,7 +190,9 @@ def write_image(
                 dimension_names=[a["name"] for a in AXES],
                 fill_value=0,
             )
-            compute(store_chunks(level, arr), i)
+            digests = compute(store_chunks(level, arr), i)
+            if i == 0:
+                fingerprint = combine_digests(np.asarray(digests).ravel())
             datasets.append(
                 {
                     "path": key,
@@ -252,9 +230,9 @@ def write_image(
                     }
                 }
             )
-        if attrs:
-            root.attrs[ATTRS_KEY] = dict(attrs)
-    return path
+        if lineage is not None:
+            root.attrs[ATTRS_KEY] = finish_record(dict(lineage), fingerprint)
+    return fingerprint
 
 
 def read_image(
@@ -275,8 +253,8 @@ def read_image(
     image : (T, C, Z, Y, X) dask.array.Array
     voxel_size_um : tuple of float
         (z, y, x) of that level.
-    attrs : dict
-        The ``lightsheet`` attributes (empty when absent).
+    lineage : dict
+        The ``lightsheet`` lineage record (empty when absent).
     """
     path = Path(path)
     if not (path / "zarr.json").is_file() and not (path / ".zattrs").is_file():
