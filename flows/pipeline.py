@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import Task, flow, runtime
@@ -29,12 +31,13 @@ def pipeline(config: PipelineConfig) -> dict:
     The cluster is a parameter, so the same deployment runs on a laptop, SLURM or GPUs:
     the stages run as a subflow whose task runner is built from it.
     """
-    share_api_url()
     runner = DaskTaskRunner(**task_runner_kwargs(config.cluster))
-    return stages.with_options(task_runner=runner)(config)
+    with shared_api_url():
+        return stages.with_options(task_runner=runner)(config)
 
 
-def share_api_url() -> None:
+@contextmanager
+def shared_api_url() -> Iterator[None]:
     """Point Dask workers started from this process at this flow's Prefect API.
 
     Without a configured server, Prefect runs a temporary one inside this process; workers
@@ -42,9 +45,15 @@ def share_api_url() -> None:
     """
     from prefect.client.orchestration import get_client
 
-    if not os.environ.get("PREFECT_API_URL"):
-        with get_client(sync_client=True) as client:
-            os.environ["PREFECT_API_URL"] = str(client.api_url)
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        os.environ["PREFECT_API_URL"] = str(client.api_url)
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 def materializing(task: Task, *outputs: Path) -> MaterializingTask:

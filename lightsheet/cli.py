@@ -7,6 +7,7 @@ Subcommands::
     lightsheet demo [DIR] [--size tiny|small|medium|large]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
     lightsheet train SAMPLE_DIR --out CHECKPOINT
+    lightsheet lineage OUTPUT [--json]
 """
 
 from __future__ import annotations
@@ -183,6 +184,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """`lightsheet lineage`: the chain from an output back to the raw tiles."""
+    import json
+
+    from lightsheet.lineage import lineage_chain
+
+    chain = lineage_chain(args.path)
+    if not chain:
+        print(f"lightsheet lineage: {args.path} has no lineage record", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(chain, indent=2, default=str))
+        return 0
+    for step in chain:
+        print(format_lineage_step(step["path"], step["record"]))
+    return 0
+
+
+def format_lineage_step(path: str, rec: dict) -> str:
+    """One stage of a lineage chain, readable."""
+    run = rec.get("run", {})
+    code = rec.get("code_version", {})
+    lines = [
+        f"{path}",
+        f"  made by stage '{rec['stage']}' in flow run {run.get('flow_run_name')} "
+        f"({run.get('flow_run_id')}), task run {run.get('task_run_id')}",
+        f"  {rec.get('started')} → {rec.get('ended')} on {rec.get('host')}; lightsheet "
+        f"{code.get('package')} (git {code.get('git') or 'n/a'})",
+        f"  output fingerprint {rec.get('output_fingerprint')}, cache key {rec.get('cache_key')}",
+        "  parameters: " + ", ".join(f"{k}={v}" for k, v in rec.get("params", {}).items()),
+    ]
+    for name, inp in rec.get("inputs", {}).items():
+        if inp.get("kind") == "output":
+            what = f"{inp['path']} (from stage '{inp['stage']}')"
+        elif inp.get("kind") == "raw tiles":
+            what = (
+                f"{inp['n_files']} raw TIFF tiles matching {inp['glob']!r}, pattern "
+                f"{inp['pattern']!r}, grid (t, c, z, y, x) {inp['grid_shape']}"
+            )
+        else:
+            what = f"{inp.get('kind', 'input')} {inp.get('path')}"
+            if inp.get("record"):
+                what += f" (made by: {inp['record']})"
+        lines.append(f"  input {name}: {what} [fingerprint {inp.get('fingerprint')}]")
+    for name, rel in rec.get("related", {}).items():
+        lines.append(f"  same run, not an input: {name} {rel['path']} (stage '{rel['stage']}')")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lightsheet`` command."""
     parser = argparse.ArgumentParser(
@@ -208,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=SIZES, default="small", help="default: small")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("lineage", help="print what made an output, back to the raw tiles")
+    p.add_argument("path", help="an output: density.csv, cells.csv or a .ome.zarr folder")
+    p.add_argument("--json", action="store_true", help="machine-readable JSON")
+    p.set_defaults(func=cmd_lineage)
 
     p = sub.add_parser("psf", help="write a PSF TIFF generated from the optics")
     p.add_argument("out", help="output TIFF")

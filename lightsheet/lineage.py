@@ -172,8 +172,14 @@ def make_record(
     key: str,
     started: float,
     run: Mapping[str, Any] | None = None,
+    related: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A lineage record (the output fingerprint is added once the output is written)."""
+    """A lineage record (the output fingerprint is added once the output is written).
+
+    ``related`` names outputs of the same run that this one does not depend on (so they are
+    not in its cache key) but that a reader of its lineage should see, e.g. the features a
+    threshold segmentation did not use.
+    """
     return {
         "stage": stage,
         "cache_key": key,
@@ -185,6 +191,7 @@ def make_record(
         "started": _iso(started),
         "ended": None,
         **({"run": _jsonable(run)} if run else {}),
+        **({"related": _jsonable(related)} if related else {}),
     }
 
 
@@ -244,6 +251,7 @@ def lineage_chain(path: str | Path) -> list[dict[str, Any]]:
 
     Each element is ``{"path": ..., "record": ...}``, the output first; inputs that are
     not outputs of the pipeline (raw tiles, PSF, atlas, model) appear inside the records.
+    ``related`` outputs (same run, not inputs) are followed too.
     """
     chain, seen = [], set()
     todo = [Path(path)]
@@ -256,7 +264,8 @@ def lineage_chain(path: str | Path) -> list[dict[str, Any]]:
         if record is None:
             continue
         chain.append({"path": str(p), "record": record})
-        for inp in record.get("inputs", {}).values():
+        links = [*record.get("inputs", {}).values(), *record.get("related", {}).values()]
+        for inp in links:
             if isinstance(inp, Mapping) and inp.get("kind") == "output" and inp.get("path"):
                 todo.append(Path(inp["path"]))
     return chain

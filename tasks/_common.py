@@ -110,6 +110,8 @@ class Stage:
         JSON-serialisable parameters that shape the result.
     inputs : mapping
         Each input's description with at least ``fingerprint`` (see `lightsheet.lineage`).
+    related : mapping, optional
+        Outputs of the same run shown in the lineage but not part of the cache key.
     """
 
     def __init__(
@@ -118,8 +120,10 @@ class Stage:
         outputs: Mapping[str, Path],
         params: Mapping[str, Any],
         inputs: Mapping[str, Mapping[str, Any]],
+        related: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         self.name = name
+        self.related = dict(related or {})
         self.outputs = {k: Path(v) for k, v in outputs.items()}
         self.params = dict(params)
         self.inputs = dict(inputs)
@@ -151,6 +155,7 @@ class Stage:
             inputs=self.inputs,
             key=self.key,
             started=self.started,
+            related=self.related,
             run={
                 "flow_run_id": _str(runtime.flow_run.id),
                 "flow_run_name": runtime.flow_run.name,

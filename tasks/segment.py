@@ -23,8 +23,10 @@ def segment_volume(image: dict, features: dict | None, config: SegmentConfig, ou
     """Label nuclei with ids unique over the volume and measure each cell once."""
     uses_features = config.method == "model"
     inputs = {"image": output_input(image)}
-    if uses_features and features is not None:
-        inputs["features"] = output_input(features)
+    related = {}
+    if features is not None:
+        # features are an input only when the mask comes from them
+        (inputs if uses_features else related)["features"] = output_input(features)
     stage = Stage(
         "segment",
         {
@@ -33,6 +35,7 @@ def segment_volume(image: dict, features: dict | None, config: SegmentConfig, ou
         },
         params=config.model_dump(mode="json"),
         inputs=inputs,
+        related=related,
     )
     thresholds = None
     if not stage.reused:
