@@ -104,8 +104,9 @@ def test_lineage_names_everything(first_run):
     assert json.loads(machine)[0]["record"]["stage"] == "segment"
 
 
-def test_segment_parameter_recomputes_segment_and_density_only(sample, first_run):
-    out, summary, _ = first_run
+def test_segment_parameter_recomputes_segment_and_density_only(sample, first_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(first_run[0], out)  # keys hold fingerprints, not paths: copies are reused
     config = load_config(sample / "config.yaml")
     segment = config.segment.model_copy(update={"watershed": not config.segment.watershed})
     summary = run_flow(sample, out, segment=segment)
