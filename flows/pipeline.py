@@ -95,6 +95,8 @@ def stages(config: PipelineConfig) -> dict:
     density = materializing(
         density_table, out / OUTPUTS["density"], out / OUTPUTS["density_cells"]
     ).submit(segmented, raw, str(config.atlas), config.density, o)
+    # in pipeline order, so the first failure is the error the run reports
+    manifest.result()
     records = [f.result() for f in (raw, image, features, segmented, density) if f is not None]
     records = list({r["stage"]: r for r in records}.values())
     return summarize(records, o)
