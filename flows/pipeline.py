@@ -33,7 +33,12 @@ def pipeline(config: PipelineConfig) -> dict:
     """
     runner = DaskTaskRunner(**task_runner_kwargs(config.cluster))
     with shared_api_url():
-        return stages.with_options(task_runner=runner)(config)
+        summary = stages.with_options(task_runner=runner)(config)
+    # on the parent run too, so the run a user opens shows its summary
+    create_markdown_artifact(
+        key="run-summary", markdown=summary["markdown"], description=summary["output"]
+    )
+    return summary
 
 
 @contextmanager
@@ -130,6 +135,7 @@ def summarize(records: list[dict], output: str) -> dict:
     ]
     create_markdown_artifact(key="run-summary", markdown="\n".join(md), description=output)
     return {
+        "markdown": "\n".join(md),
         "flow_run_name": runtime.flow_run.name,
         "output": output,
         "stages": stage_rows,
