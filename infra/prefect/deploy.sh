@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create the work pool and deploy everything in deployments/prefect.yaml to the running server.
+#
+#   LIGHTSHEET_LANDING=/data/incoming infra/prefect/deploy.sh
+#
+# LIGHTSHEET_LANDING: the folder watch-incoming scans (required; taken when you deploy; change
+# it later in the UI or by deploying again). Reaches the server with $LIGHTSHEET_PREFECT_HOME/env
+# (written by server.sh start) unless PREFECT_API_URL is already set.
+# LIGHTSHEET_POOL: work pool name (default lightsheet, as in prefect.yaml).
+set -euo pipefail
+. "$(dirname "$0")/common.sh"
+[ -n "${PREFECT_API_URL:-}" ] || load_env
+[ -n "${LIGHTSHEET_LANDING:-}" ] || die "set LIGHTSHEET_LANDING to the folder watch-incoming scans"
+POOL=${LIGHTSHEET_POOL:-lightsheet}
+
+"$PYTHON" "$(dirname "$0")/pool.py" "$POOL"
+cd "$REPO/deployments"
+# --no-prompt: never wait for an answer (scripts, CI)
+"$PREFECT" --no-prompt deploy --all
+"$PYTHON" strict_parameters.py

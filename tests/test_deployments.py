@@ -1,0 +1,180 @@
+"""The deployments against a real Prefect server with basic auth, a worker and a browser.
+
+Starts the components the way a user does (infra/prefect/server.sh, deploy.sh, worker.sh),
+triggers the pipeline over the REST API on the tiny sample, checks what the API refuses, and
+opens the finished run in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from lightsheet.config import load_config
+from tests.prefect_stack import TEST_OUTPUT, get_stack
+
+pytestmark = pytest.mark.slow
+
+#: Seconds the tiny pipeline may take through the worker on a slow 2-core CI machine.
+RUN_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def stack(request):
+    return get_stack(request.config)
+
+
+@pytest.fixture(scope="module")
+def tiny_params(tiny_sample, tmp_path_factory):
+    config = load_config(tiny_sample / "config.yaml").model_dump(mode="json")
+    config["output"] = str(tmp_path_factory.mktemp("deployed-run") / "out")
+    config["cluster"] = {"n_workers": 1, "threads_per_worker": 2}
+    return {"config": config}
+
+
+def count_runs(stack, deployment_id):
+    with stack.client() as c:
+        r = c.post("/flow_runs/count", json={"deployments": {"id": {"any_": [deployment_id]}}})
+        r.raise_for_status()
+        return r.json()
+
+
+def test_authentication_required(stack):
+    with stack.client(auth=False) as c:
+        assert c.get("/health").status_code == 200  # probes stay open
+        assert c.post("/deployments/filter", json={}).status_code == 401
+        assert c.get("/deployments/name/lightsheet-pipeline/pipeline").status_code == 401
+        wrong = c.get("/admin/version", auth=("lightsheet", "wrong")).status_code
+        assert wrong == 401
+    with stack.client() as c:
+        assert c.get("/admin/version").status_code == 200
+
+
+def test_deployments_from_prefect_yaml(stack):
+    pipeline = stack.deployment("lightsheet-pipeline/pipeline")
+    watch = stack.deployment("lightsheet-watch-incoming/watch-incoming")
+    sweep = stack.deployment("lightsheet-sweep/sweep")
+    for dep in (pipeline, watch, sweep):
+        assert dep["enforce_parameter_schema"] is True
+        assert dep["parameter_openapi_schema"]["additionalProperties"] is False
+        assert dep["work_pool_name"] == "lightsheet"
+        assert dep["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    # the UI builds its form from this schema: the run config's models, constraints included
+    definitions = pipeline["parameter_openapi_schema"]["definitions"]
+    assert definitions["PipelineConfig"]["additionalProperties"] is False
+    assert definitions["DeconvolveConfig"]["properties"]["iterations"]["minimum"] == 1
+    assert pipeline["parameter_openapi_schema"]["required"] == ["config"]
+    (schedule,) = watch["schedules"]
+    assert schedule["schedule"]["cron"] == "*/5 * * * *" and schedule["active"]
+    assert watch["parameters"]["landing"] == str(stack.landing)
+    limit = watch["concurrency_limit"] or (watch.get("global_concurrency_limit") or {}).get("limit")
+    assert limit == 1
+
+
+BAD = {
+    "wrong type": (lambda p: p["config"].update(voxel_size_um=[2.0, 1.0, "one"]), "voxel_size_um"),
+    "out of range": (lambda p: p["config"].update(deconvolve={"iterations": 0}), "iterations"),
+    "missing required": (lambda p: p["config"].pop("psf"), "'psf' is a required property"),
+    "missing parameter": (lambda p: p.pop("config"), "'config' is a required property"),
+    "unknown key": (lambda p: p.update(colour="red"), "'colour' was unexpected"),
+    "unknown nested key": (
+        lambda p: p["config"].update(segment={"thresold": 3}),
+        "'thresold' was unexpected",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_parameters_refused_at_creation(stack, tiny_params, case):
+    change, named = BAD[case]
+    params = copy.deepcopy(tiny_params)
+    change(params)
+    dep = stack.deployment("lightsheet-pipeline/pipeline")
+    before = count_runs(stack, dep["id"])
+    with stack.client() as c:
+        r = c.post(f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
+    assert 400 <= r.status_code < 500, r.text
+    assert named in r.json()["detail"], r.text
+    assert count_runs(stack, dep["id"]) == before, "a refused request must not create a run"
+
+
+@pytest.fixture(scope="module")
+def finished_run(stack, tiny_params):
+    """The pipeline on the tiny sample, triggered over the REST API, run by the worker."""
+    dep = stack.deployment("lightsheet-pipeline/pipeline")
+    with stack.client() as c:
+        r = c.post(
+            f"/deployments/{dep['id']}/create_flow_run",
+            json={"parameters": tiny_params, "name": "tiny-over-rest"},
+        )
+    assert r.status_code == 201, r.text
+    run = stack.wait_final(r.json()["id"], RUN_TIMEOUT_S)
+    return run
+
+
+def run_artifacts(stack, run):
+    """Artifacts of a run and of its subflow runs, as the API lists them."""
+    with stack.client() as c:
+        children = c.post(
+            "/flow_runs/filter",
+            json={"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}},
+        ).json()
+        ids = [run["id"]] + [child["id"] for child in children]
+        r = c.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": ids}}})
+        r.raise_for_status()
+        return r.json()
+
+
+def test_pipeline_run_completes_with_artifacts(stack, finished_run, tiny_params):
+    assert finished_run["state_type"] == "COMPLETED", finished_run["state"]
+    assert finished_run["parameters"]["config"]["output"] == tiny_params["config"]["output"]
+    keys = {a["key"] for a in run_artifacts(stack, finished_run) if a["key"]}
+    assert {"run-summary", "density-top-regions", "segment-cells"} <= keys, keys
+    output = tiny_params["config"]["output"]
+
+    assert (Path(output) / "density.csv").is_file() and (Path(output) / "cells.csv").is_file()
+
+
+def test_ui_shows_run_and_artifact_table(stack, finished_run):
+    from infra.prefect import browser
+
+    artifacts = {a["key"]: a for a in run_artifacts(stack, finished_run) if a["key"]}
+    table = artifacts["density-top-regions"]
+    stages_run = table["flow_run_id"]  # the stages subflow posts the artifacts
+    rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    acronyms = [str(r["acronym"]) for r in rows][:5]
+    TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
+    with browser.browser() as page:
+        browser.sign_in(page, stack.auth)
+        browser.snapshot(
+            page,
+            f"{stack.ui}/runs/flow-run/{finished_run['id']}",
+            TEST_OUTPUT / "flow-run.png",
+            texts=[finished_run["name"], "Completed"],
+        )
+        browser.snapshot(
+            page,
+            f"{stack.ui}/runs/flow-run/{stages_run}",
+            TEST_OUTPUT / "stages-run.png",
+            texts=["Artifacts"],
+        )
+        page.click_text("Artifacts")
+        listed = browser.snapshot(
+            page,
+            None,
+            TEST_OUTPUT / "flow-run-artifacts.png",
+            texts=["run-summary", "density-top-regions", "segment-cells"],
+        )
+        assert "TABLE" in listed.upper()
+        page_text = browser.snapshot(
+            page,
+            f"{stack.ui}/artifacts/artifact/{table['id']}",
+            TEST_OUTPUT / "artifact-density-top-regions.png",
+            texts=["density-top-regions", *acronyms],
+        )
+    for name in ("acronym", "total_cells_per_mm3", *acronyms):
+        assert name in page_text
+    assert (TEST_OUTPUT / "artifact-density-top-regions.png").stat().st_size > 10_000

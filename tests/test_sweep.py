@@ -1,0 +1,144 @@
+"""The segmentation sweep flow: settings side by side on one crop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from flows.sweep import SegmentOverride, SweepError, crop_box, merged_settings
+from lightsheet.config import SegmentConfig, load_config
+
+#: |found - truth| / truth for the base setting's count in the crop (raw, not deconvolved).
+COUNT_TOLERANCE = 0.35
+
+
+def test_settings_checked_before_compute():
+    base = SegmentConfig(nucleus_diameter_um=9.0)
+    configs = merged_settings(base, [{}, {"method": "absolute", "threshold": 50.0}])
+    assert configs[0] == base and configs[1].threshold == 50.0
+    assert configs[1].nucleus_diameter_um == 9.0  # unset fields come from the base
+    with pytest.raises(SweepError, match=r"settings\[1\]: method 'absolute' needs a threshold"):
+        merged_settings(base, [{}, {"method": "absolute"}])
+    with pytest.raises(SweepError, match=r"settings\[0\]: min_volume_um3"):
+        merged_settings(base, [{"min_volume_um3": 500.0, "max_volume_um3": 100.0}])
+    with pytest.raises(SweepError, match="at least one"):
+        merged_settings(base, [])
+    with pytest.raises(ValidationError, match="thresold"):
+        SegmentOverride.model_validate({"thresold": 3})
+    with pytest.raises(ValidationError, match="connectivity"):
+        SegmentOverride.model_validate({"connectivity": 4})
+
+
+def test_crop_box_default_and_errors():
+    # default: 16 nucleus diameters a side, centred, clipped to the volume
+    box = crop_box((40, 400, 100), (2.0, 1.0, 1.0), nucleus_diameter_um=10.0)
+    assert box == (slice(0, 40), slice(120, 280), slice(0, 100))
+    box = crop_box((40, 400, 100), (2.0, 1.0, 1.0), nucleus_diameter_um=10.0,
+                   start_zyx=(5, 10, 20), crop_shape_zyx=(8, 16, 32))  # fmt: skip
+    assert box == (slice(5, 13), slice(10, 26), slice(20, 52))
+    with pytest.raises(SweepError, match=r"crop along x: voxels 90\.\.122 leave the volume"):
+        crop_box((40, 400, 100), (2.0, 1.0, 1.0), nucleus_diameter_um=10.0,
+                 start_zyx=(0, 0, 90), crop_shape_zyx=(8, 16, 32))  # fmt: skip
+
+
+def stitched(sample):
+    from lightsheet.ingest import discover
+    from lightsheet.stitch import stitch
+
+    config = load_config(sample / "config.yaml")
+    volume = stitch(discover(config.input, config.pattern), voxel_size_um=config.voxel_size_um)
+    return config, volume
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_sample, prefect_harness, tmp_path_factory):
+    from flows.sweep import sweep
+
+    out = tmp_path_factory.mktemp("sweep")
+    settings = [{}, {"watershed": False}, {"method": "absolute", "threshold": 1e9}]
+    result = sweep(
+        source=str(tiny_sample / "config.yaml"),
+        settings=settings,
+        deconvolve=False,
+        output=str(out),
+    )
+    return result, settings
+
+
+@pytest.mark.slow
+def test_counts_match_the_library_on_the_same_crop(swept, tiny_sample):
+    from lightsheet.segment import segment_volume
+
+    result, settings = swept
+    config, volume = stitched(tiny_sample)
+    crop_info = result["crop"]
+    box = tuple(
+        slice(s, s + n) for s, n in zip(crop_info["start_zyx"], crop_info["shape_zyx"], strict=True)
+    )
+    crop = volume[0, config.segment.channel][box]
+    for row, override in zip(result["settings"], settings, strict=True):
+        cfg = SegmentConfig.model_validate({**config.segment.model_dump(), **override})
+        ref = segment_volume(crop, voxel_size_um=config.voxel_size_um, config=cfg)
+        assert row["cells"] == ref.n, (override, row)
+    assert result["settings"][2]["cells"] == 0  # nothing is brighter than 1e9
+
+    # the base setting finds the nuclei whose centres lie in the crop
+    truth = pd.read_csv(tiny_sample / "truth" / "cells.csv")
+    vox = np.asarray(config.voxel_size_um)
+    centre = np.floor(truth[["z_um", "y_um", "x_um"]].to_numpy() / vox + 0.5)
+    inside = np.all(
+        [(centre[:, a] >= box[a].start) & (centre[:, a] < box[a].stop) for a in range(3)], axis=0
+    )
+    expected = int(inside.sum())
+    assert expected >= 5
+    assert abs(result["settings"][0]["cells"] - expected) <= COUNT_TOLERANCE * expected
+
+
+@pytest.mark.slow
+def test_outputs_and_side_by_side_artifact(swept, prefect_harness):
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    result, settings = swept
+    folder = Path(result["folder"])
+    assert folder.name.startswith("sweep-")
+    table = pd.read_csv(folder / "sweep.csv")
+    assert list(table["cells"]) == [r["cells"] for r in result["settings"]]
+    for i in range(len(settings)):
+        assert (folder / f"setting-{i}" / "labels.ome.zarr" / "zarr.json").is_file()
+        assert (folder / f"setting-{i}.png").read_bytes()[:4] == b"\x89PNG"
+    with get_client(sync_client=True) as client:
+        (art,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["segmentation-sweep"])),
+            limit=1,
+        )
+    assert art.data.count("data:image/png;base64,") == len(settings)
+    assert "watershed=False" in art.data and "| cells |" in art.data
+
+
+@pytest.mark.slow
+def test_crop_of_an_ome_zarr_image(tiny_sample, prefect_harness, tmp_path):
+    """A stage output as the source: the crop is exactly that part of the image."""
+    import dask.array as da
+
+    from flows.sweep import sweep
+    from lightsheet.io.omezarr import read_image, write_image
+
+    config, volume = stitched(tiny_sample)
+    image = tmp_path / "raw.ome.zarr"
+    write_image(volume, image, voxel_size_um=config.voxel_size_um)
+    start, shape = (2, 10, 12), (12, 40, 36)
+    result = sweep(
+        source=str(image),
+        settings=[{"nucleus_diameter_um": config.segment.nucleus_diameter_um}],
+        crop_start_zyx=start,
+        crop_shape_zyx=shape,
+    )
+    assert result["folder"].startswith(str(tmp_path / "sweeps"))
+    crop, _, _ = read_image(result["crop"]["path"])
+    want = volume[0, 0, 2:14, 10:50, 12:48]
+    np.testing.assert_array_equal(crop[0, 0].compute(), da.asarray(want).compute())
