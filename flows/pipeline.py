@@ -96,7 +96,7 @@ def stages(config: PipelineConfig) -> dict:
         )
     segmented = materializing(
         segment_volume, out / OUTPUTS["segment"], out / OUTPUTS["segment_table"]
-    ).submit(image, features, config.segment, o)
+    ).submit(image, features, config.segment, _str(config.featurize.model), o)
     density = materializing(
         density_table, out / OUTPUTS["density"], out / OUTPUTS["density_cells"]
     ).submit(segmented, raw, str(config.atlas), config.density, o)
@@ -146,3 +146,7 @@ def summarize(records: list[dict], output: str) -> dict:
         "top_regions": top.to_dict(orient="records"),
         "warnings": density["warnings"],
     }
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)

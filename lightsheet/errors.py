@@ -49,3 +49,7 @@ class OutputExistsError(LightsheetError, FileExistsError):
 
 class SegmentError(LightsheetError, ValueError):
     """Segmentation input or parameters that cannot be used (shape, dtype, values)."""
+
+
+class ClusterError(LightsheetError, RuntimeError):
+    """A Dask cluster that cannot start, cannot take the work, or can no longer run it."""

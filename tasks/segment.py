@@ -10,6 +10,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from lightsheet.config import SegmentConfig
+from lightsheet.featurize import foreground_probability, load_model
 from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.io.tables import write_table
 from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
@@ -19,14 +20,27 @@ from tasks.featurize import check_channel
 
 
 @task(name="segment")
-def segment_volume(image: dict, features: dict | None, config: SegmentConfig, output: str) -> dict:
-    """Label nuclei with ids unique over the volume and measure each cell once."""
-    uses_features = config.method == "model"
+def segment_volume(
+    image: dict, features: dict | None, config: SegmentConfig, model: str | None, output: str
+) -> dict:
+    """Label nuclei with ids unique over the volume and measure each cell once.
+
+    With ``method="model"`` the mask is the UNet's own nucleus head (``model``: checkpoint,
+    None for the bundled one) thresholded at ``config.threshold`` (default 0.5).
+    """
+    uses_model = config.method == "model"
     inputs = {"image": output_input(image)}
     related = {}
     if features is not None:
-        # features are an input only when the mask comes from them
-        (inputs if uses_features else related)["features"] = output_input(features)
+        related["features"] = output_input(features)
+    net = None
+    if uses_model:
+        net = load_model(model)
+        inputs["model"] = {
+            "kind": "model checkpoint",
+            "path": str(model or "bundled default"),
+            "fingerprint": net.checkpoint_sha256,
+        }
     stage = Stage(
         "segment",
         {
@@ -42,13 +56,14 @@ def segment_volume(image: dict, features: dict | None, config: SegmentConfig, ou
         with dask_client():
             source, voxel_size_um, _ = read_image(image["path"])
             check_channel(config.channel, source.shape[1], "segment.channel")
-            feats = read_image(features["path"])[0] if uses_features and features else None
             results = [
                 segment_one(
                     source[t, config.channel],
                     voxel_size_um=voxel_size_um,
                     config=config,
-                    features=None if feats is None else feats[t],
+                    features=foreground_probability(source[t, config.channel], net)
+                    if uses_model
+                    else None,
                 )
                 for t in range(source.shape[0])
             ]
