@@ -151,9 +151,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = load_config(sample_dir / "config.yaml")
     summary = run_config(config)
     print_summary(summary)
-    truth = sample_dir / "truth" / "density.csv"
-    print(f"\nground truth for comparison: {truth}")
+    print_truth_comparison(Path(summary["density"]), sample_dir / "truth" / "density.csv")
     return 0
+
+
+def print_truth_comparison(found_csv: Path, truth_csv: Path) -> None:
+    """Cells found vs the sample's ground truth, per leaf region."""
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    found = pd.read_csv(found_csv).set_index("structure_id")
+    truth = pd.read_csv(truth_csv).set_index("structure_id")
+    parents = set(truth["parent_structure_id"].dropna().astype(int))
+    leaves = truth[(truth.index > 0) & ~truth.index.isin(parents)]
+    table = Table(title=f"found vs ground truth ({truth_csv})")
+    for col in ("region", "true cells", "found", "error", "true /mm³", "found /mm³"):
+        table.add_column(col, justify="left" if col == "region" else "right")
+    for sid, row in leaves.iterrows():
+        got = found.loc[sid] if sid in found.index else None
+        n = 0 if got is None else int(got["total_cells"])
+        err = f"{100 * (n / row['total_cells'] - 1):+.1f}%" if row["total_cells"] else "n/a"
+        table.add_row(
+            row["acronym"],
+            str(int(row["total_cells"])),
+            str(n),
+            err,
+            f"{row['total_cells_per_mm3']:,.0f}",
+            "n/a" if got is None else f"{got['total_cells_per_mm3']:,.0f}",
+        )
+    Console().print(table)
 
 
 def cmd_psf(args: argparse.Namespace) -> int:
