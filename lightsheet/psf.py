@@ -40,7 +40,7 @@ def gaussian_psf(
     --------
     >>> psf = gaussian_psf((2.0, 0.8, 0.8), (2.0, 1.0, 1.0))
     >>> psf.shape, round(float(psf.sum()), 6)
-    ((7, 5, 5), 1.0)
+    ((7, 7, 7), 1.0)
     """
     sigma_um = _triple(sigma_um, "sigma_um")
     voxel_size_um = _triple(voxel_size_um, "voxel_size_um")
@@ -144,12 +144,59 @@ def validate_psf(psf: np.ndarray, *, name: str = "psf") -> np.ndarray:
     return (psf / psf.sum()).astype(np.float32)
 
 
+def check_psf_fits(
+    psf_shape: Sequence[int], shape: Sequence[int], *, what: str = "volume", name: str = "psf"
+) -> None:
+    """Raise `PSFError` if a PSF is larger than the data it is applied to in any axis.
+
+    Parameters
+    ----------
+    psf_shape : (3,) sequence of int
+        PSF shape (Z, Y, X).
+    shape : (3,) sequence of int
+        Shape (Z, Y, X) of the data: the volume, or one chunk plus its halo.
+    what : str
+        What ``shape`` is, for the message.
+    name : str
+        What to call the PSF in the message (e.g. its file name).
+
+    Examples
+    --------
+    >>> check_psf_fits((7, 5, 5), (64, 64, 64))
+    >>> try:
+    ...     check_psf_fits((71, 5, 5), (64, 64, 64))
+    ... except PSFError as err:
+    ...     print(str(err)[:52])
+    psf: shape (71, 5, 5) is larger than the volume (64,
+    """
+    psf_shape = tuple(int(s) for s in psf_shape)
+    shape = tuple(int(s) for s in shape)
+    axes = [a for a, p, s in zip("zyx", psf_shape, shape, strict=True) if p > s]
+    if axes:
+        raise PSFError(
+            f"{name}: shape {psf_shape} is larger than the {what} {shape} along "
+            f"{', '.join(axes)}; expected a PSF no larger than the data (crop it, or check "
+            "its voxel size)"
+        )
+
+
 def _recentre(psf: np.ndarray) -> np.ndarray:
-    """Pad to odd sizes with the intensity peak at the centre voxel."""
-    peak = np.unravel_index(int(np.argmax(psf)), psf.shape)
+    """Pad to odd sizes with the intensity peak at the centre voxel.
+
+    An odd-sized PSF whose centre voxel already holds the maximum (a flat top, or ties)
+    is kept as it is; otherwise the maximum nearest the intensity centroid is the peak.
+    """
+    centre = tuple(n // 2 for n in psf.shape)
+    top = psf.max()
+    if all(n % 2 == 1 for n in psf.shape) and psf[centre] == top:
+        return psf
+    peaks = np.argwhere(psf == top)
+    grids = np.indices(psf.shape, dtype=np.float64).reshape(psf.ndim, -1)
+    centroid = grids @ psf.reshape(-1) / psf.sum()
+    peak = peaks[np.argmin(((peaks - centroid) ** 2).sum(axis=1))]
     pads = []
     for p, n in zip(peak, psf.shape, strict=True):
-        before, after = p, n - 1 - p
+        before, after = int(p), int(n - 1 - p)
         half = max(before, after)
         pads.append((half - before, half - after))
     return np.pad(psf, pads) if any(a or b for a, b in pads) else psf

@@ -1,0 +1,348 @@
+"""Deconvolution speed: per-iteration kernels against baselines and the FFT floor, then the
+whole chunked stage from OME-Zarr to OME-Zarr.
+
+    python -m benchmarks.deconvolve            # the issue's sizes: 128x512x512, 31^3 PSF
+    python -m benchmarks.deconvolve --quick    # small smoke test
+
+Rows (same data, same iterations):
+  (a) straightforward NumPy: np.fft.rfftn/irfftn in NumPy's default (float64) precision,
+      2 forward + 2 inverse transforms per iteration, new arrays each step
+  (b) skimage.restoration.richardson_lucy
+  (c) lightsheet.deconvolve.richardson_lucy (pad_width=0: the same FFT size as (a), (d))
+  (d) the floor: just the 4 transforms per iteration with the kernel's FFT library
+      (scipy.fft, float32, workers=threads); other libraries' floors for comparison
+Whole stage: `deconvolve` over >= 8 chunks read from and written to OME-Zarr with the
+project's writer, against (c)'s voxel-iterations per second; halo and I/O overhead shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy
+import scipy.fft as sfft
+from scipy.ndimage import gaussian_filter
+
+from lightsheet.deconvolve import (
+    _backend,
+    _cuda_available,
+    _pocketfft,
+    choose_chunks,
+    clear_otf_cache,
+    deconvolve,
+    default_depth,
+    fast_shape,
+    richardson_lucy,
+)
+from lightsheet.psf import gaussian_psf
+
+GPU_BASELINE_VOXIT_S = 2.2e9  # plain CuPy RL on an older GPU (issue figure)
+
+
+class _Skip(Exception):
+    pass
+
+
+def phantom(shape, psf, seed=0):
+    """Blobs on a background, blurred with ``psf``, Poisson noise; float32."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(shape, np.float32)
+    n = max(8, int(np.prod(shape) // 20000))
+    truth[tuple(rng.integers(0, s, n) for s in shape)] = rng.uniform(1000, 5000, n)
+    truth = gaussian_filter(truth, 1.5) * 50 + 20
+    blurred = sfft.irfftn(
+        sfft.rfftn(truth, workers=2) * _otf64(psf, shape), s=shape, workers=2
+    ).astype(np.float32)
+    return rng.poisson(np.maximum(blurred, 0)).astype(np.float32)
+
+
+def _otf64(psf, shape):
+    k = np.zeros(shape)
+    k[tuple(slice(0, s) for s in psf.shape)] = psf
+    k = np.roll(k, [-(s // 2) for s in psf.shape], axis=(0, 1, 2))
+    return np.fft.rfftn(k)
+
+
+def rl_numpy_naive(image, psf, iterations):
+    """(a): float64 NumPy FFTs, 2 forward + 2 inverse per iteration, new arrays each step."""
+    shape = image.shape
+    otf = _otf64(psf, shape)
+    est = image.astype(np.float64)
+    for _ in range(iterations):
+        conv = np.fft.irfftn(np.fft.rfftn(est) * otf, s=shape, axes=(0, 1, 2))
+        ratio = image / np.maximum(conv, 1e-12)
+        est = est * np.fft.irfftn(np.fft.rfftn(ratio) * np.conj(otf), s=shape, axes=(0, 1, 2))
+    return est
+
+
+def floor_kernel_fft(image, iterations, workers):
+    """(d): the kernel's own 4 transforms per iteration, into reused buffers."""
+    be = _backend(image, workers)
+    spec, real = be.buffers(image.shape)
+    x = image
+    for _ in range(iterations):
+        for _ in range(2):
+            spec = be.forward(x, image.shape, spec)
+            x = be.inverse(spec, image.shape, real)
+    return x
+
+
+def floor_scipy(image, iterations, workers):
+    """The same with the public scipy.fft API, which allocates every output."""
+    x = image
+    for _ in range(iterations):
+        for _ in range(2):
+            spec = sfft.rfftn(x, workers=workers)
+            x = sfft.irfftn(spec, s=image.shape, workers=workers, overwrite_x=True)
+    return x
+
+
+def floor_torch(image, iterations, workers):
+    import torch
+
+    torch.set_num_threads(workers)
+    x = torch.from_numpy(image)
+    for _ in range(iterations):
+        for _ in range(2):
+            x = torch.fft.irfftn(torch.fft.rfftn(x), s=image.shape)
+    return x
+
+
+def floor_pyfftw(image, iterations, workers):
+    import pyfftw  # optional, GPL: only measured when installed
+
+    a = pyfftw.empty_aligned(image.shape, "float32")
+    a[...] = image
+    fwd = pyfftw.builders.rfftn(a, threads=workers, planner_effort="FFTW_MEASURE")
+    inv = pyfftw.builders.irfftn(fwd.output_array, s=image.shape, threads=workers)
+    for _ in range(iterations):
+        for _ in range(2):
+            fwd()
+            inv()
+    return inv.output_array
+
+
+CPU_SECONDS = {}  # wall time -> CPU seconds of the same call (all threads), for the table
+
+
+def timed(fn, *args, repeat=1, **kwargs):
+    """Best wall time of ``repeat`` calls; its CPU time (all threads) goes to CPU_SECONDS.
+
+    On a shared machine wall time grows with other processes' load, CPU time much less.
+    """
+    best, best_cpu = math.inf, math.inf
+    for _ in range(repeat):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn(*args, **kwargs)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if wall < best:
+            best, best_cpu = wall, cpu
+    CPU_SECONDS[best] = best_cpu
+    return best
+
+
+def run_stage(workdir, image, psf, iterations, chunks, depth, threads):
+    """Write `image` as OME-Zarr, deconvolve it chunk by chunk into another; time each part."""
+    from lightsheet.io.omezarr import read_image, write_image
+
+    raw = workdir / "raw.ome.zarr"
+    if not raw.exists():
+        write_image(
+            da.from_array(image[None, None], chunks=(1, 1, *chunks)), raw, voxel_size_um=(1, 1, 1)
+        )
+    with dask.config.set(scheduler="threads", num_workers=threads):
+        # I/O alone: read and write the same data with no computation
+        t0 = time.perf_counter()
+        stored, voxel, _ = read_image(raw)
+        write_image(stored.astype(np.float32), workdir / "copy.ome.zarr", voxel_size_um=voxel)
+        t_io = time.perf_counter() - t0
+        clear_otf_cache()
+        t0 = time.perf_counter()
+        stored, voxel, _ = read_image(raw)
+        out = deconvolve(stored[0, 0], psf, iterations=iterations, depth=depth)
+        write_image(out[None, None], workdir / "deconvolved.ome.zarr", voxel_size_um=voxel)
+        t_stage = time.perf_counter() - t0
+    padded = sum(
+        math.prod(fast_shape([c + 2 * d for c, d in zip(block, depth, strict=True)]))
+        for block in _block_shapes(out.chunks)
+    )
+    return t_stage, t_io, padded / image.size, out.numblocks
+
+
+def _block_shapes(chunks):
+    import itertools
+
+    return itertools.product(*chunks)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small volume, 3 iterations")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (cores) to use")
+    p.add_argument("--skip-baselines", action="store_true", help="skip (a) and (b)")
+    p.add_argument("--skip-stage", action="store_true", help="skip the whole-stage rows")
+    p.add_argument("--workdir", type=Path, default=None, help="scratch folder for OME-Zarr")
+    args = p.parse_args(argv)
+
+    shape = (32, 128, 128) if args.quick else (128, 512, 512)
+    psf_size = 9 if args.quick else 31
+    iterations = args.iterations or (3 if args.quick else 10)
+    threads = args.threads
+    psf = gaussian_psf([(psf_size // 2) / 3.0] * 3, (1.0, 1.0, 1.0))  # 3-sigma half-size
+    assert psf.shape == (psf_size,) * 3, psf.shape
+    image = phantom(shape, psf)
+    n = image.size
+
+    load = os.getloadavg()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"numpy {np.__version__}, scipy {scipy.__version__}, dask {dask.__version__}")
+    print(f"volume {shape} float32, PSF {psf.shape}, {iterations} iterations, {threads} threads")
+    print()
+
+    rows = []
+
+    def row(name, seconds, note=""):
+        per_it = seconds / iterations
+        cpu = CPU_SECONDS.get(seconds, math.nan) / iterations
+        rows.append((name, seconds))
+        print(
+            f"  {name:<52} {per_it:7.3f} s/it {cpu:7.3f} cpu-s/it "
+            f"{n * iterations / seconds:9.3g} vox-it/s  {note}"
+        )
+
+    print("per-iteration, one block (setup included, divided by the iterations);")
+    print("wall seconds, and CPU seconds of all threads (less sensitive to other load):")
+    if not args.skip_baselines:
+        row("(a) numpy.fft float64, straightforward", timed(rl_numpy_naive, image, psf, iterations))
+        from skimage.restoration import richardson_lucy as sk_rl
+
+        row(
+            "(b) skimage.restoration.richardson_lucy",
+            timed(sk_rl, image, psf, num_iter=iterations, clip=False),
+        )
+    clear_otf_cache()
+    kernel = dict(iterations=iterations, workers=threads)
+    t_c = timed(richardson_lucy, image, psf, pad_width=0, **kernel)
+    fft_name = "scipy pocketfft, outputs into reused buffers" if _pocketfft() else "scipy.fft"
+    row("(c) lightsheet richardson_lucy (pad_width=0)", t_c, fft_name)
+    t_d = timed(floor_kernel_fft, image, iterations, threads)
+    row("(d) floor: the kernel's 4 transforms/it, float32", t_d, fft_name)
+    floors = {"scipy (kernel's calls)": t_d}
+    for name, fn in (
+        ("scipy.fft public API", floor_scipy),
+        ("torch.fft", floor_torch),
+        ("pyFFTW", floor_pyfftw),
+    ):
+        try:
+            fn(image, 1, threads)  # warm up: thread pools, plans
+            floors[name] = timed(fn, image, iterations, threads)
+        except ImportError:
+            continue
+        row(f"    floor with {name} (for comparison)", floors[name])
+    clear_otf_cache()
+    t_pad = timed(richardson_lucy, image, psf, **kernel)
+    padded = fast_shape([s + 2 * (q // 2) for s, q in zip(shape, psf.shape, strict=True)])
+    row("(c') kernel, mirror-padded edges (default)", t_pad, f"FFT size {padded}")
+    clear_otf_cache()
+    t_acc = timed(richardson_lucy, image, psf, pad_width=0, acceleration=True, **kernel)
+    row("(c'') kernel, Biggs-Andrews acceleration", t_acc)
+
+    print()
+    print("targets:")
+    fastest = min(floors, key=floors.get)
+    print(f"  fastest FFT floor here: {fastest}; the kernel uses SciPy's pocketfft (BSD)")
+    if not args.skip_baselines:
+        print(f"  (c) vs (a): {rows[0][1] / t_c:5.2f}x faster (target >= 7)")
+        print(f"  (c) vs (b): {rows[1][1] / t_c:5.2f}x faster (target >= 7)")
+    print(f"  (c) / (d):  {t_c / t_d:5.3f} (target <= 1.15)")
+    print(f"  (c) / (d) in CPU seconds: {CPU_SECONDS[t_c] / CPU_SECONDS[t_d]:5.3f}")
+    if not args.skip_baselines:
+        for i, tag in ((0, "a"), (1, "b")):
+            ratio = CPU_SECONDS[rows[i][1]] / CPU_SECONDS[t_c]
+            print(f"  ({tag}) / (c) in CPU seconds: {ratio:5.2f}")
+
+    # --------------------------------------------------------------- whole stage
+    print()
+    print("whole stage: OME-Zarr -> deconvolve (map_overlap) -> OME-Zarr, >= 8 chunks")
+    kernel_rate = n * iterations / t_c
+    tmp = Path(tempfile.mkdtemp(prefix="bench-deconv-", dir=args.workdir))
+    try:
+        if args.skip_stage:
+            raise _Skip
+        half = tuple(s // 2 for s in psf.shape)
+        for label, depth in (
+            (
+                "default depth (interior = whole volume to 1e-3)",
+                default_depth(psf.shape, iterations),
+            ),
+            ("depth = PSF half-size (the minimum allowed)", half),
+        ):
+            block_target = 4 * n  # blocks about the size of the one-block kernel row
+            # chunks whose padded blocks have fast FFT sizes, then exactly 2 x 2 x 2 of them
+            chunks = choose_chunks(
+                (1 << 14,) * 3, psf.shape, target_bytes=block_target, depth=depth
+            )
+            vol = tuple(2 * c for c in chunks)
+            reps = [math.ceil(v / s) for v, s in zip(vol, shape, strict=True)]
+            big = np.tile(image, reps)[tuple(slice(0, v) for v in vol)]
+            t_stage, t_io, halo, nblocks = run_stage(
+                tmp / label.split()[0], big, psf, iterations, chunks, depth, threads
+            )
+            rate = big.size * iterations / t_stage
+            print(f"  {label}")
+            print(f"    depth {depth}, chunks {chunks}, volume {vol} ({math.prod(nblocks)} chunks)")
+            print(f"    padded FFT voxels / output voxels (halo overhead): {halo:6.2f}")
+            print(f"    I/O alone (read raw + write float32 OME-Zarr): {t_io:7.2f} s")
+            print(
+                f"    stage: {t_stage:7.2f} s, {rate:10.3g} output vox-it/s = "
+                f"{rate / kernel_rate:6.1%} of (c) on one block (target >= 70%)"
+            )
+            shutil.rmtree(tmp / label.split()[0], ignore_errors=True)
+    except _Skip:
+        print("  (skipped)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if _cuda_available():
+        import cupy
+
+        print()
+        print("GPU: whole deconvolve on a volume bigger than one chunk (CuPy)")
+        gshape = (2 * shape[0], shape[1], shape[2])
+        gimage = phantom(gshape, psf, seed=2)
+        lazy = deconvolve(
+            da.from_array(gimage, chunks=(shape[0], *shape[1:])),
+            psf,
+            iterations=iterations,
+            gpu=True,
+        )
+        lazy.compute()  # warm up: CUDA context, plans, OTFs
+        cupy.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        with dask.config.set(scheduler="threads", num_workers=1):
+            lazy.compute()
+        t_gpu = time.perf_counter() - t0
+        rate = gimage.size * iterations / t_gpu
+        print(
+            f"  {rate:10.3g} vox-it/s = {rate / GPU_BASELINE_VOXIT_S:5.2f}x the plain-CuPy "
+            f"baseline ({GPU_BASELINE_VOXIT_S:.2g}; target >= 5x)"
+        )
+    load = os.getloadavg()
+    print()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,417 @@
+"""Richardson–Lucy kernel and its chunked lift, against float64 references and a phantom."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.ndimage import convolve
+
+import lightsheet.deconvolve as dec
+from lightsheet.deconvolve import (
+    choose_chunks,
+    clear_otf_cache,
+    deconvolve,
+    default_depth,
+    fast_shape,
+    next_fast_size,
+    richardson_lucy,
+)
+from lightsheet.errors import ImageError, PSFError
+from lightsheet.psf import gaussian_psf
+
+#: kernel (float32) against a float64 reference, relative to the reference's maximum
+KERNEL_RTOL = 1e-4
+#: chunked against whole-volume deconvolution, relative to the whole volume's maximum
+CHUNKED_RTOL = 1e-3
+#: deconvolution must cut the phantom's normalised RMSE at least this much (factor)
+PHANTOM_GAIN = 2.0
+
+HAS_CUDA = dec._cuda_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CuPy and a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _single_threaded_dask():
+    # the machine is shared: keep dask's local scheduler at 2 threads
+    with dask.config.set(scheduler="threads", num_workers=2):
+        yield
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=[pytest.mark.gpu, requires_cuda])])
+def xp(request):
+    if request.param == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _max_rel(actual, expected) -> float:
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def _nrmse(x, truth) -> float:
+    """Root-mean-square error over the truth's value range (skimage's 'min-max')."""
+    return float(np.sqrt(np.mean((x - truth) ** 2)) / (truth.max() - truth.min()))
+
+
+def rl_reference(image, psf, iterations, *, pad, accelerate=False):
+    """Plain float64 Richardson–Lucy: mirror pad, periodic FFT convolution, crop."""
+    image = np.asarray(image, dtype=np.float64)
+    psf = np.asarray(psf, dtype=np.float64)
+    psf = psf / psf.sum()
+    padded_shape = [s + 2 * p for s, p in zip(image.shape, pad, strict=True)]
+    shape = fast_shape(padded_shape)
+    widths = [(p, p + f - q) for p, q, f in zip(pad, padded_shape, shape, strict=True)]
+    img = np.pad(image, widths, mode="symmetric")
+    kernel = np.zeros(shape)
+    kernel[tuple(slice(0, s) for s in psf.shape)] = psf
+    kernel = np.roll(kernel, [-(s // 2) for s in psf.shape], axis=(0, 1, 2))
+    otf = np.fft.rfftn(kernel)
+    eps = 1e-6 * img.max()
+
+    def step(est):
+        conv = np.fft.irfftn(np.fft.rfftn(est) * otf, s=shape)
+        ratio = img / np.maximum(conv, eps)
+        return est * np.fft.irfftn(np.fft.rfftn(ratio) * np.conj(otf), s=shape)
+
+    x = img.copy()
+    x_prev, g_prev, g_prev2 = x.copy(), None, None
+    for _ in range(iterations):
+        alpha = 0.0
+        if accelerate and g_prev2 is not None:
+            alpha = np.clip(np.sum(g_prev * g_prev2) / np.sum(g_prev2 * g_prev2), 0, 0.9999)
+        y = np.maximum(x + alpha * (x - x_prev), 0) if accelerate else x
+        x_next = step(y)
+        g_prev2, g_prev = g_prev, x_next - y
+        x_prev, x = x, x_next
+    crop = tuple(slice(p, p + s) for p, s in zip(pad, image.shape, strict=True))
+    return x[crop]
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """Gaussian blobs on a dim background, blurred with a known PSF, with Poisson noise."""
+    rng = np.random.default_rng(3)
+    shape = (40, 64, 64)
+    zz, yy, xx = np.indices(shape)
+    truth = np.full(shape, 100.0)
+    for _ in range(40):
+        c = rng.uniform(4, np.array(shape) - 4)
+        r = rng.uniform(1.0, 2.0)
+        d2 = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2
+        truth += rng.uniform(2000, 8000) * np.exp(-d2 / (2 * r * r))
+    psf = gaussian_psf((2.0, 1.5, 1.5), (1.0, 1.0, 1.0))
+    blurred = convolve(truth, psf.astype(np.float64), mode="reflect")
+    image = rng.poisson(blurred).astype(np.float32)
+    return truth, image, psf
+
+
+@pytest.fixture(scope="module")
+def noisy_volume():
+    rng = np.random.default_rng(11)
+    shape = (36, 50, 44)
+    truth = np.zeros(shape)
+    idx = tuple(rng.integers(0, s, 60) for s in shape)
+    truth[idx] = rng.uniform(500, 2000, 60)
+    truth = convolve(truth, gaussian_psf((1.0, 1.0, 1.0), (1, 1, 1)).astype(float)) + 5
+    psf = gaussian_psf((1.5, 1.0, 1.0), (1.0, 1.0, 1.0))
+    image = rng.poisson(convolve(truth, psf.astype(float), mode="reflect")).astype(np.float32)
+    return image, psf
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@pytest.mark.parametrize("public_fft", [False, True], ids=["pocketfft-out", "scipy.fft"])
+@pytest.mark.parametrize("pad", [(0, 0, 0), None])
+def test_kernel_matches_float64_reference(xp, noisy_volume, pad, public_fft, monkeypatch):
+    if public_fft:  # the fallback when SciPy's transforms-into-buffers API is unavailable
+        monkeypatch.setattr(dec, "_pocketfft", lambda: None)
+    image, psf = noisy_volume
+    half = tuple(s // 2 for s in psf.shape)
+    out = richardson_lucy(xp.asarray(image), psf, iterations=10, pad_width=pad)
+    assert type(out) is type(xp.asarray(image))
+    assert out.dtype == np.float32 and out.shape == image.shape
+    ref = rl_reference(image, psf, 10, pad=half if pad is None else pad)
+    assert _max_rel(dec._to_numpy(out), ref) < KERNEL_RTOL
+
+
+def test_accelerated_kernel_matches_float64_reference(xp, noisy_volume):
+    image, psf = noisy_volume
+    out = richardson_lucy(xp.asarray(image), psf, iterations=8, acceleration=True)
+    half = tuple(s // 2 for s in psf.shape)
+    ref = rl_reference(image, psf, 8, pad=half, accelerate=True)
+    assert _max_rel(dec._to_numpy(out), ref) < KERNEL_RTOL
+
+
+def test_kernel_threads_do_not_change_result(noisy_volume):
+    image, psf = noisy_volume
+    one = richardson_lucy(image, psf, iterations=5, workers=1)
+    two = richardson_lucy(image, psf, iterations=5, workers=3)
+    np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6 * float(one.max()))
+
+
+def test_kernel_accepts_uint16_and_conserves_flux(noisy_volume):
+    image, psf = noisy_volume
+    image = image[:, :, :40]  # (36, 50, 40): FFT-friendly, so no padding at all
+    out = richardson_lucy(image.astype(np.uint16), psf, iterations=5, pad_width=0)
+    assert out.dtype == np.float32
+    # RL conserves the total intensity for a normalised PSF (periodic boundary)
+    assert abs(float(out.sum()) / float(image.sum()) - 1) < 1e-4
+
+
+def test_dark_voxels_do_not_divide_by_zero():
+    psf = gaussian_psf((1.0, 1.0, 1.0), (1, 1, 1))
+    image = np.zeros((16, 16, 16), np.float32)
+    image[8, 8, 8] = 100.0
+    out = richardson_lucy(image, psf, iterations=20)
+    assert np.all(np.isfinite(out))
+    zeros = richardson_lucy(np.zeros((16, 16, 16), np.float32), psf, iterations=3)
+    assert np.all(zeros == 0)
+
+
+def test_otf_computed_once_per_block_shape(noisy_volume):
+    image, psf = noisy_volume
+    clear_otf_cache()
+    richardson_lucy(image, psf, iterations=2)
+    assert len(dec._otf_cache) == 1
+    richardson_lucy(image + 1, psf, iterations=2)  # same shape and PSF: cache hit
+    assert len(dec._otf_cache) == 1
+    richardson_lucy(image[:30], psf, iterations=2)  # another padded shape
+    assert len(dec._otf_cache) == 2
+
+
+# --------------------------------------------------------------------------- phantom
+
+
+def test_deconvolution_recovers_the_phantom(phantom):
+    truth, image, psf = phantom
+    out = richardson_lucy(image, psf, iterations=20)
+    raw_err, dec_err = _nrmse(image, truth), _nrmse(out, truth)
+    assert dec_err * PHANTOM_GAIN < raw_err, (raw_err, dec_err)
+
+
+def test_acceleration_reaches_20_plain_iterations_in_10(phantom):
+    truth, image, psf = phantom
+    plain20 = _nrmse(richardson_lucy(image, psf, iterations=20), truth)
+    plain10 = _nrmse(richardson_lucy(image, psf, iterations=10), truth)
+    fast10 = _nrmse(richardson_lucy(image, psf, iterations=10, acceleration=True), truth)
+    assert fast10 <= plain20 < plain10, (fast10, plain20, plain10)
+
+
+# --------------------------------------------------------------------------- dask level
+
+
+@pytest.mark.parametrize("iterations", [4, 10])
+def test_chunked_equals_whole_volume(noisy_volume, iterations):
+    image, psf = noisy_volume
+    depth = default_depth(psf.shape, iterations)
+    whole = richardson_lucy(image, psf, iterations=iterations, pad_width=depth)
+    lazy = deconvolve(
+        da.from_array(image, chunks=((9, 14, 13), (20, 17, 13), (44,))),
+        psf,
+        iterations=iterations,
+    )
+    assert lazy.dtype == np.float32 and lazy.shape == image.shape
+    out = lazy.compute()
+    m = tuple(s // 2 for s in psf.shape)  # away from the volume's edges
+    inner = tuple(slice(mi, -mi) for mi in m)
+    assert _max_rel(out[inner], whole[inner]) < CHUNKED_RTOL
+    # the mirrored volume edges match too, since both sides reflect the same way
+    assert _max_rel(out, whole) < CHUNKED_RTOL
+
+
+def test_chunked_half_size_depth_is_only_approximate(noisy_volume):
+    # documents why the default halo is deeper than the PSF's half-size
+    image, psf = noisy_volume
+    half = tuple(s // 2 for s in psf.shape)
+    whole = richardson_lucy(image, psf, iterations=10, pad_width=half)
+    out = deconvolve(da.from_array(image, chunks=12), psf, iterations=10, depth=half)
+    assert CHUNKED_RTOL < _max_rel(out.compute(), whole) < 0.1
+
+
+def test_chunked_accelerated_is_close_to_whole_volume(noisy_volume):
+    image, psf = noisy_volume
+    depth = default_depth(psf.shape, 8)
+    whole = richardson_lucy(image, psf, iterations=8, acceleration=True, pad_width=depth)
+    out = deconvolve(da.from_array(image, chunks=18), psf, iterations=8, acceleration=True)
+    # the extrapolation step is estimated per block: close, not equal
+    assert _max_rel(out.compute(), whole) < 0.05
+
+
+def test_deconvolve_is_lazy_and_streams():
+    def boom(block):
+        raise AssertionError("computed too early")
+
+    image = da.zeros((64, 64, 64), chunks=32, dtype=np.uint16).map_blocks(boom, dtype=np.uint16)
+    psf = gaussian_psf((1.0, 1.0, 1.0), (1, 1, 1))
+    out = deconvolve(image, psf, iterations=3)
+    assert out.chunks == image.chunks
+    # each output chunk depends on its own block and its neighbours only
+    tasks_8 = len(out.__dask_graph__())
+    bigger = da.zeros((128, 64, 64), chunks=32, dtype=np.uint16).map_blocks(boom, dtype=np.uint16)
+    tasks_16 = len(deconvolve(bigger, psf, iterations=3).__dask_graph__())
+    assert tasks_16 < 2.2 * tasks_8
+
+
+def test_auto_chunks_are_fft_friendly():
+    psf = gaussian_psf((2.0, 1.0, 1.0), (1, 1, 1))
+    image = da.ones((50, 300, 260), chunks=(50, 100, 100), dtype=np.float32)
+    out = deconvolve(image, psf, iterations=4, chunks="auto")
+    depth = default_depth(psf.shape, 4)
+    for ax, chunks in enumerate(out.chunks):
+        if len(chunks) > 1:
+            padded = chunks[0] + 2 * depth[ax]
+            assert padded == next_fast_size(padded)
+    np.testing.assert_allclose(out[20:30, 100:110, 100:110].compute(), 1.0, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_numpy_blocks_run_on_the_gpu_and_come_back(noisy_volume):
+    import cupy
+
+    image, psf = noisy_volume
+    cpu = deconvolve(da.from_array(image, chunks=20), psf, iterations=5, gpu=False).compute()
+    cupy.fft.config.get_plan_cache().clear()
+    gpu = deconvolve(da.from_array(image, chunks=20), psf, iterations=5, gpu=True).compute()
+    assert isinstance(gpu, np.ndarray)
+    assert _max_rel(gpu, cpu) < KERNEL_RTOL
+    # cuFFT plans are reused: a handful of block shapes, not one plan per FFT call
+    assert 0 < cupy.fft.config.get_plan_cache().get_curr_size() <= 16
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cupy_backed_dask_array_stays_on_the_gpu(noisy_volume):
+    import cupy
+
+    image, psf = noisy_volume
+    out = deconvolve(da.from_array(cupy.asarray(image), chunks=20), psf, iterations=3)
+    assert isinstance(out._meta, cupy.ndarray)
+    assert isinstance(out.compute(), cupy.ndarray)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _volume():
+    return da.ones((20, 20, 20), chunks=10, dtype=np.float32)
+
+
+def _unusable():
+    # errors must come before any compute: the image cannot be computed at all
+    def boom(block):
+        raise AssertionError("computed before validating")
+
+    return _volume().map_blocks(boom, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    ("psf", "match"),
+    [
+        (np.zeros((5, 5, 5)), "sums to 0"),
+        (-gaussian_psf((1, 1, 1), (1, 1, 1)), "negative"),
+        (np.full((5, 5, 5), np.nan), "NaN"),
+        (np.ones((5, 5)), "3-D"),
+        (np.ones((25, 3, 1)), r"larger than the .*\(20, 20, 20\) along z"),
+    ],
+)
+def test_bad_psf_is_rejected_before_compute(psf, match):
+    with pytest.raises(PSFError, match=match):
+        deconvolve(_unusable(), psf, iterations=3)
+    with pytest.raises(PSFError, match=match):
+        richardson_lucy(np.ones((20, 20, 20), np.float32), psf, iterations=3, pad_width=0)
+
+
+@pytest.mark.parametrize("iterations", [0, -2, 2.5, True, "10"])
+def test_bad_iterations_are_rejected(iterations):
+    psf = gaussian_psf((1, 1, 1), (1, 1, 1))
+    with pytest.raises(ValueError, match="iterations"):
+        deconvolve(_unusable(), psf, iterations=iterations)
+    with pytest.raises(ValueError, match="iterations"):
+        richardson_lucy(np.ones((8, 8, 8)), psf, iterations=iterations)
+
+
+def test_depth_below_half_size_is_rejected():
+    psf = gaussian_psf((2.0, 1.0, 1.0), (1, 1, 1))
+    with pytest.raises(ValueError, match="half-size"):
+        deconvolve(_unusable(), psf, iterations=3, depth=(2, 3, 3))
+
+
+@pytest.mark.parametrize(
+    ("value", "match"), [(np.nan, "NaN"), (np.inf, "infinite"), (-1.0, "negative")]
+)
+def test_bad_image_values_are_rejected(value, match):
+    psf = gaussian_psf((1, 1, 1), (1, 1, 1))
+    image = np.ones((20, 20, 20), np.float32)
+    image[15, 3, 4] = value
+    with pytest.raises(ImageError, match=rf"{match}.*\(15, 3, 4\)"):
+        richardson_lucy(image, psf, iterations=2)
+    # lazily: the chunk holding it (or a neighbour, in its halo) names the voxel in volume
+    # coordinates, before any FFT runs
+    lazy = deconvolve(da.from_array(image, chunks=10), psf, iterations=2)
+    with pytest.raises(ImageError, match=rf"{match}.*\(15, 3, 4\) \(.*chunk \(\d, \d, \d\)\)"):
+        lazy.compute()
+
+
+def test_bad_image_shapes_are_rejected():
+    psf = gaussian_psf((1, 1, 1), (1, 1, 1))
+    with pytest.raises(ImageError, match="3-D"):
+        deconvolve(da.ones((20, 20), chunks=10), psf)
+    with pytest.raises(ImageError, match="dask"):
+        deconvolve(np.ones((20, 20, 20)), psf)
+    with pytest.raises(ImageError, match="3-D"):
+        richardson_lucy(np.ones((20, 20)), psf)
+    with pytest.raises(ImageError, match="dtype"):
+        deconvolve(da.ones((20, 20, 20), chunks=10, dtype=complex), psf)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def _is_smooth(n: int) -> bool:
+    for p in (2, 3, 5):
+        while n % p == 0:
+            n //= p
+    return n == 1
+
+
+@settings(deadline=None)
+@given(st.integers(1, 5000))
+def test_next_fast_size_is_the_smallest_smooth_size(n):
+    m = next_fast_size(n)
+    assert m >= n and _is_smooth(m)
+    assert not any(_is_smooth(k) for k in range(n, m))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 700), st.integers(1, 3000), st.integers(1, 3000)),
+    half=st.tuples(st.integers(0, 20), st.integers(0, 12), st.integers(0, 12)),
+    target_mib=st.sampled_from([16, 64, 256]),
+)
+def test_choose_chunks_gives_fast_blocks_within_budget(shape, half, target_mib):
+    psf_shape = tuple(2 * h + 1 for h in half)
+    depth = default_depth(psf_shape, 10)
+    chunks = choose_chunks(shape, psf_shape, target_bytes=target_mib << 20, iterations=10)
+    for c, s, d in zip(chunks, shape, depth, strict=True):
+        assert 1 <= c <= s
+        if c < s:  # split axes: full blocks already have a fast FFT size
+            assert _is_smooth(c + 2 * d)
+    padded = np.prod([c + 2 * d for c, d in zip(chunks, depth, strict=True)])
+    # within budget, unless an axis is already at the smallest chunk its halo allows
+    at_minimum = any(c == max(1, d) < s for c, s, d in zip(chunks, shape, depth, strict=True))
+    assert padded * 4 <= target_mib << 20 or at_minimum
+
+
+def test_choose_chunks_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="shape_zyx"):
+        choose_chunks((0, 10, 10), (3, 3, 3))
+    with pytest.raises(ValueError, match="shape_zyx"):
+        choose_chunks((10, 10), (3, 3, 3))

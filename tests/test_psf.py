@@ -1,0 +1,158 @@
+"""PSF generation from optics, TIFF round trip and validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tifffile
+
+from lightsheet.errors import PSFError
+from lightsheet.psf import (
+    FWHM_PER_SIGMA,
+    check_psf_fits,
+    gaussian_psf,
+    load_psf,
+    psf_from_optics,
+    validate_psf,
+    write_psf,
+)
+
+#: second-moment widths of a sampled Gaussian against the requested sigma
+SIGMA_RTOL = 0.05
+
+
+def _sigma_vox(psf: np.ndarray) -> np.ndarray:
+    """Standard deviation (in voxels) of the PSF along each axis, from second moments."""
+    grids = np.indices(psf.shape, dtype=np.float64)
+    w = psf.astype(np.float64) / psf.sum()
+    centre = [(g * w).sum() for g in grids]
+    return np.array(
+        [math.sqrt(((g - c) ** 2 * w).sum()) for g, c in zip(grids, centre, strict=True)]
+    )
+
+
+def _assert_normalised(psf: np.ndarray) -> None:
+    assert psf.dtype == np.float32 and psf.ndim == 3
+    assert all(n % 2 == 1 for n in psf.shape)
+    assert abs(float(psf.sum(dtype=np.float64)) - 1) < 1e-6
+    assert np.unravel_index(np.argmax(psf), psf.shape) == tuple(n // 2 for n in psf.shape)
+
+
+def test_gaussian_psf_has_requested_widths():
+    psf = gaussian_psf((3.0, 1.2, 0.9), (2.0, 0.4, 0.3), truncate=4.0)
+    _assert_normalised(psf)
+    np.testing.assert_allclose(_sigma_vox(psf), [1.5, 3.0, 3.0], rtol=SIGMA_RTOL)
+    assert psf.shape == (13, 25, 25)
+
+
+def test_psf_from_optics_follows_the_paraxial_model():
+    na, lam_nm, n = 0.5, 520.0, 1.33
+    voxel = (1.0, 0.1, 0.1)
+    psf = psf_from_optics(na=na, wavelength_nm=lam_nm, refractive_index=n, voxel_size_um=voxel)
+    _assert_normalised(psf)
+    sigma_xy_um = 0.21 * lam_nm / 1000 / na
+    sigma_z_um = 0.66 * lam_nm / 1000 * n / na**2
+    # truncation at 3 sigma shrinks the measured width a little
+    expected = np.array([sigma_z_um / voxel[0], sigma_xy_um / 0.1, sigma_xy_um / 0.1])
+    np.testing.assert_allclose(_sigma_vox(psf), expected * 0.986, rtol=SIGMA_RTOL)
+
+
+def test_light_sheet_narrows_the_axial_profile():
+    common = dict(na=0.3, wavelength_nm=600.0, refractive_index=1.45)
+    voxel = (0.5, 0.5, 0.5)
+    wide = psf_from_optics(**common, voxel_size_um=voxel)
+    sheet = psf_from_optics(**common, voxel_size_um=voxel, sheet_fwhm_um=3.0)
+    assert sheet.shape[0] < wide.shape[0] and sheet.shape[1:] == wide.shape[1:]
+    sigma_sheet = 3.0 / FWHM_PER_SIGMA
+    sigma_det = 0.66 * 0.6 * 1.45 / 0.3**2
+    combined = 1 / math.sqrt(1 / sigma_det**2 + 1 / sigma_sheet**2)
+    assert _sigma_vox(sheet)[0] == pytest.approx(combined / 0.5 * 0.986, rel=SIGMA_RTOL)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(na=1.5, wavelength_nm=500, refractive_index=1.33), "na must be"),
+        (dict(na=0.0, wavelength_nm=500, refractive_index=1.33), "na must be"),
+        (dict(na=0.5, wavelength_nm=-1, refractive_index=1.33), "wavelength_nm"),
+        (dict(na=0.5, wavelength_nm=500, refractive_index=1.33, sheet_fwhm_um=0), "sheet"),
+    ],
+)
+def test_bad_optics_are_rejected(kwargs, match):
+    with pytest.raises(PSFError, match=match):
+        psf_from_optics(voxel_size_um=(1, 1, 1), **kwargs)
+
+
+def test_bad_voxel_size_is_rejected():
+    with pytest.raises(ValueError, match="voxel_size_um"):
+        gaussian_psf((1, 1, 1), (1, 0, 1))
+
+
+def test_write_and_load_round_trip(tmp_path):
+    psf = psf_from_optics(
+        na=0.4, wavelength_nm=560, refractive_index=1.45, voxel_size_um=(2.0, 0.5, 0.5)
+    )
+    path = write_psf(tmp_path / "sub" / "psf.tif", psf, (2.0, 0.5, 0.5))
+    loaded = load_psf(path)
+    np.testing.assert_allclose(loaded, psf, rtol=1e-6)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.imagej_metadata["spacing"] == pytest.approx(2.0)
+
+
+def test_off_centre_even_psf_is_recentred_and_normalised():
+    psf = np.zeros((6, 8, 7), np.float32)
+    psf[1, 5, 2] = 10.0
+    psf[1, 4, 2] = 5.0
+    psf[2, 5, 2] = 5.0
+    out = validate_psf(psf * 3, name="bead.tif")
+    _assert_normalised(out)
+    # the peak moved to the centre and its neighbours kept their offsets
+    c = tuple(n // 2 for n in out.shape)
+    assert out[c] == pytest.approx(0.5)
+    assert out[c[0], c[1] - 1, c[2]] == pytest.approx(0.25)
+    assert out[c[0] + 1, c[1], c[2]] == pytest.approx(0.25)
+
+
+def test_flat_topped_centred_psf_is_kept():
+    psf = np.ones((5, 3, 3))
+    out = validate_psf(psf)
+    assert out.shape == (5, 3, 3)
+    np.testing.assert_allclose(out, 1 / 45)
+
+
+@pytest.mark.parametrize(
+    ("psf", "match"),
+    [
+        (np.zeros((5, 5, 5)), "sums to 0"),
+        (np.full((3, 3, 3), -1.0), "negative"),
+        (np.array([[[0, 1, 0]]], float) * np.nan, "NaN"),
+        (np.full((3, 3, 3), np.inf), "infinite"),
+        (np.ones((3, 3)), "3-D"),
+    ],
+)
+def test_unusable_psf_is_rejected(psf, match):
+    with pytest.raises(PSFError, match=match):
+        validate_psf(psf, name="bad.tif")
+    with pytest.raises(PSFError, match="bad.tif"):
+        validate_psf(psf, name="bad.tif")
+
+
+def test_load_psf_reports_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(PSFError, match="no such file"):
+        load_psf(tmp_path / "missing.tif")
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"not a tiff")
+    with pytest.raises(PSFError, match="cannot read"):
+        load_psf(junk)
+    zeros = tmp_path / "zeros.tif"
+    tifffile.imwrite(zeros, np.zeros((3, 3, 3), np.float32))
+    with pytest.raises(PSFError, match=r"zeros\.tif.*sums to 0"):
+        load_psf(zeros)
+
+
+def test_psf_must_fit_the_data():
+    check_psf_fits((7, 7, 7), (7, 64, 64))
+    with pytest.raises(PSFError, match=r"larger than the chunk plus halo .* along y, x"):
+        check_psf_fits((7, 65, 65), (64, 64, 64), what="chunk plus halo")
