@@ -19,6 +19,7 @@ same mapping.
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import io
 import json
@@ -27,8 +28,9 @@ import os
 import pickle
 import threading
 import time
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ import torch
 from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
+from scipy import ndimage as ndi
 from torch import nn
 
 from lightsheet.errors import ModelError
@@ -51,6 +54,8 @@ DEFAULT_MODEL = "unet_default.safetensors"
 NORM_PERCENTILES = (1.0, 99.8)
 #: Upper bound on voxels read by the percentile estimate (a strided subsample).
 NORM_MAX_SAMPLES = 2**21
+#: On a CPU, z-slices per forward pass are limited to this many pixels in all.
+CPU_PIXELS_PER_PASS = 2**16
 _FORMAT = "lightsheet-unet/1"
 
 
@@ -133,12 +138,13 @@ def save_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         meta = {"format": _FORMAT, "model_args": json.dumps(model.model_args)}
         if record is not None:
             meta["record"] = json.dumps(record)
-        save_file(state, str(path), metadata=meta)
+        # bytes, then an ordinary write: the file gets the usual permissions (umask)
+        path.write_bytes(save(state, metadata=meta))
     else:
         ckpt: dict[str, Any] = {"model_args": dict(model.model_args), "model_state": state}
         if record is not None:
@@ -190,7 +196,10 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 def _load_dict(data: bytes, path: Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # plain pickle files use newer protocols; the weights-only unpickler still checks
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelError(
             f"model: refused to load {path}: it is a pickle that needs code to be run "
@@ -203,8 +212,7 @@ def _load_dict(data: bytes, path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if not isinstance(ckpt, dict) or not {"model_args", "model_state"} <= set(ckpt):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ModelError(
-            f"model: {path} holds {found}; expected a dict with keys 'model_args' and "
-            "'model_state'"
+            f"model: {path} holds {found}; expected a dict with keys 'model_args' and 'model_state'"
         )
     return _build(ckpt["model_args"], ckpt["model_state"], path), dict(ckpt.get("record") or {})
 
@@ -240,9 +248,7 @@ def _build(args: Any, state: Any, path: Path) -> UNet:
             parts.append(f"unexpected keys {unexpected}")
         if shapes:
             parts.append("shape mismatches [" + "; ".join(shapes) + "]")
-        raise ModelError(
-            f"model: {path}: weights do not match UNet({args}): " + ", ".join(parts)
-        )
+        raise ModelError(f"model: {path}: weights do not match UNet({args}): " + ", ".join(parts))
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
     return model
 
@@ -392,8 +398,8 @@ class _ModelPayload:
                     args, state = self.blob
                     net = UNet(**args)
                     net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-                else:
-                    net = self.blob
+                else:  # a copy: moving to a device or dtype must not touch the caller's
+                    net = copy.deepcopy(self.blob)
                 net = net.eval().to(device=device, dtype=precision)
                 if device.type == "cpu" and not isinstance(net, torch.jit.ScriptModule):
                     # channels-last convolutions are ~30 % faster with oneDNN on CPU
@@ -434,6 +440,8 @@ def _set_torch_threads() -> None:
         # a nanny sets OMP_NUM_THREADS per worker process: that is the cluster's choice
         omp = os.environ.get("OMP_NUM_THREADS")
         n = int(omp) if omp and omp.isdigit() else (cores or 1) // worker.state.nthreads
+    elif threading.current_thread() is threading.main_thread():
+        n = cores or 1  # called directly, not from a Dask thread pool
     else:
         n = (cores or 1) // max(1, int(dask.config.get("num_workers", None) or cores or 1))
     n = max(1, n)
@@ -501,11 +509,12 @@ def run_model(
     out : (F, Z, Y, X) or (Z, Y, X) array, NumPy (CuPy if ``region`` is CuPy)
     """
     payload = model if isinstance(model, _ModelPayload) else _ModelPayload(model)
-    dev = _resolve_device(device)
+    is_cupy = _xp(region) is not np
+    # a CuPy block stays on its GPU unless a device is asked for
+    dev = _resolve_device("cuda" if is_cupy and device is None else device)
     precision = torch.float16 if dev.type == "cuda" else torch.float32
     net = payload.module(dev, precision)
     ndim = int(getattr(net, "ndim", 2))
-    is_cupy = _xp(region) is not np
     crop = crop or (slice(None),) * 3
     lo, hi = (float(v) for v in np.asarray(norm, dtype=np.float64))
     scale = 1.0 / (hi - lo)
@@ -516,14 +525,22 @@ def run_model(
         x_all = torch.from_dlpack(region.astype("float32")).to(dev)
     else:
         x_all = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32)).to(dev)
-    outs = []
+    to_host = dev.type == "cpu" and not is_cupy
+    out_dtype = np.dtype(dtype)
+    outs: list[torch.Tensor] = []
+    out_np: np.ndarray | None = None
     with torch.inference_mode():
         if ndim == 2:
+            if dev.type == "cpu":
+                # on a CPU, small passes keep the activations in cache: faster than big batches
+                per_slice = region.shape[1] * region.shape[2]
+                batch_size = max(1, min(batch_size, CPU_PIXELS_PER_PASS // per_slice))
             zs = range(region.shape[0])[crop[0]]
             batches = [zs[i : i + batch_size] for i in range(0, len(zs), batch_size)]
             inputs = [x_all[b.start : b.stop : b.step, None] for b in batches]
         else:
             inputs = [x_all[None, None]]
+        z_done = 0
         for x in inputs:
             x = ((x - lo) * scale).to(precision).contiguous(memory_format=mem)
             y = net(x) if mode == "features" else net.logits(x)[:, :1].sigmoid()
@@ -531,15 +548,31 @@ def run_model(
                 y = y[:, :, crop[1], crop[2]].transpose(0, 1)  # (F, B, Y, X)
             else:
                 y = y[0][:, crop[0], crop[1], crop[2]]
-            outs.append(y.float())
-        out = torch.cat(outs, dim=1)
+            if to_host:
+                # one pass gathers the strided view and casts into the output
+                if out_np is None:
+                    n_z = len(zs) if ndim == 2 else y.shape[1]
+                    out_np = np.empty((y.shape[0], n_z, *y.shape[2:]), dtype=out_dtype)
+                out_np[:, z_done : z_done + y.shape[1]] = y.numpy()
+                z_done += y.shape[1]
+            else:
+                outs.append(y.to(_TORCH_DTYPES.get(out_dtype, torch.float32)))
+    if to_host:
+        assert out_np is not None
+        return out_np[0] if mode == "probability" else out_np
+    out = torch.cat(outs, dim=1)
     if mode == "probability":
         out = out[0]
     if is_cupy:
         import cupy
 
-        return cupy.from_dlpack(out.contiguous()).astype(dtype)
-    return out.cpu().numpy().astype(dtype, copy=False)
+        if out.is_cuda:
+            return cupy.from_dlpack(out.contiguous()).astype(out_dtype, copy=False)
+        return cupy.asarray(out.numpy()).astype(out_dtype, copy=False)
+    return out.cpu().numpy().astype(out_dtype, copy=False)
+
+
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
 def _block_task(parts: Any, payload: _ModelPayload, norm: Any, crop: Any, opts: dict) -> Any:
@@ -569,7 +602,7 @@ def featurize(
     dtype : {"float16", "float32"}
         Output dtype.
     batch_size : int
-        z-slices per forward pass.
+        z-slices per forward pass (on a CPU at most `CPU_PIXELS_PER_PASS` pixels per pass).
     device : str or torch.device, optional
         None chooses on each worker: CUDA if it has a GPU (half precision), else CPU.
     norm : (2,) floats or Delayed, optional
@@ -642,7 +675,7 @@ def _map_model(
     norm_key, norm_graph = _norm_node(image, norm)
     payload = _ModelPayload(model)
     opts = {"mode": mode, "dtype": np.dtype(dtype), "batch_size": batch_size, "device": device}
-    token = tokenize(image.name, payload.token, norm_key, opts)
+    token = tokenize(image.name, payload.token, norm_key, opts, halo, align)
     name = f"{mode}-{token}"
     payload_key = f"unet-weights-{payload.token}"
     halos = (halo if ndim == 3 else 0, halo, halo)
@@ -670,7 +703,7 @@ def _map_model(
         chunks = ((n_features,), *image.chunks)
     else:
         chunks = image.chunks
-    meta = np.empty((0,) * len(chunks), dtype=dtype)
+    meta = np.empty((0,) * len(chunks), dtype=dtype, like=image._meta)
     return da.Array(graph, name, chunks, meta=meta)
 
 
@@ -681,7 +714,10 @@ def _region_parts(name: str, bounds: list[list[int]], ranges: list[tuple[int, in
         first = bisect.bisect_right(b, r0) - 1
         last = bisect.bisect_left(b, r1) - 1
         per_axis.append(
-            [(j, slice(max(r0, b[j]) - b[j], min(r1, b[j + 1]) - b[j])) for j in range(first, last + 1)]
+            [
+                (j, slice(max(r0, b[j]) - b[j], min(r1, b[j + 1]) - b[j]))
+                for j in range(first, last + 1)
+            ]
         )
 
     def nest(ax: int, prefix: tuple) -> Any:
@@ -711,7 +747,9 @@ def _norm_node(image: da.Array, norm: Any) -> tuple[Any, Delayed | None]:
 
 def _probe_features(model: nn.Module, ndim: int) -> int:
     with torch.inference_mode():
-        return int(model(torch.zeros((1, 1) + (8 * getattr(model, "alignment_px", 1),) * ndim)).shape[1])
+        return int(
+            model(torch.zeros((1, 1) + (8 * getattr(model, "alignment_px", 1),) * ndim)).shape[1]
+        )
 
 
 def _as_dask(image: Any, name: str) -> da.Array:
@@ -725,3 +763,337 @@ def _as_dask(image: Any, name: str) -> da.Array:
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise TypeError(f"{name} must hold real numbers; got dtype {image.dtype}")
     return image
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(
+    sample_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    epochs: int = 30,
+    seed: int = 0,
+    model_args: dict[str, int] | None = None,
+    crop_px: int = 64,
+    crops_per_slice: int = 2,
+    batch_size: int = 8,
+    learning_rate: float = 3e-3,
+    val_fraction: float = 0.2,
+    timepoint: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train the UNet to find nuclei and their boundaries in a sample acquisition.
+
+    The nuclei channel of time point ``timepoint`` is stitched from the sample's tiles and
+    normalised like `featurize` does (`intensity_range`). Targets come from the ground truth
+    (``truth/cells.csv``): a nucleus mask (voxels within each nucleus' radius, shared voxels
+    going to the nearer centre) and its per-slice boundary. Training uses random crops of
+    z-slices with flips, rotations and intensity/noise augmentation; the last
+    ``val_fraction`` of the slices is held out for the validation figures in the record.
+
+    Parameters
+    ----------
+    sample_dir : path-like
+        A folder written by `lightsheet.sample.generate`.
+    out_path : path-like
+        Checkpoint to write (``.safetensors``, else the dict form); the record is also
+        written beside it as JSON (same name, ``.json``).
+    epochs : int
+        Passes; each draws ``crops_per_slice`` random crops from every training slice.
+    seed : int
+        Seed of weight initialisation, crops and augmentation.
+    model_args : dict, optional
+        `lightsheet.unet.UNet` arguments; default ``depth=2, width=8, features=16``.
+    crop_px, crops_per_slice, batch_size, learning_rate, val_fraction, timepoint
+        Training settings (recorded).
+    progress : callable, optional
+        ``progress(epoch, epochs, mean_loss)``, called after each epoch.
+
+    Returns
+    -------
+    record : dict
+        How the checkpoint was made: data fingerprint, settings, loss per epoch, validation
+        accuracy, versions, duration. Also stored in the checkpoint.
+    """
+    from lightsheet import __version__
+
+    t_start = time.perf_counter()
+    sample_dir, out_path = Path(sample_dir), Path(out_path)
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer; got {epochs!r}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
+    volume, info, fingerprint = _load_sample_channel(sample_dir, timepoint)
+    cells = _load_truth(sample_dir, timepoint)
+    vox = tuple(float(v) for v in info["voxel_size_um"])
+    nucleus, boundary = truth_targets(cells, volume.shape, vox)
+    lo, hi = intensity_range(da.from_array(volume, chunks=volume.shape)).compute()
+    x_all = ((volume.astype(np.float32) - lo) / (hi - lo)).astype(np.float32)
+    n_val = max(1, round(volume.shape[0] * val_fraction))
+    if volume.shape[0] - n_val < 1 or min(volume.shape[1:]) < crop_px:
+        raise ValueError(
+            f"sample {sample_dir}: volume {volume.shape} too small to train with "
+            f"crop_px={crop_px} and val_fraction={val_fraction}"
+        )
+    n_train = volume.shape[0] - n_val
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, cores or 1))
+    args = {"ndim": 2, "depth": 2, "width": 8, "features": 16, **(model_args or {})}
+    if args["ndim"] != 2:
+        raise ValueError("train: only 2-D (per z-slice) models are trained here; got ndim=3")
+    net = UNet(**args)
+    # class balance: rare positives get a weight up to 10
+    pos = [float(t[:n_train].mean()) for t in (nucleus, boundary)]
+    pos_weight = torch.tensor([min(10.0, max(1.0, (1 - p) / max(p, 1e-6))) for p in pos])
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight.view(1, 2, 1, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(n_train * crops_per_slice / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=learning_rate, total_steps=epochs * steps_per_epoch
+    )
+    target = np.stack([nucleus, boundary], axis=1).astype(np.float32)  # (Z, 2, Y, X)
+    centres = np.argwhere(nucleus[:n_train])
+    history = []
+    net.train()
+    for _ in range(epochs):
+        losses = []
+        for _ in range(steps_per_epoch):
+            xb, yb = _training_batch(
+                x_all[:n_train], target[:n_train], batch_size, crop_px, rng, centres
+            )
+            loss = loss_fn(net.logits(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        history.append(round(float(np.mean(losses)), 5))
+        if progress is not None:
+            progress(len(history), epochs, history[-1])
+    net.eval()
+    val = _validate(net, x_all[n_train:], target[n_train:], loss_fn)
+    record = {
+        "format": _FORMAT,
+        "command": f"lightsheet train {sample_dir} --out {out_path} --epochs {epochs} "
+        f"--seed {seed}",
+        "epochs": epochs,
+        "seed": seed,
+        "final_loss": history[-1],
+        "loss_per_epoch": history,
+        "validation": val,
+        "data_fingerprint": fingerprint,
+        "data": {
+            "sample_dir": str(sample_dir),
+            "size": info.get("size"),
+            "sample_seed": info.get("seed"),
+            "shape_zyx": list(volume.shape),
+            "voxel_size_um": list(vox),
+            "channel": int(info.get("nuclei_channel", 0)),
+            "timepoint": timepoint,
+            "n_cells": len(cells),
+            "train_slices": [0, n_train],
+            "validation_slices": [n_train, volume.shape[0]],
+        },
+        "targets": list(HEAD_CLASSES),
+        "model_args": dict(net.model_args),
+        "normalisation": {"percentiles": list(NORM_PERCENTILES), "lo": float(lo), "hi": float(hi)},
+        "training": {
+            "crop_px": crop_px,
+            "crops_per_slice": crops_per_slice,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "steps": epochs * steps_per_epoch,
+            "optimizer": "AdamW + OneCycleLR",
+            "pos_weight": [round(float(w), 3) for w in pos_weight],
+        },
+        "versions": {"lightsheet": __version__, "torch": torch.__version__},
+        "duration_s": round(time.perf_counter() - t_start, 1),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    save_model(net, out_path, record=record)
+    out_path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def truth_targets(
+    cells: Any, shape_zyx: Sequence[int], voxel_size_um: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus mask and per-slice nucleus boundary from ground-truth nuclei.
+
+    Parameters
+    ----------
+    cells : DataFrame
+        Columns ``z_um, y_um, x_um, diameter_um`` (voxel ``i`` has its centre at
+        ``i * voxel_size_um``).
+    shape_zyx : (3,) ints
+        Volume shape (Z, Y, X).
+    voxel_size_um : (3,) floats
+        Voxel size (z, y, x) in µm.
+
+    Returns
+    -------
+    nucleus, boundary : (Z, Y, X) ndarray of bool
+        Voxels inside a nucleus; nucleus voxels on the in-plane border of their nucleus
+        (next to background or another nucleus).
+    """
+    from skimage.segmentation import find_boundaries
+
+    shape = tuple(int(n) for n in shape_zyx)
+    vox = np.asarray(voxel_size_um, dtype=np.float64)
+    labels = np.zeros(shape, dtype=np.int32)
+    best = np.full(shape, np.inf, dtype=np.float32)
+    centres = cells[["z_um", "y_um", "x_um"]].to_numpy(dtype=np.float64)
+    radii_um = cells["diameter_um"].to_numpy(dtype=np.float64) / 2
+    for i, (c_um, r_um) in enumerate(zip(centres, radii_um, strict=True), start=1):
+        c = c_um / vox
+        r = r_um / vox
+        lo = np.maximum(np.floor(c - r).astype(int), 0)
+        hi = np.minimum(np.ceil(c + r).astype(int) + 1, shape)
+        if np.any(hi <= lo):
+            continue
+        grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        d = sum(((g - cc) / rr) ** 2 for g, cc, rr in zip(grids, c, r, strict=True))
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        # shared voxels go to the nucleus whose (scaled) centre is nearer
+        take = (d <= 1.0) & (d < best[box])
+        labels[box][take] = i
+        best[box][take] = d[take]
+    nucleus = labels > 0
+    boundary = np.zeros(shape, dtype=bool)
+    for z in range(shape[0]):
+        boundary[z] = find_boundaries(labels[z], mode="inner") & nucleus[z]
+    return nucleus, boundary
+
+
+def _training_batch(
+    x: np.ndarray,
+    y: np.ndarray,
+    n: int,
+    crop: int,
+    rng: np.random.Generator,
+    centres: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    zs = rng.integers(0, x.shape[0], n)
+    ys = rng.integers(0, x.shape[1] - crop + 1, n)
+    xs = rng.integers(0, x.shape[2] - crop + 1, n)
+    # half of the crops hold a nucleus somewhere (nuclei fill ~1 % of a sparse volume)
+    near = (rng.random(n) < 0.5) & (len(centres) > 0)
+    if near.any():
+        pick = centres[rng.integers(0, len(centres), int(near.sum()))]
+        zs[near] = pick[:, 0]
+        ys[near] = np.clip(pick[:, 1] - rng.integers(0, crop, len(pick)), 0, x.shape[1] - crop)
+        xs[near] = np.clip(pick[:, 2] - rng.integers(0, crop, len(pick)), 0, x.shape[2] - crop)
+    xb = np.stack([x[z, a : a + crop, b : b + crop] for z, a, b in zip(zs, ys, xs, strict=True)])
+    yb = np.stack([y[z, :, a : a + crop, b : b + crop] for z, a, b in zip(zs, ys, xs, strict=True)])
+    xb = xb[:, None].copy()
+    # geometry: the 8 flips/rotations of the square
+    k = int(rng.integers(4))
+    xb, yb = np.rot90(xb, k, axes=(2, 3)), np.rot90(yb, k, axes=(2, 3))
+    if rng.random() < 0.5:
+        xb, yb = xb[..., ::-1], yb[..., ::-1]
+    # intensity: per-crop gain, offset, gamma-like curvature and extra noise, so the features
+    # do not depend on one sample's brightness, background or noise level
+    gain = rng.uniform(0.6, 1.5, (n, 1, 1, 1))
+    offset = rng.uniform(-0.1, 0.1, (n, 1, 1, 1))
+    noise = rng.uniform(0.0, 0.05, (n, 1, 1, 1)) * rng.standard_normal(xb.shape)
+    # optics: a random extra blur on half of the crops (raw vs deconvolved sharpness)
+    for i in np.flatnonzero(rng.random(n) < 0.5):
+        xb[i, 0] = ndi.gaussian_filter(xb[i, 0], rng.uniform(0.3, 1.2))
+    xb = xb * gain + offset + noise
+    return (
+        torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(yb, dtype=np.float32)),
+    )
+
+
+@torch.inference_mode()
+def _validate(net: UNet, x: np.ndarray, y: np.ndarray, loss_fn: nn.Module) -> dict[str, float]:
+    losses, tp, tn, pos, neg = [], 0, 0, 0, 0
+    for z in range(x.shape[0]):
+        logits = net.logits(torch.from_numpy(x[z][None, None]))
+        target = torch.from_numpy(y[z][None])
+        losses.append(float(loss_fn(logits, target)))
+        pred = (logits[0, 0] > 0).numpy()
+        truth = y[z, 0] > 0.5
+        tp += int(np.sum(pred & truth))
+        tn += int(np.sum(~pred & ~truth))
+        pos += int(truth.sum())
+        neg += int((~truth).sum())
+    sens = tp / max(pos, 1)
+    spec = tn / max(neg, 1)
+    return {
+        "loss": round(float(np.mean(losses)), 5),
+        "nucleus_sensitivity": round(sens, 4),
+        "nucleus_specificity": round(spec, 4),
+        "nucleus_balanced_accuracy": round((sens + spec) / 2, 4),
+    }
+
+
+def _load_sample_channel(sample_dir: Path, timepoint: int) -> tuple[np.ndarray, dict, str]:
+    """The stitched nuclei channel of one time point, the sample info and a fingerprint."""
+    import re
+
+    import tifffile
+
+    info_path = sample_dir / "sample.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(
+            f"train: {sample_dir} has no sample.json; expected a folder made by `lightsheet sample`"
+        )
+    info = json.loads(info_path.read_text())
+    if not info.get("complete", False):
+        raise ValueError(f"train: {info_path} says the sample is incomplete")
+    channel = int(info.get("nuclei_channel", 0))
+    grid = tuple(int(g) for g in info["tile_grid"])
+    rx = re.compile(info["pattern"])
+    tiles: dict[tuple[int, int, int], Path] = {}
+    for p in sorted((sample_dir / "tiles").glob("*.tif*")):
+        m = rx.search(p.name)
+        if m is None:
+            continue
+        g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+        if g.get("c", 0) == channel and g.get("t", 0) == timepoint:
+            tiles[(g.get("z", 0), g.get("y", 0), g.get("x", 0))] = p
+    missing = [idx for idx in np.ndindex(*grid) if idx not in tiles]
+    if missing:
+        raise FileNotFoundError(
+            f"train: {sample_dir / 'tiles'} lacks tiles {missing[:3]} (of grid {grid}) for "
+            f"channel {channel}, time point {timepoint}"
+        )
+    h = hashlib.sha256()
+    nested: list = []
+    for iz in range(grid[0]):
+        rows = []
+        for iy in range(grid[1]):
+            row = []
+            for ix in range(grid[2]):
+                tile = tifffile.imread(tiles[(iz, iy, ix)])
+                # the pixels, not the file bytes: TIFF metadata (dates, software) may differ
+                h.update(f"{(iz, iy, ix)}{tile.shape}{tile.dtype.str}".encode())
+                h.update(np.ascontiguousarray(tile).tobytes())
+                row.append(tile)
+            rows.append(row)
+        nested.append(rows)
+    truth = sample_dir / "truth" / "cells.csv"
+    if truth.is_file():
+        h.update(truth.read_bytes())
+    return np.block(nested), info, "sha256:" + h.hexdigest()
+
+
+def _load_truth(sample_dir: Path, timepoint: int) -> Any:
+    import pandas as pd
+
+    path = sample_dir / "truth" / "cells.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"train: no ground truth {path}; expected truth/cells.csv")
+    cells = pd.read_csv(path)
+    need = {"z_um", "y_um", "x_um", "diameter_um"}
+    if not need <= set(cells.columns):
+        raise ValueError(f"train: {path} lacks columns {sorted(need - set(cells.columns))}")
+    if "t" in cells.columns:
+        cells = cells[cells["t"] == timepoint]
+    return cells

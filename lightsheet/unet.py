@@ -41,8 +41,7 @@ class _DoubleConv(nn.Module):
         super().__init__()
         conv, _ = _layers(ndim)
         self.convs = nn.ModuleList(
-            conv(c_in if i == 0 else c_out, c_out, kernel_size=3, padding=1)
-            for i in range(n_convs)
+            conv(c_in if i == 0 else c_out, c_out, kernel_size=3, padding=1) for i in range(n_convs)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,449 @@
+"""Featurize: exact seams, checkpoint safety, and features that find nuclei."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+from torch import nn
+
+from lightsheet.errors import ModelError
+from lightsheet.featurize import (
+    featurize,
+    foreground_probability,
+    intensity_range,
+    load_model,
+    model_geometry,
+    run_model,
+    save_model,
+    train,
+    truth_targets,
+)
+from lightsheet.unet import UNet, receptive_field_px
+
+#: Blockwise vs whole-slice features, float32.
+SEAM_ATOL = 1e-4
+#: Balanced accuracy of a linear classifier on the default model's features (held-out voxels).
+LINEAR_PROBE_ACCURACY = 0.95
+#: Balanced accuracy of the default model's own nucleus head on the same phantom.
+HEAD_ACCURACY = 0.90
+
+UNEVEN = ((3, 4), (13, 50, 34), (40, 5, 38))  # some chunks far smaller than the halo
+
+
+def _random_unet(seed: int = 0, **args) -> UNet:
+    torch.manual_seed(seed)
+    net = UNet(**{"width": 4, **args}).eval()
+    with torch.no_grad():  # non-zero biases make zero padding visible in the output
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+@pytest.fixture(scope="module")
+def noise_volume() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    smooth = ndi.gaussian_filter(rng.random((7, 97, 83)), (0, 3, 3))
+    return (1000 * smooth + 50 * rng.random((7, 97, 83))).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("depth,convs", [(1, 2), (2, 2), (3, 1)])
+def test_receptive_field_matches_impulse_response(depth, convs):
+    # positive weights, zero biases: the output is positive exactly where it depends on the
+    # impulse (float64 keeps tiny values positive)
+    net = UNet(depth=depth, width=2, convs_per_level=convs).double().eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.fill_(0.0 if name.endswith("bias") else 1.0 / p[0].numel())
+    n, a = 4 * net.receptive_field_px, net.alignment_px
+    measured = 0
+    for phase in range(a):
+        x = torch.zeros(1, 1, n, n, dtype=torch.float64)
+        c = n // 2 + phase
+        x[0, 0, c, c] = 1.0
+        with torch.inference_mode():
+            rows = torch.nonzero((net(x)[0].sum(0) > 0).any(1)).flatten()
+        measured = max(measured, c - int(rows.min()), int(rows.max()) - c)
+    assert (
+        measured == net.receptive_field_px == receptive_field_px(depth=depth, convs_per_level=convs)
+    )
+
+
+def test_geometry_is_probed_for_models_without_attributes():
+    net = _random_unet(depth=2)
+
+    class Plain(nn.Module):  # a user's model: no receptive_field_px / alignment_px
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    assert model_geometry(Plain(net).eval()) == (2, net.receptive_field_px, net.alignment_px)
+
+
+# ------------------------------------------------------------------------------- seams
+
+
+@pytest.mark.parametrize(
+    "args", [{"depth": 2}, {"depth": 3, "convs_per_level": 1}, {"ndim": 3, "depth": 1}]
+)
+def test_blockwise_equals_whole_slices_uneven_chunks(noise_volume, args):
+    net = _random_unet(**args)
+    image = da.from_array(noise_volume, chunks=UNEVEN)
+    norm = (0.0, 1000.0)
+    blocks = featurize(image, net, dtype="float32", norm=norm)
+    assert blocks.chunks == ((16,), *UNEVEN)
+    got = blocks.compute(scheduler="threads")
+    whole = run_model(noise_volume, net, norm=norm)  # whole slices (whole volume for 3-D)
+    assert got.dtype == np.float32 and got.shape == (16, *noise_volume.shape)
+    assert np.abs(whole).max() > 0.1  # not a trivially constant output
+    np.testing.assert_allclose(got, whole, rtol=0, atol=SEAM_ATOL)
+
+    prob = foreground_probability(image, net, norm=norm).compute()
+    ref = run_model(noise_volume, net, norm=norm, mode="probability")
+    np.testing.assert_allclose(prob, ref, rtol=0, atol=SEAM_ATOL)
+
+
+def test_origin_off_the_pooling_grid_gives_seams(noise_volume):
+    # the negative control of the alignment rule: same halo, origin shifted by 1 or 2 px
+    net = _random_unet(depth=2)
+    whole = run_model(noise_volume, net, norm=(0, 1000))
+    r = net.receptive_field_px
+    for shift, equal in [(4, True), (8, True), (1, False), (2, False)]:
+        part = run_model(noise_volume[:, shift:, :], net, norm=(0, 1000))
+        inner = slice(r, 97 - shift - r)
+        diff = np.abs(part[:, :, inner] - whole[:, :, shift:][:, :, inner]).max()
+        assert bool(diff <= SEAM_ATOL) is equal, (shift, diff)
+
+
+def test_halo_smaller_than_receptive_field_gives_seams(noise_volume):
+    net = _random_unet(depth=2)
+    image = da.from_array(noise_volume, chunks=UNEVEN)
+    whole = run_model(noise_volume, net, norm=(0, 1000))
+    net.receptive_field_px = 4  # lie about the receptive field
+    got = featurize(image, net, dtype="float32", norm=(0, 1000)).compute()
+    assert np.abs(got - whole).max() > 2 * SEAM_ATOL
+
+
+# ------------------------------------------------------------------------------- dask level
+
+
+def test_featurize_is_lazy_and_float16_by_default(noise_volume):
+    calls = []
+
+    def source(block):
+        calls.append(1)
+        return block
+
+    image = da.from_array(noise_volume, chunks=(4, 64, 64)).map_blocks(source)
+    net = _random_unet(depth=2)
+    calls.clear()  # map_blocks itself may probe the function on empty arrays
+    out = featurize(image, net)  # norm from the data: lazy as well
+    assert not calls
+    assert out.dtype == np.float16 and out.shape == (16, *noise_volume.shape)
+    assert out.chunks[1:] == image.chunks
+    lo, hi = np.percentile(noise_volume, [1.0, 99.8])  # the subsample is the whole volume here
+    np.testing.assert_allclose(intensity_range(image).compute(), [lo, hi], rtol=1e-12)
+    ref = run_model(noise_volume, net, norm=(lo, hi))
+    np.testing.assert_allclose(out.compute().astype(np.float32), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_intensity_range_subsamples_large_volumes():
+    image = da.random.default_rng(0).normal(100.0, 10.0, size=(64, 256, 256), chunks=32)
+    lo, hi = intensity_range(image, max_samples=50_000).compute()
+    # percentiles 1 and 99.8 of N(100, 10): 76.7 and 128.8
+    assert abs(lo - 76.7) < 1.0 and abs(hi - 128.8) < 1.5
+
+
+def test_featurize_under_distributed(noise_volume):
+    distributed = pytest.importorskip("distributed")
+    net = _random_unet(depth=2)
+    image = da.from_array(noise_volume, chunks=UNEVEN)
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        got = client.compute(featurize(image, net, dtype="float32", norm=(0, 1000))).result()
+    np.testing.assert_allclose(got, run_model(noise_volume, net, norm=(0, 1000)), atol=SEAM_ATOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dtype": "int8"}, "dtype"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"norm": (5.0, 5.0)}, "norm"),
+        ({"device": "tpu:9"}, "device"),
+    ],
+)
+def test_bad_arguments_are_refused_before_compute(noise_volume, kwargs, match):
+    image = da.from_array(noise_volume, chunks=UNEVEN)
+    with pytest.raises(ValueError, match=match):
+        featurize(image, _random_unet(), **kwargs)
+
+
+def test_bad_image_is_refused():
+    with pytest.raises(ValueError, match=r"3-D \(Z, Y, X\)"):
+        featurize(da.zeros((8, 8)), _random_unet())
+    with pytest.raises(ModelError, match="segmentation head"):
+        foreground_probability(da.zeros((2, 8, 8)), nn.Identity())
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_checkpoint_round_trip(tmp_path, noise_volume, suffix):
+    net = _random_unet(depth=2, features=5)
+    path = save_model(net, tmp_path / f"m{suffix}", record={"epochs": 3})
+    if suffix == ".pt":  # the common dict form, readable with weights_only=True
+        ckpt = torch.load(path, weights_only=True)
+        assert set(ckpt) >= {"model_args", "model_state"}
+    loaded = load_model(path)
+    assert not loaded.training and loaded.record == {"epochs": 3}
+    assert loaded.model_args == net.model_args
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    a = run_model(noise_volume[:2], net, norm=(0, 1000))
+    b = run_model(noise_volume[:2], loaded, norm=(0, 1000))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_torchscript_checkpoint(tmp_path, noise_volume):
+    net = _random_unet(depth=2)
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(net), path)
+    loaded = load_model(path)
+    assert isinstance(loaded, torch.jit.ScriptModule)
+    assert model_geometry(loaded) == (2, net.receptive_field_px, net.alignment_px)
+    image = da.from_array(noise_volume, chunks=UNEVEN)
+    got = featurize(image, loaded, dtype="float32", norm=(0, 1000)).compute()
+    np.testing.assert_allclose(got, run_model(noise_volume, net, norm=(0, 1000)), atol=SEAM_ATOL)
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_is_refused(tmp_path, writer):
+    marker = tmp_path / "pwned.txt"
+    payload = {"model_args": {"depth": 2}, "model_state": _Exploit(marker)}
+    path = tmp_path / "evil.pt"
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(ModelError, match="refused to load .*evil.pt.*needs code"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
+    net = UNet(depth=2, width=4)
+    state = dict(net.state_dict())
+    state["extra.weight"] = state.pop("head.bias")
+    state["to_features.weight"] = torch.zeros(16, 8, 1, 1)
+    path = tmp_path / "bad.pt"
+    torch.save({"model_args": net.model_args, "model_state": state}, path)
+    with pytest.raises(ModelError) as err:
+        load_model(path)
+    msg = str(err.value)
+    assert "missing keys ['head.bias']" in msg and "unexpected keys ['extra.weight']" in msg
+    assert "to_features.weight: checkpoint (16, 8, 1, 1) vs model (16, 4, 1, 1)" in msg
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(ModelError, match="no such file"):
+        load_model(tmp_path / "missing.pt")
+    path = tmp_path / "args.pt"
+    torch.save({"model_args": {"depth": 2, "colour": 3}, "model_state": {}}, path)
+    with pytest.raises(ModelError, match=r"unknown model_args \['colour'\]"):
+        load_model(path)
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ModelError, match="expected a dict with keys 'model_args'"):
+        load_model(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="safetensors"):
+        load_model(tmp_path / "junk.safetensors")
+
+
+# ------------------------------------------------------------------------------- the default model
+
+
+def _phantom(shape=(16, 128, 128), vox=(2.0, 1.0, 1.0), n=30, seed=3):
+    """Blurred ellipsoidal nuclei on an uneven background with shot noise, plus the truth."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    ext = np.array(shape) * vox
+    cells = pd.DataFrame(
+        {
+            "z_um": rng.uniform(0, ext[0], n),
+            "y_um": rng.uniform(0, ext[1], n),
+            "x_um": rng.uniform(0, ext[2], n),
+            "diameter_um": rng.uniform(6, 12, n),
+        }
+    )
+    nucleus, _ = truth_targets(cells, shape, vox)
+    zz, yy, xx = np.meshgrid(*[np.linspace(0, 1, s) for s in shape], indexing="ij")
+    background = 200 + 150 * yy + 80 * np.sin(3 * xx + zz)
+    signal = ndi.gaussian_filter(nucleus * rng.lognormal(np.log(600), 0.3), (0.8, 1.2, 1.2))
+    image = rng.poisson(background + signal) + rng.normal(0, 5, shape)
+    return image.astype(np.float32), nucleus
+
+
+def _balanced_accuracy(pred, truth):
+    return 0.5 * (np.mean(pred[truth]) + np.mean(~pred[~truth]))
+
+
+def _logistic_fit(x, y, iters=25, ridge=1e-3):
+    # class-balanced logistic regression by Newton's method (IRLS)
+    x = np.hstack([x, np.ones((len(x), 1))])
+    w_cls = np.where(y, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    beta = np.zeros(x.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-x @ beta))
+        grad = x.T @ (w_cls * (p - y)) + ridge * beta
+        hess = (x * (w_cls * p * (1 - p))[:, None]).T @ x + ridge * np.eye(x.shape[1])
+        beta -= np.linalg.solve(hess, grad)
+    return lambda z: np.hstack([z, np.ones((len(z), 1))]) @ beta > 0
+
+
+def test_default_model_features_separate_nuclei():
+    image, nucleus = _phantom()
+    model = load_model()
+    feats = featurize(da.from_array(image, chunks=(8, 128, 128)), model).compute()
+    f = feats.reshape(feats.shape[0], -1).T.astype(np.float64)
+    mu, sd = f.mean(0), f.std(0) + 1e-6
+    f = (f - mu) / sd
+    truth = nucleus.ravel()
+    train_vox = np.zeros(image.shape, bool)
+    train_vox[: image.shape[0] // 2] = True  # train on the upper half, test on the lower
+    train_vox = train_vox.ravel()
+    sub = np.flatnonzero(train_vox)[::7]
+    predict = _logistic_fit(f[sub], truth[sub])
+    held_out = ~train_vox
+    acc = _balanced_accuracy(predict(f[held_out]), truth[held_out])
+    print(f"linear probe balanced accuracy {acc:.3f}")
+    assert acc >= LINEAR_PROBE_ACCURACY, acc
+
+    prob = foreground_probability(da.from_array(image, chunks=(8, 128, 128)), model).compute()
+    assert prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
+    head_acc = _balanced_accuracy(prob.ravel() > 0.5, truth)
+    print(f"head balanced accuracy {head_acc:.3f}")
+    assert head_acc >= HEAD_ACCURACY, head_acc
+
+
+def test_default_model_is_bundled_with_its_record():
+    model = load_model()
+    rec = model.record
+    assert rec["format"].startswith("lightsheet-unet")
+    assert rec["data_fingerprint"].startswith("sha256:") and rec["epochs"] >= 1
+    assert rec["command"].startswith("lightsheet train")
+    assert model.model_args == rec["model_args"]
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def test_train_writes_loadable_checkpoint_with_record(tiny_sample, tmp_path):
+    out = tmp_path / "model.safetensors"
+    rec = train(
+        tiny_sample,
+        out,
+        epochs=2,
+        seed=0,
+        crop_px=32,
+        crops_per_slice=1,
+        batch_size=4,
+        model_args={"width": 4, "features": 6},
+    )
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert len(rec["loss_per_epoch"]) == 2 and np.isfinite(rec["final_loss"])
+    assert rec["data_fingerprint"].startswith("sha256:")
+    assert 0 <= rec["validation"]["nucleus_balanced_accuracy"] <= 1
+    model = load_model(out)
+    assert model.record == rec and model.n_features == 6
+    # same data, same seed: same fingerprint (the record names the data it was made from)
+    rec2 = train(
+        tiny_sample,
+        tmp_path / "m2.pt",
+        epochs=1,
+        seed=0,
+        crop_px=32,
+        crops_per_slice=1,
+        batch_size=4,
+        model_args={"width": 2},
+    )
+    assert rec2["data_fingerprint"] == rec["data_fingerprint"]
+    assert load_model(tmp_path / "m2.pt").record["epochs"] == 1
+
+
+def test_truth_targets_match_sphere_volume():
+    import pandas as pd
+
+    cells = pd.DataFrame({"z_um": [20.0], "y_um": [30.0], "x_um": [30.0], "diameter_um": [10.0]})
+    nucleus, boundary = truth_targets(cells, (20, 60, 60), (2.0, 1.0, 1.0))
+    volume_um3 = nucleus.sum() * 2.0
+    assert abs(volume_um3 - 4 / 3 * np.pi * 5**3) / (4 / 3 * np.pi * 5**3) < 0.1
+    assert boundary.any() and not (boundary & ~nucleus).any()
+    assert nucleus[10, 30, 30] and not boundary[10, 30, 30]
+
+
+# ------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_cuda_half_precision_matches_cpu(noise_volume):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    net = _random_unet(depth=2)
+    image = da.from_array(noise_volume, chunks=UNEVEN)
+    cpu = featurize(image, net, dtype="float32", norm=(0, 1000), device="cpu").compute()
+    gpu = featurize(image, net, dtype="float32", norm=(0, 1000)).compute()  # auto: CUDA
+    np.testing.assert_allclose(gpu, cpu, atol=2e-2 * np.abs(cpu).max())
+
+
+@pytest.mark.gpu
+def test_cupy_blocks_stay_on_the_gpu(noise_volume):
+    cupy = pytest.importorskip("cupy")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    net = _random_unet(depth=2)
+    image = da.from_array(noise_volume, chunks=UNEVEN).map_blocks(cupy.asarray)
+    out = featurize(image, net, dtype="float32", norm=(0, 1000)).compute()
+    assert isinstance(out, cupy.ndarray)
+    ref = run_model(noise_volume, net, norm=(0, 1000), device="cpu")
+    np.testing.assert_allclose(out.get(), ref, atol=2e-2 * np.abs(ref).max())
+
+
+def test_io_buffer_is_not_a_torchscript_archive():
+    # a torch.save zip is not mistaken for TorchScript (both are zip archives)
+    from lightsheet.featurize import _is_torchscript
+
+    buf = io.BytesIO()
+    torch.save({"a": torch.zeros(1)}, buf)
+    assert not _is_torchscript(buf.getvalue())
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(UNet(depth=1, width=2)), buf)
+    assert _is_torchscript(buf.getvalue())
+    assert dask.is_dask_collection(featurize(da.zeros((2, 16, 16)), UNet(depth=1, width=2)))
