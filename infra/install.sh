@@ -23,4 +23,9 @@ spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 echo "installing lightsheet $spec into .venv ..."
 .venv/bin/python -m pip install --quiet -e "$spec"
+# test needs from Debian: Chromium (UI tests) and a single-node SLURM (slurm tests)
+if [ "${1:-}" = "dev" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    bash infra/prefect/install-deps.sh
+    bash infra/slurm/install.sh
+fi
 echo "done: .venv/bin/lightsheet --help"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from lightsheet.clusters import stage_resources
 from lightsheet.lineage import cache_key, make_record, read_lineage
 
 #: Stage output names, in pipeline order: a reader of the output folder sees the pipeline.
@@ -45,18 +47,33 @@ OUTPUTS = {
 
 @contextmanager
 def dask_client() -> Iterator[Any]:
-    """The flow's Dask client inside a task (seceding from the worker's thread pool)."""
-    from prefect_dask import get_dask_client
+    """The flow's Dask client inside a task, seceding from the worker's thread pool.
 
-    with get_dask_client() as client:
+    The stage task waits while its chunk tasks run; seceding frees its worker thread for
+    them (a one-thread SLURM worker would otherwise deadlock).
+    """
+    from distributed import get_worker, worker_client
+
+    try:
+        get_worker()
+    except ValueError:  # not on a Dask worker: library use or another task runner
+        from prefect_dask import get_dask_client
+
+        with get_dask_client() as client:
+            yield client
+        return
+    with worker_client() as client:
         yield client
 
 
-def compute_with_progress(collection: da.Array, level: int = 0, *, description: str) -> Any:
+def compute_with_progress(
+    collection: da.Array, level: int = 0, *, description: str, stage: str | None = None
+) -> Any:
     """Compute on the current Dask client, moving a Prefect progress artifact as chunks finish.
 
     ``level`` is the pyramid level being written (see `lightsheet.io.omezarr.write_image`):
     level 0 holds the stage's work and gets the progress artifact; lower levels are logged.
+    On a mixed cluster a GPU stage's chunks ask for a GPU worker (`stage_resources`).
     Falls back to ``dask.compute`` when no distributed client is active (library use).
     """
     from distributed import as_completed, futures_of, get_client
@@ -66,7 +83,9 @@ def compute_with_progress(collection: da.Array, level: int = 0, *, description: 
     except ValueError:
         return dask.compute(collection)[0]
     logger = get_run_logger()
-    persisted = client.persist(collection)
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    resources = stage_resources(stage, workers) if stage and not level else None
+    persisted = client.persist(collection, resources=resources)
     futures = futures_of(persisted)
     total = len(futures)
     if level:
@@ -160,12 +179,13 @@ class Stage:
                 "flow_run_id": _str(runtime.flow_run.id),
                 "flow_run_name": runtime.flow_run.name,
                 "task_run_id": _str(runtime.task_run.id),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             },
         )
 
     def progress(self, description: str | None = None):
         """The ``compute`` callable for `write_image`: progress artifact + log lines."""
-        return partial(compute_with_progress, description=description or self.name)
+        return partial(compute_with_progress, description=description or self.name, stage=self.name)
 
     def finish(self, fingerprints: Mapping[str, str] | None = None, **extra: Any) -> dict:
         """The stage's record; publishes its artifacts. ``fingerprints`` of new outputs."""
