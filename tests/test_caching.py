@@ -120,13 +120,22 @@ def test_segment_parameter_recomputes_segment_and_density_only(sample, first_run
 
 
 def test_changed_input_file_recomputes_everything(sample, prefect_harness, tmp_path):
+    import tifffile
+
+    sample = shutil.copytree(sample, tmp_path / "sample")  # this test edits a tile
     out = tmp_path / "out"
     run_flow(sample, out)
+    # touched, same content: stitch re-reads the tiles, gets identical voxels (same
+    # fingerprint), so everything downstream is still reused
     tile = sorted((sample / "tiles").glob("*.tif"))[0]
     st = tile.stat()
     os.utime(tile, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    summary = run_flow(sample, out)
-    assert not any(reused(summary).values())
+    assert reused(run_flow(sample, out)) == {"stitch": False, **dict.fromkeys(STAGES[1:], True)}
+    # new content: everything downstream of the tile is recomputed
+    data = tifffile.imread(tile)
+    data[data.shape[0] // 2] += 50
+    tifffile.imwrite(tile, data)
+    assert not any(reused(run_flow(sample, out)).values())
 
 
 def test_artifacts_readable_through_api(first_run):
@@ -154,25 +163,27 @@ def test_resume_after_kill_during_deconvolution(sample, first_run, tmp_path):
     """kill -9 the flow process mid-deconvolution; the re-run equals an uninterrupted run."""
     reference, _, _ = first_run
     out = tmp_path / "out"
-    config = yaml.safe_load((sample / "config.yaml").read_text())
-    config["output"] = str(out)
+    config = load_config(sample / "config.yaml").model_copy(update={"output": out})
+    config = config.model_dump(mode="json")  # absolute paths: the YAML moves
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     # the subprocess uses its own temporary Prefect server
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     cmd = [sys.executable, "-m", "lightsheet.cli", "run", str(config_path)]
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    log = open(tmp_path / "killed-run.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=log)
     deadline = time.monotonic() + 300
     try:
         while not list(out.glob(".deconvolved.ome.zarr.partial-*")):
-            assert proc.poll() is None, "the run ended before deconvolution started"
+            if proc.poll() is not None:
+                tail = (tmp_path / "killed-run.log").read_text()[-3000:]
+                pytest.fail(f"the run ended before deconvolution started:\n{tail}")
             assert time.monotonic() < deadline, "deconvolution never started"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+        log.close()
     assert (out / "raw.ome.zarr").is_dir()
     assert not (out / "deconvolved.ome.zarr").exists(), "a partial output looks complete"
     subprocess.run(cmd, env=env, check=True, timeout=600, capture_output=True)

@@ -166,9 +166,9 @@ def test_ui_shows_run_and_artifact_table(stack, finished_run):
             page,
             None,
             TEST_OUTPUT / "flow-run-artifacts.png",
-            texts=["run-summary", "density-top-regions", "segment-cells"],
+            texts=["run-summary", "Task runs"],
         )
-        assert "TABLE" in listed.upper()
+        assert "MARKDOWN" in listed.upper()
         page_text = browser.snapshot(
             page,
             f"{stack.ui}/artifacts/artifact/{table['id']}",
