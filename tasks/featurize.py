@@ -5,17 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import dask.array as da
+import numpy as np
 from prefect import task
 
 from lightsheet.config import FeaturizeConfig
-from lightsheet.featurize import featurize, load_model
 from lightsheet.io.omezarr import read_image, write_image
 from tasks._common import OUTPUTS, Stage, dask_client, output_input, publish_image
 
 
 @task(name="featurize")
 def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output: str) -> dict:
-    """UNet features of one channel at every time point; features are the channel axis."""
+    """UNet features of one channel at every time point; features are the channel axis.
+
+    The UNet is 2-D per z-slice, so blocks are thinned in z until one block's F features fit
+    in `FEATURE_BLOCK_BYTES`: memory per worker thread stays small whatever F is, at no cost
+    in halo.
+    """
+    from lightsheet.featurize import featurize, load_model  # torch: only where tasks run
+
     model = load_model(config.model)
     stage = Stage(
         "featurize",
@@ -35,6 +42,8 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
         with dask_client():
             source, voxel_size_um, _ = read_image(image["path"])
             check_channel(channel, source.shape[1], "segment.channel")
+            n_features = featurize(source[0, channel], model).shape[0]  # lazy: no compute
+            source = thin_z(source, n_features * np.dtype(config.dtype).itemsize)
             features = da.stack(
                 [
                     featurize(
@@ -55,6 +64,17 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
     record = stage.finish(None if stage.reused else {"path": fingerprint})
     record.update(publish_image(record))
     return record
+
+
+#: Bytes of features one block may produce (all F features of its voxels).
+FEATURE_BLOCK_BYTES = 64 << 20
+
+
+def thin_z(image: da.Array, bytes_per_voxel: int) -> da.Array:
+    """Rechunk a (T, C, Z, Y, X) image along z so one block's features fit the budget."""
+    zc, yc, xc = image.chunksize[2:]
+    z = max(1, min(zc, FEATURE_BLOCK_BYTES // max(1, yc * xc * bytes_per_voxel)))
+    return image if z == zc else image.rechunk((1, 1, z, yc, xc))
 
 
 def check_channel(channel: int, n_channels: int, parameter: str) -> None:
