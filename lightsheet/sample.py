@@ -60,6 +60,7 @@ import numpy as np
 import pandas as pd
 
 from lightsheet.config import DEFAULT_PATTERN
+from lightsheet.density import TABLE_COLUMNS as DENSITY_COLUMNS
 from lightsheet.errors import OutputExistsError, SampleError
 from lightsheet.psf import psf_from_optics, write_psf
 
@@ -215,22 +216,6 @@ REGIONS = (
 #: The brain's semi-axes as a fraction of the volume's extent (the rest is a margin).
 BRAIN_SEMI_AXIS_FRACTION = 0.42
 
-DENSITY_COLUMNS = (
-    "structure_id",
-    "acronym",
-    "structure_name",
-    "parent_structure_id",
-    "depth",
-    "left_cell_count",
-    "right_cell_count",
-    "total_cells",
-    "left_volume_mm3",
-    "right_volume_mm3",
-    "total_volume_mm3",
-    "left_cells_per_mm3",
-    "right_cells_per_mm3",
-    "total_cells_per_mm3",
-)
 CELL_COLUMNS = (
     "cell_id",
     "t",
