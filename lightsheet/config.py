@@ -24,6 +24,14 @@ ChunkShape = tuple[
 #: ``ex6-2_CamA_ch1_CAM1_stack0000_560nm_0000000msec_0001291795msecAbs_000x_001y_000z_0000t.tif``
 DEFAULT_PATTERN = r"_ch(?P<c>\d+)_.*_(?P<x>\d+)x_(?P<y>\d+)y_(?P<z>\d+)z_(?P<t>\d+)t\.tiff?$"
 PATTERN_GROUPS = ("c", "t", "z", "y", "x")
+#: BrainGlobe orientation letters: each axis names one letter of each pair where it starts.
+ORIENTATION_PAIRS = ("ap", "si", "lr")
+
+
+def is_orientation(value: str) -> bool:
+    """True for a BrainGlobe three-letter orientation such as ``"asr"`` (any case)."""
+    v = str(value).lower()
+    return len(v) == 3 and all(sum(c in pair for c in v) == 1 for pair in ORIENTATION_PAIRS)
 
 
 class _Model(BaseModel):
@@ -140,7 +148,7 @@ class DensityConfig(_Model):
     @classmethod
     def _orientation(cls, v: str) -> str:
         v = v.lower()
-        if len(v) != 3 or not all(sum(c in pair for c in v) == 1 for pair in ("ap", "si", "lr")):
+        if not is_orientation(v):
             raise ValueError(
                 f"orientation must be three letters, one from each of a/p, s/i, l/r; got {v!r}"
             )

@@ -29,6 +29,7 @@ import dask
 import numpy as np
 import pandas as pd
 
+from lightsheet.config import ORIENTATION_PAIRS
 from lightsheet.errors import AtlasCoverageWarning, AtlasError, ConfigError
 from lightsheet.io.atlas import (
     HEMISPHERE_LEFT,
@@ -63,7 +64,6 @@ TABLE_COLUMNS = (
     "right_cells_per_mm3",
     "total_cells_per_mm3",
 )
-_PAIRS = ("ap", "si", "lr")
 _UM3_PER_MM3 = 1e9
 
 
@@ -211,7 +211,7 @@ def image_to_atlas(
     reorient = np.zeros((4, 4))
     reorient[3, 3] = 1.0
     for k, letter in enumerate(atlas.orientation):
-        pair = next(p for p in _PAIRS if letter in p)
+        pair = next(p for p in ORIENTATION_PAIRS if letter in p)
         j = next(i for i, c in enumerate(orientation) if c in pair)
         if orientation[j] == letter:
             reorient[k, j] = 1.0

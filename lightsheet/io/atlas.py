@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from dask.base import tokenize
 
+from lightsheet.config import is_orientation
 from lightsheet.errors import AtlasError
 
 #: Hemisphere values (BrainGlobe).
@@ -38,7 +39,6 @@ HEMISPHERE_NONE, HEMISPHERE_LEFT, HEMISPHERE_RIGHT = 0, 1, 2
 #: Default size of one annotation chunk read at a time.
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 
-_PAIRS = ("ap", "si", "lr")
 _ANNOTATION_NAMES = ("annotation.tiff", "annotation.tif", "annotation.ome.zarr", "annotation.zarr")
 _HEMISPHERE_NAMES = (
     "hemispheres.tiff",
@@ -71,7 +71,7 @@ def validate_orientation(orientation: str, *, name: str = "orientation") -> str:
         What to call it in the error message.
     """
     v = str(orientation).lower()
-    if len(v) != 3 or not all(sum(c in pair for c in v) == 1 for pair in _PAIRS):
+    if not is_orientation(v):
         raise AtlasError(
             f"{name}: invalid orientation {orientation!r}; expected three letters, one from "
             "each pair a/p, s/i, l/r naming where each axis starts (e.g. 'asr')"
