@@ -190,54 +190,45 @@ def write_crop(
     from lightsheet.io.omezarr import read_image, write_image
 
     path = Path(folder) / "crop.ome.zarr"
+    config = None
     if Path(source).suffix in (".yaml", ".yml"):
         from lightsheet.ingest import discover
-        from lightsheet.psf import load_psf
         from lightsheet.stitch import stitch
 
         config = load_config(source)
-        volume = stitch(discover(config.input, config.pattern), voxel_size_um=config.voxel_size_um)
+        image = stitch(discover(config.input, config.pattern), voxel_size_um=config.voxel_size_um)
         voxel = tuple(float(v) for v in config.voxel_size_um)
-        volume = _select(volume, t, channel, source)
-        box = crop_box(
-            volume.shape,
-            voxel,
-            nucleus_diameter_um=base.nucleus_diameter_um,
-            start_zyx=start_zyx,
-            crop_shape_zyx=crop_shape_zyx,
-        )
-        if deconvolve_crop and config.deconvolve.enabled:
-            from lightsheet.deconvolve import deconvolve
-
-            psf = load_psf(config.psf)
-            # deconvolve with a PSF-sized margin of real data, then trim it: no edge artefacts
-            margin = [
-                min(s.start, n - s.stop, p // 2)
-                for s, n, p in zip(box, volume.shape, psf.shape, strict=True)
-            ]
-            wide = tuple(slice(s.start - m, s.stop + m) for s, m in zip(box, margin, strict=True))
-            sharp = deconvolve(
-                volume[wide].astype(np.float32),
-                psf,
-                iterations=config.deconvolve.iterations,
-                acceleration=config.deconvolve.acceleration,
-            )
-            crop = sharp[
-                tuple(slice(m, m + (s.stop - s.start)) for s, m in zip(box, margin, strict=True))
-            ]
-        else:
-            crop = volume[box]
     else:
         image, voxel, _ = read_image(source)
-        volume = _select(image, t, channel, source)
-        box = crop_box(
-            volume.shape,
-            voxel,
-            nucleus_diameter_um=base.nucleus_diameter_um,
-            start_zyx=start_zyx,
-            crop_shape_zyx=crop_shape_zyx,
+    volume = _select(image, t, channel, source)
+    box = crop_box(
+        volume.shape,
+        voxel,
+        nucleus_diameter_um=base.nucleus_diameter_um,
+        start_zyx=start_zyx,
+        crop_shape_zyx=crop_shape_zyx,
+    )
+    crop = volume[box]
+    if config is not None and deconvolve_crop and config.deconvolve.enabled:
+        from lightsheet.deconvolve import deconvolve
+        from lightsheet.psf import load_psf
+
+        psf = load_psf(config.psf)
+        # deconvolve with a PSF-sized margin of real data, then trim it: no edge artefacts
+        margin = [
+            min(s.start, n - s.stop, p // 2)
+            for s, n, p in zip(box, volume.shape, psf.shape, strict=True)
+        ]
+        wide = tuple(slice(s.start - m, s.stop + m) for s, m in zip(box, margin, strict=True))
+        sharp = deconvolve(
+            volume[wide].astype(np.float32),
+            psf,
+            iterations=config.deconvolve.iterations,
+            acceleration=config.deconvolve.acceleration,
         )
-        crop = volume[box]
+        crop = sharp[
+            tuple(slice(m, m + (s.stop - s.start)) for s, m in zip(box, margin, strict=True))
+        ]
     write_image(da.asarray(crop)[None, None], path, voxel_size_um=voxel, name="crop")
     start = [s.start for s in box]
     shape = [s.stop - s.start for s in box]
