@@ -46,7 +46,7 @@ from scipy import ndimage as ndi
 from torch import nn
 
 from lightsheet.errors import ModelError
-from lightsheet.unet import HEAD_CLASSES, UNet
+from lightsheet.unet import HEAD_CLASSES, CpuUNet, UNet
 
 #: File name of the bundled default checkpoint inside ``lightsheet/models``.
 DEFAULT_MODEL = "unet_default.safetensors"
@@ -401,7 +401,11 @@ class _ModelPayload:
                 else:  # a copy: moving to a device or dtype must not touch the caller's
                     net = copy.deepcopy(self.blob)
                 net = net.eval().to(device=device, dtype=precision)
-                if device.type == "cpu" and not isinstance(net, torch.jit.ScriptModule):
+                cpu = device.type == "cpu"
+                if cpu and isinstance(net, UNet) and precision == torch.float32:
+                    if CpuUNet.available():  # fused conv + ReLU, channels-last (unet.py)
+                        net = CpuUNet(net)
+                if cpu and not isinstance(net, (torch.jit.ScriptModule, CpuUNet)):
                     # channels-last convolutions are ~30 % faster with oneDNN on CPU
                     net = net.to(memory_format=_channels_last(net))
                 self._modules[key] = net
@@ -553,6 +557,8 @@ def run_model(
                 if out_np is None:
                     n_z = len(zs) if ndim == 2 else y.shape[1]
                     out_np = np.empty((y.shape[0], n_z, *y.shape[2:]), dtype=out_dtype)
+                if out_dtype in _TORCH_DTYPES:  # torch casts ~4x faster than a strided NumPy copy
+                    y = y.to(_TORCH_DTYPES[out_dtype])
                 out_np[:, z_done : z_done + y.shape[1]] = y.numpy()
                 z_done += y.shape[1]
             else:

@@ -143,17 +143,7 @@ class UNet(nn.Module):
         Inputs whose size is not a multiple of ``alignment_px`` are zero-padded at the far
         end and the output cropped back, so any slice size works.
         """
-        spatial = x.shape[2:]
-        a = self.alignment_px
-        # F.pad lists the last axis first: (x_before, x_after, y_before, y_after, ...)
-        pad: list[int] = []
-        padded = False
-        for k in range(len(spatial) - 1, -1, -1):
-            extra = (a - spatial[k] % a) % a
-            pad += [0, extra]
-            padded = padded or extra > 0
-        if padded:
-            x = nnf.pad(x, pad)
+        x, spatial = _pad_to_grid(x, self.alignment_px)
         skips: list[torch.Tensor] = []
         for block in self.down:
             x = block(x)
@@ -165,14 +155,33 @@ class UNet(nn.Module):
             x = up(x, skips[i])
             i -= 1
         x = nnf.relu(self.to_features(x))
-        if self.ndim == 2:
-            return x[:, :, : spatial[0], : spatial[1]]
-        return x[:, :, : spatial[0], : spatial[1], : spatial[2]]
+        return _crop_to(x, spatial)
 
     @torch.jit.export
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Segmentation-head logits ``(B, 2, *spatial)``: nucleus, boundary."""
         return self.head(self.forward(x))
+
+
+def _pad_to_grid(x: torch.Tensor, a: int) -> tuple[torch.Tensor, list[int]]:
+    """Zero-pad the spatial axes at the far end to multiples of ``a``; also the old sizes."""
+    spatial = [int(n) for n in x.shape[2:]]
+    # F.pad lists the last axis first: (x_before, x_after, y_before, y_after, ...)
+    pad: list[int] = []
+    padded = False
+    for k in range(len(spatial) - 1, -1, -1):
+        extra = (a - spatial[k] % a) % a
+        pad += [0, extra]
+        padded = padded or extra > 0
+    if padded:
+        x = nnf.pad(x, pad)
+    return x, spatial
+
+
+def _crop_to(x: torch.Tensor, spatial: list[int]) -> torch.Tensor:
+    if len(spatial) == 2:
+        return x[:, :, : spatial[0], : spatial[1]]
+    return x[:, :, : spatial[0], : spatial[1], : spatial[2]]
 
 
 def _max_pool(x: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -224,3 +233,82 @@ def _dilate(x: np.ndarray, steps: int) -> np.ndarray:
         y[:-1] |= x[1:]
         x = y
     return x
+
+
+class CpuUNet(nn.Module):
+    """Inference-only twin of a `UNet` for the CPU: same weights, same outputs, faster.
+
+    Each 3×3 convolution and its ReLU are one oneDNN call
+    (``torch.ops.mkldnn._convolution_pointwise`` with the ReLU as a post-op), so the
+    activations are written once instead of being written, read and written again by a
+    separate ReLU; weights are kept channels-last, so every activation is channels-last and
+    no layout conversion happens between layers. Measured on the default model (one
+    304×304 slice, one thread): ~1.7× the eager channels-last `UNet`. No autograd; build it
+    from a `UNet` already in eval mode and in float32 on the CPU, with `available` true.
+
+    Examples
+    --------
+    >>> net = UNet(depth=2, width=4, features=6).eval()
+    >>> x = torch.rand(2, 1, 30, 17)
+    >>> bool(torch.allclose(CpuUNet(net)(x), net(x), atol=1e-5)) if CpuUNet.available() else True
+    True
+    """
+
+    def __init__(self, net: UNet) -> None:
+        super().__init__()
+        for name in ("model_args", "ndim", "depth", "in_channels", "n_features"):
+            setattr(self, name, getattr(net, name))
+        self.alignment_px = net.alignment_px
+        self.receptive_field_px = net.receptive_field_px
+        self._mem = torch.channels_last if net.ndim == 2 else torch.channels_last_3d
+        self._down = [[self._conv(c) for c in block.convs] for block in net.down]
+        self._bottom = [self._conv(c) for c in net.bottom.convs]
+        self._up = [
+            (
+                up.up.weight.detach().clone(),
+                up.up.bias.detach().clone(),
+                [self._conv(c) for c in up.convs.convs],
+            )
+            for up in net.up
+        ]
+        self._features = self._conv(net.to_features)
+        self._head = self._conv(net.head)
+
+    @staticmethod
+    def available() -> bool:
+        """True where this torch has oneDNN and its fused convolution."""
+        return torch.backends.mkldnn.is_available() and hasattr(
+            torch.ops.mkldnn, "_convolution_pointwise"
+        )
+
+    def _conv(self, conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        w = conv.weight.detach().clone().contiguous(memory_format=self._mem)
+        b = None if conv.bias is None else conv.bias.detach().clone()
+        return w, b, [int(p) for p in conv.padding]
+
+    def _run(self, x: torch.Tensor, conv: tuple, attr: str = "relu") -> torch.Tensor:
+        w, b, pad = conv
+        ones = [1] * len(pad)
+        return torch.ops.mkldnn._convolution_pointwise(x, w, b, pad, ones, ones, 1, attr, [], "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``(B, F, *spatial)``, as `UNet.forward`."""
+        x, spatial = _pad_to_grid(x.contiguous(memory_format=self._mem), self.alignment_px)
+        skips = []
+        for block in self._down:
+            for conv in block:
+                x = self._run(x, conv)
+            skips.append(x)
+            x = _max_pool(x, self.ndim)
+        for conv in self._bottom:
+            x = self._run(x, conv)
+        up_conv = nnf.conv_transpose2d if self.ndim == 2 else nnf.conv_transpose3d
+        for w, b, convs in self._up:
+            x = torch.cat([skips.pop(), up_conv(x, w, b, stride=2)], dim=1)
+            for conv in convs:
+                x = self._run(x, conv)
+        return _crop_to(self._run(x, self._features), spatial)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation-head logits ``(B, 2, *spatial)``, as `UNet.logits`."""
+        return self._run(self.forward(x), self._head, "none")

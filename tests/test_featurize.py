@@ -26,7 +26,7 @@ from lightsheet.featurize import (
     train,
     truth_targets,
 )
-from lightsheet.unet import UNet, receptive_field_px
+from lightsheet.unet import CpuUNet, UNet, receptive_field_px
 
 #: Blockwise vs whole-slice features, float32.
 SEAM_ATOL = 1e-4
@@ -114,6 +114,22 @@ def test_blockwise_equals_whole_slices_uneven_chunks(noise_volume, args):
     prob = foreground_probability(image, net, norm=norm).compute()
     ref = run_model(noise_volume, net, norm=norm, mode="probability")
     np.testing.assert_allclose(prob, ref, rtol=0, atol=SEAM_ATOL)
+
+
+@pytest.mark.parametrize(
+    "args", [{"depth": 2}, {"depth": 3, "convs_per_level": 1}, {"ndim": 3, "depth": 1}]
+)
+def test_cpu_inference_module_equals_the_unet(args):
+    # the fused CPU twin that run_model uses: same features and logits as UNet itself
+    if not CpuUNet.available():
+        pytest.skip("this torch has no oneDNN fused convolution")
+    net = _random_unet(**args)
+    fused = CpuUNet(net)
+    shape = (3, 1, 21, 30, 17) if args.get("ndim") == 3 else (3, 1, 30, 17)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        np.testing.assert_allclose(fused(x), net(x), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(fused.logits(x), net.logits(x), rtol=0, atol=1e-5)
 
 
 def test_origin_off_the_pooling_grid_gives_seams(noise_volume):
