@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from prefect import Task, flow, runtime
+from prefect import Task, flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.assets import Asset
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import MaterializingTask
 from prefect_dask import DaskTaskRunner
 
 from lightsheet.clusters import task_runner_kwargs
 from lightsheet.config import PipelineConfig
-from tasks._common import OUTPUTS, markdown_table
-from tasks.deconvolve import deconvolve_volume
-from tasks.density import density_table, top_regions
-from tasks.featurize import featurize_volume
+from lightsheet.ingest import discover
+from tasks._common import OUTPUTS, describe_image, markdown_table, png_markdown
+from tasks.deconvolve import deconvolve_spec, deconvolve_volume
+from tasks.density import density_spec, density_table, top_regions
+from tasks.featurize import featurize_spec, featurize_volume
 from tasks.ingest import ingest
-from tasks.segment import segment_volume
-from tasks.stitch import stitch_tiles
+from tasks.segment import segment_spec, segment_volume
+from tasks.stitch import stitch_spec, stitch_tiles
 
 
 @flow(name="lightsheet-pipeline")
@@ -31,7 +35,15 @@ def pipeline(config: PipelineConfig) -> dict:
     The cluster is a parameter, so the same deployment runs on a laptop, SLURM or GPUs:
     the stages run as a subflow whose task runner is built from it.
     """
-    runner = DaskTaskRunner(**task_runner_kwargs(config.cluster))
+    stale = first_stale_stage(config)
+    if stale is None:
+        get_run_logger().info(
+            "every stage's outputs are up to date: reusing them without starting a Dask cluster"
+        )
+        runner = ThreadPoolTaskRunner()
+    else:
+        get_run_logger().info("computing from the %s stage on", stale)
+        runner = DaskTaskRunner(**task_runner_kwargs(config.cluster))
     with shared_api_url():
         summary = stages.with_options(task_runner=runner)(config)
     # on the parent run too, so the run a user opens shows its summary
@@ -74,37 +86,87 @@ def materializing(task: Task, *outputs: Path) -> MaterializingTask:
     )
 
 
+#: Each stage's task, its spec function and the outputs (keys of ``OUTPUTS``) it writes.
+STAGES = {
+    "stitch": (stitch_tiles, stitch_spec, ("stitch",)),
+    "deconvolve": (deconvolve_volume, deconvolve_spec, ("deconvolve",)),
+    "featurize": (featurize_volume, featurize_spec, ("featurize",)),
+    "segment": (segment_volume, segment_spec, ("segment", "segment_table")),
+    "density": (density_table, density_spec, ("density", "density_cells")),
+}
+
+
+def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
+    """The stages' order and arguments, written once for running and for checking.
+
+    ``ingest_step(input, pattern, psf, atlas, output)`` gives the tile manifest and
+    ``step(name, *args)`` a stage's record (or a future of it); the task arguments are
+    those of `STAGES`' tasks. Returns the manifest and every stage's result (None for a
+    disabled stage; deconvolution's is the raw image's when disabled).
+    """
+    o = str(config.output)
+    manifest = ingest_step(config.input, config.pattern, str(config.psf), str(config.atlas), o)
+    raw = step("stitch", manifest, list(config.voxel_size_um), config.stitch.chunks_zyx, o)
+    image = raw
+    if config.deconvolve.enabled:
+        image = step("deconvolve", raw, str(config.psf), config.deconvolve, o)
+    features = None
+    if config.featurize.enabled:
+        features = step("featurize", image, config.segment.channel, config.featurize, o)
+    model = None if config.featurize.model is None else str(config.featurize.model)
+    segmented = step("segment", image, features, config.segment, model, o)
+    density = step("density", segmented, raw, str(config.atlas), config.density, o)
+    return [manifest, raw, image, features, segmented, density]
+
+
+class _Stale(Exception):
+    pass
+
+
+def first_stale_stage(config: PipelineConfig) -> str | None:
+    """The first stage whose outputs must be (re)computed, or None when all are up to date.
+
+    Checked in the flow before any cluster starts, from the same specs the tasks use: a
+    re-run with nothing to do needs no Dask cluster. Best effort: anything unexpected (a
+    missing or changed input, an unreadable record) names ingest, and the tasks then
+    report it properly.
+    """
+    out = Path(config.output)
+
+    def check(name: str, *args: Any) -> dict:
+        spec = STAGES[name][1](*args)
+        fingerprints = spec.reusable()
+        if fingerprints is None:
+            raise _Stale(name)
+        record = spec.record(fingerprints)
+        if name == "stitch":  # downstream specs read the image's shape and voxel size
+            record.update(describe_image(out / OUTPUTS["stitch"]))
+        return record
+
+    try:
+        wire(config, lambda input, pattern, *_: discover(input, pattern).to_dict(), check)
+    except _Stale as stale:
+        return str(stale)
+    except Exception:  # noqa: BLE001 - any problem: let the tasks run and explain it
+        return "ingest"
+    return None
+
+
 @flow(name="lightsheet-stages")
 def stages(config: PipelineConfig) -> dict:
     """Ingest → stitch → deconvolve → featurize → segment → density."""
     out = Path(config.output)
-    o = str(out)
-    voxel = list(config.voxel_size_um)
-    manifest = ingest.submit(config.input, config.pattern, str(config.psf), str(config.atlas), o)
-    raw = materializing(stitch_tiles, out / OUTPUTS["stitch"]).submit(
-        manifest, voxel, config.stitch.chunks_zyx, o
-    )
-    image = raw
-    if config.deconvolve.enabled:
-        image = materializing(deconvolve_volume, out / OUTPUTS["deconvolve"]).submit(
-            raw, str(config.psf), config.deconvolve, o
-        )
-    features = None
-    if config.featurize.enabled:
-        features = materializing(featurize_volume, out / OUTPUTS["featurize"]).submit(
-            image, config.segment.channel, config.featurize, o
-        )
-    segmented = materializing(
-        segment_volume, out / OUTPUTS["segment"], out / OUTPUTS["segment_table"]
-    ).submit(image, features, config.segment, _str(config.featurize.model), o)
-    density = materializing(
-        density_table, out / OUTPUTS["density"], out / OUTPUTS["density_cells"]
-    ).submit(segmented, raw, str(config.atlas), config.density, o)
+
+    def submit(name: str, *args: Any) -> PrefectFuture:
+        task, _, roles = STAGES[name]
+        return materializing(task, *(out / OUTPUTS[r] for r in roles)).submit(*args)
+
+    manifest, *futures = wire(config, ingest.submit, submit)
     # in pipeline order, so the first failure is the error the run reports
     manifest.result()
-    records = [f.result() for f in (raw, image, features, segmented, density) if f is not None]
+    records = [f.result() for f in futures if f is not None]
     records = list({r["stage"]: r for r in records}.values())
-    return summarize(records, o)
+    return summarize(records, str(out))
 
 
 def summarize(records: list[dict], output: str) -> dict:
@@ -131,6 +193,8 @@ def summarize(records: list[dict], output: str) -> dict:
         "",
         markdown_table(top.round(1)),
         "",
+        png_markdown(Path(density["plots"][0]), "densest regions"),
+        "",
         f"Plots: {', '.join(density['plots'])}",
     ]
     create_markdown_artifact(key="run-summary", markdown="\n".join(md), description=output)
@@ -146,7 +210,3 @@ def summarize(records: list[dict], output: str) -> dict:
         "top_regions": top.to_dict(orient="records"),
         "warnings": density["warnings"],
     }
-
-
-def _str(path: Path | None) -> str | None:
-    return None if path is None else str(path)

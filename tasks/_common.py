@@ -1,9 +1,11 @@
 """What every stage task shares: cache checks, lineage, progress and artifacts.
 
-A task describes its stage as a `Stage` (name, output, parameters, input fingerprints). The
-stage's cache key decides whether the output on disk can be reused; otherwise the task
-computes, writes with the lineage record, and `Stage.finish` returns the small record that
-flows pass on (paths, fingerprints, timings — never arrays).
+Each task module describes its stage with a ``*_spec`` function returning a `StageSpec`
+(name, outputs, parameters, input fingerprints). The spec's cache key decides whether the
+output on disk can be reused; otherwise the task computes and writes with the lineage
+record, and `Stage.finish` returns the small record that flows pass on (paths,
+fingerprints, timings — never arrays). The flow uses the same specs to see, before it
+starts a cluster, whether every stage is up to date.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -116,8 +119,13 @@ def output_input(record: Mapping[str, Any], path_key: str = "path") -> dict[str,
     }
 
 
-class Stage:
-    """One stage's run: its cache key, whether its outputs can be reused, its lineage record.
+@dataclass
+class StageSpec:
+    """What a stage makes from what: enough for its cache key and the reuse check.
+
+    Built by each task module's ``*_spec`` function from the task's own arguments, so the
+    task and the flow's up-front reuse check (`flows.pipeline.up_to_date`) agree. Needs no
+    Prefect run context and no heavy imports.
 
     Parameters
     ----------
@@ -133,48 +141,80 @@ class Stage:
         Outputs of the same run shown in the lineage but not part of the cache key.
     """
 
-    def __init__(
-        self,
-        name: str,
-        outputs: Mapping[str, Path],
-        params: Mapping[str, Any],
-        inputs: Mapping[str, Mapping[str, Any]],
-        related: Mapping[str, Mapping[str, Any]] | None = None,
-    ):
-        self.name = name
-        self.related = dict(related or {})
-        self.outputs = {k: Path(v) for k, v in outputs.items()}
-        self.params = dict(params)
-        self.inputs = dict(inputs)
-        self.key = cache_key(name, self.params, self.inputs)
-        self.started = time.time()
-        self.logger = get_run_logger()
+    name: str
+    outputs: Mapping[str, Path]
+    params: Mapping[str, Any]
+    inputs: Mapping[str, Mapping[str, Any]]
+    related: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.outputs = {k: Path(v) for k, v in self.outputs.items()}
+        self.params, self.inputs, self.related = (
+            dict(self.params),
+            dict(self.inputs),
+            dict(self.related),
+        )
+        self.key = cache_key(self.name, self.params, self.inputs)
+
+    def reusable(self) -> dict[str, str] | None:
+        """Output fingerprints by role if every output on disk was made under this key."""
         records = [read_lineage(p) for p in self.outputs.values()]
-        reusable = all(
+        if all(
             r is not None and r.get("cache_key") == self.key and r.get("output_fingerprint")
             for r in records
-        )
-        self.reused = (
-            {role: r["output_fingerprint"] for role, r in zip(self.outputs, records, strict=True)}
-            if reusable
-            else None
-        )
+        ):
+            return {
+                role: r["output_fingerprint"]  # type: ignore[index]
+                for role, r in zip(self.outputs, records, strict=True)
+            }
+        return None
+
+    def record(self, fingerprints: Mapping[str, str], **extra: Any) -> dict[str, Any]:
+        """The small record a stage hands downstream (paths, fingerprints; never arrays)."""
+        fps = dict(fingerprints)
+        return {
+            "stage": self.name,
+            **{role: str(p) for role, p in self.outputs.items()},
+            "path": str(next(iter(self.outputs.values()))),
+            "fingerprints": {**fps, "path": next(iter(fps.values()), None)},
+            "cache_key": self.key,
+            **extra,
+        }
+
+
+class Stage:
+    """One stage's run inside its task: reuse decision, lineage record, progress, record.
+
+    Parameters
+    ----------
+    spec : StageSpec
+        The stage's outputs, parameters and inputs.
+    """
+
+    def __init__(self, spec: StageSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.outputs = spec.outputs
+        self.started = time.time()
+        self.logger = get_run_logger()
+        self.reused = spec.reusable()
         if self.reused:
             self.logger.info(
                 "%s: reusing %s (same inputs, parameters and code)",
-                name,
+                self.name,
                 ", ".join(str(p) for p in self.outputs.values()),
             )
 
     def lineage(self) -> dict[str, Any]:
         """The lineage record to store with each output."""
+        spec = self.spec
         return make_record(
-            self.name,
-            params=self.params,
-            inputs=self.inputs,
-            key=self.key,
+            spec.name,
+            params=spec.params,
+            inputs=spec.inputs,
+            key=spec.key,
             started=self.started,
-            related=self.related,
+            related=spec.related,
             run={
                 "flow_run_id": _str(runtime.flow_run.id),
                 "flow_run_name": runtime.flow_run.name,
@@ -188,20 +228,13 @@ class Stage:
         return partial(compute_with_progress, description=description or self.name, stage=self.name)
 
     def finish(self, fingerprints: Mapping[str, str] | None = None, **extra: Any) -> dict:
-        """The stage's record; publishes its artifacts. ``fingerprints`` of new outputs."""
-        seconds = time.time() - self.started
-        fps = dict(self.reused or fingerprints or {})
-        record = {
-            "stage": self.name,
-            **{role: str(p) for role, p in self.outputs.items()},
-            "path": str(next(iter(self.outputs.values()))),
-            "fingerprints": {**fps, "path": next(iter(fps.values()), None)},
-            "cache_key": self.key,
-            "reused": self.reused is not None,
-            "seconds": round(seconds, 3),
+        """The stage's record. ``fingerprints``: of the new outputs (None when reused)."""
+        return self.spec.record(
+            self.reused or fingerprints or {},
+            reused=self.reused is not None,
+            seconds=round(time.time() - self.started, 3),
             **extra,
-        }
-        return record
+        )
 
 
 def _str(value: Any) -> str | None:
@@ -245,10 +278,10 @@ def publish_image(record: Mapping[str, Any], *, channel: int = 0) -> dict[str, A
         table=[{"field": k, "value": str(v)} for k, v in rows.items()],
         description=f"{stage} output {path.name}",
     )
-    png = base64.b64encode(mip_png(path, channel=channel)).decode()
+    thumbnail = png_markdown(mip_png(path, channel=channel), "MIP")
     create_markdown_artifact(
         key=f"{stage}-thumbnail",
-        markdown=f"### {stage}: {path.name}\n\n![MIP](data:image/png;base64,{png})\n",
+        markdown=f"### {stage}: {path.name}\n\n{thumbnail}",
         description=f"{stage}: maximum-intensity projection along z",
     )
     create_link_artifact(
@@ -282,6 +315,12 @@ def mip_png(path: Path, *, channel: int = 0, max_side: int = 256) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def png_markdown(png: bytes | Path, alt: str) -> str:
+    """A PNG (bytes or file) embedded in markdown, so an artifact shows it without a server."""
+    data = png.read_bytes() if isinstance(png, Path) else png
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})"
 
 
 def markdown_table(table) -> str:

@@ -13,13 +13,12 @@ from lightsheet.deconvolve import deconvolve
 from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.lineage import file_content_fingerprint
 from lightsheet.psf import load_psf
-from tasks._common import OUTPUTS, Stage, dask_client, output_input, publish_image
+from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, output_input, publish_image
 
 
-@task(name="deconvolve")
-def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str) -> dict:
-    """Deconvolve every selected channel and time point; other channels pass through."""
-    stage = Stage(
+def deconvolve_spec(raw: dict, psf: str, config: DeconvolveConfig, output: str) -> StageSpec:
+    """What `deconvolve_volume` makes from the raw image and the PSF."""
+    return StageSpec(
         "deconvolve",
         {"path": Path(output) / OUTPUTS["deconvolve"]},
         params=config.model_dump(mode="json"),
@@ -28,6 +27,12 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
             "psf": {"kind": "file", "path": psf, "fingerprint": file_content_fingerprint(psf)},
         },
     )
+
+
+@task(name="deconvolve")
+def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str) -> dict:
+    """Deconvolve every selected channel and time point; other channels pass through."""
+    stage = Stage(deconvolve_spec(raw, psf, config, output))
     if not stage.reused:
         psf_array = load_psf(psf)
         with dask_client():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import warnings
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from lightsheet.lineage import (
     folder_fingerprint,
     write_sidecar,
 )
-from tasks._common import OUTPUTS, Stage, markdown_table, output_input
+from tasks._common import OUTPUTS, Stage, StageSpec, markdown_table, output_input, png_markdown
 
 #: density.csv columns shown first in artifacts and summaries.
 SUMMARY_COLUMNS = [
@@ -40,6 +39,26 @@ SUMMARY_COLUMNS = [
 ]
 
 
+def density_spec(
+    segmented: dict, raw: dict, atlas: str, config: DensityConfig, output: str
+) -> StageSpec:
+    """What `density_table` makes from the cells table and the atlas."""
+    out = Path(output)
+    return StageSpec(
+        "density",
+        {"density": out / OUTPUTS["density"], "cells": out / OUTPUTS["density_cells"]},
+        params={
+            **config.model_dump(mode="json"),
+            "image_shape_zyx": list(raw["shape"][2:]),
+            "voxel_size_um": list(raw["voxel_size_um"]),
+        },
+        inputs={
+            "cells": output_input(segmented, "cells"),
+            "atlas": {"kind": "atlas", "path": atlas, "fingerprint": folder_fingerprint(atlas)},
+        },
+    )
+
+
 @task(name="density")
 def density_table(
     segmented: dict, raw: dict, atlas: str, config: DensityConfig, output: str
@@ -47,21 +66,12 @@ def density_table(
     """Map cells into the atlas, count per region and hemisphere, divide by volume."""
     out = Path(output)
     image_shape_zyx, voxel_size_um = raw["shape"][2:], raw["voxel_size_um"]
-    stage = Stage(
-        "density",
-        {"density": out / OUTPUTS["density"], "cells": out / OUTPUTS["density_cells"]},
-        params={
-            **config.model_dump(mode="json"),
-            "image_shape_zyx": list(image_shape_zyx),
-            "voxel_size_um": list(voxel_size_um),
-        },
-        inputs={
-            "cells": output_input(segmented, "cells"),
-            "atlas": {"kind": "atlas", "path": atlas, "fingerprint": folder_fingerprint(atlas)},
-        },
-    )
-    atlas_obj = load_atlas(atlas)
+    stage = Stage(density_spec(segmented, raw, atlas, config, output))
     caught: list[warnings.WarningMessage] = []
+    plots = [out / "density_top_regions.png", out / "density_slice.png"]
+    # a reused table needs the atlas only to redraw plots deleted since
+    plot = not stage.reused or not all(p.is_file() for p in plots)
+    atlas_obj = load_atlas(atlas) if plot else None
     if not stage.reused:
         transform = AtlasTransform.from_config(
             config, atlas_obj, image_shape=image_shape_zyx, voxel_size_um=voxel_size_um
@@ -86,8 +96,7 @@ def density_table(
             write_sidecar(stage.outputs[role], finish_record(lineage, fps[role]))
     record = stage.finish(None if stage.reused else fps)
     table = pd.read_csv(record["density"])
-    plots = [out / "density_top_regions.png", out / "density_slice.png"]
-    if not stage.reused or not all(p.is_file() for p in plots):
+    if plot:
         plot_top_regions(table, plots[0])
         plot_density_slice(table, atlas_obj, plots[1])
     publish_density(table, plots, record["density"])
@@ -115,10 +124,7 @@ def publish_density(table: pd.DataFrame, plots: list[Path], where: str) -> None:
         table=top_regions(table, 15).round(4).to_dict(orient="records"),
         description=f"Densest regions ({where})",
     )
-    images = "\n\n".join(
-        f"![{p.stem}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})"
-        for p in plots
-    )
+    images = "\n\n".join(png_markdown(p, p.stem) for p in plots)
     create_markdown_artifact(
         key="density-plots",
         markdown=f"### Cell density\n\n{markdown_table(top_regions(table).round(1))}\n\n{images}",

@@ -10,7 +10,27 @@ from prefect import task
 
 from lightsheet.config import FeaturizeConfig
 from lightsheet.io.omezarr import read_image, write_image
-from tasks._common import OUTPUTS, Stage, dask_client, output_input, publish_image
+from lightsheet.models import checkpoint_sha256
+from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, output_input, publish_image
+
+
+def featurize_spec(image: dict, channel: int, config: FeaturizeConfig, output: str) -> StageSpec:
+    """What `featurize_volume` makes from an image and the model checkpoint."""
+    return StageSpec(
+        "featurize",
+        {"path": Path(output) / OUTPUTS["featurize"]},
+        params={**config.model_dump(mode="json"), "channel": channel},
+        inputs={"image": output_input(image), "model": model_input(config.model)},
+    )
+
+
+def model_input(path: str | Path | None) -> dict:
+    """A model checkpoint as a stage input, fingerprinted by its bytes (torch not needed)."""
+    return {
+        "kind": "model checkpoint",
+        "path": str(path or "bundled default"),
+        "fingerprint": checkpoint_sha256(path),
+    }
 
 
 @task(name="featurize")
@@ -21,24 +41,14 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
     in `FEATURE_BLOCK_BYTES`: memory per worker thread stays small whatever F is, at no cost
     in halo.
     """
-    from lightsheet.featurize import featurize, load_model  # torch: only where tasks run
-
-    model = load_model(config.model)
-    stage = Stage(
-        "featurize",
-        {"path": Path(output) / OUTPUTS["featurize"]},
-        params={**config.model_dump(mode="json"), "channel": channel},
-        inputs={
-            "image": output_input(image),
-            "model": {
-                "kind": "model checkpoint",
-                "path": str(config.model or "bundled default"),
-                "fingerprint": model.checkpoint_sha256,
-                "record": getattr(model, "record", {}),
-            },
-        },
-    )
+    spec = featurize_spec(image, channel, config, output)
+    stage = Stage(spec)
     if not stage.reused:
+        from lightsheet.featurize import featurize, load_model  # torch: only where tasks run
+
+        model = load_model(config.model)
+        # how the checkpoint was made, when it says, shown in the lineage
+        spec.inputs["model"]["record"] = getattr(model, "record", {})
         with dask_client():
             source, voxel_size_um, _ = read_image(image["path"])
             check_channel(channel, source.shape[1], "segment.channel")

@@ -15,11 +15,30 @@ from lightsheet.io.tables import write_table
 from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
 from lightsheet.segment import segment_volume as segment_one
 from lightsheet.stitch import default_chunks
-from tasks._common import OUTPUTS, Stage, dask_client, output_input, publish_image
-from tasks.featurize import check_channel
+from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, output_input, publish_image
+from tasks.featurize import check_channel, model_input
 
 #: Voxels per block in segmentation (see `lightsheet.stitch.default_chunks`).
 SEGMENT_CHUNK_VOXELS = 2**21
+
+
+def segment_spec(
+    image: dict, features: dict | None, config: SegmentConfig, model: str | None, output: str
+) -> StageSpec:
+    """What `segment_volume` makes from the image (and the model, with ``method="model"``)."""
+    inputs = {"image": output_input(image)}
+    if config.method == "model":
+        inputs["model"] = model_input(model)
+    return StageSpec(
+        "segment",
+        {
+            "path": Path(output) / OUTPUTS["segment"],
+            "cells": Path(output) / OUTPUTS["segment_table"],
+        },
+        params=config.model_dump(mode="json"),
+        inputs=inputs,
+        related={} if features is None else {"features": output_input(features)},
+    )
 
 
 @task(name="segment")
@@ -32,37 +51,16 @@ def segment_volume(
     None for the bundled one) thresholded at ``config.threshold`` (default 0.5).
     """
     uses_model = config.method == "model"
-    inputs = {"image": output_input(image)}
-    related = {}
-    if features is not None:
-        related["features"] = output_input(features)
-    net = None
-    if uses_model:
-        from lightsheet.featurize import load_model  # torch: only where tasks run
-
-        net = load_model(model)
-        inputs["model"] = {
-            "kind": "model checkpoint",
-            "path": str(model or "bundled default"),
-            "fingerprint": net.checkpoint_sha256,
-        }
-    stage = Stage(
-        "segment",
-        {
-            "path": Path(output) / OUTPUTS["segment"],
-            "cells": Path(output) / OUTPUTS["segment_table"],
-        },
-        params=config.model_dump(mode="json"),
-        inputs=inputs,
-        related=related,
-    )
+    stage = Stage(segment_spec(image, features, config, model, output))
     thresholds = None
     if not stage.reused:
         with dask_client():
             source, voxel_size_um, _ = read_image(image["path"])
             check_channel(config.channel, source.shape[1], "segment.channel")
-            if uses_model:
-                from lightsheet.featurize import foreground_probability
+            if uses_model:  # torch: only where tasks run
+                from lightsheet.featurize import foreground_probability, load_model
+
+                net = load_model(model)
             # smaller blocks than the other stages: the watershed's per-block working set is
             # large, and small blocks measured both faster and lighter (same cells: exact)
             chunks = default_chunks(

@@ -10,21 +10,20 @@ from lightsheet.ingest import Manifest
 from lightsheet.io.omezarr import write_image
 from lightsheet.lineage import file_stat_fingerprint
 from lightsheet.stitch import default_chunks, stitch
-from tasks._common import OUTPUTS, Stage, dask_client, publish_image
+from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, publish_image
 
 
-@task(name="stitch")
-def stitch_tiles(manifest: dict, voxel_size_um: list[float], chunks_zyx, output: str) -> dict:
-    """Place the tiles with ``dask.array.block`` and write ``raw.ome.zarr``."""
+def stitch_spec(manifest: dict, voxel_size_um: list[float], chunks_zyx, output: str) -> StageSpec:
+    """What `stitch_tiles` makes from the tiles (chunks default from the tile grid)."""
     m = Manifest.from_dict(manifest)
-    chunks = tuple(
-        chunks_zyx or default_chunks(m.shape[2:], voxel_size_um, tile_shape_zyx=m.tile_shape)
-    )
     paths = [t.path for t in m.tiles]
-    stage = Stage(
+    return StageSpec(
         "stitch",
         {"path": Path(output) / OUTPUTS["stitch"]},
-        params={"chunks_zyx": list(chunks), "voxel_size_um": list(voxel_size_um)},
+        params={
+            "chunks_zyx": list(stitch_chunks(m, voxel_size_um, chunks_zyx)),
+            "voxel_size_um": list(voxel_size_um),
+        },
         inputs={
             "tiles": {
                 "kind": "raw tiles",
@@ -36,16 +35,32 @@ def stitch_tiles(manifest: dict, voxel_size_um: list[float], chunks_zyx, output:
             }
         },
     )
+
+
+def stitch_chunks(m: Manifest, voxel_size_um: list[float], chunks_zyx) -> tuple[int, ...]:
+    """The configured chunks, or the default for this tile grid and voxel size."""
+    return tuple(
+        chunks_zyx or default_chunks(m.shape[2:], voxel_size_um, tile_shape_zyx=m.tile_shape)
+    )
+
+
+@task(name="stitch")
+def stitch_tiles(manifest: dict, voxel_size_um: list[float], chunks_zyx, output: str) -> dict:
+    """Place the tiles with ``dask.array.block`` and write ``raw.ome.zarr``."""
+    m = Manifest.from_dict(manifest)
+    stage = Stage(stitch_spec(manifest, voxel_size_um, chunks_zyx, output))
     if not stage.reused:
         with dask_client():
-            volume = stitch(m, voxel_size_um=voxel_size_um, chunks=chunks)
+            volume = stitch(
+                m, voxel_size_um=voxel_size_um, chunks=stitch_chunks(m, voxel_size_um, chunks_zyx)
+            )
             fingerprint = write_image(
                 volume,
                 stage.outputs["path"],
                 voxel_size_um=voxel_size_um,
                 name="raw",
                 channel_names=m.channel_names(),
-                lineage={**stage.lineage(), "tiles": paths},
+                lineage={**stage.lineage(), "tiles": [t.path for t in m.tiles]},
                 compute=stage.progress("stitch: writing raw.ome.zarr"),
             )
     record = stage.finish(

@@ -23,9 +23,12 @@ STAGES = ["stitch", "deconvolve", "featurize", "segment", "density"]
 def run_flow(sample: Path, output: Path, **update):
     from flows.pipeline import pipeline
 
+    return pipeline(sample_config(sample, output, **update))
+
+
+def sample_config(sample: Path, output: Path, **update):
     config = load_config(sample / "config.yaml")
-    config = config.model_copy(update={"output": output, **update})
-    return pipeline(config)
+    return config.model_copy(update={"output": output, **update})
 
 
 def reused(summary) -> dict[str, bool]:
@@ -59,7 +62,10 @@ def test_first_run_computes_everything(first_run):
 
 
 def test_rerun_reuses_every_stage(sample, first_run):
+    from flows.pipeline import first_stale_stage
+
     out, _, first_seconds = first_run
+    assert first_stale_stage(sample_config(sample, out)) is None, "no cluster is needed"
     before = {s: read_lineage(out / n) for s, n in [("d", "density.csv"), ("l", "labels.ome.zarr")]}
     start = time.monotonic()
     summary = run_flow(sample, out)
@@ -107,8 +113,11 @@ def test_lineage_names_everything(first_run):
 def test_segment_parameter_recomputes_segment_and_density_only(sample, first_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(first_run[0], out)  # keys hold fingerprints, not paths: copies are reused
+    from flows.pipeline import first_stale_stage
+
     config = load_config(sample / "config.yaml")
     segment = config.segment.model_copy(update={"watershed": not config.segment.watershed})
+    assert first_stale_stage(sample_config(sample, out, segment=segment)) == "segment"
     summary = run_flow(sample, out, segment=segment)
     assert reused(summary) == {
         "stitch": True,
