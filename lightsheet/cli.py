@@ -3,7 +3,7 @@
 Subcommands::
 
     lightsheet sample DIR [--size tiny|small|medium|large] [--seed N]
-    lightsheet run CONFIG.yaml
+    lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
     lightsheet train SAMPLE_DIR --out CHECKPOINT
@@ -13,6 +13,7 @@ Subcommands::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -88,7 +89,10 @@ def print_summary(summary: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"\n[bold]Prefect flow run:[/bold] {summary['flow_run_name']}")
+    console.print(
+        f"\n[bold]Prefect flow run:[/bold] {summary['flow_run_name']} "
+        f"({summary['flow_seconds']:.1f} s)"
+    )
     stages = Table(title="stages")
     for col in ("stage", "seconds", "reused", "output"):
         stages.add_column(col)
@@ -128,14 +132,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"{args.config}: invalid run config:\n{exc}", file=sys.stderr)
         return 2
-    print_summary(run_config(config))
+    summary = run_config(config)
+    print_summary(summary)
+    if args.summary_json:
+        keep = {k: v for k, v in summary.items() if k != "markdown"}
+        Path(args.summary_json).write_text(json.dumps(keep, indent=1, default=str))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """`lightsheet demo`: sample (reused when present) + run + summary."""
-    import json
-
     from lightsheet.config import load_config
     from lightsheet.sample import generate
 
@@ -213,8 +219,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     """`lightsheet lineage`: the chain from an output back to the raw tiles."""
-    import json
-
     from lightsheet.lineage import lineage_chain
 
     chain = lineage_chain(args.path)
@@ -278,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the pipeline on a YAML run config")
     p.add_argument("config", help="YAML file with the pipeline's parameters (see README)")
+    p.add_argument(
+        "--summary-json",
+        metavar="PATH",
+        help="also write the run summary (stages, timings) as JSON",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="generate a sample, run the pipeline, print densities")
