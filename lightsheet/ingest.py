@@ -101,8 +101,16 @@ def find_files(input_glob: str) -> list[Path]:
     files = [p for p in paths if p.is_file()]
     if not files:
         where = Path(input_glob).parent
-        hint = "" if where.is_dir() else f" (folder {where} does not exist)"
-        raise InputFilesError(f"input: no files match {input_glob!r}{hint}")
+        while glob.has_magic(str(where)) and where != where.parent:
+            where = where.parent  # the folder a "**" or "*" part starts from
+        if not where.is_dir():
+            found = f"folder {where} does not exist"
+        else:
+            n = sum(1 for p in where.iterdir() if not p.name.startswith("."))
+            found = f"folder {where} is empty" if n == 0 else f"{n} entries in {where}, none match"
+        raise InputFilesError(
+            f"input: no files match {input_glob!r} ({found}); expected the acquisition's TIFF tiles"
+        )
     return files
 
 

@@ -4,6 +4,11 @@ Microscope tiles are often several GB each (a 2000×2000×500 uint16 stack is 4 
 is never read whole: `TiffRegion` reads exactly the z-slices and rows a dask chunk needs,
 through a read-only memory map when the pixel data is contiguous and uncompressed (the
 usual case for acquisition software), or through tifffile's zarr view otherwise.
+
+Every read re-checks the file's size and modification time against the header inspection,
+before and after reading, so a tile rewritten during a run fails it (`InputFilesError`)
+instead of mixing old and new voxels; float tiles must be finite (NaN or inf: `ImageError`
+naming the file and the voxel).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightsheet.errors import InputFilesError
+from lightsheet.errors import ImageError, InputFilesError
 
 
 @dataclass(frozen=True)
@@ -69,13 +74,26 @@ def inspect_tiff(path: str | Path) -> TiffInfo:
                 )
             else:
                 end = offset + series.nbytes
+            # pages whose IFDs were cut off (the pixel data may all be there, but the file is
+            # damaged and other readers see fewer planes); a file truncated by design (e.g. an
+            # ImageJ hyperstack > 4 GB) says so and keeps only its first IFD
+            pages, needed = len(tf.pages), len(series)
     except InputFilesError:
         raise
     except Exception as exc:  # any parser failure is reported with the file name
-        raise InputFilesError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+        raise InputFilesError(
+            f"{path}: not a readable TIFF ({type(exc).__name__}: {exc}); expected a TIFF "
+            "image stack"
+        ) from exc
     if end > stat.st_size:
         raise InputFilesError(
-            f"{path}: truncated TIFF: pixel data needs {end} bytes but the file has {stat.st_size}"
+            f"{path}: truncated TIFF: pixel data needs {end} bytes but the file has "
+            f"{stat.st_size}; expected a complete file"
+        )
+    if pages < needed and not series.is_truncated:
+        raise InputFilesError(
+            f"{path}: truncated TIFF: {pages} of the {needed} image pages (IFDs) of a {shape} "
+            f"stack are in the file ({stat.st_size} bytes); expected a complete file"
         )
     squeezed = tuple(s for s in shape if s != 1)
     if len(squeezed) > 3:
@@ -108,12 +126,33 @@ class TiffRegion:
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         info = self.info
-        st = os.stat(info.path)
+        # before and after the read: a rewrite during the read must not pass either check
+        self._check_unchanged()
+        data = self._read(key)
+        self._check_unchanged()
+        if self.dtype.kind == "f":
+            check_finite(data, info.path, key, self.shape)
+        return data
+
+    def _check_unchanged(self) -> None:
+        info = self.info
+        try:
+            st = os.stat(info.path)
+        except OSError as exc:
+            raise InputFilesError(
+                f"{info.path}: input tile disappeared while the run was reading it "
+                f"({exc.strerror}); inputs must not change during a run"
+            ) from exc
         if st.st_mtime_ns != info.mtime_ns or st.st_size != info.size_bytes:
             raise InputFilesError(
-                f"{info.path}: file changed while the run was reading it "
-                f"(size {info.size_bytes} → {st.st_size}); inputs must not change during a run"
+                f"{info.path}: file changed while the run was reading it (size "
+                f"{info.size_bytes} → {st.st_size} bytes, modified {_when(info.mtime_ns)} → "
+                f"{_when(st.st_mtime_ns)}); inputs must not change during a run: nothing read "
+                "from it is kept, re-run once the acquisition is complete"
             )
+
+    def _read(self, key: tuple[slice, ...]) -> np.ndarray:
+        info = self.info
         if info.data_offset is not None:
             mm = np.memmap(
                 info.path, dtype=self.dtype, mode="r", offset=info.data_offset, shape=self.shape
@@ -128,3 +167,38 @@ class TiffRegion:
                 return np.asarray(arr[key])
             # 2-D or singleton-padded images are small: read whole, then slice
             return np.asarray(arr[...]).reshape(self.shape)[key]
+
+
+def check_finite(
+    data: np.ndarray, path: str, key: tuple[slice, ...], shape: tuple[int, ...]
+) -> None:
+    """Raise `ImageError` naming the file and voxel when a float region holds NaN or inf.
+
+    ``key`` is the region's slice of a tile of ``shape``; the voxel is given in the
+    tile's own (z, y, x) indices.
+    """
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return
+    first = np.unravel_index(int(np.argmax(bad)), data.shape)
+    starts = [sl.indices(n)[0] for sl, n in zip(key, shape, strict=False)]
+    voxel = tuple(int(s + i) for s, i in zip(starts, first, strict=True))
+    raise ImageError(
+        f"{path}: {'NaN' if np.isnan(data[first]) else 'infinite'} intensity at voxel "
+        f"(z, y, x) = {voxel} of the tile ({int(bad.sum())} non-finite voxels in the "
+        f"region {_region(key, shape)}); expected finite intensities in every input tile"
+    )
+
+
+def _region(key: tuple[slice, ...], shape: tuple[int, ...]) -> str:
+    return (
+        "["
+        + ", ".join("{}:{}".format(*sl.indices(n)[:2]) for sl, n in zip(key, shape, strict=False))
+        + "]"
+    )
+
+
+def _when(ns: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(timespec="microseconds")
