@@ -53,3 +53,7 @@ class SegmentError(LightsheetError, ValueError):
 
 class ClusterError(LightsheetError, RuntimeError):
     """A Dask cluster that cannot start, cannot take the work, or can no longer run it."""
+
+
+class OutputSpaceError(LightsheetError, OSError):
+    """The output's disk (or quota) is full: nothing was written at the named output."""

@@ -3,16 +3,26 @@
 A stage killed mid-write (even by ``kill -9``) leaves only a hidden ``.NAME.partial-*``
 sibling, never something at ``NAME`` that looks finished; the next write of the same
 output removes such leftovers. One run writes a given output folder at a time.
+
+A write that runs out of space (``ENOSPC``, or ``EDQUOT`` for a quota) removes its partial
+sibling and raises `OutputSpaceError` naming the output, instead of an ``OSError`` about
+some chunk file deep inside a hidden folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from lightsheet.errors import OutputSpaceError
+
+#: errno values meaning the output's file system (or the user's quota there) is full.
+SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def partial_path(path: Path) -> Path:
@@ -37,13 +47,46 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = partial_path(path)
     try:
         yield tmp
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        _remove(tmp)
+        space = _space_error(exc)
+        if space is not None:
+            raise out_of_space(path, space) from exc
         raise
     replace_path(tmp, path)
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+def _space_error(exc: BaseException) -> OSError | None:
+    """The out-of-space ``OSError`` behind ``exc`` (itself or a cause), if there is one."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OutputSpaceError):
+            return None  # already explained
+        if isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def out_of_space(path: Path, exc: OSError) -> OutputSpaceError:
+    """The error for a write of ``path`` that ran out of space (``exc``: the low-level one)."""
+    free = shutil.disk_usage(path.parent).free if path.parent.exists() else None
+    what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
+    return OutputSpaceError(
+        exc.errno,
+        f"output: {what} while writing {path} ({free if free is not None else '?'} bytes free "
+        f"on that file system after removing the partial write; low-level error: "
+        f"{exc.strerror} at {exc.filename}); nothing was written at {path}: free space there "
+        "or choose an output folder on a larger disk, then re-run (finished stages are reused)",
+        str(path),
+    )
 
 
 def replace_path(src: Path, dst: Path) -> None:
