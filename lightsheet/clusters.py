@@ -1,7 +1,9 @@
 """Cluster profiles: where the pipeline's Dask work runs, chosen by parameter, never by code.
 
 ``local``
-    A `distributed.LocalCluster` on this machine (the default).
+    A `distributed.LocalCluster` on this machine (the default). A worker process that dies
+    (killed, out of memory) is restarted by its nanny and kept, however long the new
+    process takes to start (`local_cluster`).
 ``address``
     An existing scheduler (``tcp://host:8786``); the cluster outlives the run.
 ``slurm``
@@ -85,7 +87,7 @@ def task_runner_kwargs(config: ClusterConfig) -> dict[str, Any]:
         return {"address": config.address}
     if config.profile == "local":
         return {
-            "cluster_class": "distributed.LocalCluster",
+            "cluster_class": "lightsheet.clusters.local_cluster",
             "cluster_kwargs": local_cluster_kwargs(config),
         }
     if config.profile == "slurm":
@@ -120,6 +122,44 @@ def local_cluster_kwargs(config: ClusterConfig) -> dict[str, Any]:
     if config.memory_limit:
         kwargs["memory_limit"] = config.memory_limit
     return kwargs
+
+
+#: How long a local cluster waits for a dead worker's replacement to connect before it drops
+#: that worker for good (Dask's ``distributed.deploy.lost-worker-timeout``, default 15 s).
+LOCAL_LOST_WORKER_TIMEOUT_S = 3600.0
+
+
+def local_cluster(**kwargs: Any) -> Any:
+    """``distributed.LocalCluster(**kwargs)`` that keeps a dead worker's replacement.
+
+    When a worker process dies, its nanny starts a new one, but ``LocalCluster`` closes that
+    nanny (for the rest of the run) unless the new worker connects within Dask's
+    ``lost-worker-timeout`` (15 s). A loaded machine often needs longer to start a Python
+    process that imports the scientific stack, so one killed worker would silently shrink the
+    cluster. Here the wait is `LOCAL_LOST_WORKER_TIMEOUT_S` (or Dask's setting when longer);
+    nannies live in the flow's process, so a replacement always comes.
+    """
+    return _patient_local_cluster_class()(**kwargs)
+
+
+@functools.cache
+def _patient_local_cluster_class() -> type:
+    import dask
+    from dask.utils import parse_timedelta
+    from distributed import LocalCluster
+
+    key = "distributed.deploy.lost-worker-timeout"
+
+    class PatientLocalCluster(LocalCluster):
+        """``LocalCluster`` waiting `LOCAL_LOST_WORKER_TIMEOUT_S` for replacement workers."""
+
+        def _update_worker_status(self, op: str, msg: Any) -> None:
+            # SpecCluster reads the timeout here, when the scheduler reports a removal
+            wait_s = max(LOCAL_LOST_WORKER_TIMEOUT_S, parse_timedelta(dask.config.get(key)))
+            with dask.config.set({key: f"{wait_s}s"}):
+                super()._update_worker_status(op, msg)
+
+    return PatientLocalCluster
 
 
 def slurm_cluster_kwargs(config: ClusterConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ CORES = len(os.sched_getaffinity(0))
 
 def test_local_profile_uses_every_core_by_default():
     kwargs = task_runner_kwargs(ClusterConfig())
-    assert kwargs["cluster_class"] == "distributed.LocalCluster"
+    assert kwargs["cluster_class"] == "lightsheet.clusters.local_cluster"
     assert kwargs["cluster_kwargs"]["n_workers"] == 1
     assert kwargs["cluster_kwargs"]["threads_per_worker"] == CORES
     sized = task_runner_kwargs(
