@@ -14,8 +14,10 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 
+from lightsheet import featurize as featurize_module
 from lightsheet.errors import ModelError
 from lightsheet.featurize import (
+    _block_task,
     featurize,
     foreground_probability,
     intensity_range,
@@ -99,7 +101,12 @@ def test_geometry_is_probed_for_models_without_attributes():
 @pytest.mark.parametrize(
     "args", [{"depth": 2}, {"depth": 3, "convs_per_level": 1}, {"ndim": 3, "depth": 1}]
 )
-def test_blockwise_equals_whole_slices_uneven_chunks(noise_volume, args):
+# pixels per pass: every chunk its own task (halos between all chunks), some chunks merged
+# (in x, and split into z-slabs), whole slices merged (the default on this small volume)
+@pytest.mark.parametrize("pass_px", [1, 75**2, None])
+def test_blockwise_equals_whole_slices_uneven_chunks(noise_volume, args, pass_px, monkeypatch):
+    if pass_px is not None:
+        monkeypatch.setattr(featurize_module, "CPU_PIXELS_PER_PASS", pass_px)
     net = _random_unet(**args)
     image = da.from_array(noise_volume, chunks=UNEVEN)
     norm = (0.0, 1000.0)
@@ -144,7 +151,8 @@ def test_origin_off_the_pooling_grid_gives_seams(noise_volume):
         assert bool(diff <= SEAM_ATOL) is equal, (shift, diff)
 
 
-def test_halo_smaller_than_receptive_field_gives_seams(noise_volume):
+def test_halo_smaller_than_receptive_field_gives_seams(noise_volume, monkeypatch):
+    monkeypatch.setattr(featurize_module, "CPU_PIXELS_PER_PASS", 1)  # one task per chunk
     net = _random_unet(depth=2)
     image = da.from_array(noise_volume, chunks=UNEVEN)
     whole = run_model(noise_volume, net, norm=(0, 1000))
@@ -154,6 +162,19 @@ def test_halo_smaller_than_receptive_field_gives_seams(noise_volume):
 
 
 # ------------------------------------------------------------------------------- dask level
+
+
+def test_small_chunks_are_grouped_into_whole_slices_within_the_memory_of_a_chunk():
+    # 2-D model: neighbouring (y, x) chunks share one task, so their halos are computed once;
+    # each task's output is cut in z to the size of one chunk's
+    image = da.zeros((16, 512, 512), chunks=(8, 256, 256))
+    out = featurize(image, load_model(), norm=(0, 1))
+    tasks = [v for v in dict(out.dask).values() if isinstance(v, tuple) and v[:1] == (_block_task,)]
+    crops = sorted(t[4] for t in tasks)
+    assert len(crops) == 8  # was 8 chunks of 256 x 256 x 8 with halos: now 2-slice slabs
+    assert all(c[1:] == (slice(0, 512), slice(0, 512)) for c in crops)
+    assert sum(c[0].stop - c[0].start for c in crops) == 16
+    assert out.chunks == ((16,), *image.chunks)
 
 
 def test_featurize_is_lazy_and_float16_by_default(noise_volume):
