@@ -3,11 +3,14 @@
 Same model, same data, same Dask scheduler, in one run:
 
 (a) straightforward: the volume rechunked to one z-slice per block, `map_blocks` calling the
-    model on each slice (a new tensor per call, batch of one, autograd on, torch's default
-    thread count, no halo: seams at block borders);
-(b) this project: `featurize` (batched z-slices, halo + pooling-grid alignment, inference
-    mode, channels-last, torch threads shared with Dask's, CUDA + half precision when
-    present).
+    model on each slice (a new tensor per call, batch of one, autograd on, no halo: seams at
+    block borders), with the same torch threads per Dask thread as (b), so that (a) is not
+    slowed by oversubscribed cores (torch's default would start one thread per core in each
+    Dask thread);
+(b) this project: `featurize` (halo + pooling-grid alignment, neighbouring chunks of a 2-D
+    model grouped so their halos are shared and passes have the size the network runs
+    fastest at, inference mode, on a CPU a fused conv+ReLU twin of the UNet with channels-last
+    activations, CUDA + half precision when present).
 
 Prints pixels per second and the speed-up; on a GPU also the GPU utilisation sampled by
 ``nvidia-smi`` during (b). ``--accuracy`` also reports each method's largest deviation from
@@ -53,8 +56,11 @@ def naive(image: da.Array, model: torch.nn.Module, norm: np.ndarray) -> da.Array
     """(a): one z-slice per map_blocks call, a fresh tensor each time, no batching, no halo."""
     lo, hi = (float(v) for v in norm)
     n_features = model.n_features
+    threads = max(1, (os.cpu_count() or 1) // dask.system.CPU_COUNT)
 
     def one_slice(block: np.ndarray) -> np.ndarray:
+        if torch.get_num_threads() != threads:  # per thread: Dask's threads share the cores
+            torch.set_num_threads(threads)
         x = torch.tensor((block.astype(np.float32) - lo) / (hi - lo))[:, None]
         return model(x).detach().numpy().transpose(1, 0, 2, 3).astype(np.float16)
 
@@ -132,6 +138,7 @@ def main() -> None:
 
     # warm-up (oneDNN/cuDNN plans) on a small piece, not timed
     featurize(image[:1, :128, :128], model, norm=norm).compute()
+    naive(image[:2, :128, :128], model, norm).compute()
 
     # (a) and (b) alternate, best of `repeat` each, so a change in the machine's load
     # (other processes share the CPU) hits both alike
