@@ -98,6 +98,8 @@ def compute_with_progress(
     for future in as_completed(futures):
         done += 1
         if future.status == "error":
+            # stop the other chunks before the error unwinds the output's partial write
+            client.cancel([f for f in futures if f is not future])
             future.result()  # re-raises the chunk's error with its traceback
         now = time.monotonic()
         if now - last_report > 2.0 or done == total:
