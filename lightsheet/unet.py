@@ -17,6 +17,7 @@ maps features to two logits, nucleus and nucleus boundary.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -265,7 +266,7 @@ class CpuUNet(nn.Module):
         self._bottom = [self._conv(c) for c in net.bottom.convs]
         self._up = [
             (
-                up.up.weight.detach().clone(),
+                _channels_last_strides(up.up.weight.detach()),
                 up.up.bias.detach().clone(),
                 [self._conv(c) for c in up.convs.convs],
             )
@@ -282,7 +283,7 @@ class CpuUNet(nn.Module):
         )
 
     def _conv(self, conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-        w = conv.weight.detach().clone().contiguous(memory_format=self._mem)
+        w = _channels_last_strides(conv.weight.detach())
         b = None if conv.bias is None else conv.bias.detach().clone()
         return w, b, [int(p) for p in conv.padding]
 
@@ -312,3 +313,17 @@ class CpuUNet(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Segmentation-head logits ``(B, 2, *spatial)``, as `UNet.logits`."""
         return self._run(self.forward(x), self._head, "none")
+
+
+def _channels_last_strides(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with channels-last strides, also where a dimension has size 1.
+
+    ``contiguous(memory_format=channels_last)`` leaves a 1-channel weight (the first layer's)
+    with its NCHW strides, as both layouts hold the same bytes; oneDNN then writes that
+    layer's output NCHW and the next layer copies it to channels-last.
+    """
+    n, c, *spatial = t.shape
+    strides = [c] * len(spatial)
+    for k in range(len(spatial) - 2, -1, -1):
+        strides[k] = strides[k + 1] * spatial[k + 1]
+    return torch.empty_strided(t.shape, (c * math.prod(spatial), 1, *strides)).copy_(t)
