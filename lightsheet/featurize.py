@@ -32,7 +32,6 @@ import time
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,9 @@ from scipy import ndimage as ndi
 from torch import nn
 
 from lightsheet.errors import ModelError
+from lightsheet.models import checkpoint_path
 from lightsheet.unet import HEAD_CLASSES, CpuUNet, UNet
 
-#: File name of the bundled default checkpoint inside ``lightsheet/models``.
-DEFAULT_MODEL = "unet_default.safetensors"
 #: Percentiles of the intensity distribution mapped to 0 and 1 before the network.
 NORM_PERCENTILES = (1.0, 99.8)
 #: Upper bound on voxels read by the percentile estimate (a strided subsample).
@@ -94,15 +92,7 @@ def load_model(path: str | os.PathLike[str] | None = None) -> nn.Module:
     >>> model.n_features
     16
     """
-    if path is None:
-        ref = resources.files("lightsheet") / "models" / DEFAULT_MODEL
-        with resources.as_file(ref) as p:
-            return load_model(p)
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(
-            f"model: no such file {path}; expected a .safetensors, dict .pt or TorchScript file"
-        )
+    path = checkpoint_path(path)
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if path.suffix == ".safetensors":
