@@ -100,7 +100,8 @@ class SegmentConfig(_Model):
         None,
         description="Watershed: two touching nuclei stay separate when the smaller one's "
         "distance-transform peak rises at least this far (µm) above the neck between them; "
-        "default: max(nucleus_diameter_um / 30, finest voxel size / 4).",
+        "default: the depth of two such nuclei 0.4 diameters apart, measured on the distance "
+        "transform smoothed by half the finest voxel (lightsheet.segment.default_split_depth_um).",
     )
     connectivity: Literal[1, 2, 3] = Field(
         1,
