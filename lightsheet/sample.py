@@ -138,6 +138,53 @@ SIZES: dict[str, SizePreset] = {
 }
 
 
+#: A custom size: raw bytes of one time point over all its channels, e.g. ``"4GB"``, ``"0.5 GB"``.
+_CUSTOM_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*GB\s*$", re.IGNORECASE)
+#: Tile extent (z, y, x) in voxels that custom sizes aim for (the presets' 16 MiB tiles).
+CUSTOM_TILE_ZYX = (128, 256, 256)
+#: Atlas voxels along y (and x) that custom sizes aim for (the medium preset's 128).
+CUSTOM_ATLAS_SIDE = 128
+
+
+def size_preset(size: str, *, channels: int = 2) -> SizePreset:
+    """The `SizePreset` of a preset name or of a custom size in GB.
+
+    A custom size ``"<N>GB"`` (decimal GB of raw uint16 for one time point over all
+    ``channels``) keeps the presets' proportions: z : y : x = 1 : 4 : 4 voxels (the brain
+    twice as wide as deep at 2 µm z steps), tiles near `CUSTOM_TILE_ZYX` and an atlas about
+    `CUSTOM_ATLAS_SIDE` voxels wide. Tile counts are rounded, so the result is within a few
+    percent of the request (see `SizePreset.raw_bytes`).
+
+    Examples
+    --------
+    >>> size_preset("1GB").shape_zyx
+    (250, 1000, 1000)
+    >>> size_preset("16GB").tile_grid_zyx
+    (5, 10, 10)
+    """
+    if size in SIZES:
+        return SIZES[size]
+    m = _CUSTOM_SIZE.match(size) if isinstance(size, str) else None
+    if m is None or float(m.group(1)) <= 0:
+        raise SampleError(
+            f"size: unknown sample size {size!r}; expected one of {list(SIZES)} or a positive "
+            "size in GB such as '4GB'"
+        )
+    voxels = float(m.group(1)) * 1e9 / (2 * channels)  # per channel
+    side_z = (voxels / 16) ** (1 / 3)
+    target = (side_z, 4 * side_z, 4 * side_z)
+    grid = tuple(max(1, round(n / t)) for n, t in zip(target, CUSTOM_TILE_ZYX, strict=True))
+    tile = tuple(max(8, round(n / g)) for n, g in zip(target, grid, strict=True))
+    shape = tuple(g * t for g, t in zip(grid, tile, strict=True))
+    return SizePreset(
+        shape,  # type: ignore[arg-type]
+        grid,  # type: ignore[arg-type]
+        max(1, round(shape[1] / CUSTOM_ATLAS_SIDE)),
+        f"custom: {size.strip()} raw for {channels} channel(s), "
+        f"{'x'.join(map(str, grid))} tiles of {'x'.join(map(str, tile))}",
+    )
+
+
 @dataclass(frozen=True)
 class Channel:
     """One acquisition channel: laser line (for the file name) and what it shows."""
@@ -262,8 +309,9 @@ def generate(
     out_dir : str or Path
         Folder to write; created if missing. It must be empty or hold a previous sample
         (its ``sample.json``), whose files are replaced; other content is refused.
-    size : {"tiny", "small", "medium", "large"}
-        Preset from `SIZES`.
+    size : {"tiny", "small", "medium", "large"} or str
+        Preset from `SIZES`, or a custom size such as ``"4GB"`` (raw bytes of one time
+        point over all channels; see `size_preset`).
     seed : int
         Seed of every random draw; the same seed gives the same files.
     channels : int
@@ -468,7 +516,7 @@ def build_phantom(size: str = "tiny", *, seed: int = 0, channels: int = 2) -> Ph
     Parameters
     ----------
     size : str
-        Key of `SIZES`.
+        Key of `SIZES`, or a custom size such as ``"4GB"`` (see `size_preset`).
     seed : int
         Seed of the random draws (cells and illumination).
     channels : int
@@ -1001,8 +1049,6 @@ def camera(expected: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
 
 
 def _check_args(size, seed, channels, timepoints) -> SizePreset:
-    if size not in SIZES:
-        raise SampleError(f"size: unknown sample size {size!r}; expected one of {list(SIZES)}")
     if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
         raise SampleError(f"seed: got {seed!r}; expected a non-negative integer")
     for name, value, top in (
@@ -1015,7 +1061,7 @@ def _check_args(size, seed, channels, timepoints) -> SizePreset:
             or not 1 <= value <= top
         ):
             raise SampleError(f"{name}: got {value!r}; expected an integer from 1 to {top}")
-    return SIZES[size]
+    return size_preset(size, channels=channels)
 
 
 def _prepare_out_dir(out: Path) -> Path:
