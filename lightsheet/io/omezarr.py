@@ -189,6 +189,10 @@ def write_image(
                 compressors=[compressor()],
                 dimension_names=[a["name"] for a in AXES],
                 fill_value=0,
+                # store every chunk: zarr's check for chunks equal to the fill value costs
+                # more CPU than compressing them (measured 50 vs 30 ms per 16 MiB uint16
+                # chunk, zarr 3.1), and an all-zero chunk compresses to a few bytes anyway
+                config={"write_empty_chunks": True},
             )
             digests = compute(store_chunks(level, arr), i)
             if i == 0:
