@@ -208,13 +208,12 @@ def write_image(
                 scale = scale[:2] + [s * fi for s, fi in zip(scale[2:], f, strict=True)]
                 stored = da.from_zarr(arr)
                 level = _downsample(stored, f, labels=labels)
-                # keep chunks about the same number of voxels as the level above
+                # the same chunk shape as the level above (fewer voxels only where the level
+                # is smaller): chunks grown by the factor at each level reached 100 M voxels
+                # at level 2 of a 16 GB image, and memory grew with the image's size
                 level = level.rechunk(
                     (1, 1)
-                    + tuple(
-                        min(c * fi, s)
-                        for c, fi, s in zip(chunks[2:], f, level.shape[2:], strict=True)
-                    )
+                    + tuple(min(c, s) for c, s in zip(chunks[2:], level.shape[2:], strict=True))
                 )
         fmt = FormatV05()
         write_multiscales_metadata(
