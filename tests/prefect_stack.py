@@ -25,6 +25,20 @@ TEST_OUTPUT = REPO / "test-output" / "prefect"
 SCRIPT_TIMEOUT_S = 420
 
 
+class RetryingClient(httpx.Client):
+    """Retries what Prefect's own client retries: 429, 502 and 503, the server's transient
+    answers (e.g. 503 while its SQLite database is busy with another test's flow runs)."""
+
+    def send(self, request: httpx.Request, **kwargs) -> httpx.Response:
+        for attempt in range(5):  # waits 1 + 2 + 4 + 8 + 16 s at most
+            response = super().send(request, **kwargs)
+            if response.status_code not in (429, 502, 503):
+                return response
+            response.close()
+            time.sleep(2**attempt)
+        return super().send(request, **kwargs)
+
+
 class Stack:
     """Handles of the running server, its credentials and its state folder."""
 
@@ -101,7 +115,7 @@ class Stack:
 
     def client(self, *, auth: bool = True) -> httpx.Client:
         creds = tuple(self.auth.split(":", 1)) if auth else None
-        return httpx.Client(base_url=self.api, auth=creds, timeout=60)
+        return RetryingClient(base_url=self.api, auth=creds, timeout=60)
 
     def prefect_settings(self):
         """Settings context that points in-process Prefect clients at this server."""
