@@ -18,6 +18,7 @@ downsampling.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,11 @@ def _downsample(level: da.Array, factor: tuple[int, int, int], *, labels: bool) 
     if any(p[1] for p in pad):
         level = da.pad(level, pad, mode="edge")
     axes = {2 + i: f for i, f in enumerate(factor)}
+    if level.dtype.kind in "ui" and level.dtype.itemsize <= 2:
+        # sum in 32-bit integers (exact), then divide the small result: no float copy of the
+        # block; equal to the float32 mean, which is exact for these sums too
+        total = da.coarsen(np.sum, level, axes, trim_excess=False, dtype=f"{level.dtype.kind}4")
+        return da.round(total / math.prod(factor)).astype(level.dtype)
     out = da.coarsen(np.mean, level.astype(np.float32), axes, trim_excess=False)
     return out.astype(level.dtype) if level.dtype.kind == "f" else da.round(out).astype(level.dtype)
 
@@ -206,15 +212,12 @@ def write_image(
             if i < len(factors):
                 f = factors[i]
                 scale = scale[:2] + [s * fi for s, fi in zip(scale[2:], f, strict=True)]
-                stored = da.from_zarr(arr)
-                level = _downsample(stored, f, labels=labels)
-                # the same chunk shape as the level above (fewer voxels only where the level
-                # is smaller): chunks grown by the factor at each level reached 100 M voxels
-                # at level 2 of a 16 GB image, and memory grew with the image's size
-                level = level.rechunk(
-                    (1, 1)
-                    + tuple(min(c, s) for c, s in zip(chunks[2:], level.shape[2:], strict=True))
-                )
+                # read blocks of factor × chunk voxels: each downsampled block is then exactly
+                # one chunk of the next level, with no rechunk in between (one that merged the
+                # coarsened pieces made the pyramid's peak memory grow with the image: 0.7 GiB
+                # at 1 GB, 1.9 GiB at 4 GB; this way it is the same at both)
+                read = tuple(c * fi for c, fi in zip(chunks, (1, 1, *f), strict=True))
+                level = _downsample(da.from_zarr(arr, chunks=read), f, labels=labels)
         fmt = FormatV05()
         write_multiscales_metadata(
             root, datasets=datasets, fmt=fmt, axes=AXES, name=name or path.stem
