@@ -34,8 +34,9 @@ def pipeline(config: PipelineConfig) -> dict:
     """Run every stage on the Dask cluster chosen by ``config.cluster``.
 
     The cluster is a parameter, so the same deployment runs on a laptop, SLURM or GPUs:
-    the stages run as a subflow whose task runner is built from it. The summary's
-    ``flow_seconds`` is this flow's wall time.
+    the stages run as a subflow whose task runner is built from it. When every stage's
+    outputs are up to date (`first_stale_stage`), no cluster is started at all. The
+    summary's ``flow_seconds`` is this flow's wall time.
     """
     start = time.monotonic()
     stale = first_stale_stage(config)
