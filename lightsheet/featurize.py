@@ -47,7 +47,7 @@ from torch import nn
 
 from lightsheet.errors import ModelError
 from lightsheet.models import checkpoint_path
-from lightsheet.unet import HEAD_CLASSES, CpuUNet, UNet
+from lightsheet.unet import HEAD_CLASSES, CpuUNet, UNet, channels_last_format
 
 #: Percentiles of the intensity distribution mapped to 0 and 1 before the network.
 NORM_PERCENTILES = (1.0, 99.8)
@@ -406,7 +406,7 @@ class _ModelPayload:
 
 
 def _channels_last(net: nn.Module) -> torch.memory_format:
-    return torch.channels_last_3d if getattr(net, "ndim", 2) == 3 else torch.channels_last
+    return channels_last_format(getattr(net, "ndim", 2))
 
 
 def _fingerprint(model: nn.Module) -> str:
@@ -710,7 +710,7 @@ def _map_model(
             pieces.setdefault(idx, []).append((_getitem, group_key, lead + sub))
     for idx, parts in pieces.items():
         # a chunk split in z between tasks is joined from its parts
-        dsk[out_key(idx)] = parts[0] if len(parts) == 1 else (_concat_z, parts, len(lead))
+        dsk[out_key(idx)] = parts[0] if len(parts) == 1 else (_concat_nested, parts, len(lead))
     deps = [image] + ([norm_graph] if norm_graph is not None else [])
     if norm_graph is None:
         dsk[norm_key] = np.asarray(norm, dtype=np.float64)
@@ -797,10 +797,6 @@ def _chunks_within(
         (tuple(j for j, _, _ in combo), tuple(s for _, s, _ in combo), all(w for _, _, w in combo))
         for combo in itertools.product(*per_axis)
     ]
-
-
-def _concat_z(parts: list[Any], axis: int) -> Any:
-    return _xp(parts[0]).concatenate(parts, axis=axis)
 
 
 def _region_parts(name: str, bounds: list[list[int]], ranges: list[tuple[int, int]]) -> Any:

@@ -1141,6 +1141,7 @@ def default_smooth_um(voxel_size_um: Sequence[float]) -> float:
     return min(float(v) for v in voxel_size_um) / 2.0
 
 
+@lru_cache(maxsize=64)
 def _pair_dynamics_um(diameter_um: float, separation_um: float, smooth_um: float) -> float:
     """Dynamics of the lower peak of two equal balls in the smoothed distance (µm).
 
@@ -1201,13 +1202,9 @@ def default_split_depth_um(
     """
     d = float(nucleus_diameter_um)
     smooth = default_smooth_um(voxel_size_um) if smooth_um is None else float(smooth_um)
-    depth = _cached_pair_dynamics(round(d, 6), round(SPLIT_SEPARATION * d, 6), round(smooth, 6))
+    # rounded, so equal inputs computed differently share the cache
+    depth = _pair_dynamics_um(round(d, 6), round(SPLIT_SEPARATION * d, 6), round(smooth, 6))
     return depth if smooth > 0 else max(depth, min(voxel_size_um) / 4.0)
-
-
-@lru_cache(maxsize=64)
-def _cached_pair_dynamics(d: float, s: float, smooth: float) -> float:
-    return _pair_dynamics_um(d, s, smooth)
 
 
 def watershed(

@@ -261,7 +261,7 @@ class CpuUNet(nn.Module):
             setattr(self, name, getattr(net, name))
         self.alignment_px = net.alignment_px
         self.receptive_field_px = net.receptive_field_px
-        self._mem = torch.channels_last if net.ndim == 2 else torch.channels_last_3d
+        self._mem = channels_last_format(net.ndim)
         self._down = [[self._conv(c) for c in block.convs] for block in net.down]
         self._bottom = [self._conv(c) for c in net.bottom.convs]
         self._up = [
@@ -313,6 +313,11 @@ class CpuUNet(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Segmentation-head logits ``(B, 2, *spatial)``, as `UNet.logits`."""
         return self._run(self.forward(x), self._head, "none")
+
+
+def channels_last_format(ndim: int) -> torch.memory_format:
+    """Channels-last memory format of a 2-D (NHWC) or 3-D (NDHWC) network's tensors."""
+    return torch.channels_last_3d if ndim == 3 else torch.channels_last
 
 
 def _channels_last_strides(t: torch.Tensor) -> torch.Tensor:

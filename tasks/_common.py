@@ -126,7 +126,7 @@ class StageSpec:
     """What a stage makes from what: enough for its cache key and the reuse check.
 
     Built by each task module's ``*_spec`` function from the task's own arguments, so the
-    task and the flow's up-front reuse check (`flows.pipeline.up_to_date`) agree. Needs no
+    task and the flow's up-front reuse check (`flows.pipeline.first_stale_stage`) agree. Needs no
     Prefect run context and no heavy imports.
 
     Parameters

@@ -21,7 +21,10 @@ def stitch_spec(manifest: dict, voxel_size_um: list[float], chunks_zyx, output: 
         "stitch",
         {"path": Path(output) / OUTPUTS["stitch"]},
         params={
-            "chunks_zyx": list(stitch_chunks(m, voxel_size_um, chunks_zyx)),
+            "chunks_zyx": list(
+                chunks_zyx
+                or default_chunks(m.shape[2:], voxel_size_um, tile_shape_zyx=m.tile_shape)
+            ),
             "voxel_size_um": list(voxel_size_um),
         },
         inputs={
@@ -37,13 +40,6 @@ def stitch_spec(manifest: dict, voxel_size_um: list[float], chunks_zyx, output: 
     )
 
 
-def stitch_chunks(m: Manifest, voxel_size_um: list[float], chunks_zyx) -> tuple[int, ...]:
-    """The configured chunks, or the default for this tile grid and voxel size."""
-    return tuple(
-        chunks_zyx or default_chunks(m.shape[2:], voxel_size_um, tile_shape_zyx=m.tile_shape)
-    )
-
-
 @task(name="stitch")
 def stitch_tiles(manifest: dict, voxel_size_um: list[float], chunks_zyx, output: str) -> dict:
     """Place the tiles with ``dask.array.block`` and write ``raw.ome.zarr``."""
@@ -51,9 +47,8 @@ def stitch_tiles(manifest: dict, voxel_size_um: list[float], chunks_zyx, output:
     stage = Stage(stitch_spec(manifest, voxel_size_um, chunks_zyx, output))
     if not stage.reused:
         with dask_client():
-            volume = stitch(
-                m, voxel_size_um=voxel_size_um, chunks=stitch_chunks(m, voxel_size_um, chunks_zyx)
-            )
+            chunks = tuple(stage.spec.params["chunks_zyx"])
+            volume = stitch(m, voxel_size_um=voxel_size_um, chunks=chunks)
             fingerprint = write_image(
                 volume,
                 stage.outputs["path"],
