@@ -28,19 +28,43 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def measure(cmd: list[str], *, interval: float = 0.2) -> tuple[int, float, int]:
-    """Run ``cmd``; return (exit code, seconds, peak tree RSS in bytes)."""
+def tree_cpu(proc: psutil.Process | None = None) -> float:
+    """CPU seconds (user + system) so far of a process (default: this one) and its live
+    descendants."""
+    proc = proc or psutil.Process()
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def sampled(cmd: list[str], *, env=None, interval: float = 0.2) -> tuple[int, float, list]:
+    """Run ``cmd``; return (exit code, seconds, [(unix time, tree RSS bytes, tree CPU s)]).
+
+    The CPU seconds are summed over the live processes of the tree, so they are only
+    comparable between samples while the same processes live (a flow's Dask workers do).
+    """
     start = time.monotonic()
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, env=env)
     proc = psutil.Process(child.pid)
-    peak = 0
+    samples = []
     while child.poll() is None:
         try:
-            peak = max(peak, tree_rss(proc))
+            samples.append((time.time(), tree_rss(proc), tree_cpu(proc)))
         except psutil.NoSuchProcess:
             break
         time.sleep(interval)
-    return child.wait(), time.monotonic() - start, peak
+    return child.wait(), time.monotonic() - start, samples
+
+
+def measure(cmd: list[str], *, interval: float = 0.2) -> tuple[int, float, int]:
+    """Run ``cmd``; return (exit code, seconds, peak tree RSS in bytes)."""
+    rc, seconds, samples = sampled(cmd, interval=interval)
+    return rc, seconds, max((rss for _, rss, _ in samples), default=0)
 
 
 def main() -> int:

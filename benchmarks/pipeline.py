@@ -44,7 +44,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.memory import measure, tree_rss
+from benchmarks.memory import measure, sampled, tree_cpu
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -90,39 +89,6 @@ def size_name(gb: float) -> str:
 
 def child(kind: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "benchmarks.pipeline", "_child", kind, *map(str, args)]
-
-
-def sampled(cmd: list[str], *, env=None, interval: float = 0.2) -> tuple[int, float, list]:
-    """Run ``cmd``; return (exit code, seconds, [(unix time, tree RSS bytes, tree CPU s)]).
-
-    The CPU seconds are summed over the live processes of the tree, so they are only
-    comparable between samples while the same processes live (a flow's Dask workers do).
-    """
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env)
-    ps = psutil.Process(proc.pid)
-    samples = []
-    while proc.poll() is None:
-        try:
-            samples.append((time.time(), tree_rss(ps), tree_cpu(ps)))
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(interval)
-    return proc.wait(), time.monotonic() - start, samples
-
-
-def tree_cpu(proc: psutil.Process | None = None) -> float:
-    """CPU seconds (user + system) so far of a process (default: this one) and its live
-    descendants."""
-    proc = proc or psutil.Process()
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            continue
-    return total
 
 
 def peak_between(samples: list, t0: float, t1: float) -> int:
@@ -293,13 +259,13 @@ def apply_worker_env() -> None:
 
 
 def _cluster():
-    """The pipeline's local cluster: one worker process, a thread per core."""
-    from distributed import Client, LocalCluster
+    """The pipeline's local cluster (`lightsheet.clusters.local_cluster`, default profile)."""
+    from distributed import Client
 
-    from lightsheet.clusters import local_cluster_kwargs
+    from lightsheet.clusters import local_cluster, local_cluster_kwargs
     from lightsheet.config import ClusterConfig
 
-    cluster = LocalCluster(**local_cluster_kwargs(ClusterConfig()))
+    cluster = local_cluster(**local_cluster_kwargs(ClusterConfig()))
     return cluster, Client(cluster)
 
 
@@ -717,8 +683,9 @@ def main(argv=None) -> int:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="environment of the Dask worker processes (Dask's nanny pre-spawn-environ), "
-        "e.g. MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_MMAP_THRESHOLD_=67108864",
+        help="more environment of the Dask worker processes (Dask's nanny pre-spawn-environ), "
+        "e.g. OMP_NUM_THREADS=2; the glibc thresholds are the pipeline's own "
+        "(lightsheet.clusters.WORKER_MALLOC_ENV)",
     )
     p.add_argument("--plot-only", action="store_true", help="redraw table and plot from CSVs")
     args = p.parse_args(argv)
