@@ -380,7 +380,7 @@ def generate(
         _write_tile(out / "tiles" / name, tile)
         return name, (out / "tiles" / name).stat().st_size
 
-    ph._scene  # built once here, not raced for by the threads
+    _ = ph._scene  # built once here, not raced for by the threads
     jobs = [
         (t, c, ordinal, *tile)
         for t in range(timepoints)
