@@ -1,10 +1,13 @@
 """Richardson–Lucy deconvolution: a per-block Fourier-space kernel and its Dask lift.
 
 The kernel `richardson_lucy` works on one block, NumPy or CuPy (chosen by the block's
-type): float32/complex64 throughout, real FFTs (``scipy.fft`` with ``workers`` threads on
-CPU, cuFFT through ``cupyx.scipy.fft`` on GPU), the OTF and its conjugate computed once
-per padded block shape and reused, in-place updates fused per cache-sized slab, FFT sizes
-rounded up to 2·3·5-smooth numbers, and a guard against division by zero in dark voxels.
+type): float32/complex64 throughout, real FFTs, the OTF and its conjugate computed once
+per padded block shape and reused, in-place updates, FFT sizes rounded up to 2·3·5-smooth
+numbers, and a guard against division by zero in dark voxels. On the CPU each 3-D
+transform is split into 2-D transforms of z-planes and 1-D transforms of z-slabs (SciPy's
+pocketfft, ``workers`` threads), so the element-wise work runs on planes and slabs while
+they are in cache (`_PlaneRL`); on a GPU whole-block cuFFT transforms run through
+``cupyx.scipy.fft``.
 
 `deconvolve` lifts it over a ``(Z, Y, X)`` dask array with ``map_overlap``: every block is
 deconvolved together with a halo of its neighbours (mirror-reflected at the volume
@@ -23,11 +26,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import dask.array as da
 import numpy as np
+import scipy.fft as sfft
 
 from lightsheet.errors import ImageError
 from lightsheet.psf import check_psf_fits, validate_psf
@@ -42,9 +46,9 @@ __all__ = [
     "richardson_lucy",
 ]
 
-#: Elements per slab of the fused element-wise passes: small enough to stay in L2 cache
-#: between the ops on one slab, large enough that per-call overhead is negligible.
-_SLAB = 1 << 16
+#: Bytes of spectrum per z-transform slab on the CPU (`_PlaneRL`): small enough to stay
+#: in cache from the forward z transform through the OTF product to the inverse.
+_SLAB_BYTES = 1 << 20
 #: Relative floor of the blurred estimate, as a fraction of the block's maximum: guards
 #: the ratio ``image / (psf * estimate)`` against division by zero in dark voxels.
 _EPS_REL = 1e-6
@@ -217,7 +221,7 @@ def _best_chunk(size: int, depth: int, padded_target: float) -> int:
 
 @dataclass(frozen=True)
 class _Backend:
-    """Array module, real FFTs and element-wise scheduling for one array type.
+    """Array module and whole-array real FFTs for one array type.
 
     ``forward``/``inverse`` take an optional preallocated output and return the result
     (that output when the library can write into it, a new array otherwise); ``inverse``
@@ -230,45 +234,6 @@ class _Backend:
     inverse: Callable[[Any, tuple, Any], Any]
     device: int
     workers: int
-    preallocate: bool
-
-    def chunked(self, fn: Callable[[slice], None], n: int) -> None:
-        """Run ``fn`` over flat index slabs of length `_SLAB`, split across the workers."""
-        if self.name != "numpy":
-            fn(slice(0, n))  # one fused launch per op on the GPU
-            return
-
-        def run(lo: int, hi: int) -> None:
-            for start in range(lo, hi, _SLAB):
-                fn(slice(start, min(start + _SLAB, hi)))
-
-        if self.workers <= 1 or n < 4 * _SLAB:
-            run(0, n)
-            return
-        bounds = np.linspace(0, n, self.workers + 1).astype(int)
-        with ThreadPoolExecutor(self.workers) as pool:
-            futures = [
-                pool.submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-            ]
-            for f in futures:
-                f.result()
-
-    def dot(self, a: Any, b: Any) -> float:
-        """Sum of ``a * b`` over all voxels, accumulated in float64 across slabs."""
-        fa, fb = a.reshape(-1), b.reshape(-1)
-        if self.name != "numpy":
-            return float(self.xp.vdot(fa, fb))
-        step = _SLAB * 16
-        return float(
-            sum(float(np.dot(fa[i : i + step], fb[i : i + step])) for i in range(0, fa.size, step))
-        )
-
-    def buffers(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
-        """Spectrum and real work arrays reused by every iteration (None: let FFTs allocate)."""
-        if not self.preallocate:
-            return None, None
-        spec = (*shape[:-1], shape[-1] // 2 + 1)
-        return np.empty(spec, np.complex64), np.empty(shape, np.float32)
 
 
 def _cpu_count() -> int:
@@ -282,26 +247,34 @@ def _cpu_count() -> int:
 def _pocketfft() -> Any:
     """SciPy's pocketfft binding, whose transforms write into given arrays, or None.
 
-    Writing into reused buffers saves the page faults of two fresh 4-byte-per-voxel
-    arrays per transform (about a third of the transform time for large blocks). It is
-    a private SciPy module, so it is probed on a tiny array and skipped if anything
-    differs; the public ``scipy.fft`` is then used.
+    Writing into reused buffers saves the page faults of fresh arrays (about a third of
+    the transform time for large blocks). It is a private SciPy module, so the calls the
+    kernel makes (2-D plane transforms, in-place z transforms of a strided slab, a whole
+    3-D forward) are probed on a tiny array and it is skipped if anything differs; the
+    public ``scipy.fft`` is then used.
     """
     try:
         from scipy.fft._pocketfft import pypocketfft as pp
 
-        a = np.arange(16, dtype=np.float32).reshape(2, 2, 4)
-        spec = np.empty((2, 2, 3), np.complex64)
+        a = np.arange(60, dtype=np.float32).reshape(3, 4, 5) % 7
+        spec = np.empty((3, 4, 3), np.complex64)
         out = np.empty_like(a)
-        pp.r2c(a, axes=(0, 1, 2), forward=True, inorm=0, out=spec, nthreads=1)
-        pp.c2c(spec, axes=(0, 1), forward=False, inorm=2, out=spec, nthreads=1)
-        pp.c2r(spec, axes=(2,), lastsize=4, forward=False, inorm=2, out=out, nthreads=1)
-        return pp if np.allclose(out, a, atol=1e-5) else None
+        for k in range(3):
+            pp.r2c(a[k], axes=(0, 1), forward=True, inorm=0, out=spec[k], nthreads=1)
+        slab = spec[:, 1:3]
+        pp.c2c(slab, axes=(0,), forward=True, inorm=0, out=slab, nthreads=1)
+        whole = pp.r2c(a, axes=(0, 1, 2), forward=True, inorm=0, out=None, nthreads=1)
+        same = np.allclose(slab, whole[:, 1:3], atol=1e-3)
+        pp.c2c(slab, axes=(0,), forward=False, inorm=2, out=slab, nthreads=1)
+        for k in range(3):
+            pp.c2c(spec[k], axes=(0,), forward=False, inorm=2, out=spec[k], nthreads=1)
+            pp.c2r(spec[k], axes=(1,), lastsize=5, forward=False, inorm=2, out=out[k], nthreads=1)
+        return pp if same and np.allclose(out, a, atol=1e-4) else None
     except Exception:  # any API difference: fall back to the public scipy.fft
         return None
 
 
-def _backend(image: Any, workers: int | None, *, private_fft: bool = True) -> _Backend:
+def _backend(image: Any, workers: int | None) -> _Backend:
     """Pick NumPy/scipy.fft or CuPy/cuFFT from the block's array type."""
     if type(image).__module__.split(".")[0] == "cupy":
         import cupy
@@ -316,14 +289,11 @@ def _backend(image: Any, workers: int | None, *, private_fft: bool = True) -> _B
             lambda x, s, out: cufft.irfftn(x, s=s, overwrite_x=True),
             int(cupy.cuda.Device().id),
             1,
-            False,
         )
-    import scipy.fft as sfft
-
     w = _cpu_count() if workers is None else int(workers)
     if w < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
-    pp = _pocketfft() if private_fft else None
+    pp = _pocketfft()
     if pp is None:
         return _Backend(
             "numpy",
@@ -332,7 +302,6 @@ def _backend(image: Any, workers: int | None, *, private_fft: bool = True) -> _B
             lambda x, s, out: sfft.irfftn(x, s=s, workers=w, overwrite_x=True),
             -1,
             w,
-            False,
         )
     axes = (0, 1, 2)
 
@@ -346,7 +315,7 @@ def _backend(image: Any, workers: int | None, *, private_fft: bool = True) -> _B
             spec, axes=axes[-1:], lastsize=s[-1], forward=False, inorm=2, out=out, nthreads=w
         )
 
-    return _Backend("numpy", np, forward, inverse, -1, w, True)
+    return _Backend("numpy", np, forward, inverse, -1, w)
 
 
 # --------------------------------------------------------------------------- OTF cache
@@ -549,79 +518,207 @@ def richardson_lucy(
     floor = float(eps) if eps is not None else max(_EPS_REL * hi, float(np.finfo(np.float32).tiny))
     otf, otf_conj = _otf(psf, shape, be)
 
-    est = img.copy()
-    work = be.buffers(shape)
-    if acceleration:
-        est = _iterate_accelerated(img, est, otf, otf_conj, floor, iterations, shape, be, work)
+    if be.name == "numpy":
+        with _PlaneRL(img, otf, otf_conj, floor, be.workers) as rl:
+            est = rl.accelerated(iterations) if acceleration else rl.plain(iterations)
+    elif acceleration:
+        est = _iterate_accelerated(img, otf, otf_conj, floor, iterations, shape, be)
     else:
-        fe = est.reshape(-1)
+        est = img.copy()
         for _ in range(iterations):
-            corr = _correction(img, est, otf, otf_conj, floor, shape, be, work)
-            fc = corr.reshape(-1)
-
-            def update(s: slice, fc: Any = fc) -> None:
-                xp.multiply(fe[s], fc[s], out=fe[s])
-
-            be.chunked(update, fe.size)
-            del corr, fc
+            est *= _correction(img, est, otf, otf_conj, floor, shape, be)
     crop = tuple(slice(p, p + s) for p, s in zip(pad, image.shape, strict=True))
     if est.shape == tuple(image.shape):
         return est
     return xp.ascontiguousarray(est[crop])
 
 
-def _correction(
-    img: Any,
-    est: Any,
-    otf: Any,
-    otf_conj: Any,
-    floor: float,
-    shape: tuple,
-    be: _Backend,
-    work: tuple[Any, Any],
-) -> Any:
-    """``psf⋆ (img / max(psf * est, floor))``: 2 forward + 2 inverse real FFTs.
+class _PlaneRL:
+    """Richardson–Lucy on the CPU, its 3-D FFTs split so that each pass works in cache.
 
-    Returns the correction in ``work[1]`` when buffers are reused (a new array otherwise).
+    A 3-D real transform is done as 2-D transforms of z-planes and 1-D transforms along z
+    of y-slabs of the spectrum. One pass over the planes does a plane's 2-D inverse, the
+    element-wise step (the guarded ratio, or the update) and the next 2-D forward while
+    the plane is in cache; one pass over the slabs does the forward z transform, the OTF
+    product and the inverse z transform of a slab likewise. An iteration thus streams the
+    volume through memory four times, where whole-volume 3-D transforms and separate
+    element-wise passes stream it about sixteen times; the FFT arithmetic is the same.
+    Planes and slabs are split across ``workers`` threads (pocketfft releases the GIL).
     """
+
+    def __init__(
+        self, img: np.ndarray, otf: np.ndarray, otf_conj: np.ndarray, floor: float, workers: int
+    ):
+        nz, ny, nx = img.shape
+        self.img, self.otf, self.otf_conj, self.floor = img, otf, otf_conj, floor
+        self.spec = np.empty((nz, ny, nx // 2 + 1), np.complex64)
+        self.workers = max(1, min(int(workers), nz, ny))
+        self.scratch = [np.empty((ny, nx), np.float32) for _ in range(self.workers)]
+        self.rows = max(1, _SLAB_BYTES // (nz * self.spec.shape[2] * self.spec.itemsize))
+        self.pp = _pocketfft()
+        self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+
+    def __enter__(self) -> _PlaneRL:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    # -- scheduling
+
+    def _split(self, fn: Callable[[int, int, int], None], n: int) -> None:
+        """``fn(lo, hi, thread)`` over ``range(n)`` cut into one contiguous run per thread."""
+        bounds = np.linspace(0, n, self.workers + 1).astype(int)
+        if self.pool is None:
+            fn(0, n, 0)
+            return
+        runs = [
+            self.pool.submit(fn, int(bounds[t]), int(bounds[t + 1]), t) for t in range(self.workers)
+        ]
+        for run in runs:
+            run.result()
+
+    def planes(self, fn: Callable[[int, int], None]) -> None:
+        """``fn(z, thread)`` for every z-plane."""
+
+        def run(lo: int, hi: int, t: int) -> None:
+            for k in range(lo, hi):
+                fn(k, t)
+
+        self._split(run, self.spec.shape[0])
+
+    # -- transforms
+
+    def forward2(self, real: np.ndarray, k: int) -> None:
+        """``spec[k]`` = the 2-D real FFT (y, x) of the plane ``real``."""
+        if self.pp is not None:
+            self.pp.r2c(real, axes=(0, 1), forward=True, inorm=0, out=self.spec[k], nthreads=1)
+        else:
+            self.spec[k] = sfft.rfft2(real, workers=1)
+
+    def inverse2(self, k: int, out: np.ndarray) -> np.ndarray:
+        """``out`` = the 2-D inverse of ``spec[k]`` (normalised; ``spec[k]`` is overwritten)."""
+        plane = self.spec[k]
+        if self.pp is not None:
+            self.pp.c2c(plane, axes=(0,), forward=False, inorm=2, out=plane, nthreads=1)
+            self.pp.c2r(
+                plane, axes=(1,), lastsize=out.shape[1], forward=False, inorm=2, out=out, nthreads=1
+            )
+        else:
+            out[...] = sfft.irfft2(plane, s=out.shape, workers=1)
+        return out
+
+    def blur(self, otf: np.ndarray) -> None:
+        """Along z: forward transform, times ``otf``, inverse (normalised), slab by slab."""
+
+        def run(lo: int, hi: int, t: int) -> None:
+            for a in range(lo, hi, self.rows):
+                b = min(a + self.rows, hi)
+                slab = self.spec[:, a:b]
+                if self.pp is not None:
+                    self.pp.c2c(slab, axes=(0,), forward=True, inorm=0, out=slab, nthreads=1)
+                    np.multiply(slab, otf[:, a:b], out=slab)
+                    self.pp.c2c(slab, axes=(0,), forward=False, inorm=2, out=slab, nthreads=1)
+                else:
+                    slab[...] = sfft.ifft(sfft.fft(slab, axis=0) * otf[:, a:b], axis=0)
+
+        self._split(run, self.spec.shape[1])
+
+    def correct(self, finish: Callable[[int, np.ndarray, int], None]) -> None:
+        """``finish(z, corr, thread)`` with each plane of ``psf⋆ (img / max(psf * est, floor))``.
+
+        On entry ``spec`` holds the 2-D transforms of the estimate's planes (`forward2`).
+        """
+
+        def ratio(k: int, t: int) -> None:
+            r = self.inverse2(k, self.scratch[t])
+            # guard against division by zero in dark voxels
+            np.maximum(r, self.floor, out=r)
+            np.divide(self.img[k], r, out=r)
+            self.forward2(r, k)
+
+        self.blur(self.otf)
+        self.planes(ratio)
+        self.blur(self.otf_conj)
+        self.planes(lambda k, t: finish(k, self.inverse2(k, self.scratch[t]), t))
+
+    # -- iterations
+
+    def plain(self, iterations: int) -> np.ndarray:
+        """``est *= correction`` ``iterations`` times, starting from the image."""
+        est = self.img.copy()
+        self.planes(lambda k, t: self.forward2(est[k], k))
+        for i in range(iterations):
+            more = i < iterations - 1
+
+            def update(k: int, corr: np.ndarray, t: int, more: bool = more) -> None:
+                np.multiply(est[k], corr, out=est[k])
+                if more:  # the next iteration's forward transform, while the plane is in cache
+                    self.forward2(est[k], k)
+
+            self.correct(update)
+        return est
+
+    def accelerated(self, iterations: int) -> np.ndarray:
+        """Biggs–Andrews accelerated RL (see `_iterate_accelerated`), plane by plane.
+
+        The step's two inner products are summed per plane in the same pass, in float64.
+        """
+        x = self.img.copy()
+        x_prev, y, g_new, g_old = x.copy(), np.empty_like(x), np.empty_like(x), np.zeros_like(x)
+        alpha = 0.0
+        for i in range(iterations):
+            sums = np.zeros((self.workers, 2))
+            self.planes(partial(self._extrapolate, x=x, x_prev=x_prev, y=y, alpha=alpha))
+            # x_prev is no longer needed: the next estimate is written over it
+            self.correct(partial(self._step, y=y, g_new=g_new, g_old=g_old, out=x_prev, sums=sums))
+            x, x_prev = x_prev, x
+            alpha = _step_size(*sums.sum(axis=0)) if i >= 1 else 0.0
+            g_old, g_new = g_new, g_old
+        return x
+
+    def _extrapolate(self, k: int, t: int, *, x, x_prev, y, alpha: float) -> None:
+        """``y = max(x + α (x - x_prev), 0)`` (the estimate stays non-negative), transformed."""
+        np.subtract(x[k], x_prev[k], out=y[k])
+        y[k] *= alpha
+        y[k] += x[k]
+        np.maximum(y[k], 0, out=y[k])
+        self.forward2(y[k], k)
+
+    @staticmethod
+    def _step(k: int, corr: np.ndarray, t: int, *, y, g_new, g_old, out, sums) -> None:
+        """``g = y·corr - y`` and ``out = y + g``; ``sums[t]`` += ``<g, g_old>, <g_old, g_old>``."""
+        corr -= 1
+        np.multiply(y[k], corr, out=g_new[k])
+        np.add(y[k], g_new[k], out=out[k])
+        gn, go = g_new[k].reshape(-1), g_old[k].reshape(-1)
+        sums[t] += (float(np.dot(gn, go)), float(np.dot(go, go)))
+
+
+def _step_size(num: float, den: float) -> float:
+    """Biggs–Andrews ``α = <g_k, g_{k-1}> / <g_{k-1}, g_{k-1}>`` clipped to ``[0, 1)``."""
+    return min(max(num / den, 0.0), 0.9999) if den > 0 else 0.0
+
+
+def _correction(
+    img: Any, est: Any, otf: Any, otf_conj: Any, floor: float, shape: tuple, be: _Backend
+) -> Any:
+    """``psf⋆ (img / max(psf * est, floor))`` with whole-array FFTs (the GPU path)."""
     xp = be.xp
-    spec_buf, real_buf = work
-    spec = be.forward(est, shape, spec_buf)
-    _cmul(spec, otf, be)
-    conv = be.inverse(spec, shape, real_buf)
-    fi, fc = img.reshape(-1), conv.reshape(-1)
-
-    def ratio(s: slice) -> None:
-        # guard against division by zero in dark voxels
-        xp.maximum(fc[s], floor, out=fc[s])
-        xp.divide(fi[s], fc[s], out=fc[s])
-
-    be.chunked(ratio, fc.size)
-    spec = be.forward(conv, shape, spec_buf)
-    _cmul(spec, otf_conj, be)
-    return be.inverse(spec, shape, real_buf)
-
-
-def _cmul(spec: Any, otf: Any, be: _Backend) -> None:
-    """``spec *= otf`` in place."""
-    fs, fo = spec.reshape(-1), otf.reshape(-1)
-
-    def mul(s: slice) -> None:
-        be.xp.multiply(fs[s], fo[s], out=fs[s])
-
-    be.chunked(mul, fs.size)
+    spec = be.forward(est, shape, None)
+    spec *= otf
+    conv = be.inverse(spec, shape, None)
+    # guard against division by zero in dark voxels
+    xp.maximum(conv, floor, out=conv)
+    xp.divide(img, conv, out=conv)
+    spec = be.forward(conv, shape, None)
+    spec *= otf_conj
+    return be.inverse(spec, shape, None)
 
 
 def _iterate_accelerated(
-    img: Any,
-    x: Any,
-    otf: Any,
-    otf_conj: Any,
-    floor: float,
-    iterations: int,
-    shape: tuple,
-    be: _Backend,
-    work: tuple[Any, Any],
+    img: Any, otf: Any, otf_conj: Any, floor: float, iterations: int, shape: tuple, be: _Backend
 ) -> Any:
     """Biggs–Andrews accelerated RL: ``y = x + α (x - x_prev)``, ``x_next = RL(y)``.
 
@@ -629,43 +726,18 @@ def _iterate_accelerated(
     ``g_k = RL(y_k) - y_k`` is the change made by the k-th plain step.
     """
     xp = be.xp
-    n = x.size
+    x = img.copy()
     x_prev = x.copy()
-    y = xp.empty_like(x)
-    g_new = xp.empty_like(x)
     g_old = xp.zeros_like(x)
     alpha = 0.0
-    have_g = 0
-    for _ in range(iterations):
-        fx, fp, fy = x.reshape(-1), x_prev.reshape(-1), y.reshape(-1)
-        a = alpha
-
-        def extrapolate(s: slice, fx: Any = fx, fp: Any = fp, fy: Any = fy, a: float = a) -> None:
-            # y = max(x + a (x - x_prev), 0): the estimate must stay non-negative
-            xp.subtract(fx[s], fp[s], out=fy[s])
-            fy[s] *= a
-            fy[s] += fx[s]
-            xp.maximum(fy[s], 0, out=fy[s])
-
-        be.chunked(extrapolate, n)
-        corr = _correction(img, y, otf, otf_conj, floor, shape, be, work)
-        fc, fg = corr.reshape(-1), g_new.reshape(-1)
-
-        def step(s: slice, fc: Any = fc, fg: Any = fg, fy: Any = fy, fp: Any = fp) -> None:
-            # g = y * corr - y, and x_next = y + g written over x_prev (no longer needed)
-            fc[s] -= 1
-            xp.multiply(fy[s], fc[s], out=fg[s])
-            xp.add(fy[s], fg[s], out=fp[s])
-
-        be.chunked(step, n)
-        del corr
-        x, x_prev = x_prev, x
-        have_g += 1
-        if have_g >= 2:
-            den = be.dot(g_old, g_old)
-            alpha = be.dot(g_new, g_old) / den if den > 0 else 0.0
-            alpha = min(max(alpha, 0.0), 0.9999)
-        g_old, g_new = g_new, g_old
+    for i in range(iterations):
+        # the estimate must stay non-negative
+        y = xp.maximum(x + alpha * (x - x_prev), 0)
+        g_new = y * (_correction(img, y, otf, otf_conj, floor, shape, be) - 1)
+        x_prev, x = x, y + g_new
+        if i >= 1:
+            alpha = _step_size(float(xp.vdot(g_new, g_old)), float(xp.vdot(g_old, g_old)))
+        g_old = g_new
     return x
 
 
