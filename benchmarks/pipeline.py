@@ -424,6 +424,8 @@ def run_pipeline(folder: Path, info: dict, gb: float, scratch: Path, args) -> li
         **os.environ,
         "PREFECT_HOME": str(scratch / "prefect-home"),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
+        # as the CLI does: no telemetry writes racing the new database at start-up
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     env.pop("PREFECT_API_URL", None)
     load = load_avg()
