@@ -238,6 +238,17 @@ def _histogram_block(block: Any) -> tuple[np.ndarray, np.ndarray | None, int]:
     return _to_numpy(counts).astype(np.int64), _to_numpy(sums), n_bad
 
 
+#: Histograms summed per task when reducing the blocks' histograms (`otsu_threshold`).
+HISTOGRAM_FAN_IN = 16
+
+
+def _sum_histograms(*parts: tuple) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Sum of `_histogram_block` results (counts, sums or None, non-finite count)."""
+    counts = np.sum([p[0] for p in parts], axis=0)
+    sums = None if parts[0][1] is None else np.sum([p[1] for p in parts], axis=0)
+    return counts, sums, sum(p[2] for p in parts)
+
+
 def _otsu_from_histogram(counts: np.ndarray, values: np.ndarray) -> int:
     """Index ``k`` (into the non-empty bins) maximising the between-class variance."""
     weights = counts.astype(np.float64)
@@ -282,14 +293,20 @@ def otsu_threshold(image: Any) -> float:
     0.0
     """
     image = _as_volume(image, "image")
-    parts = dask.compute(*[dask.delayed(_histogram_block)(b) for b in image.to_delayed().ravel()])
-    n_bad = sum(p[2] for p in parts)
+    parts = [dask.delayed(_histogram_block)(b) for b in image.to_delayed().ravel()]
+    # summed on the workers, a few at a time: a histogram is ~1 MB, and a volume can have
+    # thousands of blocks (gathering them all made memory grow with the volume)
+    while len(parts) > 1:
+        parts = [
+            dask.delayed(_sum_histograms)(*parts[i : i + HISTOGRAM_FAN_IN])
+            for i in range(0, len(parts), HISTOGRAM_FAN_IN)
+        ]
+    counts, sums, n_bad = dask.compute(parts[0])[0]
     if n_bad:
         raise SegmentError(
             f"`image` holds {n_bad} NaN or infinite values; expected finite intensities"
         )
-    counts = np.sum([p[0] for p in parts], axis=0)
-    integer = parts[0][1] is None
+    integer = sums is None
     nonempty = np.flatnonzero(counts)
     if integer:
         shift = (
@@ -299,7 +316,6 @@ def otsu_threshold(image: Any) -> float:
         )
         values = nonempty.astype(np.float64) - shift
     else:
-        sums = np.sum([p[1] for p in parts], axis=0)
         values = sums[nonempty] / counts[nonempty]
     if nonempty.size == 1:
         return float(values[0])
@@ -1016,11 +1032,12 @@ def _inner_saddles(end: np.ndarray, e: np.ndarray, m: np.ndarray, struct: np.nda
 
 
 def _toboggan_info(elev, mask, struct, lo, hi, origin, shape, image=None):
-    """The watershed's one analysis pass over a block: small tables only.
+    """The watershed's one analysis pass over a block.
 
-    Peaks (global index, height); exits (endpoints in a neighbour's core); for the core's
-    shell towards neighbours, each voxel's endpoint and height; saddles between endpoints
-    inside the core; and with ``image``, measurement partials keyed by endpoint + 1.
+    Small tables: peaks (global index, height); exits (endpoints in a neighbour's core);
+    saddles between endpoints inside the core; and with ``image``, measurement partials
+    keyed by endpoint + 1. And the core's shell towards neighbours (``face_*``: each voxel's
+    global index, endpoint and height), which `_neighbour_tables` reduces on the workers.
     """
     end_g, g, m, is_max, e = _toboggan(elev, mask, struct, lo, hi, origin, shape)
     peaks = g[is_max]
@@ -1068,26 +1085,60 @@ def _basin_block(elev, mask, struct, lo, hi, origin, shape, plan, dtype):
     return out
 
 
-def _cross_block_saddles(keys, peaks_of, heights, shape, struct):
-    """Saddles for neighbour pairs of shell voxels (the pairs that cross block faces)."""
+def _block_tables(info: dict) -> dict:
+    """A block's analysis without its shell arrays (those stay on the workers)."""
+    return {k: v for k, v in info.items() if not k.startswith("face_")}
+
+
+def _sorted_lookup(keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which ``queries`` are in the sorted ``keys``, and where: (found mask, positions)."""
     if keys.size == 0:
-        return np.empty((0, 2), np.int64), np.empty(0, np.float64)
+        return np.zeros(queries.shape, bool), np.zeros(queries.shape, np.int64)
+    pos = np.searchsorted(keys, queries).clip(0, keys.size - 1)
+    return keys[pos] == queries, pos
+
+
+def _neighbour_tables(a: dict, b: dict, shape, struct):
+    """What two touching blocks' shells tell about each other, as small tables.
+
+    ``a`` and ``b`` are `_toboggan_info` results of blocks that touch (across a face, or an
+    edge or corner for connectivity 2 and 3). Returns the saddles of the voxel pairs that
+    straddle them, reduced to the largest per pair of endpoints ((K, 2) int64, (K,) float),
+    and one step of every path that leaves one block into the other: each such exit's
+    endpoint in the block that owns the exit voxel (keys, ends).
+    """
+    hop_keys, hop_ends = [], []
+    for x, y in ((a, b), (b, a)):
+        found, pos = _sorted_lookup(y["face_keys"], x["exits"])
+        hop_keys.append(x["exits"][found])
+        hop_ends.append(y["face_ends"][pos[found]])
+    keys = a["face_keys"]
     coords = np.unravel_index(keys, shape)
     la, lb, ss = [], [], []
-    for off in _positive_offsets(struct):
-        c2 = [coords[a] + off[a] for a in range(3)]
+    for off in _neighbour_offsets(struct):
+        c2 = [coords[i] + off[i] for i in range(3)]
         ok = np.ones(keys.size, bool)
-        for a in range(3):
-            ok &= (c2[a] >= 0) & (c2[a] < shape[a])
-        src = np.flatnonzero(ok)
+        for i in range(3):
+            ok &= (c2[i] >= 0) & (c2[i] < shape[i])
         g2 = np.ravel_multi_index(tuple(c[ok] for c in c2), shape)
-        pos = np.searchsorted(keys, g2).clip(0, keys.size - 1)
-        found = keys[pos] == g2
-        src, pos = src[found], pos[found]
-        la.append(peaks_of[src])
-        lb.append(peaks_of[pos])
-        ss.append(np.minimum(heights[src], heights[pos]))
-    return _max_by_pair(np.concatenate(la), np.concatenate(lb), np.concatenate(ss))
+        found, pos = _sorted_lookup(b["face_keys"], g2)
+        src, pos = np.flatnonzero(ok)[found], pos[found]
+        la.append(a["face_ends"][src])
+        lb.append(b["face_ends"][pos])
+        ss.append(np.minimum(a["face_heights"][src], b["face_heights"][pos]))
+    edges, saddles = _max_by_pair(np.concatenate(la), np.concatenate(lb), np.concatenate(ss))
+    return edges, saddles, np.concatenate(hop_keys), np.concatenate(hop_ends)
+
+
+def _touching_blocks(numblocks, struct) -> list[tuple[tuple, tuple]]:
+    """Each unordered pair of blocks that a neighbourhood step can cross, once."""
+    pairs = []
+    for idx in np.ndindex(numblocks):
+        for off in _positive_offsets(struct):
+            nb = tuple(i + o for i, o in zip(idx, off, strict=True))
+            if all(0 <= nb[a] < numblocks[a] for a in range(3)):
+                pairs.append((idx, nb))
+    return pairs
 
 
 def _merge_by_dynamics(
@@ -1317,19 +1368,25 @@ def _watershed_analysis(
     for idx in np.ndindex(numblocks):
         lo, hi = _pad_widths(idx, numblocks)
         geo[idx] = (lo, hi, tuple(int(origins[a][idx[a]]) for a in range(3)))
-    infos = dask.compute(
-        *[
-            dask.delayed(_toboggan_info)(
-                e_blocks[idx],
-                m_blocks[idx],
-                struct,
-                *geo[idx],
-                shape,
-                i_blocks[idx] if i_blocks is not None else None,
-            )
-            for idx in np.ndindex(numblocks)
-        ]
-    )
+    # per block: its tables; per pair of touching blocks: what crosses between them. The
+    # shell arrays that the pairs need stay on the workers: only small tables come back
+    full = {
+        idx: dask.delayed(_toboggan_info)(
+            e_blocks[idx],
+            m_blocks[idx],
+            struct,
+            *geo[idx],
+            shape,
+            i_blocks[idx] if i_blocks is not None else None,
+        )
+        for idx in np.ndindex(numblocks)
+    }
+    touching = [
+        dask.delayed(_neighbour_tables)(full[a], full[b], shape, struct)
+        for a, b in _touching_blocks(numblocks, struct)
+    ]
+    tables = [dask.delayed(_block_tables)(info) for info in full.values()]
+    infos, touching = dask.compute(tables, touching)
     infos = dict(zip(np.ndindex(numblocks), infos, strict=True))
 
     # peaks → basins 0..n_basins-1 (in global index order)
@@ -1337,26 +1394,25 @@ def _watershed_analysis(
     heights = np.concatenate([i["heights"] for i in infos.values()])
     order = np.argsort(peaks)
     peaks, heights = peaks[order], heights[order]
-    f_keys = np.concatenate([i["face_keys"] for i in infos.values()])
-    f_order = np.argsort(f_keys)
-    f_keys = f_keys[f_order]
-    f_heights = np.concatenate([i["face_heights"] for i in infos.values()])[f_order]
-    f_keys, f_ends = _resolve(
-        f_keys, np.concatenate([i["face_ends"] for i in infos.values()])[f_order]
-    )
+    # exits → their endpoints in the neighbour, followed until each ends at a peak
+    hop_keys = np.concatenate([np.empty(0, np.int64)] + [t[2] for t in touching])
+    hop_ends = np.concatenate([np.empty(0, np.int64)] + [t[3] for t in touching])
+    hop_keys, first = np.unique(hop_keys, return_index=True)
+    hop_keys, hop_ends = _resolve(hop_keys, hop_ends[first])
 
     def basin_of(keys: np.ndarray) -> np.ndarray:
         # endpoint (a peak, or an exit into a neighbour's shell) → basin index
-        if f_keys.size:
-            pos = np.searchsorted(f_keys, keys).clip(0, f_keys.size - 1)
-            keys = np.where(f_keys[pos] == keys, f_ends[pos], keys)
+        found, pos = _sorted_lookup(hop_keys, keys)
+        if found.any():
+            keys = np.where(found, hop_ends[pos], keys)
         return np.searchsorted(peaks, keys)
 
-    # the saddle between every two touching basins: inside blocks, and across faces
-    inner = [i["saddles"] for i in infos.values()]
-    cross = _cross_block_saddles(f_keys, basin_of(f_keys), f_heights, shape, struct)
-    edges = np.concatenate([basin_of(p.ravel()).reshape(-1, 2) for p, _ in inner] + [cross[0]])
-    saddles = np.concatenate([s for _, s in inner] + [cross[1]])
+    # the saddle between every two touching basins: inside blocks, and across their borders
+    pairs = [i["saddles"] for i in infos.values()] + [t[:2] for t in touching]
+    edges = np.concatenate(
+        [np.empty((0, 2), np.int64)] + [basin_of(p.ravel()).reshape(-1, 2) for p, _ in pairs]
+    )
+    saddles = np.concatenate([np.empty(0)] + [s for _, s in pairs])
     edges, saddles = _max_by_pair(edges[:, 0], edges[:, 1], saddles)
     roots = _merge_by_dynamics(heights, edges, saddles, split_depth)
     _, merged = np.unique(roots, return_inverse=True)

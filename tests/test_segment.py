@@ -252,7 +252,8 @@ def test_watershed_splits_touching_nuclei_that_labelling_merges():
         assert counts.max() / counts.sum() > 0.9  # each ball is (almost) one label
 
 
-def test_watershed_exact_at_any_chunking():
+@pytest.mark.parametrize("connectivity", [1, 2, 3])
+def test_watershed_exact_at_any_chunking(connectivity):
     rng = np.random.default_rng(11)
     shape = (24, 64, 64)
     # touching pairs (centres 7 µm apart, random directions) among loose nuclei
@@ -262,13 +263,20 @@ def test_watershed_exact_at_any_chunking():
     centres = np.vstack([first, first + step, rng.uniform([6, 6, 6], [42, 58, 58], (6, 3))])
     mask = spheres(shape, centres, 4.6) > 0
     whole, n_whole = seg.watershed(
-        da.from_array(mask, chunks=shape), voxel_size_um=VOXEL_UM, nucleus_diameter_um=9.0
+        da.from_array(mask, chunks=shape),
+        voxel_size_um=VOXEL_UM,
+        nucleus_diameter_um=9.0,
+        connectivity=connectivity,
     )
     whole = whole.compute()
     assert n_whole > ndi.label(mask)[1]  # something was split
-    for chunks in [(9, 17, 23), (24, 10, 64)]:
+    # small blocks: ascent paths cross several blocks, and edges and corners (2, 3)
+    for chunks in [(9, 17, 23), (24, 10, 64), (6, 13, 11)]:
         labels, n = seg.watershed(
-            da.from_array(mask, chunks=chunks), voxel_size_um=VOXEL_UM, nucleus_diameter_um=9.0
+            da.from_array(mask, chunks=chunks),
+            voxel_size_um=VOXEL_UM,
+            nucleus_diameter_um=9.0,
+            connectivity=connectivity,
         )
         assert n == n_whole
         assert same_partition(labels.compute(), whole)
