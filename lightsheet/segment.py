@@ -876,15 +876,39 @@ def relabel(labels: da.Array, keys: np.ndarray, values: np.ndarray) -> da.Array:
 # --------------------------------------------------------------------------- watershed
 
 
+def clipped_distance(mask: Any, voxel_size_um: Sequence[float], clip_um: float) -> Any:
+    """Euclidean distance (µm) from each voxel to the nearest background voxel, clipped.
+
+    Equals ``numpy.minimum(scipy.ndimage.distance_transform_edt(mask, sampling), clip_um)``
+    (float32), computed as the separable squared distance transform with each 1-D pass
+    limited to ``clip_um``: a distance under the clip has every axis component under it,
+    and a window that misses the nearest background only overestimates a distance that is
+    clipped anyway. About 2 + 2·clip/voxel array operations per axis, on NumPy or CuPy
+    arrays, and several times faster than the exact transform for nucleus-sized clips.
+    A voxel's value depends only on the mask within ``clip_um`` of it, bit for bit, which
+    keeps overlapping blocks exact.
+    """
+    xp = _xp_for(mask)
+    big = xp.float32(np.inf)
+    sq = xp.where(mask, big, xp.float32(0))
+    for axis, v in enumerate(voxel_size_um):
+        reach = min(int(clip_um // v), mask.shape[axis] - 1)
+        out = sq.copy()
+        for k in range(1, reach + 1):
+            step = xp.float32((k * v) ** 2)
+            lo = (slice(None),) * axis + (slice(None, -k),)
+            hi = (slice(None),) * axis + (slice(k, None),)
+            xp.minimum(out[lo], sq[hi] + step, out=out[lo])
+            xp.minimum(out[hi], sq[lo] + step, out=out[hi])
+        sq = out
+    xp.minimum(sq, xp.float32(clip_um) ** 2, out=sq)
+    return xp.sqrt(sq, out=sq)
+
+
 def _distance_block(block: Any, *, voxel_size_um, clip_um: float, sigma_vox) -> Any:
     nd = _ndi_for(block)
     xp = _xp_for(block)
-    if not bool((~block).any()):
-        # no background within reach: the true distance exceeds the window, hence the clip
-        dist = xp.full(block.shape, clip_um, dtype=xp.float32)
-    else:
-        dist = nd.distance_transform_edt(block, sampling=voxel_size_um).astype(xp.float32)
-        xp.minimum(dist, xp.float32(clip_um), out=dist)
+    dist = clipped_distance(block, voxel_size_um, clip_um)
     if any(s > 0 for s in sigma_vox):
         dist = nd.gaussian_filter(dist, sigma=sigma_vox, truncate=4.0)
     return xp.where(block, dist, xp.float32(0))

@@ -293,6 +293,20 @@ def test_watershed_empty_and_full():
     assert n == 1 and (labels == 1).all().compute()
 
 
+@pytest.mark.parametrize(
+    ("voxel_um", "clip_um"),
+    [((2.0, 1.0, 1.0), 9.25), ((3.3, 0.4, 0.9), 4.0), ((0.5, 0.5, 0.5), 100.0)],
+)
+def test_clipped_distance_equals_scipy_edt(voxel_um, clip_um):
+    rng = np.random.default_rng(5)
+    mask = ndi.gaussian_filter(rng.random((30, 41, 37)), 2) > 0.48
+    ref = np.minimum(ndi.distance_transform_edt(mask, sampling=voxel_um), clip_um)
+    got = seg.clipped_distance(mask, voxel_um, clip_um)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    assert (seg.clipped_distance(np.ones((4, 5, 6), bool), voxel_um, clip_um) == clip_um).all()
+
+
 def test_distance_elevation_equals_whole_array_edt():
     rng = np.random.default_rng(2)
     mask = ndi.gaussian_filter(rng.random((20, 40, 40)), 2) > 0.5
