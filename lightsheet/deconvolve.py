@@ -19,6 +19,7 @@ On a worker with a CUDA GPU, NumPy blocks move to CuPy and back.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import threading
@@ -36,8 +37,10 @@ import scipy.fft as sfft
 
 from lightsheet.errors import ImageError
 from lightsheet.psf import check_psf_fits, validate_psf
+from lightsheet.regions import Region, is_stored, map_overlap
 
 __all__ = [
+    "choose_blocks",
     "choose_chunks",
     "clear_otf_cache",
     "deconvolve",
@@ -55,6 +58,8 @@ _SLAB_BYTES = 4 << 20
 _EPS_REL = 1e-6
 #: Bytes of OTFs kept per process (each entry holds the OTF and its conjugate).
 _OTF_CACHE_BYTES = 2 << 30
+#: Largest halo-padded float32 block `deconvolve` builds from stored chunks (`choose_blocks`).
+BLOCK_BYTES = 128 << 20
 #: Extra halo depth in PSF half-sizes per square root of the iterations (`default_depth`).
 _DEPTH_PER_HALF = 0.5
 
@@ -780,7 +785,7 @@ def _to_numpy(a: Any) -> np.ndarray:
 
 
 def deconvolve(
-    image: da.Array,
+    image: Any,
     psf: np.ndarray,
     *,
     iterations: int = 10,
@@ -790,13 +795,18 @@ def deconvolve(
     eps: float | None = None,
     workers: int | None = None,
     gpu: bool | None = None,
+    block_bytes: int = BLOCK_BYTES,
 ) -> da.Array:
-    """Deconvolve a ``(Z, Y, X)`` dask array block by block with halos (lazy).
+    """Deconvolve a ``(Z, Y, X)`` volume block by block with halos (lazy).
 
     Parameters
     ----------
-    image : (Z, Y, X) dask.array.Array
-        Non-negative intensities (any real dtype), NumPy- or CuPy-backed.
+    image : (Z, Y, X) dask.array.Array or stored array-like
+        Non-negative intensities (any real dtype). A stored array (a `zarr.Array`, a
+        `lightsheet.io.omezarr.StoredVolume`) is read block by block, each block with its
+        halo straight from the store, so no block waits in memory for its neighbours'
+        (`lightsheet.regions`); a dask array (NumPy- or CuPy-backed) gets its halos from
+        its neighbouring chunks.
     psf : (z, y, x) ndarray
         Point-spread function at the image's voxel size (validated, normalised to sum 1).
     iterations : int
@@ -807,8 +817,10 @@ def deconvolve(
     depth : int or (3,) ints, optional
         Halo per side, at least the PSF's half-size; default `default_depth`.
     chunks : (3,) ints or "auto", optional
-        Rechunk before deconvolving: "auto" uses `choose_chunks` (fast FFT sizes);
-        None keeps the input's chunks.
+        The blocks deconvolved (and the result's chunks): "auto" uses `choose_chunks`
+        (fast FFT sizes); None keeps a dask array's chunks, and for a stored array takes
+        blocks of whole stored chunks (`choose_blocks`), so the result can be stored with
+        the input's chunks.
     eps : float, optional
         Floor of the blurred estimate (see `richardson_lucy`).
     workers : int, optional
@@ -817,11 +829,14 @@ def deconvolve(
     gpu : bool, optional
         Move NumPy blocks to a CUDA GPU with CuPy: None uses one when the worker has
         one, True requires it, False never.
+    block_bytes : int
+        Largest halo-padded float32 block for ``chunks=None`` on a stored array; the
+        kernel's working set is about six times this per block running.
 
     Returns
     -------
     deconvolved : (Z, Y, X) dask.array.Array of float32
-        Same shape, chunks as computed (the input's, or the rechunked ones).
+        Same shape; chunks are the blocks deconvolved.
 
     Raises
     ------
@@ -844,14 +859,15 @@ def deconvolve(
     True
     """
     iterations = _check_iterations(iterations)
-    if not isinstance(image, da.Array):
+    stored = is_stored(image)
+    if not stored and not isinstance(image, da.Array):
         raise ImageError(
-            f"image: expected a dask.array.Array; got {type(image).__name__} "
+            f"image: expected a dask.array.Array or a stored array; got {type(image).__name__} "
             "(use richardson_lucy for in-memory arrays)"
         )
-    if image.ndim != 3:
+    if len(image.shape) != 3:
         raise ImageError(f"image: expected a 3-D (Z, Y, X) array; got shape {image.shape}")
-    if image.dtype.kind not in "uif":
+    if np.dtype(image.dtype).kind not in "uif":
         raise ImageError(f"image: expected real intensities; got dtype {image.dtype}")
     psf = validate_psf(_to_numpy(psf))
     check_psf_fits(psf.shape, image.shape, what="volume")
@@ -866,57 +882,117 @@ def deconvolve(
     if isinstance(chunks, str):
         if chunks != "auto":
             raise ValueError(f"chunks must be 'auto', None or three ints; got {chunks!r}")
-        image = image.rechunk(choose_chunks(image.shape, psf.shape, depth=d))
+        blocks = choose_chunks(image.shape, psf.shape, depth=d)
     elif chunks is not None:
-        image = image.rechunk(tuple(int(c) for c in chunks))
-    meta = image._meta
-    out_meta = meta.astype(np.float32) if hasattr(meta, "astype") else np.empty((0,) * 3, "f4")
-    return da.map_overlap(
+        blocks = tuple(int(c) for c in chunks)
+    elif stored:
+        blocks = choose_blocks(image.shape, image.chunks, d, target_bytes=block_bytes)
+    else:
+        blocks = image.chunks
+    if stored:
+        meta = np.empty((0, 0, 0), np.float32)
+    else:
+        meta = image._meta
+        meta = meta.astype(np.float32) if hasattr(meta, "astype") else np.empty((0,) * 3, "f4")
+    return map_overlap(
         _deconvolve_block,
         image,
-        depth=dict(enumerate(d)),
+        depth=d,
         boundary="reflect",
-        trim=True,
+        chunks=blocks,
         dtype=np.float32,
-        meta=out_meta,
+        meta=meta,
+        name="deconvolve",
         psf=psf,
         iterations=iterations,
         acceleration=acceleration,
         eps=eps,
         workers=workers,
         gpu=gpu,
-        halo=d,
-        volume_shape=image.shape,
-        starts=tuple(tuple(int(v) for v in np.cumsum((0,) + c[:-1])) for c in image.chunks),
     )
+
+
+def choose_blocks(
+    shape_zyx: Sequence[int],
+    chunks_zyx: Sequence[int],
+    depth: Sequence[int],
+    *,
+    itemsize: int = 4,
+    target_bytes: int = BLOCK_BYTES,
+) -> tuple[int, int, int]:
+    """Blocks of whole stored chunks that waste the least FFT work on halos.
+
+    Every candidate block is ``k`` stored chunks per axis (so each output chunk is written
+    by exactly one block); its halo-padded size, rounded up to fast FFT sizes, must hold at
+    most ``target_bytes``. The candidate with the fewest padded FFT voxels per output voxel
+    over the whole volume (the short last blocks included) wins; near ties go to the
+    smaller block.
+
+    Examples
+    --------
+    >>> choose_blocks((250, 1000, 1000), (125, 250, 250), (13, 8, 8))
+    (250, 250, 250)
+    """
+    shape = tuple(int(s) for s in shape_zyx)
+    chunk = tuple(min(int(c), s) for c, s in zip(chunks_zyx, shape, strict=True))
+    d = tuple(int(v) for v in depth)
+    budget = max(1, target_bytes // itemsize)
+
+    def axis_work(n: int, block: int, depth: int) -> int:
+        full, rest = divmod(n, block)
+        return full * next_fast_size(block + 2 * depth) + (
+            next_fast_size(rest + 2 * depth) if rest else 0
+        )
+
+    options = []
+    for axis in range(3):
+        n_chunks = -(-shape[axis] // chunk[axis])
+        options.append(
+            [
+                (
+                    min(k * chunk[axis], shape[axis]),
+                    axis_work(shape[axis], min(k * chunk[axis], shape[axis]), d[axis])
+                    / shape[axis],
+                )
+                for k in range(1, n_chunks + 1)
+            ]
+        )
+    best: tuple[float, int, tuple[int, int, int]] | None = None
+    for (bz, wz), (by, wy), (bx, wx) in itertools.product(*options):
+        padded = math.prod(
+            next_fast_size(b + 2 * di) for b, di in zip((bz, by, bx), d, strict=True)
+        )
+        if padded > budget and best is not None:
+            continue
+        work = wz * wy * wx
+        key = (work, padded, (bz, by, bx))
+        if best is None or work < best[0] * 0.99 or (work <= best[0] * 1.01 and padded < best[1]):
+            best = key
+    assert best is not None
+    return best[2]
 
 
 def _deconvolve_block(
     block: Any,
     *,
+    region: Region,
     psf: np.ndarray,
     iterations: int,
     acceleration: bool,
     eps: float | None,
     workers: int | None,
     gpu: bool | None,
-    halo: tuple[int, int, int],
-    starts: tuple[tuple[int, ...], ...],
-    volume_shape: tuple[int, int, int],
-    block_info: dict | None = None,
 ) -> Any:
     """One halo-padded block: check, move to the GPU if wanted, deconvolve, move back."""
-    # check the chunk itself (not its halo) so the message names the right voxel and chunk
-    loc = tuple(block_info[0]["chunk-location"]) if block_info else (0, 0, 0)
-    inner = tuple(slice(h, n - h) for h, n in zip(halo, block.shape, strict=True))
-    offset = [starts[ax][i] for ax, i in enumerate(loc)]
-    _check_values(block[inner], offset=offset, where=f" (chunk {loc})")
+    # check the block itself (not its halo) so the message names the right voxel and block
+    where = f" (block {region.index})"
+    _check_values(block[region.core], offset=region.start, where=where)
     # a bad voxel in the halo belongs to a neighbour: stop before FFTs spread it here
     _check_values(
         block,
-        offset=[o - h for o, h in zip(offset, halo, strict=True)],
-        shape=volume_shape,
-        where=f" (in the halo of chunk {loc})",
+        offset=region.origin,
+        shape=region.shape,
+        where=f" (in the halo of block {region.index})",
     )
     on_host = type(block).__module__.split(".")[0] == "numpy"
     use_gpu = on_host and gpu is not False and _cuda_available()

@@ -47,6 +47,7 @@ from torch import nn
 
 from lightsheet.errors import ModelError
 from lightsheet.models import checkpoint_path
+from lightsheet.regions import is_stored
 from lightsheet.unet import HEAD_CLASSES, CpuUNet, UNet, channels_last_format
 
 #: Percentiles of the intensity distribution mapped to 0 and 1 before the network.
@@ -589,13 +590,17 @@ def featurize(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     norm: Sequence[float] | Delayed | None = None,
+    chunks: Any = None,
 ) -> da.Array:
     """Per-pixel UNet features of a volume, lazily and block by block, without seams.
 
     Parameters
     ----------
-    image : (Z, Y, X) dask array
-        Intensities (any real dtype); the output has the same chunks.
+    image : (Z, Y, X) dask array or stored array-like
+        Intensities (any real dtype); the output has the same chunks. A stored array (a
+        `zarr.Array`, a `lightsheet.io.omezarr.StoredVolume`) is read region by region,
+        each task reading its own input region with its halo, so memory does not grow with
+        the volume; a dask array's regions are cut from its chunks.
     model : nn.Module
         From `load_model`; its receptive field and pooling grid set the halo.
     dtype : {"float16", "float32"}
@@ -606,6 +611,8 @@ def featurize(
         None chooses on each worker: CUDA if it has a GPU (half precision), else CPU.
     norm : (2,) floats or Delayed, optional
         Intensities mapped to 0 and 1; default `intensity_range` of ``image``.
+    chunks : chunk spec, optional
+        Output chunks (z, y, x) for a stored ``image``; default its stored chunks.
 
     Returns
     -------
@@ -620,7 +627,7 @@ def featurize(
     >>> featurize(image, load_model()).shape
     (16, 4, 64, 64)
     """
-    return _map_model(image, model, "features", dtype, batch_size, device, norm)
+    return _map_model(image, model, "features", dtype, batch_size, device, norm, chunks)
 
 
 def foreground_probability(
@@ -630,6 +637,7 @@ def foreground_probability(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     norm: Sequence[float] | Delayed | None = None,
+    chunks: Any = None,
 ) -> da.Array:
     """Nucleus probability from the model's own segmentation head, block by block.
 
@@ -644,7 +652,7 @@ def foreground_probability(
             f"model: {type(model).__name__} has no segmentation head (a 'logits' method); "
             "foreground_probability needs a lightsheet UNet or its TorchScript export"
         )
-    return _map_model(image, model, "probability", "float32", batch_size, device, norm)
+    return _map_model(image, model, "probability", "float32", batch_size, device, norm, chunks)
 
 
 def _map_model(
@@ -655,7 +663,11 @@ def _map_model(
     batch_size: int,
     device: Any,
     norm: Any,
+    chunks: Any = None,
 ) -> da.Array:
+    source = image if is_stored(image) else None
+    if source is not None:
+        image = da.from_array(source, chunks=chunks if chunks is not None else source.chunks)
     image = _as_dask(image, "image")
     if not isinstance(model, nn.Module):
         raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -688,6 +700,9 @@ def _map_model(
         return (name, *(0,) * len(lead), *idx)
 
     dsk: dict[Any, Any] = {payload_key: payload}
+    source_key = f"{name}-source"
+    if source is not None:
+        dsk[source_key] = source
     pieces: dict[tuple[int, ...], list] = {}  # output chunk -> its parts, in z order
     bytes_per_voxel = (n_features if mode == "features" else 1) * np.dtype(dtype).itemsize
     for cores in _task_cores(bounds, halos, aligns, bytes_per_voxel):
@@ -698,7 +713,11 @@ def _map_model(
         crop = tuple(
             slice(c0 - r0, c1 - r0) for (c0, c1), (r0, _) in zip(cores, ranges, strict=True)
         )
-        parts = _region_parts(image.name, bounds, ranges)
+        parts = (
+            (_read_box, source_key, ranges)
+            if source is not None
+            else _region_parts(image.name, bounds, ranges)
+        )
         task = (_block_task, parts, payload_key, norm_key, crop, opts)
         chunks = _chunks_within(bounds, cores)
         if len(chunks) == 1 and chunks[0][2]:  # the task computes exactly one chunk
@@ -711,7 +730,8 @@ def _map_model(
     for idx, parts in pieces.items():
         # a chunk split in z between tasks is joined from its parts
         dsk[out_key(idx)] = parts[0] if len(parts) == 1 else (_concat_nested, parts, len(lead))
-    deps = [image] + ([norm_graph] if norm_graph is not None else [])
+    # a stored image's regions are read by the tasks themselves, not cut from its chunks
+    deps = ([image] if source is None else []) + ([norm_graph] if norm_graph is not None else [])
     if norm_graph is None:
         dsk[norm_key] = np.asarray(norm, dtype=np.float64)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
@@ -820,6 +840,11 @@ def _region_parts(name: str, bounds: list[list[int]], ranges: list[tuple[int, in
         return [nest(ax + 1, prefix + (item,)) for item in per_axis[ax]]
 
     return nest(0, ())
+
+
+def _read_box(source: Any, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """The input region ``ranges`` (z, y, x) read straight from a stored image."""
+    return np.asarray(source[tuple(slice(a, b) for a, b in ranges)])
 
 
 def _getitem(block: Any, index: tuple[slice, ...]) -> Any:

@@ -40,7 +40,7 @@ CuPy: the block kernels choose ``cupyx.scipy.ndimage`` when the block is a CuPy 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -55,6 +55,7 @@ from scipy.sparse.csgraph import connected_components
 
 from lightsheet.config import SegmentConfig
 from lightsheet.errors import SegmentError
+from lightsheet.regions import Region, is_stored, map_overlap
 
 #: Columns of :func:`measure`'s table, in order (bounding boxes in voxels, min inclusive,
 #: max exclusive, like Python slices).
@@ -262,7 +263,12 @@ def _otsu_from_histogram(counts: np.ndarray, values: np.ndarray) -> int:
     return int(np.argmax(between))
 
 
-def otsu_threshold(image: Any) -> float:
+def _compute(compute: Callable[[Any, str], Any] | None, collection: Any, what: str) -> Any:
+    """``dask.compute`` of ``collection``, or the caller's ``compute(collection, what)``."""
+    return dask.compute(collection)[0] if compute is None else compute(collection, what)
+
+
+def otsu_threshold(image: Any, *, compute: Callable[[Any, str], Any] | None = None) -> float:
     """Otsu's threshold of the whole volume from one global histogram (one streaming pass).
 
     Blocks contribute histograms on *fixed* bins shared by all blocks, so one pass suffices
@@ -275,6 +281,9 @@ def otsu_threshold(image: Any) -> float:
     ----------
     image : (Z, Y, X) dask or NumPy array
         Intensities.
+    compute : callable, optional
+        ``compute(collection, description)`` runs the pass (a task shows its progress
+        this way); default ``dask.compute``.
 
     Returns
     -------
@@ -296,12 +305,13 @@ def otsu_threshold(image: Any) -> float:
     parts = [dask.delayed(_histogram_block)(b) for b in image.to_delayed().ravel()]
     # summed on the workers, a few at a time: a histogram is ~1 MB, and a volume can have
     # thousands of blocks (gathering them all made memory grow with the volume)
-    while len(parts) > 1:
+    while len(parts) > HISTOGRAM_FAN_IN:
         parts = [
             dask.delayed(_sum_histograms)(*parts[i : i + HISTOGRAM_FAN_IN])
             for i in range(0, len(parts), HISTOGRAM_FAN_IN)
         ]
-    counts, sums, n_bad = dask.compute(parts[0])[0]
+    # at most HISTOGRAM_FAN_IN partial sums reach the client (and count as progress)
+    counts, sums, n_bad = _sum_histograms(*_compute(compute, parts, "threshold (histogram)"))
     if n_bad:
         raise SegmentError(
             f"`image` holds {n_bad} NaN or infinite values; expected finite intensities"
@@ -334,6 +344,17 @@ def _tophat_block(block: Any, size: tuple[int, int, int]) -> Any:
     return block - opened
 
 
+def _tophat_geometry(vs, radius_um: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The opening's box (voxels per axis) and its reach (two box half-sizes): the halo."""
+    radius_um = _positive(radius_um, "radius_um")
+    half = tuple(max(1, round(radius_um / v)) for v in vs)
+    return tuple(2 * h + 1 for h in half), tuple(2 * h for h in half)
+
+
+def _tophat_region(padded: Any, *, region: Region, size: tuple[int, int, int]) -> Any:
+    return _tophat_block(padded, size)
+
+
 def subtract_background(
     image: Any, *, voxel_size_um: Sequence[float], radius_um: float
 ) -> da.Array:
@@ -359,11 +380,8 @@ def subtract_background(
         Non-negative background-subtracted intensities, same chunks.
     """
     image = _as_volume(image, "image")
-    vs = _voxel_size(voxel_size_um)
-    radius_um = _positive(radius_um, "radius_um")
-    half = tuple(max(1, round(radius_um / v)) for v in vs)
-    size = tuple(2 * h + 1 for h in half)
-    depth = {a: min(2 * h, image.shape[a]) for a, h in enumerate(half)}
+    size, reach = _tophat_geometry(_voxel_size(voxel_size_um), radius_um)
+    depth = {a: min(r, image.shape[a]) for a, r in enumerate(reach)}
     out = image.map_overlap(
         _tophat_block,
         depth=depth,
@@ -791,7 +809,12 @@ def label(mask: Any, *, connectivity: int = 1, offset: int = 0) -> tuple[da.Arra
 
 
 def _label_analysis(
-    mask: da.Array, struct: np.ndarray, offset: int, image: da.Array | None = None, vs=None
+    mask: da.Array,
+    struct: np.ndarray,
+    offset: int,
+    image: da.Array | None = None,
+    vs=None,
+    compute: Callable[[Any, str], Any] | None = None,
 ) -> tuple[da.Array, int, pd.DataFrame | None]:
     """One pass over ``mask`` (and ``image``): lazy global labels, n, and their table."""
     numblocks = mask.numblocks
@@ -809,7 +832,9 @@ def _label_analysis(
         (infos[idx]["n"], infos[idx]["parts"] if images is not None else None)
         for idx in np.ndindex(numblocks)
     ]
-    per_block, pair_lists = dask.compute(per_block, _boundary_pairs(infos, struct))
+    per_block, pair_lists = _compute(
+        compute, [per_block, _boundary_pairs(infos, struct)], "analysis (block faces)"
+    )
     counts = np.array([c for c, _ in per_block], dtype=np.int64)
     pairs = np.concatenate(pair_lists) if pair_lists else np.empty((0, 2), np.int64)
     merge = _merge_plan(counts, pairs, numblocks, offset)
@@ -945,8 +970,10 @@ def distance_elevation(
     clip_um = _positive(clip_um, "clip_um")
     sigma_vox = tuple(float(smooth_um) / v for v in vs)
     depth = {
-        a: min(mask.shape[a], math.ceil(clip_um / v) + math.ceil(4.0 * s) + 1)
-        for a, (v, s) in enumerate(zip(vs, sigma_vox, strict=True))
+        a: min(n, d)
+        for a, (n, d) in enumerate(
+            zip(mask.shape, _elevation_depth(vs, clip_um, smooth_um), strict=True)
+        )
     }
     # map_overlap merges chunks smaller than the depth; hand back the caller's chunks
     out = mask.map_overlap(
@@ -1339,8 +1366,54 @@ def watershed(
     elevation, depth = _elevation_and_depth(
         mask, voxel_size_um, nucleus_diameter_um, split_depth_um, smooth_um, elevation
     )
-    labels, n, _ = _watershed_analysis(mask, elevation, struct, depth, offset)
+    labels, n, _ = _watershed_analysis(
+        *_shells(elevation, mask), mask.chunks, struct, depth, offset
+    )
     return labels, n
+
+
+def _shells(elevation: da.Array, mask: da.Array) -> tuple[da.Array, da.Array]:
+    """Elevation and mask blocks with one voxel of their neighbours around them."""
+    return tuple(
+        da.overlap.overlap(a, depth={0: 1, 1: 1, 2: 1}, boundary="none") for a in (elevation, mask)
+    )
+
+
+def _shell_chunks(grid: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    """Chunks of blocks with a one-voxel shell (none beyond the volume's edges)."""
+    return tuple(tuple(b + (i > 0) + (i < len(c) - 1) for i, b in enumerate(c)) for c in grid)
+
+
+def _elevation_depth(voxel_size_um, clip_um: float, smooth_um: float) -> tuple[int, int, int]:
+    """Halo that makes `distance_elevation`'s blocks exact: the clip plus the Gaussian's reach."""
+    return tuple(math.ceil(clip_um / v) + math.ceil(4.0 * smooth_um / v) + 1 for v in voxel_size_um)
+
+
+def _surface_block(
+    padded: np.ndarray,
+    *,
+    region: Region,
+    threshold: float,
+    voxel_size_um,
+    clip_um: float,
+    sigma_vox,
+    tophat_size=None,
+) -> np.ndarray:
+    """Elevation of a stored block and a one-voxel shell, NaN off the mask.
+
+    ``padded`` is the block with a halo of `_elevation_depth` + 1 (+ the top-hat's reach)
+    read from the store, so every value kept equals `distance_elevation` of the whole
+    volume (`_stored_watershed`).
+    """
+    if tophat_size is not None:
+        padded = _tophat_block(padded, tophat_size)
+    mask = padded > threshold
+    elev = _distance_block(mask, voxel_size_um=voxel_size_um, clip_um=clip_um, sigma_vox=sigma_vox)
+    shell = tuple(
+        slice(lo - min(1, lo), lo + (b - a) + min(1, hi))
+        for lo, hi, a, b in zip(region.lo, region.hi, region.start, region.stop, strict=True)
+    )
+    return np.where(mask[shell], elev[shell], np.float32(np.nan))
 
 
 def _elevation_and_depth(
@@ -1353,11 +1426,7 @@ def _elevation_and_depth(
         if not (math.isfinite(smooth) and smooth >= 0):
             raise SegmentError(f"`smooth_um` must be >= 0; got {smooth_um!r}")
         elevation = distance_elevation(mask, voxel_size_um=vs, clip_um=diameter, smooth_um=smooth)
-        depth = (
-            default_split_depth_um(diameter, vs, smooth)
-            if split_depth_um is None
-            else split_depth_um
-        )
+        return elevation, _split_depth(diameter, vs, smooth, split_depth_um)
     else:
         elevation = _as_volume(elevation, "elevation")
         if elevation.shape != mask.shape:
@@ -1367,27 +1436,40 @@ def _elevation_and_depth(
         if split_depth_um is None:
             raise SegmentError("with a custom `elevation`, `split_depth_um` must be given")
         elevation = elevation.rechunk(mask.chunks)
-        depth = split_depth_um
-    return elevation, (_positive(depth, "split_depth_um") if depth else 0.0)
+    return elevation, _split_depth(diameter, vs, None, split_depth_um)
+
+
+def _split_depth(diameter_um: float, vs, smooth_um: float | None, split_depth_um) -> float:
+    """``split_depth_um``, or its default for the distance elevation (``smooth_um``)."""
+    depth = (
+        default_split_depth_um(diameter_um, vs, smooth_um)
+        if split_depth_um is None
+        else split_depth_um
+    )
+    return _positive(depth, "split_depth_um") if depth else 0.0
 
 
 def _watershed_analysis(
-    mask: da.Array,
-    elevation: da.Array,
+    e_ov: da.Array,
+    m_ov: da.Array,
+    grid: tuple[tuple[int, ...], ...],
     struct: np.ndarray,
     split_depth: float,
     offset: int,
     image: da.Array | None = None,
     vs=None,
+    compute: Callable[[Any, str], Any] | None = None,
 ) -> tuple[da.Array, int, pd.DataFrame | None]:
-    """One pass over the blocks → lazy watershed labels, n, and (with ``image``) the table."""
-    numblocks = mask.numblocks
-    origins = _block_origins(mask.chunks)
-    shape = mask.shape
-    e_ov = da.overlap.overlap(elevation, depth={0: 1, 1: 1, 2: 1}, boundary="none")
-    m_ov = da.overlap.overlap(mask, depth={0: 1, 1: 1, 2: 1}, boundary="none")
+    """One pass over the blocks → lazy watershed labels, n, and (with ``image``) the table.
+
+    ``e_ov`` and ``m_ov`` are the elevation and mask of the blocks of ``grid`` with a shell
+    of one voxel (`_shells`, or `_surface_block` on a stored image).
+    """
+    numblocks = tuple(len(c) for c in grid)
+    origins = _block_origins(grid)
+    shape = tuple(sum(c) for c in grid)
     e_blocks, m_blocks = e_ov.to_delayed(), m_ov.to_delayed()
-    i_blocks = image.rechunk(mask.chunks).to_delayed() if image is not None else None
+    i_blocks = image.rechunk(grid).to_delayed() if image is not None else None
     geo = {}
     for idx in np.ndindex(numblocks):
         lo, hi = _pad_widths(idx, numblocks)
@@ -1410,7 +1492,7 @@ def _watershed_analysis(
         for a, b in _touching_blocks(numblocks, struct)
     ]
     tables = [dask.delayed(_block_tables)(info) for info in full.values()]
-    infos, touching = dask.compute(tables, touching)
+    infos, touching = _compute(compute, [tables, touching], "analysis (basins and saddles)")
     infos = dict(zip(np.ndindex(numblocks), infos, strict=True))
 
     # peaks → basins 0..n_basins-1 (in global index order)
@@ -1452,7 +1534,7 @@ def _watershed_analysis(
     plan_d = dask.delayed(plans, pure=True)
     parts = np.empty(numblocks, dtype=object)
     for idx in np.ndindex(numblocks):
-        block_shape = tuple(mask.chunks[a][idx[a]] for a in range(3))
+        block_shape = tuple(grid[a][idx[a]] for a in range(3))
         task = dask.delayed(_pick_basin)(
             e_blocks[idx], m_blocks[idx], struct, *geo[idx], shape, plan_d, idx, dtype
         )
@@ -1688,13 +1770,18 @@ def segment_volume(
     config: SegmentConfig | None = None,
     features: da.Array | None = None,
     classifier: PixelClassifier | None = None,
+    chunks: Any = None,
+    compute: Callable[[Any, str], Any] | None = None,
 ) -> SegmentResult:
     """Intensities → mask → labels → cells table, each cell once, at any chunking.
 
     Parameters
     ----------
-    image : (Z, Y, X) dask array
-        Intensities of the nuclei channel (deconvolved or raw).
+    image : (Z, Y, X) dask array or stored array-like
+        Intensities of the nuclei channel (deconvolved or raw). A stored array (a
+        `zarr.Array`, a `lightsheet.io.omezarr.StoredVolume`) is read block by block, each
+        block's halo straight from the store (`lightsheet.regions`), so memory does not grow
+        with the volume; a dask array gets its halos from neighbouring chunks.
     voxel_size_um : (3,) sequence of float
         Voxel size (z, y, x) in µm.
     config : SegmentConfig, optional
@@ -1706,14 +1793,30 @@ def segment_volume(
         (default 0.5).
     classifier : PixelClassifier, optional
         From :func:`train_pixel_classifier`, for ``(F, Z, Y, X)`` features.
+    chunks : chunk spec, optional
+        The blocks segmented (and the labels' chunks); default the image's chunks.
+    compute : callable, optional
+        ``compute(collection, description)`` runs each pass over the volume (the threshold's
+        histogram, the analysis); a task passes one that shows progress. Default
+        ``dask.compute``.
 
     Returns
     -------
     SegmentResult
     """
     config = SegmentConfig() if config is None else config
-    image = _as_volume(image, "image")
     vs = _voxel_size(voxel_size_um)
+    stored = is_stored(image) and config.method != "model"
+    if is_stored(image):
+        if len(image.shape) != 3:
+            raise SegmentError(f"`image` must be a 3-D (Z, Y, X) array; got shape {image.shape}")
+        grid = da.core.normalize_chunks(
+            chunks if chunks is not None else image.chunks, image.shape, dtype=image.dtype
+        )
+        source, image = image, da.from_array(image, chunks=grid)
+    image = _as_volume(image, "image")
+    if chunks is not None and not stored:
+        image = image.rechunk(chunks)
     diameter = config.nucleus_diameter_um
     lo_um3, hi_um3 = default_volume_range_um3(diameter)
     lo_um3 = config.min_volume_um3 if config.min_volume_um3 is not None else lo_um3
@@ -1724,11 +1827,25 @@ def segment_volume(
         raise SegmentError("segment.method='absolute' needs segment.threshold; got None")
     if config.method == "model":
         probability = _model_probability(image, features, classifier)
+    tophat = None
     if config.subtract_background:
         radius = config.background_radius_um or diameter
-        image = subtract_background(image, voxel_size_um=vs, radius_um=radius)
+        tophat = _tophat_geometry(vs, radius)
+        image = (
+            map_overlap(
+                _tophat_region,
+                source,
+                depth=tophat[1],
+                boundary="none",
+                chunks=image.chunks,
+                dtype=np.float32,
+                size=tophat[0],
+            )
+            if stored
+            else subtract_background(image, voxel_size_um=vs, radius_um=radius)
+        )
     if config.method == "otsu":
-        t = otsu_threshold(image)
+        t = otsu_threshold(image, compute=compute)
         mask = image > t
     elif config.method == "absolute":
         t = float(config.threshold)
@@ -1738,13 +1855,20 @@ def segment_volume(
         mask = probability > t
     struct = structure(config.connectivity)
     # one analysis pass yields the labels' plan and the measurements together
-    if config.watershed:
+    if config.watershed and stored:
+        e_ov, m_ov, depth = _stored_watershed(source, mask.chunks, t, vs, config, tophat)
+        labels, _, raw = _watershed_analysis(
+            e_ov, m_ov, mask.chunks, struct, depth, 0, image, vs, compute
+        )
+    elif config.watershed:
         elevation, depth = _elevation_and_depth(
             mask, vs, diameter, config.split_depth_um, None, None
         )
-        labels, _, raw = _watershed_analysis(mask, elevation, struct, depth, 0, image, vs)
+        labels, _, raw = _watershed_analysis(
+            *_shells(elevation, mask), mask.chunks, struct, depth, 0, image, vs, compute
+        )
     else:
-        labels, _, raw = _label_analysis(mask, struct, 0, image, vs)
+        labels, _, raw = _label_analysis(mask, struct, 0, image, vs, compute)
     keep = (raw["volume_um3"] >= lo_um3) & (raw["volume_um3"] <= hi_um3)
     table = raw[keep].reset_index(drop=True)
     new = np.arange(1, len(table) + 1, dtype=np.int64)
@@ -1752,3 +1876,29 @@ def segment_volume(
     table["label"] = new
     cmap = count_map(table, chunks=final.chunks, voxel_size_um=vs)
     return SegmentResult(labels=final, table=table, threshold=t, n=len(table), count_map=cmap)
+
+
+def _stored_watershed(source, grid, threshold: float, vs, config: SegmentConfig, tophat):
+    """Elevation and mask shells of a stored image's blocks, each read with its own halo."""
+    diameter = config.nucleus_diameter_um
+    smooth = default_smooth_um(vs)
+    halo = tuple(d + 1 for d in _elevation_depth(vs, diameter, smooth))
+    if tophat is not None:
+        halo = tuple(h + t for h, t in zip(halo, tophat[1], strict=True))
+    surface = map_overlap(
+        _surface_block,
+        source,
+        depth=halo,
+        boundary="none",
+        chunks=grid,
+        dtype=np.float32,
+        trim=False,
+        out_chunks=_shell_chunks(grid),
+        name="surface",
+        threshold=float(threshold),
+        voxel_size_um=vs,
+        clip_um=diameter,
+        sigma_vox=tuple(smooth / v for v in vs),
+        tophat_size=None if tophat is None else tophat[0],
+    )
+    return surface, ~da.isnan(surface), _split_depth(diameter, vs, smooth, config.split_depth_um)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import dask.array as da
 import numpy as np
 from prefect import get_run_logger, runtime
 from prefect.artifacts import (
@@ -70,15 +69,18 @@ def dask_client() -> Iterator[Any]:
 
 
 def compute_with_progress(
-    collection: da.Array, level: int = 0, *, description: str, stage: str | None = None
+    collection: Any, level: int = 0, *, description: str, stage: str | None = None
 ) -> Any:
     """Compute on the current Dask client, moving a Prefect progress artifact as chunks finish.
 
-    ``level`` is the pyramid level being written (see `lightsheet.io.omezarr.write_image`):
-    level 0 holds the stage's work and gets the progress artifact; lower levels are logged.
-    On a mixed cluster a GPU stage's chunks ask for a GPU worker (`stage_resources`).
-    Falls back to ``dask.compute`` when no distributed client is active (library use).
+    ``collection`` is anything ``dask.compute`` takes (an array, lists of delayed values);
+    every output key counts as one step. ``level`` is the pyramid level being written (see
+    `lightsheet.io.omezarr.write_image`): level 0 holds the stage's work and gets the
+    progress artifact; lower levels are logged. On a mixed cluster a GPU stage's chunks ask
+    for a GPU worker (`stage_resources`). Falls back to ``dask.compute`` when no distributed
+    client is active (library use).
     """
+    from dask.base import unpack_collections
     from distributed import as_completed, futures_of, get_client
 
     try:
@@ -88,7 +90,8 @@ def compute_with_progress(
     logger = get_run_logger()
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     resources = stage_resources(stage, workers) if stage and not level else None
-    persisted = client.persist(collection, resources=resources)
+    collections, repack = unpack_collections(collection, traverse=True)
+    persisted = client.persist(list(collections), resources=resources)
     futures = futures_of(persisted)
     total = len(futures)
     if level:
@@ -108,7 +111,7 @@ def compute_with_progress(
                 update_progress_artifact(artifact, pct)
             logger.info("%s: %d/%d chunks (%.0f%%)", description, done, total, pct)
             last_report = now
-    return persisted.compute()
+    return repack(dask.compute(*persisted))[0]
 
 
 def output_input(record: Mapping[str, Any], path_key: str = "path") -> dict[str, Any]:

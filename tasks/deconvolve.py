@@ -10,7 +10,7 @@ from prefect import task
 
 from lightsheet.config import DeconvolveConfig
 from lightsheet.deconvolve import deconvolve
-from lightsheet.io.omezarr import read_image, write_image
+from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.lineage import file_content_fingerprint
 from lightsheet.psf import load_psf
 from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, output_input, publish_image
@@ -45,22 +45,38 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
                         f"deconvolve.channels: channel {c} does not exist; the image has "
                         f"{n_channels} channels (0..{n_channels - 1})"
                     )
+            # each block reads its halo from the stored raw image (memory does not grow with
+            # the volume) and covers whole raw chunks, which the output keeps
+            volumes = [
+                [stored_volume(raw["path"], t, c) for c in range(n_channels)]
+                for t in range(image.shape[0])
+            ]
+            chunks = volumes[0][0].chunks
+            planes = [
+                [
+                    deconvolve(
+                        v,
+                        psf_array,
+                        iterations=config.iterations,
+                        acceleration=config.acceleration,
+                    )
+                    if c in channels
+                    else None
+                    for c, v in enumerate(row)
+                ]
+                for row in volumes
+            ]
+            # channels passed through are cut into the same blocks
+            blocks = next((p.chunks for row in planes for p in row if p is not None), chunks)
             result = da.stack(
                 [
                     da.stack(
                         [
-                            deconvolve(
-                                image[t, c],
-                                psf_array,
-                                iterations=config.iterations,
-                                acceleration=config.acceleration,
-                            )
-                            if c in channels
-                            else image[t, c].astype(np.float32)
-                            for c in range(n_channels)
+                            p if p is not None else da.from_array(v, blocks).astype(np.float32)
+                            for p, v in zip(prow, vrow, strict=True)
                         ]
                     )
-                    for t in range(image.shape[0])
+                    for prow, vrow in zip(planes, volumes, strict=True)
                 ]
             )
             fingerprint = write_image(
@@ -71,6 +87,9 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
                 channel_names=raw.get("channel_names"),
                 lineage=stage.lineage(),
                 compute=stage.progress(),
+                chunks=chunks,
+                # segment and featurize read it in halo-padded regions
+                sharded=True,
             )
     record = stage.finish(
         None if stage.reused else {"path": fingerprint}, channel_names=raw.get("channel_names")

@@ -9,7 +9,7 @@ import numpy as np
 from prefect import task
 
 from lightsheet.config import FeaturizeConfig
-from lightsheet.io.omezarr import read_image, write_image
+from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.models import checkpoint_sha256
 from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, output_input, publish_image
 
@@ -52,14 +52,16 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
         with dask_client():
             source, voxel_size_um, _ = read_image(image["path"])
             check_channel(channel, source.shape[1], "segment.channel")
-            n_features = featurize(source[0, channel], model).shape[0]  # lazy: no compute
-            source = thin_z(source, n_features * np.dtype(config.dtype).itemsize)
+            # each task reads its own region (with halo) from the stored image
+            volumes = [stored_volume(image["path"], t, channel) for t in range(source.shape[0])]
+            n_features = featurize(volumes[0], model).shape[0]  # lazy: no compute
+            chunks = thin_z(volumes[0].chunks, n_features * np.dtype(config.dtype).itemsize)
             features = da.stack(
                 [
                     featurize(
-                        source[t, channel], model, dtype=config.dtype, batch_size=config.batch_size
+                        v, model, dtype=config.dtype, batch_size=config.batch_size, chunks=chunks
                     )
-                    for t in range(source.shape[0])
+                    for v in volumes
                 ]
             )
             fingerprint = write_image(
@@ -80,11 +82,10 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
 FEATURE_BLOCK_BYTES = 64 << 20
 
 
-def thin_z(image: da.Array, bytes_per_voxel: int) -> da.Array:
-    """Rechunk a (T, C, Z, Y, X) image along z so one block's features fit the budget."""
-    zc, yc, xc = image.chunksize[2:]
-    z = max(1, min(zc, FEATURE_BLOCK_BYTES // max(1, yc * xc * bytes_per_voxel)))
-    return image if z == zc else image.rechunk((1, 1, z, yc, xc))
+def thin_z(chunks_zyx: tuple[int, int, int], bytes_per_voxel: int) -> tuple[int, int, int]:
+    """The chunk shape (z, y, x) thinned along z so one block's features fit the budget."""
+    zc, yc, xc = chunks_zyx
+    return max(1, min(zc, FEATURE_BLOCK_BYTES // max(1, yc * xc * bytes_per_voxel))), yc, xc
 
 
 def check_channel(channel: int, n_channels: int, parameter: str) -> None:

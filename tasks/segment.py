@@ -10,12 +10,20 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from lightsheet.config import SegmentConfig
-from lightsheet.io.omezarr import read_image, write_image
+from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.io.tables import write_table
 from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
 from lightsheet.segment import segment_volume as segment_one
 from lightsheet.stitch import default_chunks
-from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, output_input, publish_image
+from tasks._common import (
+    OUTPUTS,
+    Stage,
+    StageSpec,
+    compute_with_progress,
+    dask_client,
+    output_input,
+    publish_image,
+)
 from tasks.featurize import check_channel, model_input
 
 #: Voxels per block in segmentation (see `lightsheet.stitch.default_chunks`).
@@ -69,14 +77,19 @@ def segment_volume(
                 tile_shape_zyx=source.chunksize[2:],
                 target_voxels=SEGMENT_CHUNK_VOXELS,
             )
+            # blocks read their halos straight from the stored image: memory stays flat
             results = [
                 segment_one(
-                    source[t, config.channel].rechunk(chunks),
+                    stored_volume(image["path"], t, config.channel),
                     voxel_size_um=voxel_size_um,
                     config=config,
                     features=foreground_probability(source[t, config.channel], net)
                     if uses_model
                     else None,
+                    chunks=chunks,
+                    compute=lambda c, what: compute_with_progress(
+                        c, description=f"segment: {what}", stage=stage.name
+                    ),
                 )
                 for t in range(source.shape[0])
             ]

@@ -6,6 +6,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import convolve
@@ -259,6 +260,47 @@ def test_deconvolve_is_lazy_and_streams():
     assert tasks_16 < 2.2 * tasks_8
 
 
+@pytest.mark.parametrize("iterations", [3, 10])
+def test_stored_volume_equals_dask_chunks(noisy_volume, iterations):
+    # halos read from the store per block give the same result as halos taken from the
+    # neighbouring dask chunks, with uneven last blocks and blocks of several stored chunks
+    image, psf = noisy_volume
+    store = zarr.create_array(zarr.storage.MemoryStore(), data=image, chunks=(9, 13, 11))
+    from_dask = deconvolve(da.from_array(image, chunks=(18, 26, 22)), psf, iterations=iterations)
+    from_store = deconvolve(store, psf, iterations=iterations, chunks=(18, 26, 22))
+    assert from_store.chunks == from_dask.chunks
+    np.testing.assert_allclose(from_store.compute(), from_dask.compute(), rtol=0, atol=1e-3)
+    # default blocks are whole stored chunks
+    auto = deconvolve(store, psf, iterations=iterations)
+    for blocks, chunk in zip(auto.chunks, store.chunks, strict=True):
+        assert all(b % chunk == 0 for b in blocks[:-1])
+
+
+def test_stored_blocks_read_only_their_region():
+    # every block is one task with no dependencies: nothing waits for a neighbour
+    psf = gaussian_psf((1.0, 1.0, 1.0), (1, 1, 1))
+    store = zarr.create_array(
+        zarr.storage.MemoryStore(), shape=(64, 64, 96), chunks=(16, 16, 16), dtype="uint16"
+    )
+    out = deconvolve(store, psf, iterations=2, chunks=(32, 32, 32))
+    graph = dict(out.__dask_graph__())
+    blocks = [k for k in graph if isinstance(k, tuple)]
+    assert len(blocks) == 2 * 2 * 3 and len(graph) == len(blocks) + 1  # + the store itself
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunks", "depth"),
+    [((250, 1000, 1000), (125, 250, 250), (13, 8, 8)), ((97, 300, 200), (32, 64, 64), (5, 3, 3))],
+)
+def test_choose_blocks_are_whole_chunks_within_budget(shape, chunks, depth):
+    target = 64 << 20
+    blocks = dec.choose_blocks(shape, chunks, depth, target_bytes=target)
+    for b, c, s in zip(blocks, chunks, shape, strict=True):
+        assert b == s or b % c == 0
+    padded = np.prod([next_fast_size(b + 2 * d) for b, d in zip(blocks, depth, strict=True)])
+    assert padded * 4 <= target or blocks == tuple(chunks)
+
+
 def test_auto_chunks_are_fft_friendly():
     psf = gaussian_psf((2.0, 1.0, 1.0), (1, 1, 1))
     image = da.ones((50, 300, 260), chunks=(50, 100, 100), dtype=np.float32)
@@ -353,11 +395,13 @@ def test_bad_image_values_are_rejected(value, match):
     image[15, 3, 4] = value
     with pytest.raises(ImageError, match=rf"{match}.*\(15, 3, 4\)"):
         richardson_lucy(image, psf, iterations=2)
-    # lazily: the chunk holding it (or a neighbour, in its halo) names the voxel in volume
-    # coordinates, before any FFT runs
-    lazy = deconvolve(da.from_array(image, chunks=10), psf, iterations=2)
-    with pytest.raises(ImageError, match=rf"{match}.*\(15, 3, 4\) \(.*chunk \(\d, \d, \d\)\)"):
-        lazy.compute()
+    # lazily: the block holding it (or a neighbour, in its halo) names the voxel in volume
+    # coordinates, before any FFT runs; from dask chunks and from a store alike
+    store = zarr.create_array(zarr.storage.MemoryStore(), data=image, chunks=(10, 10, 10))
+    for source in (da.from_array(image, chunks=10), store):
+        lazy = deconvolve(source, psf, iterations=2)
+        with pytest.raises(ImageError, match=rf"{match}.*\(15, 3, 4\) \(.*block \(\d, \d, \d\)\)"):
+            lazy.compute()
 
 
 def test_bad_image_shapes_are_rejected():

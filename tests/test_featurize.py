@@ -11,6 +11,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
+import zarr
 from scipy import ndimage as ndi
 from torch import nn
 
@@ -121,6 +122,25 @@ def test_blockwise_equals_whole_slices_uneven_chunks(noise_volume, args, pass_px
     prob = foreground_probability(image, net, norm=norm).compute()
     ref = run_model(noise_volume, net, norm=norm, mode="probability")
     np.testing.assert_allclose(prob, ref, rtol=0, atol=SEAM_ATOL)
+
+
+@pytest.mark.parametrize("args", [{"depth": 2}, {"ndim": 3, "depth": 1}])
+def test_stored_image_equals_dask_chunks(noise_volume, args):
+    # tasks that read their regions straight from the store give the dask path's features
+    net = _random_unet(**args)
+    store = zarr.create_array(zarr.storage.MemoryStore(), data=noise_volume, chunks=(5, 20, 16))
+    norm = (0.0, 1000.0)
+    from_store = featurize(store, net, dtype="float32", norm=norm, chunks=UNEVEN)
+    from_dask = featurize(
+        da.from_array(noise_volume, chunks=UNEVEN), net, dtype="float32", norm=norm
+    )
+    assert from_store.chunks == from_dask.chunks
+    np.testing.assert_array_equal(from_store.compute(), from_dask.compute())
+    # no task waits on a chunk read for another task: every region task reads by itself
+    graph = dict(from_store.__dask_graph__())
+    assert not any(isinstance(k, tuple) and "array" in str(k[0]) for k in graph)
+    # the default norm reads the store too
+    assert featurize(store, net).compute().shape[1:] == noise_volume.shape
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.ndimage as ndi
+import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -434,6 +435,36 @@ def test_segment_volume_counts_each_cell_once(watershed):
         da.from_array(image, chunks=shape), voxel_size_um=VOXEL_UM, config=config
     )
     assert same_partition(res.labels.compute(), whole.labels.compute())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SegmentConfig(),
+        SegmentConfig(subtract_background=True, connectivity=3),
+        SegmentConfig(watershed=False),
+    ],
+    ids=["watershed", "top-hat", "components"],
+)
+def test_stored_image_equals_dask_chunks(config):
+    # blocks that read their halos from the store give the same labels and table as halos
+    # taken from neighbouring dask chunks, with uneven blocks and stored chunks of their own
+    shape = (30, 70, 64)
+    rng = np.random.default_rng(8)
+    centres = rng.uniform((4, 5, 5), (56, 65, 59), size=(14, 3))
+    image = _nuclei_image(shape, centres, seed=3)
+    store = zarr.create_array(zarr.storage.MemoryStore(), data=image, chunks=(7, 32, 20))
+    blocks = ((9, 12, 9), (25, 25, 20), (30, 34))
+    from_store = seg.segment_volume(store, voxel_size_um=VOXEL_UM, config=config, chunks=blocks)
+    from_dask = seg.segment_volume(
+        da.from_array(image, chunks=blocks), voxel_size_um=VOXEL_UM, config=config
+    )
+    assert from_store.n > 8 and from_store.labels.chunks == from_dask.labels.chunks
+    pd.testing.assert_frame_equal(from_store.table, from_dask.table)
+    np.testing.assert_array_equal(from_store.labels.compute(), from_dask.labels.compute())
+    # a segment block task depends on nothing but the store
+    graph = dict(seg._stored_watershed(store, blocks, 150.0, VOXEL_UM, config, None)[0].dask)
+    assert sum(isinstance(k, tuple) for k in graph) == 3 * 3 * 2 and len(graph) == 19
 
 
 def test_segment_volume_size_filter_and_absolute_threshold():

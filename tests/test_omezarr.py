@@ -1,0 +1,205 @@
+"""The OME-Zarr writer and reader, and region reads of stored volumes."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from ome_zarr_models import open_ome_zarr
+
+from lightsheet.io.omezarr import read_image, stored_volume, write_image
+from lightsheet.regions import Region, map_overlap, read_region
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    with dask.config.set(scheduler="threads", num_workers=2):
+        yield
+
+
+@pytest.fixture(scope="module")
+def volume():
+    rng = np.random.default_rng(5)
+    return rng.integers(0, 4000, (1, 2, 23, 70, 45), dtype=np.uint16)
+
+
+def test_blocks_of_several_chunks_store_the_same_chunks(tmp_path, volume):
+    one = write_image(
+        da.from_array(volume, chunks=(1, 1, 8, 16, 16)),
+        tmp_path / "a.ome.zarr",
+        voxel_size_um=(2, 1, 1),
+    )
+    # blocks of 2 x 3 x 1 zarr chunks (and short last blocks) write the same chunks
+    many = write_image(
+        da.from_array(volume, chunks=(1, 1, 16, 48, 16)),
+        tmp_path / "b.ome.zarr",
+        voxel_size_um=(2, 1, 1),
+        chunks=(8, 16, 16),
+    )
+    assert one == many  # the fingerprint is per zarr chunk, whatever the blocks
+    for name in ("a", "b"):
+        root = zarr.open_group(str(tmp_path / f"{name}.ome.zarr"), mode="r")
+        assert root["s0"].chunks == (1, 1, 8, 16, 16)
+        open_ome_zarr(root)  # valid NGFF
+        image, voxel, _ = read_image(tmp_path / f"{name}.ome.zarr")
+        np.testing.assert_array_equal(image.compute(), volume)
+        assert voxel == (2.0, 1.0, 1.0)
+    a1, _, _ = read_image(tmp_path / "a.ome.zarr", level=1)
+    b1, _, _ = read_image(tmp_path / "b.ome.zarr", level=1)
+    np.testing.assert_array_equal(a1.compute(), b1.compute())
+
+
+def test_blocks_that_split_chunks_are_rechunked(tmp_path, volume):
+    fp = write_image(
+        da.from_array(volume, chunks=(1, 1, 12, 20, 45)),
+        tmp_path / "c.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+        chunks=(8, 16, 16),
+    )
+    ref = write_image(
+        da.from_array(volume, chunks=(1, 1, 8, 16, 16)),
+        tmp_path / "d.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+    )
+    assert fp == ref
+
+
+def test_stored_volume_reads_regions(tmp_path, volume):
+    write_image(
+        da.from_array(volume, chunks=(1, 1, 8, 16, 16)),
+        tmp_path / "e.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+    )
+    vol = stored_volume(tmp_path / "e.ome.zarr", t=0, c=1)
+    assert vol.shape == volume.shape[2:] and vol.dtype == volume.dtype
+    assert vol.chunks == (8, 16, 16)
+    np.testing.assert_array_equal(vol[3:9, 60:70, :5], volume[0, 1, 3:9, 60:70, :5])
+    # reflected halos beyond the edges: NumPy's "symmetric", dask's "reflect"
+    region = Region((0, 0, 0), (0, 60, 40), (8, 70, 45), (3, 4, 5), (3, 4, 5), vol.shape)
+    want = np.pad(volume[0, 1], 5, mode="symmetric")[2:16, 61:79, 40:60]
+    np.testing.assert_array_equal(read_region(vol, region, "reflect"), want)
+    with pytest.raises(ValueError, match="leaves the volume"):
+        read_region(vol, region, "none")
+
+
+@pytest.mark.parametrize("boundary", ["reflect", "none"])
+def test_overlap_from_store_equals_dask_overlap(tmp_path, volume, boundary):
+    write_image(
+        da.from_array(volume, chunks=(1, 1, 8, 16, 16)),
+        tmp_path / "f.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+    )
+    vol = stored_volume(tmp_path / "f.ome.zarr", t=0, c=0)
+    depth = (3, 5, 2)
+    ref = da.overlap.overlap(da.from_array(volume[0, 0], chunks=vol.chunks), depth, boundary)
+
+    def padded(block, region):
+        return block
+
+    from_store = map_overlap(
+        padded,
+        vol,
+        depth=depth,
+        boundary=boundary,
+        dtype=vol.dtype,
+        trim=False,
+        out_chunks=ref.chunks,
+    )
+    np.testing.assert_array_equal(from_store.compute(), ref.compute())
+
+    def where(block, region):
+        # each block knows its place: the global flat index of every core voxel
+        z, y, x = np.indices(block.shape)
+        o = region.origin
+        return ((z + o[0]) * 1000 + y + o[1]) * 1000 + x + o[2]
+
+    for source in (vol, da.from_array(volume[0, 0], chunks=vol.chunks)):
+        got = map_overlap(where, source, depth=depth, boundary=boundary, dtype=np.int64).compute()
+        z, y, x = np.indices(volume.shape[2:])
+        np.testing.assert_array_equal(got, (z * 1000 + y) * 1000 + x)
+
+
+def test_sharded_image_holds_the_same_data(tmp_path, volume):
+    plain = write_image(
+        da.from_array(volume, chunks=(1, 1, 12, 30, 45)),
+        tmp_path / "p.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+    )
+    sharded = write_image(
+        da.from_array(volume, chunks=(1, 1, 12, 30, 45)),
+        tmp_path / "s.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+        sharded=True,
+    )
+    assert plain == sharded
+    root = zarr.open_group(str(tmp_path / "s.ome.zarr"), mode="r")
+    assert root["s0"].shards == (1, 1, 12, 30, 45)
+    assert root["s0"].chunks == (1, 1, 12, 10, 15)  # about a third of each side
+    open_ome_zarr(root)
+    image, _, _ = read_image(tmp_path / "s.ome.zarr")
+    assert image.chunksize == (1, 1, 12, 30, 45)  # a shard per task
+    np.testing.assert_array_equal(image.compute(), volume)
+    vol = stored_volume(tmp_path / "s.ome.zarr", c=1)
+    assert vol.chunks == (12, 30, 45)
+    np.testing.assert_array_equal(vol[5:20, 7:61, 3:44], volume[0, 1, 5:20, 7:61, 3:44])
+    a, _, _ = read_image(tmp_path / "p.ome.zarr", level=1)
+    b, _, _ = read_image(tmp_path / "s.ome.zarr", level=1)
+    np.testing.assert_array_equal(a.compute(), b.compute())
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float32, np.uint32])
+@pytest.mark.parametrize("factor", [(1, 2, 2), (2, 2, 2)])
+def test_pyramid_step_is_the_window_mean(dtype, factor):
+    # against NumPy on the whole array: windows of `factor`, edges replicated, integers
+    # rounded as the float mean rounds (half to even)
+    from lightsheet.io.omezarr import _downsample
+
+    rng = np.random.default_rng(2)
+    x = rng.integers(-300 if dtype == np.int16 else 0, 1000, (1, 1, 13, 21, 17)).astype(dtype)
+    pad = [(0, 0), (0, 0)] + [(0, (-n) % f) for n, f in zip(x.shape[2:], factor, strict=True)]
+    p = np.pad(x, pad, mode="edge").astype(np.float64)
+    windows = p.reshape(
+        1, 1, *(v for n, f in zip(p.shape[2:], factor, strict=True) for v in (n // f, f))
+    )
+    want = windows.mean(axis=(3, 5, 7))
+    want = want if x.dtype.kind == "f" else np.round(want)
+    chunks = (1, 1, 4 * factor[0], 6 * factor[1], 8 * factor[2])
+    got = _downsample(da.from_array(x, chunks=chunks), factor, labels=False).compute()
+    assert got.dtype == x.dtype
+    np.testing.assert_allclose(got, want.astype(x.dtype), rtol=1e-6)
+    nearest = _downsample(da.from_array(x, chunks=chunks), factor, labels=True).compute()
+    np.testing.assert_array_equal(nearest, x[:, :, :: factor[0], :: factor[1], :: factor[2]])
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, dtype):
+    # the writer encodes whole chunks itself; zarr's own setitem must store the same files
+    from lightsheet.io.omezarr import compressor
+
+    x = (np.random.default_rng(0).random((1, 1, 23, 31, 17)) * 1000).astype(dtype)
+    write_image(
+        da.from_array(x, chunks=(1, 1, 16, 20, 9)),
+        tmp_path / "d.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+        chunks=(8, 10, 9),
+        min_size=100,
+    )
+    ref = zarr.create_array(
+        str(tmp_path / "ref.zarr"),
+        shape=x.shape,
+        chunks=(1, 1, 8, 10, 9),
+        dtype=dtype,
+        compressors=[compressor()],
+        fill_value=0,
+        config={"write_empty_chunks": True},
+    )
+    ref[...] = x
+    ours = sorted((tmp_path / "d.ome.zarr" / "s0" / "c").rglob("*"))
+    theirs = sorted((tmp_path / "ref.zarr" / "c").rglob("*"))
+    assert [p.relative_to(tmp_path / "d.ome.zarr" / "s0") for p in ours] == [
+        p.relative_to(tmp_path / "ref.zarr") for p in theirs
+    ]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.is_dir() or a.read_bytes() == b.read_bytes(), a
