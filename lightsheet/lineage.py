@@ -2,10 +2,11 @@
 
 What a fingerprint guarantees, and what it costs
 ------------------------------------------------
-* **Stage images** (OME-Zarr): a BLAKE2b hash of every full-resolution chunk, computed by the
-  worker that writes the chunk while the bytes are in memory, combined in chunk order. Equal
-  fingerprints mean equal voxel data; the cost is one hash pass over data already in memory
-  (~1 GB/s per core), no extra I/O.
+* **Stage images** (OME-Zarr): a 64-bit XXH3 hash of every full-resolution chunk, computed by
+  the worker that writes the chunk while the bytes are in memory, combined in chunk order
+  (BLAKE2b). Equal fingerprints mean equal voxel data (barring a 64-bit collision: a check
+  against accidents, not forgery); the cost is one hash pass over data already in memory
+  (~5 GB/s per core), no extra I/O.
 * **Small files** (PSF, model checkpoint, atlas metadata and structures, tables): a hash of the
   whole content.
 * **Large inputs** (raw TIFF tiles, atlas annotation volumes): path, size and modification
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
 #: Key under which image outputs store their lineage in the OME-Zarr attributes.
 ATTRS_KEY = "lightsheet"
@@ -73,9 +75,12 @@ def hash_json(value: Any) -> str:
 
 
 def chunk_digest(block: np.ndarray) -> int:
-    """64-bit digest of one chunk's bytes and shape (computed where the chunk is written)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(str((block.shape, block.dtype.str)).encode())
+    """64-bit digest of one chunk's bytes and shape (computed where the chunk is written).
+
+    XXH3-64 (xxHash): about 5 GB/s per core here against 0.7 GB/s for BLAKE2b, which made
+    the digest a fifth of the stitch stage's CPU time. It detects changed data, not forgery.
+    """
+    h = xxhash.xxh3_64(str((block.shape, block.dtype.str)).encode())
     h.update(np.ascontiguousarray(block).data)
     return int.from_bytes(h.digest(), "little", signed=True)
 

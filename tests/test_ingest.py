@@ -6,10 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightsheet.config import DEFAULT_PATTERN
 from lightsheet.errors import InputFilesError, TileGridError
 from lightsheet.ingest import Manifest, discover
+from lightsheet.io.tiff import TiffRegion, inspect_tiff
 
 TILE = (4, 6, 5)
 
@@ -126,3 +129,19 @@ def test_inputs_never_modified(tmp_path):
     before = checksums(tmp_path)
     discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
     assert checksums(tmp_path) == before
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bounds=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), min_size=3, max_size=3),
+    dtype=st.sampled_from([np.uint16, np.float32, np.uint8]),
+)
+def test_tile_regions_equal_numpy_slices(tmp_path_factory, bounds, dtype):
+    # whole planes, whole rows, partial rows, empty regions: the same voxels as NumPy
+    path = tmp_path_factory.mktemp("region") / "tile.tif"
+    data = np.random.default_rng(1).integers(0, 200, (5, 9, 11)).astype(dtype)
+    tifffile.imwrite(path, data)
+    region = TiffRegion(inspect_tiff(path))
+    assert region.info.data_offset is not None  # the contiguous fast path
+    key = tuple(slice(min(a, b), max(a, b)) for a, b in bounds)
+    np.testing.assert_array_equal(region[key], data[key])

@@ -154,10 +154,7 @@ class TiffRegion:
     def _read(self, key: tuple[slice, ...]) -> np.ndarray:
         info = self.info
         if info.data_offset is not None:
-            mm = np.memmap(
-                info.path, dtype=self.dtype, mode="r", offset=info.data_offset, shape=self.shape
-            )
-            return np.array(mm[key])
+            return _read_contiguous(info.path, info.data_offset, self.shape, self.dtype, key)
         import tifffile
         import zarr
 
@@ -167,6 +164,48 @@ class TiffRegion:
                 return np.asarray(arr[key])
             # 2-D or singleton-padded images are small: read whole, then slice
             return np.asarray(arr[...]).reshape(self.shape)[key]
+
+
+def _read_contiguous(
+    path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, key: tuple[slice, ...]
+) -> np.ndarray:
+    """Region ``key`` of an uncompressed C-order (Z, Y, X) array stored at ``offset``.
+
+    Reads straight into the result with ``preadv``: one call per run of whole rows (per
+    z-plane, or one for whole planes), about a quarter less CPU than copying out of a memory
+    map, whose page faults cost more than the copy.
+    """
+    nz, ny, nx = shape
+    (z0, z1, zs), (y0, y1, ys), (x0, x1, xs) = (
+        sl.indices(n) for sl, n in zip(key, shape, strict=True)
+    )
+    if (zs, ys, xs) != (1, 1, 1):  # strided reads: rare, let a memory map do them
+        mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        return np.array(mm[key])
+    out = np.empty((max(0, z1 - z0), max(0, y1 - y0), max(0, x1 - x0)), dtype)
+    if out.size == 0:
+        return out
+    row = nx * dtype.itemsize
+    whole_rows = (x0, x1) == (0, nx)
+    rows = out if whole_rows else np.empty((out.shape[0], out.shape[1], nx), dtype)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if whole_rows and (y0, y1) == (0, ny):
+            runs = [(rows, offset + z0 * ny * row)]
+        else:
+            runs = [(rows[k], offset + ((z0 + k) * ny + y0) * row) for k in range(out.shape[0])]
+        for buf, at in runs:
+            view = memoryview(buf).cast("B")
+            if os.preadv(fd, [view], at) != view.nbytes:
+                raise InputFilesError(
+                    f"{path}: truncated TIFF: the image data ends before byte "
+                    f"{at + view.nbytes}; expected a complete file"
+                )
+    finally:
+        os.close(fd)
+    if not whole_rows:
+        out[...] = rows[:, :, x0:x1]
+    return out
 
 
 def check_finite(
