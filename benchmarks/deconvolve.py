@@ -14,13 +14,19 @@ Rows (same data, same iterations):
       into reused buffers); other libraries' floors for comparison. The kernel itself
       splits each transform into 2-D plane and 1-D z-slab transforms so that its
       element-wise work runs in cache (`lightsheet.deconvolve._PlaneRL`).
-Whole stage: `deconvolve` over >= 8 chunks read from and written to OME-Zarr with the
-project's writer, against (c)'s voxel-iterations per second; halo and I/O overhead shown.
+Whole stage: `deconvolve` on 8 x the kernel's volume, stored as OME-Zarr in stitch-like
+chunks, into another OME-Zarr with the project's writer, on the pipeline's local cluster, at
+the default (accurate) depth and at the PSF's half-size, for each --block-mib budget. Shown:
+the blocks `choose_blocks` picks, the halo overhead (padded FFT voxels per output voxel), the
+same read + write with no computation, level 0 and the pyramid apart, the output rate against
+(c), and the padded rate against the kernel on one block of the stage's own padded shape
+(how well the stage runs its blocks, halos aside).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import platform
@@ -37,10 +43,11 @@ import scipy.fft as sfft
 from scipy.ndimage import gaussian_filter
 
 from lightsheet.deconvolve import (
+    BLOCK_BYTES,
     _backend,
     _cuda_available,
     _pocketfft,
-    choose_chunks,
+    choose_blocks,
     clear_otf_cache,
     deconvolve,
     default_depth,
@@ -157,38 +164,60 @@ def timed(fn, *args, repeat=1, **kwargs):
     return best
 
 
-def run_stage(workdir, image, psf, iterations, chunks, depth, threads):
-    """Write `image` as OME-Zarr, deconvolve it chunk by chunk into another; time each part."""
-    from lightsheet.io.omezarr import read_image, write_image
+def run_stage(workdir, image, psf, iterations, store_chunks, depth, block_bytes, client):
+    """Store ``image`` as OME-Zarr, deconvolve it block by block into another; time each part.
+
+    Runs on ``client`` (the pipeline's local cluster), as the deconvolve task does: blocks of
+    whole stored chunks (`choose_blocks`), each reading its halo from the store. Returns the
+    seconds of level 0 (the deconvolution and its write) and of the pyramid, the seconds of
+    the same read + float32 write with no computation, the blocks, and the padded FFT voxels
+    per output voxel (the halo overhead).
+    """
+    from lightsheet.io.omezarr import stored_volume, write_image
 
     raw = workdir / "raw.ome.zarr"
     if not raw.exists():
-        write_image(
-            da.from_array(image[None, None], chunks=(1, 1, *chunks)), raw, voxel_size_um=(1, 1, 1)
-        )
-    with dask.config.set(scheduler="threads", num_workers=threads):
-        # I/O alone: read and write the same data with no computation
+        with dask.config.set(scheduler="threads"):  # in this process: the array is here
+            write_image(
+                da.from_array(image[None, None], chunks=(1, 1, *store_chunks)),
+                raw,
+                voxel_size_um=(1, 1, 1),
+            )
+    levels = []
+
+    def compute(written, level):
         t0 = time.perf_counter()
-        stored, voxel, _ = read_image(raw)
-        write_image(stored.astype(np.float32), workdir / "copy.ome.zarr", voxel_size_um=voxel)
-        t_io = time.perf_counter() - t0
-        clear_otf_cache()
-        t0 = time.perf_counter()
-        stored, voxel, _ = read_image(raw)
-        out = deconvolve(stored[0, 0], psf, iterations=iterations, depth=depth)
-        write_image(out[None, None], workdir / "deconvolved.ome.zarr", voxel_size_um=voxel)
-        t_stage = time.perf_counter() - t0
+        out = client.compute(written).result()
+        levels.append(time.perf_counter() - t0)
+        return out
+
+    vol = stored_volume(raw)
+    blocks = choose_blocks(vol.shape, vol.chunks, depth, target_bytes=block_bytes)
+    # I/O alone: read and write the same blocks with no computation
+    write_image(
+        da.from_array(vol, chunks=blocks).astype(np.float32)[None, None],
+        workdir / "copy.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+        chunks=vol.chunks,
+        compute=compute,
+    )
+    t_io = levels[0]
+    levels.clear()
+    client.run(clear_otf_cache)
+    out = deconvolve(vol, psf, iterations=iterations, depth=depth, block_bytes=block_bytes)
+    assert out.chunks == da.core.normalize_chunks(blocks, vol.shape), (out.chunks, blocks)
+    write_image(
+        out[None, None],
+        workdir / "deconvolved.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+        chunks=vol.chunks,
+        compute=compute,
+    )
     padded = sum(
         math.prod(fast_shape([c + 2 * d for c, d in zip(block, depth, strict=True)]))
-        for block in _block_shapes(out.chunks)
+        for block in itertools.product(*out.chunks)
     )
-    return t_stage, t_io, padded / image.size, out.numblocks
-
-
-def _block_shapes(chunks):
-    import itertools
-
-    return itertools.product(*chunks)
+    return levels[0], sum(levels[1:]), t_io, blocks, padded / image.size, out.numblocks
 
 
 def main(argv=None):
@@ -202,6 +231,13 @@ def main(argv=None):
     p.add_argument("--skip-baselines", action="store_true", help="skip (a) and (b)")
     p.add_argument("--skip-stage", action="store_true", help="skip the whole-stage rows")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder for OME-Zarr")
+    p.add_argument(
+        "--block-mib",
+        type=int,
+        nargs="+",
+        default=[BLOCK_BYTES >> 20, 4 * (BLOCK_BYTES >> 20)],
+        help="whole stage: largest padded block in MiB (deconvolve's block_bytes)",
+    )
     args = p.parse_args(argv)
 
     shape = (32, 128, 128) if args.quick else (128, 512, 512)
@@ -288,44 +324,81 @@ def main(argv=None):
 
     # --------------------------------------------------------------- whole stage
     print()
-    print("whole stage: OME-Zarr -> deconvolve (map_overlap) -> OME-Zarr, >= 8 chunks")
+    print(
+        "whole stage: OME-Zarr -> deconvolve -> OME-Zarr on the pipeline's local cluster; blocks "
+        "of whole stored chunks, each reading its halo from the store"
+    )
     kernel_rate = n * iterations / t_c
     tmp = Path(tempfile.mkdtemp(prefix="bench-deconv-", dir=args.workdir))
+    client = cluster = None
     try:
         if args.skip_stage:
             raise _Skip
+        from distributed import Client
+
+        from lightsheet.clusters import local_cluster, local_cluster_kwargs
+        from lightsheet.config import ClusterConfig
+
+        cluster = local_cluster(**local_cluster_kwargs(ClusterConfig(threads_per_worker=threads)))
+        client = Client(cluster)
+        stage_shape = tuple(2 * s for s in shape)  # 8 x the kernel's volume
+        # stitch-like stored chunks (8 M voxels at the issue's size)
+        store_chunks = (stage_shape[0] // 2, stage_shape[1] // 4, stage_shape[2] // 4)
+        big = np.tile(image, (2, 2, 2))
         half = tuple(s // 2 for s in psf.shape)
+        print(
+            f"  volume {stage_shape} float32 stored in chunks {store_chunks}, "
+            f"{threads} worker threads (one block each)"
+        )
+        head = (
+            f"  {'depth':<22} {'budget':>7} {'blocks':<16} {'#':>3} {'halo':>5} {'I/O s':>6} "
+            f"{'s0 s':>7} {'pyr s':>6} {'out vox-it/s':>12} {'of (c)':>7} "
+            f"{'padded vox-it/s':>15} {'of kernel':>9}"
+        )
+        print(head)
         for label, depth in (
-            (
-                "default depth (interior = whole volume to 1e-3)",
-                default_depth(psf.shape, iterations),
-            ),
-            ("depth = PSF half-size (the minimum allowed)", half),
+            ("default", default_depth(psf.shape, iterations)),
+            ("PSF half-size", half),
         ):
-            block_target = 4 * n  # blocks about the size of the one-block kernel row
-            # chunks whose padded blocks have fast FFT sizes, then exactly 2 x 2 x 2 of them
-            chunks = choose_chunks(
-                (1 << 14,) * 3, psf.shape, target_bytes=block_target, depth=depth
-            )
-            vol = tuple(2 * c for c in chunks)
-            reps = [math.ceil(v / s) for v, s in zip(vol, shape, strict=True)]
-            big = np.tile(image, reps)[tuple(slice(0, v) for v in vol)]
-            t_stage, t_io, halo, nblocks = run_stage(
-                tmp / label.split()[0], big, psf, iterations, chunks, depth, threads
-            )
-            rate = big.size * iterations / t_stage
-            print(f"  {label}")
-            print(f"    depth {depth}, chunks {chunks}, volume {vol} ({math.prod(nblocks)} chunks)")
-            print(f"    padded FFT voxels / output voxels (halo overhead): {halo:6.2f}")
-            print(f"    I/O alone (read raw + write float32 OME-Zarr): {t_io:7.2f} s")
-            print(
-                f"    stage: {t_stage:7.2f} s, {rate:10.3g} output vox-it/s = "
-                f"{rate / kernel_rate:6.1%} of (c) on one block (target >= 70%)"
-            )
-            shutil.rmtree(tmp / label.split()[0], ignore_errors=True)
+            for mib in args.block_mib:
+                blocks = choose_blocks(stage_shape, store_chunks, depth, target_bytes=mib << 20)
+                padded_block = fast_shape([b + 2 * d for b, d in zip(blocks, depth, strict=True)])
+                # the kernel alone on one block of the stage's padded shape, all threads
+                one = big[tuple(slice(0, p) for p in padded_block)]
+                if one.shape != padded_block:
+                    one = np.pad(
+                        one,
+                        [(0, p - o) for p, o in zip(padded_block, one.shape, strict=True)],
+                        mode="symmetric",
+                    )
+                t_one = timed(richardson_lucy, one, psf, pad_width=0, repeat=1, **kernel)
+                block_rate = one.size * iterations / t_one
+                t_s0, t_pyr, t_io, blocks, halo, nblocks = run_stage(
+                    tmp, big, psf, iterations, store_chunks, depth, mib << 20, client
+                )
+                rate = big.size * iterations / t_s0
+                print(
+                    f"  {label + ' ' + str(depth):<22} {mib:>4}MiB {str(blocks):<16} "
+                    f"{math.prod(nblocks):>3} {halo:5.2f} {t_io:6.1f} {t_s0:7.1f} {t_pyr:6.1f} "
+                    f"{rate:12.3g} {rate / kernel_rate:7.1%} {rate * halo:15.3g} "
+                    f"{rate * halo / block_rate:9.1%}"
+                )
+                for name in ("copy.ome.zarr", "deconvolved.ome.zarr"):
+                    shutil.rmtree(tmp / name, ignore_errors=True)
+        print(
+            "  halo = padded FFT voxels / output voxels; of (c) = output voxel-iterations/s "
+            "against (c) (target >= 70%);"
+        )
+        print(
+            "  of kernel = the stage's padded voxel-iterations/s against the kernel on one "
+            "block of the stage's padded shape with all threads (execution efficiency)"
+        )
     except _Skip:
         print("  (skipped)")
     finally:
+        if client is not None:
+            client.close()
+            cluster.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
     if _cuda_available():

@@ -59,6 +59,8 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
                         psf_array,
                         iterations=config.iterations,
                         acceleration=config.acceleration,
+                        depth=config.depth_zyx,
+                        block_bytes=config.block_mib << 20,
                     )
                     if c in channels
                     else None
