@@ -10,7 +10,6 @@ import zarr
 from ome_zarr_models import open_ome_zarr
 
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
-from lightsheet.regions import Region, map_overlap, read_region
 
 
 @pytest.fixture(autouse=True)
@@ -64,61 +63,6 @@ def test_blocks_that_split_chunks_are_rechunked(tmp_path, volume):
         voxel_size_um=(1, 1, 1),
     )
     assert fp == ref
-
-
-def test_stored_volume_reads_regions(tmp_path, volume):
-    write_image(
-        da.from_array(volume, chunks=(1, 1, 8, 16, 16)),
-        tmp_path / "e.ome.zarr",
-        voxel_size_um=(1, 1, 1),
-    )
-    vol = stored_volume(tmp_path / "e.ome.zarr", t=0, c=1)
-    assert vol.shape == volume.shape[2:] and vol.dtype == volume.dtype
-    assert vol.chunks == (8, 16, 16)
-    np.testing.assert_array_equal(vol[3:9, 60:70, :5], volume[0, 1, 3:9, 60:70, :5])
-    # reflected halos beyond the edges: NumPy's "symmetric", dask's "reflect"
-    region = Region((0, 0, 0), (0, 60, 40), (8, 70, 45), (3, 4, 5), (3, 4, 5), vol.shape)
-    want = np.pad(volume[0, 1], 5, mode="symmetric")[2:16, 61:79, 40:60]
-    np.testing.assert_array_equal(read_region(vol, region, "reflect"), want)
-    with pytest.raises(ValueError, match="leaves the volume"):
-        read_region(vol, region, "none")
-
-
-@pytest.mark.parametrize("boundary", ["reflect", "none"])
-def test_overlap_from_store_equals_dask_overlap(tmp_path, volume, boundary):
-    write_image(
-        da.from_array(volume, chunks=(1, 1, 8, 16, 16)),
-        tmp_path / "f.ome.zarr",
-        voxel_size_um=(1, 1, 1),
-    )
-    vol = stored_volume(tmp_path / "f.ome.zarr", t=0, c=0)
-    depth = (3, 5, 2)
-    ref = da.overlap.overlap(da.from_array(volume[0, 0], chunks=vol.chunks), depth, boundary)
-
-    def padded(block, region):
-        return block
-
-    from_store = map_overlap(
-        padded,
-        vol,
-        depth=depth,
-        boundary=boundary,
-        dtype=vol.dtype,
-        trim=False,
-        out_chunks=ref.chunks,
-    )
-    np.testing.assert_array_equal(from_store.compute(), ref.compute())
-
-    def where(block, region):
-        # each block knows its place: the global flat index of every core voxel
-        z, y, x = np.indices(block.shape)
-        o = region.origin
-        return ((z + o[0]) * 1000 + y + o[1]) * 1000 + x + o[2]
-
-    for source in (vol, da.from_array(volume[0, 0], chunks=vol.chunks)):
-        got = map_overlap(where, source, depth=depth, boundary=boundary, dtype=np.int64).compute()
-        z, y, x = np.indices(volume.shape[2:])
-        np.testing.assert_array_equal(got, (z * 1000 + y) * 1000 + x)
 
 
 def test_sharded_image_holds_the_same_data(tmp_path, volume):
@@ -203,3 +147,28 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, dtype):
     ]
     for a, b in zip(ours, theirs, strict=True):
         assert a.is_dir() or a.read_bytes() == b.read_bytes(), a
+
+
+def test_level_one_from_blocks_in_memory_equals_the_reread(tmp_path, volume):
+    # chunks divisible by the factor: level 1 is written from each block as it is written;
+    # otherwise it is read back from level 0. Every level holds the same voxels either way.
+    write_image(
+        da.from_array(volume, chunks=(1, 1, 8, 16, 16)),
+        tmp_path / "f.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+        min_size=8,
+    )
+    write_image(
+        da.from_array(volume, chunks=(1, 1, 8, 15, 15)),
+        tmp_path / "r.ome.zarr",
+        voxel_size_um=(1, 1, 1),
+        min_size=8,
+    )
+    fused = zarr.open_group(str(tmp_path / "f.ome.zarr"), mode="r")
+    assert fused["s1"].chunks == (1, 1, 4, 8, 8)  # the level-0 chunk / factor
+    n = len(list(fused.array_keys()))
+    assert n >= 3
+    for level in range(n):
+        a, _, _ = read_image(tmp_path / "f.ome.zarr", level=level)
+        b, _, _ = read_image(tmp_path / "r.ome.zarr", level=level)
+        np.testing.assert_array_equal(a.compute(), b.compute())

@@ -2,11 +2,14 @@
 
 Every image the pipeline writes is a 5-D ``t, c, z, y, x`` multiscale image:
 
-* level ``s0`` has zarr chunks equal to the dask chunks (a mismatch would corrupt data
-  when chunks are written in parallel), compressed with Blosc zstd + bitshuffle;
+* level ``s0`` has zarr chunks that every dask block covers whole (two blocks writing one
+  chunk in parallel would corrupt it), compressed with Blosc zstd + bitshuffle; images the
+  next stage reads in halo-padded regions are sharded into smaller inner chunks;
 * lower levels halve the finest spatial axes until the smallest is under ``min_size``,
-  so napari opens a whole brain at once; they are computed from the *stored* level
-  above (re-read chunk by chunk), never by re-running the stage's computation;
+  so napari opens a whole brain at once. Level 1 is computed from each level-0 block while
+  it is in memory (its chunks are the level-0 chunk divided by the factor), deeper levels
+  from the *stored* level above (re-read chunk by chunk); never by re-running the stage's
+  computation;
 * ``coordinateTransformations`` carry the voxel size in µm;
 * the write happens in a hidden sibling folder that is renamed into place only when
   every level and the metadata are written, so an interrupted stage never leaves an
@@ -18,7 +21,6 @@ downsampling.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,8 +95,9 @@ def _downsample(level: da.Array, factor: tuple[int, int, int], *, labels: bool) 
 def _downsample_block(block: np.ndarray, *, factor: tuple[int, ...], labels: bool) -> np.ndarray:
     """Mean of each window of ``factor`` voxels, or its first voxel for labels.
 
-    Integers are rounded half to even, as the float mean would be. Sums of strided views:
-    about 3x faster than reshaping and reducing.
+    Integers are rounded half to even, as the float mean would be. Windows are summed one
+    axis at a time, the outer axes first (whole contiguous rows), in 32-bit integers for
+    small integer types: about 5x faster than reshaping and reducing.
     """
     if labels:
         return np.ascontiguousarray(block[tuple(slice(None, None, fi) for fi in factor)])
@@ -103,26 +106,38 @@ def _downsample_block(block: np.ndarray, *, factor: tuple[int, ...], labels: boo
         block = np.pad(block, pad, mode="edge")
     small = block.dtype.kind in "ui" and block.dtype.itemsize <= 2
     acc = np.dtype(np.int32 if small else np.float64 if block.dtype.itemsize > 4 else np.float32)
-    total = None
-    for offsets in itertools.product(*(range(fi) for fi in factor)):
-        part = block[tuple(slice(o, None, fi) for o, fi in zip(offsets, factor, strict=True))]
-        if total is None:
-            total = part.astype(acc)
-        else:
-            total += part
+    total = block.astype(acc) if all(fi == 1 for fi in factor) else block
+    for axis, fi in enumerate(factor):
+        if fi == 1:
+            continue
+        parts = [total[(slice(None),) * axis + (slice(o, None, fi),)] for o in range(fi)]
+        summed = parts[0].astype(acc)
+        for part in parts[1:]:
+            summed += part
+        total = summed
     n = math.prod(factor)
     if small:
-        # exact: the sums of up to 16-bit values fit, and this is round(total / n)
-        q, r = np.divmod(total, n)
-        q += (2 * r > n) | ((2 * r == n) & (q % 2 == 1))
-        return q.astype(block.dtype)
-    total *= acc.type(1.0 / n)
+        # exact: sums of up to 16-bit values fit; this is round(total / n), half to even
+        k = n.bit_length() - 1
+        if n == 1 << k and k:  # n = 2**k: add n/2 - 1, plus 1 when the quotient is odd
+            total += (n >> 1) - 1 + ((total >> k) & 1)
+            total >>= k
+        else:
+            q, r = np.divmod(total, n)
+            total = q + ((2 * r > n) | ((2 * r == n) & (q % 2 == 1)))
+        return total.astype(block.dtype)
+    total = total.astype(acc, copy=False) * acc.type(1.0 / n)
     if block.dtype.kind == "f":
         return total.astype(block.dtype, copy=False)
     return np.round(total).astype(block.dtype)
 
 
-def store_chunks(array: da.Array, target: zarr.Array) -> da.Array:
+def store_chunks(
+    array: da.Array,
+    target: zarr.Array,
+    *,
+    then: tuple[zarr.Array, tuple[int, ...], bool] | None = None,
+) -> da.Array:
     """Lazily write each block of ``array`` into ``target``; one digest per zarr chunk.
 
     Every block must cover whole chunks (shards, when sharded) of ``target`` (the short
@@ -132,8 +147,12 @@ def store_chunks(array: da.Array, target: zarr.Array) -> da.Array:
     (`lightsheet.lineage.chunk_digest`), hashed by the worker that writes them, so the
     output's fingerprint costs no extra read and does not depend on how the blocks were
     cut; a scheduler's per-key futures double as a progress count.
+
+    ``then = (next_level, factor, labels)`` also writes each block downsampled by ``factor``
+    (`_downsample_block`) into ``next_level``, whose chunks must be ``target``'s divided by
+    ``factor``: the next pyramid level comes from the block in memory, not from a re-read.
     """
-    grid = tuple(int(c) for c in (target.shards or target.chunks))
+    grid = _write_grid(target)
     for axis, (blocks, step) in enumerate(zip(array.chunks, grid, strict=True)):
         if any(b % step for b in blocks[:-1]):
             raise ValueError(
@@ -142,18 +161,14 @@ def store_chunks(array: da.Array, target: zarr.Array) -> da.Array:
             )
 
     def write(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        loc = block_info[0]["array-location"]
-        direct = _chunk_writer(target)
-        if direct is None:
-            target[tuple(slice(a, b) for a, b in loc)] = block
-        first = tuple(a // g for (a, _), g in zip(loc, grid, strict=True))
-        counts = tuple(-(-n // g) for n, g in zip(block.shape, grid, strict=True))
-        digests = np.empty(counts, dtype=np.int64)
-        for idx in np.ndindex(*counts):
-            part = block[tuple(slice(i * g, (i + 1) * g) for i, g in zip(idx, grid, strict=True))]
-            digests[idx] = chunk_digest(part)
-            if direct is not None:
-                direct(tuple(f + i for f, i in zip(first, idx, strict=True)), part)
+        start = tuple(a for a, _ in block_info[0]["array-location"])
+        digests = _write_whole_chunks(target, block, start, digest=True)
+        if then is not None:
+            nxt, factor, labels = then
+            down = _downsample_block(block, factor=factor, labels=labels)
+            _write_whole_chunks(
+                nxt, down, tuple(a // f for a, f in zip(start, factor, strict=True))
+            )
         return digests
 
     return array.map_blocks(
@@ -164,6 +179,33 @@ def store_chunks(array: da.Array, target: zarr.Array) -> da.Array:
         ),
         meta=np.empty((0,) * array.ndim, np.int64),
     )
+
+
+def _write_grid(target: zarr.Array) -> tuple[int, ...]:
+    """The unit written at once: the shard of a sharded array, else the chunk."""
+    return tuple(int(c) for c in (target.shards or target.chunks))
+
+
+def _write_whole_chunks(
+    target: zarr.Array, block: np.ndarray, start: tuple[int, ...], *, digest: bool = False
+) -> np.ndarray | None:
+    """Write ``block`` (whole chunks of ``target``) at ``start``; its chunks' digests."""
+    grid = _write_grid(target)
+    direct = _chunk_writer(target)
+    if direct is None:
+        target[tuple(slice(a, a + n) for a, n in zip(start, block.shape, strict=True))] = block
+    first = tuple(a // g for a, g in zip(start, grid, strict=True))
+    counts = tuple(-(-n // g) for n, g in zip(block.shape, grid, strict=True))
+    digests = np.empty(counts, dtype=np.int64) if digest else None
+    if direct is None and not digest:
+        return None
+    for idx in np.ndindex(*counts):
+        part = block[tuple(slice(i * g, (i + 1) * g) for i, g in zip(idx, grid, strict=True))]
+        if digest:
+            digests[idx] = chunk_digest(part)
+        if direct is not None:
+            direct(tuple(f + i for f, i in zip(first, idx, strict=True)), part)
+    return digests
 
 
 def inner_chunks(chunks: Sequence[int], *, parts: float = 3.0, smallest: int = 8) -> tuple:
@@ -303,11 +345,13 @@ def write_image(
     compute : callable
         ``compute(writes, level)`` runs the lazy per-chunk writes of one pyramid level (see
         `store_chunks`); tasks pass one that reports progress. Level 0 carries the stage's
-        computation; lower levels only re-read the stored level above.
+        computation (and writes level 1 too, when its chunks divide by the first factor);
+        deeper levels only re-read the stored level above.
     chunks : (3,) ints, optional
         Zarr chunk shape (z, y, x) of the full-resolution level, when the dask blocks are
         larger: each block then writes the whole chunks it covers (blocks that do not cover
-        whole chunks are rechunked first). Lower levels keep this chunk shape.
+        whole chunks are rechunked first). Level 1's chunks are these divided by the first
+        downsampling factor (when they divide), deeper levels keep level 1's.
     sharded : bool
         Store each chunk as a zarr v3 shard of smaller inner chunks (`inner_chunks`), for
         images the next stage reads in halo-padded regions: a region then decompresses
@@ -337,22 +381,18 @@ def write_image(
         datasets = []
         scale = [1.0, 1.0, vz, vy, vx]
         level = image
-        for i in range(len(factors) + 1):
-            key = f"s{i}"
-            if i:
-                zchunks = tuple(
-                    max(1, min(c, s)) for c, s in zip(zchunks, level.shape, strict=True)
-                )
-                level = level.rechunk(zchunks)
+        made: dict[int, zarr.Array] = {}  # levels written along with the level above
+
+        def create(i: int, shape: tuple, dtype: Any, zchunks: tuple) -> zarr.Array:
             layout = (
                 {"chunks": inner_chunks(zchunks), "shards": zchunks}
                 if sharded
                 else {"chunks": zchunks}
             )
-            arr = root.create_array(
-                key,
-                shape=level.shape,
-                dtype=level.dtype,
+            return root.create_array(
+                f"s{i}",
+                shape=shape,
+                dtype=dtype,
                 **layout,
                 compressors=[compressor()],
                 dimension_names=[a["name"] for a in AXES],
@@ -362,18 +402,42 @@ def write_image(
                 # chunk, zarr 3.1), and an all-zero chunk compresses to a few bytes anyway
                 config={"write_empty_chunks": True},
             )
-            digests = compute(store_chunks(level, arr), i)
-            if i == 0:
-                fingerprint = combine_digests(np.asarray(digests).ravel())
+
+        for i in range(len(factors) + 1):
+            if i in made:
+                arr = made[i]
+                zchunks = _write_grid(arr)
+            else:
+                if i:
+                    zchunks = tuple(
+                        max(1, min(c, s)) for c, s in zip(zchunks, level.shape, strict=True)
+                    )
+                    level = level.rechunk(zchunks)
+                arr = create(i, level.shape, level.dtype, zchunks)
+                then = None
+                if i == 0 and factors:
+                    f = (1, 1, *factors[0])
+                    if all(c % fi == 0 for c, fi in zip(zchunks, f, strict=True)):
+                        # level 1 from each block while it is in memory: chunks of the
+                        # level-0 chunk / factor, so every block writes whole chunks of both
+                        shape1 = tuple(-(-n // fi) for n, fi in zip(level.shape, f, strict=True))
+                        chunks1 = tuple(c // fi for c, fi in zip(zchunks, f, strict=True))
+                        made[1] = create(1, shape1, level.dtype, chunks1)
+                        then = (made[1], f, labels)
+                digests = compute(store_chunks(level, arr, then=then), i)
+                if i == 0:
+                    fingerprint = combine_digests(np.asarray(digests).ravel())
             datasets.append(
                 {
-                    "path": key,
+                    "path": f"s{i}",
                     "coordinateTransformations": [{"type": "scale", "scale": list(scale)}],
                 }
             )
             if i < len(factors):
                 f = factors[i]
                 scale = scale[:2] + [s * fi for s, fi in zip(scale[2:], f, strict=True)]
+                if i + 1 in made:
+                    continue
                 # read blocks of factor × chunk voxels: each downsampled block is then exactly
                 # one chunk of the next level, with no rechunk in between (one that merged the
                 # coarsened pieces made the pyramid's peak memory grow with the image: 0.7 GiB
