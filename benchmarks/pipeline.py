@@ -268,10 +268,10 @@ def _tile_paths(folder: Path) -> list[str]:
 
 def _chunks(folder: Path) -> tuple[int, int, int]:
     from lightsheet.sample import VOXEL_SIZE_UM
-    from lightsheet.stitch import default_chunks
+    from lightsheet.stitch import stitch_chunks
 
     info = json.loads((folder / "sample.json").read_text())
-    return default_chunks(info["shape"][2:], VOXEL_SIZE_UM, tile_shape_zyx=info["tile_shape"])
+    return stitch_chunks(info["shape"][2:], VOXEL_SIZE_UM, info["tile_shape"])
 
 
 def child_raw(folder: Path, out: Path) -> dict:

@@ -43,8 +43,9 @@ class StitchConfig(_Model):
 
     chunks_zyx: ChunkShape | None = Field(
         None,
-        description="Chunk shape (z, y, x) of the stitched volume; default: derived from the "
-        "tile shape and voxel size so chunks hold ~32 MiB and FFT sizes stay fast.",
+        description="Chunk shape (z, y, x) of the stitched volume; default "
+        "(lightsheet.stitch.stitch_chunks): ~8 M voxels about isotropic in µm, snapped to a "
+        "divisor of the tile side, preferring sides the first pyramid step divides.",
     )
 
 

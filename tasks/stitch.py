@@ -9,7 +9,7 @@ from prefect import task
 from lightsheet.ingest import Manifest
 from lightsheet.io.omezarr import write_image
 from lightsheet.lineage import file_stat_fingerprint
-from lightsheet.stitch import default_chunks, stitch
+from lightsheet.stitch import stitch, stitch_chunks
 from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, publish_image
 
 
@@ -22,8 +22,7 @@ def stitch_spec(manifest: dict, voxel_size_um: list[float], chunks_zyx, output: 
         {"path": Path(output) / OUTPUTS["stitch"]},
         params={
             "chunks_zyx": list(
-                chunks_zyx
-                or default_chunks(m.shape[2:], voxel_size_um, tile_shape_zyx=m.tile_shape)
+                chunks_zyx or stitch_chunks(m.shape[2:], voxel_size_um, m.tile_shape)
             ),
             "voxel_size_um": list(voxel_size_um),
         },

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from lightsheet.config import DEFAULT_PATTERN
 from lightsheet.errors import InputFilesError
 from lightsheet.ingest import discover
-from lightsheet.stitch import default_chunks, stitch
+from lightsheet.io.omezarr import pyramid_factors
+from lightsheet.stitch import default_chunks, stitch, stitch_chunks
 from tests.test_ingest import name, write_grid
 
 
@@ -56,3 +57,35 @@ def test_default_chunks_bounded(shape, voxel):
     chunks = default_chunks(shape, voxel, tile_shape_zyx=shape)
     assert all(1 <= c <= s for c, s in zip(chunks, shape, strict=True))
     assert np.prod(chunks) <= 4 * 2**23
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tile=st.tuples(*[st.integers(8, 3000)] * 3),
+    grid=st.tuples(*[st.integers(1, 3)] * 3),
+    voxel=st.tuples(*[st.sampled_from([0.5, 1.0, 2.0, 4.0])] * 3),
+)
+def test_stitch_chunks_keep_tiles_and_prefer_the_pyramid_step(tile, grid, voxel):
+    # level 1 of the pyramid can be written from each level-0 block only when the chunk
+    # sides divide by its factor; tile alignment must not be given up for that
+    shape = tuple(t * g for t, g in zip(tile, grid, strict=True))
+    plain = default_chunks(shape, voxel, tile_shape_zyx=tile)
+    chunks = stitch_chunks(shape, voxel, tile)
+    factors = pyramid_factors(shape, voxel)
+    step = factors[0] if factors else (1, 1, 1)
+    for p, c, t, f in zip(plain, chunks, tile, step, strict=True):
+        if t % p == 0:  # the plain choice was tile-aligned: so is this one
+            assert t % c == 0
+        if p % f == 0:  # already a multiple: unchanged
+            assert c == p
+        elif c != p:  # changed only for a tile-aligned multiple of the step
+            assert c % f == 0 and t % c == 0
+
+
+def test_stitch_chunks_take_an_even_tile_divisor_over_a_nearer_odd_one():
+    # 1800-voxel tiles: 225 is nearest the 256 target, 300 the nearest even divisor
+    voxel = (2.0, 1.0, 1.0)
+    assert default_chunks((500, 3600, 3600), voxel, tile_shape_zyx=(500, 1800, 1800))[1] == 225
+    assert stitch_chunks((500, 3600, 3600), voxel, (500, 1800, 1800)) == (125, 300, 300)
+    # 530-voxel tiles have no even divisor near the target: tile alignment is kept
+    assert stitch_chunks((396, 1590, 1590), voxel, (396, 530, 530)) == (132, 265, 265)
