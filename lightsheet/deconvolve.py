@@ -213,13 +213,20 @@ def _best_chunk(size: int, depth: int, padded_target: float) -> int:
         if n > hi and best is not None:
             break
         chunk = n - 2 * depth
-        full, rest = divmod(size, chunk)
-        work = full * n + (next_fast_size(rest + 2 * depth) if rest else 0)
+        work = _axis_fft_work(size, chunk, depth)
         key = (work / size, -chunk)
         if best is None or key < (best[0], -best[1]):
             best = (work / size, chunk)
     assert best is not None
     return best[1]
+
+
+def _axis_fft_work(size: int, block: int, depth: int) -> int:
+    """Summed FFT lengths along one axis of ``size`` cut into ``block``-long padded blocks."""
+    full, rest = divmod(size, block)
+    return full * next_fast_size(block + 2 * depth) + (
+        next_fast_size(rest + 2 * depth) if rest else 0
+    )
 
 
 # --------------------------------------------------------------------------- backends
@@ -938,25 +945,10 @@ def choose_blocks(
     d = tuple(int(v) for v in depth)
     budget = max(1, target_bytes // itemsize)
 
-    def axis_work(n: int, block: int, depth: int) -> int:
-        full, rest = divmod(n, block)
-        return full * next_fast_size(block + 2 * depth) + (
-            next_fast_size(rest + 2 * depth) if rest else 0
-        )
-
     options = []
-    for axis in range(3):
-        n_chunks = -(-shape[axis] // chunk[axis])
-        options.append(
-            [
-                (
-                    min(k * chunk[axis], shape[axis]),
-                    axis_work(shape[axis], min(k * chunk[axis], shape[axis]), d[axis])
-                    / shape[axis],
-                )
-                for k in range(1, n_chunks + 1)
-            ]
-        )
+    for n, c, di in zip(shape, chunk, d, strict=True):
+        sizes = [min(k * c, n) for k in range(1, -(-n // c) + 1)]
+        options.append([(b, _axis_fft_work(n, b, di) / n) for b in sizes])
     best: tuple[float, int, tuple[int, int, int]] | None = None
     for (bz, wz), (by, wy), (bx, wx) in itertools.product(*options):
         padded = math.prod(

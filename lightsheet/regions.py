@@ -119,17 +119,19 @@ def read_region(source: Any, region: Region, boundary: str = "none") -> np.ndarr
     return block
 
 
-def _run(func: Callable, source: Any, region: Region, boundary: str, trim: bool) -> Any:
-    out = func(read_region(source, region, boundary), region=region)
+def _apply(func: Callable, padded: Any, region: Region, trim: bool) -> Any:
+    out = func(padded, region=region)
     return out[region.core] if trim else out
+
+
+def _run(func: Callable, source: Any, region: Region, boundary: str, trim: bool) -> Any:
+    return _apply(func, read_region(source, region, boundary), region, trim)
 
 
 def _run_padded(
     padded: Any, func: Callable, regions: dict, trim: bool, block_info: dict | None = None
 ) -> Any:
-    region = regions[tuple(block_info[0]["chunk-location"])]
-    out = func(padded, region=region)
-    return out[region.core] if trim else out
+    return _apply(func, padded, regions[tuple(block_info[0]["chunk-location"])], trim)
 
 
 def _normal_chunks(image: Any, chunks: Any) -> tuple[tuple[int, ...], ...]:

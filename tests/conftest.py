@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import dask
+import numpy as np
 import pytest
 
 # Prefect's temporary local server: no analytics (no internet), time to start on slow CI.
@@ -56,3 +58,17 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture
+def two_dask_threads():
+    """Dask's local scheduler at 2 threads (the machine is shared); use with usefixtures."""
+    with dask.config.set(scheduler="threads", num_workers=2):
+        yield
+
+
+@pytest.fixture(scope="module")
+def uint16_volume():
+    """A small (T, C, Z, Y, X) uint16 image whose sides cut into uneven chunks."""
+    rng = np.random.default_rng(5)
+    return rng.integers(0, 4000, (1, 2, 23, 70, 45), dtype=np.uint16)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -35,11 +34,7 @@ HAS_CUDA = dec._cuda_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CuPy and a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def _single_threaded_dask():
-    # the machine is shared: keep dask's local scheduler at 2 threads
-    with dask.config.set(scheduler="threads", num_workers=2):
-        yield
+pytestmark = pytest.mark.usefixtures("two_dask_threads")
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=[pytest.mark.gpu, requires_cuda])])

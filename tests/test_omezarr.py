@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -11,28 +10,18 @@ from ome_zarr_models import open_ome_zarr
 
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    with dask.config.set(scheduler="threads", num_workers=2):
-        yield
+pytestmark = pytest.mark.usefixtures("two_dask_threads")
 
 
-@pytest.fixture(scope="module")
-def volume():
-    rng = np.random.default_rng(5)
-    return rng.integers(0, 4000, (1, 2, 23, 70, 45), dtype=np.uint16)
-
-
-def test_blocks_of_several_chunks_store_the_same_chunks(tmp_path, volume):
+def test_blocks_of_several_chunks_store_the_same_chunks(tmp_path, uint16_volume):
     one = write_image(
-        da.from_array(volume, chunks=(1, 1, 8, 16, 16)),
+        da.from_array(uint16_volume, chunks=(1, 1, 8, 16, 16)),
         tmp_path / "a.ome.zarr",
         voxel_size_um=(2, 1, 1),
     )
     # blocks of 2 x 3 x 1 zarr chunks (and short last blocks) write the same chunks
     many = write_image(
-        da.from_array(volume, chunks=(1, 1, 16, 48, 16)),
+        da.from_array(uint16_volume, chunks=(1, 1, 16, 48, 16)),
         tmp_path / "b.ome.zarr",
         voxel_size_um=(2, 1, 1),
         chunks=(8, 16, 16),
@@ -43,36 +32,36 @@ def test_blocks_of_several_chunks_store_the_same_chunks(tmp_path, volume):
         assert root["s0"].chunks == (1, 1, 8, 16, 16)
         open_ome_zarr(root)  # valid NGFF
         image, voxel, _ = read_image(tmp_path / f"{name}.ome.zarr")
-        np.testing.assert_array_equal(image.compute(), volume)
+        np.testing.assert_array_equal(image.compute(), uint16_volume)
         assert voxel == (2.0, 1.0, 1.0)
     a1, _, _ = read_image(tmp_path / "a.ome.zarr", level=1)
     b1, _, _ = read_image(tmp_path / "b.ome.zarr", level=1)
     np.testing.assert_array_equal(a1.compute(), b1.compute())
 
 
-def test_blocks_that_split_chunks_are_rechunked(tmp_path, volume):
+def test_blocks_that_split_chunks_are_rechunked(tmp_path, uint16_volume):
     fp = write_image(
-        da.from_array(volume, chunks=(1, 1, 12, 20, 45)),
+        da.from_array(uint16_volume, chunks=(1, 1, 12, 20, 45)),
         tmp_path / "c.ome.zarr",
         voxel_size_um=(1, 1, 1),
         chunks=(8, 16, 16),
     )
     ref = write_image(
-        da.from_array(volume, chunks=(1, 1, 8, 16, 16)),
+        da.from_array(uint16_volume, chunks=(1, 1, 8, 16, 16)),
         tmp_path / "d.ome.zarr",
         voxel_size_um=(1, 1, 1),
     )
     assert fp == ref
 
 
-def test_sharded_image_holds_the_same_data(tmp_path, volume):
+def test_sharded_image_holds_the_same_data(tmp_path, uint16_volume):
     plain = write_image(
-        da.from_array(volume, chunks=(1, 1, 12, 30, 45)),
+        da.from_array(uint16_volume, chunks=(1, 1, 12, 30, 45)),
         tmp_path / "p.ome.zarr",
         voxel_size_um=(1, 1, 1),
     )
     sharded = write_image(
-        da.from_array(volume, chunks=(1, 1, 12, 30, 45)),
+        da.from_array(uint16_volume, chunks=(1, 1, 12, 30, 45)),
         tmp_path / "s.ome.zarr",
         voxel_size_um=(1, 1, 1),
         sharded=True,
@@ -84,10 +73,10 @@ def test_sharded_image_holds_the_same_data(tmp_path, volume):
     open_ome_zarr(root)
     image, _, _ = read_image(tmp_path / "s.ome.zarr")
     assert image.chunksize == (1, 1, 12, 30, 45)  # a shard per task
-    np.testing.assert_array_equal(image.compute(), volume)
+    np.testing.assert_array_equal(image.compute(), uint16_volume)
     vol = stored_volume(tmp_path / "s.ome.zarr", c=1)
     assert vol.chunks == (12, 30, 45)
-    np.testing.assert_array_equal(vol[5:20, 7:61, 3:44], volume[0, 1, 5:20, 7:61, 3:44])
+    np.testing.assert_array_equal(vol[5:20, 7:61, 3:44], uint16_volume[0, 1, 5:20, 7:61, 3:44])
     a, _, _ = read_image(tmp_path / "p.ome.zarr", level=1)
     b, _, _ = read_image(tmp_path / "s.ome.zarr", level=1)
     np.testing.assert_array_equal(a.compute(), b.compute())
@@ -149,17 +138,17 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, dtype):
         assert a.is_dir() or a.read_bytes() == b.read_bytes(), a
 
 
-def test_level_one_from_blocks_in_memory_equals_the_reread(tmp_path, volume):
+def test_level_one_from_blocks_in_memory_equals_the_reread(tmp_path, uint16_volume):
     # chunks divisible by the factor: level 1 is written from each block as it is written;
     # otherwise it is read back from level 0. Every level holds the same voxels either way.
     write_image(
-        da.from_array(volume, chunks=(1, 1, 8, 16, 16)),
+        da.from_array(uint16_volume, chunks=(1, 1, 8, 16, 16)),
         tmp_path / "f.ome.zarr",
         voxel_size_um=(1, 1, 1),
         min_size=8,
     )
     write_image(
-        da.from_array(volume, chunks=(1, 1, 8, 15, 15)),
+        da.from_array(uint16_volume, chunks=(1, 1, 8, 15, 15)),
         tmp_path / "r.ome.zarr",
         voxel_size_um=(1, 1, 1),
         min_size=8,
