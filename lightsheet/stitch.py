@@ -1,15 +1,20 @@
 """Stitch: place the tiles of a manifest into one lazy ``(T, C, Z, Y, X)`` volume.
 
-Tiles abut on a regular grid (no overlap), so stitching is `dask.array.block` over lazy
-per-tile arrays, then a rechunk to the compute chunk shape. Each tile is read region by
-region (`lightsheet.io.tiff.TiffRegion`), so no tile is ever loaded whole.
+Tiles abut on a regular grid (no overlap). The volume is one blockwise dask layer: each
+block reads the region of each tile it covers (`lightsheet.io.tiff.TiffRegion`), so no
+tile is ever loaded whole and any chunk shape works without a rechunk. It is what
+``dask.array.block`` over lazy per-tile arrays computes, with one task per block instead
+of two (``da.block`` adds an alias task after each tile read, and a blockwise layer fuses
+with the writer's own per-block step).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -91,12 +96,6 @@ def stitch_chunks(
     )
 
 
-def tile_array(region: TiffRegion, chunks: Sequence[int]) -> da.Array:
-    """A lazy (Z, Y, X) dask array over one tile, read chunk by chunk."""
-    tile_chunks = tuple(min(c, s) for c, s in zip(chunks, region.shape, strict=True))
-    return da.from_array(region, chunks=tile_chunks, asarray=False, lock=False, fancy=False)
-
-
 def stitch(
     manifest: Manifest,
     *,
@@ -117,25 +116,45 @@ def stitch(
     Returns
     -------
     volume : (T, C, Z, Y, X) dask.array.Array
-        Chunks ``(1, 1, *chunks)``, dtype of the tiles.
+        Chunks ``(1, 1, *chunks)``, dtype of the tiles. Each block reads only the tile
+        regions it covers; the tile table is one shared graph key, sent once per worker.
     """
-    t_n, c_n, nz, ny, nx = manifest.grid_shape
     if chunks is None:
         chunks = stitch_chunks(manifest.shape[2:], voxel_size_um, manifest.tile_shape)
-    tiles = {tile.index: tile for tile in manifest.tiles}
-    blocks = [
+    regions = np.empty(manifest.grid_shape, dtype=object)
+    for tile in manifest.tiles:
+        regions[tile.index] = TiffRegion(tile.info)
+    dtype = np.dtype(manifest.dtype)
+    return da.map_blocks(
+        _read_block,
+        dask.delayed(regions, pure=True),
+        tile_shape=tuple(manifest.tile_shape),
+        dtype=dtype,
+        chunks=da.core.normalize_chunks((1, 1, *chunks), manifest.shape),
+        meta=np.empty((0,) * 5, dtype),
+        name=f"stitch-{dask.base.tokenize(regions, tuple(chunks))}",
+    )
+
+
+def _read_block(
+    regions: np.ndarray, *, tile_shape: tuple[int, int, int], block_info: dict
+) -> np.ndarray:
+    """The block at ``block_info``'s location, read from the tiles it covers."""
+    (t, _), (c, _), *zyx = block_info[None]["array-location"]
+    # per axis: (tile index, slice within the tile, slice within the block) of each piece
+    pieces = [
         [
-            [
-                [
-                    [tile_array(TiffRegion(tiles[(t, c, z, y, x)].info), chunks) for x in range(nx)]
-                    for y in range(ny)
-                ]
-                for z in range(nz)
-            ]
-            for c in range(c_n)
+            (i, slice(max(a, i * n) - i * n, min(b, (i + 1) * n) - i * n),
+             slice(max(a, i * n) - a, min(b, (i + 1) * n) - a))
+            for i in range(a // n, (b - 1) // n + 1)
         ]
-        for t in range(t_n)
-    ]
-    volume = da.block(blocks)
-    assert volume.shape == manifest.shape and volume.dtype == np.dtype(manifest.dtype)
-    return volume.rechunk((1, 1, *chunks))
+        for (a, b), n in zip(zyx, tile_shape, strict=True)
+    ]  # fmt: skip
+    if all(len(p) == 1 for p in pieces):  # the usual, tile-aligned case: no copy
+        (iz, kz, _), (iy, ky, _), (ix, kx, _) = (p[0] for p in pieces)
+        return regions[t, c, iz, iy, ix][kz, ky, kx][None, None]
+    out = np.empty((1, 1, *(b - a for a, b in zyx)), regions.flat[0].dtype)
+    for (iz, kz, oz), (iy, ky, oy), (ix, kx, ox) in itertools.product(*pieces):
+        # tiles stacked along z fill contiguous slabs of the block: read straight into them
+        regions[t, c, iz, iy, ix].read((kz, ky, kx), out=out[0, 0, oz, oy, ox])
+    return out

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 
 from lightsheet.ingest import Manifest
-from lightsheet.io.omezarr import write_image
+from lightsheet.io.omezarr import write_blocks, write_image
 from lightsheet.lineage import file_stat_fingerprint
 from lightsheet.stitch import stitch, stitch_chunks
 from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, publish_image
@@ -41,16 +42,19 @@ def stitch_spec(manifest: dict, voxel_size_um: list[float], chunks_zyx, output: 
 
 @task(name="stitch")
 def stitch_tiles(manifest: dict, voxel_size_um: list[float], chunks_zyx, output: str) -> dict:
-    """Place the tiles with ``dask.array.block`` and write ``raw.ome.zarr``."""
+    """Place the tiles (`lightsheet.stitch.stitch`) and write ``raw.ome.zarr``."""
     m = Manifest.from_dict(manifest)
     stage = Stage(stitch_spec(manifest, voxel_size_um, chunks_zyx, output))
     if not stage.reused:
         with dask_client():
             chunks = tuple(stage.spec.params["chunks_zyx"])
-            volume = stitch(m, voxel_size_um=voxel_size_um, chunks=chunks)
+            # blocks of several chunks: fewer tasks, file writes overlapping the encoding
+            blocks = write_blocks(chunks, m.shape[2:], np.dtype(m.dtype).itemsize, voxel_size_um)
+            volume = stitch(m, voxel_size_um=voxel_size_um, chunks=blocks)
             fingerprint = write_image(
                 volume,
                 stage.outputs["path"],
+                chunks=chunks,
                 voxel_size_um=voxel_size_um,
                 name="raw",
                 channel_names=m.channel_names(),

@@ -131,17 +131,32 @@ def test_inputs_never_modified(tmp_path):
     assert checksums(tmp_path) == before
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     bounds=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), min_size=3, max_size=3),
     dtype=st.sampled_from([np.uint16, np.float32, np.uint8]),
+    scratch=st.sampled_from([None, 1, 50]),
+    into=st.booleans(),
 )
-def test_tile_regions_equal_numpy_slices(tmp_path_factory, bounds, dtype):
-    # whole planes, whole rows, partial rows, empty regions: the same voxels as NumPy
+def test_tile_regions_equal_numpy_slices(tmp_path_factory, bounds, dtype, scratch, into):
+    # whole planes, whole rows, partial rows (read a few rows at a time with a tiny scratch
+    # buffer), empty regions, into a given array or not: the same voxels as NumPy
+    from lightsheet.io import tiff
+
     path = tmp_path_factory.mktemp("region") / "tile.tif"
     data = np.random.default_rng(1).integers(0, 200, (5, 9, 11)).astype(dtype)
     tifffile.imwrite(path, data)
     region = TiffRegion(inspect_tiff(path))
     assert region.info.data_offset is not None  # the contiguous fast path
     key = tuple(slice(min(a, b), max(a, b)) for a, b in bounds)
-    np.testing.assert_array_equal(region[key], data[key])
+    default = tiff.SCRATCH_BYTES
+    tiff.SCRATCH_BYTES = scratch or default
+    try:
+        if into:
+            out = np.full(data[key].shape, 7, dtype)
+            assert region.read(key, out=out) is out
+        else:
+            out = region[key]
+    finally:
+        tiff.SCRATCH_BYTES = default
+    np.testing.assert_array_equal(out, data[key])

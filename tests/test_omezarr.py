@@ -84,10 +84,16 @@ def test_sharded_image_holds_the_same_data(tmp_path, uint16_volume):
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float32, np.uint32])
 @pytest.mark.parametrize("factor", [(1, 2, 2), (2, 2, 2)])
-def test_pyramid_step_is_the_window_mean(dtype, factor):
+@pytest.mark.parametrize("slab_bytes", [None, 1])
+def test_pyramid_step_is_the_window_mean(dtype, factor, slab_bytes, monkeypatch):
     # against NumPy on the whole array: windows of `factor`, edges replicated, integers
-    # rounded as the float mean rounds (half to even)
+    # rounded as the float mean rounds (half to even); blocks reduced whole or one output
+    # plane at a time (slab_bytes=1), the last slab padded
+    from lightsheet.io import omezarr
     from lightsheet.io.omezarr import _downsample
+
+    if slab_bytes is not None:
+        monkeypatch.setattr(omezarr, "DOWNSAMPLE_SLAB_BYTES", slab_bytes)
 
     rng = np.random.default_rng(2)
     x = rng.integers(-300 if dtype == np.int16 else 0, 1000, (1, 1, 13, 21, 17)).astype(dtype)
@@ -139,25 +145,30 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, dtype):
 
 
 def test_level_one_from_blocks_in_memory_equals_the_reread(tmp_path, uint16_volume):
-    # chunks divisible by the factor: level 1 is written from each block as it is written;
-    # otherwise it is read back from level 0. Every level holds the same voxels either way.
-    write_image(
-        da.from_array(uint16_volume, chunks=(1, 1, 8, 16, 16)),
-        tmp_path / "f.ome.zarr",
-        voxel_size_um=(1, 1, 1),
-        min_size=8,
-    )
-    write_image(
-        da.from_array(uint16_volume, chunks=(1, 1, 8, 15, 15)),
-        tmp_path / "r.ome.zarr",
-        voxel_size_um=(1, 1, 1),
-        min_size=8,
-    )
+    # level 1 is written from each block as it is written when every block covers whole
+    # level-1 chunks: chunks divisible by the factor ("f"), or odd chunks in blocks of two
+    # along each axis, as write_blocks gives ("o"); otherwise it is read back from level 0
+    # ("r"). Every level holds the same voxels either way.
+    for name, blocks, chunks in [
+        ("f", (8, 16, 16), None),
+        ("r", (8, 15, 15), None),
+        ("o", (16, 30, 30), (8, 15, 15)),
+    ]:
+        write_image(
+            da.from_array(uint16_volume, chunks=(1, 1, *blocks)),
+            tmp_path / f"{name}.ome.zarr",
+            voxel_size_um=(1, 1, 1),
+            chunks=chunks,
+            min_size=8,
+        )
     fused = zarr.open_group(str(tmp_path / "f.ome.zarr"), mode="r")
     assert fused["s1"].chunks == (1, 1, 4, 8, 8)  # the level-0 chunk / factor
+    odd = zarr.open_group(str(tmp_path / "o.ome.zarr"), mode="r")
+    assert odd["s1"].chunks == (1, 1, 4, 15, 15)  # the level-0 chunk, where odd
     n = len(list(fused.array_keys()))
-    assert n >= 3
+    assert n >= 3 and n == len(list(odd.array_keys()))
     for level in range(n):
-        a, _, _ = read_image(tmp_path / "f.ome.zarr", level=level)
         b, _, _ = read_image(tmp_path / "r.ome.zarr", level=level)
-        np.testing.assert_array_equal(a.compute(), b.compute())
+        for name in ("f", "o"):
+            a, _, _ = read_image(tmp_path / f"{name}.ome.zarr", level=level)
+            np.testing.assert_array_equal(a.compute(), b.compute())
