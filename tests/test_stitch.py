@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from lightsheet.config import DEFAULT_PATTERN
 from lightsheet.errors import InputFilesError
 from lightsheet.ingest import discover
-from lightsheet.io.omezarr import pyramid_factors
+from lightsheet.io.omezarr import pyramid_factors, read_image, write_blocks, write_image
 from lightsheet.stitch import default_chunks, stitch, stitch_chunks
 from tests.test_ingest import name, write_grid
 
@@ -89,3 +89,31 @@ def test_stitch_chunks_take_an_even_tile_divisor_over_a_nearer_odd_one():
     assert stitch_chunks((500, 3600, 3600), voxel, (500, 1800, 1800)) == (125, 300, 300)
     # 530-voxel tiles have no even divisor near the target: tile alignment is kept
     assert stitch_chunks((396, 1590, 1590), voxel, (396, 530, 530)) == (132, 265, 265)
+
+
+@pytest.mark.usefixtures("two_dask_threads")
+@pytest.mark.parametrize("chunks", [(4, 3, 5), (2, 6, 5), (4, 6, 4)])
+def test_written_in_write_blocks_every_level_equals_a_chunk_by_chunk_write(tmp_path, chunks):
+    # the stitch stage's way: blocks of several chunks (two along odd sides, so level 1 is
+    # written from memory), against blocks of one chunk (odd sides: level 1 read back)
+    grid = (1, 1, 2, 3, 3)
+    tiles = write_grid(tmp_path / "tiles", grid=grid)
+    m = discover(str(tmp_path / "tiles" / "*.tif"), DEFAULT_PATTERN)
+    voxel = (1.0, 1.0, 1.0)
+    blocks = write_blocks(chunks, m.shape[2:], 2, voxel, target_bytes=400, min_size=4)
+    assert all(b % c == 0 for b, c in zip(blocks, chunks, strict=True))
+    for label, dask_chunks in (("blocks", blocks), ("chunks", chunks)):
+        write_image(
+            stitch(m, voxel_size_um=voxel, chunks=dask_chunks),
+            tmp_path / f"{label}.ome.zarr",
+            voxel_size_um=voxel,
+            chunks=chunks,
+            min_size=4,
+        )
+    want = reference(tiles, grid)
+    for level in range(len(pyramid_factors(m.shape[2:], voxel, min_size=4)) + 1):
+        a, _, _ = read_image(tmp_path / "blocks.ome.zarr", level=level)
+        b, _, _ = read_image(tmp_path / "chunks.ome.zarr", level=level)
+        np.testing.assert_array_equal(a.compute(), b.compute())
+        if level == 0:
+            np.testing.assert_array_equal(a.compute(), want)

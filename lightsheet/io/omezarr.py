@@ -252,6 +252,7 @@ def write_blocks(
     voxel_size_um: Sequence[float],
     *,
     target_bytes: int = 64 << 20,
+    min_size: int = 64,
 ) -> tuple[int, ...]:
     """Dask blocks (z, y, x) for an image about to be written by `write_image`.
 
@@ -272,7 +273,7 @@ def write_blocks(
     >>> write_blocks((64, 512, 512), (1000, 4000, 4000), 4, (2.0, 1.0, 1.0))
     (64, 512, 512)
     """
-    factors = pyramid_factors(shape, voxel_size_um)
+    factors = pyramid_factors(shape, voxel_size_um, min_size=min_size)  # as write_image's
     step = factors[0] if factors else (1,) * len(chunks)
     block = [int(c) * (f if c % f else 1) for c, f in zip(chunks, step, strict=True)]
     k = max(1, target_bytes // max(1, math.prod(block) * itemsize))
