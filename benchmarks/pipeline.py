@@ -435,9 +435,9 @@ def child_ours(folder: Path, out: Path, pyramid: bool = True) -> dict:
     manifest = discover(str(folder / "tiles" / "*.tif"), DEFAULT_PATTERN)
     ingest_s, ingest_cpu = time.monotonic() - t, tree_cpu() - cpu
     chunks = _chunks(folder)
-    blocks = write_blocks(
-        chunks, manifest.shape[2:], np.dtype(manifest.dtype).itemsize, VOXEL_SIZE_UM
-    )
+    min_size = 64 if pyramid else max(manifest.shape)  # no pyramid: s0 only
+    itemsize = np.dtype(manifest.dtype).itemsize
+    blocks = write_blocks(chunks, manifest.shape[2:], itemsize, VOXEL_SIZE_UM, min_size=min_size)
     volume = stitch(manifest, voxel_size_um=VOXEL_SIZE_UM, chunks=blocks)
     write_image(
         volume,
@@ -446,7 +446,7 @@ def child_ours(folder: Path, out: Path, pyramid: bool = True) -> dict:
         voxel_size_um=VOXEL_SIZE_UM,
         name="raw",
         compute=compute,
-        min_size=64 if pyramid else max(volume.shape),
+        min_size=min_size,
     )
     seconds, cpu = time.monotonic() - t, tree_cpu() - cpu
     client.close()

@@ -144,11 +144,14 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, dtype):
         assert a.is_dir() or a.read_bytes() == b.read_bytes(), a
 
 
-def test_level_one_from_blocks_in_memory_equals_the_reread(tmp_path, uint16_volume):
-    # level 1 is written from each block as it is written when every block covers whole
-    # level-1 chunks: chunks divisible by the factor ("f"), or odd chunks in blocks of two
-    # along each axis, as write_blocks gives ("o"); otherwise it is read back from level 0
-    # ("r"). Every level holds the same voxels either way.
+def test_levels_from_blocks_in_memory_equal_the_reread(tmp_path, uint16_volume, monkeypatch):
+    # the next levels are written from each block as it is written while every block covers
+    # whole chunks of them: chunks divisible by the factor ("f": levels 1-3), or odd chunks
+    # in blocks of two along each axis, as write_blocks gives ("o": level 1); otherwise each
+    # level is read back from the one above ("r"). Every level holds the same voxels.
+    from lightsheet.io import omezarr
+
+    monkeypatch.setattr(omezarr, "FUSED_MIN_CHUNK_VOXELS", 1)  # this image's tiny chunks too
     for name, blocks, chunks in [
         ("f", (8, 16, 16), None),
         ("r", (8, 15, 15), None),
@@ -162,7 +165,10 @@ def test_level_one_from_blocks_in_memory_equals_the_reread(tmp_path, uint16_volu
             min_size=8,
         )
     fused = zarr.open_group(str(tmp_path / "f.ome.zarr"), mode="r")
-    assert fused["s1"].chunks == (1, 1, 4, 8, 8)  # the level-0 chunk / factor
+    # chunks halve with each level written from memory, and stay once re-read
+    assert [fused[f"s{i}"].chunks[2:] for i in range(1, 5)] == [(4, 8, 8), (2, 4, 4)] + [
+        (1, 2, 2)
+    ] * 2
     odd = zarr.open_group(str(tmp_path / "o.ome.zarr"), mode="r")
     assert odd["s1"].chunks == (1, 1, 4, 15, 15)  # the level-0 chunk, where odd
     n = len(list(fused.array_keys()))

@@ -6,10 +6,11 @@ Every image the pipeline writes is a 5-D ``t, c, z, y, x`` multiscale image:
   chunk in parallel would corrupt it), compressed with Blosc zstd + bitshuffle; images the
   next stage reads in halo-padded regions are sharded into smaller inner chunks;
 * lower levels halve the finest spatial axes until the smallest is under ``min_size``,
-  so napari opens a whole brain at once. Level 1 is computed from each level-0 block while
-  it is in memory (its chunks are the level-0 chunk divided by the factor), deeper levels
-  from the *stored* level above (re-read chunk by chunk); never by re-running the stage's
-  computation;
+  so napari opens a whole brain at once. The first levels are computed from each level-0
+  block while it is in memory, for as long as every downsampled block covers whole chunks
+  of the next level (chunks divided by the factor, or odd chunks in blocks of two), deeper
+  ones from the *stored* level above (re-read chunk by chunk); never by re-running the
+  stage's computation;
 * ``coordinateTransformations`` carry the voxel size in µm;
 * the write happens in a hidden sibling folder that is renamed into place only when
   every level and the metadata are written, so an interrupted stage never leaves an
@@ -21,8 +22,9 @@ downsampling.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +162,8 @@ def store_chunks(
     array: da.Array,
     target: zarr.Array,
     *,
-    then: tuple[zarr.Array, tuple[int, ...], bool] | None = None,
+    then: Sequence[tuple[zarr.Array, tuple[int, ...]]] = (),
+    labels: bool = False,
 ) -> da.Array:
     """Lazily write each block of ``array`` into ``target``; one digest per zarr chunk.
 
@@ -172,10 +175,11 @@ def store_chunks(
     output's fingerprint costs no extra read and does not depend on how the blocks were
     cut; a scheduler's per-key futures double as a progress count.
 
-    ``then = (next_level, factor, labels)`` also writes each block downsampled by ``factor``
-    (`_downsample_block`) into ``next_level``, whose chunks every downsampled block must
-    cover whole (`_level1_chunks`): the next pyramid level comes from the block in memory,
-    not from a re-read.
+    ``then = [(level_1, factor_1), (level_2, factor_2), ...]`` also writes each block
+    downsampled by ``factor_1`` (`_downsample_block`, nearest for ``labels``) into
+    ``level_1``, that result downsampled by ``factor_2`` into ``level_2``, and so on; every
+    downsampled block must cover whole chunks of its level (`_next_level_chunks`): those
+    pyramid levels come from the block in memory, not from re-reading the level above.
     """
     grid = _write_grid(target)
     for axis, (blocks, step) in enumerate(zip(array.chunks, grid, strict=True)):
@@ -187,13 +191,13 @@ def store_chunks(
 
     def write(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
         start = tuple(a for a, _ in block_info[0]["array-location"])
-        digests = _write_whole_chunks(target, block, start, digest=True)
-        if then is not None:
-            nxt, factor, labels = then
-            down = _downsample_block(block, factor=factor, labels=labels)
-            _write_whole_chunks(
-                nxt, down, tuple(a // f for a, f in zip(start, factor, strict=True))
-            )
+        # level 1 is reduced and encoded while level 0's files are being written
+        with _writes_done() as pending:
+            digests = _write_whole_chunks(target, block, start, pending, digest=True)
+            for nxt, factor in then:
+                block = _downsample_block(block, factor=factor, labels=labels)
+                start = tuple(a // f for a, f in zip(start, factor, strict=True))
+                _write_whole_chunks(nxt, block, start, pending)
         return digests
 
     return array.map_blocks(
@@ -211,14 +215,34 @@ def _write_grid(target: zarr.Array) -> tuple[int, ...]:
     return tuple(int(c) for c in (target.shards or target.chunks))
 
 
+@contextlib.contextmanager
+def _writes_done() -> Iterator[list[futures.Future]]:
+    """A list for file-write futures, all of them finished when the block exits.
+
+    No write outlives the block, also when it fails; then the first failed write raises.
+    """
+    pending: list[futures.Future] = []
+    try:
+        yield pending
+    finally:
+        futures.wait(pending)
+    for done in pending:
+        done.result()
+
+
 def _write_whole_chunks(
-    target: zarr.Array, block: np.ndarray, start: tuple[int, ...], *, digest: bool = False
+    target: zarr.Array,
+    block: np.ndarray,
+    start: tuple[int, ...],
+    pending: list[futures.Future],
+    *,
+    digest: bool = False,
 ) -> np.ndarray | None:
     """Write ``block`` (whole chunks of ``target``) at ``start``; its chunks' digests.
 
     With the direct chunk writer, each chunk's file is written by the I/O threads
     (`lightsheet.io.direct.io_pool`) while this thread hashes and encodes the next chunk;
-    the call returns once every file is written, and raises the first failed write.
+    the writes' futures go to ``pending`` (`_writes_done`).
     """
     grid = _write_grid(target)
     direct = _chunk_writer(target)
@@ -229,19 +253,13 @@ def _write_whole_chunks(
     digests = np.empty(counts, dtype=np.int64) if digest else None
     if direct is None and not digest:
         return None
-    pending = []
-    try:
-        for idx in np.ndindex(*counts):
-            part = block[tuple(slice(i * g, (i + 1) * g) for i, g in zip(idx, grid, strict=True))]
-            part = np.ascontiguousarray(part)  # once, for both the digest and the encoder
-            if digest:
-                digests[idx] = chunk_digest(part)
-            if direct is not None:
-                pending.append(direct(tuple(f + i for f, i in zip(first, idx, strict=True)), part))
-    finally:
-        futures.wait(pending)  # no write outlives the call, also when encoding failed
-    for done in pending:
-        done.result()
+    for idx in np.ndindex(*counts):
+        part = block[tuple(slice(i * g, (i + 1) * g) for i, g in zip(idx, grid, strict=True))]
+        part = np.ascontiguousarray(part)  # once, for both the digest and the encoder
+        if digest:
+            digests[idx] = chunk_digest(part)
+        if direct is not None:
+            pending.append(direct(tuple(f + i for f, i in zip(first, idx, strict=True)), part))
     return digests
 
 
@@ -281,14 +299,20 @@ def write_blocks(
     return tuple(min(b, max(int(c), int(n))) for b, c, n in zip(block, chunks, shape, strict=True))
 
 
-def _level1_chunks(
+#: Levels below level 1 are written from the blocks in memory only while their chunks (which
+#: halve with every level) hold at least this many voxels: tiny files cost more than the
+#: re-read of a level that small.
+FUSED_MIN_CHUNK_VOXELS = 1 << 17
+
+
+def _next_level_chunks(
     blocks: tuple[tuple[int, ...], ...], chunks: tuple[int, ...], factor: tuple[int, ...]
 ) -> tuple[int, ...] | None:
-    """Level 1's chunks when every level-0 block can write whole chunks of it, else None.
+    """The next level's chunks when every block can write whole chunks of it, else None.
 
-    Per axis: the level-0 chunk / factor where the factor divides it; otherwise the level-0
-    chunk itself, when every block but the last spans a multiple of factor x chunk (the last
-    one ends at the image's edge, where windows are padded as in a re-read).
+    Per axis: the chunk / factor where the factor divides it; otherwise the chunk itself,
+    when every block but the last spans a multiple of factor x chunk (the last one ends at
+    the image's edge, where windows are padded as in a re-read).
     """
     out = []
     for b, c, f in zip(blocks, chunks, factor, strict=True):
@@ -443,14 +467,16 @@ def write_image(
     compute : callable
         ``compute(writes, level)`` runs the lazy per-chunk writes of one pyramid level (see
         `store_chunks`); tasks pass one that reports progress. Level 0 carries the stage's
-        computation (and writes level 1 too, when every block can: `_level1_chunks`);
-        deeper levels only re-read the stored level above.
+        computation (and writes the next levels too, as long as every downsampled block
+        covers whole chunks of them: `_next_level_chunks`); deeper levels only re-read the
+        stored level above.
     chunks : (3,) ints, optional
         Zarr chunk shape (z, y, x) of the full-resolution level, when the dask blocks are
         larger: each block then writes the whole chunks it covers (blocks that do not cover
-        whole chunks are rechunked first). Level 1's chunks are these divided by the first
-        downsampling factor where it divides them, else the same (`_level1_chunks`); deeper
-        levels keep level 1's. `write_blocks` gives blocks that write level 1 too.
+        whole chunks are rechunked first). Each level's chunks are the level above's divided
+        by its downsampling factor where it divides them, else the same
+        (`_next_level_chunks`); levels re-read from the level above keep its chunks.
+        `write_blocks` gives blocks that write level 1 (at least) along with level 0.
     sharded : bool
         Store each chunk as a zarr v3 shard of smaller inner chunks (`inner_chunks`), for
         images the next stage reads in halo-padded regions: a region then decompresses
@@ -513,17 +539,23 @@ def write_image(
                     )
                     level = level.rechunk(zchunks)
                 arr = create(i, level.shape, level.dtype, zchunks)
-                then = None
-                if i == 0 and factors:
-                    f = (1, 1, *factors[0])
-                    chunks1 = _level1_chunks(level.chunks, zchunks, f)
-                    if chunks1 is not None:
-                        # level 1 from each block while it is in memory, in chunks that
-                        # every block writes whole
-                        shape1 = tuple(-(-n // fi) for n, fi in zip(level.shape, f, strict=True))
-                        made[1] = create(1, shape1, level.dtype, chunks1)
-                        then = (made[1], f, labels)
-                digests = compute(store_chunks(level, arr, then=then), i)
+                then = []
+                if i == 0:
+                    # the next levels from each block while it is in memory, as long as
+                    # every (downsampled) block writes whole chunks of them
+                    shape, blocks, grid = level.shape, level.chunks, zchunks
+                    for k, factor in enumerate(factors, start=1):
+                        f = (1, 1, *factor)
+                        grid = _next_level_chunks(blocks, grid, f)
+                        if grid is None or (k > 1 and math.prod(grid) < FUSED_MIN_CHUNK_VOXELS):
+                            break
+                        shape = tuple(-(-n // fi) for n, fi in zip(shape, f, strict=True))
+                        blocks = tuple(
+                            tuple(-(-b // fi) for b in bs) for bs, fi in zip(blocks, f, strict=True)
+                        )
+                        made[k] = create(k, shape, level.dtype, grid)
+                        then.append((made[k], f))
+                digests = compute(store_chunks(level, arr, then=then, labels=labels), i)
                 if i == 0:
                     fingerprint = combine_digests(np.asarray(digests).ravel())
             datasets.append(
