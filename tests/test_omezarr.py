@@ -114,7 +114,8 @@ def test_pyramid_step_is_the_window_mean(dtype, factor, slab_bytes, monkeypatch)
 
 @pytest.mark.parametrize("dtype", ["uint16", "float32"])
 def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, dtype):
-    # the writer encodes whole chunks itself; zarr's own setitem must store the same files
+    # the writer encodes whole chunks itself, with each level's codec (zstd at level 0, lz4
+    # below); zarr's own setitem must store the same files
     from lightsheet.io.omezarr import compressor
 
     x = (np.random.default_rng(0).random((1, 1, 23, 31, 17)) * 1000).astype(dtype)
@@ -123,25 +124,31 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, dtype):
         tmp_path / "d.ome.zarr",
         voxel_size_um=(1, 1, 1),
         chunks=(8, 10, 9),
-        min_size=100,
+        min_size=16,
     )
-    ref = zarr.create_array(
-        str(tmp_path / "ref.zarr"),
-        shape=x.shape,
-        chunks=(1, 1, 8, 10, 9),
-        dtype=dtype,
-        compressors=[compressor()],
-        fill_value=0,
-        config={"write_empty_chunks": True},
-    )
-    ref[...] = x
-    ours = sorted((tmp_path / "d.ome.zarr" / "s0" / "c").rglob("*"))
-    theirs = sorted((tmp_path / "ref.zarr" / "c").rglob("*"))
-    assert [p.relative_to(tmp_path / "d.ome.zarr" / "s0") for p in ours] == [
-        p.relative_to(tmp_path / "ref.zarr") for p in theirs
-    ]
-    for a, b in zip(ours, theirs, strict=True):
-        assert a.is_dir() or a.read_bytes() == b.read_bytes(), a
+    group = zarr.open_group(str(tmp_path / "d.ome.zarr"), mode="r")
+    assert sorted(group.array_keys()) == ["s0", "s1"]
+    for level in range(2):
+        written = group[f"s{level}"]
+        assert written.compressors[0].cname.value == ("lz4" if level else "zstd")
+        ref = zarr.create_array(
+            str(tmp_path / f"ref{level}.zarr"),
+            shape=written.shape,
+            chunks=written.chunks,
+            dtype=dtype,
+            compressors=[compressor(level)],
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+        ref[...] = written[...]
+        ours = sorted((tmp_path / "d.ome.zarr" / f"s{level}" / "c").rglob("*"))
+        theirs = sorted((tmp_path / f"ref{level}.zarr" / "c").rglob("*"))
+        assert [p.relative_to(tmp_path / "d.ome.zarr" / f"s{level}") for p in ours] == [
+            p.relative_to(tmp_path / f"ref{level}.zarr") for p in theirs
+        ]
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.is_dir() or a.read_bytes() == b.read_bytes(), a
+    np.testing.assert_array_equal(group["s0"][...], x)
 
 
 def test_levels_from_blocks_in_memory_equal_the_reread(tmp_path, uint16_volume, monkeypatch):

@@ -3,8 +3,9 @@
 Every image the pipeline writes is a 5-D ``t, c, z, y, x`` multiscale image:
 
 * level ``s0`` has zarr chunks that every dask block covers whole (two blocks writing one
-  chunk in parallel would corrupt it), compressed with Blosc zstd + bitshuffle; images the
-  next stage reads in halo-padded regions are sharded into smaller inner chunks;
+  chunk in parallel would corrupt it), compressed with Blosc zstd + bitshuffle (the lower
+  levels with lz4: `compressor`); images the next stage reads in halo-padded regions are
+  sharded into smaller inner chunks;
 * lower levels halve the finest spatial axes until the smallest is under ``min_size``,
   so napari opens a whole brain at once. The first levels are computed from each level-0
   block while it is in memory, for as long as every downsampled block covers whole chunks
@@ -48,8 +49,16 @@ AXES = [
 ]
 
 
-def compressor() -> BloscCodec:
-    """Blosc zstd with bitshuffle: a good default for uint16 microscopy and float data."""
+def compressor(level: int = 0) -> BloscCodec:
+    """The codec of pyramid level ``level``: Blosc with bitshuffle, zstd at full resolution.
+
+    Zstd is a good default for uint16 microscopy and float data. The lower levels use lz4:
+    they exist to be browsed, and averaged voxels encode slowly with zstd (the sample's level
+    1 at 460 MB/s per core with zstd-3, 1450 MB/s with lz4, against 940 MB/s for level 0),
+    for 7 % more bytes in levels that hold a quarter of level 0's voxels at most.
+    """
+    if level:
+        return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
@@ -519,7 +528,7 @@ def write_image(
                 shape=shape,
                 dtype=dtype,
                 **layout,
-                compressors=[compressor()],
+                compressors=[compressor(i)],
                 dimension_names=[a["name"] for a in AXES],
                 fill_value=0,
                 # store every chunk: zarr's check for chunks equal to the fill value costs
