@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import dask.array as da
@@ -9,7 +10,7 @@ import numpy as np
 from prefect import task
 
 from lightsheet.config import FeaturizeConfig
-from lightsheet.io.omezarr import read_image, stored_volume, write_image
+from lightsheet.io.omezarr import read_image, stored_volume, write_blocks, write_image
 from lightsheet.models import checkpoint_sha256
 from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, output_input, publish_image
 
@@ -39,7 +40,7 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
 
     The UNet is 2-D per z-slice, so blocks are thinned in z until one block's F features fit
     in `FEATURE_BLOCK_BYTES`: memory per worker thread stays small whatever F is, at no cost
-    in halo.
+    in halo; each block writes levels 0 and 1 of the features (`feature_blocks`).
     """
     spec = featurize_spec(image, channel, config, output)
     stage = Stage(spec)
@@ -55,11 +56,16 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
             # each task reads its own region (with halo) from the stored image
             volumes = [stored_volume(image["path"], t, channel) for t in range(source.shape[0])]
             n_features = featurize(volumes[0], model).shape[0]  # lazy: no compute
-            chunks = thin_z(volumes[0].chunks, n_features * np.dtype(config.dtype).itemsize)
+            chunks, blocks = feature_blocks(
+                volumes[0].chunks,
+                volumes[0].shape,
+                n_features * np.dtype(config.dtype).itemsize,
+                voxel_size_um,
+            )
             features = da.stack(
                 [
                     featurize(
-                        v, model, dtype=config.dtype, batch_size=config.batch_size, chunks=chunks
+                        v, model, dtype=config.dtype, batch_size=config.batch_size, chunks=blocks
                     )
                     for v in volumes
                 ]
@@ -69,6 +75,7 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
                 stage.outputs["path"],
                 voxel_size_um=voxel_size_um,
                 name="features",
+                chunks=chunks,
                 channel_names=[f"feature{i}" for i in range(features.shape[1])],
                 lineage=stage.lineage(),
                 compute=stage.progress(),
@@ -82,10 +89,33 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
 FEATURE_BLOCK_BYTES = 64 << 20
 
 
-def thin_z(chunks_zyx: tuple[int, int, int], bytes_per_voxel: int) -> tuple[int, int, int]:
-    """The chunk shape (z, y, x) thinned along z so one block's features fit the budget."""
-    zc, yc, xc = chunks_zyx
-    return max(1, min(zc, FEATURE_BLOCK_BYTES // max(1, yc * xc * bytes_per_voxel))), yc, xc
+def feature_blocks(
+    chunks_zyx: tuple[int, int, int],
+    shape_zyx: tuple[int, int, int],
+    bytes_per_voxel: int,
+    voxel_size_um: tuple[float, float, float],
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The features' zarr chunks and dask blocks, (z, y, x) each.
+
+    Chunks are the image's, thinned along z until a block's F features fit
+    `FEATURE_BLOCK_BYTES`. Blocks are `write_blocks` of those chunks: two chunks along each
+    axis whose side the first pyramid step does not halve, so that the features' level 1 is
+    written from each block in memory instead of re-reading every feature of level 0.
+
+    Examples
+    --------
+    >>> feature_blocks((66, 265, 265), (396, 1590, 1590), 16, (2.0, 1.0, 1.0))
+    ((14, 265, 265), (14, 530, 530))
+    >>> feature_blocks((62, 250, 250), (250, 1000, 1000), 16, (2.0, 1.0, 1.0))
+    ((62, 250, 250), (62, 250, 250))
+    """
+    pairs = write_blocks(chunks_zyx, shape_zyx, bytes_per_voxel, voxel_size_um, target_bytes=0)
+    z = max(1, FEATURE_BLOCK_BYTES // max(1, math.prod(pairs[1:]) * bytes_per_voxel))
+    chunks = (min(z, chunks_zyx[0]), *chunks_zyx[1:])
+    blocks = write_blocks(
+        chunks, shape_zyx, bytes_per_voxel, voxel_size_um, target_bytes=FEATURE_BLOCK_BYTES
+    )
+    return chunks, blocks
 
 
 def check_channel(channel: int, n_channels: int, parameter: str) -> None:

@@ -504,3 +504,27 @@ def test_io_buffer_is_not_a_torchscript_archive():
     torch.jit.save(torch.jit.script(UNet(depth=1, width=2)), buf)
     assert _is_torchscript(buf.getvalue())
     assert dask.is_dask_collection(featurize(da.zeros((2, 16, 16)), UNet(depth=1, width=2)))
+
+
+@pytest.mark.parametrize(
+    "chunks, shape, voxel_size_um",
+    [
+        ((66, 265, 265), (396, 1590, 1590), (2.0, 1.0, 1.0)),  # odd y, x: blocks of 2 x 2
+        ((62, 250, 250), (250, 1000, 1000), (2.0, 1.0, 1.0)),  # even: blocks of one chunk
+        ((33, 101, 64), (99, 303, 640), (1.0, 1.0, 1.0)),  # odd z and y, isotropic
+    ],
+)
+def test_feature_blocks_write_levels_0_and_1_whole_within_the_memory_budget(
+    chunks, shape, voxel_size_um
+):
+    from lightsheet.io.omezarr import _next_level_chunks, pyramid_factors
+    from tasks.featurize import FEATURE_BLOCK_BYTES, feature_blocks
+
+    bytes_per_voxel = 16  # 8 float16 features
+    zarr_chunks, blocks = feature_blocks(chunks, shape, bytes_per_voxel, voxel_size_um)
+    assert zarr_chunks[1:] == chunks[1:] and zarr_chunks[0] <= chunks[0]
+    assert all(b % c == 0 for b, c in zip(blocks, zarr_chunks, strict=True))
+    assert np.prod(blocks) * bytes_per_voxel <= 2 * FEATURE_BLOCK_BYTES
+    grid = da.core.normalize_chunks((1, 8, *blocks), (1, 8, *shape))
+    factor = (1, 1, *pyramid_factors(shape, voxel_size_um)[0])
+    assert _next_level_chunks(grid, (1, 8, *zarr_chunks), factor) is not None
