@@ -98,9 +98,10 @@ def feature_blocks(
     """The features' zarr chunks and dask blocks, (z, y, x) each.
 
     Chunks are the image's, thinned along z until a block's F features fit
-    `FEATURE_BLOCK_BYTES`. Blocks are `write_blocks` of those chunks: two chunks along each
-    axis whose side the first pyramid step does not halve, so that the features' level 1 is
-    written from each block in memory instead of re-reading every feature of level 0.
+    `FEATURE_BLOCK_BYTES` (twice that where odd z chunks are paired too). Blocks are
+    `write_blocks` of those chunks: two chunks along each axis whose side the first pyramid
+    step does not halve, so that the features' level 1 is written from each block in memory
+    instead of re-reading every feature of level 0.
 
     Examples
     --------

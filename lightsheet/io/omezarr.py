@@ -552,17 +552,15 @@ def write_image(
                 if i == 0:
                     # the next levels from each block while it is in memory, as long as
                     # every (downsampled) block writes whole chunks of them
-                    shape, blocks, grid = level.shape, level.chunks, zchunks
+                    down, grid = level, zchunks
                     for k, factor in enumerate(factors, start=1):
                         f = (1, 1, *factor)
-                        grid = _next_level_chunks(blocks, grid, f)
+                        grid = _next_level_chunks(down.chunks, grid, f)
                         if grid is None or (k > 1 and math.prod(grid) < FUSED_MIN_CHUNK_VOXELS):
                             break
-                        shape = tuple(-(-n // fi) for n, fi in zip(shape, f, strict=True))
-                        blocks = tuple(
-                            tuple(-(-b // fi) for b in bs) for bs, fi in zip(blocks, f, strict=True)
-                        )
-                        made[k] = create(k, shape, level.dtype, grid)
+                        # lazy, never computed: the downsampled blocks' shapes
+                        down = _downsample(down, factor, labels=labels)
+                        made[k] = create(k, down.shape, down.dtype, grid)
                         then.append((made[k], f))
                 digests = compute(store_chunks(level, arr, then=then, labels=labels), i)
                 if i == 0:
