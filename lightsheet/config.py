@@ -294,8 +294,10 @@ class PipelineConfig(_Model):
     input: str = Field(..., description="Glob of the raw TIFF tiles, e.g. /data/brain1/*.tif")
     pattern: str = Field(
         DEFAULT_PATTERN,
-        description="Regex matched against each file name; named groups among c, t, z, y, x "
-        "give channel, time point and tile grid position (a missing group means one).",
+        description="Regex searched in each file name, or, when it contains '/', in the "
+        "file's path relative to the glob's fixed folder (e.g. 'ch(?P<c>\\d+)/.*_(?P<z>\\d+)"
+        "\\.tif' for one folder per channel); named groups among c, t, z, y, x give channel, "
+        "time point and tile grid position (a missing group means one).",
     )
     voxel_size_um: VoxelSize = Field(..., description="Voxel size (z, y, x) in µm.")
     psf: Path = Field(..., description="PSF TIFF at the image voxel size.")

@@ -95,14 +95,28 @@ class Manifest:
         )
 
 
+def glob_root(input_glob: str) -> Path:
+    """The folder a glob's first wildcard part starts from (its fixed root).
+
+    Examples
+    --------
+    >>> glob_root("/data/brain1/ch*/*.tif").as_posix()
+    '/data/brain1'
+    >>> glob_root("tiles/*.tif").as_posix()
+    'tiles'
+    """
+    where = Path(input_glob).parent
+    while glob.has_magic(str(where)) and where != where.parent:
+        where = where.parent
+    return where
+
+
 def find_files(input_glob: str) -> list[Path]:
     """Files matching a glob (``**`` recurses), sorted; an error when there are none."""
     paths = sorted(Path(p) for p in glob.glob(str(input_glob), recursive=True))
     files = [p for p in paths if p.is_file()]
     if not files:
-        where = Path(input_glob).parent
-        while glob.has_magic(str(where)) and where != where.parent:
-            where = where.parent  # the folder a "**" or "*" part starts from
+        where = glob_root(input_glob)
         if not where.is_dir():
             found = f"folder {where} does not exist"
         else:
@@ -119,8 +133,15 @@ def _sort_key(value: str) -> tuple[int, Any]:
     return (0, int(value)) if value.isdigit() else (1, value)
 
 
-def parse_names(files: list[Path], pattern: str) -> dict[Path, dict[str, str]]:
-    """Match each file name against ``pattern`` and return its named groups.
+def parse_names(
+    files: list[Path], pattern: str, *, root: Path | None = None
+) -> dict[Path, dict[str, str]]:
+    """Match each file's name (or path) against ``pattern`` and return its named groups.
+
+    A pattern without ``/`` is searched in the file name. A pattern with ``/`` is searched
+    in the file's path relative to ``root`` (the glob's fixed root, :func:`glob_root`),
+    written with ``/``, so folder-per-channel layouts parse: ``ch(?P<c>\\d+)/`` matches
+    ``ch1/ch10000.tif``.
 
     Raises
     ------
@@ -128,18 +149,21 @@ def parse_names(files: list[Path], pattern: str) -> dict[Path, dict[str, str]]:
         Some names do not match (listed), or the pattern has no usable groups.
     """
     rx = re.compile(pattern)
+    by_path = "/" in pattern
     parsed, unmatched = {}, []
     for f in files:
-        m = rx.search(f.name)
+        key = f.relative_to(root).as_posix() if by_path and root is not None else f.name
+        m = rx.search(key)
         if m is None:
-            unmatched.append(f.name)
+            unmatched.append(key)
         else:
             parsed[f] = {k: v for k, v in m.groupdict().items() if k in GROUPS and v is not None}
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+        where = f" (searched in paths relative to {root})" if by_path and root is not None else ""
         raise TileGridError(
             f"pattern: {len(unmatched)} of {len(files)} files match the input glob but not the "
-            f"pattern {pattern!r}: {shown}; narrow the glob or fix the pattern"
+            f"pattern {pattern!r}{where}: {shown}; narrow the glob or fix the pattern"
         )
     return parsed
 
@@ -152,9 +176,11 @@ def discover(input_glob: str, pattern: str, *, max_workers: int = 8) -> Manifest
     input_glob : str
         Glob of the raw TIFF files.
     pattern : str
-        Regex searched in each file name; named groups among ``t, c, z, y, x`` give the
-        time point, channel and tile grid position. A missing group means a single one.
-        Group values are ordered numerically when they are digits, else as text.
+        Regex searched in each file name, or, when it contains ``/``, in each file's path
+        relative to the glob's fixed root (``ch(?P<c>\\d+)/.*_(?P<z>\\d+)\\.tif`` for one
+        folder per channel). Named groups among ``t, c, z, y, x`` give the time point,
+        channel and tile grid position. A missing group means a single one. Group values
+        are ordered numerically when they are digits, else as text.
     max_workers : int
         Threads reading headers (I/O bound).
 
@@ -171,7 +197,7 @@ def discover(input_glob: str, pattern: str, *, max_workers: int = 8) -> Manifest
         whose shape or dtype differs from the others (named, with what was expected).
     """
     files = find_files(input_glob)
-    parsed = parse_names(files, pattern)
+    parsed = parse_names(files, pattern, root=glob_root(input_glob))
     values = {g: sorted({p[g] for p in parsed.values() if g in p}, key=_sort_key) for g in GROUPS}
     values = {g: (v if v else ["0"]) for g, v in values.items()}
     index_of = {g: {v: i for i, v in enumerate(vals)} for g, vals in values.items()}

@@ -160,3 +160,31 @@ def test_tile_regions_equal_numpy_slices(tmp_path_factory, bounds, dtype, scratc
     finally:
         tiff.SCRATCH_BYTES = default
     np.testing.assert_array_equal(out, data[key])
+
+
+def test_pattern_with_slash_matches_relative_path(tmp_path):
+    # one folder per channel, one file per z plane: cellfinder's crop layout
+    planes = {}
+    for c in range(2):
+        (tmp_path / "brain" / f"ch{c}").mkdir(parents=True)
+        for z in range(3):
+            plane = np.full(TILE[1:], 10 * c + z, np.uint16)
+            tifffile.imwrite(tmp_path / "brain" / f"ch{c}" / f"ch{c}{z:04d}.tif", plane)
+            planes[(c, z)] = plane
+    m = discover(str(tmp_path / "brain" / "ch*" / "*.tif"), r"ch(?P<c>\d+)/ch\d(?P<z>\d+)\.tif$")
+    assert m.grid_shape == (1, 2, 3, 1, 1)
+    assert m.tile_shape == (1, *TILE[1:])
+    for tile in m.tiles:
+        _, c, z, _, _ = tile.index
+        assert Path(tile.path).parent.name == f"ch{c}"
+        assert inspect_tiff(tile.path).shape == (1, *TILE[1:])
+    # without '/' the same files are parsed by name only: the folder is not seen
+    with pytest.raises(TileGridError, match="two files map to the same tile"):
+        discover(str(tmp_path / "brain" / "ch*" / "*.tif"), r"ch\d(?P<z>\d{4})\.tif$")
+
+
+def test_pattern_with_slash_names_unmatched_paths(tmp_path):
+    (tmp_path / "ch0").mkdir()
+    tifffile.imwrite(tmp_path / "ch0" / "a.tif", np.zeros(TILE, np.uint16))
+    with pytest.raises(TileGridError, match=r"relative to .*: ch0/a\.tif"):
+        discover(str(tmp_path / "*" / "*.tif"), r"ch(?P<c>\d+)/b\.tif$")
