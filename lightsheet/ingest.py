@@ -136,11 +136,11 @@ def _sort_key(value: str) -> tuple[int, Any]:
 def parse_names(
     files: list[Path], pattern: str, *, root: Path | None = None
 ) -> dict[Path, dict[str, str]]:
-    """Match each file's name (or path) against ``pattern`` and return its named groups.
+    r"""Match each file's name (or path) against ``pattern`` and return its named groups.
 
     A pattern without ``/`` is searched in the file name. A pattern with ``/`` is searched
     in the file's path relative to ``root`` (the glob's fixed root, :func:`glob_root`),
-    written with ``/``, so folder-per-channel layouts parse: ``ch(?P<c>\\d+)/`` matches
+    written with ``/``, so folder-per-channel layouts parse: ``ch(?P<c>\d+)/`` matches
     ``ch1/ch10000.tif``.
 
     Raises
@@ -169,7 +169,7 @@ def parse_names(
 
 
 def discover(input_glob: str, pattern: str, *, max_workers: int = 8) -> Manifest:
-    """Find, parse and check every tile; nothing is computed and nothing is modified.
+    r"""Find, parse and check every tile; nothing is computed and nothing is modified.
 
     Parameters
     ----------
@@ -177,7 +177,7 @@ def discover(input_glob: str, pattern: str, *, max_workers: int = 8) -> Manifest
         Glob of the raw TIFF files.
     pattern : str
         Regex searched in each file name, or, when it contains ``/``, in each file's path
-        relative to the glob's fixed root (``ch(?P<c>\\d+)/.*_(?P<z>\\d+)\\.tif`` for one
+        relative to the glob's fixed root (``ch(?P<c>\d+)/.*_(?P<z>\d+)\.tif`` for one
         folder per channel). Named groups among ``t, c, z, y, x`` give the time point,
         channel and tile grid position. A missing group means a single one. Group values
         are ordered numerically when they are digits, else as text.
