@@ -57,3 +57,7 @@ class ClusterError(LightsheetError, RuntimeError):
 
 class OutputSpaceError(LightsheetError, OSError):
     """The output's disk (or quota) is full: nothing was written at the named output."""
+
+
+class AnnotationError(LightsheetError, ValueError):
+    """An annotation file (points or masks) that cannot be read."""
