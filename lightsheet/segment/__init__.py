@@ -1772,6 +1772,7 @@ def segment_volume(
     classifier: PixelClassifier | None = None,
     chunks: Any = None,
     compute: Callable[[Any, str], Any] | None = None,
+    model: Any = None,
 ) -> SegmentResult:
     """Intensities → mask → labels → cells table, each cell once, at any chunking.
 
@@ -1799,6 +1800,10 @@ def segment_volume(
         ``compute(collection, description)`` runs each pass over the volume (the threshold's
         histogram, the analysis); a task passes one that shows progress. Default
         ``dask.compute``.
+    model : torch.nn.Module, optional
+        For ``method="model"``: the UNet itself (`lightsheet.featurize.load_model`), instead
+        of ``features``; cells come from its heads with voxel-size transfer and its
+        validated threshold (`lightsheet.segment.model.segment_with_model`).
 
     Returns
     -------
@@ -1806,6 +1811,10 @@ def segment_volume(
     """
     config = SegmentConfig() if config is None else config
     vs = _voxel_size(voxel_size_um)
+    if config.method == "model" and model is not None:  # issue #21: the model's own heads
+        from lightsheet.segment.model import segment_with_model
+
+        return segment_with_model(image, model, voxel_size_um=vs, config=config, chunks=chunks)
     stored = is_stored(image) and config.method != "model"
     if is_stored(image):
         if len(image.shape) != 3:
