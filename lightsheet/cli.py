@@ -212,7 +212,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, base = load_train_config(args.config, data_root=args.data_root)
     update = {
         k: v
-        for k, v in {"steps": args.steps, "seed": args.seed, "device": args.device}.items()
+        for k, v in {
+            "steps": args.steps,
+            "seed": args.seed,
+            "device": args.device,
+            "threads": args.threads,
+        }.items()
         if v is not None
     }
     if update:
@@ -355,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default=None, help="torch device, e.g. cpu or cuda (default: CUDA if present)"
     )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: config)")
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -441,3 +441,11 @@ class TrainConfig(_Model):
     learning_rate: PositiveFloat = Field(3e-3, description="Peak learning rate (one cycle).")
     seed: int = Field(0, description="Seed of initialisation, crops and augmentation.")
     device: str | None = Field(None, description="torch device; default CUDA if present.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of torch; default torch's (the cores, or OMP_NUM_THREADS). "
+        "On a machine shared "
+        "with other busy processes, 1 can be many times faster (threads waiting for each "
+        "other at every layer).",
+    )

@@ -267,7 +267,10 @@ def _set_torch_threads() -> None:
         omp = os.environ.get("OMP_NUM_THREADS")
         n = int(omp) if omp and omp.isdigit() else (cores or 1) // worker.state.nthreads
     elif threading.current_thread() is threading.main_thread():
-        n = cores or 1  # called directly, not from a Dask thread pool
+        # called directly, not from a Dask thread pool: all cores, unless the user chose
+        # with torch's own variable (on a busy shared machine 1 thread can be much faster)
+        omp = os.environ.get("OMP_NUM_THREADS")
+        n = int(omp) if omp and omp.isdigit() else cores or 1
     else:
         n = (cores or 1) // max(1, int(dask.config.get("num_workers", None) or cores or 1))
     n = max(1, n)

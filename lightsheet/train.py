@@ -534,9 +534,8 @@ def train(
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    if device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores or 1))
+    if device.type == "cpu" and config.threads:
+        torch.set_num_threads(config.threads)  # else torch's default (cores, OMP_NUM_THREADS)
     net = UNet(**args).to(device)
     crop = _crop_side(train_v, config.crop_px, net.alignment_px)
     fg = float(np.mean([targets[v.name][0].mean() for v in train_v]))
@@ -593,6 +592,7 @@ def train(
             "loss": "BCE(nucleus, pos_weight) + BCE(centre, soft Gaussian target)",
             "pos_weight": round(pos_weight, 3),
             "device": str(device),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "loss_history": history,
             "train_volumes": [v.name for v in train_v],
         },

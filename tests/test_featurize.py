@@ -561,7 +561,7 @@ def test_cupy_blocks_stay_on_the_gpu(noise_volume):
 
 def test_io_buffer_is_not_a_torchscript_archive():
     # a torch.save zip is not mistaken for TorchScript (both are zip archives)
-    from lightsheet.featurize import _is_torchscript
+    from lightsheet.models.checkpoint import _is_torchscript
 
     buf = io.BytesIO()
     torch.save({"a": torch.zeros(1)}, buf)
