@@ -852,17 +852,19 @@ def _norm_node(image: da.Array, norm: Any) -> tuple[Any, Delayed | None]:
     return f"featurize-norm-{tokenize(vals)}", None
 
 
+def _probe_input(model: nn.Module, ndim: int) -> torch.Tensor:
+    side = 8 * getattr(model, "alignment_px", 1)
+    return torch.zeros((1, int(getattr(model, "in_channels", 1))) + (side,) * ndim)
+
+
 def _probe_head(model: nn.Module, ndim: int) -> int:
     with torch.inference_mode():
-        x = torch.zeros((1, 1) + (8 * getattr(model, "alignment_px", 1),) * ndim)
-        return int(model.logits(x).shape[1])
+        return int(model.logits(_probe_input(model, ndim)).shape[1])
 
 
 def _probe_features(model: nn.Module, ndim: int) -> int:
     with torch.inference_mode():
-        return int(
-            model(torch.zeros((1, 1) + (8 * getattr(model, "alignment_px", 1),) * ndim)).shape[1]
-        )
+        return int(model(_probe_input(model, ndim)).shape[1])
 
 
 def _as_dask(image: Any, name: str) -> da.Array:

@@ -192,7 +192,9 @@ def _declaring(net, voxel_size_um=MODEL_UM):
     return net
 
 
-@pytest.mark.parametrize("args", [{"depth": 2}, {"ndim": 3, "depth": 1}])
+@pytest.mark.parametrize(
+    "args", [{"depth": 2}, {"depth": 2, "in_channels": 3}, {"ndim": 3, "depth": 1}]
+)
 # finer than the model (downsampled on the way in), coarser (upsampled), mixed per axis
 @pytest.mark.parametrize("vs", [(2.0, 1.0, 1.0), (5.0, 2.0, 2.0), (4.0, 2.9, 0.8)])
 @pytest.mark.parametrize("pass_px", [1, None])

@@ -184,7 +184,7 @@ def segment_with_model(
     -------
     SegmentResult
     """
-    from lightsheet.featurize import head_probabilities
+    from lightsheet.featurize import head_probabilities, intensity_range
     from lightsheet.regions import is_stored
     from lightsheet.segment import SegmentResult, count_map, default_volume_range_um3
 
@@ -195,6 +195,9 @@ def segment_with_model(
         raise SegmentError(f"min_volume_um3 ({lo_um3}) is larger than max_volume_um3 ({hi_um3})")
     threshold, split, _ = detection_settings(getattr(model, "record", None), config)
     targets = tuple(getattr(model, "targets", None) or ("nucleus", "boundary"))
+    if norm is None:  # once, not in each of the passes below
+        source = da.from_array(image, chunks=image.chunks) if is_stored(image) else image
+        norm = intensity_range(source).compute()
     maps = head_probabilities(image, model, voxel_size_um=voxel_size_um, chunks=chunks, norm=norm)
     if is_stored(image):
         image = da.from_array(image, chunks=maps.chunks[1:])
