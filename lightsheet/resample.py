@@ -53,7 +53,7 @@ class Taps:
     Attributes
     ----------
     index : (K, N) ndarray of int64
-        Input positions, relative to the input array's start.
+        Input positions (absolute from `taps`; relative to the array's start in a plan).
     weight : (K, N) ndarray of float32
         Weights; each column sums to 1 (unused taps have weight 0 and index 0).
     """
@@ -119,8 +119,7 @@ class AxisMap:
         """Model-grid voxels whose outputs the source range ``[core0, core1)`` is made of."""
         if self.identity:
             return core0, core1
-        lo, hi = _support(core0, core1, 1.0 / self.step, self.n_model)
-        return lo, hi
+        return support(taps(core0, core1, 1.0 / self.step, self.n_model))
 
     def plan(self, core0: int, core1: int, *, halo: int, align: int) -> AxisPlan:
         """Ranges and taps for the output ``[core0, core1)`` of a network with this geometry.
@@ -134,15 +133,22 @@ class AxisMap:
         align : int
             The network's pooling grid, in model voxels (1: none on this axis).
         """
-        m0, m1 = self.model_range(core0, core1)
-        r0, r1 = grid_region(m0, m1, halo, align, self.n_model)
-        crop = slice(m0 - r0, m1 - r0)
         if self.identity:
-            return AxisPlan((r0, r1), (r0, r1), crop, None, None)
-        s0, s1 = _support(r0, r1, self.step, self.n_source)
-        to_model = taps(r0, r1, self.step, self.n_source, start=s0)
-        to_source = taps(core0, core1, 1.0 / self.step, self.n_model, start=m0)
-        return AxisPlan((s0, s1), (r0, r1), crop, to_model, to_source)
+            r0, r1 = grid_region(core0, core1, halo, align, self.n_model)
+            return AxisPlan((r0, r1), (r0, r1), slice(core0 - r0, core1 - r0), None, None)
+        # the read ranges are the taps' own supports: consistent with them by construction
+        to_source = taps(core0, core1, 1.0 / self.step, self.n_model)
+        m0, m1 = support(to_source)
+        r0, r1 = grid_region(m0, m1, halo, align, self.n_model)
+        to_model = taps(r0, r1, self.step, self.n_source)
+        s0, s1 = support(to_model)
+        return AxisPlan(
+            (s0, s1),
+            (r0, r1),
+            slice(m0 - r0, m1 - r0),
+            _shifted(to_model, s0),
+            _shifted(to_source, m0),
+        )
 
 
 def grid_region(core0: int, core1: int, halo: int, align: int, size: int) -> tuple[int, int]:
@@ -163,21 +169,13 @@ def _half_width(step: float) -> float:
     return max(1.0, step)
 
 
-def _support(out0: int, out1: int, step: float, n_in: int) -> tuple[int, int]:
-    """Input range that outputs ``[out0, out1)`` (input voxel ``step`` apart) read."""
-    w = _half_width(step)
-    lo = math.floor(out0 * step - w) + 1
-    hi = math.ceil((out1 - 1) * step + w)
-    return max(0, lo), min(n_in, hi)
-
-
-def taps(out0: int, out1: int, step: float, n_in: int, *, start: int = 0) -> Taps:
+def taps(out0: int, out1: int, step: float, n_in: int) -> Taps:
     """Taps of outputs ``[out0, out1)`` whose centres lie ``step`` input voxels apart.
 
     Output ``j`` sits at input coordinate ``j * step``; its weights are a triangle of
     half-width ``max(1, step)`` input voxels (linear interpolation, or its area-weighted
     widening when the output is coarser), renormalised where the input's ends ``0`` and
-    ``n_in - 1`` cut it. Input indices are returned relative to ``start``.
+    ``n_in - 1`` cut it. Indices are input positions (absolute).
 
     Examples
     --------
@@ -192,12 +190,24 @@ def taps(out0: int, out1: int, step: float, n_in: int, *, start: int = 0) -> Tap
     first = np.floor(pos - w).astype(np.int64) + 1
     k = int(math.ceil(2 * w)) + 1
     index = first[None, :] + np.arange(k)[:, None]
-    weight = np.clip(1.0 - np.abs(index - pos[None, :]) / w, 0.0, None)
-    weight[(index < 0) | (index >= n_in)] = 0.0
+    weight = 1.0 - np.abs(index - pos[None, :]) / w
+    # a tap at the filter's edge is 0 up to rounding: exactly 0, so supports are exact
+    weight[(weight < 1e-9) | (index < 0) | (index >= n_in)] = 0.0
     weight /= weight.sum(axis=0, keepdims=True)
-    index = np.where(weight > 0, index - start, 0)
-    keep = np.flatnonzero(weight.any(axis=1))  # drop rows that are all zero
+    index = np.where(weight > 0, index, 0)
+    keep = np.flatnonzero((weight > 0).any(axis=1))  # drop rows that are all zero
     return Taps(index[keep].astype(np.int64), weight[keep].astype(np.float32))
+
+
+def support(t: Taps) -> tuple[int, int]:
+    """The input range ``[lo, hi)`` that taps ``t`` (absolute indices) read."""
+    used = t.index[t.weight > 0]
+    return int(used.min()), int(used.max()) + 1
+
+
+def _shifted(t: Taps, start: int) -> Taps:
+    """Taps with indices relative to ``start`` (unused taps point at 0, weight 0)."""
+    return Taps(np.where(t.weight > 0, t.index - start, 0), t.weight)
 
 
 def apply_taps(x: Any, t: Taps | None, axis: int) -> Any:
