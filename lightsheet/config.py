@@ -23,7 +23,7 @@ ChunkShape = tuple[
 #: Lattice light-sheet style names, e.g.
 #: ``ex6-2_CamA_ch1_CAM1_stack0000_560nm_0000000msec_0001291795msecAbs_000x_001y_000z_0000t.tif``
 DEFAULT_PATTERN = r"_ch(?P<c>\d+)_.*_(?P<x>\d+)x_(?P<y>\d+)y_(?P<z>\d+)z_(?P<t>\d+)t\.tiff?$"
-PATTERN_GROUPS = ("c", "t", "z", "y", "x")
+PATTERN_GROUPS = ("c", "t", "z", "y", "x", "plane")
 #: BrainGlobe orientation letters: each axis names one letter of each pair where it starts.
 ORIENTATION_PAIRS = ("ap", "si", "lr")
 

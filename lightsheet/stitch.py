@@ -20,7 +20,6 @@ import numpy as np
 
 from lightsheet.ingest import Manifest
 from lightsheet.io.omezarr import pyramid_factors
-from lightsheet.io.tiff import TiffRegion
 
 #: Voxels per chunk by default: 32 MiB as float32, big enough to amortise per-task
 #: overhead and FFT halos, small enough for several per worker thread.
@@ -123,7 +122,7 @@ def stitch(
         chunks = stitch_chunks(manifest.shape[2:], voxel_size_um, manifest.tile_shape)
     regions = np.empty(manifest.grid_shape, dtype=object)
     for tile in manifest.tiles:
-        regions[tile.index] = TiffRegion(tile.info)
+        regions[tile.index] = tile.region()
     dtype = np.dtype(manifest.dtype)
     return da.map_blocks(
         _read_block,
