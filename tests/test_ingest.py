@@ -219,5 +219,6 @@ def test_one_file_per_plane_per_tile(tmp_path):
         )
     # a plane missing from one tile is named
     (tmp_path / "13-52-56_brain_UltraII[01 x 00]_C01_xyz-Table Z0002.ome.tif").unlink()
-    with pytest.raises(TileGridError, match=r"c=01, z=0, y=01, x=00\) has 3 of the 4 planes.*plane 0002"):
+    missing = r"c=01, z=0, y=01, x=00\) has 3 of the 4 planes.*plane 0002"
+    with pytest.raises(TileGridError, match=missing):
         discover(str(tmp_path / "*.ome.tif"), LAVISION)
