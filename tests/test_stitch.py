@@ -298,3 +298,49 @@ def test_fusion_at_sub_voxel_positions_interpolates_linearly(tmp_path):
     covered = fused != 0
     assert covered[1:6, 1:54, 1:57].all()
     np.testing.assert_allclose(fused[covered], field(z, y, x)[covered], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_stitch_stage_registers_fuses_and_records(overlapping, prefect_harness, tmp_path):
+    # the Prefect task end to end: raw.ome.zarr holds the fused volume, its lineage the
+    # registration; the same tiles LZW-compressed give identical voxels
+    import shutil
+
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from lightsheet.config import StitchConfig
+    from lightsheet.io.omezarr import read_image
+    from tasks.stitch import solution_from_record, stitch_tiles
+
+    folder, info = overlapping
+    config = StitchConfig(overlap=info["overlap"])
+    lzw = tmp_path / "lzw"
+    lzw.mkdir()
+    for path in (folder / "tiles").glob("*.tif"):
+        tifffile.imwrite(
+            lzw / path.name, tifffile.imread(path), photometric="minisblack", compression="lzw"
+        )
+
+    runner = DaskTaskRunner(
+        cluster_kwargs={"n_workers": 1, "threads_per_worker": 2, "processes": False}
+    )
+
+    @flow(task_runner=runner)
+    def stitch_only(tiles: str, out: str) -> dict:
+        manifest = discover(tiles, DEFAULT_PATTERN).to_dict()
+        return stitch_tiles.submit(manifest, info["voxel_size_um"], config, out).result()
+
+    record = stitch_only(str(folder / "tiles" / "*.tif"), str(tmp_path / "plain"))
+    assert record["links_kept"] >= 12 and record["tiles_at_nominal"] == []
+    raw, voxel, lineage = read_image(tmp_path / "plain" / "raw.ome.zarr")
+    assert raw.shape == tuple(info["shape"]) and voxel == tuple(info["voxel_size_um"])
+    solution = solution_from_record(lineage["registration"])
+    errors = np.abs(solution.positions - true_positions(folder, info))
+    assert errors.max() < TOLERANCE_VOX
+    assert lineage["params"]["registration"]["overlap"] == list(info["overlap"])
+
+    stitch_only(str(lzw / "*.tif"), str(tmp_path / "lzw-out"))
+    compressed, _, _ = read_image(tmp_path / "lzw-out" / "raw.ome.zarr")
+    np.testing.assert_array_equal(compressed.compute(), raw.compute())
+    shutil.rmtree(lzw)

@@ -224,6 +224,7 @@ def _um(prefix: str) -> list[str]:
 
 def _triple(value, name: str) -> tuple[float, float, float]:
     values = (value,) * 3 if np.isscalar(value) else tuple(value)
+    values = values * 3 if len(values) == 1 else values
     if len(values) != 3 or not all(math.isfinite(float(v)) for v in values):
         raise SampleError(f"{name}: got {value!r}; expected one number or three (z, y, x)")
     return tuple(float(v) for v in values)  # type: ignore[return-value]
