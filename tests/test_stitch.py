@@ -344,3 +344,57 @@ def test_stitch_stage_registers_fuses_and_records(overlapping, prefect_harness, 
     compressed, _, _ = read_image(tmp_path / "lzw-out" / "raw.ome.zarr")
     np.testing.assert_array_equal(compressed.compute(), raw.compute())
     shutil.rmtree(lzw)
+
+
+def test_overlap_sample_from_the_command_line(tmp_path):
+    import pandas as pd
+    import yaml
+
+    from lightsheet.cli import main
+
+    out = tmp_path / "ov"
+    args = ["sample", str(out), "--size", "tiny", "--overlap", "0.2", "--stage-error-um", "3"]
+    assert main([*args, "--grid", "1", "2", "2", "--channels", "1"]) == 0
+    truth = pd.read_csv(out / "truth" / "tiles.csv")
+    errors = truth[["error_z_um", "error_y_um", "error_x_um"]].to_numpy()
+    assert len(truth) == 4 and np.abs(errors).max() <= 3 + 1e-9 and np.abs(errors).max() > 0.5
+    np.testing.assert_allclose(errors.mean(0), 0, atol=1e-6)  # centred: the nominal frame
+    positions = pd.read_csv(out / "positions.csv")
+    np.testing.assert_allclose(
+        positions[["z_um", "y_um", "x_um"]], truth[["nominal_z_um", "nominal_y_um", "nominal_x_um"]]
+    )
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["stitch"] == {"overlap": [0.0, 0.2, 0.2]}
+    m = discover(str(out / "tiles" / "*.tif"), DEFAULT_PATTERN)
+    assert m.grid_shape == (1, 1, 1, 2, 2)
+
+
+def test_positions_file_errors_name_the_file(tmp_path, overlapping):
+    from lightsheet.errors import ConfigError
+    from lightsheet.stitch import nominal_layout
+
+    folder, info = overlapping
+    m = discover(str(folder / "tiles" / "*.tif"), DEFAULT_PATTERN)
+    bad = tmp_path / "positions.csv"
+    bad.write_text("y,x,y_um,x_um\n0,0,0,0\n")
+    with pytest.raises(ConfigError, match=r"positions\.csv lacks columns \['z_um'\]"):
+        nominal_layout(m, info["voxel_size_um"], positions=str(bad))
+    bad.write_text("y,x,z_um,y_um,x_um\n0,0,0,0,0\n")
+    with pytest.raises(ConfigError, match=r"no row for tile \{'y': '0', 'x': '1'\}"):
+        nominal_layout(m, info["voxel_size_um"], positions=str(bad))
+    rows = ["y,x,z_um,y_um,x_um"] + [f"{y},{x},0,0,{x}" for y in range(3) for x in range(3)]
+    bad.write_text("\n".join(rows) + "\n")  # every tile at nearly one place
+    with pytest.raises(ConfigError, match="more than half a tile"):
+        nominal_layout(m, info["voxel_size_um"], positions=str(bad))
+
+
+def test_stitch_config_checks():
+    from pydantic import ValidationError
+
+    from lightsheet.config import StitchConfig
+
+    assert StitchConfig().overlap == 0.0
+    assert StitchConfig(overlap=[0, 0.1, 0.1]).overlap == (0.0, 0.1, 0.1)
+    for bad in ({"overlap": 0.5}, {"overlap": -0.1}, {"overlap": 0.1, "positions": "p.csv"}):
+        with pytest.raises(ValidationError):
+            StitchConfig(**bad)

@@ -147,7 +147,7 @@ CUSTOM_TILE_ZYX = (128, 256, 256)
 CUSTOM_ATLAS_SIDE = 128
 
 
-def size_preset(size: str, *, channels: int = 2) -> SizePreset:
+def size_preset(size: str | SizePreset, *, channels: int = 2) -> SizePreset:
     """The `SizePreset` of a preset name or of a custom size in GB.
 
     A custom size ``"<N>GB"`` (decimal GB of raw uint16 for one time point over all
@@ -163,6 +163,8 @@ def size_preset(size: str, *, channels: int = 2) -> SizePreset:
     >>> size_preset("16GB").tile_grid_zyx
     (5, 10, 10)
     """
+    if isinstance(size, SizePreset):  # built by the caller (e.g. around a tile shape)
+        return size
     if size in SIZES:
         return SIZES[size]
     m = _CUSTOM_SIZE.match(size) if isinstance(size, str) else None

@@ -67,12 +67,14 @@ def tiling(
         int(math.ceil(n / (1 + (g - 1) * (1 - o))))
         for n, g, o in zip(shape_zyx, grid_zyx, overlap, strict=True)
     )
-    step = [t * (1 - o) for t, o in zip(tile, overlap, strict=True)]
-    origins = np.array(
-        [[i * s for i, s in zip(idx, step, strict=True)] for idx in np.ndindex(*grid_zyx)],
-        dtype=float,
-    ).round(6)
-    return tile, origins  # type: ignore[return-value]
+    return tile, nominal_origins(grid_zyx, tile, overlap)  # type: ignore[return-value]
+
+
+def nominal_origins(grid_zyx, tile_shape, overlap) -> np.ndarray:
+    """Nominal tile origins (voxels), grid order: ``index × tile × (1 - overlap)``."""
+    from lightsheet.stitch.register import nominal_positions
+
+    return nominal_positions(grid_zyx, tile_shape, overlap).round(6)
 
 
 def stage_errors(
@@ -98,6 +100,7 @@ def generate_overlapping(
     overlap: float | Sequence[float] = 0.15,
     stage_error_um: float | Sequence[float] = 6.0,
     grid: Sequence[int] | None = None,
+    tile_shape: Sequence[int] | None = None,
     progress=None,
 ) -> dict:
     """Write an overlapping-tile sample acquisition with its truth (see the module doc).
@@ -113,6 +116,9 @@ def generate_overlapping(
         Largest stage error per axis (z, y, x) in µm, or one value for all.
     grid : (3,) sequence of int, optional
         Tiles along (z, y, x); default the size preset's grid.
+    tile_shape : (3,) sequence of int, optional
+        Voxels (z, y, x) of a tile; the phantom then spans the mosaic ``size`` is ignored
+        (benchmarks compare mosaics of equal tiles).
 
     Returns
     -------
@@ -125,6 +131,13 @@ def generate_overlapping(
     preset = base._check_args(size, seed, channels, timepoints)
     grid = tuple(int(g) for g in (grid or preset.tile_grid_zyx))
     ov = _triple(overlap, "overlap")
+    if tile_shape is not None:
+        extent = tuple(
+            int(math.ceil(round((g - 1) * t * (1 - o), 6))) + int(t)
+            for g, t, o in zip(grid, tile_shape, ov, strict=True)
+        )
+        size = f"{'x'.join(map(str, extent))} voxels"
+        preset = base.SizePreset(extent, (1, 1, 1), 8, f"mosaic of {grid} tiles {tile_shape}")
     err_um = _triple(stage_error_um, "stage_error_um")
     if len(grid) != 3 or any(g < 1 for g in grid):
         raise SampleError(f"grid: got {grid!r}; expected three positive tile counts (z, y, x)")
@@ -138,9 +151,13 @@ def generate_overlapping(
     base._write_json(
         out / "sample.json", {"format": base.SAMPLE_FORMAT, "complete": False, "size": size}
     )
-    ph = base.build_phantom(size, seed=seed, channels=channels)
+    ph = base.build_phantom(preset, seed=seed, channels=channels)
     vox = np.asarray(ph.voxel_size_um, dtype=float)
-    tile_shape, origins = tiling(preset.shape_zyx, grid, ov)
+    if tile_shape is None:
+        tile_shape, origins = tiling(preset.shape_zyx, grid, ov)
+    else:
+        tile_shape = tuple(int(t) for t in tile_shape)
+        origins = nominal_origins(grid, tile_shape, ov)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
     errors = stage_errors(len(origins), err_um, rng=rng)
     nominal_um = origins * vox
