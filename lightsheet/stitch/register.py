@@ -15,8 +15,9 @@ nominal position along each axis.
    linear interpolation (`refine_shift`). The NCC at the nominal and at the found offset
    are kept.
 3. A link is kept when its NCC beats every NCC found the same way between boxes that do
-   not overlap (each link's box against the far side of its partner: a null distribution
-   from the data, as ashlar does), and its shift is within the search range.
+   not overlap (a link's box against the far side of its partner, for up to
+   `MAX_NULL_LINKS` links: a null distribution from the data, as ashlar does), and its
+   shift is within the search range.
    `solve` then finds the positions that best agree with the kept links (least squares,
    weighted by NCC times the voxels compared), and drops, one at a time, the link that
    disagrees most with the others while any disagrees by more than ``max_residual_vox``.
@@ -38,6 +39,10 @@ from lightsheet.errors import ConfigError, TileGridError
 
 #: Largest box (voxels) one pairwise registration reads per tile: a centred part of the
 #: overlap is used beyond it (the sub-voxel search holds 9 float64 copies: 150 MB).
+#: Side (voxels) of the local mean removed before comparing overlaps (`highpass`).
+HIGHPASS_VOX = 9
+#: Links whose null NCC (against a box they do not overlap) is measured: evenly chosen.
+MAX_NULL_LINKS = 8
 MAX_BOX_VOXELS = 2**21
 
 
@@ -250,18 +255,19 @@ def phase_shift(a: np.ndarray, b: np.ndarray, max_shift_vox: Sequence[float]) ->
     """Shift that moves ``b`` onto ``a`` (``a(x) ≈ b(x - shift)``), to about a voxel.
 
     Phase correlation (`skimage.registration.phase_cross_correlation`, phase
-    normalisation) knows the peak only modulo the box size; each alternative within
-    ``max_shift_vox`` is tried and the one whose overlap correlates best (NCC) wins, as in
-    Preibisch et al. (Bioinformatics 2009).
+    normalisation, to the voxel: the sub-voxel search follows). The peak is known only
+    modulo the box size; each alternative within ``max_shift_vox`` is tried and the one
+    whose overlap correlates best (NCC) wins, as in Preibisch et al. (Bioinformatics 2009).
+    Binning the boxes 2× first made it 4× cheaper but picked wrong peaks in overlaps of
+    little texture (mosaic borders), so it is not done.
     """
     from skimage.registration import phase_cross_correlation
 
-    peak, _, _ = phase_cross_correlation(
-        _prepare(a), _prepare(b), upsample_factor=2, normalization="phase"
-    )
+    peak, _, _ = phase_cross_correlation(_prepare(a), _prepare(b), normalization="phase")
+    peak = np.asarray(peak, dtype=float)
     options = []
     for p, n, m in zip(peak, a.shape, max_shift_vox, strict=True):
-        near = [p + j * n for j in (-1, 0, 1) if abs(p + j * n) <= m + 0.5 and abs(p + j * n) < n]
+        near = [p + j * n for j in (-1, 0, 1) if abs(p + j * n) <= m + 1 and abs(p + j * n) < n]
         options.append(near or [p])
     candidates = [np.array(c, dtype=float) for c in itertools.product(*options)]
     if len(candidates) == 1:
@@ -372,17 +378,36 @@ def register_pair(
     """
     frac = np.asarray(frac_vox, dtype=float)
     reach = np.abs(frac) + np.asarray(max_shift_vox, dtype=float)
-    found, ncc = refine_shift(box_a, box_b, phase_shift(box_a, box_b, reach))
+    fine_a, fine_b = highpass(box_a), highpass(box_b)
+    # the peak and the link's quality from the fine structure; the sub-voxel shift from
+    # all of it (the smooth part is flat near the peak, and the fine part alone was noisier)
+    found, _ = refine_shift(box_a, box_b, phase_shift(fine_a, fine_b, reach))
     result = {
         "shift_vox": tuple(float(v) for v in found - frac),
-        "ncc_before": ncc_at(box_a, box_b, frac),
-        "ncc_after": ncc,
+        "ncc_before": ncc_at(fine_a, fine_b, frac),
+        "ncc_after": ncc_at(fine_a, fine_b, found),
         "ncc_null": float("nan"),
         "voxels": int(box_a.size),
     }
     if far_b is not None:
-        result["ncc_null"] = ncc_at(box_a, far_b, phase_shift(box_a, far_b, reach))
+        fine_far = highpass(far_b)
+        result["ncc_null"] = ncc_at(fine_a, fine_far, phase_shift(fine_a, fine_far, reach))
     return result
+
+
+def highpass(box: np.ndarray) -> np.ndarray:
+    """``box`` minus its local mean over `HIGHPASS_VOX` voxels a side (float32).
+
+    Illumination, autofluorescence and the dark outside of the tissue vary slowly; left in,
+    they correlate at any shift, so an overlap with no structure of its own (the mosaic's
+    empty corners) found a confident wrong offset. Only the structure finer than the
+    window (nuclei, fibres, vessels) is compared.
+    """
+    from scipy import ndimage as ndi
+
+    data = box.astype(np.float32)
+    size = [min(HIGHPASS_VOX, n) for n in data.shape]
+    return data - ndi.uniform_filter(data, size=size, mode="reflect")
 
 
 def far_box(box_b: tuple[slice, ...], tile_shape: Sequence[int], nominal_vox) -> tuple[slice, ...]:
@@ -558,11 +583,17 @@ def register(
     tiles = spatial_tiles(manifest, channel=channel, timepoint=timepoint)
     shape = tuple(manifest.tile_shape)
     links = find_links(nominal, shape)
+    null = set(np.linspace(0, len(links) - 1, min(len(links), MAX_NULL_LINKS)).round().astype(int))
     tasks = [
         dask.delayed(_register_link, pure=True)(
-            tiles[lk.a].region(), tiles[lk.b].region(), lk.nominal_vox, shape, tuple(max_shift_vox)
+            tiles[lk.a].region(),
+            tiles[lk.b].region(),
+            lk.nominal_vox,
+            shape,
+            tuple(max_shift_vox),
+            i in null,
         )
-        for lk in links
+        for i, lk in enumerate(links)
     ]
     for lk, result in zip(links, dask.compute(*tasks), strict=True):
         for k, v in result.items():
@@ -580,12 +611,12 @@ def spatial_tiles(manifest, *, channel: int, timepoint: int) -> list:
     return [by_index[(timepoint, channel, *idx)] for idx in np.ndindex(nz, ny, nx)]
 
 
-def _register_link(region_a, region_b, nominal_vox, tile_shape, max_shift_vox) -> dict:
+def _register_link(region_a, region_b, nominal_vox, tile_shape, max_shift_vox, null) -> dict:
     box_a, box_b, shift = overlap_boxes(nominal_vox, tile_shape)
     far = far_box(box_b, tile_shape, nominal_vox)
     a = region_a[box_a]
     b = region_b[box_b]
-    far_b = None if far == box_b else region_b[far]
+    far_b = None if far == box_b or not null else region_b[far]
     frac = np.asarray(nominal_vox, dtype=float) - shift
     return register_pair(a, b, frac, far_b, max_shift_vox)
 
