@@ -160,11 +160,12 @@ def child(kind: str, folder: Path, out: Path, result: Path) -> None:
     m = discover(str(folder / "tiles" / "*.tif"), DEFAULT_PATTERN)
     itemsize = np.dtype(m.dtype).itemsize
     marks = {}
-    if kind == "abutting":
+    if kind.startswith("abutting"):
         chunks = stitch_chunks(m.shape[2:], VOXEL, m.tile_shape)
         blocks = write_blocks(chunks, m.shape[2:], itemsize, VOXEL)
         volume = stitch(m, voxel_size_um=VOXEL, chunks=blocks)
     else:
+        interpolation = kind.partition(":")[2] or "linear"
         layout = nominal_layout(m, VOXEL, overlap=OVERLAP)
         sol = register(m, layout.positions_vox, max_shift_vox=layout.max_shift_vox)
         marks["register_s"] = round(time.monotonic() - t, 2)
@@ -172,7 +173,7 @@ def child(kind: str, folder: Path, out: Path, result: Path) -> None:
         blocks = write_blocks(chunks, layout.shape_zyx, itemsize, VOXEL)
         volume = stitch(
             m, voxel_size_um=VOXEL, chunks=blocks, positions_vox=sol.positions,
-            shape_zyx=layout.shape_zyx, blend_vox=layout.blend_vox,
+            shape_zyx=layout.shape_zyx, blend_vox=layout.blend_vox, interpolation=interpolation,
         )  # fmt: skip
         err = sol.positions - _truth(folder)
         marks["max_err_vox"] = round(float(np.abs(err - err.mean(0)).max()), 3)
@@ -204,6 +205,7 @@ def scale(args) -> int:
         "fused 4x4": ((1, 4, 4), OVERLAP, ERROR_UM),
         "abutting 4x4": ((1, 4, 4), 0.0, 0.0),
     }
+    runs = {**{n: n for n in samples}, "fused 4x4 nearest": "fused 4x4"}
     for name, (grid, ov, err) in samples.items():
         folder = work / name.replace(" ", "-")
         if not (folder / "sample.json").is_file():
@@ -213,13 +215,14 @@ def scale(args) -> int:
             )  # fmt: skip
     rows = []
     for repeat in range(args.repeat):
-        for name in samples:
-            folder = work / name.replace(" ", "-")
+        for name, sample in runs.items():
+            folder = work / sample.replace(" ", "-")
             out = work / "out.ome.zarr"
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=False)
             result = work / "result.json"
             kind = "abutting" if name.startswith("abutting") else "fused"
+            kind += ":nearest" if name.endswith("nearest") else ""
             cmd = [sys.executable, "-m", "benchmarks.stitch", "child", kind, str(folder)]
             code, seconds, samples_ = sampled([*cmd, str(out), str(result)], env=os.environ)
             if code != 0:

@@ -76,6 +76,11 @@ class StitchConfig(_Model):
         description="A registered link may disagree with the globally solved positions by at "
         "most this many voxels per axis; the worst is dropped until none does.",
     )
+    interpolation: Literal["linear", "nearest"] = Field(
+        "linear",
+        description="Fusion of registered tiles: linear interpolation at sub-voxel positions, "
+        "or positions rounded to the voxel grid (at most half a voxel off; faster).",
+    )
     max_tile_gib: PositiveFloat = Field(
         64.0,
         description="Largest tile file accepted (GiB of pixel data its header declares); "

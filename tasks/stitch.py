@@ -62,6 +62,7 @@ def stitch_spec(
                 "max_shift_vox": list(layout.max_shift_vox),
                 "max_residual_vox": config.max_residual_vox,
                 "blend_vox": list(layout.blend_vox),
+                "interpolation": config.interpolation,
             },
         }
     inputs = {
@@ -139,6 +140,7 @@ def stitch_tiles(
                     positions_vox=solution.positions,
                     shape_zyx=layout.shape_zyx,
                     blend_vox=layout.blend_vox,
+                    interpolation=config.interpolation,
                 )
             fingerprint = write_image(
                 volume,

@@ -270,6 +270,12 @@ def test_fusion_at_true_integer_positions_gives_back_the_volume(tmp_path, chunks
     ).compute()  # fmt: skip
     assert fused.shape == (1, 1, 12, 52, 55)
     np.testing.assert_array_equal(fused[0, 0], volume)
+    # nearest: positions within half a voxel of the grid are rounded onto it
+    nearest = stitch(
+        m, voxel_size_um=(2, 1, 1), chunks=chunks, positions_vox=origins + [0.3, -0.4, 0.2],
+        shape_zyx=(12, 52, 55), blend_vox=(1, 8, 9), interpolation="nearest",
+    ).compute()  # fmt: skip
+    np.testing.assert_array_equal(nearest[0, 0], volume)
 
 
 def test_fusion_at_sub_voxel_positions_interpolates_linearly(tmp_path):

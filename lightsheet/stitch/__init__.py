@@ -128,6 +128,7 @@ def stitch(
     positions_vox: np.ndarray | None = None,
     shape_zyx: Sequence[int] | None = None,
     blend_vox: Sequence[float] | None = None,
+    interpolation: str = "linear",
 ) -> da.Array:
     """Place every tile into one lazy volume.
 
@@ -148,6 +149,8 @@ def stitch(
         With ``positions_vox``: the result's shape (default: up to the farthest tile).
     blend_vox : (3,) sequence of float, optional
         With ``positions_vox``: width of the blending ramps (default: 1, no blending).
+    interpolation : {"linear", "nearest"}
+        With ``positions_vox``: see `lightsheet.stitch.fuse.fuse`.
 
     Returns
     -------
@@ -169,6 +172,7 @@ def stitch(
             chunks=chunks or fused_chunks(shape, voxel_size_um),
             blend_vox=blend_vox or (1.0, 1.0, 1.0),
             dtype=manifest.dtype,
+            interpolation=interpolation,
         )
     if chunks is None:
         chunks = stitch_chunks(manifest.shape[2:], voxel_size_um, manifest.tile_shape)

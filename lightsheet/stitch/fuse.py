@@ -41,6 +41,7 @@ def fuse(
     chunks: Sequence[int],
     blend_vox: Sequence[float],
     dtype,
+    interpolation: str = "linear",
 ) -> da.Array:
     """Fuse tiles at registered positions into a lazy ``(T, C, Z, Y, X)`` volume.
 
@@ -58,7 +59,10 @@ def fuse(
     blend_vox : (3,) sequence of float
         Width of the blending ramp at a tile's border, per axis (at least 1).
     dtype : dtype
-        Of the tiles and of the result (integers are rounded and clipped).
+        Of the tiles and of the result (integers are rounded).
+    interpolation : {"linear", "nearest"}
+        How a sub-voxel position is honoured: linear interpolation, or the position
+        rounded to the voxel grid (at most half a voxel off, voxels copied: faster).
 
     Returns
     -------
@@ -66,8 +70,11 @@ def fuse(
     """
     t, c, _ = regions.shape
     dtype = np.dtype(dtype)
+    if interpolation not in ("linear", "nearest"):
+        raise ValueError(f"interpolation must be 'linear' or 'nearest'; got {interpolation!r}")
+    positions = np.asarray(positions_vox, dtype=float)
     table = {
-        "positions": np.asarray(positions_vox, dtype=float),
+        "positions": np.rint(positions) if interpolation == "nearest" else positions,
         "tile_shape": tuple(regions.flat[0].shape),
         "blend": tuple(max(1.0, float(b)) for b in blend_vox),
     }
@@ -84,37 +91,40 @@ def fuse(
 
 def _fuse_block(regions: np.ndarray, table: dict, *, block_info: dict) -> np.ndarray:
     (t, _), (c, _), *zyx = block_info[None]["array-location"]
-    dtype = block_info[None]["dtype"]
+    dtype = np.dtype(block_info[None]["dtype"])
     shape = tuple(b - a for a, b in zyx)
     tile_shape = table["tile_shape"]
-    acc = weights = None
-    for i, pos in enumerate(table["positions"]):
-        cover = _cover(zyx, pos, tile_shape)
-        if cover is None:
-            continue
-        out_box, read_box, frac = cover
+    covers = [
+        (i, cover)
+        for i, pos in enumerate(table["positions"])
+        if (cover := _cover(zyx, pos, tile_shape)) is not None
+    ]
+    if len(covers) == 1 and covers[0][1][0] == tuple(slice(0, n) for n in shape):
+        # one tile covers the whole block: its (interpolated) voxels, no blending
+        i, (_, read_box, frac) = covers[0]
+        return _cast(_resample(regions[t, c, i].read(read_box), frac), dtype)[None, None]
+    acc = np.zeros(shape, np.float32)
+    weights = np.zeros(shape, np.float32)
+    for i, (out_box, read_box, frac) in covers:
         values = _resample(regions[t, c, i].read(read_box), frac)
-        if (
-            acc is None
-            and all(f == 0 for f in frac)
-            and out_box == tuple(slice(0, n) for n in shape)
-            and _alone(i, zyx, table)
-        ):
-            return values.astype(dtype, copy=False)[None, None]  # one tile, on the grid
-        w = _weights(zyx, out_box, pos, tile_shape, table["blend"])
-        if acc is None:
-            acc = np.zeros(shape, np.float32)
-            weights = np.zeros(shape, np.float32)
+        w = _weights(zyx, out_box, table["positions"][i], tile_shape, table["blend"])
         acc[out_box] += w * values
         weights[out_box] += w
-    if acc is None:
-        return np.zeros((1, 1, *shape), dtype)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fused = np.where(weights > 0, acc / weights, 0.0)
-    if np.dtype(dtype).kind in "ui":
-        info = np.iinfo(dtype)
-        fused = np.clip(np.rint(fused), info.min, info.max)
-    return fused.astype(dtype)[None, None]
+    np.divide(acc, weights, out=acc, where=weights > 0)
+    return _cast(acc, dtype)[None, None]
+
+
+def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Values in the tiles' dtype; integers rounded.
+
+    Interpolation and blending are convex combinations of tile voxels, so they stay
+    within the dtype's range: no clipping is needed.
+    """
+    if values.dtype == dtype:
+        return values
+    if dtype.kind in "ui":
+        values = np.rint(values, out=values if values.dtype.kind == "f" else None)
+    return values.astype(dtype)
 
 
 def _cover(zyx, pos, tile_shape):
@@ -149,7 +159,9 @@ def _resample(values: np.ndarray, frac) -> np.ndarray:
         hi = [slice(None)] * values.ndim
         lo[axis], hi[axis] = slice(0, -1), slice(1, None)
         v = values.astype(np.float32, copy=False)
-        values = np.float32(f) * v[tuple(lo)] + np.float32(1 - f) * v[tuple(hi)]
+        out = v[tuple(hi)] * np.float32(1 - f)
+        out += np.float32(f) * v[tuple(lo)]
+        values = out
     return values
 
 
@@ -165,11 +177,3 @@ def _weights(zyx, out_box, pos, tile_shape, blend) -> np.ndarray:
         shape[axis] = -1
         w = ramp.reshape(shape) if w is None else w * ramp.reshape(shape)
     return w
-
-
-def _alone(i: int, zyx, table: dict) -> bool:
-    """True when no tile but ``i`` reaches the block."""
-    return all(
-        j == i or _cover(zyx, p, table["tile_shape"]) is None
-        for j, p in enumerate(table["positions"])
-    )
