@@ -181,6 +181,15 @@ def publish_registration(path: Path, tile_shape, voxel_size_um) -> dict:
             i,
             solution.nominal[i].round(2).tolist(),
         )
+    sides = [lk for lk in solution.links if np.count_nonzero(np.rint(lk.nominal_vox)) == 1]
+    if sides and sum(lk.kept for lk in sides) < len(sides) / 2:
+        logger.warning(
+            "stitch: only %d of %d links between side neighbours were kept: the registration "
+            "channel may have too little fine structure to register on (links kept without "
+            "loops to check them can be wrong); consider stitch.registration_channel",
+            sum(lk.kept for lk in sides),
+            len(sides),
+        )
     table = link_table(solution, voxel_size_um)
     full, _, _ = read_image(path)
     level = 0
