@@ -103,14 +103,17 @@ STAGES = {
 def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
     """The stages' order and arguments, written once for running and for checking.
 
-    ``ingest_step(input, pattern, psf, atlas, output)`` gives the tile manifest and
+    ``ingest_step(input, pattern, psf, atlas, output, max_tile_gib)`` gives the tile manifest and
     ``step(name, *args)`` a stage's record (or a future of it); the task arguments are
     those of `STAGES`' tasks. Returns the manifest and every stage's result (None for a
     disabled stage; deconvolution's is the raw image's when disabled).
     """
     o = str(config.output)
-    manifest = ingest_step(config.input, config.pattern, str(config.psf), str(config.atlas), o)
-    raw = step("stitch", manifest, list(config.voxel_size_um), config.stitch.chunks_zyx, o)
+    manifest = ingest_step(
+        config.input, config.pattern, str(config.psf), str(config.atlas), o,
+        config.stitch.max_tile_gib,
+    )  # fmt: skip
+    raw = step("stitch", manifest, list(config.voxel_size_um), config.stitch, o)
     image = raw
     if config.deconvolve.enabled:
         image = step("deconvolve", raw, str(config.psf), config.deconvolve, o)

@@ -2,7 +2,8 @@
 
 Subcommands::
 
-    lightsheet sample DIR [--size tiny|small|medium|large] [--seed N]
+    lightsheet sample DIR [--size tiny|small|medium|large] [--seed N] [--overlap F]
+                      [--stage-error-um UM [UM UM]] [--grid Z Y X]
     lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
@@ -58,17 +59,20 @@ def _progress_bar(description: str):
 def cmd_sample(args: argparse.Namespace) -> int:
     """`lightsheet sample`: write a sample acquisition with ground truth."""
     from lightsheet.sample import generate
+    from lightsheet.sample.overlap import generate_overlapping
 
     bar, progress = _progress_bar(f"sample ({args.size})")
+    common = {"size": args.size, "seed": args.seed, "channels": args.channels}
+    overlapping = args.overlap or args.stage_error_um or args.grid
     with bar:
-        info = generate(
-            args.dir,
-            size=args.size,
-            seed=args.seed,
-            channels=args.channels,
-            timepoints=args.timepoints,
-            progress=progress,
-        )
+        if overlapping:
+            info = generate_overlapping(
+                args.dir, **common, timepoints=args.timepoints, progress=progress,
+                overlap=args.overlap or 0.0, stage_error_um=args.stage_error_um or 0.0,
+                grid=args.grid,
+            )  # fmt: skip
+        else:
+            info = generate(args.dir, **common, timepoints=args.timepoints, progress=progress)
     gb = info.get("bytes_written", 0) / 1e9
     print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
     print(f"  lightsheet run {Path(args.dir) / 'config.yaml'}")
@@ -309,6 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--channels", type=int, default=2, help="channels (default 2: nuclei, autofl.)")
     p.add_argument("--timepoints", type=int, default=1, help="time points (default 1)")
+    p.add_argument(
+        "--overlap",
+        type=float,
+        metavar="F",
+        help="tiles overlap their neighbours by this fraction of a side (e.g. 0.15); "
+        "the config then registers and fuses them",
+    )
+    p.add_argument(
+        "--stage-error-um",
+        type=float,
+        nargs="+",
+        metavar="UM",
+        help="tiles sit at their nominal stage position plus an error up to this (one value, "
+        "or z y x); truth/tiles.csv records every tile's true position",
+    )
+    p.add_argument(
+        "--grid", type=int, nargs=3, metavar=("Z", "Y", "X"), help="tiles per axis (overlap only)"
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("run", help="run the pipeline on a YAML run config")

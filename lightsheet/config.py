@@ -23,7 +23,7 @@ ChunkShape = tuple[
 #: Lattice light-sheet style names, e.g.
 #: ``ex6-2_CamA_ch1_CAM1_stack0000_560nm_0000000msec_0001291795msecAbs_000x_001y_000z_0000t.tif``
 DEFAULT_PATTERN = r"_ch(?P<c>\d+)_.*_(?P<x>\d+)x_(?P<y>\d+)y_(?P<z>\d+)z_(?P<t>\d+)t\.tiff?$"
-PATTERN_GROUPS = ("c", "t", "z", "y", "x")
+PATTERN_GROUPS = ("c", "t", "z", "y", "x", "plane")
 #: BrainGlobe orientation letters: each axis names one letter of each pair where it starts.
 ORIENTATION_PAIRS = ("ap", "si", "lr")
 
@@ -38,6 +38,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Overlap = Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)]
+
+
 class StitchConfig(_Model):
     """How tiles become one volume."""
 
@@ -47,6 +50,50 @@ class StitchConfig(_Model):
         "(lightsheet.stitch.stitch_chunks): ~8 M voxels about isotropic in µm, snapped to a "
         "divisor of the tile side, preferring sides the first pyramid step divides.",
     )
+    overlap: Overlap | tuple[Overlap, Overlap, Overlap] = Field(
+        0.0,
+        description="Nominal fraction of a tile's side shared with its neighbour, one number "
+        "or (z, y, x). 0 (and no positions): tiles abut and are placed as they are; above 0 "
+        "they are registered (phase correlation, sub-voxel) and fused with blending.",
+    )
+    positions: Path | None = Field(
+        None,
+        description="CSV of nominal tile positions in µm as microscope metadata gives them: "
+        "columns z_um, y_um, x_um (the tile's first voxel) and z, y, x (tile grid values as "
+        "in the file names, for each axis with more than one tile). Tiles are registered and "
+        "fused. Replaces overlap.",
+    )
+    registration_channel: int = Field(
+        0, ge=0, description="Channel index registered; its positions apply to every channel."
+    )
+    max_shift_um: PositiveFloat | None = Field(
+        None,
+        description="Largest stage error searched per axis (µm); default two thirds of the "
+        "narrowest nominal overlap.",
+    )
+    max_residual_vox: PositiveFloat = Field(
+        1.0,
+        description="A registered link may disagree with the globally solved positions by at "
+        "most this many voxels per axis; the worst is dropped until none does.",
+    )
+    interpolation: Literal["linear", "nearest"] = Field(
+        "linear",
+        description="Fusion of registered tiles: linear interpolation at sub-voxel positions, "
+        "or positions rounded to the voxel grid (at most half a voxel off; faster).",
+    )
+    max_tile_gib: PositiveFloat = Field(
+        64.0,
+        description="Largest tile file accepted (GiB of pixel data its header declares); "
+        "larger ones are refused at ingest before anything is read.",
+    )
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> StitchConfig:
+        if self.positions is not None and any(
+            o > 0 for o in (self.overlap if isinstance(self.overlap, tuple) else (self.overlap,))
+        ):
+            raise ValueError("give stitch.overlap or stitch.positions, not both")
+        return self
 
 
 class DeconvolveConfig(_Model):
@@ -340,6 +387,10 @@ def load_config(path: str | Path) -> PipelineConfig:
             raw[key] = str(base / raw[key])
     if isinstance(raw.get("input"), str) and not Path(raw["input"]).is_absolute():
         raw["input"] = str(base / raw["input"])
+    stitch = raw.get("stitch")
+    if isinstance(stitch, dict) and isinstance(stitch.get("positions"), str):
+        if not Path(stitch["positions"]).is_absolute():
+            raw["stitch"] = {**stitch, "positions": str(base / stitch["positions"])}
     return PipelineConfig.model_validate(raw)
 
 

@@ -2,7 +2,12 @@
 
 Everything that can be wrong with the input is found here, before any compute: no
 files, names the pattern does not parse, two files for one grid position, holes in the
-grid, tiles of different shapes or dtypes, unreadable or truncated TIFFs.
+grid, tiles of different shapes or dtypes, unreadable, undecodable or truncated TIFFs,
+tiles larger than a limit.
+
+A tile is one file, or, where the pattern has a ``plane`` group, the files that differ only
+in it: one file per z plane (e.g. LaVision UltraMicroscope's ``…[00 x 01]_C00_xyz-Table
+Z0123.ome.tif``), stacked in plane order.
 
 Examples
 --------
@@ -25,18 +30,34 @@ from pathlib import Path
 from typing import Any
 
 from lightsheet.errors import InputFilesError, TileGridError
-from lightsheet.io.tiff import TiffInfo, inspect_tiff
+from lightsheet.io.tiff import MAX_TILE_BYTES, PlaneStack, TiffInfo, TiffRegion, inspect_tiff
 
 GROUPS = ("t", "c", "z", "y", "x")
+#: The group naming a file's z plane within its tile (one file per plane).
+PLANE = "plane"
 
 
 @dataclass(frozen=True)
 class Tile:
-    """One file and its position: time point, channel and tile grid indices."""
+    """One tile and its position: time point, channel and tile grid indices.
+
+    ``info`` describes the whole tile; a tile stored one file per z plane also lists the
+    planes' files, in order, in ``planes`` (``path`` is then the first plane's).
+    """
 
     path: str
     index: tuple[int, int, int, int, int]  # (t, c, z, y, x), 0-based
     info: TiffInfo
+    planes: tuple[TiffInfo, ...] = ()
+
+    def region(self) -> TiffRegion | PlaneStack:
+        """The tile as an array-like that reads only the region sliced."""
+        return PlaneStack(self.planes) if self.planes else TiffRegion(self.info)
+
+    @property
+    def paths(self) -> list[str]:
+        """Every file of the tile."""
+        return [p.path for p in self.planes] if self.planes else [self.path]
 
 
 @dataclass
@@ -73,14 +94,24 @@ class Manifest:
         """Plain-data form, for passing between tasks and for lineage records."""
         return asdict(self)
 
+    @property
+    def paths(self) -> list[str]:
+        """Every input file, in tile order."""
+        return [p for t in self.tiles for p in t.paths]
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         """Inverse of `to_dict`."""
+
+        def info(i: dict) -> TiffInfo:
+            return TiffInfo(**{**i, "shape": tuple(i["shape"])})
+
         tiles = [
             Tile(
                 path=t["path"],
                 index=tuple(t["index"]),
-                info=TiffInfo(**{**t["info"], "shape": tuple(t["info"]["shape"])}),
+                info=info(t["info"]),
+                planes=tuple(info(p) for p in t.get("planes", ())),
             )
             for t in d["tiles"]
         ]
@@ -157,7 +188,9 @@ def parse_names(
         if m is None:
             unmatched.append(key)
         else:
-            parsed[f] = {k: v for k, v in m.groupdict().items() if k in GROUPS and v is not None}
+            parsed[f] = {
+                k: v for k, v in m.groupdict().items() if k in (*GROUPS, PLANE) and v is not None
+            }
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
         where = f" (searched in paths relative to {root})" if by_path and root is not None else ""
@@ -168,7 +201,13 @@ def parse_names(
     return parsed
 
 
-def discover(input_glob: str, pattern: str, *, max_workers: int = 8) -> Manifest:
+def discover(
+    input_glob: str,
+    pattern: str,
+    *,
+    max_workers: int = 8,
+    max_tile_bytes: int = MAX_TILE_BYTES,
+) -> Manifest:
     r"""Find, parse and check every tile; nothing is computed and nothing is modified.
 
     Parameters
@@ -180,9 +219,13 @@ def discover(input_glob: str, pattern: str, *, max_workers: int = 8) -> Manifest
         relative to the glob's fixed root (``ch(?P<c>\d+)/.*_(?P<z>\d+)\.tif`` for one
         folder per channel). Named groups among ``t, c, z, y, x`` give the time point,
         channel and tile grid position. A missing group means a single one. Group values
-        are ordered numerically when they are digits, else as text.
+        are ordered numerically when they are digits, else as text. A ``plane`` group
+        makes the files that differ only in it one tile, their planes stacked along z.
     max_workers : int
         Threads reading headers (I/O bound).
+    max_tile_bytes : int
+        Largest file accepted, in bytes of pixel data its header declares (refused before
+        any read).
 
     Returns
     -------
@@ -202,15 +245,18 @@ def discover(input_glob: str, pattern: str, *, max_workers: int = 8) -> Manifest
     values = {g: (v if v else ["0"]) for g, v in values.items()}
     index_of = {g: {v: i for i, v in enumerate(vals)} for g, vals in values.items()}
 
-    by_index: dict[tuple[int, ...], Path] = {}
+    by_index: dict[tuple[int, ...], dict[str, Path]] = {}
     for f, groups in parsed.items():
         idx = tuple(index_of[g][groups.get(g, "0")] for g in GROUPS)
-        if idx in by_index:
+        planes = by_index.setdefault(idx, {})
+        plane = groups.get(PLANE, "")
+        if plane in planes:
+            what = f"plane {plane} of " if plane else ""
             raise TileGridError(
-                f"tile grid: two files map to the same tile {_describe(idx, values)}: "
-                f"{by_index[idx].name} and {f.name}; expected one file per position"
+                f"tile grid: two files map to {what}the same tile {_describe(idx, values)}: "
+                f"{planes[plane].name} and {f.name}; expected one file per position"
             )
-        by_index[idx] = f
+        planes[plane] = f
 
     grid_shape = tuple(len(values[g]) for g in GROUPS)
     missing = [i for i in itertools.product(*(range(n) for n in grid_shape)) if i not in by_index]
@@ -221,9 +267,23 @@ def discover(input_glob: str, pattern: str, *, max_workers: int = 8) -> Manifest
             f"tiles missing from the {'x'.join(map(str, grid_shape))} (t, c, z, y, x) grid "
             f"matching {input_glob!r}: no file for {shown}"
         )
+    plane_values = sorted({p for planes in by_index.values() for p in planes}, key=_sort_key)
+    for idx, planes in by_index.items():
+        if len(planes) != len(plane_values):
+            gone = [p for p in plane_values if p not in planes]
+            raise TileGridError(
+                f"tile grid: tile {_describe(idx, values)} has {len(planes)} of the "
+                f"{len(plane_values)} planes the other tiles have: no file for plane "
+                f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}"
+            )
+
+    files = [f for planes in by_index.values() for f in planes.values()]
+
+    def inspect(path: Path) -> TiffInfo:
+        return inspect_tiff(path, max_bytes=max_tile_bytes)
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        infos = dict(zip(by_index, pool.map(inspect_tiff, by_index.values()), strict=True))
+        infos = dict(zip(files, pool.map(inspect, files), strict=True))
 
     (shape, dtype), _ = Counter((i.shape, i.dtype) for i in infos.values()).most_common(1)[0]
     for info in infos.values():
@@ -232,12 +292,27 @@ def discover(input_glob: str, pattern: str, *, max_workers: int = 8) -> Manifest
                 f"{info.path}: tile has shape {info.shape} and dtype {_dtype_name(info.dtype)}; "
                 f"expected shape {shape} and dtype {_dtype_name(dtype)} like the other tiles"
             )
-    tiles = [Tile(str(by_index[i]), i, infos[i]) for i in sorted(by_index)]
+    tiles = []
+    for i in sorted(by_index):
+        ordered = [infos[by_index[i][p]] for p in plane_values]
+        if len(ordered) == 1 and not plane_values[0]:
+            tiles.append(Tile(ordered[0].path, i, ordered[0]))
+            continue
+        stacked = TiffInfo(
+            ordered[0].path,
+            (shape[0] * len(ordered), *shape[1:]),
+            dtype,
+            None,
+            sum(p.size_bytes for p in ordered),
+            max(p.mtime_ns for p in ordered),
+        )
+        tiles.append(Tile(ordered[0].path, i, stacked, tuple(ordered)))
+    tile_shape = tiles[0].info.shape
     return Manifest(
         input=str(input_glob),
         pattern=pattern,
         grid_shape=grid_shape,  # type: ignore[arg-type]
-        tile_shape=shape,
+        tile_shape=tile_shape,
         dtype=dtype,
         tiles=tiles,
         values=values,

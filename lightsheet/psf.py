@@ -202,17 +202,29 @@ def _recentre(psf: np.ndarray) -> np.ndarray:
     return np.pad(psf, pads) if any(a or b for a, b in pads) else psf
 
 
-def load_psf(path: str | Path) -> np.ndarray:
-    """Read a PSF TIFF and validate it (see `validate_psf`)."""
-    import tifffile
+#: Largest PSF file accepted (bytes of pixel data its header declares): 64 Mi float32 voxels,
+#: far above any PSF a block-wise deconvolution can use.
+MAX_PSF_BYTES = 256 << 20
+
+
+def load_psf(path: str | Path, *, max_bytes: int = MAX_PSF_BYTES) -> np.ndarray:
+    """Read a PSF TIFF and validate it (see `validate_psf`).
+
+    The file is checked like a tile first (`lightsheet.io.tiff.inspect_tiff`: layout,
+    decodability, declared size against the stored bytes and against ``max_bytes``), so a
+    header claiming a huge image is refused before anything is allocated.
+    """
+    from lightsheet.errors import InputFilesError
+    from lightsheet.io.tiff import TiffRegion, inspect_tiff
 
     path = Path(path)
     if not path.is_file():
         raise PSFError(f"psf: no such file {path}; expected a (Z, Y, X) TIFF")
     try:
-        data = tifffile.imread(path)
-    except Exception as exc:  # any decoder failure is reported with the file name
-        raise PSFError(f"psf: cannot read {path} as TIFF: {exc}") from exc
+        region = TiffRegion(inspect_tiff(path, max_bytes=max_bytes))
+        data = region[(slice(None),) * 3]
+    except InputFilesError as exc:
+        raise PSFError(f"psf: cannot read {exc}") from exc
     return validate_psf(np.squeeze(data), name=str(path))
 
 

@@ -15,13 +15,16 @@ from lightsheet.psf import load_psf
 
 
 @task(name="ingest")
-def ingest(input: str, pattern: str, psf: str, atlas: str, output: str) -> dict:
+def ingest(
+    input: str, pattern: str, psf: str, atlas: str, output: str, max_tile_gib: float = 64.0
+) -> dict:
     """Check every input before any compute; return the tile manifest as plain data.
 
-    The tiles (names, grid, shapes, dtypes, readability), the PSF, the atlas folder and
-    that the output folder can be written are all checked here.
+    The tiles (names, grid, shapes, dtypes, readability, decodability, size against
+    ``max_tile_gib``), the PSF, the atlas folder and that the output folder can be written
+    are all checked here.
     """
-    manifest = discover(input, pattern)
+    manifest = discover(input, pattern, max_tile_bytes=int(max_tile_gib * 2**30))
     load_psf(psf)
     load_atlas(atlas)
     check_writable(Path(output))
@@ -41,7 +44,7 @@ def ingest(input: str, pattern: str, psf: str, atlas: str, output: str) -> dict:
     create_table_artifact(
         key="ingest-manifest",
         table=[
-            {"field": "files", "value": len(manifest.tiles)},
+            {"field": "files", "value": len(manifest.paths)},
             {"field": "grid (t, c, z, y, x)", "value": str(manifest.grid_shape)},
             {"field": "tile shape (z, y, x)", "value": str(manifest.tile_shape)},
             {"field": "dtype", "value": manifest.dtype},

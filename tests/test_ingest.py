@@ -1,6 +1,7 @@
 """Ingest: every bad-input case fails before compute, naming the file and what was expected."""
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from lightsheet.errors import InputFilesError, TileGridError
 from lightsheet.ingest import Manifest, discover
 from lightsheet.io.tiff import TiffRegion, inspect_tiff
 
-TILE = (4, 6, 5)
+TILE = (5, 6, 7)
 
 
 def name(c=0, t=0, z=0, y=0, x=0):
@@ -34,7 +35,9 @@ def write_grid(folder: Path, grid=(1, 2, 1, 2, 3), dtype=np.uint16, seed=0):
                 for y in range(grid[3]):
                     for x in range(grid[4]):
                         data = rng.integers(0, 4000, TILE).astype(dtype)
-                        tifffile.imwrite(folder / name(c, t, z, y, x), data)
+                        tifffile.imwrite(
+                            folder / name(c, t, z, y, x), data, photometric="minisblack"
+                        )
                         tiles[(t, c, z, y, x)] = data
     return tiles
 
@@ -48,7 +51,7 @@ def test_discover_parses_grid(tmp_path):
     m = discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
     assert m.grid_shape == (1, 2, 1, 2, 3)
     assert m.tile_shape == TILE
-    assert m.shape == (1, 2, 4, 12, 15)
+    assert m.shape == (1, 2, 5, 12, 21)
     assert m.channel_names() == ["ch0", "ch1"]
     assert Manifest.from_dict(m.to_dict()) == m
 
@@ -95,9 +98,9 @@ def test_missing_tile(tmp_path):
 
 def test_different_shape(tmp_path):
     write_grid(tmp_path, grid=(1, 1, 1, 1, 3))
-    tifffile.imwrite(tmp_path / name(x=2), np.zeros((4, 6, 4), np.uint16))
+    tifffile.imwrite(tmp_path / name(x=2), np.zeros((5, 6, 6), np.uint16))
     with pytest.raises(
-        TileGridError, match=r"000y_000z.*shape \(4, 6, 4\).*expected shape \(4, 6, 5\)"
+        TileGridError, match=r"000y_000z.*shape \(5, 6, 6\).*expected shape \(5, 6, 7\)"
     ):
         discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
 
@@ -119,7 +122,7 @@ def test_unreadable_tiff(tmp_path):
 def test_truncated_tiff(tmp_path):
     write_grid(tmp_path, grid=(1, 1, 1, 1, 2))
     path = tmp_path / name(x=1)
-    path.write_bytes(path.read_bytes()[:-50])
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(InputFilesError, match=r"001x.*truncated"):
         discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
 
@@ -188,3 +191,34 @@ def test_pattern_with_slash_names_unmatched_paths(tmp_path):
     tifffile.imwrite(tmp_path / "ch0" / "a.tif", np.zeros(TILE, np.uint16))
     with pytest.raises(TileGridError, match=r"relative to .*: ch0/a\.tif"):
         discover(str(tmp_path / "*" / "*.tif"), r"ch(?P<c>\d+)/b\.tif$")
+
+
+LAVISION = r"\[(?P<y>\d+) x (?P<x>\d+)\]_C(?P<c>\d+)_xyz-Table Z(?P<plane>\d+)\.ome\.tif$"
+
+
+def test_one_file_per_plane_per_tile(tmp_path):
+    # LaVision UltraMicroscope: one OME-TIFF per z plane, tile and channel
+    rng = np.random.default_rng(3)
+    stacks = {}
+    for c, y, x in itertools.product(range(2), range(2), range(2)):
+        stack = rng.integers(0, 60000, (4, *TILE[1:])).astype(np.uint16)
+        stacks[(c, y, x)] = stack
+        for z, plane in enumerate(stack):
+            fname = f"13-52-56_brain_UltraII[{y:02d} x {x:02d}]_C{c:02d}_xyz-Table Z{z:04d}.ome.tif"
+            tifffile.imwrite(tmp_path / fname, plane, ome=True, photometric="minisblack")
+    m = discover(str(tmp_path / "*.ome.tif"), LAVISION)
+    assert m.grid_shape == (1, 2, 1, 2, 2)
+    assert m.tile_shape == (4, *TILE[1:])
+    assert Manifest.from_dict(m.to_dict()) == m
+    assert len(m.paths) == 32
+    for tile in m.tiles:
+        _, c, _, y, x = tile.index
+        np.testing.assert_array_equal(tile.region()[:, :, :], stacks[(c, y, x)])
+        np.testing.assert_array_equal(
+            tile.region()[1:3, 2:5, 1:6], stacks[(c, y, x)][1:3, 2:5, 1:6]
+        )
+    # a plane missing from one tile is named
+    (tmp_path / "13-52-56_brain_UltraII[01 x 00]_C01_xyz-Table Z0002.ome.tif").unlink()
+    missing = r"c=01, z=0, y=01, x=00\) has 3 of the 4 planes.*plane 0002"
+    with pytest.raises(TileGridError, match=missing):
+        discover(str(tmp_path / "*.ome.tif"), LAVISION)

@@ -147,7 +147,7 @@ def test_load_psf_reports_missing_and_unreadable_files(tmp_path):
     with pytest.raises(PSFError, match="cannot read"):
         load_psf(junk)
     zeros = tmp_path / "zeros.tif"
-    tifffile.imwrite(zeros, np.zeros((3, 3, 3), np.float32))
+    tifffile.imwrite(zeros, np.zeros((3, 3, 3), np.float32), photometric="minisblack")
     with pytest.raises(PSFError, match=r"zeros\.tif.*sums to 0"):
         load_psf(zeros)
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -117,3 +118,289 @@ def test_written_in_write_blocks_every_level_equals_a_chunk_by_chunk_write(tmp_p
         np.testing.assert_array_equal(a.compute(), b.compute())
         if level == 0:
             np.testing.assert_array_equal(a.compute(), want)
+
+
+# -- overlapping tiles: registration and fusion ---------------------------------------------
+
+#: Acceptance: every tile within half a voxel of its true position, per axis.
+TOLERANCE_VOX = 0.5
+
+
+@pytest.fixture(scope="module")
+def overlapping(tmp_path_factory):
+    """3 x 3 tiles, 15 % overlap, stage errors ±2 µm in z and ±8 µm in y and x."""
+    from lightsheet.sample.overlap import generate_overlapping
+
+    folder = tmp_path_factory.mktemp("overlap")
+    info = generate_overlapping(
+        folder, size="small", seed=4, channels=1, grid=(1, 3, 3), overlap=(0, 0.15, 0.15),
+        stage_error_um=(2, 8, 8),
+    )  # fmt: skip
+    return folder, info
+
+
+def true_positions(folder, info):
+    import pandas as pd
+
+    truth = pd.read_csv(folder / "truth" / "tiles.csv")
+    return truth[["true_z_um", "true_y_um", "true_x_um"]].to_numpy() / info["voxel_size_um"]
+
+
+def layout_of(folder, info, **kwargs):
+    from lightsheet.stitch import nominal_layout
+
+    m = discover(str(folder / "tiles" / "*.tif"), DEFAULT_PATTERN)
+    return m, nominal_layout(m, info["voxel_size_um"], overlap=info["overlap"], **kwargs)
+
+
+@pytest.mark.usefixtures("two_dask_threads")
+def test_registration_places_every_tile_within_half_a_voxel(overlapping):
+    from lightsheet.stitch import register
+
+    folder, info = overlapping
+    m, layout = layout_of(folder, info)
+    assert layout.shape_zyx == tuple(info["shape"][2:])
+    errors = np.abs(true_positions(folder, info) - layout.positions_vox)
+    assert errors[:, 1:].max() > 2  # the stage errors are real
+    solution = register(m, layout.positions_vox, max_shift_vox=layout.max_shift_vox)
+    sides = [lk for lk in solution.links if np.count_nonzero(lk.nominal_vox) == 1]
+    assert len(sides) == 12 and all(lk.kept for lk in sides) and not solution.fallback
+    errors = np.abs(solution.positions - true_positions(folder, info))
+    assert errors.max() < TOLERANCE_VOX, errors
+    for lk in sides:
+        assert lk.ncc_after > max(lk.ncc_before, solution.null_ncc)
+
+
+@pytest.mark.usefixtures("two_dask_threads")
+def test_positions_file_gives_the_same_registration(overlapping):
+    from lightsheet.stitch import register
+
+    folder, info = overlapping
+    m, grid_layout = layout_of(folder, info)
+    _, csv_layout = layout_of(folder, info, positions=str(folder / "positions.csv"))
+    np.testing.assert_allclose(csv_layout.positions_vox, grid_layout.positions_vox, atol=1e-6)
+    solution = register(m, csv_layout.positions_vox, max_shift_vox=csv_layout.max_shift_vox)
+    assert np.abs(solution.positions - true_positions(folder, info)).max() < TOLERANCE_VOX
+
+
+@pytest.mark.usefixtures("two_dask_threads")
+def test_an_overlap_of_noise_is_dropped_and_the_rest_stay_placed(overlapping, tmp_path):
+    import shutil
+
+    from lightsheet.stitch import register
+
+    folder, info = overlapping
+    shutil.copytree(folder / "tiles", tmp_path / "tiles")
+    m, layout = layout_of(tmp_path, info)
+    # tile 5 (y=1, x=2): its overlap with tile 4 (its left side) becomes camera noise
+    victim = next(t for t in m.tiles if t.index[2:] == (0, 1, 2))
+    data = tifffile.imread(victim.path)
+    width = int(np.ceil(layout.blend_vox[2]))
+    rng = np.random.default_rng(0)
+    noise = rng.normal(data.mean(), data.std(), data[:, :, :width].shape)
+    data[:, :, :width] = np.clip(noise, 0, 65535)
+    tifffile.imwrite(victim.path, data, photometric="minisblack")
+    m, layout = layout_of(tmp_path, info)
+    solution = register(m, layout.positions_vox, max_shift_vox=layout.max_shift_vox)
+    link = next(lk for lk in solution.links if (lk.a, lk.b) == (4, 5))
+    assert not link.kept and link.reason
+    sides = [lk for lk in solution.links if np.count_nonzero(lk.nominal_vox) == 1]
+    assert all(lk.kept for lk in sides if lk is not link) and not solution.fallback
+    errors = np.abs(solution.positions - true_positions(folder, info))
+    assert errors.max() < TOLERANCE_VOX, errors
+
+
+def test_a_tile_without_links_stays_nominal():
+    from lightsheet.stitch.register import Link, solve
+
+    nominal = np.array([[0.0, 0, 0], [0, 0, 90], [0, 0, 180]])
+    links = [
+        Link(0, 1, (0, 0, 90), shift_vox=(0, 1.0, -2.0), ncc_after=0.9, kept=True),
+        Link(1, 2, (0, 0, 90), shift_vox=(0, 5.0, 5.0), ncc_after=0.1, kept=False),
+    ]
+    solution = solve(nominal, links)
+    assert solution.fallback == [2]
+    np.testing.assert_allclose(solution.positions[2], nominal[2])
+    np.testing.assert_allclose(solution.positions[1] - solution.positions[0], [0, 1, 88])
+    # each connected group keeps its mean nominal position
+    np.testing.assert_allclose(solution.positions[:2].mean(0), nominal[:2].mean(0), atol=1e-9)
+
+
+def test_inconsistent_link_dropped_by_the_global_solve():
+    from lightsheet.stitch.register import Link, solve
+
+    nominal = np.array([[0.0, 0, 0], [0, 0, 90], [0, 90, 0], [0, 90, 90]])
+    true = nominal + np.array([[0, 0.3, -0.2], [0, -1.1, 0.4], [0, 2.0, 1.0], [0, 0.5, -0.7]])
+    pairs = [(0, 1), (0, 2), (1, 3), (2, 3), (0, 3), (1, 2)]
+    links = [
+        Link(a, b, tuple(nominal[b] - nominal[a]),
+             shift_vox=tuple((true[b] - true[a]) - (nominal[b] - nominal[a])),
+             ncc_after=0.9, kept=True)
+        for a, b in pairs
+    ]  # fmt: skip
+    links[3].shift_vox = (0.0, 7.0, -4.0)  # a wrong peak
+    solution = solve(nominal, links)
+    assert [lk.kept for lk in links] == [True, True, True, False, True, True]
+    moved = solution.positions - solution.positions.mean(0)
+    np.testing.assert_allclose(moved, true - true.mean(0), atol=1e-9)
+
+
+def write_cut_tiles(folder, volume, origins, tile_shape):
+    """Tiles cut from ``volume`` at integer origins, named on the default pattern's grid."""
+    folder.mkdir()
+    for k, idx in enumerate(np.ndindex(1, 2, 2)):
+        z, y, x = (int(v) for v in origins[k])
+        tile = volume[z : z + tile_shape[0], y : y + tile_shape[1], x : x + tile_shape[2]]
+        tifffile.imwrite(
+            folder / name(z=idx[0], y=idx[1], x=idx[2]), tile, photometric="minisblack"
+        )
+
+
+@pytest.mark.parametrize("chunks", [(6, 13, 17), (12, 40, 40), (5, 8, 64)])
+def test_fusion_at_true_integer_positions_gives_back_the_volume(tmp_path, chunks):
+    rng = np.random.default_rng(5)
+    volume = rng.integers(0, 60000, (12, 52, 55)).astype(np.uint16)
+    tile = (12, 30, 32)
+    origins = np.array([[0, 0, 0], [0, 0, 23], [0, 22, 0], [0, 22, 23]])
+    write_cut_tiles(tmp_path / "tiles", volume, origins, tile)
+    m = discover(str(tmp_path / "tiles" / "*.tif"), DEFAULT_PATTERN)
+    fused = stitch(
+        m, voxel_size_um=(2, 1, 1), chunks=chunks, positions_vox=origins.astype(float),
+        blend_vox=(1, 8, 9),
+    ).compute()  # fmt: skip
+    assert fused.shape == (1, 1, 12, 52, 55)
+    np.testing.assert_array_equal(fused[0, 0], volume)
+    # nearest: positions within half a voxel of the grid are rounded onto it
+    nearest = stitch(
+        m, voxel_size_um=(2, 1, 1), chunks=chunks, positions_vox=origins + [0.3, -0.4, 0.2],
+        shape_zyx=(12, 52, 55), blend_vox=(1, 8, 9), interpolation="nearest",
+    ).compute()  # fmt: skip
+    np.testing.assert_array_equal(nearest[0, 0], volume)
+
+
+def test_fusion_at_sub_voxel_positions_interpolates_linearly(tmp_path):
+    # a linear field is what linear interpolation reproduces exactly
+    tile = (6, 30, 32)
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=float) for n in (8, 60, 60)), indexing="ij")
+    origins = np.array([[0.4, 0.0, 0.0], [0.0, 0.0, 25.3], [0.0, 24.7, 0.25], [0.5, 24.2, 25.6]])
+    (tmp_path / "tiles").mkdir()
+
+    def field(zz, yy, xx):
+        return 3.0 * zz + 0.5 * yy + 0.25 * xx + 10
+
+    for k, idx in enumerate(np.ndindex(1, 2, 2)):
+        grid = np.meshgrid(*(np.arange(n, dtype=float) for n in tile), indexing="ij")
+        values = field(*(g + o for g, o in zip(grid, origins[k], strict=True)))
+        tifffile.imwrite(
+            tmp_path / "tiles" / name(z=idx[0], y=idx[1], x=idx[2]),
+            values.astype(np.float32),
+            photometric="minisblack",
+        )
+    m = discover(str(tmp_path / "tiles" / "*.tif"), DEFAULT_PATTERN)
+    fused = stitch(
+        m, voxel_size_um=(2, 1, 1), chunks=(4, 16, 16), positions_vox=origins,
+        shape_zyx=(8, 60, 60), blend_vox=(1, 5, 6),
+    ).compute()[0, 0]  # fmt: skip
+    covered = fused != 0
+    assert covered[1:6, 1:54, 1:57].all()
+    np.testing.assert_allclose(fused[covered], field(z, y, x)[covered], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_stitch_stage_registers_fuses_and_records(overlapping, prefect_harness, tmp_path):
+    # the Prefect task end to end: raw.ome.zarr holds the fused volume, its lineage the
+    # registration; the same tiles LZW-compressed give identical voxels
+    import shutil
+
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from lightsheet.config import StitchConfig
+    from lightsheet.io.omezarr import read_image
+    from tasks.stitch import solution_from_record, stitch_tiles
+
+    folder, info = overlapping
+    config = StitchConfig(overlap=info["overlap"])
+    lzw = tmp_path / "lzw"
+    lzw.mkdir()
+    for path in (folder / "tiles").glob("*.tif"):
+        tifffile.imwrite(
+            lzw / path.name, tifffile.imread(path), photometric="minisblack", compression="lzw"
+        )
+
+    runner = DaskTaskRunner(
+        cluster_kwargs={"n_workers": 1, "threads_per_worker": 2, "processes": False}
+    )
+
+    @flow(task_runner=runner)
+    def stitch_only(tiles: str, out: str) -> dict:
+        manifest = discover(tiles, DEFAULT_PATTERN).to_dict()
+        return stitch_tiles.submit(manifest, info["voxel_size_um"], config, out).result()
+
+    record = stitch_only(str(folder / "tiles" / "*.tif"), str(tmp_path / "plain"))
+    assert record["links_kept"] >= 12 and record["tiles_at_nominal"] == []
+    raw, voxel, lineage = read_image(tmp_path / "plain" / "raw.ome.zarr")
+    assert raw.shape == tuple(info["shape"]) and voxel == tuple(info["voxel_size_um"])
+    solution = solution_from_record(lineage["registration"])
+    errors = np.abs(solution.positions - true_positions(folder, info))
+    assert errors.max() < TOLERANCE_VOX
+    assert lineage["params"]["registration"]["overlap"] == list(info["overlap"])
+
+    stitch_only(str(lzw / "*.tif"), str(tmp_path / "lzw-out"))
+    compressed, _, _ = read_image(tmp_path / "lzw-out" / "raw.ome.zarr")
+    np.testing.assert_array_equal(compressed.compute(), raw.compute())
+    shutil.rmtree(lzw)
+
+
+def test_overlap_sample_from_the_command_line(tmp_path):
+    import pandas as pd
+    import yaml
+
+    from lightsheet.cli import main
+
+    out = tmp_path / "ov"
+    args = ["sample", str(out), "--size", "tiny", "--overlap", "0.2", "--stage-error-um", "3"]
+    assert main([*args, "--grid", "1", "2", "2", "--channels", "1"]) == 0
+    truth = pd.read_csv(out / "truth" / "tiles.csv")
+    errors = truth[["error_z_um", "error_y_um", "error_x_um"]].to_numpy()
+    assert len(truth) == 4 and np.abs(errors).max() <= 3 + 1e-9 and np.abs(errors).max() > 0.5
+    np.testing.assert_allclose(errors.mean(0), 0, atol=1e-6)  # centred: the nominal frame
+    positions = pd.read_csv(out / "positions.csv")
+    np.testing.assert_allclose(
+        positions[["z_um", "y_um", "x_um"]], truth[["nominal_z_um", "nominal_y_um", "nominal_x_um"]]
+    )
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["stitch"] == {"overlap": [0.0, 0.2, 0.2]}
+    m = discover(str(out / "tiles" / "*.tif"), DEFAULT_PATTERN)
+    assert m.grid_shape == (1, 1, 1, 2, 2)
+
+
+def test_positions_file_errors_name_the_file(tmp_path, overlapping):
+    from lightsheet.errors import ConfigError
+    from lightsheet.stitch import nominal_layout
+
+    folder, info = overlapping
+    m = discover(str(folder / "tiles" / "*.tif"), DEFAULT_PATTERN)
+    bad = tmp_path / "positions.csv"
+    bad.write_text("y,x,y_um,x_um\n0,0,0,0\n")
+    with pytest.raises(ConfigError, match=r"positions\.csv lacks columns \['z_um'\]"):
+        nominal_layout(m, info["voxel_size_um"], positions=str(bad))
+    bad.write_text("y,x,z_um,y_um,x_um\n0,0,0,0,0\n")
+    with pytest.raises(ConfigError, match=r"no row for tile \{'y': '0', 'x': '1'\}"):
+        nominal_layout(m, info["voxel_size_um"], positions=str(bad))
+    rows = ["y,x,z_um,y_um,x_um"] + [f"{y},{x},0,0,{x}" for y in range(3) for x in range(3)]
+    bad.write_text("\n".join(rows) + "\n")  # every tile at nearly one place
+    with pytest.raises(ConfigError, match="more than half a tile"):
+        nominal_layout(m, info["voxel_size_um"], positions=str(bad))
+
+
+def test_stitch_config_checks():
+    from pydantic import ValidationError
+
+    from lightsheet.config import StitchConfig
+
+    assert StitchConfig().overlap == 0.0
+    assert StitchConfig(overlap=[0, 0.1, 0.1]).overlap == (0.0, 0.1, 0.1)
+    for bad in ({"overlap": 0.5}, {"overlap": -0.1}, {"overlap": 0.1, "positions": "p.csv"}):
+        with pytest.raises(ValidationError):
+            StitchConfig(**bad)

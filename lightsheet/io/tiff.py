@@ -2,8 +2,17 @@
 
 Microscope tiles are often several GB each (a 2000×2000×500 uint16 stack is 4 GB), so a tile
 is never read whole: `TiffRegion` reads exactly the z-slices and rows a dask chunk needs,
-through a read-only memory map when the pixel data is contiguous and uncompressed (the
-usual case for acquisition software), or through tifffile's zarr view otherwise.
+straight from the file when the pixel data is stored in its final form (uncompressed,
+contiguous, no predictor or bit-fill order: the usual case for acquisition software; a
+big-endian file's bytes are swapped after the read), or through tifffile's zarr view
+otherwise (compressed with LZW, deflate, zstd... via ``imagecodecs``, tiled, scattered
+pages). Either way the voxels equal ``tifffile.imread``'s.
+
+`inspect_tiff` refuses at ingest, naming the file, what would otherwise fail or mislead
+later: a layout that is not one (Z, Y, X) stack (several channels or RGB samples in one
+file), a codec that cannot decode (its first and last segments are decoded), an
+uncompressed page whose stored bytes cannot hold the size its header declares, and a tile
+larger than a limit (``max_bytes``, `MAX_TILE_BYTES` by default) before anything is allocated.
 
 Every read re-checks the file's size and modification time against the header inspection,
 before and after reading, so a tile rewritten during a run fails it (`InputFilesError`)
@@ -13,6 +22,7 @@ naming the file and the voxel).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +31,24 @@ import numpy as np
 
 from lightsheet.errors import ImageError, InputFilesError
 
+#: Largest tile accepted by default (bytes of pixel data its header declares): a header
+#: claiming more is refused before any read. 64 GiB is 16 times a 2000×2000×500 uint16 stack.
+MAX_TILE_BYTES = 64 << 30
+#: Largest compressed segment (strip or tile, decoded) accepted: reading any region of a
+#: segment decodes all of it, so one bigger than this makes every read that expensive.
+MAX_SEGMENT_BYTES = 1 << 30
+#: Axes tifffile gives one stack of planes: Z (ImageJ, OME), I/Q (plain multi-page files).
+_PLANE_AXES = set("ZIQ")
+
 
 @dataclass(frozen=True)
 class TiffInfo:
-    """What the header says about one TIFF file."""
+    """What the header says about one TIFF file.
+
+    ``dtype`` is the native-order dtype the reader returns; ``stored_dtype`` is the file's
+    own (``'>u2'`` for a big-endian uint16 file), which the fast path reads and swaps.
+    ``data_offset`` is set only where that fast path is exact.
+    """
 
     path: str
     shape: tuple[int, int, int]
@@ -32,15 +56,18 @@ class TiffInfo:
     data_offset: int | None
     size_bytes: int
     mtime_ns: int
+    stored_dtype: str | None = None
 
 
-def inspect_tiff(path: str | Path) -> TiffInfo:
-    """Read a TIFF's header and check that its pixel data is all there.
+def inspect_tiff(path: str | Path, *, max_bytes: int = MAX_TILE_BYTES) -> TiffInfo:
+    """Read a TIFF's header and check that its pixel data is all there and decodable.
 
     Parameters
     ----------
     path : path-like
         The file.
+    max_bytes : int
+        Largest tile accepted, in bytes of the pixel data the header declares.
 
     Returns
     -------
@@ -50,7 +77,9 @@ def inspect_tiff(path: str | Path) -> TiffInfo:
     Raises
     ------
     InputFilesError
-        The file is not a readable TIFF, has more than 3 non-singleton axes, or is truncated.
+        The file is not a readable TIFF, is not one (Z, Y, X) stack of one channel, is
+        truncated, declares more pixel data than it stores (uncompressed) or than
+        ``max_bytes``, or its compressed data cannot be decoded.
     """
     import tifffile
 
@@ -60,24 +89,20 @@ def inspect_tiff(path: str | Path) -> TiffInfo:
         with tifffile.TiffFile(path) as tf:
             series = tf.series[0]
             shape = tuple(int(s) for s in series.shape)
-            dtype = np.dtype(series.dtype)
+            axes = series.axes
+            stored = np.dtype(series.dtype).newbyteorder(tf.byteorder)
+            _check_layout(path, shape, axes, stored, max_bytes)
             offset = series.dataoffset
-            if offset is None:
-                # compressed or scattered: every strip/tile must lie inside the file
-                end = max(
-                    (
-                        o + n
-                        for p in tf.pages
-                        for o, n in zip(p.dataoffsets, p.databytecounts, strict=True)
-                    ),
-                    default=0,
-                )
-            else:
-                end = offset + series.nbytes
+            page0 = tf.pages[0]
+            if offset is not None and not (page0.is_final and page0.is_contiguous):
+                offset = None  # e.g. a predictor or bit-fill order: tifffile must decode
+            end = _data_end(path, tf.pages) if offset is None else offset + series.nbytes
             # pages whose IFDs were cut off (the pixel data may all be there, but the file is
             # damaged and other readers see fewer planes); a file truncated by design (e.g. an
             # ImageJ hyperstack > 4 GB) says so and keeps only its first IFD
             pages, needed = len(tf.pages), len(series)
+            if end <= stat.st_size and offset is None:
+                _check_decodes(path, tf, series)
     except InputFilesError:
         raise
     except Exception as exc:  # any parser failure is reported with the file name
@@ -96,15 +121,86 @@ def inspect_tiff(path: str | Path) -> TiffInfo:
             f"stack are in the file ({stat.st_size} bytes); expected a complete file"
         )
     squeezed = tuple(s for s in shape if s != 1)
-    if len(squeezed) > 3:
-        raise InputFilesError(
-            f"{path}: image has shape {shape}; expected a 2-D (Y, X) or 3-D (Z, Y, X) stack"
-        )
     zyx = (1,) * (3 - len(squeezed)) + squeezed
     # keep Y, X when a 2-D image has a singleton side
     if len(squeezed) < 2:
         zyx = (1, *shape[-2:])
-    return TiffInfo(str(path), zyx, dtype.str, offset, stat.st_size, stat.st_mtime_ns)
+    native = stored.newbyteorder("=")
+    return TiffInfo(str(path), zyx, native.str, offset, stat.st_size, stat.st_mtime_ns, stored.str)
+
+
+def _check_layout(
+    path: Path, shape: tuple[int, ...], axes: str, dtype: np.dtype, max_bytes: int
+) -> None:
+    """Refuse what is not one (Z, Y, X) stack of numbers, or is larger than ``max_bytes``."""
+    extra = [f"{a}={n}" for a, n in zip(axes, shape, strict=True) if n > 1 and a in "SC"]
+    if extra:
+        raise InputFilesError(
+            f"{path}: image has axes {axes} {shape} ({', '.join(extra)}: several channels or "
+            "samples per pixel, e.g. RGB); expected one channel per file, a (Z, Y, X) or "
+            "(Y, X) stack"
+        )
+    stack = [a for a, n in zip(axes[:-2], shape[:-2], strict=True) if n > 1]
+    if len(stack) > 1 or any(a not in _PLANE_AXES for a in stack) or axes[-2:] != "YX":
+        raise InputFilesError(
+            f"{path}: image has axes {axes} and shape {shape}; expected a 2-D (Y, X) or 3-D "
+            "(Z, Y, X) stack"
+        )
+    if dtype.kind not in "uif":
+        raise InputFilesError(
+            f"{path}: pixel type {dtype.name}; expected unsigned or signed integers or floats"
+        )
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > max_bytes:
+        raise InputFilesError(
+            f"{path}: header declares a {shape} {dtype.name} image of {_size(declared)}; "
+            f"expected at most {_size(max_bytes)} per image (refused before reading; raise "
+            "the limit, e.g. stitch.max_tile_gib, if the image is real)"
+        )
+
+
+def _data_end(path: Path, pages) -> int:
+    """Where the last strip or tile ends; an uncompressed page must store all it declares."""
+    end = 0
+    for p in pages:
+        end = max(end, *(o + n for o, n in zip(p.dataoffsets, p.databytecounts, strict=True)))
+        if p.compression == 1 and sum(p.databytecounts) < p.nbytes:
+            raise InputFilesError(
+                f"{path}: page {p.index} declares a {p.shape} {p.dtype} image ({p.nbytes} "
+                f"bytes, uncompressed) but stores {sum(p.databytecounts)} bytes; expected "
+                "pixel data that matches the header"
+            )
+    return end
+
+
+def _check_decodes(path: Path, tf, series) -> None:
+    """Decode the first and last segment of the stack: a missing codec or bad data shows."""
+    first, last = series.keyframe, tf.pages[len(series) - 1]
+    segment = math.prod(first.chunks) * first.dtype.itemsize
+    if segment > MAX_SEGMENT_BYTES:
+        raise InputFilesError(
+            f"{path}: one compressed segment (strip or tile) holds {_size(segment)} "
+            f"{first.chunks}; expected segments of at most {_size(MAX_SEGMENT_BYTES)} "
+            "(every read would decode all of one)"
+        )
+    for page in dict.fromkeys((first, last)):
+        fh = tf.filehandle
+        for index in {0, len(page.dataoffsets) - 1}:
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+            try:
+                decoded, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
+            except Exception as exc:  # the codec's own error, named with the file
+                raise InputFilesError(
+                    f"{path}: cannot decode page {page.index} ({page.compression.name} "
+                    f"compression: {type(exc).__name__}: {exc}); expected data that "
+                    "tifffile and imagecodecs can decode"
+                ) from exc
+            if decoded is None or math.prod(decoded.shape) != math.prod(shape):
+                raise InputFilesError(
+                    f"{path}: page {page.index} decodes to {getattr(decoded, 'shape', None)}, "
+                    f"expected {shape}; the compressed data is damaged"
+                )
 
 
 class TiffRegion:
@@ -162,7 +258,22 @@ class TiffRegion:
     def _read(self, key: tuple[slice, ...], out: np.ndarray | None) -> np.ndarray:
         info = self.info
         if info.data_offset is not None:
-            return _read_contiguous(info.path, info.data_offset, self.shape, self.dtype, key, out)
+            stored = np.dtype(info.stored_dtype or info.dtype)
+            if stored == self.dtype:
+                return _read_contiguous(info.path, info.data_offset, self.shape, stored, key, out)
+            # another byte order: the same read of the file's bytes, swapped in place
+            if out is not None and out.flags.c_contiguous:
+                raw = out.view(stored)
+                _read_contiguous(info.path, info.data_offset, self.shape, stored, key, raw)
+            else:
+                raw = _read_contiguous(info.path, info.data_offset, self.shape, stored, key)
+            raw.byteswap(inplace=True)
+            swapped = raw.view(self.dtype)
+            if out is None:
+                return swapped
+            if swapped is not out:
+                out[...] = swapped
+            return out
         import tifffile
         import zarr
 
@@ -172,9 +283,47 @@ class TiffRegion:
                 data = np.asarray(arr[key])
             else:  # 2-D or singleton-padded images are small: read whole, then slice
                 data = np.asarray(arr[...]).reshape(self.shape)[key]
+        data = data.astype(self.dtype, copy=False)  # native byte order
         if out is None:
             return data
         out[...] = data
+        return out
+
+
+class PlaneStack:
+    """One tile stored one file per z plane (or per slab of planes), read like `TiffRegion`.
+
+    Parameters
+    ----------
+    planes : sequence of TiffInfo
+        The files in z order, all of the same (Z, Y, X) shape and dtype.
+    """
+
+    def __init__(self, planes):
+        self.regions = [TiffRegion(p) for p in planes]
+        depth, ny, nx = planes[0].shape
+        self.depth = depth
+        self.shape = (depth * len(planes), ny, nx)
+        self.dtype = np.dtype(planes[0].dtype)
+        self.ndim = 3
+
+    def __dask_tokenize__(self) -> tuple:
+        return ("PlaneStack", *(r.__dask_tokenize__() for r in self.regions))
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        return self.read(key)
+
+    def read(self, key: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
+        """Region ``key`` (unit-step slices of ``(Z, Y, X)``), read into ``out`` when given."""
+        (z0, z1, _), ys, xs = (sl.indices(n) for sl, n in zip(key, self.shape, strict=True))
+        rows, cols = slice(*ys), slice(*xs)
+        shape = (max(0, z1 - z0), len(range(*ys)), len(range(*xs)))
+        if out is None:
+            out = np.empty(shape, self.dtype)
+        for i in range(z0 // self.depth, -(-z1 // self.depth)) if z1 > z0 else ():
+            a, b = max(z0, i * self.depth), min(z1, (i + 1) * self.depth)
+            part = (slice(a - i * self.depth, b - i * self.depth), rows, cols)
+            self.regions[i].read(part, out=out[a - z0 : b - z0])
         return out
 
 
@@ -279,6 +428,10 @@ def _region(key: tuple[slice, ...], shape: tuple[int, ...]) -> str:
         + ", ".join("{}:{}".format(*sl.indices(n)[:2]) for sl, n in zip(key, shape, strict=False))
         + "]"
     )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n} bytes"
 
 
 def _when(ns: int) -> str:

@@ -147,7 +147,7 @@ CUSTOM_TILE_ZYX = (128, 256, 256)
 CUSTOM_ATLAS_SIDE = 128
 
 
-def size_preset(size: str, *, channels: int = 2) -> SizePreset:
+def size_preset(size: str | SizePreset, *, channels: int = 2) -> SizePreset:
     """The `SizePreset` of a preset name or of a custom size in GB.
 
     A custom size ``"<N>GB"`` (decimal GB of raw uint16 for one time point over all
@@ -163,6 +163,8 @@ def size_preset(size: str, *, channels: int = 2) -> SizePreset:
     >>> size_preset("16GB").tile_grid_zyx
     (5, 10, 10)
     """
+    if isinstance(size, SizePreset):  # built by the caller (e.g. around a tile shape)
+        return size
     if size in SIZES:
         return SIZES[size]
     m = _CUSTOM_SIZE.match(size) if isinstance(size, str) else None
@@ -277,7 +279,9 @@ CELL_COLUMNS = (
     "structure_id",
     "hemisphere",
 )
-_SAMPLE_ENTRIES = ("tiles", "atlas", "truth", "psf.tif", "sample.json", "config.yaml")
+_SAMPLE_ENTRIES = (
+    "tiles", "atlas", "truth", "psf.tif", "sample.json", "config.yaml", "positions.csv",
+)  # fmt: skip
 _ATLAS_FILES = (
     "metadata.json",
     "structures.json",
@@ -285,7 +289,7 @@ _ATLAS_FILES = (
     "hemispheres.tiff",
     "reference.tiff",
 )
-_TRUTH_FILES = ("cells.csv", "density.csv")
+_TRUTH_FILES = ("cells.csv", "density.csv", "tiles.csv")
 _TILE_NAME = re.compile(
     r"^ex6-2_CamA_ch\d+_CAM1_stack0000_\d+nm_\d+msec_\d+msecAbs_\d+x_\d+y_\d+z_\d+t\.tif$"
 )
@@ -342,22 +346,12 @@ def generate(
     _write_json(out / "sample.json", {"format": SAMPLE_FORMAT, "complete": False, "size": size})
 
     ph = build_phantom(size, seed=seed, channels=channels)
-    vox, shape, res_um = ph.voxel_size_um, preset.shape_zyx, ph.resolution_um
+    vox, shape = ph.voxel_size_um, preset.shape_zyx
     density = truth_region_table(
         ph.cells, ph.annotation, ph.hemispheres, ph.structures, ph.resolution_um
     )
     write_psf(out / "psf.tif", ph.psf, vox)
-    # reference template: the anatomy channel's autofluorescence at atlas resolution
-    field = ph.fields[min(1, channels - 1)]
-    reference = np.rint(field * (20_000 / float(field.max())))
-    _write_atlas(
-        out / "atlas",
-        ph.annotation,
-        ph.hemispheres,
-        reference.astype(np.uint16),
-        ph.structures,
-        res_um,
-    )
+    _write_phantom_atlas(out / "atlas", ph, channels)
 
     (out / "tiles").mkdir()
     grid = preset.tile_grid_zyx
@@ -398,49 +392,16 @@ def generate(
     truth.to_csv(out / "truth" / "cells.csv", index=False)
     density.to_csv(out / "truth" / "density.csv", index=False)
 
-    info = {
-        "format": SAMPLE_FORMAT,
-        "version": SAMPLE_VERSION,
-        "complete": True,
-        "size": size,
-        "seed": int(seed),
-        "shape": [timepoints, channels, *shape],
-        "dtype": "uint16",
-        "voxel_size_um": list(vox),
-        "tile_grid": list(grid),
-        "tile_shape": list(tshape),
-        "n_tiles": len(jobs),
-        "channels": [
-            {"index": c, "wavelength_nm": ch.wavelength_nm, "content": ch.content}
-            for c, ch in enumerate(ph.channels)
-        ],
-        "nuclei_channel": 0,
-        "pattern": DEFAULT_PATTERN,
-        "input": "tiles/*.tif",
-        "atlas": {
-            "path": "atlas",
-            "resolution_um": [res_um] * 3,
-            "shape": list(ph.annotation.shape),
-            "orientation": "asr",
-            "offset_um": [0.0, 0.0, 0.0],
-        },
-        "psf": {"path": "psf.tif", "shape": list(ph.psf.shape), **OPTICS},
-        "camera": CAMERA,
-        "n_cells": len(ph.cells),
-        "nucleus_diameter_um": round(float(ph.cells["diameter_um"].mean()), 2),
-        "regions": [
-            {
-                "structure_id": r.id,
-                "acronym": r.acronym,
-                "density_cells_per_mm3": r.density_cells_per_mm3,
-                "nucleus_diameter_um": r.diameter_um,
-            }
-            for r in REGIONS
-            if r.density_cells_per_mm3 is not None
-        ],
-        "raw_bytes": preset.raw_bytes(channels=channels, timepoints=timepoints),
-        "bytes_written": nbytes,
-    }
+    info = _sample_info(ph, size=size, seed=seed, timepoints=timepoints)
+    info.update(
+        {
+            "shape": [timepoints, channels, *shape],
+            "tile_grid": list(grid),
+            "tile_shape": list(tshape),
+            "n_tiles": len(jobs),
+            "bytes_written": nbytes,
+        }
+    )
     _write_config(out / "config.yaml", info)
     _write_json(out / "sample.json", info)
     return info
@@ -929,16 +890,21 @@ def _background_fields(geometry, annotation, res_um, chans, seed) -> list[np.nda
 
 
 class _Scene:
-    """Renders the expected (noise-free) image of any box of the volume."""
+    """Renders the expected (noise-free) image of any box of the volume.
 
-    def __init__(self, cells, psf, voxel_size_um, res_um, fields):
+    Voxel ``i`` is centred at ``origin_um + i × voxel_size_um``: a non-zero origin renders
+    a tile whose stage position is not a whole number of voxels.
+    """
+
+    def __init__(self, cells, psf, voxel_size_um, res_um, fields, origin_um=(0.0, 0.0, 0.0)):
+        self.origin_um = np.asarray(origin_um, dtype=float)
         self.vox = np.asarray(voxel_size_um, dtype=float)
         self.psf = np.asarray(psf, dtype=np.float32)
         self._psf_ft: dict[tuple[int, ...], np.ndarray] = {}
         self.half = np.array(psf.shape) // 2
         self.res_um = float(res_um)
         self.fields = fields
-        self.centre = cells[["z_um", "y_um", "x_um"]].to_numpy(float)
+        self.centre = cells[["z_um", "y_um", "x_um"]].to_numpy(float) - self.origin_um
         self.semi = cells[["semi_z_um", "semi_y_um", "semi_x_um"]].to_numpy(float)
         self.intensity = cells["intensity"].to_numpy(float)
         # a nucleus reaches this far (µm) from its centre before its edge fades out
@@ -982,7 +948,9 @@ class _Scene:
         """
         out = grid
         for axis in range(3):
-            q = np.arange(lo[axis], hi[axis]) * self.vox[axis] / self.res_um
+            q = (
+                np.arange(lo[axis], hi[axis]) * self.vox[axis] + self.origin_um[axis]
+            ) / self.res_um
             n = grid.shape[axis]
             i0 = np.clip(np.floor(q).astype(np.intp), 0, max(n - 2, 0))
             frac = np.clip(q - i0, 0.0, 1.0) if n > 1 else np.zeros_like(q)
@@ -1147,6 +1115,68 @@ def _write_tile(path: Path, tile: np.ndarray) -> None:
     tifffile.imwrite(path, tile, photometric="minisblack", metadata={"axes": "ZYX"})
 
 
+def _write_phantom_atlas(folder: Path, ph: Phantom, channels: int) -> None:
+    """The phantom's atlas; its reference is the anatomy channel at atlas resolution."""
+    field = ph.fields[min(1, channels - 1)]
+    reference = np.rint(field * (20_000 / float(field.max())))
+    _write_atlas(
+        folder,
+        ph.annotation,
+        ph.hemispheres,
+        reference.astype(np.uint16),
+        ph.structures,
+        ph.resolution_um,
+    )
+
+
+def _sample_info(ph: Phantom, *, size: str, seed: int, timepoints: int) -> dict:
+    """``sample.json`` but the tiling (shape, tile grid and shape, counts: None here)."""
+    channels = len(ph.channels)
+    return {
+        "format": SAMPLE_FORMAT,
+        "version": SAMPLE_VERSION,
+        "complete": True,
+        "size": size,
+        "seed": int(seed),
+        "shape": None,
+        "dtype": "uint16",
+        "voxel_size_um": list(ph.voxel_size_um),
+        "tile_grid": None,
+        "tile_shape": None,
+        "n_tiles": None,
+        "channels": [
+            {"index": c, "wavelength_nm": ch.wavelength_nm, "content": ch.content}
+            for c, ch in enumerate(ph.channels)
+        ],
+        "nuclei_channel": 0,
+        "pattern": DEFAULT_PATTERN,
+        "input": "tiles/*.tif",
+        "atlas": {
+            "path": "atlas",
+            "resolution_um": [ph.resolution_um] * 3,
+            "shape": list(ph.annotation.shape),
+            "orientation": "asr",
+            "offset_um": [0.0, 0.0, 0.0],
+        },
+        "psf": {"path": "psf.tif", "shape": list(ph.psf.shape), **OPTICS},
+        "camera": CAMERA,
+        "n_cells": len(ph.cells),
+        "nucleus_diameter_um": round(float(ph.cells["diameter_um"].mean()), 2),
+        "regions": [
+            {
+                "structure_id": r.id,
+                "acronym": r.acronym,
+                "density_cells_per_mm3": r.density_cells_per_mm3,
+                "nucleus_diameter_um": r.diameter_um,
+            }
+            for r in REGIONS
+            if r.density_cells_per_mm3 is not None
+        ],
+        "raw_bytes": ph.preset.raw_bytes(channels=channels, timepoints=timepoints),
+        "bytes_written": None,
+    }
+
+
 def _write_atlas(folder: Path, annotation, hemispheres, reference, structures, res_um) -> None:
     import tifffile
 
@@ -1171,7 +1201,7 @@ def _write_atlas(folder: Path, annotation, hemispheres, reference, structures, r
     tifffile.imwrite(folder / "reference.tiff", reference)
 
 
-def _write_config(path: Path, info: dict) -> None:
+def _write_config(path: Path, info: dict, *, stitch: dict | None = None) -> None:
     import yaml
 
     config = {
@@ -1187,6 +1217,8 @@ def _write_config(path: Path, info: dict) -> None:
         },
         "density": {"orientation": "asr", "offset_um": [0.0, 0.0, 0.0]},
     }
+    if stitch:
+        config["stitch"] = stitch
     header = (
         f"# Run config for the generated sample (size {info['size']}, seed {info['seed']}).\n"
         "# Relative paths are relative to this file's folder.\n"
