@@ -15,7 +15,8 @@ together. Writes ``delivr_model_folds.csv``, ``delivr_model_patches.csv`` and th
 the fold models into ``--results``.
 
     python benchmarks/delivr_model.py --data ../shared/data/delivr-cfos \\
-        --config lightsheet/models/unet_default.train.yaml --workdir /tmp/delivr-cv
+        --config lightsheet/models/unet_default.train.yaml --workdir /tmp/delivr-cv \\
+        --link train-data/sample-small-seed1
 
 ``--device cuda`` trains on a GPU with the same settings; ``--steps`` overrides the config's.
 """
@@ -112,6 +113,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--block", type=int, default=48, help="block side when segmenting (voxels)")
+    p.add_argument(
+        "--link",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="folders the config's other data sets name (linked beside delivr-cfos/ by name)",
+    )
     args = p.parse_args()
 
     fold_of = folds_by_count(args.data / "points")
@@ -123,6 +131,9 @@ def main() -> None:
         # the config's paths start at a folder holding delivr-cfos/: give it the subset
         folder = args.workdir / f"fold{k}" / "data"
         link_subset(args.data, train_ids, folder / "delivr-cfos")
+        for extra in args.link:  # other data sets the config names (e.g. a generated sample)
+            if not (folder / extra.name).exists():
+                (folder / extra.name).symlink_to(extra.resolve())
         update = {"validation": None}
         if args.steps is not None:
             update["steps"] = args.steps

@@ -57,6 +57,9 @@ TARGETS = ("nucleus", "centre")
 CENTRE_SIGMA = 0.375
 #: Largest training volume (voxels): annotated volumes are held in memory.
 MAX_VOLUME_VOXELS = 2**28
+#: Range of the zoom applied to half the training crops (cells of other sizes than the
+#: annotated ones: other cell types, stains and magnifications).
+SCALE_RANGE = (0.75, 1.5)
 #: Default UNet arguments of a trained model.
 DEFAULT_MODEL_ARGS = {"ndim": 2, "depth": 2, "width": 16, "features": 16}
 
@@ -653,9 +656,10 @@ def training_batch(
 
     Half the crops are centred near an annotated cell drawn uniformly from all the cells of
     all volumes (every annotation weighs the same, as in a pooled score); the others lie
-    anywhere in a volume drawn uniformly. Augmentation: the 8 flips/rotations of the square,
-    z flipped, a per-crop gain, offset and extra noise (robustness to brightness, background
-    and noise level).
+    anywhere in a volume drawn uniformly. Augmentation: a zoom in y and x on half the crops
+    (`SCALE_RANGE`: cells of other sizes), the 8 flips/rotations of the square, z flipped,
+    a per-crop gain, offset and extra noise (robustness to brightness, background and noise
+    level).
     """
     import torch
 
@@ -671,18 +675,23 @@ def training_batch(
         else:
             v = volumes[int(rng.integers(len(volumes)))]
         t = targets[v.name]
-        zmax, ymax, xmax = v.image.shape[0], v.image.shape[1] - crop, v.image.shape[2] - crop
+        zmax = v.image.shape[0]
+        # cells of other sizes: on half the crops a zoom, as far as the volume allows
+        zoom = np.exp(rng.uniform(np.log(SCALE_RANGE[0]), np.log(SCALE_RANGE[1])))
+        zoom = max(zoom if rng.random() < 0.5 else 1.0, crop / min(v.image.shape[1:]))
+        side = crop / zoom  # the window read, in volume voxels
+        ymax, xmax = v.image.shape[1] - side, v.image.shape[2] - side
         if near:
             z = int(np.clip(round(c[0]), 0, zmax - 1))
-            a = int(np.clip(round(c[1]) - rng.integers(0, crop), 0, ymax))
-            b = int(np.clip(round(c[2]) - rng.integers(0, crop), 0, xmax))
+            a = float(np.clip(c[1] - rng.uniform(0, side), 0, ymax))
+            b = float(np.clip(c[2] - rng.uniform(0, side), 0, xmax))
         else:
             z = int(rng.integers(zmax))
-            a, b = int(rng.integers(ymax + 1)), int(rng.integers(xmax + 1))
+            a, b = float(rng.uniform(0, ymax)), float(rng.uniform(0, xmax))
         # the slice and its z context (the volume's end slices repeat, as in featurize)
         zs = np.clip(np.arange(z - context, z + context + 1), 0, zmax - 1)
-        x = v.image[zs, a : a + crop, b : b + crop]
-        y = t[:, z, a : a + crop, b : b + crop]
+        x = _window(v.image[zs], a, b, crop, zoom)
+        y = _window(t[:, z], a, b, crop, zoom)
         k = int(rng.integers(4))
         x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k, axes=(1, 2))
         if rng.random() < 0.5:
@@ -694,6 +703,17 @@ def training_batch(
         xs.append(np.ascontiguousarray(x, np.float32))
         ys.append(np.ascontiguousarray(y, np.float32))
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def _window(planes: np.ndarray, a: float, b: float, crop: int, zoom: float) -> np.ndarray:
+    """``crop`` × ``crop`` pixels of each plane from ``(a, b)`` on, magnified by ``zoom``."""
+    if zoom == 1.0 and a == int(a) and b == int(b):
+        return planes[:, int(a) : int(a) + crop, int(b) : int(b) + crop]
+    from scipy import ndimage as ndi
+
+    g = np.arange(crop, dtype=np.float64) / zoom
+    yy, xx = np.meshgrid(a + g, b + g, indexing="ij")
+    return np.stack([ndi.map_coordinates(p, [yy, xx], order=1, mode="nearest") for p in planes])
 
 
 # --------------------------------------------------------------------------- validation
