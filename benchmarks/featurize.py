@@ -4,9 +4,10 @@ Same model, same data, same Dask scheduler, in one run:
 
 (a) straightforward: the volume rechunked to one z-slice per block, `map_blocks` calling the
     model on each slice (a new tensor per call, batch of one, autograd on, no halo: seams at
-    block borders), with the same torch threads per Dask thread as (b), so that (a) is not
-    slowed by oversubscribed cores (torch's default would start one thread per core in each
-    Dask thread);
+    block borders; each slice zoomed to the model's pixel size and back with SciPy), with
+    the same torch threads per Dask thread as (b), so that (a) is not slowed by
+    oversubscribed cores (torch's default would start one thread per core in each Dask
+    thread);
 (b) this project: `featurize` with voxel-size transfer (each block resampled to the model's
     voxel size and back), halo + pooling-grid alignment, neighbouring chunks of a 2-D
     model grouped so their halos are shared and passes have the size the network runs
@@ -59,24 +60,41 @@ def phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return rng.poisson(200 + 100 * yy + blobs).astype(np.uint16)
 
 
-def naive(image: da.Array, model: torch.nn.Module, norm: np.ndarray) -> da.Array:
+def naive(
+    image: da.Array, model: torch.nn.Module, norm: np.ndarray, voxel_size_um=None
+) -> da.Array:
     """(a): one z-slice per map_blocks call, a fresh tensor each time, no batching, no halo.
 
     A model with z context gets its neighbouring slices through a one-slice overlap (the
-    volume's end slices repeated, as featurize does); no resampling (the model runs on the
-    image's own grid).
+    volume's end slices repeated, as featurize does). With ``voxel_size_um`` other than the
+    model's, each slice is zoomed in y and x to the model's pixel size with
+    ``scipy.ndimage.zoom`` (linear) before the model and its features zoomed back: what a
+    straightforward loop does for voxel-size transfer (z spacing ignored).
     """
     lo, hi = (float(v) for v in norm)
     n_features = model.n_features
     context = (model.in_channels - 1) // 2
     threads = max(1, (os.cpu_count() or 1) // dask.system.CPU_COUNT)
+    model_um = model_voxel_size_um(model)
+    factor = (
+        None
+        if voxel_size_um is None or model_um is None
+        else (voxel_size_um[1] / model_um[1], voxel_size_um[2] / model_um[2])
+    )
 
     def one_slice(block: np.ndarray) -> np.ndarray:
         if torch.get_num_threads() != threads:  # per thread: Dask's threads share the cores
             torch.set_num_threads(threads)
+        planes = block.astype(np.float32)
+        if factor is not None:
+            planes = ndi.zoom(planes, (1, *factor), order=1)
         # (1, 1 + 2 * context, Y, X): the slice, with its neighbours as channels
-        x = torch.tensor((block.astype(np.float32) - lo) / (hi - lo))[None]
-        return model(x).detach().numpy().transpose(1, 0, 2, 3).astype(np.float16)
+        x = torch.tensor((planes - lo) / (hi - lo))[None]
+        y = model(x).detach().numpy().transpose(1, 0, 2, 3)
+        if factor is not None:
+            back = [n / m for n, m in zip(block.shape[1:], y.shape[2:], strict=True)]
+            y = ndi.zoom(y, (1, 1, *back), order=1)
+        return y.astype(np.float16)
 
     per_slice = image.rechunk((1, *image.chunksize[1:]))
     if context:
@@ -174,12 +192,12 @@ def main() -> None:
 
     # warm-up (oneDNN/cuDNN plans) on a small piece, not timed
     featurize(image[:1, :128, :128], model, norm=norm, voxel_size_um=args.voxel_size_um).compute()
-    naive(image[:2, :128, :128], model, norm).compute()
+    naive(image[:2, :128, :128], model, norm, args.voxel_size_um).compute()
 
     # (a) and (b) alternate, best of `repeat` each, so a change in the machine's load
     # (other processes share the CPU) hits both alike
-    arr_a = naive(image, model, norm)
     vs = tuple(args.voxel_size_um)
+    arr_a = naive(image, model, norm, vs)
     arr_b = featurize(image, model, batch_size=args.batch_size, norm=norm, voxel_size_um=vs)
     t_a = t_b = c_a = c_b = np.inf
     out_a = out_b = None
