@@ -37,6 +37,8 @@ def stitch_spec(manifest: dict, voxel_size_um: list[float], chunks_zyx, output: 
                 "fingerprint": file_stat_fingerprint(paths),
             }
         },
+        files=paths,
+        files_by_content=False,
     )
 
 
@@ -58,7 +60,7 @@ def stitch_tiles(manifest: dict, voxel_size_um: list[float], chunks_zyx, output:
                 voxel_size_um=voxel_size_um,
                 name="raw",
                 channel_names=m.channel_names(),
-                lineage={**stage.lineage(), "tiles": [t.path for t in m.tiles]},
+                lineage=stage.lineage(),  # the tiles: listed in raw.ome.zarr.inputs.json
                 compute=stage.progress("stitch: writing raw.ome.zarr"),
             )
     record = stage.finish(
