@@ -90,11 +90,7 @@ def check_within_roots(
         for p in values:
             where = real(p)
             if not any(where == r or r in where.parents for r in allowed):
-                via = (
-                    ""
-                    if str(where) == os.path.normpath(os.fspath(p))
-                    else f" (resolves to {where})"
-                )
+                via = "" if str(where) == os.fspath(p) else f" (resolves to {where})"
                 raise PathNotAllowedError(
                     f"{name}: {p}{via} is outside the data roots this deployment allows "
                     f"({', '.join(map(str, roots)) or 'none declared'}); expected a path "

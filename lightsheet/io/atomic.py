@@ -77,7 +77,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if space is not None:
             raise out_of_space(path, space) from exc
         raise
-    replace_path(tmp, path)
+    try:
+        replace_path(tmp, path)
+    except BaseException:
+        _remove(tmp)  # refused (not ours to replace) or failed: leave nothing behind
+        raise
 
 
 def _remove(tmp: Path) -> None:
@@ -266,14 +270,19 @@ def claim_folder(folder: str | Path, names: Iterable[str]) -> Path:
     Raises
     ------
     OutputExistsError
-        ``folder`` is not a folder (or a link), or one of ``names`` exists there and
-        lightsheet did not write it. Nothing is written then.
+        ``folder`` is not a folder (nor a link to one), or one of ``names`` exists there
+        and lightsheet did not write it. Nothing is written then.
     """
     folder = Path(folder)
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        what = "a symbolic link" if folder.is_symlink() else "not a folder"
+    if folder.is_symlink() and not folder.is_dir():
         raise OutputExistsError(
-            f"output: {folder} is {what}; expected a folder that lightsheet creates or owns"
+            f"output: {folder} is a symbolic link to {os.readlink(folder)}, which is not a "
+            "folder; expected a folder (or a link to one) that lightsheet creates or owns"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(
+            f"output: {folder} exists and is not a folder; expected a folder that lightsheet "
+            "creates or owns"
         )
     foreign = [n for n in names if (folder / n).exists() and not written_by_lightsheet(folder / n)]
     if foreign:
@@ -283,9 +292,14 @@ def claim_folder(folder: str | Path, names: Iterable[str]) -> Path:
             "output folder"
         )
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    if created or not (folder / MARKER_NAME).exists():
-        mark_folder(folder, created=created)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if created or not (folder / MARKER_NAME).exists():
+            mark_folder(folder, created=created)
+    except OSError as exc:
+        raise PermissionError(
+            f"output: cannot write to {folder} ({exc.strerror}); expected a writable folder"
+        ) from exc
     return folder
 
 
