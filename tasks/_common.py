@@ -35,7 +35,7 @@ from prefect.artifacts import (
 from lightsheet.access import check_output_location, literal_root
 from lightsheet.clusters import stage_resources
 from lightsheet.errors import InputFilesError
-from lightsheet.io.atomic import claim_folder, output_lock
+from lightsheet.io.atomic import check_replaceable, claim_folder, output_lock
 from lightsheet.lineage import (
     CONTENT_MAX_BYTES,
     INPUT_FILES_SUFFIX,
@@ -297,6 +297,9 @@ class Stage:
         self.reused, self.damage = spec.reuse_check()
         for problem in self.damage:
             self.logger.warning("%s: output damaged, recomputing it: %s", self.name, problem)
+        if not self.reused:  # refuse before computing, not when the result is renamed in
+            for path in self.outputs.values():
+                check_replaceable(path)
         if self.reused:
             self.logger.info(
                 "%s: reusing %s (same inputs, parameters and code)",

@@ -30,7 +30,7 @@ def ingest(config: PipelineConfig) -> dict:
     manifest = discover(config.input, config.pattern)
     psf = load_psf(config.psf)
     if config.deconvolve.enabled:
-        check_psf_fits(psf.shape, manifest.shape[2:], what="the stitched volume")
+        check_psf_fits(psf.shape, manifest.shape[2:], what="stitched volume")
     check_atlas(load_atlas(config.atlas))
     check_channels(config, manifest)
     if config.featurize.model is not None and (
