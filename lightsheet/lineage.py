@@ -296,19 +296,26 @@ def describe_files(
     return rows
 
 
-def write_input_files(
-    output: str | Path, paths: Iterable[str | Path], *, content_max_bytes: int = CONTENT_MAX_BYTES
-) -> dict[str, Any]:
-    """List ``paths`` in ``<output>.inputs.json`` (`describe_files`); a record's reference.
+def input_files_ref(output: str | Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a lineage record keeps of a list of input files (`describe_files` rows).
 
     Returns
     -------
     dict
-        ``path`` of the list, ``n_files`` and ``fingerprint`` (of the list's rows).
+        ``path`` of the list (`input_files_path`), ``n_files`` and ``fingerprint`` (of
+        the rows).
     """
-    rows = describe_files(paths, content_max_bytes=content_max_bytes)
-    target = _write_json(input_files_path(output), {"files": rows})
-    return {"path": str(target), "n_files": len(rows), "fingerprint": hash_json(rows)}
+    return {
+        "path": str(input_files_path(output)),
+        "n_files": len(rows),
+        "fingerprint": hash_json(rows),
+    }
+
+
+def write_input_files(output: str | Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write `describe_files` rows to ``<output>.inputs.json``; the reference to keep."""
+    _write_json(input_files_path(output), {"files": rows})
+    return input_files_ref(output, rows)
 
 
 def check_table(path: str | Path) -> list[str]:

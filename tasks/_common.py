@@ -42,6 +42,8 @@ from lightsheet.lineage import (
     SIDECAR_SUFFIX,
     cache_key,
     check_output,
+    describe_files,
+    input_files_ref,
     make_record,
     read_lineage,
     write_input_files,
@@ -329,15 +331,23 @@ class Stage:
         if not files:  # nothing read from outside the pipeline: nothing to list
             return record
         maximum = CONTENT_MAX_BYTES if spec.files_by_content else 0
-        listed = write_input_files(main, files, content_max_bytes=maximum)
-        return {**record, "input_files": listed}
+        rows = describe_files(files, content_max_bytes=maximum)
+        self._input_rows = rows  # written by `finish`, once the outputs are
+        return {**record, "input_files": input_files_ref(main, rows)}
 
     def progress(self, description: str | None = None):
         """The ``compute`` callable for `write_image`: progress artifact + log lines."""
         return partial(compute_with_progress, description=description or self.name, stage=self.name)
 
     def finish(self, fingerprints: Mapping[str, str] | None = None, **extra: Any) -> dict:
-        """The stage's record. ``fingerprints``: of the new outputs (None when reused)."""
+        """The stage's record. ``fingerprints``: of the new outputs (None when reused).
+
+        Writes the list of input files beside the new main output: after the outputs, so a
+        failed stage leaves nothing beside them.
+        """
+        rows = getattr(self, "_input_rows", None)
+        if fingerprints is not None and rows is not None:
+            write_input_files(next(iter(self.outputs.values())), rows)
         return self.spec.record(
             self.reused or fingerprints or {},
             reused=self.reused is not None,

@@ -242,17 +242,17 @@ def test_out_of_space_in_a_write_names_the_output(tmp_path):
 # --- an input tile changes during the run ----------------------------------------------
 
 
-def rewrite_when(folder: Path, tile: Path) -> threading.Thread:
-    """Rewrite ``tile`` (same shape and dtype, other voxels) once ``folder`` exists.
+def rewrite_when(out: Path, tile: Path) -> threading.Thread:
+    """Rewrite ``tile`` (same shape and dtype, other voxels) once the stitch stage starts.
 
-    The ingest task creates the output folder after it has checked every tile, so the
-    rewrite lands between ingest and the stitch stage's reads.
+    The stitch stage's hidden partial ``raw.ome.zarr`` appears after ingest has checked every
+    tile and just before the stage reads them, so the rewrite lands between the two.
     """
 
     def rewrite() -> None:
         deadline = time.monotonic() + WAIT_S
-        while not folder.exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        while not list(out.glob(".raw.ome.zarr.partial-*")) and time.monotonic() < deadline:
+            time.sleep(0.002)
         data = tifffile.imread(tile)
         tifffile.imwrite(tile, data[::-1].copy())
 
