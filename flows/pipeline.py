@@ -17,10 +17,18 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import MaterializingTask
 from prefect_dask import DaskTaskRunner
 
+from flows.deployment import current_settings, guard_pipeline
 from lightsheet.clusters import task_runner_kwargs
 from lightsheet.config import PipelineConfig
 from lightsheet.ingest import discover
-from tasks._common import OUTPUTS, describe_image, markdown_table, png_markdown
+from tasks._common import (
+    OUTPUTS,
+    asset_key,
+    describe_image,
+    markdown_table,
+    output_claimed,
+    png_markdown,
+)
 from tasks.deconvolve import deconvolve_spec, deconvolve_volume
 from tasks.density import density_spec, density_table, top_regions
 from tasks.featurize import featurize_spec, featurize_volume
@@ -39,17 +47,19 @@ def pipeline(config: PipelineConfig) -> dict:
     summary's ``flow_seconds`` is this flow's wall time.
     """
     start = time.monotonic()
-    stale = first_stale_stage(config)
-    if stale is None:
-        get_run_logger().info(
-            "every stage's outputs are up to date: reusing them without starting a Dask cluster"
-        )
-        runner = ThreadPoolTaskRunner()
-    else:
-        get_run_logger().info("computing from the %s stage on", stale)
-        runner = DaskTaskRunner(**task_runner_kwargs(config.cluster))
-    with shared_api_url():
-        summary = stages.with_options(task_runner=runner)(config)
+    guard_pipeline(config, current_settings())  # a deployment's data roots and cluster
+    with output_claimed(config):  # one run at a time; never over files lightsheet did not write
+        stale = first_stale_stage(config)
+        if stale is None:
+            get_run_logger().info(
+                "every stage's outputs are up to date: reusing them without starting a Dask cluster"
+            )
+            runner = ThreadPoolTaskRunner()
+        else:
+            get_run_logger().info("computing from the %s stage on", stale)
+            runner = DaskTaskRunner(**task_runner_kwargs(config.cluster))
+        with shared_api_url():
+            summary = stages.with_options(task_runner=runner)(config)
     # on the parent run too, so the run a user opens shows its summary
     create_markdown_artifact(
         key="run-summary", markdown=summary["markdown"], description=summary["output"]
@@ -84,7 +94,7 @@ def materializing(task: Task, *outputs: Path) -> MaterializingTask:
     """
     return MaterializingTask(
         fn=task.fn,
-        assets=[Asset(key=p.resolve().as_uri()) for p in outputs],
+        assets=[Asset(key=asset_key(p)) for p in outputs],
         materialized_by="lightsheet",
         name=task.name,
     )
@@ -103,16 +113,13 @@ STAGES = {
 def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
     """The stages' order and arguments, written once for running and for checking.
 
-    ``ingest_step(input, pattern, psf, atlas, output, max_tile_gib)`` gives the tile manifest and
+    ``ingest_step(config)`` gives the tile manifest and
     ``step(name, *args)`` a stage's record (or a future of it); the task arguments are
     those of `STAGES`' tasks. Returns the manifest and every stage's result (None for a
     disabled stage; deconvolution's is the raw image's when disabled).
     """
     o = str(config.output)
-    manifest = ingest_step(
-        config.input, config.pattern, str(config.psf), str(config.atlas), o,
-        config.stitch.max_tile_gib,
-    )  # fmt: skip
+    manifest = ingest_step(config)
     raw = step("stitch", manifest, list(config.voxel_size_um), config.stitch, o)
     image = raw
     if config.deconvolve.enabled:
@@ -151,7 +158,7 @@ def first_stale_stage(config: PipelineConfig) -> str | None:
         return record
 
     try:
-        wire(config, lambda input, pattern, *_: discover(input, pattern).to_dict(), check)
+        wire(config, lambda c: discover(c.input, c.pattern).to_dict(), check)
     except _Stale as stale:
         return str(stale)
     except Exception:  # noqa: BLE001 - any problem: let the tasks run and explain it

@@ -3,19 +3,33 @@
 The models are the Prefect flow's parameters (and so the form in the Prefect UI and the
 schema the server enforces on API-triggered runs). Building one has no side effects.
 Unknown keys are errors everywhere (``extra="forbid"``): the server's schema check would
-otherwise let them through.
+otherwise let them through. NaN and infinite numbers are refused in every field
+(``allow_inf_nan=False``): a NaN threshold once "succeeded" with 0 cells.
+
+Reading a YAML run config is bounded (`read_yaml`): aliases may not expand it beyond
+`MAX_YAML_VALUES` values (a 536-byte alias bomb once hung the command). The ``pattern`` is
+compiled, probed for catastrophic backtracking (`check_pattern`) and meant to be matched
+with a time limit (`search_name`).
 """
 
 from __future__ import annotations
 
+import glob
+import os
 import re
+import signal
+import threading
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lightsheet.errors import ConfigError
+
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-VoxelSize = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+#: Voxel sides are microscopic: anything beyond 10 mm is a unit mistake (and overflows µm³).
+VoxelSide = Annotated[float, Field(gt=0, le=1e4, allow_inf_nan=False)]
+VoxelSize = tuple[VoxelSide, VoxelSide, VoxelSide]
 ChunkShape = tuple[
     Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]
 ]
@@ -35,7 +49,7 @@ def is_orientation(value: str) -> bool:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Overlap = Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)]
@@ -369,24 +383,269 @@ class PipelineConfig(_Model):
             raise ValueError(
                 f"pattern has named groups {sorted(unknown)}; allowed: {list(PATTERN_GROUPS)}"
             )
+        check_pattern(v)
         return v
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read a YAML run config; relative paths are taken relative to the YAML file's folder."""
+# --------------------------------------------------------------------------- the pattern
+
+#: Longest time one file name may take to match ``pattern`` (`search_name`).
+PATTERN_TIMEOUT_S = 1.0
+#: Length of the probe strings `check_pattern` matches: exponential backtracking on them
+#: takes about 2**PROBE_LENGTH steps, far beyond the time limit.
+PROBE_LENGTH = 48
+
+
+def check_pattern(pattern: str) -> None:
+    r"""Refuse a ``pattern`` whose matching can take exponential time.
+
+    Two checks: a repetition whose whole body is itself an unbounded repetition (``(a+)+``,
+    ``(\d*)*``: it matches nothing more than the inner one, in exponentially many ways),
+    and probe strings (each character the pattern names, repeated `PROBE_LENGTH` times, then
+    one that cannot follow) that must each match within `PATTERN_TIMEOUT_S`, with the
+    ``regex`` module and (in the main thread) with ``re``.
+
+    Raises
+    ------
+    ValueError
+        Naming the part of the pattern, or the probe, that takes too long.
+    """
+    from re import _parser
+
+    tree = _parser.parse(pattern)
+    nested = _nested_repeat(tree)
+    if nested:
+        raise ValueError(
+            f"pattern {pattern!r}: a repetition of a repetition ({nested}) can take exponential "
+            "time to fail on a name; it matches the same as the inner repetition alone: drop "
+            "the outer one"
+        )
+    rx, plain = compile_pattern(pattern), re.compile(pattern)
+    for char in sorted(_literal_chars(tree) | {"0", "a", "_"}):
+        probe = char * PROBE_LENGTH + "\x00"
+        try:
+            rx.search(probe, timeout=PATTERN_TIMEOUT_S)
+            _limited_re_search(plain, probe)
+        except TimeoutError:
+            raise ValueError(
+                f"pattern {pattern!r}: matching {char!r} * {PROBE_LENGTH} took longer than "
+                f"{PATTERN_TIMEOUT_S:g} s (catastrophic backtracking); expected a pattern that "
+                "matches a file name in linear time (avoid alternatives and repetitions that "
+                "can match the same text)"
+            ) from None
+
+
+def _limited_re_search(rx: re.Pattern, text: str) -> None:
+    """``rx.search(text)`` with the ``re`` module, stopped after `PATTERN_TIMEOUT_S`.
+
+    ``re`` checks for signals while it matches, so a timer signal ends a runaway match; it
+    can only be used in the main thread (elsewhere only the ``regex`` probe runs).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, PATTERN_TIMEOUT_S)
+        rx.search(text)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def compile_pattern(pattern: str) -> Any:
+    """``pattern`` compiled by the ``regex`` module (``re``-compatible, supports timeouts)."""
+    import regex
+
+    return regex.compile(pattern, flags=regex.VERSION0)
+
+
+def search_name(rx: Any, name: str, *, pattern: str | None = None) -> Any:
+    """``rx.search(name)`` (a `compile_pattern` result) bounded by `PATTERN_TIMEOUT_S`.
+
+    Raises
+    ------
+    ConfigError
+        The match took longer than the limit (names the pattern and the file name).
+    """
+    try:
+        return rx.search(name, timeout=PATTERN_TIMEOUT_S)
+    except TimeoutError:
+        raise ConfigError(
+            f"pattern {pattern or rx.pattern!r}: matching the name {name!r} took longer than "
+            f"{PATTERN_TIMEOUT_S:g} s; expected a pattern that matches in linear time"
+        ) from None
+
+
+def _nested_repeat(tree: Any) -> str | None:
+    """A repeat whose body (through groups) is one unbounded repeat, described, or None."""
+    from re import _constants as c
+
+    repeats = (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT)
+    for op, av in tree:
+        if op in repeats:
+            lo, hi, body = av
+            inner = _sole_repeat(body)
+            if hi > 1 and inner is not None and inner[1] == c.MAXREPEAT:
+                return f"{{{lo},{'' if hi == c.MAXREPEAT else hi}}} of {{{inner[0]},}}"
+            found = _nested_repeat(body)
+        elif op == c.SUBPATTERN:
+            found = _nested_repeat(av[-1])
+        elif op == c.BRANCH:
+            found = next((r for b in av[1] if (r := _nested_repeat(b))), None)
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            found = _nested_repeat(av[1])
+        else:
+            found = None
+        if found:
+            return found
+    return None
+
+
+def _sole_repeat(body: Any) -> tuple[int, int] | None:
+    from re import _constants as c
+
+    items = list(body)
+    while len(items) == 1 and items[0][0] == c.SUBPATTERN:
+        items = list(items[0][1][-1])
+    if len(items) == 1 and items[0][0] in (c.MAX_REPEAT, c.MIN_REPEAT):
+        return items[0][1][0], items[0][1][1]
+    return None
+
+
+def _literal_chars(tree: Any) -> set[str]:
+    """Characters a parsed pattern names (literals, first of each range), for probes."""
+    from re import _constants as c
+
+    found: set[str] = set()
+    for op, av in tree:
+        if op == c.LITERAL:
+            found.add(chr(av))
+        elif op == c.IN:
+            for kind, val in av:
+                if kind == c.LITERAL:
+                    found.add(chr(val))
+                elif kind == c.RANGE:
+                    found.add(chr(val[0]))
+                elif kind == c.CATEGORY:
+                    found |= {"0", "a", " "}
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            found |= _literal_chars(av[2])
+        elif op == c.SUBPATTERN:
+            found |= _literal_chars(av[-1])
+        elif op == c.BRANCH:
+            for b in av[1]:
+                found |= _literal_chars(b)
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            found |= _literal_chars(av[1])
+    return {ch for ch in found if ch.isprintable()}
+
+
+# --------------------------------------------------------------------------- reading YAML
+
+#: Most values (scalars, lists and mappings, counted after alias expansion) a config may hold.
+MAX_YAML_VALUES = 100_000
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a (trusted or not) YAML file safely and within bounds.
+
+    ``yaml.safe_load`` constructs no objects, but aliases let a few hundred bytes stand for
+    billions of values, and everything that walks the result (validation, JSON) then hangs.
+    The document is composed first, its size counted with aliases expanded (shared nodes
+    counted once per use, without expanding them), and refused beyond `MAX_YAML_VALUES`.
+
+    Raises
+    ------
+    ConfigError
+        Not a file, not valid YAML (with line and column), recursive or too many values.
+    """
     import yaml
 
     path = Path(path)
-    with path.open() as f:
-        raw = yaml.safe_load(f) or {}
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; expected a YAML run config file")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc}); expected a YAML run config") from exc
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_values(node, path)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError(f"{path}: not valid YAML: {problem}{where}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _count_values(root: Any, path: Path) -> int:
+    """Values in a composed YAML graph with aliases expanded; ConfigError beyond the bound."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{path}: a YAML alias refers to itself; expected a finite config")
+        active.add(key)
+        if isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(v) for v in node.value)
+        else:
+            n = 1
+        active.discard(key)
+        if n > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{path}: YAML aliases expand it to more than {MAX_YAML_VALUES:,} values; "
+                "expected a run config (a few dozen values)"
+            )
+        sizes[key] = n
+        return n
+
+    return size(root)
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a YAML run config; relative paths are taken relative to the YAML file's folder.
+
+    The YAML is read within bounds (`read_yaml`). A relative ``input`` glob is joined to
+    the folder with the folder's own glob characters escaped, so a config in ``brain[1]/``
+    reads its own tiles, not those of ``brain1/``.
+
+    Raises
+    ------
+    ConfigError
+        The file is not a readable, bounded YAML mapping.
+    pydantic.ValidationError
+        A value is invalid (named).
+    """
+    path = Path(path)
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of parameters, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of parameters, got {type(raw).__name__}")
     base = path.resolve().parent
     for key in ("psf", "atlas", "output"):
         if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
             raw[key] = str(base / raw[key])
     if isinstance(raw.get("input"), str) and not Path(raw["input"]).is_absolute():
-        raw["input"] = str(base / raw["input"])
+        raw["input"] = os.path.join(glob.escape(str(base)), raw["input"])
     stitch = raw.get("stitch")
     if isinstance(stitch, dict) and isinstance(stitch.get("positions"), str):
         if not Path(stitch["positions"]).is_absolute():

@@ -18,7 +18,8 @@ from lightsheet.density import (
     region_table,
 )
 from lightsheet.io.atlas import load_atlas
-from lightsheet.io.tables import write_table
+from lightsheet.io.atomic import claim_path
+from lightsheet.io.tables import read_table, write_table
 from lightsheet.lineage import (
     file_content_fingerprint,
     finish_record,
@@ -76,7 +77,7 @@ def density_table(
         transform = AtlasTransform.from_config(
             config, atlas_obj, image_shape=image_shape_zyx, voxel_size_um=voxel_size_um
         )
-        cells = pd.read_csv(segmented["cells"])
+        cells = read_table(segmented["cells"], fingerprint=segmented["fingerprints"]["cells"])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cells = assign_regions(cells, atlas_obj, transform)
@@ -97,8 +98,8 @@ def density_table(
     record = stage.finish(None if stage.reused else fps)
     table = pd.read_csv(record["density"])
     if plot:
-        plot_top_regions(table, plots[0])
-        plot_density_slice(table, atlas_obj, plots[1])
+        plot_top_regions(table, claim_path(plots[0]))
+        plot_density_slice(table, atlas_obj, claim_path(plots[1]))
     publish_density(table, plots, record["density"])
     record.update(
         plots=[str(p) for p in plots],
