@@ -29,7 +29,6 @@ import dask
 import numpy as np
 import pandas as pd
 
-from lightsheet.config import ORIENTATION_PAIRS
 from lightsheet.errors import AtlasCoverageWarning, AtlasError, ConfigError
 from lightsheet.io.atlas import (
     HEMISPHERE_LEFT,
@@ -72,7 +71,7 @@ _UM3_PER_MM3 = 1e9
 
 @dataclass(frozen=True, eq=False)
 class AtlasTransform:
-    """Affine map from image positions in µm ``(z, y, x)`` to atlas voxel indices.
+    """Affine map from image positions in µm ``(z, y, x)`` to atlas voxel coordinates.
 
     Build it with `image_to_atlas` or `AtlasTransform.from_config`.
 
@@ -80,7 +79,8 @@ class AtlasTransform:
     ----------
     matrix : (4, 4) ndarray of float64
         Homogeneous matrix: ``atlas_index = (matrix @ [z_um, y_um, x_um, 1])[:3]``, a
-        continuous index whose integers are voxel centres.
+        continuous coordinate in atlas voxels where voxel ``a`` spans ``[a, a + 1)``
+        (BrainGlobe's convention: its centre is at ``a + 0.5``).
     image_shape : (3,) tuple of int
         Image shape ``(Z, Y, X)``.
     voxel_size_um : (3,) tuple of float
@@ -114,16 +114,16 @@ class AtlasTransform:
         )
 
     def to_atlas_index(self, points_um: np.ndarray) -> np.ndarray:
-        """Continuous atlas indices ``(N, 3)`` of image positions ``(N, 3)`` in µm."""
+        """Continuous atlas coordinates ``(N, 3)`` (voxel ``a`` spans ``[a, a + 1)``)."""
         pts = np.asarray(points_um, dtype=np.float64).reshape(-1, 3)
         return pts @ self.matrix[:3, :3].T + self.matrix[:3, 3]
 
     def to_atlas_voxel(self, points_um: np.ndarray) -> np.ndarray:
-        """Nearest atlas voxel ``(N, 3)`` int64 of image positions (halves round up)."""
-        return np.floor(self.to_atlas_index(points_um) + 0.5).astype(np.int64)
+        """Atlas voxel ``(N, 3)`` int64 holding each image position (`atlas_voxel`)."""
+        return atlas_voxel(self.to_atlas_index(points_um))
 
     def to_image_um(self, atlas_index: np.ndarray) -> np.ndarray:
-        """Image positions ``(N, 3)`` in µm of continuous atlas indices ``(N, 3)``."""
+        """Image positions ``(N, 3)`` in µm of continuous atlas coordinates ``(N, 3)``."""
         inv = np.linalg.inv(self.matrix)
         idx = np.asarray(atlas_index, dtype=np.float64).reshape(-1, 3)
         return idx @ inv[:3, :3].T + inv[:3, 3]
@@ -132,6 +132,59 @@ class AtlasTransform:
         """Low and high edges ``(3,)`` of the imaged box in image µm (voxel centres at i·v)."""
         v = np.asarray(self.voxel_size_um)
         return -0.5 * v, (np.asarray(self.image_shape) - 0.5) * v
+
+
+def atlas_voxel(atlas_index: np.ndarray) -> np.ndarray:
+    """The atlas voxel holding each continuous atlas coordinate, BrainGlobe's way.
+
+    Voxel ``a`` spans ``[a, a + 1)`` in atlas voxel units, i.e. ``[a·res, (a+1)·res)`` in
+    atlas µm: brainglobe-atlasapi's ``structure_from_coords(coords_um, microns=True)``
+    looks up ``int(coord_um / resolution)``. Inside the atlas the two agree exactly;
+    below 0 this takes the floor (a voxel ``-1``, outside the atlas) where Python's
+    ``int`` truncates towards voxel 0.
+
+    Examples
+    --------
+    >>> atlas_voxel(np.array([[0.0, 0.99, 1.0], [12.5, -0.2, 3.999]])).tolist()
+    [[0, 0, 1], [12, -1, 3]]
+    """
+    return np.floor(np.asarray(atlas_index, dtype=np.float64)).astype(np.int64)
+
+
+def reorientation_um(
+    orientation: str,
+    atlas_orientation: str,
+    *,
+    image_shape: Sequence[int],
+    voxel_size_um: Sequence[float],
+) -> np.ndarray:
+    """Homogeneous (4, 4) map of image µm ``(z, y, x)`` to µm along the atlas axes.
+
+    brainglobe-space's ``AnatomicalSpace.transformation_matrix_to`` does the maths: axes
+    are permuted to the atlas's order, and an axis running the other way is mirrored
+    about the image's extent measured from voxel edges, ``p → N·v − p`` (``N`` voxels of
+    ``v`` µm), exactly as ``map_points_to`` maps points.
+
+    Parameters
+    ----------
+    orientation : str
+        BrainGlobe orientation of the image axes.
+    atlas_orientation : str
+        BrainGlobe orientation of the atlas axes.
+    image_shape : (3,) sequence of int
+        Image shape ``(Z, Y, X)``.
+    voxel_size_um : (3,) sequence of float
+        Image voxel size in µm.
+    """
+    from brainglobe_space import AnatomicalSpace
+
+    vox = np.asarray(voxel_size_um, dtype=np.float64)
+    source = AnatomicalSpace(
+        orientation, shape=tuple(int(n) for n in image_shape), resolution=tuple(vox)
+    )
+    target = AnatomicalSpace(atlas_orientation, resolution=(1.0, 1.0, 1.0))
+    # brainglobe-space maps voxel coordinates: take µm in by dividing by the voxel size
+    return source.transformation_matrix_to(target) @ np.diag([*(1.0 / vox), 1.0])
 
 
 def image_to_atlas(
@@ -143,20 +196,22 @@ def image_to_atlas(
     offset_um: Sequence[float] = (0.0, 0.0, 0.0),
     affine: Sequence[Sequence[float]] | np.ndarray | None = None,
 ) -> AtlasTransform:
-    """Map image positions in µm to atlas voxel indices.
+    """Map image positions in µm to atlas voxel coordinates.
 
     A centroid ``p = (z_um, y_um, x_um)`` (voxel ``i`` of the image has its centre at
     ``i * voxel_size_um``) goes through four steps, in this order:
 
-    1. **Orientation.** Each atlas axis ``k`` takes the image axis ``j`` whose letter is of
-       the same pair (a/p, s/i, l/r). Same letter: ``q_k = p_j``. Opposite letter (the axes
-       run in opposite directions): ``q_k = (n_j - 1) * v_j - p_j``, a mirror within the
-       image extent (``n_j`` voxels of ``v_j`` µm). ``q`` is in µm along the atlas axes.
-    2. **Offset.** ``q += offset_um`` (atlas axis order, µm): where the reoriented image's
-       first voxel centre lies in the atlas, e.g. for a sub-volume.
+    1. **Orientation** (`reorientation_um`, brainglobe-space). Each atlas axis ``k``
+       takes the image axis ``j`` whose letter is of the same pair (a/p, s/i, l/r). Same
+       letter: ``q_k = p_j``. Opposite letter: ``q_k = n_j * v_j - p_j``, mirrored about
+       the image extent from voxel edges (``n_j`` voxels of ``v_j`` µm), as
+       brainglobe-space's ``map_points_to``. ``q`` is in µm along the atlas axes.
+    2. **Offset.** ``q += offset_um`` (atlas axis order, µm): where a sub-volume sits in
+       the atlas.
     3. **Affine.** ``q = (affine @ [q, 1])[:3]``, µm → µm in atlas axes (default identity).
     4. **Scale.** ``index_k = q_k / atlas.resolution_um[k]``; the cell lies in voxel
-       ``floor(index + 0.5)``, outside the atlas when that is not in ``[0, A_k)``.
+       ``floor(index)`` (BrainGlobe: voxel ``a`` spans ``[a·res, (a+1)·res)``, see
+       `atlas_voxel`), outside the atlas when that is not in ``[0, A_k)``.
 
     Parameters
     ----------
@@ -195,30 +250,22 @@ def image_to_atlas(
     >>> t = image_to_atlas(atlas, image_shape=(50, 80, 100), voxel_size_um=(4, 2, 2),
     ...                    orientation="psr", offset_um=(100, 0, 0))
 
-    The cell at (40, 60, 100) µm: z mirrors to 49·4 − 40 = 156 µm, plus the offset is
-    256 µm, 25.6 atlas voxels; y and x scale to 6 and 10:
+    The cell at (40, 60, 100) µm: z mirrors to 50·4 − 40 = 160 µm, plus the offset is
+    260 µm, 26 atlas voxels; y and x scale to 6 and 10:
 
     >>> t.to_atlas_index([[40.0, 60.0, 100.0]]).round(3).tolist()
-    [[25.6, 6.0, 10.0]]
-    >>> t.to_atlas_voxel([[40.0, 60.0, 100.0]]).tolist()
-    [[26, 6, 10]]
+    [[26.0, 6.0, 10.0]]
+    >>> t.to_atlas_voxel([[40.0, 60.0, 100.0], [41.0, 59.0, 100.0]]).tolist()
+    [[26, 6, 10], [25, 5, 10]]
     """
     orientation = _orientation(orientation)
     shape = _int_triple(image_shape, "image_shape")
     vox = _float_triple(voxel_size_um, "voxel_size_um", positive=True)
     offset = _float_triple(offset_um, "offset_um", positive=False)
 
-    reorient = np.zeros((4, 4))
-    reorient[3, 3] = 1.0
-    for k, letter in enumerate(atlas.orientation):
-        pair = next(p for p in ORIENTATION_PAIRS if letter in p)
-        j = next(i for i, c in enumerate(orientation) if c in pair)
-        if orientation[j] == letter:
-            reorient[k, j] = 1.0
-        else:
-            # mirror inside the image: voxel 0 ↔ voxel n - 1
-            reorient[k, j] = -1.0
-            reorient[k, 3] = (shape[j] - 1) * vox[j]
+    reorient = reorientation_um(
+        orientation, atlas.orientation, image_shape=shape, voxel_size_um=vox
+    )
     translate = np.eye(4)
     translate[:3, 3] = offset
     aff = np.eye(4) if affine is None else _affine(affine)
@@ -233,12 +280,11 @@ def _check_overlap(transform: AtlasTransform, orientation: str, offset) -> None:
     corners = np.array(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij")).reshape(3, -1).T
     idx = transform.to_atlas_index(corners)
     a_lo, a_hi = idx.min(axis=0), idx.max(axis=0)
-    atlas_hi = np.asarray(transform.atlas_shape) - 0.5
-    if np.any(a_hi <= -0.5) or np.any(a_lo >= atlas_hi):
+    if np.any(a_hi <= 0) or np.any(a_lo >= np.asarray(transform.atlas_shape)):
         raise AtlasError(
             f"image and atlas do not overlap: the image ({transform.image_shape} voxels of "
             f"{transform.voxel_size_um} µm, orientation {orientation!r}, offset {tuple(offset)} "
-            f"µm) maps to atlas indices {np.round(a_lo, 1).tolist()}..{np.round(a_hi, 1).tolist()}"
+            f"µm) maps to atlas voxels {np.round(a_lo, 1).tolist()}..{np.round(a_hi, 1).tolist()}"
             f"; expected overlap with the atlas [0, {list(transform.atlas_shape)}). Check "
             "voxel_size_um, density.orientation, density.offset_um and density.affine"
         )
@@ -370,8 +416,9 @@ def region_voxel_counts(atlas: Atlas, transform: AtlasTransform | None = None) -
     ----------
     atlas : Atlas
     transform : AtlasTransform, optional
-        When given, only atlas voxels whose centres lie inside the imaged box count, so a
-        sub-volume's densities divide by the imaged part of each region.
+        When given, only atlas voxels whose centres (``(a + 0.5)·res``: the lookup's
+        grid) lie inside the imaged box count, so a sub-volume's densities divide by the
+        imaged part of each region.
 
     Returns
     -------
@@ -450,9 +497,9 @@ def _count_block(labels, hemispheres, origin, inv, bounds):
 
 
 def _inside_image(shape, origin, inv, bounds) -> np.ndarray:
-    """Mask of block voxels whose centres map inside the imaged box."""
+    """Mask of block voxels whose centres (voxel ``a`` at ``a + 0.5``) map inside the image."""
     lo, hi = bounds
-    axes = [np.arange(o, o + n, dtype=np.float64) for o, n in zip(origin, shape, strict=True)]
+    axes = [np.arange(o, o + n, dtype=np.float64) + 0.5 for o, n in zip(origin, shape, strict=True)]
     lin = inv[:3, :3]
     if np.all(np.count_nonzero(lin, axis=1) == 1):
         # axis-aligned (orientation, offset, scaling): a box, one 1-D test per atlas axis

@@ -17,12 +17,14 @@ from lightsheet.density import (
     plot_top_regions,
     region_table,
 )
-from lightsheet.io.atlas import load_atlas
+from lightsheet.io.atlas import atlas_metadata, load_atlas
 from lightsheet.io.tables import write_table
 from lightsheet.lineage import (
     file_content_fingerprint,
+    file_stat_fingerprint,
     finish_record,
     folder_fingerprint,
+    hash_json,
     write_sidecar,
 )
 from tasks._common import OUTPUTS, Stage, StageSpec, markdown_table, output_input, png_markdown
@@ -54,9 +56,52 @@ def density_spec(
         },
         inputs={
             "cells": output_input(segmented, "cells"),
-            "atlas": {"kind": "atlas", "path": atlas, "fingerprint": folder_fingerprint(atlas)},
+            "atlas": atlas_input(atlas),
         },
     )
+
+
+def atlas_input(atlas: str) -> dict:
+    """The atlas as a lineage input: its folder, BrainGlobe name and version, fingerprint."""
+    meta = atlas_metadata(atlas)
+    return {
+        "kind": "atlas",
+        "path": meta["path"],
+        "name": meta["name"],
+        "version": meta["version"],
+        "fingerprint": atlas_fingerprint(meta["path"]),
+    }
+
+
+#: What the pipeline reads of an atlas folder (BrainGlobe's meshes/ is never read).
+ATLAS_ENTRIES = tuple(
+    f"{stem}{ext}"
+    for stem in ("annotation", "hemispheres", "reference")
+    for ext in (".tiff", ".tif", ".ome.zarr", ".zarr")
+) + ("metadata.json", "structures.json")
+
+
+def atlas_fingerprint(path: str | Path) -> str:
+    """Fingerprint of the atlas files the pipeline reads (`ATLAS_ENTRIES`).
+
+    A downloaded BrainGlobe atlas also holds hundreds of MB of meshes, which the pipeline
+    never reads: hashing them would cost every run's reuse check seconds.
+    """
+    path = Path(path)
+    if not path.is_dir() or (path / "zarr.json").exists():
+        return folder_fingerprint(path) if path.is_dir() else file_content_fingerprint(path)
+    parts = {}
+    for name in ATLAS_ENTRIES:
+        entry = path / name
+        if entry.is_dir():
+            parts[name] = folder_fingerprint(entry)
+        elif entry.is_file():
+            # as folder_fingerprint: content of small files, path/size/time of large ones
+            small = entry.stat().st_size <= 16 << 20
+            parts[name] = (
+                file_content_fingerprint(entry) if small else file_stat_fingerprint([entry])
+            )
+    return hash_json(parts)
 
 
 @task(name="density")

@@ -11,7 +11,9 @@ The phantom
     is left). A small hierarchy, root → 3 parents → 7 leaves, fills it: cortical layers as
     nested shells over the dorsal surface, a hippocampal lobe per hemisphere with a dentate
     core, thalamic and hypothalamic lobes, and brain-stem tissue owned by the parent itself.
-    The annotation is this geometry sampled at the atlas voxel centres.
+    The annotation is this geometry sampled at the atlas voxel centres: BrainGlobe's atlas
+    voxel ``j`` spans ``[j·R, (j+1)·R)`` µm (``R`` the atlas resolution), so its centre is
+    at ``(j + 0.5)·R``.
 Cells
     Each leaf (and the parent-own region) has its own density (40k–150k cells/mm³); its
     cell count is density × its annotation volume, and the cells are placed uniformly inside
@@ -31,8 +33,9 @@ Tiles
     held whole.
 Truth
     ``truth/cells.csv``: one row per nucleus and time point, centres in µm with voxel ``i``
-    centred at ``i × voxel_size_um`` (the atlas uses the same convention at its own
-    resolution, offset 0, so the image → atlas mapping is the identity in µm);
+    centred at ``i × voxel_size_um``; the image → atlas mapping is the identity in µm
+    (orientation ``asr``, offset 0) and a cell at ``p`` µm lies in atlas voxel
+    ``floor(p / R)``, BrainGlobe's lookup (`lightsheet.density.atlas_voxel`);
     ``intensity`` is the nucleus's peak brightness in photons per voxel before blur.
     ``truth/density.csv`` (`truth_region_table`) counts the cells of one time point.
 
@@ -688,12 +691,17 @@ def atlas_shape(
 ) -> tuple[int, int, int]:
     """Atlas voxels per axis so that the atlas covers the whole image.
 
-    Image voxel ``i`` covers ``[(i - 0.5) v, (i + 0.5) v]`` and atlas voxel ``j`` is
-    looked up for positions within ``R / 2`` of ``j R``, so the last atlas voxel is the one
-    nearest to the image's far edge.
+    Image voxel ``i`` covers ``[(i - 0.5) v, (i + 0.5) v)`` and atlas voxel ``j`` covers
+    ``[j R, (j + 1) R)`` (BrainGlobe), so the last atlas voxel is the one holding the
+    image's far edge. (The image's first half voxel, below 0 µm, is outside the atlas.)
+
+    Examples
+    --------
+    >>> atlas_shape((48, 192, 192), (2.0, 1.0, 1.0), 4.0)
+    (24, 48, 48)
     """
     return tuple(  # type: ignore[return-value]
-        int(math.floor((n - 0.5) * v / resolution_um + 0.5)) + 1
+        max(1, math.ceil(round((n - 0.5) * v / resolution_um, 9)))
         for n, v in zip(shape_zyx, voxel_size_um, strict=True)
     )
 
@@ -764,8 +772,11 @@ class BrainGeometry:
         return ids, hemi
 
     def atlas(self, shape: Sequence[int], resolution_um: float) -> tuple[np.ndarray, np.ndarray]:
-        """Annotation (uint32) and hemispheres (uint8) sampled at atlas voxel centres."""
-        z, y, x = (np.arange(n, dtype=float) * resolution_um for n in shape)
+        """Annotation (uint32) and hemispheres (uint8) sampled at atlas voxel centres.
+
+        Voxel ``j`` spans ``[j R, (j + 1) R)`` µm (BrainGlobe), so its centre is ``(j + 0.5) R``.
+        """
+        z, y, x = ((np.arange(n, dtype=float) + 0.5) * resolution_um for n in shape)
         return self.labels(z[:, None, None], y[None, :, None], x[None, None, :])
 
     def brain_weight(self, z_um, y_um, x_um, *, edge_um: float = 3.0) -> np.ndarray:
@@ -803,14 +814,14 @@ def sample_cells(
     Returns
     -------
     pandas.DataFrame
-        ``cell_id`` (from 1), ``z_um, y_um, x_um`` (atlas voxel ``j`` centred at
-        ``j × resolution_um``), ``diameter_um``, ``semi_z_um, semi_y_um, semi_x_um``,
+        ``cell_id`` (from 1), ``z_um, y_um, x_um`` (inside their atlas voxel ``j``,
+        which spans ``[j R, (j + 1) R)`` µm), ``diameter_um``, ``semi_z_um, semi_y_um, semi_x_um``,
         ``intensity`` (peak photons per voxel before blur), ``structure_id``,
         ``hemisphere``; sorted by position.
     """
     res = float(resolution_um)
     voxel_mm3 = res**3 * 1e-9
-    # keep positions clear of voxel faces so rounding to the atlas grid is unambiguous
+    # keep positions clear of voxel faces so the atlas voxel of each is unambiguous
     inset = 2e-3 * res
     parts = []
     for region in REGIONS:
@@ -824,7 +835,7 @@ def sample_cells(
 
     def draw(where: np.ndarray, n: int) -> np.ndarray:
         vox = np.stack(np.unravel_index(rng.choice(where, size=n), annotation.shape), axis=1)
-        offset = rng.uniform(-0.5 * res + inset, 0.5 * res - inset, size=(n, 3))
+        offset = rng.uniform(inset, res - inset, size=(n, 3))
         return np.round(vox * res + offset, 3)
 
     positions = [draw(where, n) for _, where, n in parts]
@@ -841,7 +852,7 @@ def sample_cells(
     semi = 0.5 * diam[:, None] * stretch
     intensity = (NUCLEUS_MEDIAN_PHOTONS * rng.lognormal(0.0, NUCLEUS_LOG_SIGMA, n_total)).round(1)
     ids = np.array([parts[i][0].id for i in owner], dtype=np.int64)
-    idx = np.clip(np.rint(pos / res).astype(np.intp), 0, np.array(annotation.shape) - 1)
+    idx = np.clip(np.floor(pos / res).astype(np.intp), 0, np.array(annotation.shape) - 1)
     hemi = hemispheres[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.int64)
     cells = pd.DataFrame(
         {
@@ -903,7 +914,8 @@ def _background_fields(geometry, annotation, res_um, chans, seed) -> list[np.nda
     from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
-    z, y, x = (np.arange(n, dtype=float)[:, None, None] * res_um for n in annotation.shape)
+    # atlas voxel j's centre is at (j + 0.5) R (BrainGlobe: the voxel spans [j R, (j+1) R))
+    z, y, x = ((np.arange(n, dtype=float)[:, None, None] + 0.5) * res_um for n in annotation.shape)
     y, x = y.reshape(1, -1, 1), x.reshape(1, 1, -1)
     extent = max(n * res_um for n in annotation.shape)
     wave = np.zeros(annotation.shape)
@@ -982,7 +994,8 @@ class _Scene:
         """
         out = grid
         for axis in range(3):
-            q = np.arange(lo[axis], hi[axis]) * self.vox[axis] / self.res_um
+            # grid value j is the atlas voxel centre (j + 0.5) R
+            q = np.arange(lo[axis], hi[axis]) * self.vox[axis] / self.res_um - 0.5
             n = grid.shape[axis]
             i0 = np.clip(np.floor(q).astype(np.intp), 0, max(n - 2, 0))
             frac = np.clip(q - i0, 0.0, 1.0) if n > 1 else np.zeros_like(q)
