@@ -13,7 +13,7 @@ Three steps, each usable on its own:
 
 The row layout is the one of ``truth/density.csv`` written by `lightsheet.sample`.
 
-`plot_top_regions` and `plot_density_slice` draw the table as PNGs (matplotlib, Agg).
+`lightsheet.plots` draws the table as PNGs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dask
@@ -529,6 +528,7 @@ def region_table(
     *,
     transform: AtlasTransform | None = None,
     outside_warning_fraction: float = 0.2,
+    volumes_mm3: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Cells, volumes and densities per region and hemisphere, rolled up the hierarchy.
 
@@ -543,6 +543,12 @@ def region_table(
     outside_warning_fraction : float
         Warn (`AtlasCoverageWarning`) when more than this fraction of the cells is in the
         background or outside the atlas: usually a wrong orientation, voxel size or offset.
+    volumes_mm3 : pandas.DataFrame, optional
+        Own volume (mm³) of every annotation id per hemisphere, the layout of
+        `region_voxel_counts` (columns ``left``, ``right``, ``total``): e.g. measured in
+        sample space from registered labels (`lightsheet.register.sample_space_volumes`),
+        as brainmapper does. Replaces the atlas's own voxel counts (``transform`` is then
+        not used for volumes).
 
     Returns
     -------
@@ -599,11 +605,18 @@ def region_table(
         )
     _warn_outside(sid, outside_warning_fraction)
 
-    voxels = region_voxel_counts(atlas, transform)
+    if volumes_mm3 is None:
+        voxels, unit, unit_name = (
+            region_voxel_counts(atlas, transform),
+            atlas.voxel_volume_mm3,
+            "voxels",
+        )
+    else:
+        voxels, unit, unit_name = volumes_mm3, 1.0, "mm³"
     unknown = voxels.index.difference(structures.index).difference([BACKGROUND_ID])
     if len(unknown):
         n_vox = voxels.loc[unknown, "total"]
-        listed = ", ".join(f"{i} ({n} voxels)" for i, n in list(n_vox.items())[:10])
+        listed = ", ".join(f"{i} ({n:g} {unit_name})" for i, n in list(n_vox.items())[:10])
         raise AtlasError(
             f"{atlas.path or 'annotation'}: annotation ids not in structures.json: {listed}"
             f"{' ...' if len(unknown) > 10 else ''}; expected every labelled id to be a structure"
@@ -619,7 +632,7 @@ def region_table(
     np.add.at(own_cells[:, 0], rows[h == HEMISPHERE_LEFT], 1)
     np.add.at(own_cells[:, 1], rows[h == HEMISPHERE_RIGHT], 1)
     np.add.at(own_cells[:, 2], rows, 1)
-    own_vox = np.zeros((nrow, 3), np.int64)
+    own_vox = np.zeros((nrow, 3), np.float64)  # exact for counts below 2**53
     listed = voxels.index[voxels.index > 0]
     own_vox[pos.get_indexer(listed)] = voxels.loc[listed, ["left", "right", "total"]].to_numpy()
     desc, anc = atlas.ancestor_pairs()
@@ -645,7 +658,7 @@ def region_table(
     )
     counts = np.vstack([cells_sum, special(BACKGROUND_ID), special(OUTSIDE_ID)])
     # outside the atlas volume there is no volume to speak of: NaN, not 0
-    volume_mm3 = np.vstack([vox_sum, background_vox, np.full(3, np.nan)]) * atlas.voxel_volume_mm3
+    volume_mm3 = np.vstack([vox_sum, background_vox, np.full(3, np.nan)]) * unit
     with np.errstate(divide="ignore", invalid="ignore"):
         density = np.where(volume_mm3 > 0, counts / np.where(volume_mm3 > 0, volume_mm3, 1), np.nan)
 
@@ -690,231 +703,6 @@ def _warn_outside(sid: np.ndarray, fraction: float) -> None:
             ),
             stacklevel=2,
         )
-
-
-# -- plots --------------------------------------------------------------------------------
-
-
-def plot_top_regions(
-    table: pd.DataFrame,
-    path: str | Path,
-    *,
-    n: int = 20,
-    min_cells: int = 10,
-    leaves_only: bool = True,
-    title: str | None = None,
-) -> Path:
-    """Bar chart of the ``n`` regions with the highest density, left and right marked.
-
-    Background, outside and zero-volume rows are left out; so are regions with fewer than
-    ``min_cells`` cells (a Poisson count of 10 is ±30%: its density is mostly noise).
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        From `region_table`.
-    path : str or Path
-        PNG to write.
-    n : int
-        Number of regions shown.
-    min_cells : int
-        Fewest cells a region needs to be shown.
-    leaves_only : bool
-        Show only regions without children (a parent's density is an average of its
-        children's, so mixing levels repeats the same cells).
-    title : str, optional
-        Figure title.
-
-    Returns
-    -------
-    Path
-        The PNG.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1; got {n}")
-    rows = table[
-        (table["structure_id"] > 0)
-        & (table["total_volume_mm3"] > 0)
-        & (table["total_cells"] >= min_cells)
-    ]
-    if leaves_only:
-        rows = rows[~rows["structure_id"].isin(table["parent_structure_id"].dropna())]
-    rows = rows.sort_values("total_cells_per_mm3", ascending=False).head(n)[::-1]
-    height = max(2.5, 0.32 * len(rows) + 1.2)
-    fig = _figure(figsize=(7.5, height))
-    ax = fig.add_subplot()
-    y = np.arange(len(rows))
-    ax.barh(y, rows["total_cells_per_mm3"], color="#4c72b0", label="both hemispheres")
-    ax.scatter(rows["left_cells_per_mm3"], y, marker="<", color="#dd8452", zorder=3, label="left")
-    ax.scatter(rows["right_cells_per_mm3"], y, marker=">", color="#55a868", zorder=3, label="right")
-    ax.set_yticks(
-        y,
-        [f"{a}  ({c:,} cells)" for a, c in zip(rows["acronym"], rows["total_cells"], strict=True)],
-    )
-    ax.set_xlabel("density (cells per mm³)")
-    kind = "leaf regions" if leaves_only else "regions"
-    ax.set_title(title or f"Densest {len(rows)} {kind} (≥ {min_cells} cells)")
-    ax.grid(axis="x", alpha=0.3)
-    if len(rows):
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no region with cells", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_density_slice(
-    table: pd.DataFrame,
-    atlas: Atlas,
-    path: str | Path,
-    *,
-    axis: int | None = None,
-    index: int | None = None,
-    title: str | None = None,
-) -> Path:
-    """One atlas slice, each voxel coloured by the density of its region in its hemisphere.
-
-    A voxel takes the density of its own (deepest) region from ``table``: the left or right
-    density by its hemisphere, the total where the hemisphere is 0. Region outlines are
-    drawn; background is white. Only the one slice of the annotation is read.
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        From `region_table` for this atlas.
-    atlas : Atlas
-    path : str or Path
-        PNG to write.
-    axis : int, optional
-        Atlas axis cut across; default the anterior–posterior axis (a coronal slice).
-    index : int, optional
-        Slice index along ``axis``; default the middle.
-    title : str, optional
-
-    Returns
-    -------
-    Path
-        The PNG.
-    """
-    if axis is None:
-        axis = next(i for i, c in enumerate(atlas.orientation) if c in "ap")
-    if axis not in (0, 1, 2):
-        raise ValueError(f"axis must be 0, 1 or 2; got {axis}")
-    n_axis = atlas.shape[axis]
-    index = n_axis // 2 if index is None else int(index)
-    if not 0 <= index < n_axis:
-        raise ValueError(f"index must be in [0, {n_axis}) along atlas axis {axis}; got {index}")
-    sl = tuple(index if a == axis else slice(None) for a in range(3))
-    labels, hemi = dask.compute(atlas.annotation[sl], atlas.hemispheres[sl])
-    labels = np.asarray(labels).astype(np.int64)
-    hemi = np.asarray(hemi)
-
-    regions = table[table["structure_id"] > 0].set_index("structure_id")
-    values = np.full(labels.shape, np.nan)
-    for col, which in (
-        ("total_cells_per_mm3", None),
-        ("left_cells_per_mm3", HEMISPHERE_LEFT),
-        ("right_cells_per_mm3", HEMISPHERE_RIGHT),
-    ):
-        m = labels > 0 if which is None else (labels > 0) & (hemi == which)
-        lut = regions[col].reindex(labels[m]).to_numpy(dtype=np.float64)
-        values[m] = lut
-    from matplotlib import colormaps
-
-    other = [a for a in range(3) if a != axis]
-    res = atlas.resolution_um
-    extent_mm = (
-        -0.5 * res[other[1]] / 1e3,
-        (labels.shape[1] - 0.5) * res[other[1]] / 1e3,
-        (labels.shape[0] - 0.5) * res[other[0]] / 1e3,
-        -0.5 * res[other[0]] / 1e3,
-    )
-    fig = _figure(figsize=(7, 6))
-    ax = fig.add_subplot()
-    ax.set_facecolor("white")
-    cmap = colormaps["magma"].with_extremes(bad="white")
-    finite = values[np.isfinite(values)]
-    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-    shown = np.ma.masked_where(labels == 0, values)
-    img = ax.imshow(
-        shown, cmap=cmap, vmin=0, vmax=max(vmax, 1e-9), extent=extent_mm, interpolation="nearest"
-    )
-    edges = np.zeros(labels.shape, bool)
-    edges[1:, :] |= labels[1:, :] != labels[:-1, :]
-    edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    ax.imshow(
-        np.ma.masked_where(~edges, edges),
-        cmap="Greys",
-        vmin=0,
-        vmax=1,
-        alpha=0.6,
-        extent=extent_mm,
-        interpolation="nearest",
-    )
-    _label_regions(ax, labels, regions["acronym"], extent_mm)
-    cbar = fig.colorbar(img, ax=ax, shrink=0.8)
-    cbar.set_label("density (cells per mm³)")
-    names = {
-        "a": ("anterior", "posterior"),
-        "p": ("posterior", "anterior"),
-        "s": ("superior", "inferior"),
-        "i": ("inferior", "superior"),
-        "l": ("left", "right"),
-        "r": ("right", "left"),
-    }
-    o = atlas.orientation
-    ax.set_ylabel("{} → {} (mm)".format(*names[o[other[0]]]))
-    ax.set_xlabel("{} → {} (mm)".format(*names[o[other[1]]]))
-    plane = {"a": "coronal", "p": "coronal", "s": "horizontal", "i": "horizontal"}
-    ax.set_title(
-        title or f"Density, {plane.get(o[axis], 'sagittal')} atlas slice {index} of {n_axis}"
-    )
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _label_regions(ax, labels, acronyms, extent_mm, *, most=12) -> None:
-    """Write the acronym of the largest regions of a slice at their medoid-ish centre."""
-    ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    if ids.size == 0:
-        return
-    # regions under 1% of the slice's brain area are too small to label legibly
-    order = np.argsort(counts)[::-1][:most]
-    keep = ids[order][counts[order] >= 0.01 * counts.sum()]
-    x0, x1, y1, y0 = extent_mm
-    sx = (x1 - x0) / labels.shape[1]
-    sy = (y1 - y0) / labels.shape[0]
-    for sid in keep:
-        rr, cc = np.nonzero(labels == sid)
-        # the region's own pixel nearest its mean: inside even for curved regions
-        k = np.argmin((rr - rr.mean()) ** 2 + (cc - cc.mean()) ** 2)
-        ax.text(
-            x0 + (cc[k] + 0.5) * sx,
-            y0 + (rr[k] + 0.5) * sy,
-            str(acronyms.get(sid, sid)),
-            ha="center",
-            va="center",
-            fontsize="small",
-            color="white",
-            bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.45, "lw": 0},
-        )
-
-
-def _figure(figsize):
-    """A Figure on an Agg canvas: no pyplot global state, safe in worker threads."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
 
 
 # -- argument checks ----------------------------------------------------------------------

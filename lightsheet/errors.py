@@ -61,3 +61,11 @@ class OutputSpaceError(LightsheetError, OSError):
 
 class AnnotationError(LightsheetError, ValueError):
     """An annotation file (points or masks) that cannot be read."""
+
+
+class RegistrationError(LightsheetError, RuntimeError):
+    """Registration of the atlas to the sample failed (elastix crashed, timed out, bad input)."""
+
+
+class RegistrationQualityWarning(UserWarning):
+    """A registration that ran but looks wrong: low similarity, implausible scale or folding."""

@@ -17,13 +17,12 @@ from lightsheet.density import (
     assign_regions,
     image_to_atlas,
     lookup_points,
-    plot_density_slice,
-    plot_top_regions,
     region_table,
     region_voxel_counts,
 )
 from lightsheet.errors import AtlasCoverageWarning, AtlasError, ConfigError
 from lightsheet.io.atlas import Atlas, load_atlas, write_atlas
+from lightsheet.plots import plot_density_slice, plot_top_regions
 
 # root ─┬─ grey ─┬─ CTX ─┬─ CTX1
 #       │        │       └─ CTX2
