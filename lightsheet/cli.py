@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    lightsheet sample DIR [--size tiny|small|medium|large] [--seed N]
+    lightsheet sample DIR [--size tiny|small|medium|large] [--seed N] [--misaligned]
     lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
@@ -68,6 +68,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             channels=args.channels,
             timepoints=args.timepoints,
             progress=progress,
+            misaligned=args.misaligned,
         )
     gb = info.get("bytes_written", 0) / 1e9
     print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
@@ -278,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--channels", type=int, default=2, help="channels (default 2: nuclei, autofl.)")
     p.add_argument("--timepoints", type=int, default=1, help="time points (default 1)")
+    p.add_argument(
+        "--misaligned",
+        action="store_true",
+        help="rotate, scale and warp the brain against its atlas (the config registers it)",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("run", help="run the pipeline on a YAML run config")

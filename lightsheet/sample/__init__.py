@@ -307,6 +307,7 @@ def generate(
     channels: int = 2,
     timepoints: int = 1,
     progress: Progress | None = None,
+    misaligned: bool = False,
 ) -> dict:
     """Write a sample acquisition with its atlas and ground truth.
 
@@ -326,6 +327,9 @@ def generate(
         Time points: the same cells with fresh noise and slight bleaching.
     progress : callable, optional
         ``progress(done, total, what)``, called after each tile file is written.
+    misaligned : bool
+        Rotate, scale, shift and warp the brain against its atlas and reorient the image
+        (`lightsheet.sample.misaligned`); the config then registers the atlas.
 
     Returns
     -------
@@ -344,11 +348,15 @@ def generate(
     # marks the folder as a sample from the start, so an interrupted run can be redone
     _write_json(out / "sample.json", {"format": SAMPLE_FORMAT, "complete": False, "size": size})
 
-    ph = build_phantom(size, seed=seed, channels=channels)
+    if misaligned:
+        from lightsheet.sample.misaligned import build_misaligned_phantom
+
+        ph = build_misaligned_phantom(size, seed=seed, channels=channels)
+    else:
+        ph = build_phantom(size, seed=seed, channels=channels)
     vox, shape, res_um = ph.voxel_size_um, preset.shape_zyx, ph.resolution_um
-    density = truth_region_table(
-        ph.cells, ph.annotation, ph.hemispheres, ph.structures, ph.resolution_um
-    )
+    labels, sides, volume_res = ph.truth_volumes()
+    density = truth_region_table(ph.cells, labels, sides, ph.structures, volume_res)
     write_psf(out / "psf.tif", ph.psf, vox)
     # reference template: the anatomy channel's autofluorescence at atlas resolution
     field = ph.fields[min(1, channels - 1)]
@@ -441,6 +449,7 @@ def generate(
             for r in REGIONS
             if r.density_cells_per_mm3 is not None
         ],
+        "misalignment": None if not misaligned else _misalignment_info(ph),
         "raw_bytes": preset.raw_bytes(channels=channels, timepoints=timepoints),
         "bytes_written": nbytes,
     }
@@ -490,6 +499,10 @@ class Phantom:
     psf: np.ndarray
     channels: tuple[Channel, ...]
     fields: list[np.ndarray]
+
+    def truth_volumes(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Labels and their voxel size that define the truth's region volumes."""
+        return self.annotation, self.hemispheres, self.resolution_um
 
     @cached_property
     def _scene(self) -> _Scene:
@@ -843,17 +856,34 @@ def sample_cells(
     pos = np.concatenate(positions) if positions else np.empty((0, 3))
     pos = _separate(pos, owner, [w for _, w, _ in parts], draw, rng)
 
+    mean_d = np.array([parts[i][0].diameter_um for i in owner]) if len(pos) else np.empty(0)
+    ids = np.array([parts[i][0].id for i in owner], dtype=np.int64)
+    idx = np.clip(np.floor(pos / res).astype(np.intp), 0, np.array(annotation.shape) - 1)
+    hemi = hemispheres[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.int64)
+    return cells_frame(pos, mean_d, ids, hemi, rng=rng)
+
+
+def cells_frame(
+    pos: np.ndarray,
+    mean_diameter_um: np.ndarray,
+    structure_id: np.ndarray,
+    hemisphere: np.ndarray,
+    *,
+    rng: np.random.Generator,
+) -> pd.DataFrame:
+    """Nuclei at ``pos`` (µm): sizes, shapes and brightness drawn, sorted by position.
+
+    Returns the `sample_cells` table for cells whose region and side are known.
+    """
     n_total = len(pos)
-    mean_d = np.array([parts[i][0].diameter_um for i in owner]) if n_total else np.empty(0)
+    mean_d = mean_diameter_um
     diam = np.clip(rng.normal(mean_d, NUCLEUS_DIAMETER_SD_UM), *NUCLEUS_DIAMETER_RANGE_UM).round(2)
     # slightly ellipsoidal: per-axis stretch around the mean radius, volume kept
     stretch = np.exp(rng.normal(0.0, 0.08, size=(n_total, 3)))
     stretch /= np.cbrt(stretch.prod(axis=1, keepdims=True))
     semi = 0.5 * diam[:, None] * stretch
     intensity = (NUCLEUS_MEDIAN_PHOTONS * rng.lognormal(0.0, NUCLEUS_LOG_SIGMA, n_total)).round(1)
-    ids = np.array([parts[i][0].id for i in owner], dtype=np.int64)
-    idx = np.clip(np.floor(pos / res).astype(np.intp), 0, np.array(annotation.shape) - 1)
-    hemi = hemispheres[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.int64)
+    ids, hemi = structure_id, hemisphere
     cells = pd.DataFrame(
         {
             "z_um": pos[:, 0],
@@ -1184,6 +1214,18 @@ def _write_atlas(folder: Path, annotation, hemispheres, reference, structures, r
     tifffile.imwrite(folder / "reference.tiff", reference)
 
 
+def _misalignment_info(ph) -> dict:
+    from lightsheet.sample.misaligned import SAMPLE_MISALIGNMENT, SAMPLE_ORIENTATION
+
+    m = ph.misalignment
+    return {
+        "orientation": SAMPLE_ORIENTATION,
+        **SAMPLE_MISALIGNMENT,
+        "rotation_matrix": np.round(m.matrix * SAMPLE_MISALIGNMENT["sample_scale"], 6).tolist(),
+        "shift_um": np.round(m.shift_um, 3).tolist(),
+    }
+
+
 def _write_config(path: Path, info: dict) -> None:
     import yaml
 
@@ -1200,6 +1242,9 @@ def _write_config(path: Path, info: dict) -> None:
         },
         "density": {"orientation": "asr", "offset_um": [0.0, 0.0, 0.0]},
     }
+    if info.get("misalignment"):
+        config["density"] = {"orientation": info["misalignment"]["orientation"]}
+        config["register"] = {"enabled": True, "channel": 1}
     header = (
         f"# Run config for the generated sample (size {info['size']}, seed {info['seed']}).\n"
         "# Relative paths are relative to this file's folder.\n"

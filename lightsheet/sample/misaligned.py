@@ -24,10 +24,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from lightsheet.density import atlas_voxel, reorientation_um
+from lightsheet.sample import Phantom, _Scene
 
 #: Allen CCFv3's extent (µm) along its axes (anterior–posterior, superior–inferior,
 #: right–left): a mouse brain's size for the registration benchmark.
@@ -350,3 +352,188 @@ def registration_case(
         misalignment=mis,
         landmarks_um=landmarks,
     )
+
+
+# -- the misaligned acquisition (lightsheet sample --misaligned) ------------------------------
+
+#: Orientation of the misaligned sample's image axes (z, y, x): starts inferior, posterior,
+#: left, so every axis is mirrored against the atlas and z and y swap roles.
+SAMPLE_ORIENTATION = "ipl"
+#: The misalignment of `lightsheet sample --misaligned` (shift and warp in atlas voxels).
+SAMPLE_MISALIGNMENT = {
+    "rotation_deg": 8.0,
+    "sample_scale": 1.05,
+    "shift_voxels": 3.0,
+    "warp_voxels": 1.5,
+}
+#: The brain's semi-axes as a fraction of the atlas extent: smaller than the aligned
+#: sample's, so the rotated, scaled and shifted brain stays inside the image.
+MISALIGNED_SEMI_AXIS_FRACTION = 0.36
+
+
+def build_misaligned_phantom(size: str = "tiny", *, seed: int = 0, channels: int = 2):
+    """The content of a misaligned sample: atlas, misalignment, cells, fields.
+
+    The atlas (orientation ``asr``, the sample preset's resolution) spans the image's
+    extent along the matching axes; the brain sits in it as in the aligned sample, a little
+    smaller. The image shows it through `Misalignment` (`SAMPLE_ORIENTATION`,
+    `SAMPLE_MISALIGNMENT`). Cells are placed uniformly in sample space at each region's
+    density; their truth region and side are the atlas voxel their position maps to.
+
+    Returns
+    -------
+    lightsheet.sample.Phantom
+        Whose `truth_volumes` are the labels on a grid of half an atlas voxel in sample
+        space (volumes as the sample has them, which registration measures).
+    """
+    from lightsheet.psf import psf_from_optics
+    from lightsheet.sample import (
+        CHANNELS,
+        OPTICS,
+        VOXEL_SIZE_UM,
+        BrainGeometry,
+        _background_fields,
+        _check_args,
+        structures_json,
+    )
+
+    preset = _check_args(size, seed, channels, 1)
+    vox = VOXEL_SIZE_UM
+    res = preset.atlas_resolution_um(vox)
+    reorient = reorientation_um(
+        SAMPLE_ORIENTATION, "asr", image_shape=preset.shape_zyx, voxel_size_um=vox
+    )
+    extent = np.abs(reorient[:3, :3]) @ (np.asarray(preset.shape_zyx) * vox)
+    shape = tuple(int(math.ceil(round(e / res, 9))) for e in extent)
+    geometry = BrainGeometry(tuple(0.5 * extent), tuple(MISALIGNED_SEMI_AXIS_FRACTION * extent))
+    annotation, hemispheres = geometry.atlas(shape, res)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 24]))
+    m = SAMPLE_MISALIGNMENT
+    mis = make_misalignment(
+        image_shape=preset.shape_zyx,
+        voxel_size_um=vox,
+        orientation=SAMPLE_ORIENTATION,
+        atlas_orientation="asr",
+        atlas_centre_um=geometry.centre_um,
+        brain_semi_um=geometry.semi_um,
+        rotation_deg=m["rotation_deg"],
+        sample_scale=m["sample_scale"],
+        shift_um=m["shift_voxels"] * res,
+        warp_um=m["warp_voxels"] * res,
+        rng=rng,
+    )
+    labels = _sample_space_labels(mis, annotation, hemispheres, res, preset.shape_zyx, vox)
+    cells = _misaligned_cells(mis, annotation, hemispheres, res, labels, rng=rng)
+    chans = CHANNELS[:channels]
+    return MisalignedPhantom(
+        preset=preset,
+        voxel_size_um=vox,
+        resolution_um=res,
+        geometry=geometry,
+        annotation=annotation,
+        hemispheres=hemispheres,
+        structures=structures_json(),
+        cells=cells,
+        psf=psf_from_optics(voxel_size_um=vox, **OPTICS),
+        channels=chans,
+        fields=_background_fields(geometry, annotation, res, chans, seed),
+        misalignment=mis,
+        sample_labels=labels,
+    )
+
+
+def _sample_space_labels(mis, annotation, hemispheres, res, image_shape, vox):
+    """Annotation and hemispheres on a grid of R/2 in sample space (image axes), and R/2.
+
+    Cell ``j`` of the grid spans ``[j h, (j + 1) h) - v/2`` along each axis (from the image's
+    low edge), labelled at its centre.
+    """
+    h = 0.5 * res
+    axes = [
+        (np.arange(math.ceil(round(n * v / h, 9))) + 0.5) * h - 0.5 * v
+        for n, v in zip(image_shape, vox, strict=True)
+    ]
+    ann = np.zeros([len(a) for a in axes], annotation.dtype)
+    hem = np.zeros(ann.shape, np.uint8)
+    for i, z in enumerate(axes[0]):
+        p = np.stack(np.broadcast_arrays(z, axes[1][:, None], axes[2][None, :]), axis=-1)
+        q = mis(p)
+        ann[i] = lookup_labels(annotation, res, q)
+        hem[i] = lookup_labels(hemispheres, res, q)
+    return ann, hem, h, axes
+
+
+def _misaligned_cells(mis, annotation, hemispheres, res, labels, *, rng):
+    """Nuclei uniform in sample space at each region's density; truth = atlas voxel at q."""
+    from lightsheet.sample import REGIONS, _separate, cells_frame
+
+    ann_s, _, h, axes = labels
+    voxel_mm3 = h**3 * 1e-9
+    parts = []
+    for region in REGIONS:
+        if region.density_cells_per_mm3 is None:
+            continue
+        where = np.flatnonzero(ann_s.ravel() == region.id)
+        n = int(round(region.density_cells_per_mm3 * where.size * voxel_mm3))
+        if n:
+            parts.append((region, where, n))
+
+    def draw(part, n: int) -> np.ndarray:
+        region, where = part
+        out = np.empty((0, 3))
+        while len(out) < n:
+            # a cell of the grid labelled with the region, a point in it, kept where the
+            # point itself maps into the region: uniform over the region's sample space
+            k = np.stack(np.unravel_index(rng.choice(where, size=2 * n), ann_s.shape), axis=1)
+            centre = np.stack([axes[a][k[:, a]] for a in range(3)], axis=1)
+            p = np.round(centre + rng.uniform(-0.5 * h, 0.5 * h, size=centre.shape), 3)
+            p = p[lookup_labels(annotation, res, mis(p)) == region.id]
+            out = np.concatenate([out, p])
+        return out[:n]
+
+    wheres = [(r, w) for r, w, _ in parts]
+    positions = [draw(w, n) for w, (_, _, n) in zip(wheres, parts, strict=True)]
+    owner = np.concatenate([np.full(n, i) for i, (_, _, n) in enumerate(parts)]).astype(int)
+    pos = np.concatenate(positions) if positions else np.empty((0, 3))
+    pos = _separate(pos, owner, wheres, draw, rng)
+    q = mis(pos)
+    ids = lookup_labels(annotation, res, q).astype(np.int64)
+    hemi = lookup_labels(hemispheres, res, q).astype(np.int64)
+    mean_d = np.array([parts[i][0].diameter_um for i in owner]) if len(pos) else np.empty(0)
+    return cells_frame(pos, mean_d, ids, hemi, rng=rng)
+
+
+class MisalignedScene(_Scene):
+    """`_Scene` whose autofluorescence is the atlas-grid field at ``q = T(p)``."""
+
+    def __init__(self, *args, misalignment: Misalignment):
+        super().__init__(*args)
+        self.misalignment = misalignment
+
+    def _field(self, grid, lo, hi):
+        axes = [np.arange(lo[a], hi[a]) * self.vox[a] for a in range(3)]
+        out = np.empty([len(a) for a in axes], np.float32)
+        for i, z in enumerate(axes[0]):
+            p = np.stack(np.broadcast_arrays(z, axes[1][:, None], axes[2][None, :]), -1)
+            out[i] = sample_field(grid, self.res_um, self.misalignment(p))
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class MisalignedPhantom(Phantom):
+    """A `Phantom` seen through a `Misalignment` (see `build_misaligned_phantom`)."""
+
+    misalignment: Misalignment | None = None
+    sample_labels: tuple = ()
+
+    @cached_property
+    def _scene(self) -> MisalignedScene:
+        return MisalignedScene(
+            self.cells, self.psf, self.voxel_size_um, self.resolution_um, self.fields,
+            misalignment=self.misalignment,
+        )  # fmt: skip
+
+    def truth_volumes(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Labels on the sample-space grid and its spacing: volumes as imaged."""
+        ann, hem, h, _ = self.sample_labels
+        return ann, hem, h
