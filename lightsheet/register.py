@@ -510,7 +510,7 @@ def register_atlas(
     maps: list[dict[str, list[str]]] | None = None,
     threads: int | None = None,
     timeout_s: float | None = None,
-    min_similarity: float = 0.5,
+    min_similarity: float = 0.7,
 ) -> AtlasRegistration:
     """Register the atlas reference to a sample on its fixed grid, and measure the result.
 
@@ -538,7 +538,7 @@ def register_atlas(
         )
     origin, spacing, shape = grid.physical_geometry()
     if maps is None:
-        maps = parameter_maps(shape, resolution_um)
+        maps = parameter_maps(shape, resolution_um, atlas_shape=reference.shape)
     reg = register(
         grid.to_atlas_axes(fixed),
         reference,

@@ -153,6 +153,7 @@ def _compute(stage: Stage, raw, atlas, config, orientation, out: Path) -> dict:
         bspline=config.bspline,
         bspline_iterations=config.bspline_iterations,
         grid_spacing_um=config.grid_spacing_um,
+        atlas_shape=atlas_obj.shape,
         bending_energy_weight=config.bending_energy_weight,
     )
     transforms = out / TRANSFORMS
