@@ -211,6 +211,7 @@ def summarize(records: list[dict], output: str) -> dict:
         png_markdown(Path(density["plots"][0]), "densest regions"),
         "",
         f"Plots: {', '.join(density['plots'])}",
+        *(f"\n**Warning:** {w}" for w in density["warnings"]),
     ]
     create_markdown_artifact(key="run-summary", markdown="\n".join(md), description=output)
     return {

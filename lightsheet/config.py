@@ -212,7 +212,8 @@ class RegisterConfig(_Model):
     grid_spacing_um: PositiveFloat | None = Field(
         None,
         description="B-spline control-point spacing in µm; default a tenth of the atlas's "
-        "smallest extent (0.8 mm for a mouse). Smaller follows finer warps, and noise.",
+        "smallest extent (0.8 mm for a mouse), at least 8 atlas voxels. Smaller follows finer "
+        "warps, and noise.",
     )
     bending_energy_weight: float = Field(
         0.0,

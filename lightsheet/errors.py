@@ -65,7 +65,3 @@ class AnnotationError(LightsheetError, ValueError):
 
 class RegistrationError(LightsheetError, RuntimeError):
     """Registration of the atlas to the sample failed (elastix crashed, timed out, bad input)."""
-
-
-class RegistrationQualityWarning(UserWarning):
-    """A registration that ran but looks wrong: low similarity, implausible scale or folding."""

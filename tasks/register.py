@@ -17,7 +17,6 @@ and leaves no output; registration.json, written last, marks a complete stage.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import dask.array as da
@@ -27,7 +26,6 @@ from prefect.artifacts import create_markdown_artifact
 
 from lightsheet.config import RegisterConfig
 from lightsheet.elastix import parameter_maps
-from lightsheet.errors import RegistrationQualityWarning
 from lightsheet.io.atlas import load_atlas, read_reference
 from lightsheet.io.atomic import atomic_path
 from lightsheet.io.omezarr import read_image, write_image
@@ -205,8 +203,6 @@ def _compute(stage: Stage, raw, atlas, config, orientation, out: Path) -> dict:
             for p in sorted(transforms.glob("TransformParameters.*.txt"))
         },
     }
-    for w in summary["warnings"]:
-        warnings.warn(RegistrationQualityWarning(w), stacklevel=1)
     with atomic_path(stage.outputs["register"]) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     fps["register"] = file_content_fingerprint(stage.outputs["register"])

@@ -316,3 +316,34 @@ def test_registration_acceptance_at_50um(tmp_path):
     assert min(fig["dice_10_largest"].values()) >= 0.9, fig
     assert fig["cells_in_true_region"] >= 0.98, fig
     assert fig["min_jacobian"] > 0, fig
+
+
+def test_misaligned_sample_truth_is_the_atlas_at_the_mapped_position():
+    from lightsheet.sample.misaligned import build_misaligned_phantom, lookup_labels
+
+    ph = build_misaligned_phantom("tiny", seed=1, channels=2)
+    cells = ph.cells
+    q = ph.misalignment(cells[["z_um", "y_um", "x_um"]].to_numpy())
+    np.testing.assert_array_equal(
+        cells["structure_id"], lookup_labels(ph.annotation, ph.resolution_um, q)
+    )
+    np.testing.assert_array_equal(
+        cells["hemisphere"], lookup_labels(ph.hemispheres, ph.resolution_um, q)
+    )
+    assert ph.misalignment.rotation_deg == pytest.approx(8.0)
+    assert ph.misalignment.scale == pytest.approx(1 / 1.05)
+    # truth volumes are sample-space volumes: the grid covers the image once
+    ann, hem, h = ph.truth_volumes()
+    extent = np.multiply(ph.preset.shape_zyx, ph.voxel_size_um)
+    assert np.all(np.array(ann.shape) * h >= extent) and ((ann > 0) == (hem > 0)).all()
+    # the autofluorescence follows the atlas: brighter where the mapped position is brain
+    lo, hi = (0, 0, 0), ph.preset.shape_zyx
+    image = ph.expected(lo, hi, channel=1)
+    grid = np.stack(
+        np.meshgrid(
+            *[np.arange(n) * v for n, v in zip(hi, ph.voxel_size_um, strict=True)], indexing="ij"
+        ),
+        -1,
+    )
+    brain = lookup_labels(ph.annotation, ph.resolution_um, ph.misalignment(grid)) > 0
+    assert np.median(image[brain]) > 2 * np.median(image[~brain])
