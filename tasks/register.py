@@ -74,17 +74,38 @@ def register_spec(
     """What `register_volume` makes from the raw image's autofluorescence and the atlas."""
     out = Path(output)
     channel = register_channel(config, segment_channel, int(raw["shape"][1]))
+    atlas_obj = load_atlas(atlas)  # lazy: metadata and the annotation's header
+    grid = FixedGrid.for_atlas(
+        atlas_obj, image_shape=raw["shape"][2:], voxel_size_um=raw["voxel_size_um"],
+        orientation=orientation,
+    )  # fmt: skip
     return StageSpec(
         "register",
         {role: out / name for role, name in REGISTER_OUTPUTS.items()},
         params={
             **config.model_dump(mode="json"),
+            # the maps elastix runs with, defaults resolved: a new default is a new result
+            "elastix": elastix_maps(config, grid, atlas_obj),
             "channel": channel,
             "orientation": orientation,
             "image_shape_zyx": list(raw["shape"][2:]),
             "voxel_size_um": list(raw["voxel_size_um"]),
         },
         inputs={"raw": output_input(raw), "atlas": atlas_input(atlas)},
+    )
+
+
+def elastix_maps(config: RegisterConfig, grid: FixedGrid, atlas) -> list[dict]:
+    """The elastix parameter maps of this registration, every default resolved."""
+    return parameter_maps(
+        grid.physical_geometry()[2],
+        atlas.resolution_um,
+        affine_iterations=config.affine_iterations,
+        bspline=config.bspline,
+        bspline_iterations=config.bspline_iterations,
+        grid_spacing_um=config.grid_spacing_um,
+        atlas_shape=atlas.shape,
+        bending_energy_weight=config.bending_energy_weight,
     )
 
 
@@ -143,17 +164,7 @@ def _compute(stage: Stage, raw, atlas, config, orientation, out: Path) -> dict:
         annotation = np.asarray(atlas_obj.annotation.compute())
         hemispheres = np.asarray(atlas_obj.hemispheres.compute())
     reference = read_reference(atlas, shape=atlas_obj.shape)
-    _, _, atlas_axes_shape = grid.physical_geometry()
-    maps = parameter_maps(
-        atlas_axes_shape,
-        atlas_obj.resolution_um,
-        affine_iterations=config.affine_iterations,
-        bspline=config.bspline,
-        bspline_iterations=config.bspline_iterations,
-        grid_spacing_um=config.grid_spacing_um,
-        atlas_shape=atlas_obj.shape,
-        bending_energy_weight=config.bending_energy_weight,
-    )
+    maps = elastix_maps(config, grid, atlas_obj)
     transforms = out / TRANSFORMS
     with atomic_path(transforms) as tmp:
         result = register_atlas(

@@ -369,6 +369,10 @@ SAMPLE_MISALIGNMENT = {
 #: The brain's semi-axes as a fraction of the atlas extent: smaller than the aligned
 #: sample's, so the rotated, scaled and shifted brain stays inside the image.
 MISALIGNED_SEMI_AXIS_FRACTION = 0.36
+#: The misaligned sample's atlas is this much finer than the aligned sample's, so its thinnest
+#: cortical layer spans a few atlas voxels (as a real atlas's do) and registration can place
+#: cells in it: at the aligned sample's resolution it is one voxel thick.
+MISALIGNED_ATLAS_REFINEMENT = 2
 
 
 def build_misaligned_phantom(size: str = "tiny", *, seed: int = 0, channels: int = 2):
@@ -399,7 +403,7 @@ def build_misaligned_phantom(size: str = "tiny", *, seed: int = 0, channels: int
 
     preset = _check_args(size, seed, channels, 1)
     vox = VOXEL_SIZE_UM
-    res = preset.atlas_resolution_um(vox)
+    res = preset.atlas_resolution_um(vox) / MISALIGNED_ATLAS_REFINEMENT
     reorient = reorientation_um(
         SAMPLE_ORIENTATION, "asr", image_shape=preset.shape_zyx, voxel_size_um=vox
     )
