@@ -339,10 +339,19 @@ def _run_worker(job: Path, spec: Mapping, timeout_s: float | None) -> None:
             else f"exited with status {proc.returncode}"
         )
         tail = (proc.stderr or "")[-3000:]
+        log = _read_log(job)
+        if "map outside moving image" in log + tail:
+            hint = (
+                "most of the sample maps outside the atlas: check voxel_size_um, "
+                "density.orientation and the atlas"
+            )
+        elif proc.returncode < 0:
+            hint = "a multi-metric B-spline with several threads crashes upstream (ITKElastix #160)"
+        else:
+            hint = "see the log"
         raise RegistrationError(
-            f"elastix ({spec['command']}) {how}; no output was written. B-spline runs with "
-            "several threads can crash upstream (ITKElastix #295): try register.threads: 1. "
-            f"Log tail:\n{_read_log(job)}\n{tail}"
+            f"elastix ({spec['command']}) {how}; no output was written; {hint}. "
+            f"Log tail:\n{log}\n{tail}"
         )
 
 

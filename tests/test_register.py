@@ -350,3 +350,26 @@ def test_misaligned_sample_truth_is_the_atlas_at_the_mapped_position():
     )
     brain = lookup_labels(ph.annotation, ph.resolution_um, ph.misalignment(grid)) > 0
     assert np.median(image[brain]) > 2 * np.median(image[~brain])
+
+
+def test_wrong_voxel_size_is_reported(coarse_case, tmp_path):
+    """Voxels said to be twice their size: a warning or a failure that names voxel_size_um."""
+    case = coarse_case
+    atlas = _atlas(case)
+    vox = tuple(2 * v for v in case.voxel_size_um)
+    grid = FixedGrid.for_atlas(
+        atlas, image_shape=case.image.shape, voxel_size_um=vox, orientation=case.orientation
+    )
+    fixed = downsample(da.from_array(case.image, chunks=64), grid)
+    maps = parameter_maps(grid.physical_geometry()[2], atlas.resolution_um, bspline=False)
+    try:
+        result = register_atlas(
+            fixed, grid, annotation=case.annotation, hemispheres=case.hemispheres,
+            reference=case.reference, resolution_um=atlas.resolution_um,
+            out_dir=tmp_path / "r", threads=2, maps=maps,
+        )  # fmt: skip
+    except RegistrationError as exc:
+        assert "voxel_size_um" in str(exc).split("Log tail")[0]
+        assert not (tmp_path / "r").exists()
+    else:
+        assert any("voxel_size_um" in w for w in result.warnings), result.summary()
