@@ -405,7 +405,8 @@ def _worker(job: Path) -> None:
     )
     # elastix wrote TransformParameters.<i>.txt into the job folder, each naming the one before
     np.save(job / "warped.npy", itk.array_from_image(warped).astype(np.float32))
-    field = itk.transformix_deformation_field(moving, result)
+    # transformix writes its files into the output folder (the current one by default)
+    field = itk.transformix_deformation_field(moving, result, output_directory=str(job))
     # components come x, y, z: reverse them to the array's axis order
     np.save(job / "deformation.npy", np.asarray(field, np.float32)[..., ::-1].copy())
     _, det = itk.transformix_jacobian(moving, result, output_directory=str(job) + "/")
