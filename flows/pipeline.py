@@ -33,6 +33,7 @@ from tasks.deconvolve import deconvolve_spec, deconvolve_volume
 from tasks.density import density_spec, density_table, top_regions
 from tasks.featurize import featurize_spec, featurize_volume
 from tasks.ingest import ingest
+from tasks.register import REGISTER_OUTPUTS, register_spec, register_volume
 from tasks.segment import segment_spec, segment_volume
 from tasks.stitch import stitch_spec, stitch_tiles
 
@@ -106,8 +107,11 @@ STAGES = {
     "deconvolve": (deconvolve_volume, deconvolve_spec, ("deconvolve",)),
     "featurize": (featurize_volume, featurize_spec, ("featurize",)),
     "segment": (segment_volume, segment_spec, ("segment", "segment_table")),
+    "register": (register_volume, register_spec, tuple(REGISTER_OUTPUTS)),
     "density": (density_table, density_spec, ("density", "density_cells")),
 }
+#: Every stage output's file name, by role.
+OUTPUT_NAMES = {**OUTPUTS, **REGISTER_OUTPUTS}
 
 
 def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
@@ -129,8 +133,15 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
         features = step("featurize", image, config.segment.channel, config.featurize, o)
     model = None if config.featurize.model is None else str(config.featurize.model)
     segmented = step("segment", image, features, config.segment, model, o)
-    density = step("density", segmented, raw, str(config.atlas), config.density, o)
-    return [manifest, raw, image, features, segmented, density]
+    registered = None
+    if config.register.enabled:
+        # beside deconvolve/segment: it needs only the raw autofluorescence channel
+        registered = step(
+            "register", raw, str(config.atlas), config.register, config.density.orientation,
+            config.segment.channel, o,
+        )  # fmt: skip
+    density = step("density", segmented, raw, str(config.atlas), config.density, o, registered)
+    return [manifest, raw, image, features, segmented, registered, density]
 
 
 class _Stale(Exception):
@@ -168,12 +179,12 @@ def first_stale_stage(config: PipelineConfig) -> str | None:
 
 @flow(name="lightsheet-stages")
 def stages(config: PipelineConfig) -> dict:
-    """Ingest → stitch → deconvolve → featurize → segment → density."""
+    """Ingest → stitch → deconvolve → featurize → segment (→ register) → density."""
     out = Path(config.output)
 
     def submit(name: str, *args: Any) -> PrefectFuture:
         task, _, roles = STAGES[name]
-        return materializing(task, *(out / OUTPUTS[r] for r in roles)).submit(*args)
+        return materializing(task, *(out / OUTPUT_NAMES[r] for r in roles)).submit(*args)
 
     manifest, *futures = wire(config, ingest.submit, submit)
     # in pipeline order, so the first failure is the error the run reports
@@ -210,6 +221,7 @@ def summarize(records: list[dict], output: str) -> dict:
         png_markdown(Path(density["plots"][0]), "densest regions"),
         "",
         f"Plots: {', '.join(density['plots'])}",
+        *(f"\n**Warning:** {w}" for w in density["warnings"]),
     ]
     create_markdown_artifact(key="run-summary", markdown="\n".join(md), description=output)
     return {

@@ -2,8 +2,8 @@
 
 Subcommands::
 
-    lightsheet sample DIR [--size tiny|small|medium|large] [--seed N] [--overlap F]
-                      [--stage-error-um UM [UM UM]] [--grid Z Y X]
+    lightsheet sample DIR [--size tiny|small|medium|large] [--seed N] [--misaligned]
+                      [--overlap F] [--stage-error-um UM [UM UM]] [--grid Z Y X]
     lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
@@ -67,6 +67,7 @@ def _progress_bar(description: str):
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """`lightsheet sample`: write a sample acquisition with ground truth."""
+    from lightsheet.errors import SampleError
     from lightsheet.sample import generate
     from lightsheet.sample.overlap import generate_overlapping
 
@@ -74,6 +75,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     common = {"size": args.size, "seed": args.seed, "channels": args.channels}
     overlapping = args.overlap or args.stage_error_um or args.grid
     with bar:
+        if overlapping and args.misaligned:
+            raise SampleError(
+                "--misaligned cannot be combined with --overlap/--stage-error-um/--grid; "
+                "expected one of them"
+            )
         if overlapping:
             info = generate_overlapping(
                 args.dir, **common, timepoints=args.timepoints, progress=progress,
@@ -81,7 +87,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 grid=args.grid,
             )  # fmt: skip
         else:
-            info = generate(args.dir, **common, timepoints=args.timepoints, progress=progress)
+            info = generate(
+                args.dir, **common, timepoints=args.timepoints, progress=progress,
+                misaligned=args.misaligned,
+            )  # fmt: skip
     gb = info.get("bytes_written", 0) / 1e9
     print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
     print(f"  lightsheet run {Path(args.dir) / 'config.yaml'}")
@@ -399,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--grid", type=int, nargs=3, metavar=("Z", "Y", "X"), help="tiles per axis (overlap only)"
+    )
+    p.add_argument(
+        "--misaligned",
+        action="store_true",
+        help="rotate, scale and warp the brain against its atlas (the config registers it)",
     )
     p.set_defaults(func=cmd_sample)
 

