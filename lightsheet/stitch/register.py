@@ -442,7 +442,7 @@ def spatial_tiles(manifest, *, channel: int, timepoint: int) -> list:
 
 
 def link_table(solution: Solution, voxel_size_um: Sequence[float]):
-    """One row per link: tiles, nominal offset, shift found (µm), NCC before/after, kept.
+    """One row per link: tiles, shift found (µm), NCC before/after/at its best other peak, kept.
 
     Returns
     -------
@@ -463,6 +463,7 @@ def link_table(solution: Solution, voxel_size_um: Sequence[float]):
                 "shift_x_um": round(float(shift[2]), 2),
                 "ncc_before": round(lk.ncc_before, 3),
                 "ncc_after": round(lk.ncc_after, 3),
+                "ncc_other_peak": round(lk.ncc_second, 3),
                 "kept": lk.kept,
                 "residual_vox": round(float(np.nanmax(np.abs(lk.residual_vox))), 2),
                 "why_dropped": lk.reason,
