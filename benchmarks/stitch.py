@@ -2,7 +2,7 @@
 
     python -m benchmarks.stitch accuracy [--seeds 0 1 2] [--workdir DIR]
     python -m benchmarks.stitch scale [--tile 64 512 512] [--repeat 2] [--workdir DIR]
-                                      [--baseline SOURCE_TREE]
+                                      [--runs RUN ...] [--baseline SOURCE_TREE]
 
 ``accuracy``: 3 × 3 tiles of the `small` sample, 15 % overlap, stage errors up to ±2 µm in z
 and ±8 µm in y and x (non-integer). Per seed: the largest error of any tile's registered
@@ -211,6 +211,8 @@ def scale(args) -> int:
         "abutting 4x4": ((1, 4, 4), 0.0, 0.0),
     }
     runs = {**{n: n for n in samples}, "fused 4x4 nearest": "fused 4x4"}
+    runs = {n: v for n, v in runs.items() if not args.runs or n.replace(" ", "-") in args.runs}
+    samples = {n: v for n, v in samples.items() if n in runs.values()}
     for name, (grid, ov, err) in samples.items():
         folder = work / name.replace(" ", "-")
         if not (folder / "sample.json").is_file():
@@ -306,6 +308,11 @@ def main(argv=None) -> int:
     s.add_argument("--tile", type=int, nargs=3, default=[64, 512, 512])
     s.add_argument("--repeat", type=int, default=2)
     s.add_argument("--channels", type=int, default=1)
+    s.add_argument(
+        "--runs",
+        nargs="+",
+        help="only these runs (fused-2x2 fused-4x4 abutting-2x2 abutting-4x4 fused-4x4-nearest)",
+    )
     s.add_argument(
         "--baseline",
         help="a source tree of another commit (git archive COMMIT | tar -x -C DIR): its "

@@ -315,7 +315,6 @@ def peaks(
     little texture (mosaic borders), so it is not done.
     """
     from scipy import fft
-    from scipy import ndimage as ndi
 
     shape = tuple(fft.next_fast_len(int(n), real=True) for n in a.shape)
     fa = fft.rfftn(_prepare(a), s=shape, workers=1)
@@ -328,13 +327,8 @@ def peaks(
     # it stands for: twice where the reach exceeds half the padded length)
     index = np.ix_(*(s % m for s, m in zip(shifts, shape, strict=True)))
     phase, plain = phase[index], plain[index]
-    kept = 1.0
-    for axis, (sh, n) in enumerate(zip(shifts, a.shape, strict=True)):
-        along = [1] * a.ndim
-        along[axis] = -1
-        kept = kept * (1.0 - np.abs(sh) / n).reshape(along)
     if min_overlap > 0:
-        phase = np.where(kept >= min_overlap, phase, -np.inf)
+        phase = np.where(_overlap_fraction(shifts, a.shape) >= min_overlap, phase, -np.inf)
     best = np.unravel_index(int(np.argmax(phase)), phase.shape)
     same = [(s - s[i]) % m == 0 for s, i, m in zip(shifts, best, shape, strict=True)]
     options = [
@@ -348,32 +342,62 @@ def peaks(
         main = options[0]
     main_index = tuple(int(np.flatnonzero(s == v)[0]) for s, v in zip(shifts, main, strict=True))
     estimate = main + _parabola(plain, main_index)
-    # the main peak (all its aliases) and its half-maximum region, grown by a voxel, are
-    # not another peak
-    alias = np.ones(plain.shape, bool)
-    for axis, k in enumerate(same):
-        along = [1] * plain.ndim
+    return estimate, _runners_up(plain, shifts, same, main_index, a.shape)
+
+
+def _overlap_fraction(shifts: Sequence[np.ndarray], box: Sequence[int]) -> np.ndarray:
+    """Fraction of a box's voxels that overlap at each shift of the grid ``shifts``."""
+    out = np.ones([1] * len(box))
+    for axis, (s, n) in enumerate(zip(shifts, box, strict=True)):
+        along = [1] * len(box)
         along[axis] = -1
-        alias &= k.reshape(along)
+        out = out * (1.0 - np.abs(s) / n).reshape(along)
+    return out
+
+
+def _runners_up(plain, shifts, same, main_index, box) -> list[np.ndarray]:
+    """The `RUNNERS_UP` highest other peaks of ``plain`` (as shifts).
+
+    Among the shifts that keep `MIN_OVERLAP` of the box: local maxima outside the main
+    peak's half-maximum region.
+    """
+    from scipy import ndimage as ndi
+
+    # those shifts lie within half the box along each axis; one more is kept around them so
+    # that a peak's shoulder at the edge is not taken for a maximum
+    wide, grown = [], []
+    for s, n in zip(shifts, box, strict=True):
+        lo, hi = int(np.searchsorted(s, -(n // 2))), int(np.searchsorted(s, n // 2, "right"))
+        wide.append((lo, hi))
+        grown.append(slice(max(0, lo - 1), min(len(s), hi + 1)))
+    inner = tuple(
+        slice(lo - g.start, hi - g.start) for (lo, hi), g in zip(wide, grown, strict=True)
+    )
+    values = plain[tuple(grown)]
+    alias = np.ones(values.shape, bool)
+    for axis, (k, g) in enumerate(zip(same, grown, strict=True)):
+        along = [1] * values.ndim
+        along[axis] = -1
+        alias &= k[g].reshape(along)
+    # the main peak (all its aliases) and its half-maximum region, grown by a voxel
     top = plain[main_index]
     region = alias.copy()
     for peak in np.argwhere(alias) if top > 0 else ():
-        box = tuple(slice(max(0, int(i) - HIGHPASS_VOX), int(i) + HIGHPASS_VOX + 1) for i in peak)
-        labels, _ = ndi.label(plain[box] > top / 2)
-        at = labels[tuple(int(i) - b.start for i, b in zip(peak, box, strict=True))]
-        region[box] |= ndi.binary_dilation(labels == at, iterations=1)
+        near = tuple(slice(max(0, int(i) - HIGHPASS_VOX), int(i) + HIGHPASS_VOX + 1) for i in peak)
+        labels, _ = ndi.label(values[near] > top / 2)
+        at = labels[tuple(int(i) - b.start for i, b in zip(peak, near, strict=True))]
+        region[near] |= ndi.binary_dilation(labels == at, iterations=1)
     # other peaks: local maxima only (the main peak's shoulder descends from it)
-    local = _local_maxima(plain)
-    peak_at = np.flatnonzero(local & ~region & (kept >= MIN_OVERLAP))
-    heights = plain.ravel()[peak_at]
-    runners = [
-        np.array(
-            [s[i] for s, i in zip(shifts, np.unravel_index(int(flat), plain.shape), strict=True)],
-            float,
-        )
-        for flat in peak_at[np.argsort(heights)[::-1][:RUNNERS_UP]]
+    inner_shifts = [s[lo:hi] for s, (lo, hi) in zip(shifts, wide, strict=True)]
+    candidates = _local_maxima(values)[inner] & ~region[inner]
+    candidates &= _overlap_fraction(inner_shifts, box) >= MIN_OVERLAP
+    peak_at = np.flatnonzero(candidates)
+    heights = values[inner].ravel()[peak_at]
+    best = [np.unravel_index(int(f), candidates.shape) for f in peak_at[np.argsort(-heights)]]
+    return [
+        np.array([s[i] for s, i in zip(inner_shifts, idx, strict=True)], float)
+        for idx in best[:RUNNERS_UP]
     ]
-    return estimate, runners
 
 
 def _local_maxima(values: np.ndarray) -> np.ndarray:
