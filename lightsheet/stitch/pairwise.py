@@ -37,7 +37,7 @@ HIGHPASS_VOX = 9
 MAX_WINDOW_VOXELS = 2**18
 #: Largest read (voxels) surveyed to place the window; beyond it the overlap is sampled
 #: every few planes along its longest axis.
-SURVEY_VOXELS = 2**22
+SURVEY_VOXELS = 2**20
 #: Cross-correlation peaks besides the main one whose NCC is measured (``ncc_second``).
 RUNNERS_UP = 3
 #: Fraction of a window's voxels that a shift must leave overlapping for its NCC to count
