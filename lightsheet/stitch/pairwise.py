@@ -76,7 +76,7 @@ def window_shape(size: Sequence[int], max_voxels: int = MAX_WINDOW_VOXELS) -> tu
     Examples
     --------
     >>> window_shape((64, 512, 77), 2**19)
-    (64, 104, 77)
+    (64, 105, 77)
     """
     out = [int(n) for n in size]
     while math.prod(out) > max_voxels and max(out) > 1:
