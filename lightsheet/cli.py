@@ -140,7 +140,11 @@ def up_to_date_summary(config) -> dict | None:
     out = Path(config.output)
     density = read_lineage(out / OUTPUTS["density"]) or {}
     made_by = (density.get("run") or {}).get("flow_run_name")
-    enabled = {"deconvolve": config.deconvolve.enabled, "featurize": config.featurize.enabled}
+    enabled = {
+        "deconvolve": config.deconvolve.enabled,
+        "featurize": config.featurize.enabled,
+        "register": config.register.enabled,
+    }
     stages = [
         {"stage": name, "seconds": 0.0, "reused": True, "output": str(out / OUTPUTS[roles[0]])}
         for name, (_, _, roles) in STAGES.items()

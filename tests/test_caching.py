@@ -315,9 +315,15 @@ def test_paths_with_spaces_non_ascii_and_brackets(sample, first_run, tmp_path):
 
     key = asset_key(out / "density.csv")
     assert "~20" in key and "ü" in key and "~5B1~5D" in key
-    with get_client(sync_client=True) as client:
-        events = client.request("POST", "/events/filter", json={"limit": 50}).json()["events"]
-    assert any(e["resource"]["prefect.resource.id"] == key for e in events), key
+    query = {"filter": {"resource": {"id": [key]}}, "limit": 5}
+    events = []
+    for _ in range(60):  # events reach the server asynchronously, after the flow returns
+        with get_client(sync_client=True) as client:
+            events = client.request("POST", "/events/filter", json=query).json()["events"]
+        if events:
+            break
+        time.sleep(0.5)
+    assert [e["resource"]["prefect.resource.id"] for e in events][:1] == [key]
 
 
 def test_noop_rerun_starts_no_prefect(sample, first_run, tmp_path):
