@@ -15,6 +15,7 @@ with a time limit (`search_name`).
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import signal
@@ -155,10 +156,12 @@ class SegmentConfig(_Model):
     """Intensity → binary mask → instance labels → cells table."""
 
     channel: int = Field(0, ge=0, description="Channel index that holds the nuclei.")
-    method: Literal["otsu", "absolute", "model"] = Field(
-        "otsu",
-        description="otsu: global histogram over the whole volume; absolute: `threshold`; "
-        "model: nucleus probability (UNet head, or pixel classifier on features) > `threshold`.",
+    method: Literal["local", "otsu", "absolute", "model"] = Field(
+        "local",
+        description="local: cell-sized band-pass, peaks that stand `min_peak_sd` local noise "
+        "SDs above the tissue around them (lightsheet.segment.local); otsu: one global "
+        "histogram split; absolute: `threshold`; model: nucleus probability (UNet head, or "
+        "pixel classifier on features) > `threshold`.",
     )
     threshold: float | None = Field(
         None,
@@ -166,7 +169,27 @@ class SegmentConfig(_Model):
         "(default 0.5).",
     )
     nucleus_diameter_um: PositiveFloat = Field(
-        9.0, description="Typical nucleus diameter; sets size filters and watershed seeds."
+        9.0,
+        description="Typical nucleus (or soma) diameter; sets the band-pass, the noise "
+        "neighbourhood, size filters and watershed seeds.",
+    )
+    min_peak_sd: PositiveFloat = Field(
+        10.0,
+        description="local: a cell's smoothed peak must stand this many robust noise SDs "
+        "above the local background, the SD measured per plane over about nine diameters "
+        "around it (10, as cellfinder's n_sds_above_mean_thresh).",
+    )
+    background_channel: int | None = Field(
+        None,
+        ge=0,
+        description="Autofluorescence channel imaged with the nuclei channel; candidates about "
+        "as bright there (relative to that channel's local level) as in the nuclei channel "
+        "are artefacts and dropped. Its values are added to cells.csv.",
+    )
+    background_ratio: PositiveFloat = Field(
+        0.5,
+        description="With background_channel: drop a candidate whose contrast in the "
+        "background channel is at least this fraction of its contrast in the nuclei channel.",
     )
     min_volume_um3: PositiveFloat | None = Field(
         None, description="Smallest object kept; default from nucleus_diameter_um."
@@ -177,21 +200,62 @@ class SegmentConfig(_Model):
     watershed: bool = Field(True, description="Split touching nuclei with a seeded watershed.")
     split_depth_um: PositiveFloat | None = Field(
         None,
-        description="Watershed: two touching nuclei stay separate when the smaller one's "
-        "distance-transform peak rises at least this far (µm) above the neck between them; "
-        "default: the depth of two such nuclei 0.4 diameters apart, measured on the distance "
-        "transform smoothed by half the finest voxel (lightsheet.segment.default_split_depth_um).",
+        description="otsu/absolute/model watershed: two touching nuclei stay separate when the "
+        "smaller one's distance-transform peak rises at least this far (µm) above the neck "
+        "between them; default: the depth of two such nuclei 0.4 diameters apart, measured on "
+        "the distance transform smoothed by half the finest voxel "
+        "(lightsheet.segment.default_split_depth_um). The local method splits where the dip "
+        "between two peaks is significant (2 noise SDs) instead.",
     )
     connectivity: Literal[1, 2, 3] = Field(
         1,
         description="Voxel neighbourhood: 1 faces (6), 2 faces+edges (18), 3 all (26).",
     )
     subtract_background: bool = Field(
-        False, description="Remove smooth background (white top-hat) before thresholding."
+        False,
+        description="otsu/absolute: remove smooth background (white top-hat) before "
+        "thresholding (the local method always removes the local background).",
     )
     background_radius_um: PositiveFloat | None = Field(
         None, description="Top-hat box half-size in µm; default: nucleus_diameter_um."
     )
+
+    def volume_range_um3(self) -> tuple[float, float]:
+        """Size filter (µm³): the given bounds, else spheres of half and twice the diameter.
+
+        Examples
+        --------
+        >>> lo, hi = SegmentConfig(nucleus_diameter_um=10.0).volume_range_um3()
+        >>> round(lo, 1), round(hi, 1)
+        (65.4, 4188.8)
+        """
+        v = math.pi / 6.0 * self.nucleus_diameter_um**3
+        lo = self.min_volume_um3 if self.min_volume_um3 is not None else v / 8.0
+        hi = self.max_volume_um3 if self.max_volume_um3 is not None else v * 8.0
+        return lo, hi
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SegmentConfig:
+        if self.method == "absolute" and self.threshold is None:
+            raise ValueError("segment.method='absolute' needs segment.threshold; got None")
+        lo, hi = self.volume_range_um3()
+        if lo > hi:
+            raise ValueError(
+                f"segment: the smallest volume kept ({lo:g} µm³, min_volume_um3) is larger than "
+                f"the largest ({hi:g} µm³, max_volume_um3); defaults are spheres of half and "
+                f"twice nucleus_diameter_um ({self.nucleus_diameter_um:g})"
+            )
+        if self.background_channel is not None and self.background_channel == self.channel:
+            raise ValueError(
+                f"segment.background_channel ({self.background_channel}) is the nuclei channel "
+                "itself; expected the autofluorescence channel imaged with it"
+            )
+        if self.background_channel is not None and self.method != "local":
+            raise ValueError(
+                f"segment.background_channel is used by method 'local' only; method is "
+                f"{self.method!r}"
+            )
+        return self
 
 
 class DensityConfig(_Model):

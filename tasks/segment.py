@@ -55,6 +55,10 @@ def segment_volume(
 ) -> dict:
     """Label nuclei with ids unique over the volume and measure each cell once.
 
+    With ``config.background_channel`` (method local) candidates about as bright in that
+    autofluorescence channel as in the nuclei channel are dropped, and the table gains its
+    ``background_mean_intensity`` and ``background_contrast``.
+
     With ``method="model"`` the mask is the UNet's own nucleus head (``model``: checkpoint,
     None for the bundled one) thresholded at ``config.threshold`` (default 0.5).
     """
@@ -65,6 +69,10 @@ def segment_volume(
         with dask_client():
             source, voxel_size_um, _ = read_image(image["path"])
             check_channel(config.channel, source.shape[1], "segment.channel")
+            if config.background_channel is not None:
+                check_channel(
+                    config.background_channel, source.shape[1], "segment.background_channel"
+                )
             if uses_model:  # torch: only where tasks run
                 from lightsheet.featurize import foreground_probability, load_model
 
@@ -86,6 +94,9 @@ def segment_volume(
                     features=foreground_probability(source[t, config.channel], net)
                     if uses_model
                     else None,
+                    background=None
+                    if config.background_channel is None
+                    else stored_volume(image["path"], t, config.background_channel),
                     chunks=chunks,
                     compute=lambda c, what: compute_with_progress(
                         c, description=f"segment: {what}", stage=stage.name
