@@ -7,8 +7,9 @@ Runs ``lightsheet run CONFIG`` twice on a generated sample acquisition, each in 
 process as a user would, and prints a table: the command's wall time (Python start-up and,
 without ``PREFECT_API_URL``, Prefect's temporary server included), the pipeline flow's own
 wall time (from the run summary), and whether every stage was reused the second time.
-Target (issue 7): the re-run under 10 % of the first run. With ``PREFECT_API_URL`` set the
-commands use that server instead of starting a temporary one.
+Target (issues 7, 25): the re-run under 10 % of the first run. With ``PREFECT_API_URL`` set the
+commands use that server instead of starting a temporary one; an unchanged re-run starts no
+Prefect at all (`lightsheet.cli.run_config`). Results: ``benchmarks/results/rerun.md``.
 """
 
 from __future__ import annotations

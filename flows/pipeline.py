@@ -17,14 +17,23 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import MaterializingTask
 from prefect_dask import DaskTaskRunner
 
+from flows.deployment import current_settings, guard_pipeline
 from lightsheet.clusters import task_runner_kwargs
 from lightsheet.config import PipelineConfig
 from lightsheet.ingest import discover
-from tasks._common import OUTPUTS, describe_image, markdown_table, png_markdown
+from tasks._common import (
+    OUTPUTS,
+    asset_key,
+    describe_image,
+    markdown_table,
+    output_claimed,
+    png_markdown,
+)
 from tasks.deconvolve import deconvolve_spec, deconvolve_volume
 from tasks.density import density_spec, density_table, top_regions
 from tasks.featurize import featurize_spec, featurize_volume
 from tasks.ingest import ingest
+from tasks.register import REGISTER_OUTPUTS, register_spec, register_volume
 from tasks.segment import segment_spec, segment_volume
 from tasks.stitch import stitch_spec, stitch_tiles
 
@@ -39,17 +48,19 @@ def pipeline(config: PipelineConfig) -> dict:
     summary's ``flow_seconds`` is this flow's wall time.
     """
     start = time.monotonic()
-    stale = first_stale_stage(config)
-    if stale is None:
-        get_run_logger().info(
-            "every stage's outputs are up to date: reusing them without starting a Dask cluster"
-        )
-        runner = ThreadPoolTaskRunner()
-    else:
-        get_run_logger().info("computing from the %s stage on", stale)
-        runner = DaskTaskRunner(**task_runner_kwargs(config.cluster))
-    with shared_api_url():
-        summary = stages.with_options(task_runner=runner)(config)
+    guard_pipeline(config, current_settings())  # a deployment's data roots and cluster
+    with output_claimed(config):  # one run at a time; never over files lightsheet did not write
+        stale = first_stale_stage(config)
+        if stale is None:
+            get_run_logger().info(
+                "every stage's outputs are up to date: reusing them without starting a Dask cluster"
+            )
+            runner = ThreadPoolTaskRunner()
+        else:
+            get_run_logger().info("computing from the %s stage on", stale)
+            runner = DaskTaskRunner(**task_runner_kwargs(config.cluster))
+        with shared_api_url():
+            summary = stages.with_options(task_runner=runner)(config)
     # on the parent run too, so the run a user opens shows its summary
     create_markdown_artifact(
         key="run-summary", markdown=summary["markdown"], description=summary["output"]
@@ -84,7 +95,7 @@ def materializing(task: Task, *outputs: Path) -> MaterializingTask:
     """
     return MaterializingTask(
         fn=task.fn,
-        assets=[Asset(key=p.resolve().as_uri()) for p in outputs],
+        assets=[Asset(key=asset_key(p)) for p in outputs],
         materialized_by="lightsheet",
         name=task.name,
     )
@@ -96,6 +107,7 @@ STAGES = {
     "deconvolve": (deconvolve_volume, deconvolve_spec, ("deconvolve",)),
     "featurize": (featurize_volume, featurize_spec, ("featurize",)),
     "segment": (segment_volume, segment_spec, ("segment", "segment_table")),
+    "register": (register_volume, register_spec, tuple(REGISTER_OUTPUTS)),
     "density": (density_table, density_spec, ("density", "density_cells")),
 }
 
@@ -103,16 +115,13 @@ STAGES = {
 def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
     """The stages' order and arguments, written once for running and for checking.
 
-    ``ingest_step(input, pattern, psf, atlas, output, max_tile_gib)`` gives the tile manifest and
+    ``ingest_step(config)`` gives the tile manifest and
     ``step(name, *args)`` a stage's record (or a future of it); the task arguments are
     those of `STAGES`' tasks. Returns the manifest and every stage's result (None for a
     disabled stage; deconvolution's is the raw image's when disabled).
     """
     o = str(config.output)
-    manifest = ingest_step(
-        config.input, config.pattern, str(config.psf), str(config.atlas), o,
-        config.stitch.max_tile_gib,
-    )  # fmt: skip
+    manifest = ingest_step(config)
     raw = step("stitch", manifest, list(config.voxel_size_um), config.stitch, o)
     image = raw
     if config.deconvolve.enabled:
@@ -122,8 +131,15 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
         features = step("featurize", image, config.segment.channel, config.featurize, o)
     model = None if config.featurize.model is None else str(config.featurize.model)
     segmented = step("segment", image, features, config.segment, model, o)
-    density = step("density", segmented, raw, str(config.atlas), config.density, o)
-    return [manifest, raw, image, features, segmented, density]
+    registered = None
+    if config.register.enabled:
+        # beside deconvolve/segment: it needs only the raw autofluorescence channel
+        registered = step(
+            "register", raw, str(config.atlas), config.register, config.density.orientation,
+            config.segment.channel, o,
+        )  # fmt: skip
+    density = step("density", segmented, raw, str(config.atlas), config.density, o, registered)
+    return [manifest, raw, image, features, segmented, registered, density]
 
 
 class _Stale(Exception):
@@ -151,7 +167,7 @@ def first_stale_stage(config: PipelineConfig) -> str | None:
         return record
 
     try:
-        wire(config, lambda input, pattern, *_: discover(input, pattern).to_dict(), check)
+        wire(config, lambda c: discover(c.input, c.pattern).to_dict(), check)
     except _Stale as stale:
         return str(stale)
     except Exception:  # noqa: BLE001 - any problem: let the tasks run and explain it
@@ -161,7 +177,7 @@ def first_stale_stage(config: PipelineConfig) -> str | None:
 
 @flow(name="lightsheet-stages")
 def stages(config: PipelineConfig) -> dict:
-    """Ingest → stitch → deconvolve → featurize → segment → density."""
+    """Ingest → stitch → deconvolve → featurize → segment (→ register) → density."""
     out = Path(config.output)
 
     def submit(name: str, *args: Any) -> PrefectFuture:
@@ -203,6 +219,7 @@ def summarize(records: list[dict], output: str) -> dict:
         png_markdown(Path(density["plots"][0]), "densest regions"),
         "",
         f"Plots: {', '.join(density['plots'])}",
+        *(f"\n**Warning:** {w}" for w in density["warnings"]),
     ]
     create_markdown_artifact(key="run-summary", markdown="\n".join(md), description=output)
     return {

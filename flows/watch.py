@@ -20,6 +20,13 @@ With ``marker`` empty, the settle time alone decides.
 Each acquisition's run config is its own ``config.yaml`` (relative paths relative to it), or
 else ``template``: a run config whose relative paths are taken relative to the acquisition
 folder. ``output_root`` (when set) puts the outputs in ``output_root/<acquisition name>``.
+
+One bad acquisition never stops the others: an unreadable or invalid config, a folder that
+cannot be read, paths outside the deployment's data roots, or a run the server refuses is
+reported (a warning in the log and a row of the tick's artifact) and skipped; the tick still
+starts every other complete acquisition and ends completed. Deployed, the tick's own
+parameters (landing, template, output root) and every acquisition's paths must lie beneath
+the watch deployment's data roots (`flows.deployment`).
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field, ValidationError
 
-from lightsheet.config import PipelineConfig, load_config
+from flows.deployment import current_settings, guard_paths
+from lightsheet.access import check_within_roots, config_paths
+from lightsheet.config import PipelineConfig, load_config, read_yaml
+from lightsheet.errors import LightsheetError
 
 #: The acquisition's own run config.
 CONFIG_NAME = "config.yaml"
@@ -71,19 +81,19 @@ def acquisition_config(
     AcquisitionError
         No config and no template, or a config that does not validate.
     """
-    import yaml
-
     own = folder / CONFIG_NAME
     try:
-        if own.is_file():
+        if own.exists():  # a folder or an unreadable file is reported as such
             config = load_config(own)
         elif template is not None:
-            raw = yaml.safe_load(Path(template).read_text()) or {}
+            raw = read_yaml(template) or {}
             if not isinstance(raw, dict):
                 raise AcquisitionError(f"template {template}: expected a mapping of parameters")
             for key in PATH_KEYS:
                 if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
-                    raw[key] = str(folder / raw[key])
+                    # the folder's own glob characters are literal ([1] is not a pattern)
+                    base = glob.escape(str(folder)) if key == "input" else str(folder)
+                    raw[key] = os.path.join(base, raw[key])
             config = PipelineConfig.model_validate(raw)
         else:
             raise AcquisitionError(
@@ -91,9 +101,11 @@ def acquisition_config(
                 "parameter; expected one of them"
             )
     except ValidationError as exc:
-        source = own if own.is_file() else template
+        source = own if own.exists() else template
         message = f"acquisition {folder}: invalid run config {source}:\n{exc}"
         raise AcquisitionError(message) from exc
+    except (LightsheetError, OSError) as exc:  # unreadable, not YAML, an alias bomb, ...
+        raise AcquisitionError(f"acquisition {folder}: {exc}") from exc
     if output_root is not None:
         config = config.model_copy(update={"output": Path(output_root) / folder.name})
     return config
@@ -142,8 +154,12 @@ def scan(
     template: Path | None = None,
     output_root: Path | None = None,
     now: float | None = None,
+    data_roots: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Classify every acquisition (sub-folder) of ``landing``.
+
+    ``data_roots`` (a deployment's): an acquisition whose config reads or writes elsewhere
+    is invalid. Whatever goes wrong with one folder makes it invalid, never the scan fail.
 
     Returns
     -------
@@ -166,40 +182,55 @@ def scan(
         if folder.name.startswith((".", "_")):  # temporary or hidden folders of copy tools
             continue
         rec: dict[str, Any] = {"name": folder.name, "path": str(folder)}
-        if marker and not (folder / marker).is_file():
-            records.append({**rec, "status": "waiting", "reason": f"no {marker} yet"})
-            continue
         try:
-            config = acquisition_config(folder, template=template, output_root=output_root)
-        except AcquisitionError as exc:
+            records.append(
+                {
+                    **rec,
+                    **classify(
+                        folder, marker, settle_seconds, template, output_root, now, data_roots
+                    ),
+                }
+            )
+        except (AcquisitionError, LightsheetError, OSError) as exc:
             records.append({**rec, "status": "invalid", "reason": str(exc)})
-            continue
-        age = now - last_change(folder, exclude=config.output)
-        if age < settle_seconds:
-            reason = f"changed {age:.0f} s ago; waiting until unchanged for {settle_seconds:g} s"
-            records.append({**rec, "status": "waiting", "reason": reason})
-            continue
-        if not glob.glob(config.input, recursive=True):
-            reason = f"acquisition {folder}: no file matches input {config.input}"
-            records.append({**rec, "status": "invalid", "reason": reason})
-            continue
-        records.append(
-            {
-                **rec,
-                "status": "complete",
-                "reason": "",
-                "config": config.model_dump(mode="json"),
-                "idempotency_key": f"lightsheet-acquisition-{fingerprint(folder, config)}",
-            }
-        )
     return records
+
+
+def classify(
+    folder: Path,
+    marker: str | None,
+    settle_seconds: float,
+    template: Path | None,
+    output_root: Path | None,
+    now: float,
+    data_roots: list[str] | None,
+) -> dict[str, Any]:
+    """Status (and, when complete, config and idempotency key) of one acquisition folder."""
+    if marker and not (folder / marker).is_file():
+        return {"status": "waiting", "reason": f"no {marker} yet"}
+    config = acquisition_config(folder, template=template, output_root=output_root)
+    age = now - last_change(folder, exclude=config.output)
+    if age < settle_seconds:
+        reason = f"changed {age:.0f} s ago; waiting until unchanged for {settle_seconds:g} s"
+        return {"status": "waiting", "reason": reason}
+    if not glob.glob(config.input, recursive=True):
+        reason = f"acquisition {folder}: no file matches input {config.input}"
+        return {"status": "invalid", "reason": reason}
+    if data_roots is not None:
+        check_within_roots(config_paths(config), data_roots)
+    return {
+        "status": "complete",
+        "reason": "",
+        "config": config.model_dump(mode="json"),
+        "idempotency_key": f"lightsheet-acquisition-{fingerprint(folder, config)}",
+    }
 
 
 # --------------------------------------------------------------------------- Prefect
 
 
 @task(name="scan-landing")
-def scan_landing(landing, marker, settle_seconds, template, output_root) -> list[dict]:
+def scan_landing(landing, marker, settle_seconds, template, output_root, data_roots) -> list:
     """Classify the acquisitions of the landing folder."""
     return scan(
         landing,
@@ -207,29 +238,51 @@ def scan_landing(landing, marker, settle_seconds, template, output_root) -> list
         settle_seconds=settle_seconds,
         template=template,
         output_root=output_root,
+        data_roots=data_roots,
     )
 
 
 @task(name="start-pipeline-run")
 def start_pipeline_run(acquisition: dict, deployment: str) -> dict:
-    """Create the acquisition's pipeline run, or find the one its idempotency key already made."""
+    """Create the acquisition's pipeline run, or find the one its idempotency key already made.
+
+    A run the server refuses (a 4xx: parameters outside the pipeline deployment's schema or
+    data roots) or a deployment that is not there makes this acquisition invalid, with the
+    server's reason, instead of failing the tick.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
     key = acquisition["idempotency_key"]
-    with get_client(sync_client=True) as client:
-        dep = client.read_deployment_by_name(deployment)
-        known = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=[key]))
-        )
-        known = [r for r in known if r.deployment_id == dep.id]
-        run = client.create_flow_run_from_deployment(
-            dep.id,
-            parameters={"config": acquisition["config"]},
-            idempotency_key=key,
-            name=acquisition["name"],
-            tags=["watch-incoming", f"acquisition:{acquisition['name']}"],
-        )
+    try:
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(deployment)
+            known = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    idempotency_key=FlowRunFilterIdempotencyKey(any_=[key])
+                )
+            )
+            known = [r for r in known if r.deployment_id == dep.id]
+            run = client.create_flow_run_from_deployment(
+                dep.id,
+                parameters={"config": acquisition["config"]},
+                idempotency_key=key,
+                name=acquisition["name"],
+                tags=["watch-incoming", f"acquisition:{acquisition['name']}"],
+            )
+    except ObjectNotFound:
+        reason = f"deployment {deployment} not found on the server"
+        return {**acquisition, "status": "invalid", "reason": reason}
+    except PrefectHTTPStatusError as exc:
+        if not 400 <= exc.response.status_code < 500:
+            raise  # the server failing is not this acquisition's fault
+        try:
+            detail = exc.response.json().get("detail", exc.response.text)
+        except ValueError:
+            detail = exc.response.text
+        reason = f"the server refused its run ({exc.response.status_code}): {detail}"
+        return {**acquisition, "status": "invalid", "reason": reason}
     started = not known
     get_run_logger().info(
         "%s: %s flow run %s (%s)",
@@ -262,29 +315,31 @@ def watch_incoming(
             relative to the acquisition folder).
         deployment: The pipeline deployment, flow-name/deployment-name.
     """
-    records = scan_landing(landing, marker, settle_seconds, template, output_root)
+    settings = current_settings()  # deployed: the watch deployment's data roots
+    guard_paths(settings, landing=landing, template=template, output_root=output_root)
+    roots = list(settings.data_roots) if settings is not None else None
+    records = scan_landing(landing, marker, settle_seconds, template, output_root, roots)
     complete = [r for r in records if r["status"] == "complete"]
     futures = [start_pipeline_run.submit(r, deployment) for r in complete]
     started = {r["name"]: r for r in (f.result() for f in futures)}
     rows = [started.get(r["name"], r) for r in records]
     report(rows, landing)
-    invalid = [r for r in rows if r["status"] == "invalid"]
-    if invalid:
-        # the others are started; the tick still fails so that bad acquisitions are seen
-        raise AcquisitionError(
-            f"{len(invalid)} acquisition(s) in {landing} cannot run:\n"
-            + "\n".join(r["reason"] for r in invalid)
-        )
+    logger = get_run_logger()
+    for r in rows:
+        if r["status"] == "invalid":  # reported and skipped: the others have started
+            logger.warning("acquisition %s skipped: %s", r["name"], r["reason"])
     return rows
 
 
 def report(rows: list[dict], landing: Path) -> None:
     """Markdown artifact: what this tick found and did."""
     n_new = sum(bool(r.get("started")) for r in rows)
+    n_bad = sum(r["status"] == "invalid" for r in rows)
     md = [
         f"## watch-incoming: {landing}",
         "",
-        f"**{n_new} run(s) started**, {len(rows)} acquisition folder(s).",
+        f"**{n_new} run(s) started**, {len(rows)} acquisition folder(s), "
+        f"**{n_bad} skipped as invalid**.",
         "",
         "| acquisition | status | flow run | note |",
         "|---|---|---|---|",

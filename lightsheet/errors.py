@@ -61,3 +61,19 @@ class OutputSpaceError(LightsheetError, OSError):
 
 class AnnotationError(LightsheetError, ValueError):
     """An annotation file (points or masks) that cannot be read."""
+
+
+class OutputDamagedError(LightsheetError, OSError):
+    """A stored output lost or changed a file after it was written (named)."""
+
+
+class OutputInUseError(LightsheetError, RuntimeError):
+    """Another run holds the output folder's lock (its host, process and flow run named)."""
+
+
+class PathNotAllowedError(LightsheetError, PermissionError):
+    """A path outside the data roots a deployment allows, or an output inside an input."""
+
+
+class RegistrationError(LightsheetError, RuntimeError):
+    """Registration of the atlas to the sample failed (elastix crashed, timed out, bad input)."""

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import glob
 import itertools
-import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightsheet.access import literal_root
+from lightsheet.config import compile_pattern, search_name
 from lightsheet.errors import InputFilesError, TileGridError
 from lightsheet.io.tiff import MAX_TILE_BYTES, PlaneStack, TiffInfo, TiffRegion, inspect_tiff
 
@@ -129,17 +130,17 @@ class Manifest:
 def glob_root(input_glob: str) -> Path:
     """The folder a glob's first wildcard part starts from (its fixed root).
 
+    Parts escaped by ``glob.escape`` count as the literal folder they name
+    (`lightsheet.access.literal_root`).
+
     Examples
     --------
     >>> glob_root("/data/brain1/ch*/*.tif").as_posix()
     '/data/brain1'
-    >>> glob_root("tiles/*.tif").as_posix()
-    'tiles'
+    >>> glob_root("/data/brain[[]1]/ch*/*.tif").as_posix()
+    '/data/brain[1]'
     """
-    where = Path(input_glob).parent
-    while glob.has_magic(str(where)) and where != where.parent:
-        where = where.parent
-    return where
+    return literal_root(input_glob)
 
 
 def find_files(input_glob: str) -> list[Path]:
@@ -179,12 +180,12 @@ def parse_names(
     TileGridError
         Some names do not match (listed), or the pattern has no usable groups.
     """
-    rx = re.compile(pattern)
+    rx = compile_pattern(pattern)
     by_path = "/" in pattern
     parsed, unmatched = {}, []
     for f in files:
         key = f.relative_to(root).as_posix() if by_path and root is not None else f.name
-        m = rx.search(key)
+        m = search_name(rx, key, pattern=pattern)
         if m is None:
             unmatched.append(key)
         else:

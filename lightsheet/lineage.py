@@ -18,7 +18,22 @@ What a fingerprint guarantees, and what it costs
 
 A stage's **cache key** hashes the stage name, its parameters, its inputs' fingerprints and
 the code version. A stage whose output exists, is complete (outputs are renamed into place
-only when finished) and carries the same key is reused instead of recomputed.
+only when finished), carries the same key and is undamaged (`check_output`) is reused
+instead of recomputed.
+
+Verification
+------------
+* **Before reuse** (`check_output`): an image must still hold every file its manifest lists,
+  each with its size (a ``stat`` per file, no data read); a table is re-hashed whole and
+  compared with its record's output fingerprint (tables are small).
+* **On demand** (`check_output(..., deep=True)`, ``lightsheet verify``): images also re-read
+  every chunk and compare each full-resolution chunk with its digest.
+
+Input files
+-----------
+Each stage lists the files it read outside the pipeline (tiles, PSF, atlas, model) with
+path, size, modification time and fingerprint in ``<output>.inputs.json`` beside its main
+output (`write_input_files`); its lineage record names that file and the count.
 """
 
 from __future__ import annotations
@@ -38,10 +53,16 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from lightsheet.io.atomic import partial_path, replace_path
+
 #: Key under which image outputs store their lineage in the OME-Zarr attributes.
 ATTRS_KEY = "lightsheet"
 #: Suffix of the lineage record written next to a table.
 SIDECAR_SUFFIX = ".lineage.json"
+#: Suffix of the list of input files written next to a stage's main output.
+INPUT_FILES_SUFFIX = ".inputs.json"
+#: Files up to this size are fingerprinted by content, larger ones by path, size and mtime.
+CONTENT_MAX_BYTES = 16 << 20
 LIBRARIES = (
     "numpy",
     "scipy",
@@ -108,7 +129,7 @@ def file_stat_fingerprint(paths: Iterable[str | Path]) -> str:
     return hash_json(rows)
 
 
-def folder_fingerprint(folder: str | Path, *, content_max_bytes: int = 16 << 20) -> str:
+def folder_fingerprint(folder: str | Path, *, content_max_bytes: int = CONTENT_MAX_BYTES) -> str:
     """Fingerprint of every file in a folder: content for small files, stat for large ones."""
     folder = Path(folder)
     parts = {}
@@ -229,11 +250,106 @@ def sidecar(path: str | Path) -> Path:
 
 def write_sidecar(path: str | Path, record: Mapping[str, Any]) -> Path:
     """Write a table's lineage record atomically next to it."""
-    target = sidecar(path)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, target)
+    return _write_json(sidecar(path), record)
+
+
+def _write_json(target: Path, value: Any) -> Path:
+    """Write JSON atomically (hidden sibling, renamed; only over a file lightsheet wrote)."""
+    tmp = partial_path(target)
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    try:
+        replace_path(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
+
+
+def input_files_path(output: str | Path) -> Path:
+    """Where the list of a stage's input files lives: ``<main output>.inputs.json``."""
+    output = Path(output)
+    return output.with_name(output.name + INPUT_FILES_SUFFIX)
+
+
+def describe_files(
+    paths: Iterable[str | Path], *, content_max_bytes: int = CONTENT_MAX_BYTES
+) -> list[dict[str, Any]]:
+    """Path, size, modification time (ns) and fingerprint of each file (sorted by path).
+
+    Files up to ``content_max_bytes`` are fingerprinted by content, larger ones by path,
+    size and modification time (raw tiles always: 0); ``fingerprinted_by`` says which.
+    """
+    rows = []
+    for p in sorted({str(p) for p in paths}):
+        st = os.stat(p)
+        content = st.st_size <= content_max_bytes
+        rows.append(
+            {
+                "path": p,
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "fingerprint": file_content_fingerprint(p)
+                if content
+                else file_stat_fingerprint([p]),
+                "fingerprinted_by": "content" if content else "path, size and mtime",
+            }
+        )
+    return rows
+
+
+def input_files_ref(output: str | Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a lineage record keeps of a list of input files (`describe_files` rows).
+
+    Returns
+    -------
+    dict
+        ``path`` of the list (`input_files_path`), ``n_files`` and ``fingerprint`` (of
+        the rows).
+    """
+    return {
+        "path": str(input_files_path(output)),
+        "n_files": len(rows),
+        "fingerprint": hash_json(rows),
+    }
+
+
+def write_input_files(output: str | Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write `describe_files` rows to ``<output>.inputs.json``; the reference to keep."""
+    _write_json(input_files_path(output), {"files": rows})
+    return input_files_ref(output, rows)
+
+
+def check_table(path: str | Path) -> list[str]:
+    """A table whose bytes no longer match its lineage record (re-hashed whole), or [].
+
+    Tables are small next to images, so every reuse and every read re-hashes them.
+    """
+    path = Path(path)
+    record = read_lineage(path)
+    if not path.is_file():
+        return [f"{path}: missing"]
+    if record is None or not record.get("output_fingerprint"):
+        return [f"{path}: no lineage record {sidecar(path).name} beside it"]
+    found = file_content_fingerprint(path)
+    if found != record["output_fingerprint"]:
+        return [
+            f"{path}: content differs from what stage '{record.get('stage')}' wrote "
+            f"(fingerprint {found}, recorded {record['output_fingerprint']}): edited or damaged"
+        ]
+    return []
+
+
+def check_output(path: str | Path, *, deep: bool = False) -> list[str]:
+    """Damage to a stage output: missing or changed files (empty list: intact).
+
+    Images: every file of the manifest present with its size; ``deep`` also re-reads every
+    chunk against the digests (`lightsheet.io.omezarr.verify_image`). Tables: re-hashed.
+    """
+    from lightsheet.io import omezarr
+
+    path = Path(path)
+    if path.is_dir():
+        return omezarr.verify_image(path) if deep else omezarr.check_image(path)
+    return check_table(path)
 
 
 def read_lineage(path: str | Path) -> dict[str, Any] | None:

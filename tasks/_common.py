@@ -32,8 +32,22 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from lightsheet.access import check_output_location, literal_root
 from lightsheet.clusters import stage_resources
-from lightsheet.lineage import cache_key, make_record, read_lineage
+from lightsheet.errors import InputFilesError
+from lightsheet.io.atomic import check_replaceable, claim_folder, output_lock
+from lightsheet.lineage import (
+    CONTENT_MAX_BYTES,
+    INPUT_FILES_SUFFIX,
+    SIDECAR_SUFFIX,
+    cache_key,
+    check_output,
+    describe_files,
+    input_files_ref,
+    make_record,
+    read_lineage,
+    write_input_files,
+)
 
 #: Stage output names, in pipeline order: a reader of the output folder sees the pipeline.
 OUTPUTS = {
@@ -42,9 +56,45 @@ OUTPUTS = {
     "featurize": "features.ome.zarr",
     "segment": "labels.ome.zarr",
     "segment_table": "cells_segmented.csv",
+    "register": "registration.json",
+    "register_atlas": "registered_atlas.ome.zarr",
+    "register_hemispheres": "registered_hemispheres.ome.zarr",
+    "register_downsampled": "downsampled.ome.zarr",
     "density": "density.csv",
     "density_cells": "cells.csv",
 }
+
+
+#: Other files a run writes in its output folder (plots of the density stage).
+OTHER_FILES = ("density_top_regions.png", "density_slice.png")
+
+
+def run_files() -> list[str]:
+    """Every name a run may write in its output folder (outputs, records, lists, plots)."""
+    names = set(OUTPUTS.values()) | set(OTHER_FILES)
+    names |= {n + SIDECAR_SUFFIX for n in OUTPUTS.values() if not n.endswith(".zarr")}
+    names |= {n + INPUT_FILES_SUFFIX for n in OUTPUTS.values()}
+    names |= {str(Path(n).with_suffix(".parquet")) for n in OUTPUTS.values() if n.endswith(".csv")}
+    return sorted(names)
+
+
+@contextmanager
+def output_claimed(config: Any, run: Mapping[str, Any] | None = None) -> Iterator[Path]:
+    """Hold a run's output folder: checked, created or adopted, marked and locked.
+
+    Before anything is computed: the output may not lie inside the tiles' folder or the
+    atlas (`lightsheet.access.check_output_location`), no name the run writes may be a file
+    lightsheet did not write (`lightsheet.io.atomic.claim_folder`), and no other run may
+    hold the folder (`lightsheet.io.atomic.output_lock`; ``run`` names this one in the
+    lock, by default the current Prefect flow run).
+    """
+    out = Path(config.output)
+    check_output_location(out, tiles=literal_root(config.input), atlas=config.atlas)
+    claim_folder(out, run_files())
+    if run is None:
+        run = {"flow_run_id": _str(runtime.flow_run.id), "flow_run_name": runtime.flow_run.name}
+    with output_lock(out, run):
+        yield out
 
 
 @contextmanager
@@ -114,6 +164,19 @@ def compute_with_progress(
     return repack(dask.compute(*persisted))[0]
 
 
+def check_unchanged(inp: Mapping[str, Any], used: str) -> None:
+    """Fail unless ``used`` (fingerprint of the bytes a task loaded) is the input's key.
+
+    The cache key and lineage hold the fingerprint taken when the stage was planned; a file
+    rewritten before the task loaded it would otherwise be recorded under the old one.
+    """
+    if used != inp["fingerprint"]:
+        raise InputFilesError(
+            f"{inp['path']}: file changed while the run read it (fingerprint {used}, expected "
+            f"{inp['fingerprint']} from when the stage started); re-run once it is final"
+        )
+
+
 def output_input(record: Mapping[str, Any], path_key: str = "path") -> dict[str, Any]:
     """How a stage names an upstream stage's output among its inputs."""
     return {
@@ -144,6 +207,13 @@ class StageSpec:
         Each input's description with at least ``fingerprint`` (see `lightsheet.lineage`).
     related : mapping, optional
         Outputs of the same run shown in the lineage but not part of the cache key.
+    files : sequence of path-like, optional
+        The files read from outside the pipeline (tiles, PSF, model, atlas), listed beside
+        the output (`lightsheet.lineage.write_input_files`). Default: the ``path`` of every
+        input that is a file or folder outside the pipeline's outputs.
+    files_by_content : bool
+        Fingerprint the listed files up to 16 MiB by content (False: by path, size and
+        modification time only, as raw tiles are).
     """
 
     name: str
@@ -151,6 +221,8 @@ class StageSpec:
     params: Mapping[str, Any]
     inputs: Mapping[str, Mapping[str, Any]]
     related: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    files: list[str] | None = None
+    files_by_content: bool = True
 
     def __post_init__(self) -> None:
         self.outputs = {k: Path(v) for k, v in self.outputs.items()}
@@ -163,16 +235,42 @@ class StageSpec:
 
     def reusable(self) -> dict[str, str] | None:
         """Output fingerprints by role if every output on disk was made under this key."""
+        return self.reuse_check()[0]
+
+    def reuse_check(self) -> tuple[dict[str, str] | None, list[str]]:
+        """(output fingerprints or None, damage found).
+
+        Outputs made under this key are reused only when intact: every file of an image's
+        manifest present with its size, every table's bytes equal to its record's
+        fingerprint (`lightsheet.lineage.check_output`). Damage is returned (to warn about)
+        and makes the stage recompute.
+        """
         records = [read_lineage(p) for p in self.outputs.values()]
-        if all(
+        if not all(
             r is not None and r.get("cache_key") == self.key and r.get("output_fingerprint")
             for r in records
         ):
-            return {
-                role: r["output_fingerprint"]  # type: ignore[index]
-                for role, r in zip(self.outputs, records, strict=True)
-            }
-        return None
+            return None, []
+        damage = [problem for p in self.outputs.values() for problem in check_output(p)]
+        if damage:
+            return None, damage
+        fps = {role: r["output_fingerprint"] for role, r in zip(self.outputs, records, strict=True)}
+        return fps, []  # type: ignore[index]
+
+    def input_files(self) -> list[str]:
+        """The files this stage reads from outside the pipeline (see ``files``)."""
+        if self.files is not None:
+            return list(self.files)
+        found: list[str] = []
+        for inp in self.inputs.values():
+            where = Path(str(inp.get("path", "")))
+            if inp.get("kind") == "output" or not inp.get("path"):
+                continue
+            if where.is_file():
+                found.append(str(where))
+            elif where.is_dir():
+                found += [str(p) for p in sorted(where.rglob("*")) if p.is_file()]
+        return found
 
     def record(self, fingerprints: Mapping[str, str], **extra: Any) -> dict[str, Any]:
         """The small record a stage hands downstream (paths, fingerprints; never arrays)."""
@@ -202,7 +300,12 @@ class Stage:
         self.outputs = spec.outputs
         self.started = time.time()
         self.logger = get_run_logger()
-        self.reused = spec.reusable()
+        self.reused, self.damage = spec.reuse_check()
+        for problem in self.damage:
+            self.logger.warning("%s: output damaged, recomputing it: %s", self.name, problem)
+        if not self.reused:  # refuse before computing, not when the result is renamed in
+            for path in self.outputs.values():
+                check_replaceable(path)
         if self.reused:
             self.logger.info(
                 "%s: reusing %s (same inputs, parameters and code)",
@@ -211,9 +314,10 @@ class Stage:
             )
 
     def lineage(self) -> dict[str, Any]:
-        """The lineage record to store with each output."""
+        """The lineage record to store with each output (lists the input files beside it)."""
         spec = self.spec
-        return make_record(
+        main = next(iter(self.outputs.values()))
+        record = make_record(
             spec.name,
             params=spec.params,
             inputs=spec.inputs,
@@ -227,13 +331,27 @@ class Stage:
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             },
         )
+        files = spec.input_files()
+        if not files:  # nothing read from outside the pipeline: nothing to list
+            return record
+        maximum = CONTENT_MAX_BYTES if spec.files_by_content else 0
+        rows = describe_files(files, content_max_bytes=maximum)
+        self._input_rows = rows  # written by `finish`, once the outputs are
+        return {**record, "input_files": input_files_ref(main, rows)}
 
     def progress(self, description: str | None = None):
         """The ``compute`` callable for `write_image`: progress artifact + log lines."""
         return partial(compute_with_progress, description=description or self.name, stage=self.name)
 
     def finish(self, fingerprints: Mapping[str, str] | None = None, **extra: Any) -> dict:
-        """The stage's record. ``fingerprints``: of the new outputs (None when reused)."""
+        """The stage's record. ``fingerprints``: of the new outputs (None when reused).
+
+        Writes the list of input files beside the new main output: after the outputs, so a
+        failed stage leaves nothing beside them.
+        """
+        rows = getattr(self, "_input_rows", None)
+        if fingerprints is not None and rows is not None:
+            write_input_files(next(iter(self.outputs.values())), rows)
         return self.spec.record(
             self.reused or fingerprints or {},
             reused=self.reused is not None,
@@ -244,6 +362,39 @@ class Stage:
 
 def _str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+#: Characters a Prefect asset key may not hold (`prefect.types.names`), and the escape.
+_ASSET_UNSAFE = set("\n\r\t\0 #?&%\"'<>[]{}|\\^`~")
+#: Prefect's longest asset key.
+ASSET_KEY_MAX = 512
+
+
+def asset_key(path: str | Path) -> str:
+    """The Prefect asset key of an output file: ``file://`` and its real absolute path.
+
+    Prefect forbids ``%`` in keys, so the usual percent-encoding (``Path.as_uri``) fails for
+    any path with a space or a non-ASCII letter. Instead each forbidden character (space,
+    ``[``, ``]``, ``#``, ``%``, ...) and ``~`` itself become ``~`` and two hex digits per
+    UTF-8 byte, reversibly; other characters (``ü`` included) stay as written. A key over
+    Prefect's 512 characters keeps its start and ends in ``~~`` and a hash of the path.
+
+    Examples
+    --------
+    >>> asset_key("/data/brain [1]/Müller out/raw.ome.zarr")
+    'file:///data/brain~20~5B1~5D/Müller~20out/raw.ome.zarr'
+    """
+    path = os.path.realpath(path)
+    body = "".join(
+        "".join(f"~{b:02X}" for b in c.encode()) if c in _ASSET_UNSAFE else c for c in path
+    )
+    key = "file://" + body
+    if len(key) > ASSET_KEY_MAX:
+        import hashlib
+
+        digest = hashlib.blake2b(path.encode(), digest_size=16).hexdigest()
+        key = key[: ASSET_KEY_MAX - len(digest) - 2] + "~~" + digest
+    return key
 
 
 def describe_image(path: Path) -> dict[str, Any]:

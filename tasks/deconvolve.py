@@ -13,7 +13,15 @@ from lightsheet.deconvolve import deconvolve
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.lineage import file_content_fingerprint
 from lightsheet.psf import load_psf
-from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, output_input, publish_image
+from tasks._common import (
+    OUTPUTS,
+    Stage,
+    StageSpec,
+    check_unchanged,
+    dask_client,
+    output_input,
+    publish_image,
+)
 
 
 def deconvolve_spec(raw: dict, psf: str, config: DeconvolveConfig, output: str) -> StageSpec:
@@ -35,6 +43,7 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
     stage = Stage(deconvolve_spec(raw, psf, config, output))
     if not stage.reused:
         psf_array = load_psf(psf)
+        check_unchanged(stage.spec.inputs["psf"], file_content_fingerprint(psf))
         with dask_client():
             image, voxel_size_um, _ = read_image(raw["path"])
             n_channels = image.shape[1]

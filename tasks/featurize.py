@@ -12,7 +12,15 @@ from prefect import task
 from lightsheet.config import FeaturizeConfig
 from lightsheet.io.omezarr import read_image, stored_volume, write_blocks, write_image
 from lightsheet.models import checkpoint_sha256
-from tasks._common import OUTPUTS, Stage, StageSpec, dask_client, output_input, publish_image
+from tasks._common import (
+    OUTPUTS,
+    Stage,
+    StageSpec,
+    check_unchanged,
+    dask_client,
+    output_input,
+    publish_image,
+)
 
 
 def featurize_spec(image: dict, channel: int, config: FeaturizeConfig, output: str) -> StageSpec:
@@ -51,6 +59,7 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
         from lightsheet.featurize import featurize, load_model  # torch: only where tasks run
 
         model = load_model(config.model)
+        check_unchanged(spec.inputs["model"], model.checkpoint_sha256)
         # how the checkpoint was made, when it says, shown in the lineage
         spec.inputs["model"]["record"] = getattr(model, "record", {})
         with dask_client():

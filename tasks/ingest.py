@@ -1,7 +1,8 @@
-"""Ingest task: find and check every tile before anything is computed."""
+"""Ingest task: find and check every input and setting before anything is computed."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -9,25 +10,39 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from lightsheet.ingest import discover
-from lightsheet.io.atlas import load_atlas
-from lightsheet.psf import load_psf
+from lightsheet.config import PipelineConfig
+from lightsheet.errors import AtlasError, ConfigError
+from lightsheet.ingest import Manifest, discover
+from lightsheet.io.atlas import Atlas, load_atlas
+from lightsheet.psf import check_psf_fits, load_psf
 
 
 @task(name="ingest")
-def ingest(
-    input: str, pattern: str, psf: str, atlas: str, output: str, max_tile_gib: float = 64.0
-) -> dict:
-    """Check every input before any compute; return the tile manifest as plain data.
+def ingest(config: PipelineConfig) -> dict:
+    """Check every input and setting before any compute; return the tile manifest.
 
     The tiles (names, grid, shapes, dtypes, readability, decodability, size against
-    ``max_tile_gib``), the PSF, the atlas folder and that the output folder can be written
-    are all checked here.
+    ``stitch.max_tile_gib``), the PSF (and that it fits the
+    volume), the atlas (files, hemispheres, every labelled id a structure), the model
+    checkpoint when one is used (file, metadata bounds, weights), the channel indices the
+    stages use, and that the output folder can be written. A setting wrong for this data
+    is refused here, never after upstream stages have computed.
     """
-    manifest = discover(input, pattern, max_tile_bytes=int(max_tile_gib * 2**30))
-    load_psf(psf)
-    load_atlas(atlas)
-    check_writable(Path(output))
+    manifest = discover(
+        config.input, config.pattern, max_tile_bytes=int(config.stitch.max_tile_gib * 2**30)
+    )
+    psf = load_psf(config.psf)
+    if config.deconvolve.enabled:
+        check_psf_fits(psf.shape, manifest.shape[2:], what="stitched volume")
+    check_atlas(load_atlas(config.atlas))
+    check_channels(config, manifest)
+    if config.featurize.model is not None and (
+        config.featurize.enabled or config.segment.method == "model"
+    ):
+        from lightsheet.featurize import load_model  # torch: only when a checkpoint is given
+
+        load_model(config.featurize.model)
+    check_writable(Path(config.output))
     t, c, nz, ny, nx = manifest.grid_shape
     get_run_logger().info(
         "ingest: %d tiles (%d time points, %d channels, %dx%dx%d tiles) of %s %s, %.2f GB",
@@ -52,9 +67,55 @@ def ingest(
             {"field": "bytes", "value": manifest.nbytes},
             {"field": "channels", "value": ", ".join(manifest.channel_names())},
         ],
-        description=f"Tiles matching {input}",
+        description=f"Tiles matching {config.input}",
     )
     return manifest.to_dict()
+
+
+def check_channels(config: PipelineConfig, manifest: Manifest) -> None:
+    """Refuse channel indices (``deconvolve.channels``, ``segment.channel``) the tiles lack."""
+    n = manifest.grid_shape[1]
+    asked = {"segment.channel": [config.segment.channel]}
+    if config.deconvolve.enabled and config.deconvolve.channels is not None:
+        asked["deconvolve.channels"] = list(config.deconvolve.channels)
+    for name, channels in asked.items():
+        for c in channels:
+            if not 0 <= c < n:
+                raise ConfigError(
+                    f"{name}: channel {c} does not exist; the tiles matching {config.input!r} "
+                    f"have {n} channel(s) (0..{n - 1})"
+                )
+
+
+def check_atlas(atlas: Atlas) -> None:
+    """Refuse an atlas whose hemispheres or labelled ids cannot be trusted.
+
+    * No hemispheres file: an error unless ``metadata.json`` declares the atlas
+      ``"symmetric": true`` (BrainGlobe's convention; only then is a midline split right).
+    * Every id labelled in the annotation must be a structure of ``structures.json`` (or 0,
+      background): read chunk by chunk, memory independent of the atlas's size.
+    """
+    import dask.array as da
+    import numpy as np
+
+    folder = Path(atlas.path)
+    folder = folder.parent if folder.suffix == ".zarr" else folder
+    if not atlas.hemispheres_from_file:
+        meta = json.loads((folder / "metadata.json").read_text())
+        if meta.get("symmetric") is not True:
+            raise AtlasError(
+                f"atlas folder {folder}: no hemispheres.tiff, and metadata.json does not declare "
+                f"the atlas symmetric (symmetric: {meta.get('symmetric')!r}); expected "
+                'hemispheres.tiff, or "symmetric": true when a midline split is right'
+            )
+    ids = np.asarray(da.unique(atlas.annotation).compute())
+    unknown = sorted(set(ids.tolist()) - set(atlas.structures.index.tolist()) - {0})
+    if unknown:
+        raise AtlasError(
+            f"{atlas.path}: annotation ids not in structures.json: "
+            f"{', '.join(map(str, unknown[:10]))}{' ...' if len(unknown) > 10 else ''}; "
+            "expected every labelled id to be a structure"
+        )
 
 
 def check_writable(folder: Path) -> None:

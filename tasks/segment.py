@@ -55,6 +55,10 @@ def segment_volume(
 ) -> dict:
     """Label nuclei with ids unique over the volume and measure each cell once.
 
+    With ``config.background_channel`` (method local) candidates about as bright in that
+    autofluorescence channel as in the nuclei channel are dropped, and the table gains its
+    ``background_mean_intensity`` and ``background_contrast``.
+
     With ``method="model"`` cells come from the UNet's own heads (``model``: checkpoint,
     None for the bundled one; `lightsheet.segment.model`), resampled to and from the voxel
     size it was trained at, thresholded at ``config.threshold`` or else at the probability
@@ -67,6 +71,10 @@ def segment_volume(
         with dask_client():
             source, voxel_size_um, _ = read_image(image["path"])
             check_channel(config.channel, source.shape[1], "segment.channel")
+            if config.background_channel is not None:
+                check_channel(
+                    config.background_channel, source.shape[1], "segment.background_channel"
+                )
             net = None
             if uses_model:  # torch: only where tasks run
                 from lightsheet.featurize import load_model
@@ -88,6 +96,9 @@ def segment_volume(
                     voxel_size_um=voxel_size_um,
                     config=config,
                     model=net,  # method "model": the UNet's heads, at its voxel size
+                    background=None
+                    if config.background_channel is None
+                    else stored_volume(image["path"], t, config.background_channel),
                     chunks=chunks,
                     compute=lambda c, what: compute_with_progress(
                         c, description=f"segment: {what}", stage=stage.name

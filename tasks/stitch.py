@@ -82,7 +82,12 @@ def stitch_spec(
             "fingerprint": file_content_fingerprint(config.positions),
         }
     return StageSpec(
-        "stitch", {"path": Path(output) / OUTPUTS["stitch"]}, params=params, inputs=inputs
+        "stitch",
+        {"path": Path(output) / OUTPUTS["stitch"]},
+        params=params,
+        inputs=inputs,
+        files=m.paths,
+        files_by_content=False,
     )
 
 
@@ -121,7 +126,7 @@ def stitch_tiles(
             shape = m.shape[2:] if layout is None else layout.shape_zyx
             # blocks of several chunks: fewer tasks, file writes overlapping the encoding
             blocks = write_blocks(chunks, shape, np.dtype(m.dtype).itemsize, voxel_size_um)
-            lineage = {**stage.lineage(), "tiles": m.paths}
+            lineage = stage.lineage()
             if layout is None:
                 volume = stitch(m, voxel_size_um=voxel_size_um, chunks=blocks)
             else:
@@ -149,7 +154,7 @@ def stitch_tiles(
                 voxel_size_um=voxel_size_um,
                 name="raw",
                 channel_names=m.channel_names(),
-                lineage=lineage,
+                lineage=lineage,  # the tiles: listed in raw.ome.zarr.inputs.json
                 compute=stage.progress("stitch: writing raw.ome.zarr"),
             )
     if layout is not None:

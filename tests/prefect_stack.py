@@ -49,6 +49,7 @@ class Stack:
         self.auth = f"lightsheet:{secrets.token_urlsafe(12)}"
         self.api = ""
         self.started: list[str] = []
+        self.data_roots: list[str] = []
 
     # environment for the scripts and for Prefect clients of this server
     def env(self, **extra: str) -> dict[str, str]:
@@ -85,12 +86,17 @@ class Stack:
             )
         return proc.stdout
 
-    def start(self) -> None:
+    def start(self, data_roots: list[str]) -> None:
+        self.data_roots = data_roots
         self.started.append("server")
         self.script("server.sh", "start", PREFECT_SERVER_API_AUTH_STRING=self.auth)
         port = (self.home / "server.port").read_text().strip()
         self.api = f"http://127.0.0.1:{port}/api"
-        self.script("deploy.sh", LIGHTSHEET_LANDING=str(self.landing))
+        self.script(
+            "deploy.sh",
+            LIGHTSHEET_LANDING=str(self.landing),
+            LIGHTSHEET_DATA_ROOTS=os.pathsep.join(data_roots),
+        )
         self.started.append("worker")
         self.script("worker.sh", "start")
 
@@ -160,7 +166,8 @@ def get_stack(config: pytest.Config) -> Stack:
         stack = Stack()
         config.add_cleanup(stack.stop)  # registered first: a failed start is still cleaned up
         try:
-            stack.start()
+            # the deployments may touch this session's temporary folders and the stack's own
+            stack.start([str(config._tmp_path_factory.getbasetemp()), str(stack.home)])
         except BaseException as exc:
             _FAILED = exc
             raise

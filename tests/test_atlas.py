@@ -239,3 +239,94 @@ def test_from_arrays_matches_loaded(atlas_dir):
     a, b = dask.compute(loaded.annotation, built.annotation)
     np.testing.assert_array_equal(a, b)
     assert built.structures.equals(loaded.structures)
+
+
+# -- BrainGlobe's own library as the reference ---------------------------------------------
+
+
+def test_lookup_matches_brainglobe_atlasapi(tmp_path):
+    """10,000 random positions (and exact voxel faces) give BrainGlobe's region and side."""
+    from brainglobe_atlasapi.core import Atlas as BrainGlobeAtlas
+
+    from lightsheet.density import image_to_atlas, lookup_points
+
+    shape, res = (23, 17, 19), (25.0, 20.0, 10.0)
+    ann = random_annotation(shape, seed=7)
+    hemi = np.where(ann > 0, 1 + (np.arange(shape[2]) >= 9), 0).astype(np.uint8)
+    folder = write_atlas(
+        tmp_path / "bg_atlas", ann, STRUCTURES, resolution_um=res, orientation="asr",
+        hemispheres=hemi, reference=np.ones(shape, np.uint16),
+    )  # fmt: skip
+    bg = BrainGlobeAtlas(folder)
+    ours = load_atlas(folder)
+    rng = np.random.default_rng(11)
+    extent = np.asarray(shape) * res
+    points = rng.uniform(0, 1, size=(10_000, 3)) * extent
+    # positions exactly on voxel faces, where rounding and truncation part ways
+    faces = rng.integers(0, shape, size=(500, 3)) * np.asarray(res)
+    points = np.concatenate([points, faces, faces + 1e-9, np.maximum(faces - 1e-9, 0)])
+    # the atlas as its own image: identity in µm
+    t = image_to_atlas(ours, image_shape=shape, voxel_size_um=res, orientation="asr")
+    sid, side = lookup_points(ours, t.to_atlas_voxel(points))
+    expected_sid = [bg.structure_from_coords(p, microns=True) for p in points]
+    expected_side = [bg.hemisphere_from_coords(p, microns=True) for p in points]
+    np.testing.assert_array_equal(sid, expected_sid)
+    np.testing.assert_array_equal(side, expected_side)
+
+
+def _installed_atlas(brainglobe_dir, name, version="1.2"):
+    folder = brainglobe_dir / f"{name}_v{version}"
+    write_atlas(
+        folder, random_annotation((5, 4, 3)), STRUCTURES, resolution_um=(10, 10, 10),
+        orientation="asr", reference=np.ones((5, 4, 3), np.uint16), name=name,
+    )  # fmt: skip
+    return folder
+
+
+def test_atlas_by_name_from_brainglobe_config(tmp_path, monkeypatch):
+    from brainglobe_atlasapi.bg_atlas import BrainGlobeAtlas
+
+    from lightsheet.io.atlas import atlas_metadata, resolve_atlas
+
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    store = tmp_path / "atlases"
+    conf = config_dir / "bg_config.conf"
+    conf.write_text(f"[default_dirs]\nbrainglobe_dir = {store}\ninterm_download_dir = {store}\n")
+    folder = _installed_atlas(store, "test_mouse_10um")
+    monkeypatch.setenv("BRAINGLOBE_CONFIG_DIR", str(config_dir))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_atlas("test_mouse_10um") == folder
+    # brainglobe-atlasapi finds the same folder (offline: the atlas is there)
+    bg = BrainGlobeAtlas("test_mouse_10um", config_dir=conf, check_latest=False)
+    assert bg.root_dir == folder
+    atlas = load_atlas("test_mouse_10um")
+    assert atlas.path == folder and atlas.shape == (5, 4, 3)
+    meta = atlas_metadata("test_mouse_10um")
+    assert (meta["name"], meta["version"]) == ("test_mouse_10um", "0.1")
+    # a folder path still works, and wins over a name
+    assert resolve_atlas(folder) == folder
+
+
+def test_atlas_by_name_default_folder_and_errors(tmp_path, monkeypatch):
+    from lightsheet.io.atlas import brainglobe_dir, resolve_atlas
+
+    home = tmp_path / "home"
+    monkeypatch.delenv("BRAINGLOBE_CONFIG_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert brainglobe_dir() == (home / ".brainglobe", "default")
+    with pytest.raises(AtlasError) as err:
+        resolve_atlas("allen_mouse_25um")
+    message = str(err.value)
+    assert str(home / ".brainglobe" / "allen_mouse_25um_v*") in message
+    assert "brainglobe install -a allen_mouse_25um" in message
+    assert str(tmp_path / "allen_mouse_25um") in message  # the folder it also looked for
+    folder = _installed_atlas(home / ".brainglobe", "allen_mouse_25um")
+    assert resolve_atlas("allen_mouse_25um") == folder
+    _installed_atlas(home / ".brainglobe", "allen_mouse_25um", version="1.3")
+    with pytest.raises(AtlasError, match="several versions"):
+        resolve_atlas("allen_mouse_25um")
+    with pytest.raises(AtlasError, match="no such file or folder"):
+        resolve_atlas(tmp_path / "not" / "there")

@@ -202,3 +202,194 @@ def test_resume_after_kill_during_deconvolution(sample, first_run, tmp_path):
     stitch = read_lineage(out / "raw.ome.zarr")
     deconv = read_lineage(out / "deconvolved.ome.zarr")
     assert stitch["run"]["flow_run_id"] != deconv["run"]["flow_run_id"], "stitch was reused"
+
+
+# --- damaged outputs, paths as users write them, one run at a time (issue 25) ------------
+
+
+def test_lineage_lists_every_input_file(sample, first_run):
+    out, _, _ = first_run
+    record = read_lineage(out / "raw.ome.zarr")
+    listed = record["input_files"]
+    rows = json.loads(Path(listed["path"]).read_text())["files"]
+    tiles = sorted(str(p) for p in (sample / "tiles").glob("*.tif"))
+    assert listed["n_files"] == len(tiles) == 16
+    assert [r["path"] for r in rows] == tiles
+    for row in rows:
+        st = os.stat(row["path"])
+        assert (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+        assert row["fingerprinted_by"] == "path, size and mtime"
+    atlas = json.loads(Path(read_lineage(out / "density.csv")["input_files"]["path"]).read_text())
+    assert {Path(r["path"]).name for r in atlas["files"]} >= {"annotation.tiff", "structures.json"}
+    cli = subprocess.run(
+        [sys.executable, "-m", "lightsheet.cli", "lineage", str(out / "raw.ome.zarr")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"input files: 16 listed in {listed['path']}" in cli
+
+
+def run_logs(summary, needle: str, timeout: float = 60) -> str:
+    """The Prefect logs of a run's stages (tasks run on Dask workers), once ``needle`` is in."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[summary["flow_run_name"]]))
+        )
+        while True:  # workers send their logs in batches
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+            )
+            text = "\n".join(log.message for log in logs)
+            if needle in text or time.monotonic() > deadline:
+                return text
+            time.sleep(1)
+
+
+def damaged_copy(first_run, tmp_path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(first_run[0], out)  # keys hold fingerprints, not paths: copies are reused
+    return out
+
+
+def test_deleted_chunk_is_recomputed_and_the_result_equals(sample, first_run, tmp_path):
+    out = damaged_copy(first_run, tmp_path)
+    chunk = next(
+        p
+        for p in sorted((out / "deconvolved.ome.zarr" / "s0").rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    )
+    chunk.unlink()
+    verify = subprocess.run(
+        [sys.executable, "-m", "lightsheet.cli", "verify", str(out)], capture_output=True, text=True
+    )
+    assert verify.returncode == 1 and f"{chunk}: missing" in verify.stdout, verify.stdout
+    summary = run_flow(sample, out)
+    assert reused(summary) == {**dict.fromkeys(STAGES, True), "deconvolve": False}
+    warning = f"deconvolve: output damaged, recomputing it: {chunk}: missing"
+    assert warning in run_logs(summary, warning)
+    assert (out / "density.csv").read_bytes() == (first_run[0] / "density.csv").read_bytes()
+    assert label_chunks(out) == label_chunks(first_run[0])
+
+
+def test_edited_table_is_recomputed_and_the_result_equals(sample, first_run, tmp_path):
+    out = damaged_copy(first_run, tmp_path)
+    table = out / "cells_segmented.csv"
+    rows = table.read_text().splitlines()
+    table.write_text("\n".join(rows[: len(rows) // 2]) + "\n")  # half the cells "lost"
+    summary = run_flow(sample, out)
+    assert not reused(summary)["segment"], "an edited table must not be reused"
+    warning = f"segment: output damaged, recomputing it: {table}: content differs"
+    assert warning in run_logs(summary, warning)
+    assert table.read_bytes() == (first_run[0] / "cells_segmented.csv").read_bytes()
+    assert (out / "density.csv").read_bytes() == (first_run[0] / "density.csv").read_bytes()
+    record = read_lineage(out / "density.csv")
+    assert record["inputs"]["cells"]["fingerprint"] == read_lineage(table)["output_fingerprint"]
+
+
+@pytest.mark.slow
+def test_paths_with_spaces_non_ascii_and_brackets(sample, first_run, tmp_path):
+    """A sample in 'brain [1] ü/' (its config's relative paths) writing to 'out put ü [1]/'."""
+    from lightsheet.config import load_config
+
+    where = shutil.copytree(sample, tmp_path / "brain [1] ü", ignore=shutil.ignore_patterns("out*"))
+    out = tmp_path / "out put ü [1]"
+    config = load_config(where / "config.yaml").model_copy(update={"output": out})
+    from flows.pipeline import pipeline
+
+    summary = pipeline(config)
+    assert not any(reused(summary).values())
+    assert (out / "density.csv").read_bytes() == (first_run[0] / "density.csv").read_bytes()
+    from prefect.client.orchestration import get_client
+
+    from tasks._common import asset_key
+
+    key = asset_key(out / "density.csv")
+    assert "~20" in key and "ü" in key and "~5B1~5D" in key
+    query = {"filter": {"resource": {"id": [key]}}, "limit": 5}
+    events = []
+    for _ in range(60):  # events reach the server asynchronously, after the flow returns
+        with get_client(sync_client=True) as client:
+            events = client.request("POST", "/events/filter", json=query).json()["events"]
+        if events:
+            break
+        time.sleep(0.5)
+    assert [e["resource"]["prefect.resource.id"] for e in events][:1] == [key]
+
+
+def test_noop_rerun_starts_no_prefect(sample, first_run, tmp_path):
+    """An unchanged `lightsheet run` only checks the outputs: no temporary server, no run."""
+    import yaml
+
+    out, _, _ = first_run
+    config = load_config(sample / "config.yaml").model_copy(update={"output": out})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightsheet.cli",
+            "run",
+            str(path),
+            "--summary-json",
+            str(tmp_path / "s.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stdout.split())  # rich wraps lines at the terminal's width
+    assert "Up to date" in said and "no Prefect flow run was started" in said, said
+    assert "temporary server" not in done.stderr, done.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["up_to_date"] and all(s["reused"] for s in summary["stages"])
+    assert summary["n_cells"] == first_run[1]["n_cells"]
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_one_clear_refusal(sample, tmp_path):
+    """Two `lightsheet run` on one output: the second exits 2 naming the first; the first ends."""
+    import fcntl
+
+    import yaml
+
+    out = tmp_path / "out"
+    config = load_config(sample / "config.yaml").model_copy(update={"output": out})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    cmd = [sys.executable, "-m", "lightsheet.cli", "run", str(path)]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lock = out / ".lightsheet.lock"
+    deadline = time.monotonic() + 300
+    while True:  # until the first run holds the lock
+        assert first.poll() is None and time.monotonic() < deadline, "the first run never locked"
+        if lock.exists():
+            with open(lock) as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    break
+        time.sleep(0.05)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    out1, err1 = first.communicate(timeout=600)
+    assert first.returncode == 0, err1.decode()[-3000:]
+    assert second.returncode == 2, second.stderr
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith("lightsheet run: error: output: ") and "is in use by" in last, last
+    assert f"process {first.pid}" in last and "Traceback" not in second.stderr
+    assert (out / "density.csv").is_file()

@@ -17,13 +17,12 @@ from lightsheet.density import (
     assign_regions,
     image_to_atlas,
     lookup_points,
-    plot_density_slice,
-    plot_top_regions,
     region_table,
     region_voxel_counts,
 )
 from lightsheet.errors import AtlasCoverageWarning, AtlasError, ConfigError
 from lightsheet.io.atlas import Atlas, load_atlas, write_atlas
+from lightsheet.plots import plot_density_slice, plot_top_regions
 
 # root ─┬─ grey ─┬─ CTX ─┬─ CTX1
 #       │        │       └─ CTX2
@@ -95,6 +94,23 @@ def reorient_volume(volume, volume_orientation, target_orientation):
     return out
 
 
+@pytest.mark.parametrize("atlas_orientation", ["asr", "lip"])
+def test_all_48_orientations_match_brainglobe_space(atlas_orientation):
+    from brainglobe_space import AnatomicalSpace
+
+    atlas, _ = make_atlas(orientation=atlas_orientation, res=(20.0, 15.0, 10.0))
+    rng = np.random.default_rng(3)
+    shape, vox = (37, 52, 41), np.array([3.0, 1.5, 2.5])
+    pts_vox = rng.uniform(-2, 1, size=(500, 3)) + rng.uniform(0, 1, (500, 3)) * shape
+    target = AnatomicalSpace(atlas_orientation, resolution=atlas.resolution_um)
+    for orientation in ALL_ORIENTATIONS:
+        source = AnatomicalSpace(orientation, shape=shape, resolution=tuple(vox))
+        expected = source.map_points_to(target, pts_vox)  # atlas voxel coordinates
+        t = image_to_atlas(atlas, image_shape=shape, voxel_size_um=vox, orientation=orientation)
+        got = t.to_atlas_index(pts_vox * vox)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9, err_msg=orientation)
+
+
 def test_all_48_orientations_round_trip():
     atlas, ann = make_atlas(orientation="asr")
     res = np.asarray(atlas.resolution_um)
@@ -110,8 +126,10 @@ def test_all_48_orientations_round_trip():
         t = image_to_atlas(
             atlas, image_shape=image.shape, voxel_size_um=voxel_size, orientation=orientation
         )
+        # brainglobe-space mirrors about voxel edges (N·v − p): a voxel's BrainGlobe centre,
+        # half a voxel up from its index, maps to the mirrored voxel's centre
         pts, idx = positions_um(image.shape, voxel_size)
-        sid, hem = lookup_points(atlas, t.to_atlas_voxel(pts))
+        sid, hem = lookup_points(atlas, t.to_atlas_voxel(pts + 0.5 * np.asarray(voxel_size)))
         np.testing.assert_array_equal(sid, image[tuple(idx.T)], err_msg=orientation)
         np.testing.assert_array_equal(hem, image_hemi[tuple(idx.T)], err_msg=orientation)
 
@@ -131,10 +149,12 @@ def test_worked_example_and_inverse():
         offset_um=(100, 0, 0),
     )
     p = np.array([[40.0, 60.0, 100.0], [0.0, 0.0, 0.0], [196.0, 158.0, 198.0]])
+    # z mirrors about the image's edges: 50·4 − z, then + 100 µm
     np.testing.assert_allclose(
-        t.to_atlas_index(p), [[25.6, 6.0, 10.0], [29.6, 0.0, 0.0], [10.0, 15.8, 19.8]]
+        t.to_atlas_index(p), [[26.0, 6.0, 10.0], [30.0, 0.0, 0.0], [10.4, 15.8, 19.8]]
     )
-    np.testing.assert_array_equal(t.to_atlas_voxel(p), [[26, 6, 10], [30, 0, 0], [10, 16, 20]])
+    # BrainGlobe: voxel a spans [a·res, (a+1)·res), so 15.8 is in voxel 15
+    np.testing.assert_array_equal(t.to_atlas_voxel(p), [[26, 6, 10], [30, 0, 0], [10, 15, 19]])
     np.testing.assert_allclose(t.to_image_um(t.to_atlas_index(p)), p, atol=1e-9)
 
 
@@ -154,7 +174,8 @@ def test_affine_rotation():
     atlas, ann = make_atlas(shape=(6, 9, 7), res=(10.0, 10.0, 10.0))
     image = np.rot90(ann, k=1, axes=(1, 2))
     n2 = ann.shape[2]
-    affine = [[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, (n2 - 1) * 10.0], [0, 0, 0, 1]]
+    # image y index j ↦ atlas axis 2 voxel n2 - 1 - j: any shift in [(n2 - 1)·10, n2·10)
+    affine = [[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, (n2 - 0.5) * 10.0], [0, 0, 0, 1]]
     cfg = DensityConfig(orientation="asr", affine=affine)
     t = AtlasTransform.from_config(cfg, atlas, image_shape=image.shape, voxel_size_um=(10, 10, 10))
     pts, idx = positions_um(image.shape, (10, 10, 10))
@@ -163,11 +184,11 @@ def test_affine_rotation():
 
 
 def test_scaling_voxel_to_atlas_resolution():
-    # image voxels 4x finer than the atlas: voxel centres round to the nearest atlas voxel
+    # image voxels 4x finer than the atlas: a centre at p µm is in atlas voxel int(p / 8)
     atlas, ann = make_atlas(shape=(5, 6, 7), res=(8.0, 8.0, 8.0))
-    t = image_to_atlas(atlas, image_shape=(20, 24, 28), voxel_size_um=(2, 2, 2))
-    pts, idx = positions_um((20, 24, 28), (2, 2, 2))
-    expect_vox = np.floor(idx * 2 / 8 + 0.5).astype(int)
+    t = image_to_atlas(atlas, image_shape=(22, 26, 28), voxel_size_um=(2, 2, 2))
+    pts, idx = positions_um((22, 26, 28), (2, 2, 2))
+    expect_vox = (idx * 2) // 8
     inside = np.all(expect_vox < ann.shape, axis=1)
     sid, _ = lookup_points(atlas, t.to_atlas_voxel(pts))
     np.testing.assert_array_equal(sid[inside], ann[tuple(expect_vox[inside].T)])
@@ -229,7 +250,7 @@ def test_assign_regions_matches_numpy_and_reads_only_needed_chunks():
     out = assign_regions(cells, atlas, t)
     assert list(out.columns) == [*cells.columns, "structure_id", "hemisphere"]
     assert out["structure_id"].dtype == np.int64 and out["hemisphere"].dtype == np.uint8
-    vox = np.floor(pts / np.asarray(atlas.resolution_um) + 0.5).astype(int)
+    vox = np.floor(pts / np.asarray(atlas.resolution_um)).astype(int)
     inside = np.all((vox >= 0) & (vox < ann.shape), axis=1)
     assert inside.any() and (~inside).any()
     np.testing.assert_array_equal(out["structure_id"][inside], ann[tuple(vox[inside].T)])
@@ -250,7 +271,7 @@ def test_assign_regions_matches_numpy_and_reads_only_needed_chunks():
         resolution_um=atlas.resolution_um,
         orientation="asr",
     )
-    few = pd.DataFrame({"z_um": [20.0, 40.0], "y_um": [15.0, 30.0], "x_um": [0.0, 10.0]})
+    few = pd.DataFrame({"z_um": [20.0, 40.0], "y_um": [15.0, 30.0], "x_um": [0.0, 12.0]})
     with dask.config.set(scheduler="synchronous"):
         got = assign_regions(few, spy, t)
     assert {b for b in read if isinstance(b, tuple)} == {(0, 0, 0)}  # others: meta inference
@@ -370,7 +391,11 @@ def test_voxel_counts_whole_array_and_sub_volume():
         offset_um=(4 * res[0], 0, 2 * res[2]),
     )
     mask = np.zeros(ann.shape, bool)
-    mask[4:10, :12, 2:7] = True
+    # atlas voxel a (centre (a + 0.5)·v) counts when its centre is imaged. The imaged box
+    # is [-0.5, N - 0.5)·v; the flipped z axis mirrors about voxel edges (brainglobe-space,
+    # 6·v − p), so z covers (0.5, 6.5]·v + 4·v: centres 5..10; y [-0.5, 11.5): 0..10;
+    # x [-0.5, 4.5) + 2: 1..5
+    mask[5:11, 0:11, 1:6] = True
     sub = region_voxel_counts(atlas, t)
     ids_sub, n_sub = np.unique(ann[mask], return_counts=True)
     assert sub.index.tolist() == ids_sub.tolist()
@@ -521,7 +546,8 @@ def test_voxel_counts_within_rotated_image(angle_deg):
     affine[:3, 3] = c - rot @ c + [20.0, 10.0, 5.0]
     t = image_to_atlas(atlas, image_shape=(5, 9, 8), voxel_size_um=(10, 10, 10), affine=affine)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in ann.shape], indexing="ij"), -1)
-    img = t.to_image_um(grid.reshape(-1, 3)).reshape(*ann.shape, 3)
+    # atlas voxel a's centre is at a + 0.5 (BrainGlobe's voxel spans [a, a + 1))
+    img = t.to_image_um(grid.reshape(-1, 3) + 0.5).reshape(*ann.shape, 3)
     lo, hi = t.image_bounds_um()
     inside = np.all((img >= lo) & (img < hi), axis=-1)
     assert 0 < inside.sum() < inside.size

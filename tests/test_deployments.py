@@ -84,6 +84,29 @@ BAD = {
         lambda p: p["config"].update(segment={"thresold": 3}),
         "'thresold' was unexpected",
     ),
+    # what API callers may not touch (issue 25): paths outside the data roots, another cluster
+    "output outside the data roots": (
+        lambda p: p["config"].update(output="/etc"),
+        "'config.output'",
+    ),
+    "a .. escaping a data root": (
+        lambda p: p["config"].update(output=p["config"]["output"] + "/../../../../etc"),
+        "'config.output'",
+    ),
+    "psf outside the data roots": (
+        lambda p: p["config"].update(psf="/etc/passwd"),
+        "'config.psf'",
+    ),
+    "a scheduler of the caller's choosing": (
+        lambda p: p["config"].update(
+            cluster={"profile": "address", "address": "tcp://203.0.113.9:8786"}
+        ),
+        "'config.cluster.address'",
+    ),
+    "a jobqueue file of the caller's choosing": (
+        lambda p: p["config"].update(cluster={"profile": "slurm", "jobqueue": "/tmp/mine.yaml"}),
+        "'config.cluster.jobqueue'",
+    ),
 }
 
 
@@ -178,3 +201,79 @@ def test_ui_shows_run_and_artifact_table(stack, finished_run):
     for name in ("acronym", "total_cells_per_mm3", *acronyms):
         assert name in page_text
     assert (TEST_OUTPUT / "artifact-density-top-regions.png").stat().st_size > 10_000
+
+
+# --- what API callers may not do (issue 25) ------------------------------------------------
+
+
+def test_job_variables_cannot_choose_the_command(stack, tiny_params):
+    dep = stack.deployment("lightsheet-pipeline/pipeline")
+    before = count_runs(stack, dep["id"])
+    for variables in ({"command": "touch /tmp/owned"}, {"env": {"PYTHONPATH": "/tmp"}}):
+        with stack.client() as c:
+            r = c.post(
+                f"/deployments/{dep['id']}/create_flow_run",
+                json={"parameters": tiny_params, "job_variables": variables},
+            )
+        assert r.status_code == 422, r.text
+        assert next(iter(variables)) in r.json()["detail"], r.text
+    assert count_runs(stack, dep["id"]) == before
+
+
+def test_deployment_settings_stored_with_the_deployment(stack):
+    from flows.deployment import DeploymentSettings
+
+    for name in ("lightsheet-pipeline/pipeline", "lightsheet-watch-incoming/watch-incoming"):
+        dep = stack.deployment(name)
+        settings = DeploymentSettings.from_schema(dep["name"], dep["parameter_openapi_schema"])
+        assert list(settings.data_roots) == stack.data_roots
+        assert settings.cluster_address is None and settings.cluster_jobqueue is None
+
+
+def test_symlink_out_of_the_roots_refused_when_the_run_starts(stack, tiny_params, tmp_path):
+    """A path the server's pattern accepts, but that leads outside the roots by a link."""
+    link = tmp_path / "psf.tif"
+    link.symlink_to("/etc/hostname")
+    params = copy.deepcopy(tiny_params)
+    params["config"]["psf"] = str(link)
+    params["config"]["output"] = str(tmp_path / "out")
+    dep = stack.deployment("lightsheet-pipeline/pipeline")
+    with stack.client() as c:
+        r = c.post(f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
+    assert r.status_code == 201, r.text
+    run = stack.wait_final(r.json()["id"], RUN_TIMEOUT_S)
+    assert run["state_type"] == "FAILED", run["state"]
+    message = run["state"]["message"]
+    assert "psf" in message and "resolves to /etc/hostname" in message, message
+    assert not (tmp_path / "out").exists(), "nothing is written for a refused run"
+
+
+def test_state_is_private_and_no_secret_in_arguments(stack):
+    import os
+    import stat
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.lstat().st_mode)
+
+    # flow runs' own files (results) and the tests' landing folder sit in private folders
+    inner = [stack.landing, stack.home / "storage", stack.home / "client-home"]
+    assert mode(stack.home) == 0o700, oct(mode(stack.home))
+    loose = [
+        f"{p} {oct(mode(p))}"
+        for p in stack.home.rglob("*")
+        if not p.is_symlink() and not any(d in (p, *p.parents) for d in inner) and mode(p) & 0o077
+    ]
+    assert not loose, f"state readable by others: {loose}"
+    assert all(mode(d) == 0o700 for d in inner[1:] if d.exists())
+    password = stack.auth.split(":", 1)[1]
+    seen = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if password.encode() in argv:
+                seen.append(argv.replace(b"\0", b" ").decode(errors="replace")[:200])
+    assert not seen, f"the password is in a process's arguments: {seen}"
+    assert os.access(stack.home / "env", os.R_OK)  # still readable by its owner

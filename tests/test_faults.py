@@ -35,7 +35,18 @@ import pytest
 import tifffile
 
 from lightsheet.config import DEFAULT_PATTERN, ClusterConfig
-from lightsheet.errors import ImageError, InputFilesError, OutputSpaceError, TileGridError
+from lightsheet.errors import (
+    AtlasError,
+    ConfigError,
+    ImageError,
+    InputFilesError,
+    ModelError,
+    OutputExistsError,
+    OutputSpaceError,
+    PathNotAllowedError,
+    PSFError,
+    TileGridError,
+)
 from lightsheet.ingest import discover
 from lightsheet.io.atomic import atomic_path
 from lightsheet.lineage import read_lineage
@@ -82,7 +93,8 @@ def assert_nothing_complete(out: Path, *names: str) -> None:
     for output in names:
         assert not (out / output).exists(), f"{output} looks complete after a failed write"
     assert not list(out.glob("*.lineage.json")), "a lineage record claims a finished table"
-    leftovers = [p.name for p in out.iterdir() if not p.name.startswith(".write-test-")]
+    ours = (".lightsheet-output.json", ".lightsheet.lock")  # the folder's marker and lock
+    leftovers = [p.name for p in out.iterdir() if not p.name.startswith((".write-test-", *ours))]
     assert all(re.fullmatch(r"\..+\.partial-[0-9a-f]+", n) for n in leftovers), leftovers
 
 
@@ -230,17 +242,17 @@ def test_out_of_space_in_a_write_names_the_output(tmp_path):
 # --- an input tile changes during the run ----------------------------------------------
 
 
-def rewrite_when(folder: Path, tile: Path) -> threading.Thread:
-    """Rewrite ``tile`` (same shape and dtype, other voxels) once ``folder`` exists.
+def rewrite_when(out: Path, tile: Path) -> threading.Thread:
+    """Rewrite ``tile`` (same shape and dtype, other voxels) once the stitch stage starts.
 
-    The ingest task creates the output folder after it has checked every tile, so the
-    rewrite lands between ingest and the stitch stage's reads.
+    The stitch stage's hidden partial ``raw.ome.zarr`` appears after ingest has checked every
+    tile and just before the stage reads them, so the rewrite lands between the two.
     """
 
     def rewrite() -> None:
         deadline = time.monotonic() + WAIT_S
-        while not folder.exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        while not list(out.glob(".raw.ome.zarr.partial-*")) and time.monotonic() < deadline:
+            time.sleep(0.002)
         data = tifffile.imread(tile)
         tifffile.imwrite(tile, data[::-1].copy())
 
@@ -311,6 +323,67 @@ def read_only_output(sample: Path, out: Path) -> tuple[type, str]:
     )
 
 
+def edit_config(sample: Path, **changes) -> None:
+    """Change top-level keys (or, with a dict, keys of a section) of the sample's config."""
+    import yaml
+
+    config = yaml.safe_load((sample / "config.yaml").read_text())
+    for key, value in changes.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    (sample / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def missing_hemispheres(sample: Path, out: Path) -> tuple[type, str]:
+    (sample / "atlas" / "hemispheres.tiff").unlink()
+    folder = re.escape(str(sample / "atlas"))
+    return AtlasError, rf"atlas folder {folder}: no hemispheres.tiff, .*symmetric: False"
+
+
+def unknown_atlas_id(sample: Path, out: Path) -> tuple[type, str]:
+    path = sample / "atlas" / "annotation.tiff"
+    annotation = tifffile.imread(path)
+    annotation[0, 0, 0] = 987654
+    tifffile.imwrite(path, annotation)
+    return AtlasError, r"annotation ids not in structures.json: 987654"
+
+
+def psf_larger_than_volume(sample: Path, out: Path) -> tuple[type, str]:
+    from lightsheet.psf import gaussian_psf, write_psf
+
+    write_psf(sample / "psf.tif", gaussian_psf((40.0, 4.0, 4.0), (2.0, 1.0, 1.0)), (2, 1, 1))
+    return PSFError, r"psf: shape \(\d+, \d+, \d+\) is larger than the stitched volume"
+
+
+def channel_out_of_range(sample: Path, out: Path) -> tuple[type, str]:
+    edit_config(sample, segment={"channel": 7})
+    return ConfigError, r"segment.channel: channel 7 does not exist; .* have 2 channel"
+
+
+def model_metadata_out_of_bounds(sample: Path, out: Path) -> tuple[type, str]:
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    path = sample / "huge.safetensors"
+    meta = {"format": "lightsheet-unet/1", "model_args": json.dumps({"depth": 10**9})}
+    save_file({"w": torch.zeros(1)}, path, metadata=meta)
+    edit_config(sample, featurize={"model": str(path)})
+    return ModelError, rf"{re.escape(str(path))}: model_args depth=1000000000; expected an integer"
+
+
+def output_inside_tiles(sample: Path, out: Path) -> tuple[type, str]:
+    (sample / "tiles" / "results").mkdir()
+    out.symlink_to(sample / "tiles" / "results")  # found only by resolving the link
+    return PathNotAllowedError, rf"output: {re.escape(str(out))} is inside the tiles' folder"
+
+
+def someone_elses_table(sample: Path, out: Path) -> tuple[type, str]:
+    out.mkdir()
+    (out / "cells.csv").write_text("my own hand counts\n")
+    return OutputExistsError, rf"{re.escape(str(out))} already holds cells.csv, not written by"
+
+
 BAD_INPUTS: dict[str, Callable[[Path, Path], tuple[type, str]]] = {
     "truncated": truncated,
     "other-dtype": other_dtype,
@@ -318,6 +391,14 @@ BAD_INPUTS: dict[str, Callable[[Path, Path], tuple[type, str]]] = {
     "nan-in-float32": nan_in_float_tiles,
     "empty-folder": empty_folder,
     "read-only-output": read_only_output,
+    # refused before any compute, though only the data shows them wrong (issue 25)
+    "missing-hemispheres": missing_hemispheres,
+    "unknown-atlas-id": unknown_atlas_id,
+    "psf-larger-than-volume": psf_larger_than_volume,
+    "channel-out-of-range": channel_out_of_range,
+    "model-metadata-out-of-bounds": model_metadata_out_of_bounds,
+    "output-inside-tiles": output_inside_tiles,
+    "someone-elses-table": someone_elses_table,
 }
 
 
@@ -341,10 +422,13 @@ def test_bad_input_is_named_and_left_untouched(case, tiny_sample, shared_cluster
     error, pattern = BAD_INPUTS[case](sample, out)
     before = tree_checksums(sample)
     mount = mounted_tmpfs(out, "ro,size=1m") if case == "read-only-output" else None
+    mine = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else {}
     with mount or contextlib.nullcontext():
         with pytest.raises(error, match=pattern):
             run_flow(sample, out, cluster=shared_cluster)
         if out.exists():
             assert not list(out.glob("*.ome.zarr")), "no stage output on bad input"
-            assert not list(out.glob("*.csv")), "no table on bad input"
+            written = {p for p in out.glob("*.csv")} - set(mine)
+            assert not written, "no table on bad input"
     assert tree_checksums(sample) == before, "an input file was modified"
+    assert all(p.read_bytes() == data for p, data in mine.items()), "a file of the user changed"

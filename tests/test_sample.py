@@ -79,7 +79,7 @@ def standing_out(volume, positions_um, voxel_size_um):
     offset = CAMERA["offset_adu"]
     out = []
     for p in positions_um:
-        i = np.rint(p / vox).astype(int)
+        i = np.clip(np.rint(p / vox).astype(int), 0, np.asarray(volume.shape) - 1)
         lo, hi = np.maximum(i - win, 0), np.minimum(i + win + 1, volume.shape)
         local = volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(float)
         # the window is mostly background at these densities: its median is the background
@@ -203,7 +203,7 @@ def test_nuclei_at_truth_positions(tiny):
     ann = tifffile.imread(out / "atlas" / "annotation.tiff")
     res = info["atlas"]["resolution_um"][0]
     idx = [
-        np.clip(np.rint(np.arange(n) * v / res).astype(int), 0, a - 1)
+        np.clip(np.floor(np.arange(n) * v / res).astype(int), 0, a - 1)
         for n, v, a in zip(ch0.shape, VOXEL_SIZE_UM, ann.shape, strict=True)
     ]
     inside = ann[np.ix_(*idx)] > 0
@@ -256,17 +256,20 @@ def test_truth_ids_equal_atlas_lookup(tiny):
     assert meta["orientation"] == "asr" and meta["shape"] == list(ann.shape)
     res = np.array(meta["resolution"])
     assert np.all(res >= 4 * min(VOXEL_SIZE_UM))
-    # the atlas covers the image: the far image edge is nearest to the last atlas voxel
+    # the atlas covers the image: the far image edge is in the last atlas voxel, which
+    # spans [(A - 1) R, A R) (BrainGlobe)
     extent = (np.array(info["shape"][2:]) - 0.5) * VOXEL_SIZE_UM
-    assert np.all((np.array(ann.shape) - 0.5) * res >= extent)
-    idx = np.rint(cells[["z_um", "y_um", "x_um"]].to_numpy() / res).astype(int)
+    assert np.all(np.array(ann.shape) * res >= extent)
+    assert np.all((np.array(ann.shape) - 1) * res < extent)
+    # BrainGlobe's lookup: int(position / resolution)
+    idx = (cells[["z_um", "y_um", "x_um"]].to_numpy() / res).astype(int)
     assert np.all(idx >= 0) and np.all(idx < ann.shape)
     np.testing.assert_array_equal(ann[tuple(idx.T)], cells["structure_id"])
     np.testing.assert_array_equal(hemi[tuple(idx.T)], cells["hemisphere"])
     assert set(cells["hemisphere"]) == {1, 2}
     # hemispheres: 0 exactly outside the brain, left (1) on the high-x side ("asr")
     np.testing.assert_array_equal(hemi == 0, ann == 0)
-    x = np.arange(ann.shape[2]) * res[2]
+    x = (np.arange(ann.shape[2]) + 0.5) * res[2]  # atlas voxel centres
     centre_x = (info["shape"][4] - 1) / 2 * VOXEL_SIZE_UM[2]
     for value, side in ((1, x >= centre_x), (2, x < centre_x)):
         assert np.all(np.isin(hemi[..., side], (0, value)))

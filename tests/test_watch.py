@@ -127,6 +127,51 @@ def test_bad_acquisitions_are_reported(tmp_path):
         scan(tmp_path / "missing")
 
 
+def test_one_bad_acquisition_never_stops_the_scan(tmp_path):
+    """Whatever is wrong with one folder makes it invalid; the others are still classified."""
+    from tests.test_config import ALIAS_BOMB
+
+    make_acquisition(tmp_path, "a-good")
+    make_acquisition(tmp_path, "b-bomb").joinpath("config.yaml").write_text(ALIAS_BOMB)
+    make_acquisition(tmp_path, "c-not-yaml").joinpath("config.yaml").write_text("input: [\n")
+    make_acquisition(tmp_path, "d-folder-config").joinpath("config.yaml").unlink()
+    (tmp_path / "d-folder-config" / "config.yaml").mkdir()
+    escaping = make_acquisition(tmp_path, "e-outside-roots")
+    config = yaml.safe_load((escaping / "config.yaml").read_text())
+    (escaping / "config.yaml").write_text(yaml.safe_dump({**config, "output": "/etc/out"}))
+    found = by_name(
+        scan(tmp_path, marker=MARKER, settle_seconds=0, data_roots=[str(tmp_path), "/atlases"])
+    )
+    assert found["a-good"]["status"] == "complete"
+    reasons = {n: r["reason"] for n, r in found.items() if r["status"] == "invalid"}
+    assert set(reasons) == {"b-bomb", "c-not-yaml", "d-folder-config", "e-outside-roots"}
+    assert "aliases expand" in reasons["b-bomb"]
+    assert "not valid YAML" in reasons["c-not-yaml"]
+    assert "is a folder" in reasons["d-folder-config"]
+    assert "output: /etc/out is outside the data roots" in reasons["e-outside-roots"]
+
+
+def test_template_in_a_folder_with_glob_characters(tmp_path):
+    landing = tmp_path / "landing"
+    folder = make_acquisition(landing, "brain[1]", config=False)
+    template = tmp_path / "template.yaml"
+    template.write_text(
+        yaml.safe_dump(
+            {
+                "input": "tiles/*.tif",
+                "voxel_size_um": [2.0, 1.0, 1.0],
+                "psf": "psf.tif",
+                "atlas": "/atlases/example",
+                "output": "out",
+            }
+        )
+    )
+    config = acquisition_config(folder, template=template)
+    import glob
+
+    assert sorted(glob.glob(config.input)) == sorted(map(str, (folder / "tiles").glob("*.tif")))
+
+
 # --------------------------------------------------------------------------- real server
 
 
@@ -169,10 +214,15 @@ def test_one_run_per_complete_acquisition(held_pipeline, tiny_sample, tmp_path):
     stack, held = held_pipeline
     landing = tmp_path / "landing"
     landing.mkdir()
-    for name in ("brain-a", "brain-b", "brain-c"):
+    for name in ("brain-a", "brain-b", "brain-c", "brain-d"):
         shutil.copytree(tiny_sample, landing / name, ignore=shutil.ignore_patterns("output"))
     (landing / "brain-a" / MARKER).touch()
     (landing / "brain-b" / MARKER).touch()
+    # brain-d asks for an output outside the data roots: the server refuses its run (409),
+    # the tick reports and skips it, the others start
+    bad = landing / "brain-d" / "config.yaml"
+    bad.write_text(bad.read_text().replace("output: output", "output: /etc/lightsheet"))
+    (landing / "brain-d" / MARKER).touch()
     params = {
         "landing": str(landing),
         "deployment": "lightsheet-pipeline/pipeline-held",
@@ -187,14 +237,25 @@ def test_one_run_per_complete_acquisition(held_pipeline, tiny_sample, tmp_path):
     assert tick["state_type"] == "COMPLETED", tick["state"]
     runs = held_runs(stack, held["id"])
     assert sorted(r["name"] for r in runs) == ["brain-a", "brain-b"]
+    with stack.client() as c:
+        artifacts = c.post(
+            "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [tick["id"]]}}}
+        ).json()
+    (report,) = [a for a in artifacts if a["key"] == "watch-incoming"]
+    # deployed, the tick's own data roots catch it before the server would
+    assert "| brain-d | invalid |" in report["data"] and "/etc/lightsheet" in report["data"]
     assert len({r["idempotency_key"] for r in runs}) == 2
     inputs = {r["name"]: r["parameters"]["config"]["input"] for r in runs}
     assert inputs["brain-a"] == str(landing / "brain-a" / "tiles" / "*.tif")
 
-    # tick 2 (in this process, same server): nothing new
+    # tick 2 (in this process, same server, no deployment settings): nothing new; the
+    # server itself refuses brain-d's run (409 naming the field), reported and skipped
     with stack.prefect_settings():
         rows = watch_incoming(**params)
     assert not any(r.get("started") for r in rows)
+    refused = {r["name"]: r for r in rows}["brain-d"]
+    assert refused["status"] == "invalid" and "(409)" in refused["reason"], refused
+    assert "config.output" in refused["reason"]
     assert len(held_runs(stack, held["id"])) == 2
 
     # the third acquisition finishes copying: tick 3 starts exactly it

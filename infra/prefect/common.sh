@@ -17,6 +17,13 @@ PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 # Nothing here reaches the internet; a server started here never phones home.
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
+# State is private: every file the scripts, the server and the worker create is 0600, every
+# folder 0700 (the database, logs, credentials, pid files). Secrets travel in files or the
+# environment, never in a command's arguments (which every user can read in /proc).
+# The caller's umask is kept for the flow runs a worker starts (their outputs are the lab's).
+CALLER_UMASK=$(umask)
+umask 077
+
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 
 # alive PIDFILE: true when the pid file names a running process

@@ -1,6 +1,12 @@
-"""Create a process work pool if it is missing; optionally wait until a named worker is online.
+"""Create (or harden) a process work pool; optionally wait until a named worker is online.
 
     python infra/prefect/pool.py POOL [--wait-worker NAME --timeout S --pid PID]
+
+The pool's base job template lets a flow run choose nothing but its name and whether its
+output is streamed (`hardened_template`): Prefect's default lets whoever creates a flow run
+set ``job_variables`` such as the ``command`` the worker executes, its environment and its
+working directory, i.e. run any command on the worker. The server now refuses such a run
+with 422. An existing pool's template is replaced by the hardened one.
 
 Uses PREFECT_API_URL / PREFECT_API_AUTH_STRING like any Prefect client.
 """
@@ -12,24 +18,54 @@ import os
 import sys
 import time
 
+#: Job variables a flow run may still set (harmless ones).
+RUN_VARIABLES = ("name", "stream_output")
+
+
+def hardened_template() -> dict:
+    """The process worker's default base job template, closed to flow-run overrides.
+
+    Only `RUN_VARIABLES` remain variables (``additionalProperties: false``, so the server
+    refuses any other); the command, environment, working directory and labels are fixed
+    to the worker's defaults (its own environment, a fresh temporary folder; the
+    deployments' pull step then moves into the checkout).
+    """
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    variables = template["variables"]
+    variables["properties"] = {
+        k: v for k, v in variables["properties"].items() if k in RUN_VARIABLES
+    }
+    variables["required"] = []
+    variables["additionalProperties"] = False
+    template["job_configuration"].update(command=None, env={}, labels={}, working_dir=None)
+    return template
+
 
 def ensure_pool(name: str) -> bool:
-    """Create the process work pool ``name`` unless it exists; True when created."""
+    """Create the process work pool ``name`` or harden its template; True when created."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+    template = hardened_template()
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(name)
-            return False
+            pool = client.read_work_pool(name)
         except ObjectNotFound:
-            pass
-        try:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
-        except ObjectAlreadyExists:  # created meanwhile by another script
-            return False
-    return True
+            pool = None
+        if pool is None:
+            try:
+                client.create_work_pool(
+                    WorkPoolCreate(name=name, type="process", base_job_template=template)
+                )
+                return True
+            except ObjectAlreadyExists:  # created meanwhile by another script
+                pass
+        if (pool and pool.base_job_template) != template:
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+    return False
 
 
 def wait_worker(pool: str, worker: str, *, timeout: float, pid: int | None) -> bool:

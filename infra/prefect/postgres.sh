@@ -38,7 +38,12 @@ start() {
     local port password
     mkdir -p "$PG"
     chmod 700 "$PG"
-    [ "$(id -u)" = 0 ] && chown postgres: "$PG"
+    if [ "$(id -u)" = 0 ]; then
+        chown postgres: "$PG"
+        # the cluster's owner must reach $PG: traversal only (no listing); every file in the
+        # state folder stays 0600
+        chmod 711 "$STATE"
+    fi
     if [ ! -f "$DATA/PG_VERSION" ]; then
         password=$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(18))')
         port=${LIGHTSHEET_POSTGRES_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}

@@ -24,13 +24,15 @@ free_port() {
     "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# http_status URL [AUTH]: the HTTP status of a GET (000 when nothing answers)
+# http_status URL [AUTH]: the HTTP status of a GET (000 when nothing answers); the credentials
+# go to Python in its environment, not in its arguments
 http_status() {
-    "$PYTHON" - "$@" <<'EOF'
-import base64, sys, urllib.error, urllib.request
+    HTTP_AUTH="${2:-}" "$PYTHON" - "$1" <<'EOF'
+import base64, os, sys, urllib.error, urllib.request
 req = urllib.request.Request(sys.argv[1])
-if len(sys.argv) > 2:
-    req.add_header("Authorization", "Basic " + base64.b64encode(sys.argv[2].encode()).decode())
+if os.environ.get("HTTP_AUTH"):
+    auth = os.environ["HTTP_AUTH"].encode()
+    req.add_header("Authorization", "Basic " + base64.b64encode(auth).decode())
 try:
     with urllib.request.urlopen(req, timeout=30) as r:
         print(r.status)
@@ -51,7 +53,7 @@ start() {
         esac
     done
     mkdir -p "$STATE"
-    chmod 711 "$STATE"  # traversable: the postgres user reaches its cluster inside
+    chmod 700 "$STATE"
     if alive "$PIDFILE"; then
         die "a server is already running (pid $(cat "$PIDFILE"), port $(cat "$STATE/server.port")); stop it first"
     fi

@@ -8,8 +8,9 @@
 # Reaches the server with $LIGHTSHEET_PREFECT_HOME/env (server.sh start writes it) unless
 # PREFECT_API_URL is already set. LIGHTSHEET_POOL: pool name (default lightsheet).
 # --limit: flow runs at once (default 1: each pipeline run uses the whole machine).
-# Writes $LIGHTSHEET_PREFECT_HOME/{worker.pid,worker.log}. LIGHTSHEET_HOME (the checkout) is
-# set for the runs: the deployments' pull step starts them there.
+# Writes $LIGHTSHEET_PREFECT_HOME/{worker.pid,worker.log}; the flow runs' Prefect results go to
+# $LIGHTSHEET_PREFECT_HOME/storage (private) unless PREFECT_LOCAL_STORAGE_PATH is set.
+# LIGHTSHEET_HOME (the checkout) is set for the runs: the deployments' pull step starts them there.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
@@ -29,9 +30,16 @@ start() {
     if alive "$PIDFILE"; then die "a worker is already running (pid $(cat "$PIDFILE")); stop it first"; fi
     "$PYTHON" "$(dirname "$0")/pool.py" "$POOL"
     name="lightsheet-$(hostname)-$$"
-    LIGHTSHEET_HOME=$REPO PATH="$(dirname "$PYTHON"):$PATH" \
-        setsid "$PREFECT" worker start --pool "$POOL" --type process --limit "$limit" \
-        --name "$name" </dev/null >"$STATE/worker.log" 2>&1 &
+    : >"$STATE/worker.log"  # created private; the worker and its flow runs get the caller's umask
+    # Prefect's results of the flow runs (their parameters, states) stay in the private state
+    mkdir -p "$STATE/storage"
+    (
+        umask "$CALLER_UMASK"
+        PREFECT_LOCAL_STORAGE_PATH=${PREFECT_LOCAL_STORAGE_PATH:-$STATE/storage} \
+            LIGHTSHEET_HOME=$REPO PATH="$(dirname "$PYTHON"):$PATH" \
+            exec setsid "$PREFECT" worker start --pool "$POOL" --type process --limit "$limit" \
+            --name "$name" </dev/null >>"$STATE/worker.log" 2>&1
+    ) &
     echo $! >"$PIDFILE"
     timeout=${LIGHTSHEET_PREFECT_START_TIMEOUT:-180}
     if ! "$PYTHON" "$(dirname "$0")/pool.py" "$POOL" --wait-worker "$name" --timeout "$timeout" --pid "$(cat "$PIDFILE")"; then

@@ -9,8 +9,12 @@ A BrainGlobe atlas folder holds::
     hemispheres.tiff   optional uint8 (A0, A1, A2): 0 outside the brain, 1 left, 2 right
 
 ``annotation.ome.zarr`` (an OME-Zarr image or label, full resolution used) may replace
-``annotation.tiff``. The volumes are dask arrays read chunk by chunk on demand: a 10 µm
-mouse annotation is ~5 GB as uint32 and is never loaded whole.
+``annotation.tiff``. An atlas is named by its folder, or by its BrainGlobe name
+(``allen_mouse_25um``), found as ``<brainglobe_dir>/<name>_v<version>/`` the way
+brainglobe-atlasapi keeps downloaded atlases (`resolve_atlas`). The volumes are dask
+arrays read chunk by chunk on demand: a 10 µm mouse annotation is ~5 GB as uint32 and is
+never loaded whole. ``reference.tiff`` (the template the registration stage aligns) is
+read by `read_reference`.
 
 Orientation strings follow BrainGlobe: one letter per array axis naming the side the axis
 *starts* at (its origin), one letter from each pair a/p, s/i, l/r. ``"asr"``: axis 0 runs
@@ -19,8 +23,11 @@ anterior → posterior, axis 1 superior → inferior, axis 2 right → left.
 
 from __future__ import annotations
 
+import configparser
 import json
 import math
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +65,117 @@ _UNIT_TO_UM = {
     "meter": 1e6,
     "m": 1e6,
 }
+
+
+#: A BrainGlobe atlas name: letters, digits and underscores, e.g. ``allen_mouse_25um``.
+_ATLAS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def brainglobe_dir() -> tuple[Path, str]:
+    """The folder BrainGlobe keeps atlases in, and where that setting came from.
+
+    As brainglobe-atlasapi: the ``brainglobe_dir`` of ``[default_dirs]`` in
+    ``bg_config.conf`` of the config folder (``$BRAINGLOBE_CONFIG_DIR``, default
+    ``~/.config/brainglobe``), else ``~/.brainglobe``. Nothing is written (atlasapi writes
+    a default config file on first use; reading does not need one).
+
+    Returns
+    -------
+    folder : Path
+    source : str
+        The config file it was read from, or ``"default"``.
+    """
+    config_dir = Path(
+        os.environ.get("BRAINGLOBE_CONFIG_DIR") or Path.home() / ".config" / "brainglobe"
+    )
+    conf_path = config_dir / "bg_config.conf"
+    if conf_path.is_file():
+        conf = configparser.ConfigParser()
+        try:
+            conf.read(conf_path)
+        except configparser.Error as exc:
+            raise AtlasError(f"{conf_path}: cannot read the BrainGlobe config: {exc}") from exc
+        folder = conf.get("default_dirs", "brainglobe_dir", fallback=None)
+        if folder:
+            return Path(folder).expanduser(), str(conf_path)
+    return Path.home() / ".brainglobe", "default"
+
+
+def resolve_atlas(atlas: str | Path) -> Path:
+    """The folder of an atlas given by path or by BrainGlobe name.
+
+    An existing path is returned as it is. A bare name such as ``allen_mouse_25um`` is
+    looked up as ``<name>_v*`` in `brainglobe_dir`, where ``brainglobe install -a NAME``
+    (brainglobe-atlasapi 2.x) puts it.
+
+    Parameters
+    ----------
+    atlas : str or Path
+        Atlas folder (or OME-Zarr annotation), or a BrainGlobe atlas name.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    AtlasError
+        Nothing by that path or name, or several versions of the named atlas.
+    """
+    path = Path(atlas).expanduser()
+    if path.exists():
+        return path
+    name = str(atlas)
+    if not _ATLAS_NAME.match(name):
+        raise AtlasError(
+            f"atlas: no such file or folder {path}; expected a BrainGlobe atlas folder "
+            "(metadata.json, structures.json, annotation.tiff), an OME-Zarr annotation, or a "
+            "BrainGlobe atlas name such as allen_mouse_25um"
+        )
+    folder, source = brainglobe_dir()
+    found = sorted(p for p in folder.glob(f"{name}_v*") if p.is_dir())
+    if len(found) > 1:
+        raise AtlasError(
+            f"atlas {name!r}: several versions in {folder}: {[p.name for p in found]}; "
+            "expected one (give the folder's path to choose)"
+        )
+    if not found:
+        raise AtlasError(
+            f"atlas {name!r}: not found. Looked for the folder {path.resolve()} and for "
+            f"{folder / (name + '_v*')} (BrainGlobe atlas folder, from {source}; set "
+            "BRAINGLOBE_CONFIG_DIR to use another BrainGlobe config). Get it with "
+            f"`brainglobe install -a {name}` (pip install 'brainglobe-atlasapi<3'), or give "
+            "the path of a BrainGlobe-layout atlas folder"
+        )
+    return found[0]
+
+
+def atlas_metadata(atlas: str | Path) -> dict:
+    """Name, version, resolution and orientation from an atlas's ``metadata.json``.
+
+    Parameters
+    ----------
+    atlas : str or Path
+        Atlas folder, OME-Zarr annotation or BrainGlobe name (`resolve_atlas`).
+
+    Returns
+    -------
+    dict
+        ``path`` (resolved), ``name``, ``version`` (None when absent), ``resolution_um``,
+        ``orientation``.
+    """
+    path = resolve_atlas(atlas)
+    folder = path.parent if _is_zarr(path) else path
+    meta = _read_json(folder / "metadata.json")
+    if not isinstance(meta, dict):
+        raise AtlasError(f"{folder / 'metadata.json'}: expected a JSON object")
+    return {
+        "path": str(path),
+        "name": str(meta.get("name", folder.name)),
+        "version": None if meta.get("version") is None else str(meta["version"]),
+        "resolution_um": meta.get("resolution"),
+        "orientation": meta.get("orientation"),
+    }
 
 
 def validate_orientation(orientation: str, *, name: str = "orientation") -> str:
@@ -203,8 +321,9 @@ def load_atlas(path: str | Path, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> A
     ----------
     path : str or Path
         The atlas folder (``metadata.json``, ``structures.json``, ``annotation.tiff`` or
-        ``annotation.ome.zarr``, optional ``hemispheres.tiff``), or an OME-Zarr annotation
-        whose folder holds ``metadata.json`` and ``structures.json``.
+        ``annotation.ome.zarr``, optional ``hemispheres.tiff``), an OME-Zarr annotation
+        whose folder holds ``metadata.json`` and ``structures.json``, or a BrainGlobe atlas
+        name such as ``allen_mouse_25um`` (`resolve_atlas`).
     chunk_bytes : int
         Approximate size of one dask chunk of the annotation.
 
@@ -227,12 +346,7 @@ def load_atlas(path: str | Path, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> A
     >>> atlas.shape, atlas.resolution_um, atlas.orientation  # doctest: +SKIP
     ((40, 32, 32), (20.0, 20.0, 20.0), 'asr')
     """
-    path = Path(path)
-    if not path.exists():
-        raise AtlasError(
-            f"atlas: no such file or folder {path}; expected a BrainGlobe atlas folder "
-            "(metadata.json, structures.json, annotation.tiff) or an OME-Zarr annotation"
-        )
+    path = resolve_atlas(path)
     if _is_zarr(path):
         folder, annotation_path = path.parent, path
     else:
@@ -293,6 +407,49 @@ def load_atlas(path: str | Path, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> A
         path=path,
         hemispheres_from_file=from_file,
     )
+
+
+def read_reference(atlas: str | Path, *, shape: Sequence[int] | None = None) -> np.ndarray:
+    """The atlas's reference (template) image, ``reference.tiff``, in memory as float32.
+
+    Parameters
+    ----------
+    atlas : str or Path
+        Atlas folder or BrainGlobe name (`resolve_atlas`).
+    shape : (3,) sequence of int, optional
+        The annotation's shape, which the reference must have.
+
+    Returns
+    -------
+    (A0, A1, A2) ndarray of float32
+
+    Raises
+    ------
+    AtlasError
+        No ``reference.tiff``, unreadable, not 3-D, or of another shape than ``shape``.
+    """
+    import tifffile
+
+    path = resolve_atlas(atlas)
+    folder = path.parent if _is_zarr(path) else path
+    ref_path = next(
+        (folder / n for n in ("reference.tiff", "reference.tif") if (folder / n).exists()), None
+    )
+    if ref_path is None:
+        raise AtlasError(
+            f"atlas folder {folder}: no reference.tiff; expected the atlas's reference "
+            "(template) image, which registration aligns to the sample"
+        )
+    try:
+        ref = tifffile.imread(ref_path)
+    except Exception as exc:  # any decoder failure is reported with the file name
+        raise AtlasError(f"{ref_path}: cannot read as TIFF: {exc}") from exc
+    if ref.ndim != 3 or (shape is not None and tuple(ref.shape) != tuple(shape)):
+        raise AtlasError(
+            f"{ref_path}: shape {ref.shape}; expected a 3-D volume"
+            + ("" if shape is None else f" of the annotation's shape {tuple(shape)}")
+        )
+    return ref.astype(np.float32, copy=False)
 
 
 def read_structures(path: str | Path) -> pd.DataFrame:

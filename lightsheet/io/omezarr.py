@@ -19,12 +19,22 @@ Every image the pipeline writes is a 5-D ``t, c, z, y, x`` multiscale image:
 
 Labels are written the same way with NGFF ``image-label`` metadata and nearest-neighbour
 downsampling.
+
+Every image also holds a manifest, the attributes of its ``lightsheet`` sub-group (a zarr
+group, so zarr and NGFF tools list it without complaint): each file written (path and size)
+and the digest of every full-resolution chunk (`write_manifest`). Reuse checks
+that every file is there with its size (`check_image`: a stat per file, no data read);
+`verify_image` re-reads and re-hashes every chunk. Readers of such an image
+(`read_image`, `stored_volume`) fail on a missing chunk (`OutputDamagedError`) instead of
+reading zarr's fill value.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -35,7 +45,9 @@ import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore, WrapperStore
 
+from lightsheet.errors import OutputDamagedError
 from lightsheet.io.atomic import atomic_path
 from lightsheet.io.direct import io_pool, write_new_file
 from lightsheet.lineage import ATTRS_KEY, chunk_digest, combine_digests, finish_record
@@ -564,7 +576,8 @@ def write_image(
                         then.append((made[k], f))
                 digests = compute(store_chunks(level, arr, then=then, labels=labels), i)
                 if i == 0:
-                    fingerprint = combine_digests(np.asarray(digests).ravel())
+                    level0_digests = np.asarray(digests, dtype=np.int64)
+                    fingerprint = combine_digests(level0_digests.ravel())
             datasets.append(
                 {
                     "path": f"s{i}",
@@ -602,7 +615,191 @@ def write_image(
             )
         if lineage is not None:
             root.attrs[ATTRS_KEY] = finish_record(dict(lineage), fingerprint)
+        write_manifest(tmp, level0_digests)
     return fingerprint
+
+
+#: The manifest of every image written by `write_image`: this sub-group's attributes.
+MANIFEST_NAME = "lightsheet/zarr.json"
+MANIFEST_FORMAT = "lightsheet-manifest/1"
+#: Problems listed in full by `check_image` / `verify_image` before the rest are counted.
+MAX_PROBLEMS = 20
+
+
+def write_manifest(store: str | Path, level0_digests: np.ndarray) -> dict[str, Any]:
+    """List every file of a just-written image store, with its size, and the chunk digests.
+
+    Called last inside the atomic write, so the manifest describes exactly what was renamed
+    into place. ``level0_digests`` holds one `lightsheet.lineage.chunk_digest` per write
+    unit (shard or chunk) of ``s0``, in chunk-grid order, as `store_chunks` computed them.
+    """
+    store = Path(store)
+    files = {rel: size for rel, size in _walk_files(store) if rel != MANIFEST_NAME}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "files": dict(sorted(files.items())),
+        "level0": {
+            "path": "s0",
+            "grid": list(level0_digests.shape),
+            "digests": [int(d) for d in level0_digests.ravel()],
+        },
+    }
+    group = {"zarr_format": 3, "node_type": "group", "attributes": {"manifest": manifest}}
+    (store / MANIFEST_NAME).parent.mkdir(exist_ok=True)
+    (store / MANIFEST_NAME).write_text(json.dumps(group, separators=(",", ":")))
+    return manifest
+
+
+def _walk_files(folder: Path) -> Iterator[tuple[str, int]]:
+    """(path relative to ``folder`` with ``/``, size) of every file below it (no links)."""
+    stack = [(folder, "")]
+    while stack:
+        where, prefix = stack.pop()
+        with os.scandir(where) as entries:
+            for e in entries:
+                rel = prefix + e.name
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((Path(e.path), rel + "/"))
+                else:
+                    yield rel, e.stat(follow_symlinks=False).st_size
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The manifest of an image written by `write_image`, or None (none, or unreadable)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_NAME).read_text())["attributes"]["manifest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return None
+    return manifest
+
+
+def check_image(path: str | Path) -> list[str]:
+    """What is missing from a stored image: each file of its manifest, present, same size.
+
+    One ``stat`` per file and no data read (the reuse check before a stage is skipped). An
+    empty list means complete; ``verify_image`` also re-hashes the voxels.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        return [f"{path}: no readable manifest {MANIFEST_NAME} (not written whole by lightsheet)"]
+    problems = []
+    for rel, size in manifest["files"].items():
+        try:
+            found = (path / rel).lstat().st_size
+        except FileNotFoundError:
+            problems.append(f"{path / rel}: missing (expected {size} bytes)")
+            continue
+        if found != size:
+            problems.append(f"{path / rel}: {found} bytes, expected {size}")
+    return _bounded(problems)
+
+
+def verify_image(path: str | Path, *, workers: int = 2) -> list[str]:
+    """`check_image`, then re-read every chunk: level 0 against its digests, others decode.
+
+    The level-0 digests also have to combine into the lineage record's output fingerprint.
+    Reads one write unit (shard or chunk) at a time per worker thread.
+    """
+    path = Path(path)
+    problems = check_image(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        return problems
+    root = _open_group(path)
+    level0 = manifest["level0"]
+    digests = np.asarray(level0["digests"], dtype=np.int64).reshape(level0["grid"])
+    record = dict(root.attrs.get(ATTRS_KEY, {}))
+    if record.get("output_fingerprint") not in (None, combine_digests(digests.ravel())):
+        problems.append(
+            f"{path / MANIFEST_NAME}: its chunk digests do not give the lineage record's "
+            f"output fingerprint {record['output_fingerprint']}"
+        )
+    jobs = []
+    for name, arr in sorted(root.arrays()):
+        grid = _write_grid(arr)
+        counts = tuple(-(-n // g) for n, g in zip(arr.shape, grid, strict=True))
+        for idx in np.ndindex(*counts):
+            expected = digests[idx] if name == level0["path"] else None
+            jobs.append((name, arr, grid, idx, expected))
+
+    def check(job: tuple) -> str | None:
+        name, arr, grid, idx, expected = job
+        region = tuple(slice(i * g, (i + 1) * g) for i, g in zip(idx, grid, strict=True))
+        where = f"{path}/{name} chunk {idx}"
+        try:
+            block = np.asarray(arr[region])
+        except OutputDamagedError:
+            return None  # a missing file: check_image names it
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is damage to report
+            return f"{where}: cannot be decoded ({type(exc).__name__}: {exc})"
+        if expected is not None and chunk_digest(block) != expected:
+            return f"{where}: voxels differ from those written (digest mismatch)"
+        return None
+
+    with futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        problems += [p for p in pool.map(check, jobs) if p is not None]
+    return _bounded(problems)
+
+
+def _bounded(problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    return [*problems[:MAX_PROBLEMS], f"... and {len(problems) - MAX_PROBLEMS} more"]
+
+
+class CompleteStore(WrapperStore):
+    """A read-only local store in which every chunk must exist.
+
+    Lightsheet writes every chunk of its images (empty ones too), so a chunk file that is
+    not there was lost after the write: reading it raises `OutputDamagedError` naming the
+    file instead of returning zarr's fill value (a deleted chunk once became a region of
+    zeros, and 0 cells). Metadata keys may be absent as usual.
+    """
+
+    def __init__(self, store: LocalStore) -> None:
+        super().__init__(store)
+
+    def __str__(self) -> str:
+        return str(self._store)
+
+    def _missing(self, key: str) -> OutputDamagedError:
+        where = Path(str(self._store.root)) / key
+        return OutputDamagedError(
+            f"{where}: chunk file missing from an image lightsheet wrote whole; expected every "
+            "chunk to be present (the output was damaged after it was written: re-run to "
+            "recompute it; `lightsheet verify` lists all damage)"
+        )
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        """The stored value of ``key``; `OutputDamagedError` for a missing chunk."""
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and not _is_metadata_key(key):
+            raise self._missing(key)
+        return value
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list:
+        """Byte ranges of several keys; `OutputDamagedError` for a missing chunk."""
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), value in zip(key_ranges, values, strict=True):
+            if value is None and not _is_metadata_key(key):
+                raise self._missing(key)
+        return values
+
+
+def _is_metadata_key(key: str) -> bool:
+    return key.rsplit("/", 1)[-1] in ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
+
+
+def _open_group(path: Path) -> zarr.Group:
+    """The image's root group; through `CompleteStore` when lightsheet wrote it whole."""
+    if (path / MANIFEST_NAME).is_file():
+        store = CompleteStore(LocalStore(str(path), read_only=True))
+        return zarr.open_group(store=store, mode="r")
+    return zarr.open_group(str(path), mode="r")
 
 
 @dataclass(frozen=True, eq=False)
@@ -664,7 +861,7 @@ def _open_multiscale(path: str | Path, level: int) -> tuple[zarr.Group, dict, di
     path = Path(path)
     if not (path / "zarr.json").is_file() and not (path / ".zattrs").is_file():
         raise FileNotFoundError(f"{path}: not an OME-Zarr image (no zarr.json or .zattrs)")
-    root = zarr.open_group(str(path), mode="r")
+    root = _open_group(path)
     meta = root.attrs.get("ome", root.attrs)
     ms = meta["multiscales"][0]
     return root, ms["datasets"][level], ms

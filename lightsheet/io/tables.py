@@ -6,10 +6,12 @@ leaves a half-written table that looks complete.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pandas as pd
 
+from lightsheet.errors import OutputDamagedError
 from lightsheet.io.atomic import atomic_path
 
 #: Above this many rows a Parquet copy is written beside the CSV (faster to load).
@@ -25,3 +27,27 @@ def write_table(table: pd.DataFrame, path: str | Path, *, float_format: str = "%
         with atomic_path(path.with_suffix(".parquet")) as tmp:
             table.to_parquet(tmp, index=False)
     return path
+
+
+def read_table(path: str | Path, *, fingerprint: str | None = None) -> pd.DataFrame:
+    """Read a CSV table; with ``fingerprint``, only if its bytes still have that fingerprint.
+
+    The bytes are read once, hashed and parsed, so what a stage records as its input's
+    fingerprint is the fingerprint of the bytes it actually used.
+
+    Raises
+    ------
+    OutputDamagedError
+        The file's bytes differ from ``fingerprint`` (edited or damaged since it was written).
+    """
+    from lightsheet.lineage import hash_bytes
+
+    path = Path(path)
+    data = path.read_bytes()
+    if fingerprint is not None and hash_bytes(data) != fingerprint:
+        raise OutputDamagedError(
+            f"{path}: content differs from what the stage that wrote it recorded (fingerprint "
+            f"{hash_bytes(data)}, expected {fingerprint}); it was edited or damaged during the "
+            "run. Re-run: the damaged table is recomputed"
+        )
+    return pd.read_csv(io.BytesIO(data))

@@ -214,6 +214,52 @@ def _load_dict(data: bytes, path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return _build(ckpt["model_args"], ckpt["model_state"], path), dict(ckpt.get("record") or {})
 
 
+#: Largest model a checkpoint's metadata may describe (weights, estimated before building).
+MAX_MODEL_PARAMETERS = 100_000_000
+#: Bounds of each UNet argument a checkpoint's metadata may give (inclusive).
+MODEL_ARG_BOUNDS = {
+    "ndim": (2, 3),
+    "depth": (0, 12),
+    "width": (1, 4096),
+    "features": (1, 4096),
+    "convs_per_level": (1, 16),
+    "in_channels": (1, 64),
+}
+
+
+def check_model_args(args: dict[str, Any], path: Path) -> None:
+    """Refuse checkpoint metadata describing a model out of bounds, before building it.
+
+    Each argument must be an integer within `MODEL_ARG_BOUNDS`, and the weights they imply
+    (estimated as ``(convs_per_level + 2) * 3**ndim * width_l**2`` per level, within 2x of
+    the true count) at most `MAX_MODEL_PARAMETERS`; metadata such as ``{"depth": 1e9}``
+    would otherwise allocate a gigantic network before the weights are compared.
+
+    Raises
+    ------
+    ModelError
+        Naming the file, the argument, its value and the bounds.
+    """
+    for name, value in args.items():
+        lo, hi = MODEL_ARG_BOUNDS.get(name, (None, None))
+        if lo is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ModelError(
+                f"model: {path}: model_args {name}={value!r}; expected an integer in [{lo}, {hi}]"
+            )
+    defaults = {"ndim": 2, "depth": 2, "width": 8, "convs_per_level": 2}
+    a = {**defaults, **{k: v for k, v in args.items() if k in defaults}}
+    kernel = 3 ** a["ndim"]
+    widths = [a["width"] * 2**level for level in range(a["depth"] + 1)]
+    estimate = sum((a["convs_per_level"] + 2) * kernel * w**2 for w in widths)
+    if estimate > MAX_MODEL_PARAMETERS:
+        raise ModelError(
+            f"model: {path}: model_args {args} describe about {estimate:,} weights; expected "
+            f"at most {MAX_MODEL_PARAMETERS:,}"
+        )
+
+
 def _build(args: Any, state: Any, path: Path) -> UNet:
     known = {"ndim", "depth", "width", "features", "convs_per_level", "in_channels"}
     if not isinstance(args, dict):
@@ -223,6 +269,7 @@ def _build(args: Any, state: Any, path: Path) -> UNet:
         raise ModelError(
             f"model: {path}: unknown model_args {unknown}; expected some of {sorted(known)}"
         )
+    check_model_args(args, path)
     try:
         model = UNet(**args)
     except ValueError as exc:

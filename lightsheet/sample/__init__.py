@@ -11,7 +11,9 @@ The phantom
     is left). A small hierarchy, root → 3 parents → 7 leaves, fills it: cortical layers as
     nested shells over the dorsal surface, a hippocampal lobe per hemisphere with a dentate
     core, thalamic and hypothalamic lobes, and brain-stem tissue owned by the parent itself.
-    The annotation is this geometry sampled at the atlas voxel centres.
+    The annotation is this geometry sampled at the atlas voxel centres: BrainGlobe's atlas
+    voxel ``j`` spans ``[j·R, (j+1)·R)`` µm (``R`` the atlas resolution), so its centre is
+    at ``(j + 0.5)·R``.
 Cells
     Each leaf (and the parent-own region) has its own density (40k–150k cells/mm³); its
     cell count is density × its annotation volume, and the cells are placed uniformly inside
@@ -31,8 +33,9 @@ Tiles
     held whole.
 Truth
     ``truth/cells.csv``: one row per nucleus and time point, centres in µm with voxel ``i``
-    centred at ``i × voxel_size_um`` (the atlas uses the same convention at its own
-    resolution, offset 0, so the image → atlas mapping is the identity in µm);
+    centred at ``i × voxel_size_um``; the image → atlas mapping is the identity in µm
+    (orientation ``asr``, offset 0) and a cell at ``p`` µm lies in atlas voxel
+    ``floor(p / R)``, BrainGlobe's lookup (`lightsheet.density.atlas_voxel`);
     ``intensity`` is the nucleus's peak brightness in photons per voxel before blur.
     ``truth/density.csv`` (`truth_region_table`) counts the cells of one time point.
 
@@ -308,6 +311,7 @@ def generate(
     channels: int = 2,
     timepoints: int = 1,
     progress: Progress | None = None,
+    misaligned: bool = False,
 ) -> dict:
     """Write a sample acquisition with its atlas and ground truth.
 
@@ -327,6 +331,9 @@ def generate(
         Time points: the same cells with fresh noise and slight bleaching.
     progress : callable, optional
         ``progress(done, total, what)``, called after each tile file is written.
+    misaligned : bool
+        Rotate, scale, shift and warp the brain against its atlas and reorient the image
+        (`lightsheet.sample.misaligned`); the config then registers the atlas.
 
     Returns
     -------
@@ -345,11 +352,15 @@ def generate(
     # marks the folder as a sample from the start, so an interrupted run can be redone
     _write_json(out / "sample.json", {"format": SAMPLE_FORMAT, "complete": False, "size": size})
 
-    ph = build_phantom(size, seed=seed, channels=channels)
+    if misaligned:
+        from lightsheet.sample.misaligned import build_misaligned_phantom
+
+        ph = build_misaligned_phantom(size, seed=seed, channels=channels)
+    else:
+        ph = build_phantom(size, seed=seed, channels=channels)
     vox, shape = ph.voxel_size_um, preset.shape_zyx
-    density = truth_region_table(
-        ph.cells, ph.annotation, ph.hemispheres, ph.structures, ph.resolution_um
-    )
+    labels, sides, volume_res = ph.truth_volumes()
+    density = truth_region_table(ph.cells, labels, sides, ph.structures, volume_res)
     write_psf(out / "psf.tif", ph.psf, vox)
     _write_phantom_atlas(out / "atlas", ph, channels)
 
@@ -400,6 +411,7 @@ def generate(
             "tile_shape": list(tshape),
             "n_tiles": len(jobs),
             "bytes_written": nbytes,
+            "misalignment": None if not misaligned else _misalignment_info(ph),
         }
     )
     _write_config(out / "config.yaml", info)
@@ -448,6 +460,10 @@ class Phantom:
     psf: np.ndarray
     channels: tuple[Channel, ...]
     fields: list[np.ndarray]
+
+    def truth_volumes(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Labels and their voxel size that define the truth's region volumes."""
+        return self.annotation, self.hemispheres, self.resolution_um
 
     @cached_property
     def _scene(self) -> _Scene:
@@ -649,12 +665,17 @@ def atlas_shape(
 ) -> tuple[int, int, int]:
     """Atlas voxels per axis so that the atlas covers the whole image.
 
-    Image voxel ``i`` covers ``[(i - 0.5) v, (i + 0.5) v]`` and atlas voxel ``j`` is
-    looked up for positions within ``R / 2`` of ``j R``, so the last atlas voxel is the one
-    nearest to the image's far edge.
+    Image voxel ``i`` covers ``[(i - 0.5) v, (i + 0.5) v)`` and atlas voxel ``j`` covers
+    ``[j R, (j + 1) R)`` (BrainGlobe), so the last atlas voxel is the one holding the
+    image's far edge. (The image's first half voxel, below 0 µm, is outside the atlas.)
+
+    Examples
+    --------
+    >>> atlas_shape((48, 192, 192), (2.0, 1.0, 1.0), 4.0)
+    (24, 48, 48)
     """
     return tuple(  # type: ignore[return-value]
-        int(math.floor((n - 0.5) * v / resolution_um + 0.5)) + 1
+        max(1, math.ceil(round((n - 0.5) * v / resolution_um, 9)))
         for n, v in zip(shape_zyx, voxel_size_um, strict=True)
     )
 
@@ -725,8 +746,11 @@ class BrainGeometry:
         return ids, hemi
 
     def atlas(self, shape: Sequence[int], resolution_um: float) -> tuple[np.ndarray, np.ndarray]:
-        """Annotation (uint32) and hemispheres (uint8) sampled at atlas voxel centres."""
-        z, y, x = (np.arange(n, dtype=float) * resolution_um for n in shape)
+        """Annotation (uint32) and hemispheres (uint8) sampled at atlas voxel centres.
+
+        Voxel ``j`` spans ``[j R, (j + 1) R)`` µm (BrainGlobe), so its centre is ``(j + 0.5) R``.
+        """
+        z, y, x = ((np.arange(n, dtype=float) + 0.5) * resolution_um for n in shape)
         return self.labels(z[:, None, None], y[None, :, None], x[None, None, :])
 
     def brain_weight(self, z_um, y_um, x_um, *, edge_um: float = 3.0) -> np.ndarray:
@@ -764,14 +788,14 @@ def sample_cells(
     Returns
     -------
     pandas.DataFrame
-        ``cell_id`` (from 1), ``z_um, y_um, x_um`` (atlas voxel ``j`` centred at
-        ``j × resolution_um``), ``diameter_um``, ``semi_z_um, semi_y_um, semi_x_um``,
+        ``cell_id`` (from 1), ``z_um, y_um, x_um`` (inside their atlas voxel ``j``,
+        which spans ``[j R, (j + 1) R)`` µm), ``diameter_um``, ``semi_z_um, semi_y_um, semi_x_um``,
         ``intensity`` (peak photons per voxel before blur), ``structure_id``,
         ``hemisphere``; sorted by position.
     """
     res = float(resolution_um)
     voxel_mm3 = res**3 * 1e-9
-    # keep positions clear of voxel faces so rounding to the atlas grid is unambiguous
+    # keep positions clear of voxel faces so the atlas voxel of each is unambiguous
     inset = 2e-3 * res
     parts = []
     for region in REGIONS:
@@ -785,7 +809,7 @@ def sample_cells(
 
     def draw(where: np.ndarray, n: int) -> np.ndarray:
         vox = np.stack(np.unravel_index(rng.choice(where, size=n), annotation.shape), axis=1)
-        offset = rng.uniform(-0.5 * res + inset, 0.5 * res - inset, size=(n, 3))
+        offset = rng.uniform(inset, res - inset, size=(n, 3))
         return np.round(vox * res + offset, 3)
 
     positions = [draw(where, n) for _, where, n in parts]
@@ -793,17 +817,34 @@ def sample_cells(
     pos = np.concatenate(positions) if positions else np.empty((0, 3))
     pos = _separate(pos, owner, [w for _, w, _ in parts], draw, rng)
 
+    mean_d = np.array([parts[i][0].diameter_um for i in owner]) if len(pos) else np.empty(0)
+    ids = np.array([parts[i][0].id for i in owner], dtype=np.int64)
+    idx = np.clip(np.floor(pos / res).astype(np.intp), 0, np.array(annotation.shape) - 1)
+    hemi = hemispheres[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.int64)
+    return cells_frame(pos, mean_d, ids, hemi, rng=rng)
+
+
+def cells_frame(
+    pos: np.ndarray,
+    mean_diameter_um: np.ndarray,
+    structure_id: np.ndarray,
+    hemisphere: np.ndarray,
+    *,
+    rng: np.random.Generator,
+) -> pd.DataFrame:
+    """Nuclei at ``pos`` (µm): sizes, shapes and brightness drawn, sorted by position.
+
+    Returns the `sample_cells` table for cells whose region and side are known.
+    """
     n_total = len(pos)
-    mean_d = np.array([parts[i][0].diameter_um for i in owner]) if n_total else np.empty(0)
+    mean_d = mean_diameter_um
     diam = np.clip(rng.normal(mean_d, NUCLEUS_DIAMETER_SD_UM), *NUCLEUS_DIAMETER_RANGE_UM).round(2)
     # slightly ellipsoidal: per-axis stretch around the mean radius, volume kept
     stretch = np.exp(rng.normal(0.0, 0.08, size=(n_total, 3)))
     stretch /= np.cbrt(stretch.prod(axis=1, keepdims=True))
     semi = 0.5 * diam[:, None] * stretch
     intensity = (NUCLEUS_MEDIAN_PHOTONS * rng.lognormal(0.0, NUCLEUS_LOG_SIGMA, n_total)).round(1)
-    ids = np.array([parts[i][0].id for i in owner], dtype=np.int64)
-    idx = np.clip(np.rint(pos / res).astype(np.intp), 0, np.array(annotation.shape) - 1)
-    hemi = hemispheres[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.int64)
+    ids, hemi = structure_id, hemisphere
     cells = pd.DataFrame(
         {
             "z_um": pos[:, 0],
@@ -864,7 +905,8 @@ def _background_fields(geometry, annotation, res_um, chans, seed) -> list[np.nda
     from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
-    z, y, x = (np.arange(n, dtype=float)[:, None, None] * res_um for n in annotation.shape)
+    # atlas voxel j's centre is at (j + 0.5) R (BrainGlobe: the voxel spans [j R, (j+1) R))
+    z, y, x = ((np.arange(n, dtype=float)[:, None, None] + 0.5) * res_um for n in annotation.shape)
     y, x = y.reshape(1, -1, 1), x.reshape(1, 1, -1)
     extent = max(n * res_um for n in annotation.shape)
     wave = np.zeros(annotation.shape)
@@ -948,9 +990,10 @@ class _Scene:
         """
         out = grid
         for axis in range(3):
+            # grid value j is the atlas voxel centre (j + 0.5) R
             q = (
                 np.arange(lo[axis], hi[axis]) * self.vox[axis] + self.origin_um[axis]
-            ) / self.res_um
+            ) / self.res_um - 0.5
             n = grid.shape[axis]
             i0 = np.clip(np.floor(q).astype(np.intp), 0, max(n - 2, 0))
             frac = np.clip(q - i0, 0.0, 1.0) if n > 1 else np.zeros_like(q)
@@ -1201,6 +1244,18 @@ def _write_atlas(folder: Path, annotation, hemispheres, reference, structures, r
     tifffile.imwrite(folder / "reference.tiff", reference)
 
 
+def _misalignment_info(ph) -> dict:
+    from lightsheet.sample.misaligned import SAMPLE_MISALIGNMENT, SAMPLE_ORIENTATION
+
+    m = ph.misalignment
+    return {
+        "orientation": SAMPLE_ORIENTATION,
+        **SAMPLE_MISALIGNMENT,
+        "rotation_matrix": np.round(m.matrix * SAMPLE_MISALIGNMENT["sample_scale"], 6).tolist(),
+        "shift_um": np.round(m.shift_um, 3).tolist(),
+    }
+
+
 def _write_config(path: Path, info: dict, *, stitch: dict | None = None) -> None:
     import yaml
 
@@ -1219,6 +1274,9 @@ def _write_config(path: Path, info: dict, *, stitch: dict | None = None) -> None
     }
     if stitch:
         config["stitch"] = stitch
+    if info.get("misalignment"):
+        config["density"] = {"orientation": info["misalignment"]["orientation"]}
+        config["register"] = {"enabled": True, "channel": 1}
     header = (
         f"# Run config for the generated sample (size {info['size']}, seed {info['seed']}).\n"
         "# Relative paths are relative to this file's folder.\n"

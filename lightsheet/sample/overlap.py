@@ -211,9 +211,8 @@ def generate_overlapping(
     )
     truth.to_csv(out / "truth" / "tiles.csv", index=False)
     base._cells_over_time(ph.cells, timepoints).to_csv(out / "truth" / "cells.csv", index=False)
-    density = base.truth_region_table(
-        ph.cells, ph.annotation, ph.hemispheres, ph.structures, ph.resolution_um
-    )
+    labels, sides, volume_res = ph.truth_volumes()
+    density = base.truth_region_table(ph.cells, labels, sides, ph.structures, volume_res)
     density.to_csv(out / "truth" / "density.csv", index=False)
 
     info = base._sample_info(ph, size=size, seed=seed, timepoints=timepoints)

@@ -186,13 +186,9 @@ def segment_with_model(
     """
     from lightsheet.featurize import head_probabilities, intensity_range
     from lightsheet.regions import is_stored
-    from lightsheet.segment import SegmentResult, count_map, default_volume_range_um3
+    from lightsheet.segment import SegmentResult, count_map
 
-    lo_um3, hi_um3 = default_volume_range_um3(config.nucleus_diameter_um)
-    lo_um3 = config.min_volume_um3 if config.min_volume_um3 is not None else lo_um3
-    hi_um3 = config.max_volume_um3 if config.max_volume_um3 is not None else hi_um3
-    if lo_um3 > hi_um3:
-        raise SegmentError(f"min_volume_um3 ({lo_um3}) is larger than max_volume_um3 ({hi_um3})")
+    lo_um3, hi_um3 = config.volume_range_um3()  # the config refuses min > max
     threshold, split, _ = detection_settings(getattr(model, "record", None), config)
     targets = tuple(getattr(model, "targets", None) or ("nucleus", "boundary"))
     if norm is None:  # once, not in each of the passes below

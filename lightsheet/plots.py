@@ -1,0 +1,306 @@
+"""Plots of the pipeline's results, as PNG files: one home for every figure.
+
+Density: `plot_top_regions` (the densest regions, left and right), `plot_density_slice`
+(an atlas slice coloured by density). Registration: `plot_registration_qc` (atlas outlines
+on the sample). Figures are drawn on matplotlib's Agg canvas without pyplot's global state,
+so tasks can draw in worker threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+
+from lightsheet.io.atlas import HEMISPHERE_LEFT, HEMISPHERE_RIGHT, Atlas
+
+
+def plot_top_regions(
+    table: pd.DataFrame,
+    path: str | Path,
+    *,
+    n: int = 20,
+    min_cells: int = 10,
+    leaves_only: bool = True,
+    title: str | None = None,
+) -> Path:
+    """Bar chart of the ``n`` regions with the highest density, left and right marked.
+
+    Background, outside and zero-volume rows are left out; so are regions with fewer than
+    ``min_cells`` cells (a Poisson count of 10 is ±30%: its density is mostly noise).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        From `region_table`.
+    path : str or Path
+        PNG to write.
+    n : int
+        Number of regions shown.
+    min_cells : int
+        Fewest cells a region needs to be shown.
+    leaves_only : bool
+        Show only regions without children (a parent's density is an average of its
+        children's, so mixing levels repeats the same cells).
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1; got {n}")
+    rows = table[
+        (table["structure_id"] > 0)
+        & (table["total_volume_mm3"] > 0)
+        & (table["total_cells"] >= min_cells)
+    ]
+    if leaves_only:
+        rows = rows[~rows["structure_id"].isin(table["parent_structure_id"].dropna())]
+    rows = rows.sort_values("total_cells_per_mm3", ascending=False).head(n)[::-1]
+    height = max(2.5, 0.32 * len(rows) + 1.2)
+    fig = _figure(figsize=(7.5, height))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))
+    ax.barh(y, rows["total_cells_per_mm3"], color="#4c72b0", label="both hemispheres")
+    ax.scatter(rows["left_cells_per_mm3"], y, marker="<", color="#dd8452", zorder=3, label="left")
+    ax.scatter(rows["right_cells_per_mm3"], y, marker=">", color="#55a868", zorder=3, label="right")
+    ax.set_yticks(
+        y,
+        [f"{a}  ({c:,} cells)" for a, c in zip(rows["acronym"], rows["total_cells"], strict=True)],
+    )
+    ax.set_xlabel("density (cells per mm³)")
+    kind = "leaf regions" if leaves_only else "regions"
+    ax.set_title(title or f"Densest {len(rows)} {kind} (≥ {min_cells} cells)")
+    ax.grid(axis="x", alpha=0.3)
+    if len(rows):
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no region with cells", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_density_slice(
+    table: pd.DataFrame,
+    atlas: Atlas,
+    path: str | Path,
+    *,
+    axis: int | None = None,
+    index: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """One atlas slice, each voxel coloured by the density of its region in its hemisphere.
+
+    A voxel takes the density of its own (deepest) region from ``table``: the left or right
+    density by its hemisphere, the total where the hemisphere is 0. Region outlines are
+    drawn; background is white. Only the one slice of the annotation is read.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        From `region_table` for this atlas.
+    atlas : Atlas
+    path : str or Path
+        PNG to write.
+    axis : int, optional
+        Atlas axis cut across; default the anterior–posterior axis (a coronal slice).
+    index : int, optional
+        Slice index along ``axis``; default the middle.
+    title : str, optional
+
+    Returns
+    -------
+    Path
+        The PNG.
+    """
+    if axis is None:
+        axis = next(i for i, c in enumerate(atlas.orientation) if c in "ap")
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2; got {axis}")
+    n_axis = atlas.shape[axis]
+    index = n_axis // 2 if index is None else int(index)
+    if not 0 <= index < n_axis:
+        raise ValueError(f"index must be in [0, {n_axis}) along atlas axis {axis}; got {index}")
+    sl = tuple(index if a == axis else slice(None) for a in range(3))
+    labels, hemi = dask.compute(atlas.annotation[sl], atlas.hemispheres[sl])
+    labels = np.asarray(labels).astype(np.int64)
+    hemi = np.asarray(hemi)
+
+    regions = table[table["structure_id"] > 0].set_index("structure_id")
+    values = np.full(labels.shape, np.nan)
+    for col, which in (
+        ("total_cells_per_mm3", None),
+        ("left_cells_per_mm3", HEMISPHERE_LEFT),
+        ("right_cells_per_mm3", HEMISPHERE_RIGHT),
+    ):
+        m = labels > 0 if which is None else (labels > 0) & (hemi == which)
+        lut = regions[col].reindex(labels[m]).to_numpy(dtype=np.float64)
+        values[m] = lut
+    from matplotlib import colormaps
+
+    other = [a for a in range(3) if a != axis]
+    res = atlas.resolution_um
+    extent_mm = (
+        -0.5 * res[other[1]] / 1e3,
+        (labels.shape[1] - 0.5) * res[other[1]] / 1e3,
+        (labels.shape[0] - 0.5) * res[other[0]] / 1e3,
+        -0.5 * res[other[0]] / 1e3,
+    )
+    fig = _figure(figsize=(7, 6))
+    ax = fig.add_subplot()
+    ax.set_facecolor("white")
+    cmap = colormaps["magma"].with_extremes(bad="white")
+    finite = values[np.isfinite(values)]
+    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+    shown = np.ma.masked_where(labels == 0, values)
+    img = ax.imshow(
+        shown, cmap=cmap, vmin=0, vmax=max(vmax, 1e-9), extent=extent_mm, interpolation="nearest"
+    )
+    edges = np.zeros(labels.shape, bool)
+    edges[1:, :] |= labels[1:, :] != labels[:-1, :]
+    edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    ax.imshow(
+        np.ma.masked_where(~edges, edges),
+        cmap="Greys",
+        vmin=0,
+        vmax=1,
+        alpha=0.6,
+        extent=extent_mm,
+        interpolation="nearest",
+    )
+    _label_regions(ax, labels, regions["acronym"], extent_mm)
+    cbar = fig.colorbar(img, ax=ax, shrink=0.8)
+    cbar.set_label("density (cells per mm³)")
+    names = {
+        "a": ("anterior", "posterior"),
+        "p": ("posterior", "anterior"),
+        "s": ("superior", "inferior"),
+        "i": ("inferior", "superior"),
+        "l": ("left", "right"),
+        "r": ("right", "left"),
+    }
+    o = atlas.orientation
+    ax.set_ylabel("{} → {} (mm)".format(*names[o[other[0]]]))
+    ax.set_xlabel("{} → {} (mm)".format(*names[o[other[1]]]))
+    plane = {"a": "coronal", "p": "coronal", "s": "horizontal", "i": "horizontal"}
+    ax.set_title(
+        title or f"Density, {plane.get(o[axis], 'sagittal')} atlas slice {index} of {n_axis}"
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _label_regions(ax, labels, acronyms, extent_mm, *, most=12) -> None:
+    """Write the acronym of the largest regions of a slice at their medoid-ish centre."""
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    if ids.size == 0:
+        return
+    # regions under 1% of the slice's brain area are too small to label legibly
+    order = np.argsort(counts)[::-1][:most]
+    keep = ids[order][counts[order] >= 0.01 * counts.sum()]
+    x0, x1, y1, y0 = extent_mm
+    sx = (x1 - x0) / labels.shape[1]
+    sy = (y1 - y0) / labels.shape[0]
+    for sid in keep:
+        rr, cc = np.nonzero(labels == sid)
+        # the region's own pixel nearest its mean: inside even for curved regions
+        k = np.argmin((rr - rr.mean()) ** 2 + (cc - cc.mean()) ** 2)
+        ax.text(
+            x0 + (cc[k] + 0.5) * sx,
+            y0 + (rr[k] + 0.5) * sy,
+            str(acronyms.get(sid, sid)),
+            ha="center",
+            va="center",
+            fontsize="small",
+            color="white",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.45, "lw": 0},
+        )
+
+
+def _figure(figsize):
+    """A Figure on an Agg canvas: no pyplot global state, safe in worker threads."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_registration_qc(
+    image: np.ndarray,
+    labels: np.ndarray,
+    path: str | Path,
+    *,
+    grid=None,
+    similarity: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """Atlas region outlines over the sample: three orthogonal mid-planes, as a PNG.
+
+    Parameters
+    ----------
+    image : (K0, K1, K2) ndarray
+        The sample at atlas resolution (image axes).
+    labels : (K0, K1, K2) ndarray of int
+        The atlas annotation brought into the same grid.
+    path : str or Path
+        PNG to write.
+    grid : lightsheet.register.FixedGrid, optional
+        For the planes' physical aspect and axis names.
+    similarity : float, optional
+        Shown in the title.
+    title : str, optional
+    """
+    image = np.asarray(image, dtype=np.float64)
+    labels = np.asarray(labels)
+    spacing = grid.spacing_um if grid is not None else (1.0, 1.0, 1.0)
+    names = ("z", "y", "x")
+    if grid is not None:
+        names = tuple(f"{a} ({grid.orientation[i]}→)" for i, a in enumerate(names))
+    fig = _figure(figsize=(12, 4.4))
+    brain = labels > 0
+    values = image[brain] if brain.any() else image.ravel()
+    lo, hi = np.percentile(values, [1, 99.5]) if values.size else (0.0, 1.0)
+    for k, axis in enumerate(range(3)):
+        ax = fig.add_subplot(1, 3, k + 1)
+        mid = _brain_middle(brain, axis)
+        sl = tuple(mid if a == axis else slice(None) for a in range(3))
+        img, lab = image[sl], labels[sl]
+        rows, cols = [a for a in range(3) if a != axis]
+        extent = (0, img.shape[1] * spacing[cols], img.shape[0] * spacing[rows], 0)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-9), extent=extent)
+        edges = np.zeros(lab.shape, bool)
+        edges[1:, :] |= lab[1:, :] != lab[:-1, :]
+        edges[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+        ax.imshow(
+            np.ma.masked_where(~edges, edges), cmap="autumn", vmin=0, vmax=1,
+            extent=extent, interpolation="nearest",
+        )  # fmt: skip
+        ax.set_title(f"plane {names[axis]} = {mid}", fontsize="small")
+        ax.set_xlabel(f"{names[cols]} (µm)", fontsize="small")
+        ax.set_ylabel(f"{names[rows]} (µm)", fontsize="small")
+        ax.tick_params(labelsize="x-small")
+    sim = "" if similarity is None else f" (similarity {similarity:.3f})"
+    fig.suptitle(title or f"Atlas regions registered to the sample{sim}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _brain_middle(brain: np.ndarray, axis: int) -> int:
+    """The middle plane of the brain along ``axis`` (of the array where there is none)."""
+    other = tuple(a for a in range(3) if a != axis)
+    present = np.flatnonzero(brain.any(axis=other))
+    return int(present[len(present) // 2]) if present.size else brain.shape[axis] // 2
