@@ -197,7 +197,11 @@ class SegmentConfig(_Model):
     max_volume_um3: PositiveFloat | None = Field(
         None, description="Largest object kept; default from nucleus_diameter_um."
     )
-    watershed: bool = Field(True, description="Split touching nuclei with a seeded watershed.")
+    watershed: bool = Field(
+        True,
+        description="otsu/absolute/model: split touching nuclei with a seeded watershed (the "
+        "local method always splits at saddles 2 noise SDs deep).",
+    )
     split_depth_um: PositiveFloat | None = Field(
         None,
         description="otsu/absolute/model watershed: two touching nuclei stay separate when the "

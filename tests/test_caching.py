@@ -85,7 +85,7 @@ def test_lineage_names_everything(first_run):
     assert records["deconvolve"]["inputs"]["psf"]["path"].endswith("psf.tif")
     assert records["density"]["inputs"]["atlas"]["path"].endswith("atlas")
     assert records["featurize"]["inputs"]["model"]["fingerprint"]
-    assert records["segment"]["params"]["method"] == "otsu"
+    assert records["segment"]["params"]["method"] == "local"
     cli = subprocess.run(
         [sys.executable, "-m", "lightsheet.cli", "lineage", str(out / "density.csv")],
         capture_output=True,
@@ -116,7 +116,7 @@ def test_segment_parameter_recomputes_segment_and_density_only(sample, first_run
     from flows.pipeline import first_stale_stage
 
     config = load_config(sample / "config.yaml")
-    segment = config.segment.model_copy(update={"watershed": not config.segment.watershed})
+    segment = config.segment.model_copy(update={"nucleus_diameter_um": config.segment.nucleus_diameter_um * 1.5})
     assert first_stale_stage(sample_config(sample, out, segment=segment)) == "segment"
     summary = run_flow(sample, out, segment=segment)
     assert reused(summary) == {
