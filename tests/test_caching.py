@@ -116,7 +116,9 @@ def test_segment_parameter_recomputes_segment_and_density_only(sample, first_run
     from flows.pipeline import first_stale_stage
 
     config = load_config(sample / "config.yaml")
-    segment = config.segment.model_copy(update={"nucleus_diameter_um": config.segment.nucleus_diameter_um * 1.5})
+    segment = config.segment.model_copy(
+        update={"nucleus_diameter_um": config.segment.nucleus_diameter_um * 1.5}
+    )
     assert first_stale_stage(sample_config(sample, out, segment=segment)) == "segment"
     summary = run_flow(sample, out, segment=segment)
     assert reused(summary) == {
