@@ -29,6 +29,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from flows.deployment import current_settings, guard_paths
+from lightsheet.access import config_paths
 from lightsheet.config import SegmentConfig, load_config
 
 CropCorner = tuple[
@@ -412,6 +414,10 @@ def sweep(
         deconvolve=deconvolve,
         configs=[c.model_dump(mode="json") for c in configs],
     )
+    # deployed: every path the sweep reads or writes lies in the deployment's data roots
+    paths = {"sweep output": output, "source": source, "annotations": annotations}
+    paths |= config_paths(run_config) if run_config is not None else {}
+    guard_paths(current_settings(), **paths)
     folder = str(Path(output) / f"sweep-{key}")
     channel = base.channel if channel is None else channel
     points = None

@@ -277,3 +277,23 @@ def test_state_is_private_and_no_secret_in_arguments(stack):
                 seen.append(argv.replace(b"\0", b" ").decode(errors="replace")[:200])
     assert not seen, f"the password is in a process's arguments: {seen}"
     assert os.access(stack.home / "env", os.R_OK)  # still readable by its owner
+
+
+def test_sweep_outside_the_roots_refused(stack, tmp_path):
+    """The sweep deployment writes only inside the data roots, like the pipeline's: a path
+    outside is refused at creation, one that leads outside by a link when the run starts."""
+    dep = stack.deployment("lightsheet-sweep/sweep")
+    params = {"source": str(tmp_path / "x.ome.zarr"), "settings": [{}], "output": "/etc/sweeps"}
+    with stack.client() as c:
+        r = c.post(f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
+        assert 400 <= r.status_code < 500, r.text
+        link = tmp_path / "elsewhere"
+        link.symlink_to("/etc")
+        params["output"] = str(link / "sweeps")
+        r = c.post(f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
+    assert r.status_code == 201, r.text
+    run = stack.wait_final(r.json()["id"], RUN_TIMEOUT_S)
+    assert run["state_type"] == "FAILED", run["state"]
+    message = run["state"]["message"]
+    assert "sweep output" in message and "resolves to /etc/sweeps" in message, message
+    assert not Path("/etc/sweeps").exists()
