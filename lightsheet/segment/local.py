@@ -300,6 +300,10 @@ def _elevation(parts: dict) -> np.ndarray:
     return np.where(z > MASK_SD, z, np.float32(np.nan))
 
 
+def _mask(elev: np.ndarray) -> np.ndarray:
+    return ~np.isnan(elev)
+
+
 def _core(a: np.ndarray, region: Region) -> np.ndarray:
     lo = [min(1, x) for x in region.lo]
     return a[tuple(slice(lo[i], lo[i] + region.stop[i] - region.start[i]) for i in range(3))]
@@ -347,19 +351,46 @@ class LocalResult:
 def _channel_parts(image, geometry, grid, regions, with_noise: bool) -> dict:
     """Per block, the delayed `_contrast_parts` of one channel."""
     background, noise = plane_statistics(image, geometry, chunks=grid)
+    b_win, n_win = _Windows(background), _Windows(noise)
     blocks = _padded(image, regions)
     out = {}
     for idx, r in regions.items():
         sel, spans = _maps(r, geometry, background.shape)
         out[idx] = dask.delayed(_contrast_parts)(
             blocks[idx],
-            background[sel],
-            noise[sel] if with_noise else None,
+            b_win[sel],
+            n_win[sel] if with_noise else None,
             r,
             spans,
             geometry,
         )
     return out
+
+
+class _Windows:
+    """Windows of a small lazy array as delayed objects that share its chunks' keys.
+
+    Slicing the dask array per consumer would give each consumer its own optimised (fused)
+    copy of the chunks' graph, and so compute the statistics once per block that reads them.
+    """
+
+    def __init__(self, array: da.Array):
+        self.chunks = array.chunks
+        self.blocks = array.to_delayed(optimize_graph=False)
+        self.bounds = [np.cumsum((0,) + c) for c in array.chunks]
+
+    def __getitem__(self, sel: tuple[slice, ...]) -> Any:
+        ranges, local = [], []
+        for b, s in zip(self.bounds, sel, strict=True):
+            first = int(np.searchsorted(b, s.start, side="right")) - 1
+            ranges.append(range(first, int(np.searchsorted(b, s.stop, side="left"))))
+            local.append(slice(s.start - b[first], s.stop - b[first]))
+        nested = [[[self.blocks[i, j, k] for k in ranges[2]] for j in ranges[1]] for i in ranges[0]]
+        return dask.delayed(_window)(nested, tuple(local))
+
+
+def _window(nested: list, local: tuple[slice, ...]) -> np.ndarray:
+    return np.block(nested)[local]
 
 
 def _core_blocks(image: Any, grid) -> np.ndarray:
@@ -425,22 +456,19 @@ def detect_local(
         if background is None
         else _channel_parts(background, geometry, grid, regions, with_noise=False)
     )
-    elev = np.empty(numblocks, dtype=object)
-    for idx, r in regions.items():
-        elev[idx] = da.from_delayed(
-            dask.delayed(_elevation)(parts[idx]),
-            shape=tuple(b - a for a, b in _shell_extent(r)),
-            dtype=np.float32,
-            meta=np.empty((0, 0, 0), np.float32),
-        )
-    e_ov = da.block(elev.tolist())
+    # grids of delayed blocks, not dask arrays: the mask, the analysis and the measurement
+    # share each block's smoothing and statistics instead of each fusing its own copy
+    e_blocks = np.empty(numblocks, dtype=object)
+    m_blocks = np.empty(numblocks, dtype=object)
+    for idx in regions:
+        e_blocks[idx] = dask.delayed(_elevation)(parts[idx])
+        m_blocks[idx] = dask.delayed(_mask)(e_blocks[idx])
     _, _, _, peaks, plans = _watershed_analysis(
-        e_ov, ~da.isnan(e_ov), grid, struct, SPLIT_SD, 0, compute=compute
+        e_blocks, m_blocks, grid, struct, SPLIT_SD, 0, compute=compute
     )
     # a label is a cell when its peak is significant; others get no body
     peaks_by_label = np.r_[-np.inf, peaks]
     cell_peaks = np.where(peaks_by_label >= min_peak_sd, peaks_by_label, np.inf)
-    e_blocks = e_ov.to_delayed()
     i_blocks = _core_blocks(image, grid)
     b_blocks = None if background is None else _core_blocks(background, grid)
     measured = [

@@ -582,8 +582,8 @@ def _split_depth(diameter_um: float, vs, smooth_um: float | None, split_depth_um
 
 
 def _watershed_analysis(
-    e_ov: da.Array,
-    m_ov: da.Array,
+    e_ov: da.Array | np.ndarray,
+    m_ov: da.Array | np.ndarray,
     grid: tuple[tuple[int, ...], ...],
     struct: np.ndarray,
     split_depth: float,
@@ -595,14 +595,15 @@ def _watershed_analysis(
     """One pass over the blocks → lazy labels, n, the table (with ``image``), peaks, plans.
 
     ``e_ov`` and ``m_ov`` are the elevation and mask of the blocks of ``grid`` with a shell
-    of one voxel (`_shells`, or `_surface_block` on a stored image). ``peaks[i]`` is the
+    of one voxel (`_shells`, or `_surface_block` on a stored image): dask arrays, or
+    object arrays of their delayed blocks (`_delayed_blocks`). ``peaks[i]`` is the
     highest elevation of label ``offset + i + 1``; ``plans[block index]`` maps the block's
     path endpoints to labels (`_basin_block`).
     """
     numblocks = tuple(len(c) for c in grid)
     origins = _block_origins(grid)
     shape = tuple(sum(c) for c in grid)
-    e_blocks, m_blocks = e_ov.to_delayed(), m_ov.to_delayed()
+    e_blocks, m_blocks = _delayed_blocks(e_ov), _delayed_blocks(m_ov)
     i_blocks = image.rechunk(grid).to_delayed() if image is not None else None
     geo = {}
     for idx in np.ndindex(numblocks):
@@ -689,6 +690,16 @@ def _watershed_analysis(
                 measured.append(part)
         table = _combine(measured, vs)
     return labels, n, table, label_peaks, plans
+
+
+def _delayed_blocks(blocks: Any) -> np.ndarray:
+    """A dask array's blocks as delayed objects, or a grid of delayed blocks as given.
+
+    A grid of delayed objects lets a caller share work between arrays: the blocks of two
+    arrays derived from one delayed computation keep that computation's key, where each
+    array's own graph optimisation would fuse (and so repeat) it.
+    """
+    return blocks.to_delayed() if isinstance(blocks, da.Array) else blocks
 
 
 def _pick_basin(elev, mask, struct, lo, hi, origin, shape, plans, idx, dtype):
