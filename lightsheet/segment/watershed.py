@@ -137,47 +137,56 @@ def _toboggan(elev, mask, struct, lo, hi, origin, shape):
     total order shared by all blocks), pointers are followed inside the block, and halo
     voxels end paths. Returns the core's endpoint global indices (-1 off the mask) and
     the endpoint is-core flags needed by the callers.
+
+    Only foreground voxels are visited (as flat indices of the block padded by one voxel,
+    whose order within a block is the global order), so the cost follows the mask, not the
+    block.
     """
     elev = np.asarray(_to_numpy(elev), dtype=np.float32)
     mask = np.asarray(_to_numpy(mask), dtype=bool)
     e = np.pad(np.where(mask, elev, -np.inf).astype(np.float32), 1, constant_values=-np.inf)
     m = np.pad(mask, 1, constant_values=False)
     pshape = e.shape
-    # global flat index of each voxel of the padded array (the outer ring is never chosen)
-    coords = [np.arange(pshape[a], dtype=np.int64) + origin[a] - lo[a] - 1 for a in range(3)]
+    core = tuple(slice(1 + lo[a], pshape[a] - 1 - hi[a]) for a in range(3))
+    cshape = tuple(c.stop - c.start for c in core)
+    # global flat index of each core voxel
+    coords = [np.arange(cshape[a], dtype=np.int64) + origin[a] for a in range(3)]
     gidx = (coords[0][:, None, None] * shape[1] + coords[1][None, :, None]) * shape[2] + coords[2][
         None, None, :
     ]
-    inner = (slice(1, -1),) * 3
-    best_e = e[inner].copy()
-    best_g = gidx[inner].copy()
-    best_off = np.zeros(best_e.shape, dtype=np.int64)
+    ef, mf = e.ravel(), m.ravel()
+    fg = np.flatnonzero(mf)
+    best_e, best_p = ef[fg], fg.copy()
     strides = (pshape[1] * pshape[2], pshape[2], 1)
     for dz, dy, dx in _neighbour_offsets(struct):
-        sl = tuple(slice(1 + d, pshape[a] - 1 + d) for a, d in enumerate((dz, dy, dx)))
-        ne, ng = e[sl], gidx[sl]
-        better = m[sl] & ((ne > best_e) | ((ne == best_e) & (ng > best_g)))
+        nb = fg + (dz * strides[0] + dy * strides[1] + dx * strides[2])
+        ne = ef[nb]
+        better = mf[nb] & ((ne > best_e) | ((ne == best_e) & (nb > best_p)))
         best_e = np.where(better, ne, best_e)
-        best_g = np.where(better, ng, best_g)
-        best_off[better] = dz * strides[0] + dy * strides[1] + dx * strides[2]
-    flat = np.arange(e.size, dtype=np.int64).reshape(pshape)
-    ptr = flat.copy()
-    core = tuple(slice(1 + lo[a], pshape[a] - 1 - hi[a]) for a in range(3))
+        best_p = np.where(better, nb, best_p)
+    zyx = np.unravel_index(fg, pshape)
+    in_core = np.ones(fg.size, dtype=bool)
+    for a in range(3):
+        in_core &= (zyx[a] >= core[a].start) & (zyx[a] < core[a].stop)
     # only core foreground voxels move; halo voxels are path ends
-    inner_core = tuple(slice(lo[a], best_off.shape[a] - hi[a]) for a in range(3))
-    ptr[core] = flat[core] + np.where(m[core], best_off[inner_core], 0)
-    ptr = ptr.ravel()
-    is_max = np.zeros(pshape, dtype=bool)
-    is_max[core] = m[core] & (ptr.reshape(pshape)[core] == flat[core])
+    target = np.where(in_core, best_p, fg)
+    ptr = np.searchsorted(fg, target)
     # pointer jumping: each round doubles the followed path length
     while True:
         nxt = ptr[ptr]
         if np.array_equal(nxt, ptr):
             break
         ptr = nxt
-    end = ptr.reshape(pshape)[core]
-    end_g = np.where(m[core], gidx.ravel()[end], -1)
-    return end_g, gidx[core], m[core], is_max[core], e[core]
+    c = np.ravel_multi_index(tuple(zyx[a][in_core] - core[a].start for a in range(3)), cshape)
+    ends = fg[ptr[in_core]]
+    ez = np.unravel_index(ends, pshape)
+    end_g = np.full(cshape, -1, dtype=np.int64)
+    end_g.flat[c] = np.ravel_multi_index(
+        tuple(ez[a] - 1 - lo[a] + origin[a] for a in range(3)), shape
+    )
+    is_max = np.zeros(cshape, dtype=bool)
+    is_max.flat[c] = target[in_core] == fg[in_core]
+    return end_g, gidx, m[core], is_max, e[core]
 
 
 def _positive_offsets(struct: np.ndarray) -> list[tuple[int, int, int]]:
