@@ -77,3 +77,11 @@ class PathNotAllowedError(LightsheetError, PermissionError):
 
 class RegistrationError(LightsheetError, RuntimeError):
     """Registration of the atlas to the sample failed (elastix crashed, timed out, bad input)."""
+
+
+class SweepError(LightsheetError, ValueError):
+    """Sweep parameters that cannot work (raised before any compute)."""
+
+
+class AcquisitionError(LightsheetError, ValueError):
+    """An acquisition folder that cannot be turned into a valid pipeline run."""

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from flows.sweep import SegmentOverride, SweepError, crop_box, merged_settings
 from lightsheet.config import SegmentConfig, load_config
+from lightsheet.sweep import SegmentOverride, SweepError, crop_box, merged_settings
 
 #: |found - truth| / truth for the base setting's count in the crop (raw, not deconvolved).
 COUNT_TOLERANCE = 0.35
