@@ -103,13 +103,13 @@ class _Stale(Exception):
     pass
 
 
-def first_stale_stage(config: PipelineConfig) -> str | None:
+def first_stale_stage(config: PipelineConfig, manifest: dict | None = None) -> str | None:
     """The first stage whose outputs must be (re)computed, or None when all are up to date.
 
     Checked in the flow before any cluster starts, from the same specs the tasks use: a
     re-run with nothing to do needs no Dask cluster. Best effort: anything unexpected (a
     missing or changed input, an unreadable record) names ingest, and the tasks then
-    report it properly.
+    report it properly. ``manifest``: the tiles' manifest when the caller has it already.
     """
     out = Path(config.output)
 
@@ -124,7 +124,7 @@ def first_stale_stage(config: PipelineConfig) -> str | None:
         return record
 
     try:
-        wire(config, lambda c: discover(c.input, c.pattern).to_dict(), check)
+        wire(config, lambda c: manifest or discover(c.input, c.pattern).to_dict(), check)
     except _Stale as stale:
         return str(stale)
     except Exception:  # noqa: BLE001 - any problem: let the tasks run and explain it

@@ -35,7 +35,7 @@ import dask.array as da
 import numpy as np
 import scipy.fft as sfft
 
-from lightsheet.errors import ImageError
+from lightsheet.errors import ClusterError, ConfigError, ImageError
 from lightsheet.psf import check_psf_fits, validate_psf
 from lightsheet.regions import Region, is_stored, map_overlap
 
@@ -377,9 +377,9 @@ def _otf(psf: np.ndarray, shape: tuple[int, ...], be: _Backend) -> tuple[Any, An
 
 def _check_iterations(iterations: Any) -> int:
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)):
-        raise ValueError(f"iterations must be an integer >= 1; got {iterations!r}")
+        raise ConfigError(f"iterations must be an integer >= 1; got {iterations!r}")
     if iterations < 1:
-        raise ValueError(f"iterations must be >= 1; got {iterations}")
+        raise ConfigError(f"iterations must be >= 1; got {iterations}")
     return int(iterations)
 
 
@@ -881,11 +881,11 @@ def deconvolve(
     half = _psf_half(psf.shape)
     d = default_depth(psf.shape, iterations) if depth is None else _triple_int(depth, "depth")
     if any(di < hi for di, hi in zip(d, half, strict=True)):
-        raise ValueError(f"depth {d} is smaller than the PSF's half-size {half}; expected >= it")
+        raise ConfigError(f"depth {d} is smaller than the PSF's half-size {half}; expected >= it")
     # a halo cannot reach beyond the volume's other edge
     d = tuple(min(di, s) for di, s in zip(d, image.shape, strict=True))
     if gpu is True and not _cuda_available():
-        raise RuntimeError("deconvolve: gpu=True but CuPy with a CUDA device is not available")
+        raise ClusterError("deconvolve: gpu=True but CuPy with a CUDA device is not available")
     if isinstance(chunks, str):
         if chunks != "auto":
             raise ValueError(f"chunks must be 'auto', None or three ints; got {chunks!r}")

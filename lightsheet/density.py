@@ -28,7 +28,7 @@ import dask
 import numpy as np
 import pandas as pd
 
-from lightsheet.errors import AtlasCoverageWarning, AtlasError, ConfigError
+from lightsheet.errors import AtlasCoverageWarning, AtlasError, ConfigError, TableError
 from lightsheet.io.atlas import (
     HEMISPHERE_LEFT,
     HEMISPHERE_NONE,
@@ -330,7 +330,7 @@ def assign_regions(
     cols = list(columns)
     missing = [c for c in cols if c not in cells.columns]
     if missing:
-        raise ValueError(
+        raise TableError(
             f"cells: missing centroid columns {missing}; expected {cols} (image µm, z, y, x)"
         )
     if tuple(transform.atlas_shape) != atlas.shape:
@@ -341,7 +341,7 @@ def assign_regions(
     points = cells[cols].to_numpy(dtype=np.float64)
     bad = ~np.isfinite(points).all(axis=1)
     if bad.any():
-        raise ValueError(
+        raise TableError(
             f"cells: {int(bad.sum())} rows with NaN or infinite centroids (first at row "
             f"{int(np.flatnonzero(bad)[0])}); expected finite positions in µm"
         )
@@ -588,7 +588,7 @@ def region_table(
     """
     for col in ("structure_id", "hemisphere"):
         if col not in cells.columns:
-            raise ValueError(f"cells: no {col!r} column; expected the output of assign_regions")
+            raise TableError(f"cells: no {col!r} column; expected the output of assign_regions")
     if not 0.0 <= outside_warning_fraction <= 1.0:
         raise ValueError(
             f"outside_warning_fraction must be in [0, 1]; got {outside_warning_fraction}"

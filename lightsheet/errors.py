@@ -85,3 +85,11 @@ class SweepError(LightsheetError, ValueError):
 
 class AcquisitionError(LightsheetError, ValueError):
     """An acquisition folder that cannot be turned into a valid pipeline run."""
+
+
+class TableError(LightsheetError, ValueError):
+    """A table (cells, densities) without the columns or values a stage needs."""
+
+
+class OutputNotWritableError(LightsheetError, PermissionError):
+    """An output folder that cannot be created or written to."""

@@ -248,5 +248,5 @@ def write_psf(path: str | Path, psf: np.ndarray, voxel_size_um: Sequence[float])
 def _triple(values: Sequence[float], name: str) -> tuple[float, float, float]:
     vals = tuple(float(v) for v in values)
     if len(vals) != 3 or any(not math.isfinite(v) or v <= 0 for v in vals):
-        raise ValueError(f"{name} must be three positive numbers (z, y, x); got {values!r}")
+        raise PSFError(f"{name} must be three positive numbers (z, y, x); got {values!r}")
     return vals  # type: ignore[return-value]

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from lightsheet.access import check_within_roots, config_paths
 from lightsheet.config import PipelineConfig, load_config, read_yaml
-from lightsheet.errors import AcquisitionError, LightsheetError
+from lightsheet.errors import AcquisitionError, InputFilesError, LightsheetError
 
 __all__ = [
     "CONFIG_NAME",
@@ -166,7 +166,7 @@ def scan(
     """
     landing = Path(landing)
     if not landing.is_dir():
-        raise FileNotFoundError(f"landing folder {landing} does not exist or is not a folder")
+        raise InputFilesError(f"landing folder {landing} does not exist or is not a folder")
     now = time.time() if now is None else now
     records = []
     for folder in sorted(p for p in landing.iterdir() if p.is_dir()):

@@ -36,7 +36,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightsheet.errors import OutputExistsError, OutputInUseError, OutputSpaceError
+from lightsheet.errors import (
+    OutputExistsError,
+    OutputInUseError,
+    OutputNotWritableError,
+    OutputSpaceError,
+)
 
 #: Hidden file in an output folder listing the names lightsheet wrote there.
 MARKER_NAME = ".lightsheet-output.json"
@@ -297,7 +302,7 @@ def claim_folder(folder: str | Path, names: Iterable[str]) -> Path:
         if created or not (folder / MARKER_NAME).exists():
             mark_folder(folder, created=created)
     except OSError as exc:
-        raise PermissionError(
+        raise OutputNotWritableError(
             f"output: cannot write to {folder} ({exc.strerror}); expected a writable folder"
         ) from exc
     return folder
