@@ -27,6 +27,14 @@ from tasks.register import REGISTER_OUTPUTS, register_spec, register_volume
 from tasks.segment import segment_spec, segment_volume
 from tasks.stitch import stitch_spec, stitch_tiles
 
+__all__ = [
+    "STAGES",
+    "first_stale_stage",
+    "pipeline",
+    "stages",
+    "wire",
+]
+
 
 @flow(name="lightsheet-pipeline")
 def pipeline(config: PipelineConfig) -> dict:

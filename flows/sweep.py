@@ -36,6 +36,10 @@ from lightsheet.sweep import (
 )
 from tasks.sweep import projection, publish, segment_setting, write_crop
 
+__all__ = [
+    "sweep",
+]
+
 
 @flow(
     name="lightsheet-sweep",

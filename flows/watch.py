@@ -33,6 +33,10 @@ from pydantic import Field
 from flows.deployment import current_settings, guard_paths
 from tasks.watch import report, scan_landing, start_pipeline_run
 
+__all__ = [
+    "watch_incoming",
+]
+
 
 @flow(name="lightsheet-watch-incoming")
 def watch_incoming(

@@ -24,6 +24,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+__all__ = [
+    "EXPECTED_ERRORS",
+    "SIZES",
+    "build_parser",
+    "cmd_demo",
+    "cmd_lineage",
+    "cmd_psf",
+    "cmd_run",
+    "cmd_sample",
+    "cmd_train",
+    "cmd_verify",
+    "format_lineage_step",
+    "main",
+    "one_line",
+    "print_summary",
+    "print_truth_comparison",
+    "run_config",
+    "up_to_date_summary",
+]
+
 SIZES = ("tiny", "small", "medium", "large")
 
 

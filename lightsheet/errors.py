@@ -2,6 +2,32 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "AcquisitionError",
+    "AnnotationError",
+    "AtlasCoverageWarning",
+    "AtlasError",
+    "ClusterError",
+    "ConfigError",
+    "ImageError",
+    "InputFilesError",
+    "LightsheetError",
+    "ModelError",
+    "OutputDamagedError",
+    "OutputExistsError",
+    "OutputInUseError",
+    "OutputNotWritableError",
+    "OutputSpaceError",
+    "PSFError",
+    "PathNotAllowedError",
+    "RegistrationError",
+    "SampleError",
+    "SegmentError",
+    "SweepError",
+    "TableError",
+    "TileGridError",
+]
+
 
 class LightsheetError(Exception):
     """Base class of the project's errors."""

@@ -17,6 +17,13 @@ import pandas as pd
 
 from lightsheet.io.atlas import HEMISPHERE_LEFT, HEMISPHERE_RIGHT, Atlas
 
+__all__ = [
+    "overlay_png",
+    "plot_density_slice",
+    "plot_registration_qc",
+    "plot_top_regions",
+]
+
 
 def plot_top_regions(
     table: pd.DataFrame,

@@ -14,6 +14,17 @@ import numpy as np
 
 from lightsheet.errors import PSFError
 
+__all__ = [
+    "FWHM_PER_SIGMA",
+    "MAX_PSF_BYTES",
+    "check_psf_fits",
+    "gaussian_psf",
+    "load_psf",
+    "psf_from_optics",
+    "validate_psf",
+    "write_psf",
+]
+
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 

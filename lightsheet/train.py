@@ -51,6 +51,27 @@ import numpy as np
 from lightsheet.config import TrainConfig, TrainData
 from lightsheet.errors import AnnotationError, ConfigError, InputFilesError
 
+__all__ = [
+    "CENTRE_SIGMA",
+    "DEFAULT_MODEL_ARGS",
+    "MAX_VOLUME_VOXELS",
+    "SCALE_RANGE",
+    "TARGETS",
+    "THRESHOLDS",
+    "AnnotatedVolume",
+    "centre_map",
+    "detect_points",
+    "load_train_config",
+    "load_volumes",
+    "model_voxel_size",
+    "nucleus_diameter_from_masks",
+    "spheres_mask",
+    "split_volumes",
+    "train",
+    "training_batch",
+    "validate",
+]
+
 #: Names of the head channels a trained model predicts, in order.
 TARGETS = ("nucleus", "centre")
 #: σ of the centre target, as a fraction of the nucleus diameter.

@@ -25,6 +25,14 @@ import torch
 from torch import nn
 from torch.nn import functional as nnf
 
+__all__ = [
+    "HEAD_CLASSES",
+    "CpuUNet",
+    "UNet",
+    "channels_last_format",
+    "receptive_field_px",
+]
+
 #: The two outputs of the segmentation head, in order.
 HEAD_CLASSES = ("nucleus", "boundary")
 

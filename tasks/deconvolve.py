@@ -24,6 +24,11 @@ from tasks._common import (
     publish_image,
 )
 
+__all__ = [
+    "deconvolve_spec",
+    "deconvolve_volume",
+]
+
 
 def deconvolve_spec(raw: dict, psf: str, config: DeconvolveConfig, output: str) -> StageSpec:
     """What `deconvolve_volume` makes from the raw image and the PSF."""

@@ -23,6 +23,15 @@ from tasks._common import (
     publish_image,
 )
 
+__all__ = [
+    "FEATURE_BLOCK_BYTES",
+    "check_channel",
+    "feature_blocks",
+    "featurize_spec",
+    "featurize_volume",
+    "model_input",
+]
+
 
 def featurize_spec(image: dict, channel: int, config: FeaturizeConfig, output: str) -> StageSpec:
     """What `featurize_volume` makes from an image and the model checkpoint."""

@@ -16,6 +16,14 @@ from lightsheet.ingest import Manifest, discover
 from lightsheet.io.atlas import Atlas, load_atlas
 from lightsheet.psf import check_psf_fits, load_psf
 
+__all__ = [
+    "check_atlas",
+    "check_channels",
+    "check_inputs",
+    "check_writable",
+    "ingest",
+]
+
 
 @task(name="ingest")
 def ingest(config: PipelineConfig) -> dict:

@@ -44,6 +44,16 @@ from tasks._common import (
 )
 from tasks.density import atlas_input
 
+__all__ = [
+    "REGISTER_OUTPUTS",
+    "TRANSFORMS",
+    "elastix_maps",
+    "publish_registration",
+    "register_channel",
+    "register_spec",
+    "register_volume",
+]
+
 #: The register stage's outputs, by role (the first is the record downstream reads).
 REGISTER_OUTPUTS = {role: name for role, name in OUTPUTS.items() if role.startswith("register")}
 TRANSFORMS = "registration"

@@ -38,6 +38,13 @@ from tasks._common import (
     publish_image,
 )
 
+__all__ = [
+    "publish_registration",
+    "solution_from_record",
+    "stitch_spec",
+    "stitch_tiles",
+]
+
 
 def _config(config: StitchConfig | dict | None) -> StitchConfig:
     if isinstance(config, StitchConfig):

@@ -43,6 +43,27 @@ from lightsheet.errors import (
     OutputSpaceError,
 )
 
+__all__ = [
+    "LOCK_NAME",
+    "MARKER_NAME",
+    "SPACE_ERRNOS",
+    "STORE_MANIFEST",
+    "atomic_path",
+    "check_replaceable",
+    "claim_folder",
+    "claim_path",
+    "foreign_files",
+    "mark_folder",
+    "out_of_space",
+    "output_lock",
+    "partial_path",
+    "register",
+    "registered",
+    "remove_stale_partials",
+    "replace_path",
+    "written_by_lightsheet",
+]
+
 #: Hidden file in an output folder listing the names lightsheet wrote there.
 MARKER_NAME = ".lightsheet-output.json"
 #: Hidden file in an output folder locked by the run writing there.

@@ -52,6 +52,29 @@ from lightsheet.io.atomic import atomic_path
 from lightsheet.io.direct import io_pool, write_new_file
 from lightsheet.lineage import ATTRS_KEY, chunk_digest, combine_digests, finish_record
 
+__all__ = [
+    "AXES",
+    "DOWNSAMPLE_SLAB_BYTES",
+    "FUSED_MIN_CHUNK_VOXELS",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "MAX_PROBLEMS",
+    "CompleteStore",
+    "StoredVolume",
+    "check_image",
+    "compressor",
+    "inner_chunks",
+    "pyramid_factors",
+    "read_image",
+    "read_manifest",
+    "store_chunks",
+    "stored_volume",
+    "verify_image",
+    "write_blocks",
+    "write_image",
+    "write_manifest",
+]
+
 AXES = [
     {"name": "t", "type": "time", "unit": "second"},
     {"name": "c", "type": "channel"},
