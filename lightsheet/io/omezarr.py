@@ -786,6 +786,8 @@ class CompleteStore(WrapperStore):
         super().__init__(store)
 
     def __str__(self) -> str:
+        # zarr's WrapperStore keeps the wrapped store in the private ``_store`` (no public
+        # accessor in zarr 3.1); tests/test_private_apis.py guards it
         return str(self._store)
 
     def _missing(self, key: str) -> OutputDamagedError:
