@@ -265,9 +265,12 @@ def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: Pipeline
     settings = config.deconvolve
     psf = load_psf(config.psf)
     depth = settings.depth_zyx or default_depth(psf.shape, settings.iterations)
-    # the pipeline's halo of real data around the crop, trimmed after: no edge artefacts
-    margin = [min(s.start, n - s.stop, d) for s, n, d in zip(box, volume.shape, depth, strict=True)]
-    wide = tuple(slice(s.start - m, s.stop + m) for s, m in zip(box, margin, strict=True))
+    # the pipeline's halo of real data on each side of the crop (less only at the volume's
+    # own edge, reflected there as in the pipeline), trimmed after: no edge artefacts
+    wide = tuple(
+        slice(max(0, s.start - d), min(n, s.stop + d))
+        for s, n, d in zip(box, volume.shape, depth, strict=True)
+    )
     sharp = deconvolve(
         volume[wide].astype(np.float32),
         psf,
@@ -276,4 +279,7 @@ def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: Pipeline
         depth=settings.depth_zyx,
         block_bytes=settings.block_mib << 20,
     )
-    return sharp[tuple(slice(m, m + (s.stop - s.start)) for s, m in zip(box, margin, strict=True))]
+    inner = tuple(
+        slice(s.start - w.start, s.stop - w.start) for s, w in zip(box, wide, strict=True)
+    )
+    return sharp[inner]
