@@ -9,6 +9,8 @@ that names the file or the parameter, and exit status 2.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightsheet.cli import main
+ROOT = Path(__file__).resolve().parents[1]
+#: This checkout first, whatever copy of lightsheet is installed.
+PYTHONPATH = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +99,33 @@ def _cases(sample: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def test_every_documented_bad_input_exits_2_with_one_line(sample, tmp_path, capsys):
-    failures = []
-    for name, (argv, names) in _cases(sample, tmp_path).items():
+#: Runs ``lightsheet.cli.main`` on each argv (JSON on stdin) in a child process, so the
+#: command's Prefect settings and logging never leak into the test session.
+RUN_CASES = """
+import contextlib, io, json, sys
+from lightsheet.cli import main
+out = []
+for argv in json.load(sys.stdin):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)
-        out, err = capsys.readouterr()
+    out.append([code, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def test_every_documented_bad_input_exits_2_with_one_line(sample, tmp_path):
+    cases = _cases(sample, tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_CASES],
+        input=json.dumps([argv for argv, _ in cases.values()]),
+        capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    failures = []
+    for (name, (argv, names)), (code, err) in zip(cases.items(), results, strict=True):
         lines = err.strip().splitlines()
         ok = code == 2 and len(lines) == 1 and names in lines[0] and "Traceback" not in err
         ok = ok and lines[0].startswith(f"lightsheet {argv[0]}: error: ")
@@ -115,7 +141,8 @@ def test_the_console_script_says_it_in_one_line(tmp_path):
     exe = shutil.which("lightsheet", path=str(Path(sys.executable).parent))
     argv = [exe] if exe else [sys.executable, "-m", "lightsheet.cli"]
     done = subprocess.run(
-        [*argv, "run", str(tmp_path / "missing.yaml")], capture_output=True, text=True
-    )
+        [*argv, "run", str(tmp_path / "missing.yaml")], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
+    )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "missing.yaml" in done.stderr, done.stderr
