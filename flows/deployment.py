@@ -23,6 +23,14 @@ from lightsheet.access import check_cluster, check_within_roots, config_paths
 from lightsheet.config import PipelineConfig
 from lightsheet.errors import PathNotAllowedError
 
+__all__ = [
+    "SETTINGS_KEY",
+    "DeploymentSettings",
+    "current_settings",
+    "guard_paths",
+    "guard_pipeline",
+]
+
 #: Key of the deployment settings in a deployment's parameter schema.
 SETTINGS_KEY = "x-lightsheet"
 

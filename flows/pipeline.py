@@ -2,40 +2,38 @@
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import Task, flow, get_run_logger, runtime
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.assets import Asset
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.tasks import MaterializingTask
 from prefect_dask import DaskTaskRunner
 
 from flows.deployment import current_settings, guard_pipeline
 from lightsheet.clusters import task_runner_kwargs
 from lightsheet.config import PipelineConfig
 from lightsheet.ingest import discover
-from tasks._common import (
-    OUTPUTS,
-    asset_key,
-    describe_image,
-    markdown_table,
-    output_claimed,
-    png_markdown,
-)
+from tasks._common import OUTPUTS, describe_image, output_claimed
 from tasks.deconvolve import deconvolve_spec, deconvolve_volume
-from tasks.density import density_spec, density_table, top_regions
+from tasks.density import density_spec, density_table
 from tasks.featurize import featurize_spec, featurize_volume
 from tasks.ingest import ingest
+from tasks.pipeline import materializing, shared_api_url, summarize
 from tasks.register import REGISTER_OUTPUTS, register_spec, register_volume
 from tasks.segment import segment_spec, segment_volume
 from tasks.stitch import stitch_spec, stitch_tiles
+
+__all__ = [
+    "STAGES",
+    "first_stale_stage",
+    "pipeline",
+    "stages",
+    "wire",
+]
 
 
 @flow(name="lightsheet-pipeline")
@@ -66,39 +64,6 @@ def pipeline(config: PipelineConfig) -> dict:
         key="run-summary", markdown=summary["markdown"], description=summary["output"]
     )
     return {**summary, "flow_seconds": round(time.monotonic() - start, 3)}
-
-
-@contextmanager
-def shared_api_url() -> Iterator[None]:
-    """Point Dask workers started from this process at this flow's Prefect API.
-
-    Without a configured server, Prefect runs a temporary one inside this process; workers
-    would otherwise each start another. Worker processes inherit the environment.
-    """
-    from prefect.client.orchestration import get_client
-
-    if os.environ.get("PREFECT_API_URL"):
-        yield
-        return
-    with get_client(sync_client=True) as client:
-        os.environ["PREFECT_API_URL"] = str(client.api_url)
-    try:
-        yield
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
-
-
-def materializing(task: Task, *outputs: Path) -> MaterializingTask:
-    """``task`` emitting Prefect asset materializations for its output files.
-
-    Upstream assets are linked by Prefect from the futures passed in as inputs.
-    """
-    return MaterializingTask(
-        fn=task.fn,
-        assets=[Asset(key=asset_key(p)) for p in outputs],
-        materialized_by="lightsheet",
-        name=task.name,
-    )
 
 
 #: Each stage's task, its spec function and the outputs (keys of ``OUTPUTS``) it writes.
@@ -146,13 +111,13 @@ class _Stale(Exception):
     pass
 
 
-def first_stale_stage(config: PipelineConfig) -> str | None:
+def first_stale_stage(config: PipelineConfig, manifest: dict | None = None) -> str | None:
     """The first stage whose outputs must be (re)computed, or None when all are up to date.
 
     Checked in the flow before any cluster starts, from the same specs the tasks use: a
     re-run with nothing to do needs no Dask cluster. Best effort: anything unexpected (a
     missing or changed input, an unreadable record) names ingest, and the tasks then
-    report it properly.
+    report it properly. ``manifest``: the tiles' manifest when the caller has it already.
     """
     out = Path(config.output)
 
@@ -167,7 +132,7 @@ def first_stale_stage(config: PipelineConfig) -> str | None:
         return record
 
     try:
-        wire(config, lambda c: discover(c.input, c.pattern).to_dict(), check)
+        wire(config, lambda c: manifest or discover(c.input, c.pattern).to_dict(), check)
     except _Stale as stale:
         return str(stale)
     except Exception:  # noqa: BLE001 - any problem: let the tasks run and explain it
@@ -190,47 +155,3 @@ def stages(config: PipelineConfig) -> dict:
     records = [f.result() for f in futures if f is not None]
     records = list({r["stage"]: r for r in records}.values())
     return summarize(records, str(out))
-
-
-def summarize(records: list[dict], output: str) -> dict:
-    """The run summary: stages with timings and reuse, the densest regions (also an artifact)."""
-    import pandas as pd
-
-    density = records[-1]
-    top = top_regions(pd.read_csv(density["density"]))
-    stage_rows = [
-        {
-            "stage": r["stage"],
-            "seconds": r["seconds"],
-            "reused": r["reused"],
-            "output": r["path"],
-        }
-        for r in records
-    ]
-    md = [
-        "## lightsheet run summary",
-        "",
-        markdown_table(pd.DataFrame(stage_rows)),
-        "",
-        f"**{density['n_cells']} cells.** Densest regions (cells/mm³):",
-        "",
-        markdown_table(top.round(1)),
-        "",
-        png_markdown(Path(density["plots"][0]), "densest regions"),
-        "",
-        f"Plots: {', '.join(density['plots'])}",
-        *(f"\n**Warning:** {w}" for w in density["warnings"]),
-    ]
-    create_markdown_artifact(key="run-summary", markdown="\n".join(md), description=output)
-    return {
-        "markdown": "\n".join(md),
-        "flow_run_name": runtime.flow_run.name,
-        "output": output,
-        "stages": stage_rows,
-        "n_cells": density["n_cells"],
-        "density": density["density"],
-        "cells": density["cells"],
-        "plots": density["plots"],
-        "top_regions": top.to_dict(orient="records"),
-        "warnings": density["warnings"],
-    }

@@ -6,3 +6,7 @@ try:
     __version__ = version("lightsheet")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "__version__",
+]

@@ -28,6 +28,16 @@ from lightsheet.errors import PathNotAllowedError
 if TYPE_CHECKING:
     from lightsheet.config import ClusterConfig, PipelineConfig
 
+__all__ = [
+    "check_cluster",
+    "check_output_location",
+    "check_within_roots",
+    "config_paths",
+    "is_within",
+    "literal_root",
+    "real",
+]
+
 #: ``glob.escape`` writes a literal ``*``, ``?`` or ``[`` as a one-character class.
 _ESCAPED = re.compile(r"\[([*?\[])\]")
 

@@ -24,6 +24,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+__all__ = [
+    "EXPECTED_ERRORS",
+    "SIZES",
+    "build_parser",
+    "cmd_demo",
+    "cmd_lineage",
+    "cmd_psf",
+    "cmd_run",
+    "cmd_sample",
+    "cmd_train",
+    "cmd_verify",
+    "format_lineage_step",
+    "main",
+    "one_line",
+    "print_summary",
+    "print_truth_comparison",
+    "run_config",
+    "up_to_date_summary",
+]
+
 SIZES = ("tiny", "small", "medium", "large")
 
 
@@ -71,15 +91,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from lightsheet.sample import generate
     from lightsheet.sample.overlap import generate_overlapping
 
-    bar, progress = _progress_bar(f"sample ({args.size})")
     common = {"size": args.size, "seed": args.seed, "channels": args.channels}
     overlapping = args.overlap or args.stage_error_um or args.grid
+    if overlapping and args.misaligned:
+        raise SampleError(
+            "--misaligned cannot be combined with --overlap/--stage-error-um/--grid; "
+            "expected one of them"
+        )
+    bar, progress = _progress_bar(f"sample ({args.size})")
     with bar:
-        if overlapping and args.misaligned:
-            raise SampleError(
-                "--misaligned cannot be combined with --overlap/--stage-error-um/--grid; "
-                "expected one of them"
-            )
         if overlapping:
             info = generate_overlapping(
                 args.dir, **common, timepoints=args.timepoints, progress=progress,
@@ -100,17 +120,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def run_config(config, *, record: bool = False) -> dict:
     """Run the pipeline on a validated config and return its summary.
 
-    Unless ``record``, staleness is checked before Prefect starts: when every stage's
-    outputs are up to date and intact, nothing runs and the summary is read from them
-    (`up_to_date_summary`); Prefect then records no flow run. The output folder is held
+    The inputs and settings are checked first (`tasks.ingest.check_inputs`), so a bad one
+    is reported before Prefect starts. Unless ``record``, staleness is checked next: when
+    every stage's outputs are up to date and intact, nothing runs and the summary is read
+    from them (`up_to_date_summary`); Prefect then records no flow run. The output folder is held
     (`tasks._common.output_claimed`) from the check to the end of the run, so a second run
     on it is refused at once.
     """
     _prefect_defaults()
     from tasks._common import output_claimed
+    from tasks.ingest import check_inputs
 
     with output_claimed(config, run={"command": " ".join(sys.argv[:3])}):
-        summary = None if record else up_to_date_summary(config)
+        # bad inputs or settings: one line now, before Prefect starts (the atlas's labels,
+        # read whole, are left to the ingest task)
+        manifest = check_inputs(config, atlas_labels=False).to_dict()
+        summary = None if record else up_to_date_summary(config, manifest)
         if summary is not None:
             return summary
         from flows.pipeline import pipeline
@@ -118,7 +143,7 @@ def run_config(config, *, record: bool = False) -> dict:
         return pipeline(config)
 
 
-def up_to_date_summary(config) -> dict | None:
+def up_to_date_summary(config, manifest: dict | None = None) -> dict | None:
     """The run summary read from the outputs, when every stage is up to date and intact.
 
     Uses the flow's own check (`flows.pipeline.first_stale_stage`: cache keys, every file
@@ -135,7 +160,7 @@ def up_to_date_summary(config) -> dict | None:
     from tasks.density import top_regions
 
     start = time.monotonic()
-    if first_stale_stage(config) is not None:
+    if first_stale_stage(config, manifest) is not None:
         return None
     out = Path(config.output)
     density = read_lineage(out / OUTPUTS["density"]) or {}
@@ -337,12 +362,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     """`lightsheet lineage`: the chain from an output back to the raw tiles."""
+    from lightsheet.errors import InputFilesError
     from lightsheet.lineage import lineage_chain
 
     chain = lineage_chain(args.path)
     if not chain:
-        print(f"lightsheet lineage: {args.path} has no lineage record", file=sys.stderr)
-        return 2
+        raise InputFilesError(
+            f"{args.path} has no lineage record; expected an output lightsheet wrote"
+        )
     if args.json:
         print(json.dumps(chain, indent=2, default=str))
         return 0
@@ -394,7 +421,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if not path.exists():
-        raise FileNotFoundError(f"verify: no such file or folder {path}")
+        from lightsheet.errors import InputFilesError
+
+        raise InputFilesError(f"no such file or folder {path}; expected a run's output")
     if read_lineage(path) is None and path.is_dir():
         targets = [path / n for n in OUTPUTS.values() if (path / n).exists()]
         if not targets:
@@ -562,6 +591,8 @@ def one_line(exc: BaseException) -> str:
             got = f" (got {err['input']!r})" if not isinstance(err["input"], dict) else ""
             parts.append(f"{where}: {err['msg']}{got}")
         return f"invalid run config: {'; '.join(parts)}"
+    if isinstance(exc, OSError) and exc.filename and exc.strerror and exc.args[1:]:
+        return f"{exc.filename}: {exc.strerror}"  # the OS's own error, e.g. a missing file
     return " ".join(str(exc).split())
 
 

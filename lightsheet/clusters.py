@@ -46,6 +46,27 @@ from typing import Any
 from lightsheet.config import ClusterConfig
 from lightsheet.errors import ClusterError
 
+__all__ = [
+    "DEFAULT_JOBQUEUE",
+    "GPU_RESOURCE",
+    "GPU_STAGES",
+    "LOCAL_LOST_WORKER_TIMEOUT_S",
+    "SLURM_COMMAND_TIMEOUT_S",
+    "WORKER_MALLOC_ENV",
+    "check_slurm_job",
+    "cuda_cluster",
+    "cuda_cluster_kwargs",
+    "load_jobqueue",
+    "local_cluster",
+    "local_cluster_kwargs",
+    "logger",
+    "slurm_cluster",
+    "slurm_cluster_kwargs",
+    "slurm_job_states",
+    "stage_resources",
+    "task_runner_kwargs",
+]
+
 logger = logging.getLogger(__name__)
 
 #: Name of the Dask worker resource that marks a GPU worker (``dask worker --resources GPU=1``).

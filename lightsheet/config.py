@@ -28,6 +28,36 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lightsheet.errors import ConfigError
 
+__all__ = [
+    "DEFAULT_PATTERN",
+    "MAX_YAML_VALUES",
+    "ORIENTATION_PAIRS",
+    "PATTERN_GROUPS",
+    "PATTERN_TIMEOUT_S",
+    "PROBE_LENGTH",
+    "ChunkShape",
+    "ClusterConfig",
+    "DeconvolveConfig",
+    "DensityConfig",
+    "FeaturizeConfig",
+    "Overlap",
+    "PipelineConfig",
+    "PositiveFloat",
+    "RegisterConfig",
+    "SegmentConfig",
+    "StitchConfig",
+    "TrainConfig",
+    "TrainData",
+    "VoxelSide",
+    "VoxelSize",
+    "check_pattern",
+    "compile_pattern",
+    "is_orientation",
+    "load_config",
+    "read_yaml",
+    "search_name",
+]
+
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 #: Voxel sides are microscopic: anything beyond 10 mm is a unit mistake (and overflows µm³).
 VoxelSide = Annotated[float, Field(gt=0, le=1e4, allow_inf_nan=False)]

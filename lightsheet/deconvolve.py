@@ -35,7 +35,7 @@ import dask.array as da
 import numpy as np
 import scipy.fft as sfft
 
-from lightsheet.errors import ImageError
+from lightsheet.errors import ClusterError, ConfigError, ImageError
 from lightsheet.psf import check_psf_fits, validate_psf
 from lightsheet.regions import Region, is_stored, map_overlap
 
@@ -267,6 +267,8 @@ def _pocketfft() -> Any:
     public ``scipy.fft`` is then used.
     """
     try:
+        # private SciPy API: its out= buffers make RL 1.37x faster than scipy.fft on a
+        # 64x256x256 block (benchmarks/results/private_apis.md); tests/test_private_apis.py
         from scipy.fft._pocketfft import pypocketfft as pp
 
         a = np.arange(60, dtype=np.float32).reshape(3, 4, 5) % 7
@@ -377,9 +379,9 @@ def _otf(psf: np.ndarray, shape: tuple[int, ...], be: _Backend) -> tuple[Any, An
 
 def _check_iterations(iterations: Any) -> int:
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)):
-        raise ValueError(f"iterations must be an integer >= 1; got {iterations!r}")
+        raise ConfigError(f"iterations must be an integer >= 1; got {iterations!r}")
     if iterations < 1:
-        raise ValueError(f"iterations must be >= 1; got {iterations}")
+        raise ConfigError(f"iterations must be >= 1; got {iterations}")
     return int(iterations)
 
 
@@ -881,11 +883,11 @@ def deconvolve(
     half = _psf_half(psf.shape)
     d = default_depth(psf.shape, iterations) if depth is None else _triple_int(depth, "depth")
     if any(di < hi for di, hi in zip(d, half, strict=True)):
-        raise ValueError(f"depth {d} is smaller than the PSF's half-size {half}; expected >= it")
+        raise ConfigError(f"depth {d} is smaller than the PSF's half-size {half}; expected >= it")
     # a halo cannot reach beyond the volume's other edge
     d = tuple(min(di, s) for di, s in zip(d, image.shape, strict=True))
     if gpu is True and not _cuda_available():
-        raise RuntimeError("deconvolve: gpu=True but CuPy with a CUDA device is not available")
+        raise ClusterError("deconvolve: gpu=True but CuPy with a CUDA device is not available")
     if isinstance(chunks, str):
         if chunks != "auto":
             raise ValueError(f"chunks must be 'auto', None or three ints; got {chunks!r}")
@@ -899,7 +901,7 @@ def deconvolve(
     if stored:
         meta = np.empty((0, 0, 0), np.float32)
     else:
-        meta = image._meta
+        meta = image._meta  # dask's array meta (NumPy or CuPy), as dask-image passes it
         meta = meta.astype(np.float32) if hasattr(meta, "astype") else np.empty((0,) * 3, "f4")
     return map_overlap(
         _deconvolve_block,

@@ -28,7 +28,8 @@ import dask
 import numpy as np
 import pandas as pd
 
-from lightsheet.errors import AtlasCoverageWarning, AtlasError, ConfigError
+from lightsheet.errors import AtlasCoverageWarning, AtlasError, ConfigError, TableError
+from lightsheet.geometry import atlas_voxel, reorientation_um
 from lightsheet.io.atlas import (
     HEMISPHERE_LEFT,
     HEMISPHERE_NONE,
@@ -36,9 +37,25 @@ from lightsheet.io.atlas import (
     Atlas,
     validate_orientation,
 )
+from lightsheet.io.tables import DENSITY_COLUMNS
 
 if TYPE_CHECKING:
     from lightsheet.config import DensityConfig
+
+__all__ = [
+    "BACKGROUND_ID",
+    "OUTSIDE_ID",
+    "POSITION_COLUMNS",
+    "TABLE_COLUMNS",
+    "AtlasTransform",
+    "assign_regions",
+    "atlas_voxel",
+    "image_to_atlas",
+    "lookup_points",
+    "region_table",
+    "region_voxel_counts",
+    "reorientation_um",
+]
 
 #: Structure id of cells in atlas voxels labelled 0 (inside the atlas volume, not brain).
 BACKGROUND_ID = 0
@@ -46,22 +63,7 @@ BACKGROUND_ID = 0
 OUTSIDE_ID = -1
 
 POSITION_COLUMNS = ("z_um", "y_um", "x_um")
-TABLE_COLUMNS = (
-    "structure_id",
-    "acronym",
-    "structure_name",
-    "parent_structure_id",
-    "depth",
-    "left_cell_count",
-    "right_cell_count",
-    "total_cells",
-    "left_volume_mm3",
-    "right_volume_mm3",
-    "total_volume_mm3",
-    "left_cells_per_mm3",
-    "right_cells_per_mm3",
-    "total_cells_per_mm3",
-)
+TABLE_COLUMNS = DENSITY_COLUMNS
 _UM3_PER_MM3 = 1e9
 
 
@@ -131,59 +133,6 @@ class AtlasTransform:
         """Low and high edges ``(3,)`` of the imaged box in image µm (voxel centres at i·v)."""
         v = np.asarray(self.voxel_size_um)
         return -0.5 * v, (np.asarray(self.image_shape) - 0.5) * v
-
-
-def atlas_voxel(atlas_index: np.ndarray) -> np.ndarray:
-    """The atlas voxel holding each continuous atlas coordinate, BrainGlobe's way.
-
-    Voxel ``a`` spans ``[a, a + 1)`` in atlas voxel units, i.e. ``[a·res, (a+1)·res)`` in
-    atlas µm: brainglobe-atlasapi's ``structure_from_coords(coords_um, microns=True)``
-    looks up ``int(coord_um / resolution)``. Inside the atlas the two agree exactly;
-    below 0 this takes the floor (a voxel ``-1``, outside the atlas) where Python's
-    ``int`` truncates towards voxel 0.
-
-    Examples
-    --------
-    >>> atlas_voxel(np.array([[0.0, 0.99, 1.0], [12.5, -0.2, 3.999]])).tolist()
-    [[0, 0, 1], [12, -1, 3]]
-    """
-    return np.floor(np.asarray(atlas_index, dtype=np.float64)).astype(np.int64)
-
-
-def reorientation_um(
-    orientation: str,
-    atlas_orientation: str,
-    *,
-    image_shape: Sequence[int],
-    voxel_size_um: Sequence[float],
-) -> np.ndarray:
-    """Homogeneous (4, 4) map of image µm ``(z, y, x)`` to µm along the atlas axes.
-
-    brainglobe-space's ``AnatomicalSpace.transformation_matrix_to`` does the maths: axes
-    are permuted to the atlas's order, and an axis running the other way is mirrored
-    about the image's extent measured from voxel edges, ``p → N·v − p`` (``N`` voxels of
-    ``v`` µm), exactly as ``map_points_to`` maps points.
-
-    Parameters
-    ----------
-    orientation : str
-        BrainGlobe orientation of the image axes.
-    atlas_orientation : str
-        BrainGlobe orientation of the atlas axes.
-    image_shape : (3,) sequence of int
-        Image shape ``(Z, Y, X)``.
-    voxel_size_um : (3,) sequence of float
-        Image voxel size in µm.
-    """
-    from brainglobe_space import AnatomicalSpace
-
-    vox = np.asarray(voxel_size_um, dtype=np.float64)
-    source = AnatomicalSpace(
-        orientation, shape=tuple(int(n) for n in image_shape), resolution=tuple(vox)
-    )
-    target = AnatomicalSpace(atlas_orientation, resolution=(1.0, 1.0, 1.0))
-    # brainglobe-space maps voxel coordinates: take µm in by dividing by the voxel size
-    return source.transformation_matrix_to(target) @ np.diag([*(1.0 / vox), 1.0])
 
 
 def image_to_atlas(
@@ -330,7 +279,7 @@ def assign_regions(
     cols = list(columns)
     missing = [c for c in cols if c not in cells.columns]
     if missing:
-        raise ValueError(
+        raise TableError(
             f"cells: missing centroid columns {missing}; expected {cols} (image µm, z, y, x)"
         )
     if tuple(transform.atlas_shape) != atlas.shape:
@@ -341,7 +290,7 @@ def assign_regions(
     points = cells[cols].to_numpy(dtype=np.float64)
     bad = ~np.isfinite(points).all(axis=1)
     if bad.any():
-        raise ValueError(
+        raise TableError(
             f"cells: {int(bad.sum())} rows with NaN or infinite centroids (first at row "
             f"{int(np.flatnonzero(bad)[0])}); expected finite positions in µm"
         )
@@ -588,7 +537,7 @@ def region_table(
     """
     for col in ("structure_id", "hemisphere"):
         if col not in cells.columns:
-            raise ValueError(f"cells: no {col!r} column; expected the output of assign_regions")
+            raise TableError(f"cells: no {col!r} column; expected the output of assign_regions")
     if not 0.0 <= outside_warning_fraction <= 1.0:
         raise ValueError(
             f"outside_warning_fraction must be in [0, 1]; got {outside_warning_fraction}"

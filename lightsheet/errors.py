@@ -2,6 +2,32 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "AcquisitionError",
+    "AnnotationError",
+    "AtlasCoverageWarning",
+    "AtlasError",
+    "ClusterError",
+    "ConfigError",
+    "ImageError",
+    "InputFilesError",
+    "LightsheetError",
+    "ModelError",
+    "OutputDamagedError",
+    "OutputExistsError",
+    "OutputInUseError",
+    "OutputNotWritableError",
+    "OutputSpaceError",
+    "PSFError",
+    "PathNotAllowedError",
+    "RegistrationError",
+    "SampleError",
+    "SegmentError",
+    "SweepError",
+    "TableError",
+    "TileGridError",
+]
+
 
 class LightsheetError(Exception):
     """Base class of the project's errors."""
@@ -77,3 +103,19 @@ class PathNotAllowedError(LightsheetError, PermissionError):
 
 class RegistrationError(LightsheetError, RuntimeError):
     """Registration of the atlas to the sample failed (elastix crashed, timed out, bad input)."""
+
+
+class SweepError(LightsheetError, ValueError):
+    """Sweep parameters that cannot work (raised before any compute)."""
+
+
+class AcquisitionError(LightsheetError, ValueError):
+    """An acquisition folder that cannot be turned into a valid pipeline run."""
+
+
+class TableError(LightsheetError, ValueError):
+    """A table (cells, densities) without the columns or values a stage needs."""
+
+
+class OutputNotWritableError(LightsheetError, PermissionError):
+    """An output folder that cannot be created or written to."""

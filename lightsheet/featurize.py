@@ -42,7 +42,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 from torch import nn
 
-from lightsheet.errors import ModelError
+from lightsheet.errors import ConfigError, ModelError
 from lightsheet.models.checkpoint import load_model, save_model
 from lightsheet.regions import is_stored
 from lightsheet.resample import AxisMap, Taps, apply_taps
@@ -154,7 +154,7 @@ def intensity_range(
     """
     lo_p, hi_p = (float(p) for p in percentiles)
     if not 0 <= lo_p < hi_p <= 100:
-        raise ValueError(f"percentiles must satisfy 0 <= lo < hi <= 100; got {percentiles!r}")
+        raise ConfigError(f"percentiles must satisfy 0 <= lo < hi <= 100; got {percentiles!r}")
     image = _as_dask(image, "image")
     step = max(1, math.ceil((image.size / max(1, max_samples)) ** (1.0 / image.ndim)))
     sub = image[(slice(None, None, step),) * image.ndim]
@@ -626,7 +626,7 @@ def _axis_maps(
     if voxel_size_um is not None:
         vs = np.asarray(voxel_size_um, dtype=np.float64)
         if vs.shape != (3,) or not np.all(np.isfinite(vs)) or not np.all(vs > 0):
-            raise ValueError(
+            raise ConfigError(
                 f"voxel_size_um must be 3 positive numbers (z, y, x); got {voxel_size_um!r}"
             )
     resampled = voxel_size_um is not None and model_um is not None
@@ -665,7 +665,7 @@ def _map_model(
         try:
             torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device: {device!r} is not a torch device: {exc}") from exc
+            raise ConfigError(f"device: {device!r} is not a torch device: {exc}") from exc
     context = z_context(model)
     ndim, halo, align = model_geometry(model)
     maps = _axis_maps(image.shape, voxel_size_um, model_voxel_size_um(model), ndim == 3 or context)

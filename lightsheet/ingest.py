@@ -33,6 +33,17 @@ from lightsheet.config import compile_pattern, search_name
 from lightsheet.errors import InputFilesError, TileGridError
 from lightsheet.io.tiff import MAX_TILE_BYTES, PlaneStack, TiffInfo, TiffRegion, inspect_tiff
 
+__all__ = [
+    "GROUPS",
+    "PLANE",
+    "Manifest",
+    "Tile",
+    "discover",
+    "find_files",
+    "glob_root",
+    "parse_names",
+]
+
 GROUPS = ("t", "c", "z", "y", "x")
 #: The group naming a file's z plane within its tile (one file per plane).
 PLANE = "plane"

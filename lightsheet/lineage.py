@@ -55,6 +55,36 @@ import xxhash
 
 from lightsheet.io.atomic import partial_path, replace_path
 
+__all__ = [
+    "ATTRS_KEY",
+    "CONTENT_MAX_BYTES",
+    "INPUT_FILES_SUFFIX",
+    "LIBRARIES",
+    "SIDECAR_SUFFIX",
+    "cache_key",
+    "check_output",
+    "check_table",
+    "chunk_digest",
+    "code_version",
+    "combine_digests",
+    "describe_files",
+    "file_content_fingerprint",
+    "file_stat_fingerprint",
+    "finish_record",
+    "folder_fingerprint",
+    "hash_bytes",
+    "hash_json",
+    "input_files_path",
+    "input_files_ref",
+    "library_versions",
+    "lineage_chain",
+    "make_record",
+    "read_lineage",
+    "sidecar",
+    "write_input_files",
+    "write_sidecar",
+]
+
 #: Key under which image outputs store their lineage in the OME-Zarr attributes.
 ATTRS_KEY = "lightsheet"
 #: Suffix of the lineage record written next to a table.

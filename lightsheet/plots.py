@@ -2,7 +2,8 @@
 
 Density: `plot_top_regions` (the densest regions, left and right), `plot_density_slice`
 (an atlas slice coloured by density). Registration: `plot_registration_qc` (atlas outlines
-on the sample). Figures are drawn on matplotlib's Agg canvas without pyplot's global state,
+on the sample). Segmentation: `overlay_png` (label outlines over a projection, the sweep's
+thumbnails). Figures are drawn on matplotlib's Agg canvas without pyplot's global state,
 so tasks can draw in worker threads.
 """
 
@@ -15,6 +16,13 @@ import numpy as np
 import pandas as pd
 
 from lightsheet.io.atlas import HEMISPHERE_LEFT, HEMISPHERE_RIGHT, Atlas
+
+__all__ = [
+    "overlay_png",
+    "plot_density_slice",
+    "plot_registration_qc",
+    "plot_top_regions",
+]
 
 
 def plot_top_regions(
@@ -304,3 +312,46 @@ def _brain_middle(brain: np.ndarray, axis: int) -> int:
     other = tuple(a for a in range(3) if a != axis)
     present = np.flatnonzero(brain.any(axis=other))
     return int(present[len(present) // 2]) if present.size else brain.shape[axis] // 2
+
+
+def overlay_png(
+    mip: np.ndarray, labels_mip: np.ndarray, *, lo: float, hi: float, aspect: float = 1.0
+) -> bytes:
+    """Label outlines over a maximum-intensity projection, as a small PNG.
+
+    Parameters
+    ----------
+    mip : (Y, X) ndarray
+        Intensity projection (the same for every setting).
+    labels_mip : (Y, X) ndarray of int
+        Label projection of one setting's result.
+    lo, hi : float
+        Display range (the same for every setting, so thumbnails compare).
+    aspect : float
+        Pixel height / width in µm.
+
+    Returns
+    -------
+    bytes
+        The PNG, 256 pixels along its longer side.
+    """
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from skimage.segmentation import find_boundaries
+
+    gray = np.clip((mip.astype(float) - lo) / max(hi - lo, 1e-12), 0, 1)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    edges = find_boundaries(labels_mip, mode="inner")
+    rgb[edges] = (1.0, 0.85, 0.0)  # outlines in yellow
+    h, w = gray.shape
+    scale = 256 / max(h * aspect, w)
+    fig = Figure(figsize=(w * scale / 100, h * aspect * scale / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(rgb, aspect=aspect, interpolation="nearest")
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

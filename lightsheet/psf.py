@@ -14,6 +14,17 @@ import numpy as np
 
 from lightsheet.errors import PSFError
 
+__all__ = [
+    "FWHM_PER_SIGMA",
+    "MAX_PSF_BYTES",
+    "check_psf_fits",
+    "gaussian_psf",
+    "load_psf",
+    "psf_from_optics",
+    "validate_psf",
+    "write_psf",
+]
+
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
@@ -248,5 +259,5 @@ def write_psf(path: str | Path, psf: np.ndarray, voxel_size_um: Sequence[float])
 def _triple(values: Sequence[float], name: str) -> tuple[float, float, float]:
     vals = tuple(float(v) for v in values)
     if len(vals) != 3 or any(not math.isfinite(v) or v <= 0 for v in vals):
-        raise ValueError(f"{name} must be three positive numbers (z, y, x); got {values!r}")
+        raise PSFError(f"{name} must be three positive numbers (z, y, x); got {values!r}")
     return vals  # type: ignore[return-value]

@@ -42,6 +42,17 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "SAME_VOXEL_RTOL",
+    "AxisMap",
+    "AxisPlan",
+    "Taps",
+    "apply_taps",
+    "grid_region",
+    "support",
+    "taps",
+]
+
 #: Relative difference of voxel sizes under which an axis is not resampled (float noise).
 SAME_VOXEL_RTOL = 1e-6
 

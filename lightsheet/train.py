@@ -49,7 +49,28 @@ from typing import Any
 import numpy as np
 
 from lightsheet.config import TrainConfig, TrainData
-from lightsheet.errors import AnnotationError, ConfigError
+from lightsheet.errors import AnnotationError, ConfigError, InputFilesError
+
+__all__ = [
+    "CENTRE_SIGMA",
+    "DEFAULT_MODEL_ARGS",
+    "MAX_VOLUME_VOXELS",
+    "SCALE_RANGE",
+    "TARGETS",
+    "THRESHOLDS",
+    "AnnotatedVolume",
+    "centre_map",
+    "detect_points",
+    "load_train_config",
+    "load_volumes",
+    "model_voxel_size",
+    "nucleus_diameter_from_masks",
+    "spheres_mask",
+    "split_volumes",
+    "train",
+    "training_batch",
+    "validate",
+]
 
 #: Names of the head channels a trained model predicts, in order.
 TARGETS = ("nucleus", "centre")
@@ -113,7 +134,7 @@ def load_train_config(path: str | os.PathLike[str], *, data_root: str | None = N
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"train: no such training config {path}")
+        raise InputFilesError(f"train: no such training config {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of training parameters")
@@ -255,7 +276,7 @@ def _read_volume(
 def _sample_info(sample: Path) -> dict:
     info_path = sample / "sample.json"
     if not info_path.is_file():
-        raise FileNotFoundError(
+        raise InputFilesError(
             f"train: {sample} has no sample.json; expected a folder made by `lightsheet sample`"
         )
     info = json.loads(info_path.read_text())
@@ -269,7 +290,7 @@ def _sample_truth(sample: Path, timepoint: int) -> Any:
 
     path = sample / "truth" / "cells.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"train: no ground truth {path}; expected truth/cells.csv")
+        raise InputFilesError(f"train: no ground truth {path}; expected truth/cells.csv")
     cells = pd.read_csv(path)
     need = {"z_um", "y_um", "x_um", "diameter_um"}
     if not need <= set(cells.columns):
@@ -850,7 +871,7 @@ def _data_record(config: TrainConfig, base: Path, volumes: Sequence[AnnotatedVol
         }
         if lic is not None:
             if not Path(lic).is_file():
-                raise FileNotFoundError(f"train: licence_file {lic} of {data.name!r} not found")
+                raise InputFilesError(f"train: licence_file {lic} of {data.name!r} not found")
             text = Path(lic).read_text(errors="replace")
             entry["licence_sha256"] = hashlib.sha256(text.encode()).hexdigest()
             entry["licence_text"] = text.strip()

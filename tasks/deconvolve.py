@@ -10,6 +10,7 @@ from prefect import task
 
 from lightsheet.config import DeconvolveConfig
 from lightsheet.deconvolve import deconvolve
+from lightsheet.errors import ConfigError
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.lineage import file_content_fingerprint
 from lightsheet.psf import load_psf
@@ -22,6 +23,11 @@ from tasks._common import (
     output_input,
     publish_image,
 )
+
+__all__ = [
+    "deconvolve_spec",
+    "deconvolve_volume",
+]
 
 
 def deconvolve_spec(raw: dict, psf: str, config: DeconvolveConfig, output: str) -> StageSpec:
@@ -50,7 +56,7 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
             channels = range(n_channels) if config.channels is None else config.channels
             for c in channels:
                 if c >= n_channels:
-                    raise ValueError(
+                    raise ConfigError(
                         f"deconvolve.channels: channel {c} does not exist; the image has "
                         f"{n_channels} channels (0..{n_channels - 1})"
                     )

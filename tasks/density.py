@@ -27,6 +27,18 @@ from lightsheet.lineage import (
 from lightsheet.plots import plot_density_slice, plot_top_regions
 from tasks._common import OUTPUTS, Stage, StageSpec, markdown_table, output_input, png_markdown
 
+__all__ = [
+    "ATLAS_ENTRIES",
+    "SUMMARY_COLUMNS",
+    "atlas_fingerprint",
+    "atlas_input",
+    "density_spec",
+    "density_table",
+    "publish_density",
+    "registered_mapping",
+    "top_regions",
+]
+
 #: density.csv columns shown first in artifacts and summaries.
 SUMMARY_COLUMNS = [
     "acronym",

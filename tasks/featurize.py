@@ -10,6 +10,7 @@ import numpy as np
 from prefect import task
 
 from lightsheet.config import FeaturizeConfig
+from lightsheet.errors import ConfigError
 from lightsheet.io.omezarr import read_image, stored_volume, write_blocks, write_image
 from lightsheet.models import checkpoint_sha256
 from tasks._common import (
@@ -21,6 +22,15 @@ from tasks._common import (
     output_input,
     publish_image,
 )
+
+__all__ = [
+    "FEATURE_BLOCK_BYTES",
+    "check_channel",
+    "feature_blocks",
+    "featurize_spec",
+    "featurize_volume",
+    "model_input",
+]
 
 
 def featurize_spec(image: dict, channel: int, config: FeaturizeConfig, output: str) -> StageSpec:
@@ -140,7 +150,7 @@ def feature_blocks(
 def check_channel(channel: int, n_channels: int, parameter: str) -> None:
     """A channel index that exists, or an error naming the parameter."""
     if not 0 <= channel < n_channels:
-        raise ValueError(
+        raise ConfigError(
             f"{parameter}: channel {channel} does not exist; the image has {n_channels} "
             f"channels (0..{n_channels - 1})"
         )

@@ -11,10 +11,18 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from lightsheet.config import PipelineConfig
-from lightsheet.errors import AtlasError, ConfigError
+from lightsheet.errors import AtlasError, ConfigError, OutputNotWritableError
 from lightsheet.ingest import Manifest, discover
 from lightsheet.io.atlas import Atlas, load_atlas
 from lightsheet.psf import check_psf_fits, load_psf
+
+__all__ = [
+    "check_atlas",
+    "check_channels",
+    "check_inputs",
+    "check_writable",
+    "ingest",
+]
 
 
 @task(name="ingest")
@@ -28,21 +36,7 @@ def ingest(config: PipelineConfig) -> dict:
     stages use, and that the output folder can be written. A setting wrong for this data
     is refused here, never after upstream stages have computed.
     """
-    manifest = discover(
-        config.input, config.pattern, max_tile_bytes=int(config.stitch.max_tile_gib * 2**30)
-    )
-    psf = load_psf(config.psf)
-    if config.deconvolve.enabled:
-        check_psf_fits(psf.shape, manifest.shape[2:], what="stitched volume")
-    check_atlas(load_atlas(config.atlas))
-    check_channels(config, manifest)
-    if config.featurize.model is not None and (
-        config.featurize.enabled or config.segment.method == "model"
-    ):
-        from lightsheet.featurize import load_model  # torch: only when a checkpoint is given
-
-        load_model(config.featurize.model)
-    check_writable(Path(config.output))
+    manifest = check_inputs(config)
     t, c, nz, ny, nx = manifest.grid_shape
     get_run_logger().info(
         "ingest: %d tiles (%d time points, %d channels, %dx%dx%d tiles) of %s %s, %.2f GB",
@@ -70,6 +64,43 @@ def ingest(config: PipelineConfig) -> dict:
         description=f"Tiles matching {config.input}",
     )
     return manifest.to_dict()
+
+
+def check_inputs(config: PipelineConfig, *, atlas_labels: bool = True) -> Manifest:
+    """Every check of `ingest`, without Prefect; the tile manifest when all pass.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+        The run.
+    atlas_labels : bool
+        Also check that every id the atlas annotation labels is a structure (`check_atlas`:
+        reads the annotation, chunk by chunk). False: the atlas files are only opened; the
+        ``lightsheet`` command's quick check before Prefect starts.
+
+    Raises
+    ------
+    LightsheetError, OSError
+        The first input or setting that cannot work, named.
+    """
+    manifest = discover(
+        config.input, config.pattern, max_tile_bytes=int(config.stitch.max_tile_gib * 2**30)
+    )
+    psf = load_psf(config.psf)
+    if config.deconvolve.enabled:
+        check_psf_fits(psf.shape, manifest.shape[2:], what="stitched volume")
+    atlas = load_atlas(config.atlas)
+    if atlas_labels:
+        check_atlas(atlas)
+    check_channels(config, manifest)
+    if config.featurize.model is not None and (
+        config.featurize.enabled or config.segment.method == "model"
+    ):
+        from lightsheet.featurize import load_model  # torch: only when a checkpoint is given
+
+        load_model(config.featurize.model)
+    check_writable(Path(config.output))
+    return manifest
 
 
 def check_channels(config: PipelineConfig, manifest: Manifest) -> None:
@@ -127,6 +158,6 @@ def check_writable(folder: Path) -> None:
             f.write(b"ok")
         os.unlink(probe)
     except OSError as exc:
-        raise PermissionError(
+        raise OutputNotWritableError(
             f"output: cannot write to {folder} ({exc.strerror}); expected a writable folder"
         ) from exc

@@ -26,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from lightsheet.config import RegisterConfig
 from lightsheet.elastix import parameter_maps
+from lightsheet.errors import ConfigError
 from lightsheet.io.atlas import load_atlas, read_reference
 from lightsheet.io.atomic import atomic_path
 from lightsheet.io.omezarr import read_image, write_image
@@ -43,6 +44,16 @@ from tasks._common import (
 )
 from tasks.density import atlas_input
 
+__all__ = [
+    "REGISTER_OUTPUTS",
+    "TRANSFORMS",
+    "elastix_maps",
+    "publish_registration",
+    "register_channel",
+    "register_spec",
+    "register_volume",
+]
+
 #: The register stage's outputs, by role (the first is the record downstream reads).
 REGISTER_OUTPUTS = {role: name for role, name in OUTPUTS.items() if role.startswith("register")}
 TRANSFORMS = "registration"
@@ -55,7 +66,7 @@ def register_channel(config: RegisterConfig, segment_channel: int, n_channels: i
         return config.channel
     others = [c for c in range(n_channels) if c != segment_channel]
     if not others:
-        raise ValueError(
+        raise ConfigError(
             f"register.channel: the image has one channel ({n_channels}), which holds the "
             "nuclei; expected an autofluorescence channel to register (set register.channel "
             "to register the nuclei channel anyway)"

@@ -26,6 +26,12 @@ from tasks._common import (
 )
 from tasks.featurize import check_channel, model_input
 
+__all__ = [
+    "SEGMENT_CHUNK_VOXELS",
+    "segment_spec",
+    "segment_volume",
+]
+
 #: Voxels per block in segmentation (see `lightsheet.stitch.default_chunks`).
 SEGMENT_CHUNK_VOXELS = 2**21
 

@@ -21,7 +21,12 @@ from lightsheet.config import StitchConfig
 from lightsheet.ingest import Manifest
 from lightsheet.io.omezarr import read_image, write_blocks, write_image
 from lightsheet.lineage import file_content_fingerprint, file_stat_fingerprint, read_lineage
-from lightsheet.stitch import Layout, fused_chunks, nominal_layout, register, stitch, stitch_chunks
+from lightsheet.stitch import (
+    configured_layout,
+    fused_chunks,
+    stitch_chunks,
+    stitch_configured,
+)
 from lightsheet.stitch.register import Link, Solution, link_table, plot_overview
 from tasks._common import (
     OUTPUTS,
@@ -32,6 +37,13 @@ from tasks._common import (
     png_markdown,
     publish_image,
 )
+
+__all__ = [
+    "publish_registration",
+    "solution_from_record",
+    "stitch_spec",
+    "stitch_tiles",
+]
 
 
 def _config(config: StitchConfig | dict | None) -> StitchConfig:
@@ -46,7 +58,7 @@ def stitch_spec(
     """What `stitch_tiles` makes from the tiles (chunks default from the tile grid)."""
     m = Manifest.from_dict(manifest)
     config = _config(config)
-    layout = _layout(m, voxel_size_um, config)
+    layout = configured_layout(m, voxel_size_um, config)
     if layout is None:
         chunks = config.chunks_zyx or stitch_chunks(m.shape[2:], voxel_size_um, m.tile_shape)
         params = {"chunks_zyx": list(chunks), "voxel_size_um": list(voxel_size_um)}
@@ -91,25 +103,6 @@ def stitch_spec(
     )
 
 
-def _layout(m: Manifest, voxel_size_um, config: StitchConfig) -> Layout | None:
-    layout = nominal_layout(
-        m,
-        voxel_size_um,
-        overlap=config.overlap,
-        positions=None if config.positions is None else str(config.positions),
-        max_shift_um=config.max_shift_um,
-    )
-    if layout is not None and config.registration_channel >= m.grid_shape[1]:
-        from lightsheet.errors import ConfigError
-
-        raise ConfigError(
-            f"stitch.registration_channel: {config.registration_channel}, but the tiles have "
-            f"{m.grid_shape[1]} channel(s) ({', '.join(m.channel_names())}); expected an index "
-            f"below {m.grid_shape[1]}"
-        )
-    return layout
-
-
 @task(name="stitch")
 def stitch_tiles(
     manifest: dict, voxel_size_um: list[float], config: StitchConfig | dict | None, output: str
@@ -118,7 +111,7 @@ def stitch_tiles(
     m = Manifest.from_dict(manifest)
     config = _config(config)
     stage = Stage(stitch_spec(manifest, voxel_size_um, config, output))
-    layout = _layout(m, voxel_size_um, config)
+    layout = configured_layout(m, voxel_size_um, config)
     extra: dict = {}
     if not stage.reused:
         with dask_client():
@@ -127,26 +120,11 @@ def stitch_tiles(
             # blocks of several chunks: fewer tasks, file writes overlapping the encoding
             blocks = write_blocks(chunks, shape, np.dtype(m.dtype).itemsize, voxel_size_um)
             lineage = stage.lineage()
-            if layout is None:
-                volume = stitch(m, voxel_size_um=voxel_size_um, chunks=blocks)
-            else:
-                solution = register(
-                    m,
-                    layout.positions_vox,
-                    channel=config.registration_channel,
-                    max_shift_vox=layout.max_shift_vox,
-                    max_residual_vox=config.max_residual_vox,
-                )
+            volume, solution = stitch_configured(
+                m, voxel_size_um, config, chunks=blocks, layout=layout
+            )
+            if solution is not None:
                 lineage["registration"] = solution.to_dict()
-                volume = stitch(
-                    m,
-                    voxel_size_um=voxel_size_um,
-                    chunks=blocks,
-                    positions_vox=solution.positions,
-                    shape_zyx=layout.shape_zyx,
-                    blend_vox=layout.blend_vox,
-                    interpolation=config.interpolation,
-                )
             fingerprint = write_image(
                 volume,
                 stage.outputs["path"],

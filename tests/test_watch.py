@@ -9,8 +9,8 @@ import time
 import pytest
 import yaml
 
-from flows.watch import AcquisitionError, acquisition_config, fingerprint, scan
 from lightsheet.config import DEFAULT_PATTERN
+from lightsheet.watch import AcquisitionError, acquisition_config, fingerprint, scan
 
 MARKER = "acquisition.done"
 

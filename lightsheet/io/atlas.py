@@ -40,6 +40,20 @@ from dask.base import tokenize
 from lightsheet.config import is_orientation
 from lightsheet.errors import AtlasError
 
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "Atlas",
+    "atlas_metadata",
+    "brainglobe_dir",
+    "load_atlas",
+    "read_reference",
+    "read_structures",
+    "resolve_atlas",
+    "split_hemispheres",
+    "validate_orientation",
+    "write_atlas",
+]
+
 #: Hemisphere values (BrainGlobe).
 HEMISPHERE_NONE, HEMISPHERE_LEFT, HEMISPHERE_RIGHT = 0, 1, 2
 

@@ -36,7 +36,33 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightsheet.errors import OutputExistsError, OutputInUseError, OutputSpaceError
+from lightsheet.errors import (
+    OutputExistsError,
+    OutputInUseError,
+    OutputNotWritableError,
+    OutputSpaceError,
+)
+
+__all__ = [
+    "LOCK_NAME",
+    "MARKER_NAME",
+    "SPACE_ERRNOS",
+    "STORE_MANIFEST",
+    "atomic_path",
+    "check_replaceable",
+    "claim_folder",
+    "claim_path",
+    "foreign_files",
+    "mark_folder",
+    "out_of_space",
+    "output_lock",
+    "partial_path",
+    "register",
+    "registered",
+    "remove_stale_partials",
+    "replace_path",
+    "written_by_lightsheet",
+]
 
 #: Hidden file in an output folder listing the names lightsheet wrote there.
 MARKER_NAME = ".lightsheet-output.json"
@@ -297,7 +323,7 @@ def claim_folder(folder: str | Path, names: Iterable[str]) -> Path:
         if created or not (folder / MARKER_NAME).exists():
             mark_folder(folder, created=created)
     except OSError as exc:
-        raise PermissionError(
+        raise OutputNotWritableError(
             f"output: cannot write to {folder} ({exc.strerror}); expected a writable folder"
         ) from exc
     return folder

@@ -25,6 +25,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+__all__ = [
+    "ALIGN",
+    "IO_THREADS",
+    "direct_io_enabled",
+    "io_pool",
+    "write_new_file",
+]
+
 #: Alignment of buffer, length and offset for ``O_DIRECT``: a page covers the logical block
 #: size of common devices (512 or 4096 bytes).
 ALIGN = mmap.PAGESIZE

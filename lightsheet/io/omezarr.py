@@ -47,10 +47,33 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore, WrapperStore
 
-from lightsheet.errors import OutputDamagedError
+from lightsheet.errors import ImageError, InputFilesError, OutputDamagedError
 from lightsheet.io.atomic import atomic_path
 from lightsheet.io.direct import io_pool, write_new_file
 from lightsheet.lineage import ATTRS_KEY, chunk_digest, combine_digests, finish_record
+
+__all__ = [
+    "AXES",
+    "DOWNSAMPLE_SLAB_BYTES",
+    "FUSED_MIN_CHUNK_VOXELS",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "MAX_PROBLEMS",
+    "CompleteStore",
+    "StoredVolume",
+    "check_image",
+    "compressor",
+    "inner_chunks",
+    "pyramid_factors",
+    "read_image",
+    "read_manifest",
+    "store_chunks",
+    "stored_volume",
+    "verify_image",
+    "write_blocks",
+    "write_image",
+    "write_manifest",
+]
 
 AXES = [
     {"name": "t", "type": "time", "unit": "second"},
@@ -763,6 +786,8 @@ class CompleteStore(WrapperStore):
         super().__init__(store)
 
     def __str__(self) -> str:
+        # zarr's WrapperStore keeps the wrapped store in the private ``_store`` (no public
+        # accessor in zarr 3.1); tests/test_private_apis.py guards it
         return str(self._store)
 
     def _missing(self, key: str) -> OutputDamagedError:
@@ -853,14 +878,14 @@ def stored_volume(path: str | Path, t: int = 0, c: int = 0, level: int = 0) -> S
     root, ds, _ = _open_multiscale(path, level)
     arr = root[ds["path"]]
     if arr.ndim != 5:
-        raise ValueError(f"{path}: expected a (t, c, z, y, x) image; got {arr.ndim} axes")
+        raise ImageError(f"{path}: expected a (t, c, z, y, x) image; got {arr.ndim} axes")
     return StoredVolume(arr, int(t), int(c))
 
 
 def _open_multiscale(path: str | Path, level: int) -> tuple[zarr.Group, dict, dict]:
     path = Path(path)
     if not (path / "zarr.json").is_file() and not (path / ".zattrs").is_file():
-        raise FileNotFoundError(f"{path}: not an OME-Zarr image (no zarr.json or .zattrs)")
+        raise InputFilesError(f"{path}: not an OME-Zarr image (no zarr.json or .zattrs)")
     root = _open_group(path)
     meta = root.attrs.get("ome", root.attrs)
     ms = meta["multiscales"][0]

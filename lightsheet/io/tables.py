@@ -14,6 +14,31 @@ import pandas as pd
 from lightsheet.errors import OutputDamagedError
 from lightsheet.io.atomic import atomic_path
 
+__all__ = [
+    "DENSITY_COLUMNS",
+    "PARQUET_MIN_ROWS",
+    "read_table",
+    "write_table",
+]
+
+#: Columns of the per-region density table (`lightsheet.density`), brainmapper's names.
+DENSITY_COLUMNS = (
+    "structure_id",
+    "acronym",
+    "structure_name",
+    "parent_structure_id",
+    "depth",
+    "left_cell_count",
+    "right_cell_count",
+    "total_cells",
+    "left_volume_mm3",
+    "right_volume_mm3",
+    "total_volume_mm3",
+    "left_cells_per_mm3",
+    "right_cells_per_mm3",
+    "total_cells_per_mm3",
+)
+
 #: Above this many rows a Parquet copy is written beside the CSV (faster to load).
 PARQUET_MIN_ROWS = 200_000
 

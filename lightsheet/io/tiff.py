@@ -31,6 +31,17 @@ import numpy as np
 
 from lightsheet.errors import ImageError, InputFilesError
 
+__all__ = [
+    "MAX_SEGMENT_BYTES",
+    "MAX_TILE_BYTES",
+    "SCRATCH_BYTES",
+    "PlaneStack",
+    "TiffInfo",
+    "TiffRegion",
+    "check_finite",
+    "inspect_tiff",
+]
+
 #: Largest tile accepted by default (bytes of pixel data its header declares): a header
 #: claiming more is refused before any read. 64 GiB is 16 times a 2000×2000×500 uint16 stack.
 MAX_TILE_BYTES = 64 << 30

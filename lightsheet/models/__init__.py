@@ -8,6 +8,13 @@ from pathlib import Path
 
 from lightsheet.errors import ModelError
 
+__all__ = [
+    "DEFAULT_MODEL",
+    "checkpoint_path",
+    "checkpoint_sha256",
+    "describe_record",
+]
+
 #: File name of the default model, next to this module.
 DEFAULT_MODEL = "unet_default.safetensors"
 

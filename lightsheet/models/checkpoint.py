@@ -34,6 +34,16 @@ from lightsheet.errors import ModelError
 from lightsheet.models import checkpoint_path
 from lightsheet.unet import HEAD_CLASSES, UNet
 
+__all__ = [
+    "FORMAT",
+    "MAX_MODEL_PARAMETERS",
+    "MODEL_ARG_BOUNDS",
+    "check_model_args",
+    "declared_inference",
+    "load_model",
+    "save_model",
+]
+
 #: ``format`` of the safetensors metadata and of the record.
 FORMAT = "lightsheet-unet/1"
 

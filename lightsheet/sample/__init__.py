@@ -64,8 +64,8 @@ import numpy as np
 import pandas as pd
 
 from lightsheet.config import DEFAULT_PATTERN
-from lightsheet.density import TABLE_COLUMNS as DENSITY_COLUMNS
 from lightsheet.errors import OutputExistsError, SampleError
+from lightsheet.io.tables import DENSITY_COLUMNS
 from lightsheet.psf import psf_from_optics, write_psf
 
 #: Format tag written to ``sample.json``; a folder holding it may be overwritten.

@@ -28,7 +28,7 @@ from functools import cached_property
 
 import numpy as np
 
-from lightsheet.density import atlas_voxel, reorientation_um
+from lightsheet.geometry import atlas_voxel, reorientation_um
 from lightsheet.sample import Phantom, _Scene
 
 #: Allen CCFv3's extent (µm) along its axes (anterior–posterior, superior–inferior,
@@ -301,7 +301,7 @@ def registration_case(
         Atlas extent (default: a mouse brain's, `MOUSE_EXTENT_UM`).
     seed : int
     """
-    from lightsheet.density import reorientation_um as _reorient
+    from lightsheet.geometry import reorientation_um as _reorient
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 22]))
     res = float(resolution_um)

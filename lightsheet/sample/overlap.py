@@ -72,7 +72,7 @@ def tiling(
 
 def nominal_origins(grid_zyx, tile_shape, overlap) -> np.ndarray:
     """Nominal tile origins (voxels), grid order: ``index × tile × (1 - overlap)``."""
-    from lightsheet.stitch.register import nominal_positions
+    from lightsheet.geometry import nominal_positions
 
     return nominal_positions(grid_zyx, tile_shape, overlap).round(6)
 

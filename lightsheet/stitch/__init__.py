@@ -11,7 +11,9 @@ Overlapping tiles (``overlap`` > 0, or stage positions) are registered first
 (`lightsheet.stitch.register`: pairwise phase correlation refined to sub-voxel NCC, a
 global solve that drops inconsistent links) and then fused block by block with blending
 in the overlaps (`lightsheet.stitch.fuse`). `nominal_layout` gives the nominal positions
-and the volume's shape; `stitch` with ``positions_vox`` fuses.
+and the volume's shape; `stitch` with ``positions_vox`` fuses. `stitch_configured` does
+either as a run config's ``stitch`` section says (the pipeline's stitch task and the
+sweep's crop both use it).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import dask
 import dask.array as da
 import numpy as np
 
+from lightsheet.config import StitchConfig
 from lightsheet.errors import ConfigError
 from lightsheet.ingest import Manifest
 from lightsheet.io.omezarr import pyramid_factors
 from lightsheet.stitch.fuse import fuse, mosaic_shape
 from lightsheet.stitch.register import (
+    Solution,
     check_layout,
     find_links,
     nominal_positions,
@@ -39,11 +43,14 @@ from lightsheet.stitch.register import (
 
 __all__ = [
     "Layout",
+    "configured_layout",
     "default_chunks",
+    "fused_chunks",
     "nominal_layout",
     "register",
     "stitch",
     "stitch_chunks",
+    "stitch_configured",
 ]
 
 #: Voxels per chunk by default: 32 MiB as float32, big enough to amortise per-task
@@ -302,6 +309,88 @@ def nominal_layout(
         blend_vox=blend,  # type: ignore[arg-type]
         max_shift_vox=tuple(float(max_shift_um / v) for v in vox),  # type: ignore[arg-type]
     )
+
+
+def configured_layout(
+    manifest: Manifest, voxel_size_um: Sequence[float], config: StitchConfig
+) -> Layout | None:
+    """`nominal_layout` as a run config's ``stitch`` section says (None: the tiles abut).
+
+    Raises
+    ------
+    ConfigError
+        ``stitch.registration_channel`` beyond the tiles' channels, or a layout
+        `nominal_layout` refuses.
+    """
+    layout = nominal_layout(
+        manifest,
+        voxel_size_um,
+        overlap=config.overlap,
+        positions=None if config.positions is None else str(config.positions),
+        max_shift_um=config.max_shift_um,
+    )
+    if layout is not None and config.registration_channel >= manifest.grid_shape[1]:
+        raise ConfigError(
+            f"stitch.registration_channel: {config.registration_channel}, but the tiles have "
+            f"{manifest.grid_shape[1]} channel(s) ({', '.join(manifest.channel_names())}); "
+            f"expected an index below {manifest.grid_shape[1]}"
+        )
+    return layout
+
+
+def stitch_configured(
+    manifest: Manifest,
+    voxel_size_um: Sequence[float],
+    config: StitchConfig,
+    *,
+    chunks: Sequence[int] | None = None,
+    layout: Layout | None = None,
+) -> tuple[da.Array, Solution | None]:
+    """The stitched volume as the pipeline makes it from a run config's ``stitch`` section.
+
+    Abutting tiles are placed (lazy, nothing read); overlapping ones are registered first
+    (`register` reads their overlaps now) and then fused lazily.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        Checked tiles from `lightsheet.ingest.discover`.
+    voxel_size_um : (3,) sequence of float
+        Voxel size (z, y, x) in µm.
+    config : StitchConfig
+        Overlap or positions, registration channel and bounds, interpolation.
+    chunks : (3,) sequence of int, optional
+        Chunk shape of the result (default: `stitch`'s).
+    layout : Layout, optional
+        `configured_layout`'s result when the caller has it already.
+
+    Returns
+    -------
+    volume : (T, C, Z, Y, X) dask.array.Array
+    solution : Solution or None
+        The registration (None for abutting tiles).
+    """
+    if layout is None:
+        layout = configured_layout(manifest, voxel_size_um, config)
+    if layout is None:
+        return stitch(manifest, voxel_size_um=voxel_size_um, chunks=chunks), None
+    solution = register(
+        manifest,
+        layout.positions_vox,
+        channel=config.registration_channel,
+        max_shift_vox=layout.max_shift_vox,
+        max_residual_vox=config.max_residual_vox,
+    )
+    volume = stitch(
+        manifest,
+        voxel_size_um=voxel_size_um,
+        chunks=chunks,
+        positions_vox=solution.positions,
+        shape_zyx=layout.shape_zyx,
+        blend_vox=layout.blend_vox,
+        interpolation=config.interpolation,
+    )
+    return volume, solution
 
 
 def _read_block(

@@ -29,6 +29,12 @@ import dask
 import dask.array as da
 import numpy as np
 
+__all__ = [
+    "SLAB_VOXELS",
+    "fuse",
+    "mosaic_shape",
+]
+
 
 def mosaic_shape(positions_vox: np.ndarray, tile_shape: Sequence[int]) -> tuple[int, int, int]:
     """Voxels (Z, Y, X) of the box from the origin to the far side of the farthest tile.

@@ -30,6 +30,28 @@ from collections.abc import Sequence
 
 import numpy as np
 
+__all__ = [
+    "CELL_VOX",
+    "HIGHPASS_VOX",
+    "MAX_WINDOW_VOXELS",
+    "MIN_OVERLAP",
+    "RUNNERS_UP",
+    "SURVEY_VOXELS",
+    "band_energy",
+    "choose_window",
+    "far_box",
+    "highpass",
+    "ncc_at",
+    "overlap_boxes",
+    "peaks",
+    "refine_shift",
+    "register_link",
+    "register_pair",
+    "shifted_overlap",
+    "window_shape",
+    "window_sums",
+]
+
 #: Side (voxels) of the local mean removed before comparing overlaps (`highpass`).
 HIGHPASS_VOX = 9
 #: Largest window (voxels) registered per link; larger overlaps are cut to their most

@@ -39,7 +39,27 @@ from pathlib import Path
 import numpy as np
 
 from lightsheet.errors import ConfigError, TileGridError
+from lightsheet.geometry import nominal_positions
 from lightsheet.stitch.pairwise import MAX_WINDOW_VOXELS, register_link
+
+__all__ = [
+    "MAX_NULL_LINKS",
+    "PEAK_RATIO",
+    "RETRY_WINDOW_VOXELS",
+    "Link",
+    "Solution",
+    "check_layout",
+    "find_links",
+    "judge_links",
+    "link_table",
+    "nominal_positions",
+    "plot_overview",
+    "read_positions",
+    "register",
+    "rescue_links",
+    "solve",
+    "spatial_tiles",
+]
 
 #: Links whose null NCC (against a box they do not overlap) is measured: evenly chosen.
 MAX_NULL_LINKS = 8
@@ -77,23 +97,6 @@ class Link:
     def to_dict(self) -> dict:
         """Plain data (JSON)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-
-def nominal_positions(
-    grid_zyx: Sequence[int], tile_shape: Sequence[int], overlap: Sequence[float]
-) -> np.ndarray:
-    """Tile origins (voxels) on a regular grid whose neighbours share ``overlap`` of a side.
-
-    Examples
-    --------
-    >>> nominal_positions((1, 1, 3), (10, 100, 100), (0, 0, 0.15))[:, 2].tolist()
-    [0.0, 85.0, 170.0]
-    """
-    step = [t * (1 - o) for t, o in zip(tile_shape, overlap, strict=True)]
-    return np.array(
-        [[i * s for i, s in zip(idx, step, strict=True)] for idx in np.ndindex(*grid_zyx)],
-        dtype=float,
-    ).reshape(-1, 3)
 
 
 def read_positions(
