@@ -13,6 +13,7 @@ array's axes, which this module handles.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,10 @@ class Registration:
         Determinant of the transform's spatial Jacobian at each fixed voxel.
     log : str
         elastix's log.
+    fixed_mask : ndarray of bool or None
+        Where the B-spline took its samples (see `register`); None without a mask.
+    timings_s : dict
+        Wall time (s) of each step in the child process.
     """
 
     transform_files: list[Path]
@@ -197,6 +202,8 @@ class Registration:
     deformation_um: np.ndarray
     jacobian_determinant: np.ndarray
     log: str
+    fixed_mask: np.ndarray | None = None
+    timings_s: dict = field(default_factory=dict)
 
 
 def register(
@@ -208,6 +215,8 @@ def register(
     moving_spacing_um: Sequence[float],
     maps: list[dict[str, list[str]]],
     out_dir: str | Path,
+    moving_mask: np.ndarray | None = None,
+    mask_margin_um: float | None = None,
     threads: int | None = None,
     timeout_s: float | None = None,
 ) -> Registration:
@@ -230,6 +239,15 @@ def register(
         From `parameter_maps`.
     out_dir : path-like
         Folder to create with the transform files.
+    moving_mask : ndarray of bool, optional
+        The brain in the moving image (the atlas annotation > 0). With ``mask_margin_um``,
+        the first map (affine) runs on the whole images, and the others (B-spline) take
+        their samples only where the affine puts the brain, grown by ``mask_margin_um``:
+        outside it both images are flat background, where mutual information has nothing
+        to hold the B-spline and its control points drift, dragging the brain's edge with
+        them.
+    mask_margin_um : float, optional
+        See ``moving_mask``.
     threads : int, optional
         elastix threads; default all cores.
     timeout_s : float, optional
@@ -240,6 +258,9 @@ def register(
         job = Path(job)
         np.save(job / "fixed.npy", np.ascontiguousarray(fixed, np.float32))
         np.save(job / "moving.npy", np.ascontiguousarray(moving, np.float32))
+        masked = moving_mask is not None and mask_margin_um is not None
+        if masked:
+            np.save(job / "moving_mask.npy", np.asarray(moving_mask, bool))
         spec = {
             "command": "register",
             "fixed_origin": [float(x) for x in fixed_origin_um],
@@ -247,6 +268,7 @@ def register(
             "moving_origin": [0.5 * float(r) for r in moving_spacing_um],
             "moving_spacing": [float(r) for r in moving_spacing_um],
             "maps": maps,
+            "mask_margin_um": float(mask_margin_um) if masked else None,
             "threads": threads,
         }
         _run_worker(job, spec, timeout_s)
@@ -257,22 +279,20 @@ def register(
             deformation_um=np.load(job / "deformation.npy"),
             jacobian_determinant=np.load(job / "jacobian.npy"),
             log=_read_log(job),
+            fixed_mask=np.load(job / "fixed_mask.npy") if masked and len(maps) > 1 else None,
+            timings_s=json.loads((job / "timings.json").read_text()),
         )
         tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for f in (*files, job / "elastix.log"):
-            if f.exists():
-                shutil.copy2(f, tmp / f.name)
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
+        (tmp / "elastix.log").write_text(_full_log(job))
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     _link_transforms(out_dir)
-    return Registration(
-        [out_dir / f.name for f in result.transform_files],
-        result.warped_reference,
-        result.deformation_um,
-        result.jacobian_determinant,
-        result.log,
+    return dataclasses.replace(
+        result, transform_files=[out_dir / f.name for f in result.transform_files]
     )
 
 
@@ -355,9 +375,14 @@ def _run_worker(job: Path, spec: Mapping, timeout_s: float | None) -> None:
         )
 
 
+def _full_log(job: Path) -> str:
+    """elastix's logs of every stage of a job (`_worker`), then transformix's."""
+    logs = [*sorted(Path(job).glob("stage*/elastix.log")), Path(job) / "elastix.log"]
+    return "".join(f.read_text(errors="replace") for f in logs if f.is_file())
+
+
 def _read_log(job: Path, *, tail: int = 4000) -> str:
-    log = Path(job) / "elastix.log"
-    return log.read_text(errors="replace")[-tail:] if log.is_file() else ""
+    return _full_log(job)[-tail:]
 
 
 def _worker(job: Path) -> None:
@@ -366,9 +391,10 @@ def _worker(job: Path) -> None:
 
     spec = json.loads((job / "job.json").read_text())
     threads = spec.get("threads") or os.cpu_count() or 1
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(threads))
 
-    def image(name, origin, spacing):
-        img = itk.image_from_array(np.load(job / name).astype(np.float32))
+    def image(array, origin, spacing):
+        img = itk.image_from_array(np.ascontiguousarray(array))
         img.SetOrigin([float(x) for x in origin[::-1]])
         img.SetSpacing([float(x) for x in spacing[::-1]])
         return img
@@ -389,28 +415,113 @@ def _worker(job: Path) -> None:
         np.save(job / "points_out.npy", _parse_output_points(job / "outputpoints.txt"))
         return
 
-    fixed = image("fixed.npy", spec["fixed_origin"], spec["fixed_spacing"])
-    moving = image("moving.npy", spec["moving_origin"], spec["moving_spacing"])
+    timings: dict[str, float] = {}
+    clock = _Clock(timings)
+    fixed_geometry = (spec["fixed_origin"], spec["fixed_spacing"])
+    moving_geometry = (spec["moving_origin"], spec["moving_spacing"])
+    fixed = image(np.load(job / "fixed.npy"), *fixed_geometry)
+    moving = image(np.load(job / "moving.npy"), *moving_geometry)
+    maps = spec["maps"]
+    margin = spec.get("mask_margin_um")
+    # with a mask: the first map (affine) on the whole image, the rest inside the mask it gives
+    stages = [maps[:1], maps[1:]] if margin is not None and len(maps) > 1 else [maps]
+    files: list[Path] = []
+    mask = None
+    for i, stage_maps in enumerate(stages):
+        folder = job / f"stage{i}"
+        folder.mkdir()
+        params = itk.ParameterObject.New()
+        for m in stage_maps:
+            params.AddParameterMap({k: tuple(v) for k, v in m.items()})
+        extra = {}
+        if files:
+            extra["initial_transform_parameter_file_name"] = str(files[-1])
+        if mask is not None:
+            extra["fixed_mask"] = image(mask.astype(np.uint8), *fixed_geometry)
+        with clock(f"elastix {i}"):
+            itk.elastix_registration_method(
+                fixed, moving, parameter_object=params, number_of_threads=int(threads),
+                log_to_file=True, log_file_name="elastix.log", output_directory=str(folder),
+                **extra,
+            )  # fmt: skip
+        for f in sorted(folder.glob("TransformParameters.*.txt")):
+            files.append(job / f"TransformParameters.{len(files)}.txt")
+            shutil.move(f, files[-1])
+        _link_transforms(job)
+        if i == 0 and len(stages) > 1:
+            with clock("mask"):
+                brain = image(np.load(job / "moving_mask.npy").astype(np.float32), *moving_geometry)
+                inside = _transformix_image(itk, brain, files, folder) > 0.5
+                mask = dilate(inside, margin, spec["fixed_spacing"])
+                np.save(job / "fixed_mask.npy", mask)
     params = itk.ParameterObject.New()
-    for m in spec["maps"]:
-        params.AddParameterMap({k: tuple(v) for k, v in m.items()})
-    warped, result = itk.elastix_registration_method(
-        fixed,
-        moving,
-        parameter_object=params,
-        number_of_threads=int(threads),
-        log_to_file=True,
-        log_file_name="elastix.log",
-        output_directory=str(job),
-    )
-    # elastix wrote TransformParameters.<i>.txt into the job folder, each naming the one before
-    np.save(job / "warped.npy", itk.array_from_image(warped).astype(np.float32))
-    # transformix writes its files into the output folder (the current one by default)
-    field = itk.transformix_deformation_field(moving, result, output_directory=str(job))
-    # components come x, y, z: reverse them to the array's axis order
-    np.save(job / "deformation.npy", np.asarray(field, np.float32)[..., ::-1].copy())
-    _, det = itk.transformix_jacobian(moving, result, output_directory=str(job) + "/")
-    np.save(job / "jacobian.npy", itk.array_from_image(det).astype(np.float32))
+    params.ReadParameterFiles([str(f) for f in files])
+    with clock("warped reference"):
+        np.save(job / "warped.npy", _transformix_image(itk, moving, files, job))
+    with clock("deformation field"):
+        field = itk.transformix_deformation_field(moving, params, output_directory=str(job))
+        # components come x, y, z: reverse them to the array's axis order
+        np.save(job / "deformation.npy", np.asarray(field, np.float32)[..., ::-1].copy())
+        del field
+    with clock("jacobian"):
+        _, det = itk.transformix_jacobian(moving, params, output_directory=str(job) + "/")
+        np.save(job / "jacobian.npy", itk.array_from_image(det).astype(np.float32))
+    (job / "timings.json").write_text(json.dumps(timings))
+
+
+class _Clock:
+    """Context managers that add their wall time (s) to a dict under a name."""
+
+    def __init__(self, out: dict[str, float]):
+        self.out = out
+
+    def __call__(self, name: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def timed():
+            t0 = time.perf_counter()
+            yield
+            self.out[name] = self.out.get(name, 0.0) + time.perf_counter() - t0
+
+        return timed()
+
+
+def _transformix_image(itk, moving, files: Sequence[Path], folder: Path) -> np.ndarray:
+    """``moving`` resampled onto the fixed grid through ``files``, linear interpolation."""
+    params = itk.ParameterObject.New()
+    params.ReadParameterFiles([str(f) for f in files])
+    for i in range(params.GetNumberOfParameterMaps()):
+        params.SetParameter(i, "FinalBSplineInterpolationOrder", ["1"])
+        params.SetParameter(i, "ResultImagePixelType", ["float"])
+    out = itk.transformix_filter(moving, params, output_directory=str(folder))
+    return itk.array_from_image(out).astype(np.float32)
+
+
+def dilate(mask: np.ndarray, margin_um: float, spacing_um: Sequence[float]) -> np.ndarray:
+    """``mask`` grown by ``margin_um`` (Euclidean, anisotropic voxels) on its bounding box.
+
+    Examples
+    --------
+    >>> m = np.zeros((1, 1, 9), bool); m[0, 0, 4] = True
+    >>> dilate(m, 2.0, (1.0, 1.0, 1.0)).astype(int).tolist()
+    [[[0, 0, 1, 1, 1, 1, 1, 0, 0]]]
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    mask = np.asarray(mask, bool)
+    out = np.zeros_like(mask)
+    if not mask.any():
+        return out
+    spacing = np.asarray(spacing_um, dtype=np.float64)
+    reach = np.ceil(margin_um / spacing).astype(int)
+    idx = np.nonzero(mask)
+    lo = np.maximum([i.min() for i in idx] - reach, 0)
+    hi = np.minimum([i.max() + 1 for i in idx] + reach, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    out[box] = distance_transform_edt(~mask[box], sampling=spacing) <= margin_um
+    return out
 
 
 def _parse_output_points(path: Path) -> np.ndarray:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
@@ -439,6 +439,8 @@ class AtlasRegistration:
     similarity: float
     warnings: list[str]
     log: str
+    fixed_mask: np.ndarray | None = None
+    timings_s: dict = field(default_factory=dict)
 
     @property
     def min_jacobian(self) -> float:
@@ -511,6 +513,7 @@ def register_atlas(
     threads: int | None = None,
     timeout_s: float | None = None,
     min_similarity: float = 0.7,
+    mask_margin_um: float | None = None,
 ) -> AtlasRegistration:
     """Register the atlas reference to a sample on its fixed grid, and measure the result.
 
@@ -547,6 +550,8 @@ def register_atlas(
         moving_spacing_um=resolution_um,
         maps=maps,
         out_dir=out_dir,
+        moving_mask=np.asarray(annotation) > 0,
+        mask_margin_um=mask_margin_um,
         threads=threads,
         timeout_s=timeout_s,
     )
@@ -560,9 +565,11 @@ def register_atlas(
     warnings = quality_warnings(
         similarity=sim, min_similarity=min_similarity, affine=affine, min_jacobian=float(jac.min())
     )
+    mask = None if reg.fixed_mask is None else grid.from_atlas_axes(reg.fixed_mask)
     return AtlasRegistration(
-        grid, reg.transform_files, fixed, warped, ann, hem, jac, affine, sim, warnings, reg.log
-    )
+        grid, reg.transform_files, fixed, warped, ann, hem, jac, affine, sim, warnings, reg.log,
+        mask, reg.timings_s,
+    )  # fmt: skip
 
 
 def check_channel(channel: int, n_channels: int) -> None:
