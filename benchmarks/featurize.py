@@ -4,10 +4,12 @@ Same model, same data, same Dask scheduler, in one run:
 
 (a) straightforward: the volume rechunked to one z-slice per block, `map_blocks` calling the
     model on each slice (a new tensor per call, batch of one, autograd on, no halo: seams at
-    block borders), with the same torch threads per Dask thread as (b), so that (a) is not
-    slowed by oversubscribed cores (torch's default would start one thread per core in each
-    Dask thread);
-(b) this project: `featurize` (halo + pooling-grid alignment, neighbouring chunks of a 2-D
+    block borders; each slice zoomed to the model's pixel size and back with SciPy), with
+    the same torch threads per Dask thread as (b), so that (a) is not slowed by
+    oversubscribed cores (torch's default would start one thread per core in each Dask
+    thread);
+(b) this project: `featurize` with voxel-size transfer (each block resampled to the model's
+    voxel size and back), halo + pooling-grid alignment, neighbouring chunks of a 2-D
     model grouped so their halos are shared and passes have the size the network runs
     fastest at, inference mode, on a CPU a fused conv+ReLU twin of the UNet with channels-last
     activations, CUDA + half precision when present).
@@ -37,7 +39,13 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from lightsheet.featurize import featurize, intensity_range, load_model, run_model
+from lightsheet.featurize import (
+    featurize,
+    intensity_range,
+    load_model,
+    model_voxel_size_um,
+    run_model,
+)
 
 
 def phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -52,19 +60,54 @@ def phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return rng.poisson(200 + 100 * yy + blobs).astype(np.uint16)
 
 
-def naive(image: da.Array, model: torch.nn.Module, norm: np.ndarray) -> da.Array:
-    """(a): one z-slice per map_blocks call, a fresh tensor each time, no batching, no halo."""
+def naive(
+    image: da.Array, model: torch.nn.Module, norm: np.ndarray, voxel_size_um=None
+) -> da.Array:
+    """(a): one z-slice per map_blocks call, a fresh tensor each time, no batching, no halo.
+
+    A model with z context gets its neighbouring slices through a one-slice overlap (the
+    volume's end slices repeated, as featurize does). With ``voxel_size_um`` other than the
+    model's, each slice is zoomed in y and x to the model's pixel size with
+    ``scipy.ndimage.zoom`` (linear) before the model and its features zoomed back: what a
+    straightforward loop does for voxel-size transfer (z spacing ignored).
+    """
     lo, hi = (float(v) for v in norm)
     n_features = model.n_features
+    context = (model.in_channels - 1) // 2
     threads = max(1, (os.cpu_count() or 1) // dask.system.CPU_COUNT)
+    model_um = model_voxel_size_um(model)
+    factor = (
+        None
+        if voxel_size_um is None or model_um is None
+        else (voxel_size_um[1] / model_um[1], voxel_size_um[2] / model_um[2])
+    )
 
     def one_slice(block: np.ndarray) -> np.ndarray:
         if torch.get_num_threads() != threads:  # per thread: Dask's threads share the cores
             torch.set_num_threads(threads)
-        x = torch.tensor((block.astype(np.float32) - lo) / (hi - lo))[:, None]
-        return model(x).detach().numpy().transpose(1, 0, 2, 3).astype(np.float16)
+        planes = block.astype(np.float32)
+        if factor is not None:
+            planes = ndi.zoom(planes, (1, *factor), order=1)
+        # (1, 1 + 2 * context, Y, X): the slice, with its neighbours as channels
+        x = torch.tensor((planes - lo) / (hi - lo))[None]
+        y = model(x).detach().numpy().transpose(1, 0, 2, 3)
+        if factor is not None:
+            back = [n / m for n, m in zip(block.shape[1:], y.shape[2:], strict=True)]
+            y = ndi.zoom(y, (1, 1, *back), order=1)
+        return y.astype(np.float16)
 
     per_slice = image.rechunk((1, *image.chunksize[1:]))
+    if context:
+        padded = da.overlap.overlap(
+            per_slice, depth={0: context, 1: 0, 2: 0}, boundary={0: "nearest", 1: 0, 2: 0}
+        )
+        # one output slice per block, from its slice and its neighbours
+        return padded.map_blocks(
+            one_slice,
+            dtype=np.float16,
+            chunks=((n_features,), *per_slice.chunks),
+            new_axis=0,
+        )
     return per_slice.map_blocks(
         one_slice,
         dtype=np.float16,
@@ -114,6 +157,16 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=(16, 512, 512), metavar=("Z", "Y", "X"))
     p.add_argument("--chunks", type=int, nargs=3, default=(8, 256, 256), metavar=("Z", "Y", "X"))
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--voxel-size-um",
+        type=float,
+        nargs=3,
+        default=(5.0, 2.0, 2.0),
+        metavar=("Z", "Y", "X"),
+        help="the phantom's voxel size: (b) resamples each block to the model's and back "
+        "(default 5 2 2 µm, coarser than the bundled model's: more model pixels than image "
+        "pixels, the costlier direction); the model's own voxel size: no resampling",
+    )
     p.add_argument("--repeat", type=int, default=2, help="runs per method; the best is kept")
     p.add_argument("--model", default=None, help="checkpoint (default: bundled)")
     p.add_argument("--accuracy", action="store_true", help="also compare with whole slices")
@@ -129,7 +182,8 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"volume {shape} uint16, chunks {tuple(args.chunks)}, model "
-        f"{model.model_args}, {n_px / 1e6:.1f} Mpx; cores {os.cpu_count()}, dask threads "
+        f"{model.model_args}, {n_px / 1e6:.1f} Mpx at {tuple(args.voxel_size_um)} µm (model: "
+        f"{model_voxel_size_um(model)} µm); cores {os.cpu_count()}, dask threads "
         f"{dask.system.CPU_COUNT}, torch default threads {torch.get_num_threads()}, "
         f"device {'cuda: ' + torch.cuda.get_device_name() if cuda else 'cpu'}, "
         f"load average {load:.2f} at start"
@@ -137,13 +191,14 @@ def main() -> None:
     default_threads = torch.get_num_threads()
 
     # warm-up (oneDNN/cuDNN plans) on a small piece, not timed
-    featurize(image[:1, :128, :128], model, norm=norm).compute()
-    naive(image[:2, :128, :128], model, norm).compute()
+    featurize(image[:1, :128, :128], model, norm=norm, voxel_size_um=args.voxel_size_um).compute()
+    naive(image[:2, :128, :128], model, norm, args.voxel_size_um).compute()
 
     # (a) and (b) alternate, best of `repeat` each, so a change in the machine's load
     # (other processes share the CPU) hits both alike
-    arr_a = naive(image, model, norm)
-    arr_b = featurize(image, model, batch_size=args.batch_size, norm=norm)
+    vs = tuple(args.voxel_size_um)
+    arr_a = naive(image, model, norm, vs)
+    arr_b = featurize(image, model, batch_size=args.batch_size, norm=norm, voxel_size_um=vs)
     t_a = t_b = c_a = c_b = np.inf
     out_a = out_b = None
     samples: list[float] = []
@@ -166,8 +221,8 @@ def main() -> None:
     ]
 
     ref = None
-    if args.accuracy:
-        ref = run_model(data, model, norm=norm, device="cuda" if cuda else "cpu")
+    if args.accuracy:  # (a) is on the image's grid, (b) resampled: compare (b) with itself
+        ref = run_model(data, model, norm=norm, device="cuda" if cuda else "cpu", voxel_size_um=vs)
     # on a shared CPU the wall clock also measures the neighbours; CPU seconds do not
     head = f"{'method':<28}{'seconds':>9}{'Mpx/s':>8}{'speed-up':>10}"
     head += f"{'CPU s':>8}{'Mpx/CPU-s':>11}{'CPU speed-up':>14}"

@@ -2,6 +2,7 @@
 
     python -m benchmarks.stitch accuracy [--seeds 0 1 2] [--workdir DIR]
     python -m benchmarks.stitch scale [--tile 64 512 512] [--repeat 2] [--workdir DIR]
+                                      [--runs RUN ...] [--baseline SOURCE_TREE]
 
 ``accuracy``: 3 × 3 tiles of the `small` sample, 15 % overlap, stage errors up to ±2 µm in z
 and ±8 µm in y and x (non-integer). Per seed: the largest error of any tile's registered
@@ -11,9 +12,12 @@ defaults), on the same tiles.
 
 ``scale``: the stitch stage's work (ingest, registration, fusion, OME-Zarr with pyramid,
 on the pipeline's local Dask cluster), each in its own process with its process tree's
-peak memory sampled, for overlapping mosaics of 2 × 2 and 4 × 4 tiles of the same shape
-(15 % overlap, ±8 µm), and the abutting path on 4 × 4 abutting tiles of that shape.
-Seconds per output GB compare the two paths for the same output volume.
+peak memory and CPU time sampled, for overlapping mosaics of 2 × 2 and 4 × 4 tiles of the
+same shape (15 % overlap, ±8 µm), and the abutting path on 2 × 2 and 4 × 4 abutting
+tiles of that shape. Seconds (wall and CPU) per output GB compare the two paths for the same output
+volume; the runs are interleaved and the best of the repeats compared (the machine is
+shared). ``--baseline DIR`` also runs another commit's source tree
+(``git archive COMMIT | tar -x -C DIR``), interleaved, for before/after figures.
 
 Results: ``benchmarks/results/stitch.md`` (written by hand from the printed tables) and
 ``benchmarks/results/stitch_*.csv``.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -169,6 +174,7 @@ def child(kind: str, folder: Path, out: Path, result: Path) -> None:
         layout = nominal_layout(m, VOXEL, overlap=OVERLAP)
         sol = register(m, layout.positions_vox, max_shift_vox=layout.max_shift_vox)
         marks["register_s"] = round(time.monotonic() - t, 2)
+        marks["register_cpu_s"] = round(tree_cpu() - cpu, 2)
         chunks = fused_chunks(layout.shape_zyx, VOXEL)
         blocks = write_blocks(chunks, layout.shape_zyx, itemsize, VOXEL)
         volume = stitch(
@@ -194,8 +200,6 @@ def child(kind: str, folder: Path, out: Path, result: Path) -> None:
 
 
 def scale(args) -> int:
-    import shutil
-
     from lightsheet.sample.overlap import generate_overlapping
 
     work = Path(args.workdir)
@@ -203,9 +207,12 @@ def scale(args) -> int:
     samples = {
         "fused 2x2": ((1, 2, 2), OVERLAP, ERROR_UM),
         "fused 4x4": ((1, 4, 4), OVERLAP, ERROR_UM),
+        "abutting 2x2": ((1, 2, 2), 0.0, 0.0),
         "abutting 4x4": ((1, 4, 4), 0.0, 0.0),
     }
     runs = {**{n: n for n in samples}, "fused 4x4 nearest": "fused 4x4"}
+    runs = {n: v for n, v in runs.items() if not args.runs or n.replace(" ", "-") in args.runs}
+    samples = {n: v for n, v in samples.items() if n in runs.values()}
     for name, (grid, ov, err) in samples.items():
         folder = work / name.replace(" ", "-")
         if not (folder / "sample.json").is_file():
@@ -213,40 +220,75 @@ def scale(args) -> int:
                 folder, seed=0, channels=args.channels, grid=grid, tile_shape=tile,
                 overlap=ov, stage_error_um=err,
             )  # fmt: skip
+    # the code measured: this checkout, and (interleaved with it) a baseline source tree
+    sources = {"this": Path(__file__).resolve().parents[1]}
+    if args.baseline:
+        sources["baseline"] = Path(args.baseline).resolve()
     rows = []
     for repeat in range(args.repeat):
         for name, sample in runs.items():
-            folder = work / sample.replace(" ", "-")
-            out = work / "out.ome.zarr"
-            shutil.rmtree(out, ignore_errors=True)
-            subprocess.run(["sync"], check=False)
-            result = work / "result.json"
-            kind = "abutting" if name.startswith("abutting") else "fused"
-            kind += ":nearest" if name.endswith("nearest") else ""
-            cmd = [sys.executable, "-m", "benchmarks.stitch", "child", kind, str(folder)]
-            code, seconds, samples_ = sampled([*cmd, str(out), str(result)], env=os.environ)
-            if code != 0:
-                raise SystemExit(f"{name}: child failed ({code})")
-            r = json.loads(result.read_text())
-            peak = max(s[1] for s in samples_) / 2**30
-            rows.append(
-                {
-                    "repeat": repeat,
-                    "run": name,
-                    "tiles": r["tiles"],
-                    "out_gb": round(r["out_gb"], 3),
-                    "seconds": round(r["seconds"], 2),
-                    "cpu_s": round(r["cpu_s"], 1),
-                    "s_per_gb": round(r["seconds"] / r["out_gb"], 2),
-                    "register_s": r.get("register_s", ""),
-                    "max_err_vox": r.get("max_err_vox", ""),
-                    "peak_gib": round(peak, 3),
-                    "load": os.getloadavg()[0],
-                }
-            )
-            print(rows[-1], flush=True)
+            for source, root in sources.items():
+                rows.append(_scale_run(work, name, sample, source, root, repeat))
+                print(rows[-1], flush=True)
     _write_csv(Path(args.results) / "stitch_scale.csv", rows)
+    _summary(rows)
     return 0
+
+
+def _scale_run(work: Path, name: str, sample: str, source: str, root: Path, repeat: int) -> dict:
+    """One child process on one sample, with the code of the source tree ``root``."""
+    folder = work / sample.replace(" ", "-")
+    out = work / "out.ome.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"], check=False)
+    result = work / "result.json"
+    kind = "abutting" if name.startswith("abutting") else "fused"
+    kind += ":nearest" if name.endswith("nearest") else ""
+    # this module of ``root`` (first on the path, for the Dask workers too)
+    start = f"import sys; sys.path.insert(0, {str(root)!r}); from benchmarks.stitch import main; "
+    cmd = [sys.executable, "-c", start + "sys.exit(main())", "child", kind, str(folder)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    code, _, samples_ = sampled([*cmd, str(out), str(result)], env=env)
+    if code != 0:
+        raise SystemExit(f"{name} ({source}): child failed ({code})")
+    r = json.loads(result.read_text())
+    return {
+        "repeat": repeat,
+        "run": name,
+        "source": source,
+        "tiles": r["tiles"],
+        "out_gb": round(r["out_gb"], 3),
+        "seconds": round(r["seconds"], 2),
+        "cpu_s": round(r["cpu_s"], 1),
+        "s_per_gb": round(r["seconds"] / r["out_gb"], 2),
+        "cpu_s_per_gb": round(r["cpu_s"] / r["out_gb"], 2),
+        "register_s": r.get("register_s", ""),
+        "register_cpu_s": r.get("register_cpu_s", ""),
+        "max_err_vox": r.get("max_err_vox", ""),
+        "peak_gib": round(max(s[1] for s in samples_) / 2**30, 3),
+        "load": round(os.getloadavg()[0], 1),
+    }
+
+
+def _summary(rows: list[dict]) -> None:
+    """Best of the repeats per run and source; each fused run against the abutting run of
+    the same tile grid (about the same output volume)."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    best = table.groupby(["source", "run"])[["s_per_gb", "cpu_s_per_gb", "peak_gib"]].min()
+    for source in table["source"].unique():
+        b = best.loc[source]
+        for run in b.index:
+            grid = run.split()[1]
+            if run.startswith("abutting") or f"abutting {grid}" not in b.index:
+                continue
+            ratio = b.loc[run] / b.loc[f"abutting {grid}"]
+            print(
+                f"{source}: {run}: {b.loc[run, 's_per_gb']:.1f} s/GB, "
+                f"{ratio['s_per_gb']:.2f}x the abutting {grid} in wall time, "
+                f"{ratio['cpu_s_per_gb']:.2f}x in CPU time (best of the repeats)"
+            )
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -266,6 +308,16 @@ def main(argv=None) -> int:
     s.add_argument("--tile", type=int, nargs=3, default=[64, 512, 512])
     s.add_argument("--repeat", type=int, default=2)
     s.add_argument("--channels", type=int, default=1)
+    s.add_argument(
+        "--runs",
+        nargs="+",
+        help="only these runs (fused-2x2 fused-4x4 abutting-2x2 abutting-4x4 fused-4x4-nearest)",
+    )
+    s.add_argument(
+        "--baseline",
+        help="a source tree of another commit (git archive COMMIT | tar -x -C DIR): its "
+        "runs are interleaved with this checkout's, for before/after figures",
+    )
     for q in (a, s):
         q.add_argument("--workdir", default="/tmp/lsbench-stitch")
         q.add_argument("--results", default="benchmarks/results")

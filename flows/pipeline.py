@@ -110,8 +110,6 @@ STAGES = {
     "register": (register_volume, register_spec, tuple(REGISTER_OUTPUTS)),
     "density": (density_table, density_spec, ("density", "density_cells")),
 }
-#: Every stage output's file name, by role.
-OUTPUT_NAMES = {**OUTPUTS, **REGISTER_OUTPUTS}
 
 
 def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
@@ -184,7 +182,7 @@ def stages(config: PipelineConfig) -> dict:
 
     def submit(name: str, *args: Any) -> PrefectFuture:
         task, _, roles = STAGES[name]
-        return materializing(task, *(out / OUTPUT_NAMES[r] for r in roles)).submit(*args)
+        return materializing(task, *(out / OUTPUTS[r] for r in roles)).submit(*args)
 
     manifest, *futures = wire(config, ingest.submit, submit)
     # in pipeline order, so the first failure is the error the run reports

@@ -26,11 +26,12 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import ConfigDict, Field, create_model
+from pydantic import ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from flows.deployment import current_settings, guard_paths
+from lightsheet.access import config_paths
 from lightsheet.config import SegmentConfig, load_config
-from lightsheet.segment import default_volume_range_um3
 
 CropCorner = tuple[
     Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]
@@ -74,22 +75,37 @@ def merged_settings(base: SegmentConfig, settings: list) -> list[SegmentConfig]:
     out = []
     for i, s in enumerate(settings):
         s = SegmentOverride.model_validate(s) if isinstance(s, dict) else s
-        try:
+        try:  # the config's own rules (absolute needs a threshold, volume range, channels)
             cfg = SegmentConfig.model_validate(
                 {**base.model_dump(), **s.model_dump(exclude_none=True)}
             )
-        except ValueError as exc:
-            raise SweepError(f"settings[{i}]: {exc}") from exc
-        lo, hi = default_volume_range_um3(cfg.nucleus_diameter_um)
-        lo, hi = cfg.min_volume_um3 or lo, cfg.max_volume_um3 or hi
-        if cfg.method == "absolute" and cfg.threshold is None:
-            raise SweepError(f"settings[{i}]: method 'absolute' needs a threshold; got none")
-        if cfg.method == "model":
-            raise SweepError(f"settings[{i}]: method 'model' is not supported by the sweep")
-        if lo > hi:
-            raise SweepError(f"settings[{i}]: min_volume_um3 ({lo}) > max_volume_um3 ({hi})")
+        except ValidationError as exc:
+            why = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise SweepError(f"settings[{i}]: {why}") from exc
         out.append(cfg)
+    channels = {c.background_channel for c in out} - {None}
+    if len(channels) > 1:
+        raise SweepError(
+            f"settings: background_channel {sorted(channels)}; the crop holds one "
+            "autofluorescence channel, expected the same in every setting"
+        )
     return out
+
+
+def crop_points(points_vox: np.ndarray, crop: dict) -> np.ndarray:
+    """Annotated points (source voxels) inside the crop, in the crop's µm (``index · voxel``).
+
+    Examples
+    --------
+    >>> crop = {"start_zyx": [1, 0, 0], "shape_zyx": [2, 4, 4], "voxel_size_um": [2.0, 1.0, 1.0]}
+    >>> crop_points(np.array([[1, 1, 1], [3, 1, 1], [2.4, 0, 3]]), crop).tolist()
+    [[0.0, 1.0, 1.0], [2.8, 0.0, 3.0]]
+    """
+    start = np.asarray(crop["start_zyx"], float)
+    shape = np.asarray(crop["shape_zyx"], float)
+    rel = np.asarray(points_vox, float).reshape(-1, 3) - start
+    inside = np.all((rel >= -0.5) & (rel < shape - 0.5), axis=1)
+    return rel[inside] * np.asarray(crop["voxel_size_um"], float)
 
 
 def crop_box(
@@ -177,14 +193,18 @@ def sweep_key(**parts: Any) -> str:
 def write_crop(
     source: str,
     t: int,
-    channel: int,
+    channel: int | tuple[int, ...],
     base: SegmentConfig,
     start_zyx,
     crop_shape_zyx,
     deconvolve_crop: bool,
     folder: str,
 ) -> dict:
-    """Cut the sub-volume out of the source (lazily) and store it as ``crop.ome.zarr``."""
+    """Cut the sub-volume out of the source (lazily) and store it as ``crop.ome.zarr``.
+
+    ``channel``: the nuclei channel, or (nuclei, autofluorescence); the crop's channels are
+    those, in that order.
+    """
     import dask.array as da
 
     from lightsheet.io.omezarr import read_image, write_image
@@ -200,7 +220,8 @@ def write_crop(
         voxel = tuple(float(v) for v in config.voxel_size_um)
     else:
         image, voxel, _ = read_image(source)
-    volume = _select(image, t, channel, source)
+    channels = (channel,) if isinstance(channel, int) else tuple(channel)
+    volume = _select(image, t, channels[0], source)
     box = crop_box(
         volume.shape,
         voxel,
@@ -229,7 +250,8 @@ def write_crop(
         crop = sharp[
             tuple(slice(m, m + (s.stop - s.start)) for s, m in zip(box, margin, strict=True))
         ]
-    write_image(da.asarray(crop)[None, None], path, voxel_size_um=voxel, name="crop")
+    planes = [da.asarray(crop)] + [_select(image, t, c, source)[box] for c in channels[1:]]
+    write_image(da.stack(planes)[None], path, voxel_size_um=voxel, name="crop")
     start = [s.start for s in box]
     shape = [s.stop - s.start for s in box]
     get_run_logger().info("sweep crop: start %s, shape %s (z, y, x) → %s", start, shape, path)
@@ -247,16 +269,33 @@ def _select(image, t: int, channel: int, source: str):
 
 
 @task(name="sweep-segment")
-def segment_setting(crop: dict, index: int, config: SegmentConfig, folder: str) -> dict:
-    """Segment the crop with one setting; write labels, cells and the thumbnail."""
+def segment_setting(
+    crop: dict, index: int, config: SegmentConfig, folder: str, model: str | None = None
+) -> dict:
+    """Segment the crop with one setting; write labels, cells and the thumbnail.
+
+    Method ``model`` runs the UNet at ``model`` (None: the bundled one); with
+    ``config.background_channel`` the crop's second channel is the autofluorescence; with
+    ``crop["points_um"]`` (annotations in the crop) the row gets precision, recall and F1.
+    """
     from lightsheet.io.omezarr import read_image, write_image
     from lightsheet.io.tables import write_table
     from lightsheet.segment import segment_volume
 
     begin = time.monotonic()
     image, voxel, _ = read_image(crop["path"])
-    image = image[0, 0]
-    result = segment_volume(image, voxel_size_um=voxel, config=config)
+    net = None
+    if config.method == "model":
+        from lightsheet.featurize import load_model
+
+        net = load_model(model)
+    result = segment_volume(
+        image[0, 0],
+        voxel_size_um=voxel,
+        config=config,
+        background=image[0, 1] if config.background_channel is not None else None,
+        model=net,
+    )
     out = Path(folder) / f"setting-{index}"
     out.mkdir(parents=True, exist_ok=True)
     write_image(
@@ -270,11 +309,12 @@ def segment_setting(crop: dict, index: int, config: SegmentConfig, folder: str) 
             np.load(crop["mip"]), labels_mip, lo=crop["lo"], hi=crop["hi"], aspect=crop["aspect"]
         )
     )
-    volume_mm3 = float(np.prod(image.shape) * np.prod(voxel)) / 1e9
+    volume_mm3 = float(np.prod(image.shape[2:]) * np.prod(voxel)) / 1e9
     seconds = time.monotonic() - begin
     changed = {k: v for k, v in config.model_dump(mode="json").items() if v != crop["base"].get(k)}
-    return {
+    row = {
         "setting": index,
+        "method": config.method,
         "changes": changed,
         "threshold": round(float(result.threshold), 4),
         "cells": int(result.n),
@@ -282,10 +322,18 @@ def segment_setting(crop: dict, index: int, config: SegmentConfig, folder: str) 
         "median_volume_um3": round(float(result.table["volume_um3"].median()), 1)
         if result.n
         else None,
-        "seconds": round(seconds, 2),
-        "labels": str(out / "labels.ome.zarr"),
-        "png": str(png),
     }
+    if crop.get("points_um") is not None:
+        from lightsheet.evaluate import match_points
+
+        found = result.table[["z_um", "y_um", "x_um"]].to_numpy()
+        score = match_points(
+            found, np.asarray(crop["points_um"]).reshape(-1, 3),
+            max_distance_um=config.nucleus_diameter_um / 2,
+        )  # fmt: skip
+        row |= {k: round(getattr(score, k), 3) for k in ("precision", "recall", "f1")}
+    return {**row, "seconds": round(seconds, 2), "labels": str(out / "labels.ome.zarr"),
+            "png": str(png)}  # fmt: skip
 
 
 @task(name="sweep-projection")
@@ -325,6 +373,7 @@ def sweep(
     crop_shape_zyx: CropShape | None = None,
     deconvolve: bool = True,
     output: str | None = None,
+    annotations: str | None = None,
 ) -> dict:
     """Segment one sub-volume with several settings in parallel and compare them.
 
@@ -341,6 +390,13 @@ def sweep(
         deconvolve: YAML source: deconvolve the crop as the run config says (recommended, so
             the settings see what the pipeline's segmentation sees).
         output: Folder for results; default: <run output>/sweeps.
+        annotations: Cells a person marked, as a CSV of z, y, x or a Fiji CellCounter XML,
+            in voxels of the source volume: each setting's precision, recall and F1 on the
+            crop (one to one, within half a nucleus diameter).
+
+    Settings may differ in ``method`` (local, otsu, absolute, model: the run config's
+    ``featurize.model`` or the bundled UNet) and may name a ``background_channel`` (the same
+    in all of them), so methods compare side by side on one crop.
     """
     is_config = Path(source).suffix in (".yaml", ".yml")
     run_config = load_config(source) if is_config else None
@@ -358,11 +414,27 @@ def sweep(
         deconvolve=deconvolve,
         configs=[c.model_dump(mode="json") for c in configs],
     )
+    # deployed: every path the sweep reads or writes lies in the deployment's data roots
+    paths = {"sweep output": output, "source": source, "annotations": annotations}
+    paths |= config_paths(run_config) if run_config is not None else {}
+    guard_paths(current_settings(), **paths)
     folder = str(Path(output) / f"sweep-{key}")
     channel = base.channel if channel is None else channel
-    crop = write_crop(source, t, channel, base, crop_start_zyx, crop_shape_zyx, deconvolve, folder)
+    points = None
+    if annotations is not None:
+        from lightsheet.evaluate import read_points
+
+        points = read_points(annotations)  # before any compute: a bad file fails now
+    background = next((c.background_channel for c in configs if c.background_channel), None)
+    channels = channel if background is None else (channel, background)
+    crop = write_crop(source, t, channels, base, crop_start_zyx, crop_shape_zyx, deconvolve, folder)
+    if points is not None:
+        crop["points_um"] = crop_points(points, crop).tolist()
     shared = projection(crop, base)
-    futures = [segment_setting.submit(shared, i, c, folder) for i, c in enumerate(configs)]
+    model = None
+    if run_config is not None and run_config.featurize.model is not None:
+        model = str(run_config.featurize.model)
+    futures = [segment_setting.submit(shared, i, c, folder, model) for i, c in enumerate(configs)]
     rows = [f.result() for f in futures]
     return publish(rows, crop, folder, source)
 
@@ -379,7 +451,9 @@ def publish(rows: list[dict], crop: dict, folder: str, source: str) -> dict:
     )
     csv = Path(folder) / "sweep.csv"
     table.to_csv(csv, index=False)
-    header = "| setting | changes | threshold | cells | cells/mm³ | median volume µm³ | s |"
+    scored = "f1" in rows[0]
+    header = "| setting | method | changes | threshold | cells | cells/mm³ | median volume µm³ |"
+    header += " precision | recall | F1 | s |" if scored else " s |"
     md = [
         f"## Segmentation sweep of `{source}`",
         "",
@@ -387,13 +461,14 @@ def publish(rows: list[dict], crop: dict, folder: str, source: str) -> dict:
         f"{crop['voxel_size_um']} µm. Results: `{folder}`.",
         "",
         header,
-        "|---|---|---|---|---|---|---|",
+        "|" + "---|" * (header.count("|") - 1),
     ]
     for r in rows:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(base)"
+        score = f"{r['precision']} | {r['recall']} | {r['f1']} | " if scored else ""
         md.append(
-            f"| {r['setting']} | {changes} | {r['threshold']} | {r['cells']} | "
-            f"{r['cells_per_mm3']} | {r['median_volume_um3']} | {r['seconds']} |"
+            f"| {r['setting']} | {r['method']} | {changes} | {r['threshold']} | {r['cells']} | "
+            f"{r['cells_per_mm3']} | {r['median_volume_um3']} | {score}{r['seconds']} |"
         )
     md += ["", "Label outlines over the crop's maximum-intensity projection:", ""]
     md.append("| " + " | ".join(f"setting {r['setting']}" for r in rows) + " |")
@@ -403,7 +478,14 @@ def publish(rows: list[dict], crop: dict, folder: str, source: str) -> dict:
     create_markdown_artifact(key="segmentation-sweep", markdown="\n".join(md), description=folder)
     create_table_artifact(
         key="segmentation-sweep-counts",
-        table=[{k: r[k] for k in ("setting", "threshold", "cells", "cells_per_mm3")} for r in rows],
+        table=[
+            {
+                k: r[k]
+                for k in ("setting", "method", "threshold", "cells", "cells_per_mm3", "f1")
+                if k in r
+            }
+            for r in rows
+        ],  # fmt: skip
         description=f"cells per setting on the crop of {source}",
     )
     return {"folder": folder, "csv": str(csv), "crop": crop, "settings": rows}

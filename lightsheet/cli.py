@@ -7,7 +7,7 @@ Subcommands::
     lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
-    lightsheet train SAMPLE_DIR --out CHECKPOINT
+    lightsheet train CONFIG.yaml --out CHECKPOINT [--data-root DIR] [--steps N] [--device D]
     lightsheet lineage OUTPUT [--json]
     lightsheet verify OUTPUT [--quick]
 
@@ -140,7 +140,11 @@ def up_to_date_summary(config) -> dict | None:
     out = Path(config.output)
     density = read_lineage(out / OUTPUTS["density"]) or {}
     made_by = (density.get("run") or {}).get("flow_run_name")
-    enabled = {"deconvolve": config.deconvolve.enabled, "featurize": config.featurize.enabled}
+    enabled = {
+        "deconvolve": config.deconvolve.enabled,
+        "featurize": config.featurize.enabled,
+        "register": config.register.enabled,
+    }
     stages = [
         {"stage": name, "seconds": 0.0, "reused": True, "output": str(out / OUTPUTS[roles[0]])}
         for name, (_, _, roles) in STAGES.items()
@@ -291,14 +295,43 @@ def cmd_psf(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """`lightsheet train`: train the UNet on a sample and write a checkpoint."""
-    from lightsheet.featurize import train
+    """`lightsheet train`: train the UNet on annotated volumes and write a checkpoint."""
+    from lightsheet.train import load_train_config, train
 
-    record = train(args.sample_dir, args.out, epochs=args.epochs, seed=args.seed)
-    print(f"checkpoint written to {args.out}")
-    for k in ("epochs", "final_loss", "data_fingerprint"):
-        if k in record:
-            print(f"  {k}: {record[k]}")
+    config, base = load_train_config(args.config, data_root=args.data_root)
+    update = {
+        k: v
+        for k, v in {
+            "steps": args.steps,
+            "seed": args.seed,
+            "device": args.device,
+            "threads": args.threads,
+        }.items()
+        if v is not None
+    }
+    if update:
+        config = config.model_validate({**config.model_dump(), **update})
+    bar, progress = _progress_bar("training")
+    command = f"lightsheet train {args.config} --out {args.out}" + "".join(
+        f" --{k.replace('_', '-')} {v}"
+        for k, v in (("data_root", args.data_root), *update.items())
+        if v is not None
+    )
+    with bar:
+        record = train(
+            config,
+            args.out,
+            base=base,
+            progress=lambda step, steps, loss: progress(step, steps, f"loss {loss:.4f}"),
+            command=command,
+        )
+    val = record["validation"]
+    print(f"checkpoint written to {args.out} (record: {Path(args.out).with_suffix('.json')})")
+    print(
+        f"  held out {len(val['volumes'])} volumes: F1 {val['f1']:.3f} (precision "
+        f"{val['precision']:.3f}, recall {val['recall']:.3f}) at threshold {val['threshold']}"
+    )
+    print(f"  voxel size {record['voxel_size_um']} µm, {record['duration_s']:.0f} s")
     return 0
 
 
@@ -344,9 +377,11 @@ def format_lineage_step(path: str, rec: dict) -> str:
             )
         else:
             what = f"{inp.get('kind', 'input')} {inp.get('path')}"
-            if inp.get("record"):
-                what += f" (made by: {inp['record']})"
         lines.append(f"  input {name}: {what} [fingerprint {inp.get('fingerprint')}]")
+        if inp.get("record"):  # how a model was made: data, licence, voxel size, scores
+            from lightsheet.models import describe_record
+
+            lines += [f"    {line}" for line in describe_record(inp["record"])]
     for name, rel in rec.get("related", {}).items():
         lines.append(f"  same run, not an input: {name} {rel['path']} (stage '{rel['stage']}')")
     return "\n".join(lines)
@@ -465,11 +500,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sheet-fwhm-um", type=float, default=None, help="light-sheet FWHM")
     p.set_defaults(func=cmd_psf)
 
-    p = sub.add_parser("train", help="train the UNet on a sample acquisition")
-    p.add_argument("sample_dir", help="a folder made by `lightsheet sample`")
+    p = sub.add_parser(
+        "train",
+        help="train the UNet on annotated volumes (images + masks or points)",
+        description="Train the UNet on the annotated volumes a training config (YAML, "
+        "lightsheet.config.TrainConfig) lists, hold some volumes out, choose the probability "
+        "threshold on them, and write a safetensors checkpoint with its record. The same "
+        "command runs on a CPU or a GPU.",
+    )
+    p.add_argument("config", help="training config (YAML); see README 'Training a model'")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder that the config's relative paths start from (default: the config's folder)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: config)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: config)")
+    p.add_argument(
+        "--device", default=None, help="torch device, e.g. cpu or cuda (default: CUDA if present)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: config)")
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -15,6 +15,7 @@ with a time limit (`search_name`).
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import signal
@@ -155,10 +156,12 @@ class SegmentConfig(_Model):
     """Intensity → binary mask → instance labels → cells table."""
 
     channel: int = Field(0, ge=0, description="Channel index that holds the nuclei.")
-    method: Literal["otsu", "absolute", "model"] = Field(
-        "otsu",
-        description="otsu: global histogram over the whole volume; absolute: `threshold`; "
-        "model: nucleus probability (UNet head, or pixel classifier on features) > `threshold`.",
+    method: Literal["local", "otsu", "absolute", "model"] = Field(
+        "local",
+        description="local: cell-sized band-pass, peaks that stand `min_peak_sd` local noise "
+        "SDs above the tissue around them (lightsheet.segment.local); otsu: one global "
+        "histogram split; absolute: `threshold`; model: nucleus probability (UNet head, or "
+        "pixel classifier on features) > `threshold`.",
     )
     threshold: float | None = Field(
         None,
@@ -166,7 +169,27 @@ class SegmentConfig(_Model):
         "(default 0.5).",
     )
     nucleus_diameter_um: PositiveFloat = Field(
-        9.0, description="Typical nucleus diameter; sets size filters and watershed seeds."
+        9.0,
+        description="Typical nucleus (or soma) diameter; sets the band-pass, the noise "
+        "neighbourhood, size filters and watershed seeds.",
+    )
+    min_peak_sd: PositiveFloat = Field(
+        10.0,
+        description="local: a cell's smoothed peak must stand this many robust noise SDs "
+        "above the local background, the SD measured per plane over about nine diameters "
+        "around it (10, as cellfinder's n_sds_above_mean_thresh).",
+    )
+    background_channel: int | None = Field(
+        None,
+        ge=0,
+        description="Autofluorescence channel imaged with the nuclei channel; candidates about "
+        "as bright there (relative to that channel's local level) as in the nuclei channel "
+        "are artefacts and dropped. Its values are added to cells.csv.",
+    )
+    background_ratio: PositiveFloat = Field(
+        0.5,
+        description="With background_channel: drop a candidate whose contrast in the "
+        "background channel is at least this fraction of its contrast in the nuclei channel.",
     )
     min_volume_um3: PositiveFloat | None = Field(
         None, description="Smallest object kept; default from nucleus_diameter_um."
@@ -174,24 +197,69 @@ class SegmentConfig(_Model):
     max_volume_um3: PositiveFloat | None = Field(
         None, description="Largest object kept; default from nucleus_diameter_um."
     )
-    watershed: bool = Field(True, description="Split touching nuclei with a seeded watershed.")
+    watershed: bool = Field(
+        True,
+        description="otsu/absolute/model: split touching nuclei with a seeded watershed (the "
+        "local method always splits at saddles 2 noise SDs deep).",
+    )
     split_depth_um: PositiveFloat | None = Field(
         None,
-        description="Watershed: two touching nuclei stay separate when the smaller one's "
-        "distance-transform peak rises at least this far (µm) above the neck between them; "
-        "default: the depth of two such nuclei 0.4 diameters apart, measured on the distance "
-        "transform smoothed by half the finest voxel (lightsheet.segment.default_split_depth_um).",
+        description="otsu/absolute/model watershed: two touching nuclei stay separate when the "
+        "smaller one's distance-transform peak rises at least this far (µm) above the neck "
+        "between them; default: the depth of two such nuclei 0.4 diameters apart, measured on "
+        "the distance transform smoothed by half the finest voxel "
+        "(lightsheet.segment.default_split_depth_um). The local method splits where the dip "
+        "between two peaks is significant (2 noise SDs) instead.",
     )
     connectivity: Literal[1, 2, 3] = Field(
         1,
         description="Voxel neighbourhood: 1 faces (6), 2 faces+edges (18), 3 all (26).",
     )
     subtract_background: bool = Field(
-        False, description="Remove smooth background (white top-hat) before thresholding."
+        False,
+        description="otsu/absolute: remove smooth background (white top-hat) before "
+        "thresholding (the local method always removes the local background).",
     )
     background_radius_um: PositiveFloat | None = Field(
         None, description="Top-hat box half-size in µm; default: nucleus_diameter_um."
     )
+
+    def volume_range_um3(self) -> tuple[float, float]:
+        """Size filter (µm³): the given bounds, else spheres of half and twice the diameter.
+
+        Examples
+        --------
+        >>> lo, hi = SegmentConfig(nucleus_diameter_um=10.0).volume_range_um3()
+        >>> round(lo, 1), round(hi, 1)
+        (65.4, 4188.8)
+        """
+        v = math.pi / 6.0 * self.nucleus_diameter_um**3
+        lo = self.min_volume_um3 if self.min_volume_um3 is not None else v / 8.0
+        hi = self.max_volume_um3 if self.max_volume_um3 is not None else v * 8.0
+        return lo, hi
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SegmentConfig:
+        if self.method == "absolute" and self.threshold is None:
+            raise ValueError("segment.method='absolute' needs segment.threshold; got None")
+        lo, hi = self.volume_range_um3()
+        if lo > hi:
+            raise ValueError(
+                f"segment: the smallest volume kept ({lo:g} µm³, min_volume_um3) is larger than "
+                f"the largest ({hi:g} µm³, max_volume_um3); defaults are spheres of half and "
+                f"twice nucleus_diameter_um ({self.nucleus_diameter_um:g})"
+            )
+        if self.background_channel is not None and self.background_channel == self.channel:
+            raise ValueError(
+                f"segment.background_channel ({self.background_channel}) is the nuclei channel "
+                "itself; expected the autofluorescence channel imaged with it"
+            )
+        if self.background_channel is not None and self.method != "local":
+            raise ValueError(
+                f"segment.background_channel is used by method 'local' only; method is "
+                f"{self.method!r}"
+            )
+        return self
 
 
 class DensityConfig(_Model):
@@ -730,3 +798,111 @@ def load_config(path: str | Path) -> PipelineConfig:
         if not Path(stitch["positions"]).is_absolute():
             raw["stitch"] = {**stitch, "positions": str(base / stitch["positions"])}
     return PipelineConfig.model_validate(raw)
+
+
+class TrainData(_Model):
+    """One annotated data set for `lightsheet train`: volumes, annotations, voxel size, licence.
+
+    The volumes are either plain 3-D TIFF files (``images``, one volume per file), raw tiles
+    of one acquisition (``input`` + ``pattern``, read with `lightsheet.ingest.discover` and
+    `lightsheet.stitch.stitch`), or a generated sample (``sample``, whose ground truth is the
+    annotation). Annotations are masks (nonzero = cell) or point lists (CSV of z, y, x in
+    voxels, or Fiji CellCounter XML); in ``masks``/``points`` ``{name}`` stands for the image
+    file's name without its suffix.
+    """
+
+    name: str = Field(..., min_length=1, description="Name of the data set (in the record).")
+    licence: str = Field(
+        ..., min_length=1, description="Licence of the data (SPDX id, e.g. MIT), in the record."
+    )
+    licence_file: Path | None = Field(None, description="The licence text (its hash is recorded).")
+    source: str | None = Field(None, description="Where the data come from (URL, commit).")
+    voxel_size_um: VoxelSize | None = Field(
+        None, description="Voxel size (z, y, x) of the volumes; a sample's comes from it."
+    )
+    images: str | None = Field(None, description="Glob of 3-D TIFF volumes, one per file.")
+    input: str | None = Field(None, description="Glob of raw tiles of one acquisition.")
+    pattern: str | None = Field(None, description="File-name regex of `input` (as for runs).")
+    channel: int = Field(0, ge=0, description="Channel of `input`/`sample` holding the cells.")
+    timepoint: int = Field(0, ge=0, description="Time point of `input`/`sample`.")
+    sample: Path | None = Field(None, description="A folder made by `lightsheet sample`.")
+    masks: str | None = Field(None, description="Mask TIFF per volume; {name}: image stem.")
+    points: str | None = Field(None, description="Points (CSV z,y,x or CellCounter XML).")
+    cell_type: int | None = Field(None, description="CellCounter: marker type of cells.")
+    min_component_voxels: int = Field(
+        1,
+        ge=1,
+        description="Mask components smaller than this are annotation noise: not cells, and "
+        "not targets.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainData:
+        given = [k for k in ("images", "input", "sample") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"data set {self.name!r}: give exactly one of images, input (+ pattern) or "
+                f"sample; got {given or 'none'}"
+            )
+        notes = [k for k in ("masks", "points") if getattr(self, k) is not None]
+        if self.sample is not None:
+            if notes:
+                raise ValueError(f"data set {self.name!r}: a sample's annotation is its truth")
+        elif len(notes) != 1:
+            raise ValueError(
+                f"data set {self.name!r}: give exactly one of masks or points; got "
+                f"{notes or 'none'}"
+            )
+        if self.input is not None and self.pattern is None:
+            raise ValueError(f"data set {self.name!r}: input needs a pattern")
+        if self.sample is None and self.voxel_size_um is None:
+            raise ValueError(f"data set {self.name!r}: voxel_size_um is required")
+        return self
+
+
+class TrainConfig(_Model):
+    """How `lightsheet train` trains the UNet: data, split, targets, optimisation."""
+
+    data: list[TrainData] = Field(..., min_length=1, description="Annotated data sets.")
+    voxel_size_um: VoxelSize | None = Field(
+        None,
+        description="Voxel size the model is trained at (and declares); volumes at other "
+        "voxel sizes are resampled to it in y and x. Default: the first data set's.",
+    )
+    nucleus_diameter_um: PositiveFloat | None = Field(
+        None,
+        description="Typical cell diameter: width of the centre target, spheres drawn for "
+        "point annotations. Default: the median equivalent diameter of the mask components.",
+    )
+    match_distance_um: PositiveFloat | None = Field(
+        None,
+        description="Detections within this distance of an annotation match it (one to one) "
+        "when scoring held-out volumes; default half the nucleus diameter.",
+    )
+    validation: list[str] | None = Field(
+        None, description="Names of the held-out volumes; default: `validation_fraction`."
+    )
+    validation_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="Share of the volumes held out, picked evenly along their annotated "
+        "cell counts (so dense and sparse volumes are both held out).",
+    )
+    model: dict[str, int] = Field(
+        default_factory=dict, description="UNet arguments (lightsheet.unet.UNet)."
+    )
+    steps: int = Field(3000, ge=1, description="Optimiser steps (batches).")
+    batch_size: int = Field(16, ge=1, description="Crops per batch.")
+    crop_px: int = Field(64, ge=8, description="Side of the square training crops (model px).")
+    learning_rate: PositiveFloat = Field(3e-3, description="Peak learning rate (one cycle).")
+    seed: int = Field(0, description="Seed of initialisation, crops and augmentation.")
+    device: str | None = Field(None, description="torch device; default CUDA if present.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of torch; default torch's (the cores, or OMP_NUM_THREADS). "
+        "On a machine shared "
+        "with other busy processes, 1 can be many times faster (threads waiting for each "
+        "other at every layer).",
+    )

@@ -6,10 +6,14 @@ network's pooling grid (a multiple of ``2**depth`` in global coordinates). With 
 output pixel sees exactly the inputs, padding and pooling windows it sees when the network
 runs on the whole slice, so blocks join without seams (up to float rounding).
 
-Checkpoints are read without running code from them: the dict form through
-``torch.load(weights_only=True)``, safetensors through ``safetensors``, TorchScript through
-``torch.jit.load`` (an archive of TorchScript code and tensors, no Python pickles of
-arbitrary objects).
+Voxel-size transfer: a model that declares the voxel size it was trained at
+(``model.voxel_size_um``, from its record) is run on the volume resampled to that voxel
+size, and its outputs are resampled back (`lightsheet.resample`): each block reads the
+source region whose resampling covers its model-grid region (receptive field and pooling
+grid counted on the model's grid), so blocks stay exact. A 2-D model (one z-slice at a
+time) is resampled in y and x only.
+
+Checkpoints are read without running code from them (`lightsheet.models.checkpoint`).
 
 Intensities are normalised by robust percentiles of the whole volume (1 and 99.8 %, the
 convention of CSBDeep/StarDist), estimated from a strided subsample so every block uses the
@@ -23,16 +27,10 @@ import copy
 import hashlib
 import io
 import itertools
-import json
 import math
 import os
-import pickle
 import threading
-import time
-import warnings
-import zipfile
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import dask
@@ -42,13 +40,25 @@ import torch
 from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
-from scipy import ndimage as ndi
 from torch import nn
 
 from lightsheet.errors import ModelError
-from lightsheet.models import checkpoint_path
+from lightsheet.models.checkpoint import load_model, save_model
 from lightsheet.regions import is_stored
-from lightsheet.unet import HEAD_CLASSES, CpuUNet, UNet, channels_last_format
+from lightsheet.resample import AxisMap, Taps, apply_taps
+from lightsheet.unet import CpuUNet, UNet, channels_last_format
+
+__all__ = [
+    "featurize",
+    "foreground_probability",
+    "head_probabilities",
+    "intensity_range",
+    "load_model",
+    "model_geometry",
+    "model_voxel_size_um",
+    "run_model",
+    "save_model",
+]
 
 #: Percentiles of the intensity distribution mapped to 0 and 1 before the network.
 NORM_PERCENTILES = (1.0, 99.8)
@@ -58,240 +68,6 @@ NORM_MAX_SAMPLES = 2**21
 #: neighbouring chunks share one task while one slice of their region fits in it. Measured
 #: (default model, one thread): ~4.2 Mpx/s for passes of 2**18 px, ~3.4 at 2**16, ~1.7 at 2**20.
 CPU_PIXELS_PER_PASS = 2**18
-_FORMAT = "lightsheet-unet/1"
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def load_model(path: str | os.PathLike[str] | None = None) -> nn.Module:
-    """Load a UNet checkpoint safely, in eval mode on the CPU.
-
-    Parameters
-    ----------
-    path : path-like, optional
-        A ``.safetensors`` file with ``model_args`` in its metadata, a ``torch.save`` file
-        holding ``{"model_args": {...}, "model_state": {...}}``, or a TorchScript archive.
-        None loads the bundled default model.
-
-    Returns
-    -------
-    model : torch.nn.Module
-        `lightsheet.unet.UNet` (or the TorchScript module) in eval mode, with
-        ``receptive_field_px`` and ``alignment_px`` attributes, plus ``record`` (how it was
-        made, when the file says) and ``checkpoint_sha256``.
-
-    Raises
-    ------
-    ModelError
-        Missing or unreadable file, a pickle that would need to run code, unknown
-        ``model_args``, or weights whose names or shapes do not match the architecture.
-
-    Examples
-    --------
-    >>> model = load_model()
-    >>> model.n_features
-    16
-    """
-    path = checkpoint_path(path)
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if path.suffix == ".safetensors":
-        model, record = _load_safetensors(data, path)
-    elif _is_torchscript(data):
-        model, record = _load_torchscript(data, path), {}
-    else:
-        model, record = _load_dict(data, path)
-    model.eval()
-    model.record = record
-    model.checkpoint_sha256 = digest
-    return model
-
-
-def save_model(
-    model: UNet, path: str | os.PathLike[str], *, record: dict[str, Any] | None = None
-) -> Path:
-    """Write ``model`` as ``.safetensors`` (metadata: args + record) or a dict ``.pt``.
-
-    Parameters
-    ----------
-    model : UNet
-        The network to save.
-    path : path-like
-        Target file; the suffix chooses the format (``.safetensors``, else the dict form).
-    record : dict, optional
-        JSON-serialisable record of how the model was made.
-
-    Returns
-    -------
-    path : Path
-    """
-    if not isinstance(model, UNet):
-        raise ModelError(f"save_model: expected a lightsheet UNet, got {type(model).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        meta = {"format": _FORMAT, "model_args": json.dumps(model.model_args)}
-        if record is not None:
-            meta["record"] = json.dumps(record)
-        # bytes, then an ordinary write: the file gets the usual permissions (umask)
-        path.write_bytes(save(state, metadata=meta))
-    else:
-        ckpt: dict[str, Any] = {"model_args": dict(model.model_args), "model_state": state}
-        if record is not None:
-            ckpt["record"] = json.loads(json.dumps(record))
-        torch.save(ckpt, path)
-    return path
-
-
-def _is_torchscript(data: bytes) -> bool:
-    if not zipfile.is_zipfile(io.BytesIO(data)):
-        return False
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        # torch.jit.save writes the module's TorchScript source under <archive>/code/
-        return any(name.split("/")[1:2] == ["code"] for name in zf.namelist())
-
-
-def _load_torchscript(data: bytes, path: Path) -> nn.Module:
-    try:
-        return torch.jit.load(io.BytesIO(data), map_location="cpu")
-    except Exception as exc:  # any loader failure is reported with the file name
-        raise ModelError(f"model: cannot load {path} as TorchScript: {exc}") from exc
-
-
-def _load_safetensors(data: bytes, path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_tensors
-
-    try:
-        state = load_tensors(data)
-        meta = _safetensors_metadata(data)
-    except (SafetensorError, ValueError) as exc:
-        raise ModelError(f"model: cannot read {path} as safetensors: {exc}") from exc
-    if "model_args" not in meta:
-        raise ModelError(
-            f"model: {path} has no 'model_args' in its safetensors metadata; expected the "
-            "UNet arguments as JSON (written by lightsheet.featurize.save_model)"
-        )
-    args = json.loads(meta["model_args"])
-    record = json.loads(meta["record"]) if "record" in meta else {}
-    return _build(args, state, path), record
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    # the header is an 8-byte little-endian length followed by JSON
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    return dict(header.get("__metadata__") or {})
-
-
-def _load_dict(data: bytes, path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    try:
-        with warnings.catch_warnings():
-            # plain pickle files use newer protocols; the weights-only unpickler still checks
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelError(
-            f"model: refused to load {path}: it is a pickle that needs code to be run "
-            f"(weights_only=True refused it: {str(exc).splitlines()[0]}). Only plain "
-            "{'model_args', 'model_state'} dicts of tensors, safetensors or TorchScript files "
-            "are loaded; re-save the weights in one of those forms"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ModelError(f"model: cannot read {path} as a torch checkpoint: {exc}") from exc
-    if not isinstance(ckpt, dict) or not {"model_args", "model_state"} <= set(ckpt):
-        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ModelError(
-            f"model: {path} holds {found}; expected a dict with keys 'model_args' and 'model_state'"
-        )
-    return _build(ckpt["model_args"], ckpt["model_state"], path), dict(ckpt.get("record") or {})
-
-
-#: Largest model a checkpoint's metadata may describe (weights, estimated before building).
-MAX_MODEL_PARAMETERS = 100_000_000
-#: Bounds of each UNet argument a checkpoint's metadata may give (inclusive).
-MODEL_ARG_BOUNDS = {
-    "ndim": (2, 3),
-    "depth": (0, 12),
-    "width": (1, 4096),
-    "features": (1, 4096),
-    "convs_per_level": (1, 16),
-    "in_channels": (1, 64),
-}
-
-
-def check_model_args(args: dict[str, Any], path: Path) -> None:
-    """Refuse checkpoint metadata describing a model out of bounds, before building it.
-
-    Each argument must be an integer within `MODEL_ARG_BOUNDS`, and the weights they imply
-    (estimated as ``(convs_per_level + 2) * 3**ndim * width_l**2`` per level, within 2x of
-    the true count) at most `MAX_MODEL_PARAMETERS`; metadata such as ``{"depth": 1e9}``
-    would otherwise allocate a gigantic network before the weights are compared.
-
-    Raises
-    ------
-    ModelError
-        Naming the file, the argument, its value and the bounds.
-    """
-    for name, value in args.items():
-        lo, hi = MODEL_ARG_BOUNDS.get(name, (None, None))
-        if lo is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            raise ModelError(
-                f"model: {path}: model_args {name}={value!r}; expected an integer in [{lo}, {hi}]"
-            )
-    defaults = {"ndim": 2, "depth": 2, "width": 8, "convs_per_level": 2}
-    a = {**defaults, **{k: v for k, v in args.items() if k in defaults}}
-    kernel = 3 ** a["ndim"]
-    widths = [a["width"] * 2**level for level in range(a["depth"] + 1)]
-    estimate = sum((a["convs_per_level"] + 2) * kernel * w**2 for w in widths)
-    if estimate > MAX_MODEL_PARAMETERS:
-        raise ModelError(
-            f"model: {path}: model_args {args} describe about {estimate:,} weights; expected "
-            f"at most {MAX_MODEL_PARAMETERS:,}"
-        )
-
-
-def _build(args: Any, state: Any, path: Path) -> UNet:
-    known = {"ndim", "depth", "width", "features", "convs_per_level", "in_channels"}
-    if not isinstance(args, dict):
-        raise ModelError(f"model: {path}: model_args must be a dict; got {type(args).__name__}")
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ModelError(
-            f"model: {path}: unknown model_args {unknown}; expected some of {sorted(known)}"
-        )
-    check_model_args(args, path)
-    try:
-        model = UNet(**args)
-    except ValueError as exc:
-        raise ModelError(f"model: {path}: invalid model_args {args}: {exc}") from exc
-    if not isinstance(state, dict):
-        raise ModelError(f"model: {path}: model_state must be a dict of tensors")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if shapes:
-            parts.append("shape mismatches [" + "; ".join(shapes) + "]")
-        raise ModelError(f"model: {path}: weights do not match UNet({args}): " + ", ".join(parts))
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-    return model
 
 
 # --------------------------------------------------------------------------- geometry
@@ -413,6 +189,10 @@ class _ModelPayload:
         else:
             self.kind, self.blob = "module", model
         self.token = tokenize(self.kind, _fingerprint(model))
+        # what the kernel needs to know without building the module
+        self.ndim = int(getattr(model, "ndim", 2))
+        self.resample_z = self.ndim == 3 or z_context(model) > 0
+        self.voxel_size_um = model_voxel_size_um(model)
         self._init_cache()
 
     def _init_cache(self) -> None:
@@ -420,7 +200,8 @@ class _ModelPayload:
         self._modules: dict[tuple[str, str], nn.Module] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"kind": self.kind, "blob": self.blob, "token": self.token}
+        keep = ("kind", "blob", "token", "ndim", "resample_z", "voxel_size_um")
+        return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -486,7 +267,10 @@ def _set_torch_threads() -> None:
         omp = os.environ.get("OMP_NUM_THREADS")
         n = int(omp) if omp and omp.isdigit() else (cores or 1) // worker.state.nthreads
     elif threading.current_thread() is threading.main_thread():
-        n = cores or 1  # called directly, not from a Dask thread pool
+        # called directly, not from a Dask thread pool: all cores, unless the user chose
+        # with torch's own variable (on a busy shared machine 1 thread can be much faster)
+        omp = os.environ.get("OMP_NUM_THREADS")
+        n = int(omp) if omp and omp.isdigit() else cores or 1
     else:
         n = (cores or 1) // max(1, int(dask.config.get("num_workers", None) or cores or 1))
     n = max(1, n)
@@ -526,6 +310,8 @@ def run_model(
     dtype: Any = np.float32,
     batch_size: int = 8,
     device: str | torch.device | None = None,
+    voxel_size_um: Sequence[float] | None = None,
+    taps: tuple[tuple[Taps | None, Taps | None], ...] | None = None,
 ) -> Any:
     """Run the network on one in-memory region: the per-block kernel.
 
@@ -539,28 +325,47 @@ def run_model(
     norm : (2,) sequence of float
         Intensities mapped to 0 and 1.
     crop : tuple of slices, optional
-        Part of the region to return (the block's core).
-    mode : {"features", "probability"}
-        Features ``(F, Z, Y, X)`` or the head's nucleus probability ``(Z, Y, X)``.
+        Part of the network's output to return (the block's core), on the model's grid.
+    mode : {"features", "head", "probability"} or ("probability", k)
+        Features ``(F, Z, Y, X)``, every head channel's probability ``(K, Z, Y, X)``, or
+        head channel ``k``'s (default 0, the nucleus) ``(Z, Y, X)``.
     dtype : dtype
         Output dtype.
     batch_size : int
         z-slices per forward pass (2-D models).
     device : str or torch.device, optional
         None: CUDA if available (half precision there), else CPU (float32).
+    voxel_size_um : (3,) floats, optional
+        Voxel size of ``region`` taken as a whole volume: it is resampled to the model's
+        voxel size (`model_voxel_size_um`) and the output back (the whole-volume reference
+        of `featurize`'s blocks). Not with ``taps`` or ``crop``.
+    taps : per axis (z, y, x) ``(to_model, to_source)``, optional
+        The block's resampling (`lightsheet.resample.AxisPlan`), set by `featurize`.
 
     Returns
     -------
-    out : (F, Z, Y, X) or (Z, Y, X) array, NumPy (CuPy if ``region`` is CuPy)
+    out : (F, Z, Y, X), (Z, Y, X) or (K, Z, Y, X) array, NumPy (CuPy if ``region`` is CuPy)
     """
     payload = model if isinstance(model, _ModelPayload) else _ModelPayload(model)
+    if voxel_size_um is not None:
+        if taps is not None or crop is not None:
+            raise ValueError("run_model: give voxel_size_um, or taps and crop; not both")
+        crop, taps = _whole_region_plan(region.shape, voxel_size_um, payload)
     is_cupy = _xp(region) is not np
     # a CuPy block stays on its GPU unless a device is asked for
     dev = _resolve_device("cuda" if is_cupy and device is None else device)
     precision = torch.float16 if dev.type == "cuda" else torch.float32
     net = payload.module(dev, precision)
     ndim = int(getattr(net, "ndim", 2))
+    context = z_context(net)
+    if mode == "probability":
+        mode = ("probability", 0)
+    one = mode != "features" and mode != "head"  # one head channel: (Z, Y, X)
     crop = crop or (slice(None),) * 3
+    taps = taps if taps is not None else ((None, None),) * 3
+    to_model, to_source = (tuple(t[k] for t in taps) for k in (0, 1))
+    if ndim == 2 and not context and (to_model[0] is not None or to_source[0] is not None):
+        raise ValueError("run_model: a 2-D model without z context is resampled in y and x only")
     lo, hi = (float(v) for v in np.asarray(norm, dtype=np.float64))
     scale = 1.0 / (hi - lo)
     if dev.type == "cpu":
@@ -572,28 +377,45 @@ def run_model(
         x_all = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32)).to(dev)
     to_host = dev.type == "cpu" and not is_cupy
     out_dtype = np.dtype(dtype)
+    # the output is resampled along z only once every model slice is done
+    stream = to_host and to_source[0] is None
     outs: list[torch.Tensor] = []
     out_np: np.ndarray | None = None
     with torch.inference_mode():
         if ndim == 2:
+            # z to the model's grid first (models with z context; the filter is separable)
+            x_all = apply_taps(x_all, to_model[0], 0)
             if dev.type == "cpu":
                 # on a CPU, small passes keep the activations in cache: faster than big batches
-                per_slice = region.shape[1] * region.shape[2]
+                per_slice = math.prod(
+                    region.shape[a] if t is None else t.weight.shape[1]
+                    for a, t in ((1, to_model[1]), (2, to_model[2]))
+                )
                 batch_size = max(1, min(batch_size, CPU_PIXELS_PER_PASS // per_slice))
-            zs = range(region.shape[0])[crop[0]]
+            zs = range(x_all.shape[0])[crop[0]]
             batches = [zs[i : i + batch_size] for i in range(0, len(zs), batch_size)]
-            inputs = [x_all[b.start : b.stop : b.step, None] for b in batches]
+            inputs = (_with_context(x_all, b, context) for b in batches)
         else:
-            inputs = [x_all[None, None]]
+            inputs = iter([x_all[None, None]])
         z_done = 0
         for x in inputs:
+            # to the model's grid (before normalising: the weights sum to 1 either way)
+            for axis in range(3 - ndim, 3):
+                x = apply_taps(x, to_model[axis], axis - 3)
             x = ((x - lo) * scale).to(precision).contiguous(memory_format=mem)
-            y = net(x) if mode == "features" else net.logits(x)[:, :1].sigmoid()
+            if mode == "features":
+                y = net(x)
+            elif mode == "head":
+                y = net.logits(x).sigmoid()
+            else:  # ("probability", channel)
+                y = net.logits(x)[:, mode[1] : mode[1] + 1].sigmoid()
             if ndim == 2:
                 y = y[:, :, crop[1], crop[2]].transpose(0, 1)  # (F, B, Y, X)
             else:
                 y = y[0][:, crop[0], crop[1], crop[2]]
-            if to_host:
+            for axis in (1, 2) if ndim == 2 else (0, 1, 2):  # back to the source grid
+                y = apply_taps(y, to_source[axis], axis - 3)
+            if stream:
                 # one pass gathers the strided view and casts into the output
                 if out_np is None:
                     n_z = len(zs) if ndim == 2 else y.shape[1]
@@ -603,12 +425,15 @@ def run_model(
                 out_np[:, z_done : z_done + y.shape[1]] = y.numpy()
                 z_done += y.shape[1]
             else:
-                outs.append(y.to(_TORCH_DTYPES.get(out_dtype, torch.float32)))
-    if to_host:
+                outs.append(y if ndim == 3 else y.float())
+    if stream:
         assert out_np is not None
-        return out_np[0] if mode == "probability" else out_np
+        return out_np[0] if one else out_np
     out = torch.cat(outs, dim=1)
-    if mode == "probability":
+    if ndim == 2:
+        out = apply_taps(out, to_source[0], 1)  # model slices back to the source's z
+    out = out.to(_TORCH_DTYPES.get(out_dtype, torch.float32))
+    if one:
         out = out[0]
     if is_cupy:
         import cupy
@@ -619,11 +444,52 @@ def run_model(
     return out.cpu().numpy().astype(out_dtype, copy=False)
 
 
+def _with_context(x_all: torch.Tensor, zs: range, context: int) -> torch.Tensor:
+    """Slices ``zs`` of ``x_all`` as a batch ``(B, 2k+1, Y, X)`` with ``k`` neighbours each side.
+
+    Neighbours past the region's ends repeat its first or last slice. A region ends only
+    where the volume does (it carries ``k`` slices of halo elsewhere), so this is the
+    volume's own edge rule, the same for every block.
+    """
+    if context == 0:
+        return x_all[zs.start : zs.stop : zs.step, None]
+    offsets = torch.arange(-context, context + 1)
+    idx = (torch.tensor(list(zs))[:, None] + offsets[None, :]).clamp(0, x_all.shape[0] - 1)
+    return x_all[idx.to(x_all.device)]
+
+
+def z_context(model: nn.Module) -> int:
+    """Neighbouring z-slices a 2-D model sees on each side: ``(in_channels - 1) // 2``.
+
+    A 2-D model with ``in_channels = 2k + 1`` takes the slice it predicts and ``k``
+    neighbours on each side as its input channels (z context); a 3-D model has none.
+    """
+    c = int(getattr(model, "in_channels", 1))
+    if int(getattr(model, "ndim", 2)) == 3:
+        if c != 1:
+            raise ModelError(f"model: a 3-D model must take 1 input channel; got {c}")
+        return 0
+    if c < 1 or c % 2 == 0:
+        raise ModelError(
+            f"model: a 2-D model takes an odd number of z-slices as channels (the slice and "
+            f"its neighbours); got in_channels={c}"
+        )
+    return (c - 1) // 2
+
+
 _TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
-def _block_task(parts: Any, payload: _ModelPayload, norm: Any, crop: Any, opts: dict) -> Any:
-    return run_model(_concat_nested(parts), payload, norm=norm, crop=crop, **opts)
+def _whole_region_plan(shape: Sequence[int], voxel_size_um: Any, payload: _ModelPayload) -> tuple:
+    """Crop and taps of a region taken as a whole volume (`run_model`'s reference path)."""
+    maps = _axis_maps(shape, voxel_size_um, payload.voxel_size_um, payload.resample_z)
+    plans = [m.plan(0, n, halo=0, align=1) for m, n in zip(maps, shape, strict=True)]
+    return tuple(p.crop for p in plans), tuple((p.to_model, p.to_source) for p in plans)
+
+
+def _block_task(parts: Any, payload: _ModelPayload, norm: Any, geometry: Any, opts: dict) -> Any:
+    crop, taps = geometry
+    return run_model(_concat_nested(parts), payload, norm=norm, crop=crop, taps=taps, **opts)
 
 
 # --------------------------------------------------------------------------- dask level
@@ -638,6 +504,7 @@ def featurize(
     device: str | torch.device | None = None,
     norm: Sequence[float] | Delayed | None = None,
     chunks: Any = None,
+    voxel_size_um: Sequence[float] | None = None,
 ) -> da.Array:
     """Per-pixel UNet features of a volume, lazily and block by block, without seams.
 
@@ -660,6 +527,11 @@ def featurize(
         Intensities mapped to 0 and 1; default `intensity_range` of ``image``.
     chunks : chunk spec, optional
         Output chunks (z, y, x) for a stored ``image``; default its stored chunks.
+    voxel_size_um : (3,) floats, optional
+        Voxel size of ``image``. Where it differs from the voxel size the model was trained
+        at (`model_voxel_size_um`), each block is resampled to the model's voxel size on
+        the way in and back on the way out (y and x for a 2-D model). None: the image is
+        taken to be at the model's voxel size.
 
     Returns
     -------
@@ -673,33 +545,99 @@ def featurize(
     >>> image = da.random.default_rng(0).random((4, 64, 64), chunks=(2, 40, 40))
     >>> featurize(image, load_model()).shape
     (16, 4, 64, 64)
+    >>> featurize(image, load_model(), voxel_size_um=(2.0, 1.0, 1.0)).shape  # resampled
+    (16, 4, 64, 64)
     """
-    return _map_model(image, model, "features", dtype, batch_size, device, norm, chunks)
+    return _map_model(
+        image, model, "features", dtype, batch_size, device, norm, chunks, voxel_size_um
+    )
 
 
-def foreground_probability(
-    image: da.Array,
-    model: nn.Module,
-    *,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    norm: Sequence[float] | Delayed | None = None,
-    chunks: Any = None,
-) -> da.Array:
-    """Nucleus probability from the model's own segmentation head, block by block.
+def foreground_probability(image: da.Array, model: nn.Module, **kwargs: Any) -> da.Array:
+    """Nucleus probability from the model's own head: `head_probabilities` of channel 0.
 
-    Parameters are those of `featurize`; the model must have the head (``logits``).
+    Keyword arguments are those of `head_probabilities`.
 
     Returns
     -------
     probability : (Z, Y, X) dask array of float32 in [0, 1]
     """
+    return head_probabilities(image, model, channel=0, **kwargs)
+
+
+def head_probabilities(
+    image: da.Array,
+    model: nn.Module,
+    *,
+    channel: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    norm: Sequence[float] | Delayed | None = None,
+    chunks: Any = None,
+    voxel_size_um: Sequence[float] | None = None,
+) -> da.Array:
+    """The head channels' probabilities (sigmoid of the logits), block by block.
+
+    Parameters are those of `featurize`, and ``channel``: one head channel, or None for all.
+    Channel ``k`` predicts ``model.targets[k]`` (``nucleus`` and ``centre`` for models
+    trained by `lightsheet.train`).
+
+    Returns
+    -------
+    probabilities : (K, Z, Y, X), or (Z, Y, X) for one channel, dask array of float32 in [0, 1]
+    """
     if not hasattr(model, "logits"):
         raise ModelError(
             f"model: {type(model).__name__} has no segmentation head (a 'logits' method); "
-            "foreground_probability needs a lightsheet UNet or its TorchScript export"
+            "the head's probabilities need a lightsheet UNet or its TorchScript export"
         )
-    return _map_model(image, model, "probability", "float32", batch_size, device, norm, chunks)
+    mode = "head" if channel is None else ("probability", int(channel))
+    return _map_model(
+        image, model, mode, "float32", batch_size, device, norm, chunks, voxel_size_um
+    )
+
+
+def model_voxel_size_um(model: nn.Module) -> tuple[float, float, float] | None:
+    """The voxel size (z, y, x) in µm a model was trained at, when it declares one.
+
+    From the model's ``voxel_size_um`` attribute (set by `load_model` from the record),
+    else its ``record["voxel_size_um"]``; None for a model that declares none.
+    """
+    vs = getattr(model, "voxel_size_um", None)
+    if vs is None:
+        vs = (getattr(model, "record", None) or {}).get("voxel_size_um")
+    if vs is None:
+        return None
+    vs = tuple(float(v) for v in vs)
+    if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
+        raise ModelError(f"model: voxel_size_um must be 3 positive numbers (z, y, x); got {vs}")
+    return vs  # type: ignore[return-value]
+
+
+def _axis_maps(
+    shape: Sequence[int], voxel_size_um: Any, model_um: Any, resample_z: bool
+) -> tuple[AxisMap, ...]:
+    """Per axis (z, y, x): the image's grid against the model's.
+
+    z is resampled for 3-D models and for 2-D models with z context (their neighbouring
+    slices must be as far apart as in training); a 2-D model without it sees one slice, at
+    any spacing.
+    """
+    if voxel_size_um is not None:
+        vs = np.asarray(voxel_size_um, dtype=np.float64)
+        if vs.shape != (3,) or not np.all(np.isfinite(vs)) or not np.all(vs > 0):
+            raise ValueError(
+                f"voxel_size_um must be 3 positive numbers (z, y, x); got {voxel_size_um!r}"
+            )
+    resampled = voxel_size_um is not None and model_um is not None
+    return tuple(
+        AxisMap(
+            n,
+            source_um=float(voxel_size_um[a]) if resampled and (a or resample_z) else None,
+            model_um=float(model_um[a]) if resampled and (a or resample_z) else None,
+        )
+        for a, n in enumerate(shape)
+    )
 
 
 def _map_model(
@@ -711,6 +649,7 @@ def _map_model(
     device: Any,
     norm: Any,
     chunks: Any = None,
+    voxel_size_um: Any = None,
 ) -> da.Array:
     source = image if is_stored(image) else None
     if source is not None:
@@ -727,21 +666,26 @@ def _map_model(
             torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device: {device!r} is not a torch device: {exc}") from exc
-    in_channels = getattr(model, "in_channels", 1)
-    if in_channels != 1:
-        raise ModelError(f"model: expects {in_channels} input channels; featurize feeds 1")
+    context = z_context(model)
     ndim, halo, align = model_geometry(model)
-    n_features = int(getattr(model, "n_features", 0)) or _probe_features(model, ndim)
+    maps = _axis_maps(image.shape, voxel_size_um, model_voxel_size_um(model), ndim == 3 or context)
+    if mode == "features":
+        n_out = int(getattr(model, "n_features", 0)) or _probe_features(model, ndim)
+    else:
+        n_out = _probe_head(model, ndim) if mode == "head" else 1
     norm_key, norm_graph = _norm_node(image, norm)
     payload = _ModelPayload(model)
     opts = {"mode": mode, "dtype": np.dtype(dtype), "batch_size": batch_size, "device": device}
-    token = tokenize(image.name, payload.token, norm_key, opts, halo, align, CPU_PIXELS_PER_PASS)
-    name = f"{mode}-{token}"
+    steps = tuple(m.step for m in maps)
+    token = tokenize(
+        image.name, payload.token, norm_key, opts, halo, align, CPU_PIXELS_PER_PASS, steps
+    )
+    name = f"{mode if isinstance(mode, str) else 'probability'}-{token}"
     payload_key = f"unet-weights-{payload.token}"
-    halos = (halo if ndim == 3 else 0, halo, halo)
+    halos = (halo if ndim == 3 else context, halo, halo)
     aligns = (align if ndim == 3 else 1, align, align)
     bounds = [np.cumsum((0,) + c).tolist() for c in image.chunks]
-    lead = (slice(None),) if mode == "features" else ()  # the feature axis
+    lead = (slice(None),) if mode in ("features", "head") else ()  # the feature / head axis
 
     def out_key(idx: tuple[int, ...]) -> tuple:
         return (name, *(0,) * len(lead), *idx)
@@ -751,21 +695,20 @@ def _map_model(
     if source is not None:
         dsk[source_key] = source
     pieces: dict[tuple[int, ...], list] = {}  # output chunk -> its parts, in z order
-    bytes_per_voxel = (n_features if mode == "features" else 1) * np.dtype(dtype).itemsize
-    for cores in _task_cores(bounds, halos, aligns, bytes_per_voxel):
-        ranges = [
-            _region(c0, c1, h, a, b[-1])
-            for (c0, c1), h, a, b in zip(cores, halos, aligns, bounds, strict=True)
+    bytes_per_voxel = n_out * np.dtype(dtype).itemsize
+    for cores in _task_cores(bounds, maps, halos, aligns, bytes_per_voxel, ndim == 3):
+        plans = [
+            m.plan(c0, c1, halo=h, align=a)
+            for (c0, c1), m, h, a in zip(cores, maps, halos, aligns, strict=True)
         ]
-        crop = tuple(
-            slice(c0 - r0, c1 - r0) for (c0, c1), (r0, _) in zip(cores, ranges, strict=True)
-        )
+        ranges = [p.read for p in plans]
+        geometry = (tuple(p.crop for p in plans), tuple((p.to_model, p.to_source) for p in plans))
         parts = (
             (_read_box, source_key, ranges)
             if source is not None
             else _region_parts(image.name, bounds, ranges)
         )
-        task = (_block_task, parts, payload_key, norm_key, crop, opts)
+        task = (_block_task, parts, payload_key, norm_key, geometry, opts)
         chunks = _chunks_within(bounds, cores)
         if len(chunks) == 1 and chunks[0][2]:  # the task computes exactly one chunk
             dsk[out_key(chunks[0][0])] = task
@@ -782,37 +725,37 @@ def _map_model(
     if norm_graph is None:
         dsk[norm_key] = np.asarray(norm, dtype=np.float64)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
-    if mode == "features":
-        chunks = ((n_features,), *image.chunks)
-    else:
-        chunks = image.chunks
+    chunks = ((n_out,), *image.chunks) if lead else image.chunks
     meta = np.empty((0,) * len(chunks), dtype=dtype, like=image._meta)
     return da.Array(graph, name, chunks, meta=meta)
 
 
 def _task_cores(
     bounds: list[list[int]],
+    maps: Sequence[AxisMap],
     halos: tuple[int, int, int],
     aligns: tuple[int, int, int],
     bytes_per_voxel: int,
+    one_per_chunk: bool,
 ) -> list[tuple[tuple[int, int], ...]]:
     """The output box (z, y, x ranges) of each task: chunks grouped so halos are shared.
 
-    A model with a halo along z (3-D) gets one task per chunk. A 2-D model needs no halo
-    along z, so in y and x neighbouring chunks are merged while the input region one forward
-    pass sees stays within `CPU_PIXELS_PER_PASS` (fewer halo pixels computed twice, and
-    passes of the size the network runs fastest at); in z, the group is cut into slabs so
-    one task's output is no larger than the largest chunk's (same memory per task).
+    A 3-D model (``one_per_chunk``) gets one task per chunk. A 2-D model runs slice by
+    slice, so in y and x neighbouring chunks are merged while the input region one forward
+    pass sees (on the model's grid) stays within `CPU_PIXELS_PER_PASS` (fewer halo pixels
+    computed twice, and passes of the size the network runs fastest at); in z, the group is
+    cut into slabs so one task's output is no larger than the largest chunk's (same memory
+    per task), each slab reading its z context as its halo.
     """
     per_chunk = [list(zip(b[:-1], b[1:], strict=True)) for b in bounds]
-    if halos[0] > 0:
+    if one_per_chunk:
         return list(itertools.product(*per_chunk))
     side = math.isqrt(CPU_PIXELS_PER_PASS)
-    xs = _merge_chunks(bounds[2], halos[2], aligns[2], side)
-    widest = max(
-        r1 - r0 for r0, r1 in (_region(*x, halos[2], aligns[2], bounds[2][-1]) for x in xs)
+    xs = _merge_chunks(bounds[2], maps[2], halos[2], aligns[2], side)
+    widest = max(_model_length(x, maps[2], halos[2], aligns[2]) for x in xs)
+    ys = _merge_chunks(
+        bounds[1], maps[1], halos[1], aligns[1], max(side, CPU_PIXELS_PER_PASS // widest)
     )
-    ys = _merge_chunks(bounds[1], halos[1], aligns[1], max(side, CPU_PIXELS_PER_PASS // widest))
     budget = math.prod(max(np.diff(b)) for b in bounds) * bytes_per_voxel
     out = []
     for z0, z1 in per_chunk[0]:
@@ -824,26 +767,26 @@ def _task_cores(
     return out
 
 
-def _merge_chunks(b: list[int], halo: int, align: int, limit: int) -> list[tuple[int, int]]:
-    """Runs of neighbouring chunks whose joint input region is at most ``limit`` long."""
+def _model_length(core: tuple[int, int], amap: AxisMap, halo: int, align: int) -> int:
+    """Length of the model-grid region the network runs on for output ``core``."""
+    r0, r1 = amap.plan(*core, halo=halo, align=align).model
+    return r1 - r0
+
+
+def _merge_chunks(
+    b: list[int], amap: AxisMap, halo: int, align: int, limit: int
+) -> list[tuple[int, int]]:
+    """Runs of neighbouring chunks whose joint model-grid region is at most ``limit`` long."""
     runs, i = [], 0
     while i < len(b) - 1:
         j = i + 1
         while j < len(b) - 1:
-            r0, r1 = _region(b[i], b[j + 1], halo, align, b[-1])
-            if r1 - r0 > limit:
+            if _model_length((b[i], b[j + 1]), amap, halo, align) > limit:
                 break
             j += 1
         runs.append((b[i], b[j]))
         i = j
     return runs
-
-
-def _region(core0: int, core1: int, halo: int, align: int, size: int) -> tuple[int, int]:
-    """Input range for output ``[core0, core1)``: the halo either side, on the pooling grid."""
-    r0 = max(0, (core0 - halo) // align * align)
-    # end on the pooling grid too, so the model pads with real data, not zeros
-    return r0, min(size, r0 + -(-(core1 + halo - r0) // align) * align)
 
 
 def _chunks_within(
@@ -909,11 +852,19 @@ def _norm_node(image: da.Array, norm: Any) -> tuple[Any, Delayed | None]:
     return f"featurize-norm-{tokenize(vals)}", None
 
 
+def _probe_input(model: nn.Module, ndim: int) -> torch.Tensor:
+    side = 8 * getattr(model, "alignment_px", 1)
+    return torch.zeros((1, int(getattr(model, "in_channels", 1))) + (side,) * ndim)
+
+
+def _probe_head(model: nn.Module, ndim: int) -> int:
+    with torch.inference_mode():
+        return int(model.logits(_probe_input(model, ndim)).shape[1])
+
+
 def _probe_features(model: nn.Module, ndim: int) -> int:
     with torch.inference_mode():
-        return int(
-            model(torch.zeros((1, 1) + (8 * getattr(model, "alignment_px", 1),) * ndim)).shape[1]
-        )
+        return int(model(_probe_input(model, ndim)).shape[1])
 
 
 def _as_dask(image: Any, name: str) -> da.Array:
@@ -927,337 +878,3 @@ def _as_dask(image: Any, name: str) -> da.Array:
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise TypeError(f"{name} must hold real numbers; got dtype {image.dtype}")
     return image
-
-
-# --------------------------------------------------------------------------- training
-
-
-def train(
-    sample_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    *,
-    epochs: int = 30,
-    seed: int = 0,
-    model_args: dict[str, int] | None = None,
-    crop_px: int = 64,
-    crops_per_slice: int = 2,
-    batch_size: int = 8,
-    learning_rate: float = 3e-3,
-    val_fraction: float = 0.2,
-    timepoint: int = 0,
-    progress: Callable[[int, int, float], None] | None = None,
-) -> dict[str, Any]:
-    """Train the UNet to find nuclei and their boundaries in a sample acquisition.
-
-    The nuclei channel of time point ``timepoint`` is stitched from the sample's tiles and
-    normalised like `featurize` does (`intensity_range`). Targets come from the ground truth
-    (``truth/cells.csv``): a nucleus mask (voxels within each nucleus' radius, shared voxels
-    going to the nearer centre) and its per-slice boundary. Training uses random crops of
-    z-slices with flips, rotations and intensity/noise augmentation; the last
-    ``val_fraction`` of the slices is held out for the validation figures in the record.
-
-    Parameters
-    ----------
-    sample_dir : path-like
-        A folder written by `lightsheet.sample.generate`.
-    out_path : path-like
-        Checkpoint to write (``.safetensors``, else the dict form); the record is also
-        written beside it as JSON (same name, ``.json``).
-    epochs : int
-        Passes; each draws ``crops_per_slice`` random crops from every training slice.
-    seed : int
-        Seed of weight initialisation, crops and augmentation.
-    model_args : dict, optional
-        `lightsheet.unet.UNet` arguments; default ``depth=2, width=8, features=16``.
-    crop_px, crops_per_slice, batch_size, learning_rate, val_fraction, timepoint
-        Training settings (recorded).
-    progress : callable, optional
-        ``progress(epoch, epochs, mean_loss)``, called after each epoch.
-
-    Returns
-    -------
-    record : dict
-        How the checkpoint was made: data fingerprint, settings, loss per epoch, validation
-        accuracy, versions, duration. Also stored in the checkpoint.
-    """
-    from lightsheet import __version__
-
-    t_start = time.perf_counter()
-    sample_dir, out_path = Path(sample_dir), Path(out_path)
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer; got {epochs!r}")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
-    volume, info, fingerprint = _load_sample_channel(sample_dir, timepoint)
-    cells = _load_truth(sample_dir, timepoint)
-    vox = tuple(float(v) for v in info["voxel_size_um"])
-    nucleus, boundary = truth_targets(cells, volume.shape, vox)
-    lo, hi = intensity_range(da.from_array(volume, chunks=volume.shape)).compute()
-    x_all = ((volume.astype(np.float32) - lo) / (hi - lo)).astype(np.float32)
-    n_val = max(1, round(volume.shape[0] * val_fraction))
-    if volume.shape[0] - n_val < 1 or min(volume.shape[1:]) < crop_px:
-        raise ValueError(
-            f"sample {sample_dir}: volume {volume.shape} too small to train with "
-            f"crop_px={crop_px} and val_fraction={val_fraction}"
-        )
-    n_train = volume.shape[0] - n_val
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, cores or 1))
-    args = {"ndim": 2, "depth": 2, "width": 8, "features": 16, **(model_args or {})}
-    if args["ndim"] != 2:
-        raise ValueError("train: only 2-D (per z-slice) models are trained here; got ndim=3")
-    net = UNet(**args)
-    # class balance: rare positives get a weight up to 10
-    pos = [float(t[:n_train].mean()) for t in (nucleus, boundary)]
-    pos_weight = torch.tensor([min(10.0, max(1.0, (1 - p) / max(p, 1e-6))) for p in pos])
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight.view(1, 2, 1, 1))
-    opt = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(n_train * crops_per_slice / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=learning_rate, total_steps=epochs * steps_per_epoch
-    )
-    target = np.stack([nucleus, boundary], axis=1).astype(np.float32)  # (Z, 2, Y, X)
-    centres = np.argwhere(nucleus[:n_train])
-    history = []
-    net.train()
-    for _ in range(epochs):
-        losses = []
-        for _ in range(steps_per_epoch):
-            xb, yb = _training_batch(
-                x_all[:n_train], target[:n_train], batch_size, crop_px, rng, centres
-            )
-            loss = loss_fn(net.logits(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        history.append(round(float(np.mean(losses)), 5))
-        if progress is not None:
-            progress(len(history), epochs, history[-1])
-    net.eval()
-    val = _validate(net, x_all[n_train:], target[n_train:], loss_fn)
-    record = {
-        "format": _FORMAT,
-        "command": f"lightsheet train {sample_dir} --out {out_path} --epochs {epochs} "
-        f"--seed {seed}",
-        "epochs": epochs,
-        "seed": seed,
-        "final_loss": history[-1],
-        "loss_per_epoch": history,
-        "validation": val,
-        "data_fingerprint": fingerprint,
-        "data": {
-            "sample_dir": str(sample_dir),
-            "size": info.get("size"),
-            "sample_seed": info.get("seed"),
-            "shape_zyx": list(volume.shape),
-            "voxel_size_um": list(vox),
-            "channel": int(info.get("nuclei_channel", 0)),
-            "timepoint": timepoint,
-            "n_cells": len(cells),
-            "train_slices": [0, n_train],
-            "validation_slices": [n_train, volume.shape[0]],
-        },
-        "targets": list(HEAD_CLASSES),
-        "model_args": dict(net.model_args),
-        "normalisation": {"percentiles": list(NORM_PERCENTILES), "lo": float(lo), "hi": float(hi)},
-        "training": {
-            "crop_px": crop_px,
-            "crops_per_slice": crops_per_slice,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "steps": epochs * steps_per_epoch,
-            "optimizer": "AdamW + OneCycleLR",
-            "pos_weight": [round(float(w), 3) for w in pos_weight],
-        },
-        "versions": {"lightsheet": __version__, "torch": torch.__version__},
-        "duration_s": round(time.perf_counter() - t_start, 1),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    save_model(net, out_path, record=record)
-    out_path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
-
-
-def truth_targets(
-    cells: Any, shape_zyx: Sequence[int], voxel_size_um: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Nucleus mask and per-slice nucleus boundary from ground-truth nuclei.
-
-    Parameters
-    ----------
-    cells : DataFrame
-        Columns ``z_um, y_um, x_um, diameter_um`` (voxel ``i`` has its centre at
-        ``i * voxel_size_um``).
-    shape_zyx : (3,) ints
-        Volume shape (Z, Y, X).
-    voxel_size_um : (3,) floats
-        Voxel size (z, y, x) in µm.
-
-    Returns
-    -------
-    nucleus, boundary : (Z, Y, X) ndarray of bool
-        Voxels inside a nucleus; nucleus voxels on the in-plane border of their nucleus
-        (next to background or another nucleus).
-    """
-    from skimage.segmentation import find_boundaries
-
-    shape = tuple(int(n) for n in shape_zyx)
-    vox = np.asarray(voxel_size_um, dtype=np.float64)
-    labels = np.zeros(shape, dtype=np.int32)
-    best = np.full(shape, np.inf, dtype=np.float32)
-    centres = cells[["z_um", "y_um", "x_um"]].to_numpy(dtype=np.float64)
-    radii_um = cells["diameter_um"].to_numpy(dtype=np.float64) / 2
-    for i, (c_um, r_um) in enumerate(zip(centres, radii_um, strict=True), start=1):
-        c = c_um / vox
-        r = r_um / vox
-        lo = np.maximum(np.floor(c - r).astype(int), 0)
-        hi = np.minimum(np.ceil(c + r).astype(int) + 1, shape)
-        if np.any(hi <= lo):
-            continue
-        grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
-        d = sum(((g - cc) / rr) ** 2 for g, cc, rr in zip(grids, c, r, strict=True))
-        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-        # shared voxels go to the nucleus whose (scaled) centre is nearer
-        take = (d <= 1.0) & (d < best[box])
-        labels[box][take] = i
-        best[box][take] = d[take]
-    nucleus = labels > 0
-    boundary = np.zeros(shape, dtype=bool)
-    for z in range(shape[0]):
-        boundary[z] = find_boundaries(labels[z], mode="inner") & nucleus[z]
-    return nucleus, boundary
-
-
-def _training_batch(
-    x: np.ndarray,
-    y: np.ndarray,
-    n: int,
-    crop: int,
-    rng: np.random.Generator,
-    centres: np.ndarray,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    zs = rng.integers(0, x.shape[0], n)
-    ys = rng.integers(0, x.shape[1] - crop + 1, n)
-    xs = rng.integers(0, x.shape[2] - crop + 1, n)
-    # half of the crops hold a nucleus somewhere (nuclei fill ~1 % of a sparse volume)
-    near = (rng.random(n) < 0.5) & (len(centres) > 0)
-    if near.any():
-        pick = centres[rng.integers(0, len(centres), int(near.sum()))]
-        zs[near] = pick[:, 0]
-        ys[near] = np.clip(pick[:, 1] - rng.integers(0, crop, len(pick)), 0, x.shape[1] - crop)
-        xs[near] = np.clip(pick[:, 2] - rng.integers(0, crop, len(pick)), 0, x.shape[2] - crop)
-    xb = np.stack([x[z, a : a + crop, b : b + crop] for z, a, b in zip(zs, ys, xs, strict=True)])
-    yb = np.stack([y[z, :, a : a + crop, b : b + crop] for z, a, b in zip(zs, ys, xs, strict=True)])
-    xb = xb[:, None].copy()
-    # geometry: the 8 flips/rotations of the square
-    k = int(rng.integers(4))
-    xb, yb = np.rot90(xb, k, axes=(2, 3)), np.rot90(yb, k, axes=(2, 3))
-    if rng.random() < 0.5:
-        xb, yb = xb[..., ::-1], yb[..., ::-1]
-    # intensity: per-crop gain, offset, gamma-like curvature and extra noise, so the features
-    # do not depend on one sample's brightness, background or noise level
-    gain = rng.uniform(0.6, 1.5, (n, 1, 1, 1))
-    offset = rng.uniform(-0.1, 0.1, (n, 1, 1, 1))
-    noise = rng.uniform(0.0, 0.05, (n, 1, 1, 1)) * rng.standard_normal(xb.shape)
-    # optics: a random extra blur on half of the crops (raw vs deconvolved sharpness)
-    for i in np.flatnonzero(rng.random(n) < 0.5):
-        xb[i, 0] = ndi.gaussian_filter(xb[i, 0], rng.uniform(0.3, 1.2))
-    xb = xb * gain + offset + noise
-    return (
-        torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)),
-        torch.from_numpy(np.ascontiguousarray(yb, dtype=np.float32)),
-    )
-
-
-@torch.inference_mode()
-def _validate(net: UNet, x: np.ndarray, y: np.ndarray, loss_fn: nn.Module) -> dict[str, float]:
-    losses, tp, tn, pos, neg = [], 0, 0, 0, 0
-    for z in range(x.shape[0]):
-        logits = net.logits(torch.from_numpy(x[z][None, None]))
-        target = torch.from_numpy(y[z][None])
-        losses.append(float(loss_fn(logits, target)))
-        pred = (logits[0, 0] > 0).numpy()
-        truth = y[z, 0] > 0.5
-        tp += int(np.sum(pred & truth))
-        tn += int(np.sum(~pred & ~truth))
-        pos += int(truth.sum())
-        neg += int((~truth).sum())
-    sens = tp / max(pos, 1)
-    spec = tn / max(neg, 1)
-    return {
-        "loss": round(float(np.mean(losses)), 5),
-        "nucleus_sensitivity": round(sens, 4),
-        "nucleus_specificity": round(spec, 4),
-        "nucleus_balanced_accuracy": round((sens + spec) / 2, 4),
-    }
-
-
-def _load_sample_channel(sample_dir: Path, timepoint: int) -> tuple[np.ndarray, dict, str]:
-    """The stitched nuclei channel of one time point, the sample info and a fingerprint."""
-    import re
-
-    import tifffile
-
-    info_path = sample_dir / "sample.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(
-            f"train: {sample_dir} has no sample.json; expected a folder made by `lightsheet sample`"
-        )
-    info = json.loads(info_path.read_text())
-    if not info.get("complete", False):
-        raise ValueError(f"train: {info_path} says the sample is incomplete")
-    channel = int(info.get("nuclei_channel", 0))
-    grid = tuple(int(g) for g in info["tile_grid"])
-    rx = re.compile(info["pattern"])
-    tiles: dict[tuple[int, int, int], Path] = {}
-    for p in sorted((sample_dir / "tiles").glob("*.tif*")):
-        m = rx.search(p.name)
-        if m is None:
-            continue
-        g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
-        if g.get("c", 0) == channel and g.get("t", 0) == timepoint:
-            tiles[(g.get("z", 0), g.get("y", 0), g.get("x", 0))] = p
-    missing = [idx for idx in np.ndindex(*grid) if idx not in tiles]
-    if missing:
-        raise FileNotFoundError(
-            f"train: {sample_dir / 'tiles'} lacks tiles {missing[:3]} (of grid {grid}) for "
-            f"channel {channel}, time point {timepoint}"
-        )
-    h = hashlib.sha256()
-    nested: list = []
-    for iz in range(grid[0]):
-        rows = []
-        for iy in range(grid[1]):
-            row = []
-            for ix in range(grid[2]):
-                tile = tifffile.imread(tiles[(iz, iy, ix)])
-                # the pixels, not the file bytes: TIFF metadata (dates, software) may differ
-                h.update(f"{(iz, iy, ix)}{tile.shape}{tile.dtype.str}".encode())
-                h.update(np.ascontiguousarray(tile).tobytes())
-                row.append(tile)
-            rows.append(row)
-        nested.append(rows)
-    truth = sample_dir / "truth" / "cells.csv"
-    if truth.is_file():
-        h.update(truth.read_bytes())
-    return np.block(nested), info, "sha256:" + h.hexdigest()
-
-
-def _load_truth(sample_dir: Path, timepoint: int) -> Any:
-    import pandas as pd
-
-    path = sample_dir / "truth" / "cells.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"train: no ground truth {path}; expected truth/cells.csv")
-    cells = pd.read_csv(path)
-    need = {"z_um", "y_um", "x_um", "diameter_um"}
-    if not need <= set(cells.columns):
-        raise ValueError(f"train: {path} lacks columns {sorted(need - set(cells.columns))}")
-    if "t" in cells.columns:
-        cells = cells[cells["t"] == timepoint]
-    return cells

@@ -29,7 +29,7 @@ from dask.array.overlap import ensure_minimum_chunksize
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-__all__ = ["Region", "is_stored", "map_overlap", "read_region"]
+__all__ = ["Region", "block_regions", "is_stored", "map_overlap", "read_region"]
 
 _BOUNDARIES = ("reflect", "none")
 
@@ -81,9 +81,10 @@ def is_stored(image: Any) -> bool:
     )
 
 
-def _regions(
-    chunks: tuple[tuple[int, ...], ...], depth: tuple[int, ...], boundary: str
+def block_regions(
+    chunks: tuple[tuple[int, ...], ...], depth: tuple[int, ...], boundary: str = "none"
 ) -> dict[tuple[int, ...], Region]:
+    """Every block of the grid ``chunks`` with its halo of ``depth``, by block index."""
     shape = tuple(sum(c) for c in chunks)
     bounds = [np.cumsum((0,) + tuple(c)).tolist() for c in chunks]
     out = {}
@@ -205,7 +206,7 @@ def map_overlap(
         grid = tuple(
             ensure_minimum_chunksize(d, c) if d else c for d, c in zip(depth, grid, strict=True)
         )
-    regions = _regions(grid, depth, boundary)
+    regions = block_regions(grid, depth, boundary)
     result_chunks = out_chunks if out_chunks is not None else grid
     if meta is None:
         meta = np.empty((0,) * len(result_chunks), dtype=dtype)

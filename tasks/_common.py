@@ -56,6 +56,10 @@ OUTPUTS = {
     "featurize": "features.ome.zarr",
     "segment": "labels.ome.zarr",
     "segment_table": "cells_segmented.csv",
+    "register": "registration.json",
+    "register_atlas": "registered_atlas.ome.zarr",
+    "register_hemispheres": "registered_hemispheres.ome.zarr",
+    "register_downsampled": "downsampled.ome.zarr",
     "density": "density.csv",
     "density_cells": "cells.csv",
 }

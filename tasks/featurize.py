@@ -46,6 +46,9 @@ def model_input(path: str | Path | None) -> dict:
 def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output: str) -> dict:
     """UNet features of one channel at every time point; features are the channel axis.
 
+    A model that declares the voxel size it was trained at runs on each block resampled to
+    it, and its features are resampled back to the image's voxel size (`featurize`).
+
     The UNet is 2-D per z-slice, so blocks are thinned in z until one block's F features fit
     in `FEATURE_BLOCK_BYTES`: memory per worker thread stays small whatever F is, at no cost
     in halo; each block writes levels 0 and 1 of the features (`feature_blocks`).
@@ -64,7 +67,8 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
             check_channel(channel, source.shape[1], "segment.channel")
             # each task reads its own region (with halo) from the stored image
             volumes = [stored_volume(image["path"], t, channel) for t in range(source.shape[0])]
-            n_features = featurize(volumes[0], model).shape[0]  # lazy: no compute
+            # lazy: no compute
+            n_features = featurize(volumes[0], model, voxel_size_um=voxel_size_um).shape[0]
             chunks, blocks = feature_blocks(
                 volumes[0].chunks,
                 volumes[0].shape,
@@ -74,7 +78,12 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
             features = da.stack(
                 [
                     featurize(
-                        v, model, dtype=config.dtype, batch_size=config.batch_size, chunks=blocks
+                        v,
+                        model,
+                        dtype=config.dtype,
+                        batch_size=config.batch_size,
+                        chunks=blocks,
+                        voxel_size_um=voxel_size_um,  # resampled to the model's voxel size
                     )
                     for v in volumes
                 ]

@@ -33,6 +33,7 @@ from lightsheet.lineage import file_content_fingerprint, finish_record, write_si
 from lightsheet.plots import plot_registration_qc
 from lightsheet.register import FixedGrid, check_channel, downsample, pick_level, register_atlas
 from tasks._common import (
+    OUTPUTS,
     Stage,
     StageSpec,
     dask_client,
@@ -43,12 +44,7 @@ from tasks._common import (
 from tasks.density import atlas_input
 
 #: The register stage's outputs, by role (the first is the record downstream reads).
-REGISTER_OUTPUTS = {
-    "register": "registration.json",
-    "register_atlas": "registered_atlas.ome.zarr",
-    "register_hemispheres": "registered_hemispheres.ome.zarr",
-    "register_downsampled": "downsampled.ome.zarr",
-}
+REGISTER_OUTPUTS = {role: name for role, name in OUTPUTS.items() if role.startswith("register")}
 TRANSFORMS = "registration"
 
 

@@ -55,8 +55,14 @@ def segment_volume(
 ) -> dict:
     """Label nuclei with ids unique over the volume and measure each cell once.
 
-    With ``method="model"`` the mask is the UNet's own nucleus head (``model``: checkpoint,
-    None for the bundled one) thresholded at ``config.threshold`` (default 0.5).
+    With ``config.background_channel`` (method local) candidates about as bright in that
+    autofluorescence channel as in the nuclei channel are dropped, and the table gains its
+    ``background_mean_intensity`` and ``background_contrast``.
+
+    With ``method="model"`` cells come from the UNet's own heads (``model``: checkpoint,
+    None for the bundled one; `lightsheet.segment.model`), resampled to and from the voxel
+    size it was trained at, thresholded at ``config.threshold`` or else at the probability
+    threshold its record validated on held-out volumes.
     """
     uses_model = config.method == "model"
     stage = Stage(segment_spec(image, features, config, model, output))
@@ -65,10 +71,16 @@ def segment_volume(
         with dask_client():
             source, voxel_size_um, _ = read_image(image["path"])
             check_channel(config.channel, source.shape[1], "segment.channel")
+            if config.background_channel is not None:
+                check_channel(
+                    config.background_channel, source.shape[1], "segment.background_channel"
+                )
+            net = None
             if uses_model:  # torch: only where tasks run
-                from lightsheet.featurize import foreground_probability, load_model
+                from lightsheet.featurize import load_model
 
                 net = load_model(model)
+                stage.spec.inputs["model"]["record"] = net.record  # shown by `lightsheet lineage`
             # smaller blocks than the other stages: the watershed's per-block working set is
             # large, and small blocks measured both faster and lighter (same cells: exact)
             chunks = default_chunks(
@@ -83,9 +95,10 @@ def segment_volume(
                     stored_volume(image["path"], t, config.channel),
                     voxel_size_um=voxel_size_um,
                     config=config,
-                    features=foreground_probability(source[t, config.channel], net)
-                    if uses_model
-                    else None,
+                    model=net,  # method "model": the UNet's heads, at its voxel size
+                    background=None
+                    if config.background_channel is None
+                    else stored_volume(image["path"], t, config.background_channel),
                     chunks=chunks,
                     compute=lambda c, what: compute_with_progress(
                         c, description=f"segment: {what}", stage=stage.name

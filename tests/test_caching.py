@@ -85,7 +85,7 @@ def test_lineage_names_everything(first_run):
     assert records["deconvolve"]["inputs"]["psf"]["path"].endswith("psf.tif")
     assert records["density"]["inputs"]["atlas"]["path"].endswith("atlas")
     assert records["featurize"]["inputs"]["model"]["fingerprint"]
-    assert records["segment"]["params"]["method"] == "otsu"
+    assert records["segment"]["params"]["method"] == "local"
     cli = subprocess.run(
         [sys.executable, "-m", "lightsheet.cli", "lineage", str(out / "density.csv")],
         capture_output=True,
@@ -116,7 +116,9 @@ def test_segment_parameter_recomputes_segment_and_density_only(sample, first_run
     from flows.pipeline import first_stale_stage
 
     config = load_config(sample / "config.yaml")
-    segment = config.segment.model_copy(update={"watershed": not config.segment.watershed})
+    segment = config.segment.model_copy(
+        update={"nucleus_diameter_um": config.segment.nucleus_diameter_um * 1.5}
+    )
     assert first_stale_stage(sample_config(sample, out, segment=segment)) == "segment"
     summary = run_flow(sample, out, segment=segment)
     assert reused(summary) == {
@@ -315,9 +317,15 @@ def test_paths_with_spaces_non_ascii_and_brackets(sample, first_run, tmp_path):
 
     key = asset_key(out / "density.csv")
     assert "~20" in key and "ü" in key and "~5B1~5D" in key
-    with get_client(sync_client=True) as client:
-        events = client.request("POST", "/events/filter", json={"limit": 50}).json()["events"]
-    assert any(e["resource"]["prefect.resource.id"] == key for e in events), key
+    query = {"filter": {"resource": {"id": [key]}}, "limit": 5}
+    events = []
+    for _ in range(60):  # events reach the server asynchronously, after the flow returns
+        with get_client(sync_client=True) as client:
+            events = client.request("POST", "/events/filter", json=query).json()["events"]
+        if events:
+            break
+        time.sleep(0.5)
+    assert [e["resource"]["prefect.resource.id"] for e in events][:1] == [key]
 
 
 def test_noop_rerun_starts_no_prefect(sample, first_run, tmp_path):

@@ -230,6 +230,17 @@ def test_deployment_settings_stored_with_the_deployment(stack):
         assert settings.cluster_address is None and settings.cluster_jobqueue is None
 
 
+def refused_when_started(stack, deployment: str, params: dict) -> str:
+    """Create a run the server accepts (201), wait for it; it fails: its state message."""
+    dep = stack.deployment(deployment)
+    with stack.client() as c:
+        r = c.post(f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
+    assert r.status_code == 201, r.text
+    run = stack.wait_final(r.json()["id"], RUN_TIMEOUT_S)
+    assert run["state_type"] == "FAILED", run["state"]
+    return run["state"]["message"]
+
+
 def test_symlink_out_of_the_roots_refused_when_the_run_starts(stack, tiny_params, tmp_path):
     """A path the server's pattern accepts, but that leads outside the roots by a link."""
     link = tmp_path / "psf.tif"
@@ -237,13 +248,7 @@ def test_symlink_out_of_the_roots_refused_when_the_run_starts(stack, tiny_params
     params = copy.deepcopy(tiny_params)
     params["config"]["psf"] = str(link)
     params["config"]["output"] = str(tmp_path / "out")
-    dep = stack.deployment("lightsheet-pipeline/pipeline")
-    with stack.client() as c:
-        r = c.post(f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
-    assert r.status_code == 201, r.text
-    run = stack.wait_final(r.json()["id"], RUN_TIMEOUT_S)
-    assert run["state_type"] == "FAILED", run["state"]
-    message = run["state"]["message"]
+    message = refused_when_started(stack, "lightsheet-pipeline/pipeline", params)
     assert "psf" in message and "resolves to /etc/hostname" in message, message
     assert not (tmp_path / "out").exists(), "nothing is written for a refused run"
 
@@ -277,3 +282,19 @@ def test_state_is_private_and_no_secret_in_arguments(stack):
                 seen.append(argv.replace(b"\0", b" ").decode(errors="replace")[:200])
     assert not seen, f"the password is in a process's arguments: {seen}"
     assert os.access(stack.home / "env", os.R_OK)  # still readable by its owner
+
+
+def test_sweep_outside_the_roots_refused(stack, tmp_path):
+    """The sweep deployment writes only inside the data roots, like the pipeline's: a path
+    outside is refused at creation, one that leads outside by a link when the run starts."""
+    dep = stack.deployment("lightsheet-sweep/sweep")
+    params = {"source": str(tmp_path / "x.ome.zarr"), "settings": [{}], "output": "/etc/sweeps"}
+    with stack.client() as c:
+        r = c.post(f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
+        assert 400 <= r.status_code < 500, r.text
+    link = tmp_path / "elsewhere"
+    link.symlink_to("/etc")
+    params["output"] = str(link / "sweeps")
+    message = refused_when_started(stack, "lightsheet-sweep/sweep", params)
+    assert "sweep output" in message and "resolves to /etc/sweeps" in message, message
+    assert not Path("/etc/sweeps").exists()

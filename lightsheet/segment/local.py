@@ -1,0 +1,510 @@
+"""Detection that follows the local background: the ``local`` method (the default).
+
+Real tissue is not a dark field with bright nuclei: autofluorescence varies several-fold
+across a brain, the outside is dark, planes and tiles differ in brightness, and the texture
+of the tissue is the noise a cell must stand out from. A global intensity split picks the
+tissue, not the cells. This method asks of every voxel how far it stands out at the size of
+a cell, in units of the variation of the tissue around it:
+
+1. **Smoothing at the cell's scale.** ``I_s = G(σ) * I`` with σ a fifth of the diameter per
+   axis (in µm, so anisotropic voxels are handled).
+2. **Local statistics, per plane** (:func:`plane_statistics`). The planes are cut into bins
+   of about one diameter square. Each bin gives the median of ``I_s`` and its median
+   absolute deviation (× 1.4826: the SD of Gaussian noise). The background ``B`` is the
+   median of the bin medians over 3 × 3 bins; the noise ``S`` the median of the bin
+   deviations over 9 × 9 bins (about nine diameters, where cells fill well under half of
+   the bins, so ``S`` measures the tissue's texture and noise, not the cells). Both are
+   interpolated linearly between bin centres. Per plane because light-sheet planes are
+   acquired one at a time and their brightness steps (tile seams, sheet power, bleaching);
+   medians because bright cells, vessels and the dark outside must not move the level of
+   their neighbours.
+3. **Significance** ``z = (I_s − B) / S``; seeds, basins and splits by the steepest-ascent
+   watershed on ``z`` over voxels with ``z > 2`` (`lightsheet.segment.watershed`, exact at
+   any chunking). Two peaks stay separate cells when the dip between them is at least 2
+   noise SDs deep (dynamics), else they merge: a cell elongated by the axial PSF has many
+   shallow maxima.
+4. **Cells.** A basin whose peak stands at least ``min_peak_sd`` above its background is a
+   cell. Its body is its basin at no less than 0.7 of its peak (whatever its brightness);
+   its centroid weights each voxel by how far it rises above that level. The size filter
+   applies to the body. ``contrast`` is ``Σ(I_s − B) / ΣB`` over the body.
+5. **Artefacts** (``background_channel``). Vessels, debris and lipofuscin shine in every
+   channel: a candidate whose contrast in the autofluorescence channel (measured the same
+   way on that channel) is at least ``background_ratio`` of its contrast in the nuclei
+   channel is dropped.
+
+Every scale derives from ``nucleus_diameter_um`` and the voxel size. The bins form a fixed
+grid of the volume, and the statistics pass cuts blocks of whole bins, so every bin is
+computed in one piece and the result does not depend on the chunking.
+
+Passes over the data: statistics (one per channel), the watershed analysis, the
+measurement, and the labels when written. Each re-smooths halo-padded blocks (nothing
+volume-sized is stored or held); the bin statistics are ``1 / (bin side)²`` of the volume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import scipy.ndimage as ndi
+
+from lightsheet.regions import Region, block_regions, read_region
+from lightsheet.segment._common import _ndi_for, _to_numpy, _xp_for, label_dtype
+from lightsheet.segment.measure import _combine, _measure_block
+from lightsheet.segment.threshold import _compute
+from lightsheet.segment.watershed import _basin_block, _watershed_analysis
+
+__all__ = ["LocalGeometry", "LocalResult", "detect_local", "plane_statistics", "smooth"]
+
+#: Smoothing σ as a fraction of the diameter.
+SMOOTH_SIGMA = 0.2
+#: The background's median runs over this many bins a side.
+BACKGROUND_WINDOW_BINS = 3
+#: The noise's median runs over this many bins a side.
+NOISE_WINDOW_BINS = 9
+#: Basins live where the significance exceeds this (noise SDs).
+MASK_SD = 2.0
+#: Two peaks are two cells when the dip between them is this deep (noise SDs).
+SPLIT_SD = 2.0
+#: A cell's body: the voxels of its basin at no less than this fraction of its peak.
+BODY_FRACTION = 0.7
+_MAD_TO_SD = 1.4826
+
+
+@dataclass(frozen=True)
+class LocalGeometry:
+    """The method's scales in voxels, derived from the diameter and the voxel size.
+
+    Attributes
+    ----------
+    sigma_vox : (3,) floats
+        Smoothing σ per axis.
+    depth : (3,) ints
+        Halo that makes a block's smoothing exact (the Gaussian's radius).
+    bin_vox : (3,) ints
+        Statistics bin: one plane, about one diameter in y and x.
+    """
+
+    sigma_vox: tuple[float, float, float]
+    depth: tuple[int, int, int]
+    bin_vox: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, voxel_size_um: Sequence[float], diameter_um: float) -> LocalGeometry:
+        """The geometry for a cell diameter at a voxel size.
+
+        Examples
+        --------
+        >>> g = LocalGeometry.of((5.0, 2.0, 2.0), 14.0)
+        >>> g.sigma_vox, g.depth, g.bin_vox
+        ((0.56, 1.4, 1.4), (2, 6, 6), (1, 7, 7))
+        """
+        sigma = tuple(round(SMOOTH_SIGMA * diameter_um / v, 6) for v in voxel_size_um)
+        depth = tuple(int(4.0 * s + 0.5) for s in sigma)  # scipy's Gaussian radius
+        bins = (1,) + tuple(max(1, round(diameter_um / v)) for v in voxel_size_um[1:])
+        return cls(sigma, depth, bins)  # type: ignore[arg-type]
+
+
+def smooth(block: Any, geometry: LocalGeometry) -> Any:
+    """``G(σ) * block`` in float32 (NumPy or CuPy), exact ``geometry.depth`` from the edges."""
+    nd = _ndi_for(block)
+    xp = _xp_for(block)
+    return nd.gaussian_filter(
+        block.astype(xp.float32, copy=False), geometry.sigma_vox, truncate=4.0
+    )
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _snap(grid: tuple[tuple[int, ...], ...], bins: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Chunks of the same shape whose sides (but the last) are whole numbers of bins."""
+    out = []
+    for c, b in zip(grid, bins, strict=True):
+        n, step = sum(c), max(b, round(max(c) / b) * b)
+        out.append(tuple([step] * (n // step) + ([n % step] if n % step else [])))
+    return tuple(out)
+
+
+def _bin_stats_block(padded: Any, *, region: Region, geometry: LocalGeometry) -> np.ndarray:
+    """Median and MAD × 1.4826 of the smoothed core in each bin: ``(2, Z, NY, NX)``."""
+    a = _to_numpy(smooth(padded, geometry)[region.core])
+    _, by, bx = geometry.bin_vox
+    z, y, x = a.shape
+    ny, nx = -(-y // by), -(-x // bx)
+    out = np.empty((2, z, ny, nx), np.float32)
+    # whole bins at once; the volume's last row and column of bins may be partial
+    for ys, ye in ((0, min(ny, y // by)), (y // by, ny)):
+        for xs, xe in ((0, min(nx, x // bx)), (x // bx, nx)):
+            if ye <= ys or xe <= xs:
+                continue
+            part = a[:, ys * by : min(y, ye * by), xs * bx : min(x, xe * bx)]
+            h, w = -(-part.shape[1] // (ye - ys)), -(-part.shape[2] // (xe - xs))
+            cells = part.reshape(z, ye - ys, h, xe - xs, w).transpose(0, 1, 3, 2, 4)
+            cells = cells.reshape(z, ye - ys, xe - xs, h * w)
+            med = np.median(cells, axis=-1)
+            out[0, :, ys:ye, xs:xe] = med
+            out[1, :, ys:ye, xs:xe] = np.median(np.abs(cells - med[..., None]), axis=-1)
+    out[1] *= _MAD_TO_SD
+    return out
+
+
+def plane_statistics(
+    image: Any, geometry: LocalGeometry, *, chunks: tuple[tuple[int, ...], ...]
+) -> tuple[da.Array, da.Array]:
+    """Background ``B`` and noise ``S`` per plane on the bin grid (lazy).
+
+    Parameters
+    ----------
+    image : (Z, Y, X) dask array or stored array-like
+    geometry : LocalGeometry
+    chunks : chunk grid
+        Blocks of the statistics pass (snapped to whole bins).
+
+    Returns
+    -------
+    background, noise : (Z, ceil(Y / by), ceil(X / bx)) dask arrays of float32
+        The median over 3 × 3 bins of each bin's median of the smoothed image, and the
+        median over 9 × 9 bins of each bin's MAD × 1.4826.
+    """
+    grid = _snap(chunks, geometry.bin_vox)
+    regions = block_regions(grid, geometry.depth)
+    blocks = _padded(image, regions)
+    parts = np.empty(tuple(len(c) for c in grid), dtype=object)
+    for idx, r in regions.items():
+        shape = tuple(
+            -(-(b - a) // n) for a, b, n in zip(r.start, r.stop, geometry.bin_vox, strict=True)
+        )
+        parts[idx] = da.from_delayed(
+            dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry),
+            shape=(2, *shape),
+            dtype=np.float32,
+            meta=np.empty((0, 0, 0, 0), np.float32),
+        )
+    stats = da.concatenate(
+        [
+            da.concatenate([da.concatenate(list(row), axis=3) for row in plane], axis=2)
+            for plane in parts
+        ],
+        axis=1,
+    )
+    return _median_bins(stats[0], BACKGROUND_WINDOW_BINS), _median_bins(stats[1], NOISE_WINDOW_BINS)
+
+
+def _median_bins(bins: da.Array, window: int) -> da.Array:
+    half = window // 2
+    depth = {0: 0, 1: min(half, bins.shape[1] - 1), 2: min(half, bins.shape[2] - 1)}
+    return bins.map_overlap(
+        ndi.median_filter,
+        depth=depth,
+        boundary="nearest",
+        dtype=np.float32,
+        size=(1, window, window),
+        mode="nearest",
+    )
+
+
+def _lerp(values: np.ndarray, axis: int, coords: np.ndarray, b: int, first: int, n: int):
+    """Linear interpolation along ``axis`` between bin centres ``(j + 0.5) b − 0.5``."""
+    u = (coords + 0.5) / b - 0.5
+    j0 = np.floor(u)
+    w = (u - j0).astype(np.float32)
+    lo = np.clip(j0.astype(np.int64), 0, n - 1) - first
+    hi = np.clip(j0.astype(np.int64) + 1, 0, n - 1) - first
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    w = w.reshape(shape)
+    return np.take(values, lo, axis=axis) * (1 - w) + np.take(values, hi, axis=axis) * w
+
+
+def _bin_span(start: int, stop: int, b: int, n: int) -> tuple[int, int]:
+    """The bins ``[lo, hi)`` `_lerp` reads for voxels ``[start, stop)``."""
+    lo = min(max(0, math.floor((start + 0.5) / b - 0.5)), n - 1)
+    hi = min(n, max(1, math.floor((stop - 0.5) / b - 0.5) + 2))
+    return lo, max(hi, lo + 1)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def _padded(image: Any, regions: dict) -> dict:
+    """Each region's halo-padded block, delayed: read from the store, or cut from dask."""
+    out = {}
+    if isinstance(image, da.Array):
+        for idx, r in regions.items():
+            sl = tuple(
+                slice(a - lo, b + hi)
+                for a, b, lo, hi in zip(r.start, r.stop, r.lo, r.hi, strict=True)
+            )
+            out[idx] = dask.delayed(np.asarray)(image[sl])
+        return out
+    source = dask.delayed(image, pure=True, traverse=False)
+    for idx, r in regions.items():
+        out[idx] = dask.delayed(read_region)(source, r)
+    return out
+
+
+def _shell_extent(region: Region) -> list[tuple[int, int]]:
+    """Volume coordinates ``[first, stop)`` of a block and its one-voxel shell, per axis."""
+    return [
+        (a - min(1, lo), b + min(1, hi))
+        for a, b, lo, hi in zip(region.start, region.stop, region.lo, region.hi, strict=True)
+    ]
+
+
+def _shell(region: Region) -> tuple[slice, ...]:
+    """The block and its one-voxel shell in the padded block's coordinates."""
+    return tuple(
+        slice(lo - min(1, lo), lo + (b - a) + min(1, hi))
+        for lo, hi, a, b in zip(region.lo, region.hi, region.start, region.stop, strict=True)
+    )
+
+
+def _maps(region: Region, geometry: LocalGeometry, nbins) -> tuple[tuple, list]:
+    """The bins a block's shell reads: index slices, and (first, n) per axis for `_lerp`."""
+    ext = _shell_extent(region)
+    spans = [(ext[0][0], ext[0][1], 0)] + [
+        (*_bin_span(*ext[a], geometry.bin_vox[a], nbins[a]), nbins[a]) for a in (1, 2)
+    ]
+    return tuple(slice(lo, hi) for lo, hi, _ in spans), spans
+
+
+def _contrast_parts(padded, background, noise, region: Region, spans, geometry) -> dict:
+    """On a block and its shell: ``E = I_s − B``, ``B`` and (with ``noise``) ``z = E / S``."""
+    sl = _shell(region)
+    s = _to_numpy(smooth(padded, geometry)[sl])
+    ext = _shell_extent(region)
+    for axis in (1, 2):
+        coords = np.arange(*ext[axis], dtype=np.float64)
+        b, first, n = geometry.bin_vox[axis], spans[axis][0], spans[axis][2]
+        background = _lerp(background, axis, coords, b, first, n)
+        if noise is not None:
+            noise = _lerp(noise, axis, coords, b, first, n)
+    e = s - background
+    out = {"E": e, "B": background}
+    if noise is not None:
+        z = np.zeros(e.shape, np.float32)
+        np.divide(e, noise, out=z, where=noise > 0)
+        out["z"] = z
+    return out
+
+
+def _elevation(parts: dict) -> np.ndarray:
+    z = parts["z"]
+    return np.where(z > MASK_SD, z, np.float32(np.nan))
+
+
+def _core(a: np.ndarray, region: Region) -> np.ndarray:
+    lo = [min(1, x) for x in region.lo]
+    return a[tuple(slice(lo[i], lo[i] + region.stop[i] - region.start[i]) for i in range(3))]
+
+
+def _body(elev, region, plan, peaks, struct, shape) -> tuple[np.ndarray, np.ndarray]:
+    """A block's cell-body labels (``z ≥ BODY_FRACTION × peak``) and centroid weights."""
+    m = ~np.isnan(elev)
+    lo = tuple(min(1, x) for x in region.lo)
+    hi = tuple(min(1, x) for x in region.hi)
+    lab = _basin_block(elev, m, struct, lo, hi, region.start, shape, plan, np.int64)
+    z = _core(np.nan_to_num(elev, nan=-np.inf), region)
+    top = peaks[lab]
+    keep = (lab > 0) & (z >= BODY_FRACTION * top)
+    return np.where(keep, lab, 0), np.where(keep, z - BODY_FRACTION * top, 0.0)
+
+
+def _measure_cells(elev, parts, region, plan, peaks, struct, shape, image, bg) -> pd.DataFrame:
+    body, w = _body(elev, region, plan, peaks, struct, shape)
+    sums = {"E": _core(parts["E"], region), "B": _core(parts["B"], region)}
+    if bg is not None:
+        raw, bg_parts = bg
+        sums["bg_raw"] = raw
+        sums["bg_E"] = _core(bg_parts["E"], region)
+        sums["bg_B"] = _core(bg_parts["B"], region)
+    return _measure_block(body, image, region.start, weights=w, sums=sums)
+
+
+def _final_block(elev, region, plan, peaks, struct, shape, keep_lut, dtype) -> np.ndarray:
+    body, _ = _body(elev, region, plan, peaks, struct, shape)
+    return keep_lut[body].astype(dtype)
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What :func:`detect_local` returns: lazy labels ``1 … n`` and one row per cell."""
+
+    labels: da.Array
+    table: pd.DataFrame
+
+
+def _channel_parts(image, geometry, grid, regions, with_noise: bool) -> dict:
+    """Per block, the delayed `_contrast_parts` of one channel."""
+    background, noise = plane_statistics(image, geometry, chunks=grid)
+    blocks = _padded(image, regions)
+    out = {}
+    for idx, r in regions.items():
+        sel, spans = _maps(r, geometry, background.shape)
+        out[idx] = dask.delayed(_contrast_parts)(
+            blocks[idx],
+            background[sel],
+            noise[sel] if with_noise else None,
+            r,
+            spans,
+            geometry,
+        )
+    return out
+
+
+def _core_blocks(image: Any, grid) -> np.ndarray:
+    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=grid)
+    return arr.rechunk(grid).to_delayed()
+
+
+def detect_local(
+    image: Any,
+    *,
+    voxel_size_um: Sequence[float],
+    diameter_um: float,
+    min_peak_sd: float,
+    volume_range_um3: tuple[float, float],
+    struct: np.ndarray,
+    chunks: tuple[tuple[int, ...], ...],
+    background: Any = None,
+    background_ratio: float = 0.5,
+    compute: Callable[[Any, str], Any] | None = None,
+) -> LocalResult:
+    """Cells of ``image`` by the local method (see the module's description).
+
+    Parameters
+    ----------
+    image : (Z, Y, X) dask array or stored array-like
+        The nuclei channel.
+    voxel_size_um : (3,) floats
+    diameter_um : float
+        Typical cell diameter: every scale of the method derives from it.
+    min_peak_sd : float
+        Least peak significance of a cell (robust noise SDs above its background).
+    volume_range_um3 : (float, float)
+        Size filter on the cell bodies.
+    struct : (3, 3, 3) bool ndarray
+        Neighbourhood of the watershed.
+    chunks : chunk grid
+        Blocks of the analysis (and of the labels).
+    background : (Z, Y, X) dask array or stored array-like, optional
+        The autofluorescence channel (same shape): artefacts are dropped, and its mean
+        intensity and contrast become columns.
+    background_ratio : float
+        Drop a candidate whose background-channel contrast is at least this fraction of its
+        nuclei-channel contrast.
+    compute : callable, optional
+        ``compute(collection, description)`` runs each pass (default ``dask.compute``).
+
+    Returns
+    -------
+    LocalResult
+        ``table`` has :data:`lightsheet.segment.TABLE_COLUMNS` plus ``peak_sd`` (the
+        peak's significance) and ``contrast``, and with a background channel
+        ``background_mean_intensity`` and ``background_contrast``.
+    """
+    vs = tuple(float(v) for v in voxel_size_um)
+    geometry = LocalGeometry.of(vs, diameter_um)
+    shape = tuple(int(s) for s in image.shape)
+    grid = chunks
+    numblocks = tuple(len(c) for c in grid)
+    regions = block_regions(grid, tuple(d + 1 for d in geometry.depth))
+    parts = _channel_parts(image, geometry, grid, regions, with_noise=True)
+    bg_parts = (
+        None
+        if background is None
+        else _channel_parts(background, geometry, grid, regions, with_noise=False)
+    )
+    elev = np.empty(numblocks, dtype=object)
+    for idx, r in regions.items():
+        elev[idx] = da.from_delayed(
+            dask.delayed(_elevation)(parts[idx]),
+            shape=tuple(b - a for a, b in _shell_extent(r)),
+            dtype=np.float32,
+            meta=np.empty((0, 0, 0), np.float32),
+        )
+    e_ov = da.block(elev.tolist())
+    _, _, _, peaks, plans = _watershed_analysis(
+        e_ov, ~da.isnan(e_ov), grid, struct, SPLIT_SD, 0, compute=compute
+    )
+    # a label is a cell when its peak is significant; others get no body
+    peaks_by_label = np.r_[-np.inf, peaks]
+    cell_peaks = np.where(peaks_by_label >= min_peak_sd, peaks_by_label, np.inf)
+    e_blocks = e_ov.to_delayed()
+    i_blocks = _core_blocks(image, grid)
+    b_blocks = None if background is None else _core_blocks(background, grid)
+    measured = [
+        dask.delayed(_measure_cells)(
+            e_blocks[idx],
+            parts[idx],
+            regions[idx],
+            plans[idx],
+            cell_peaks,
+            struct,
+            shape,
+            i_blocks[idx],
+            None if background is None else (b_blocks[idx], bg_parts[idx]),
+        )
+        for idx in np.ndindex(numblocks)
+    ]
+    (tables,) = _compute(compute, [measured], "measurement (cell bodies)")
+    table = _finish_table(
+        _combine(list(tables), vs), peaks_by_label, vs, volume_range_um3, background,
+        background_ratio,
+    )  # fmt: skip
+    # the labels written: bodies of the cells kept, numbered 1..len(table)
+    keep_lut = np.zeros(len(peaks_by_label), np.int64)
+    keep_lut[table["label"].to_numpy()] = np.arange(1, len(table) + 1)
+    dtype = label_dtype(len(table))
+    pieces = np.empty(numblocks, dtype=object)
+    for idx, r in regions.items():
+        task = dask.delayed(_final_block)(
+            e_blocks[idx], r, plans[idx], cell_peaks, struct, shape, keep_lut, dtype
+        )
+        pieces[idx] = da.from_delayed(
+            task,
+            shape=tuple(b - a for a, b in zip(r.start, r.stop, strict=True)),
+            dtype=dtype,
+            meta=np.empty((0, 0, 0), dtype),
+        )
+    table["label"] = np.arange(1, len(table) + 1, dtype=np.int64)
+    return LocalResult(labels=da.block(pieces.tolist()), table=table.reset_index(drop=True))
+
+
+def _finish_table(
+    raw: pd.DataFrame,
+    peaks_by_label: np.ndarray,
+    voxel_size_um: tuple[float, float, float],
+    volume_range_um3: tuple[float, float],
+    background: Any,
+    ratio: float,
+) -> pd.DataFrame:
+    """Size filter, the peak and contrast columns, artefact rejection."""
+    lo, hi = volume_range_um3
+    sums = ["sum_E", "sum_B"]
+    if background is not None:
+        sums += ["sum_bg_raw", "sum_bg_E", "sum_bg_B"]
+    for c in sums:
+        if c not in raw:  # no cell in any block
+            raw[c] = pd.Series(dtype=np.float64)
+    t = raw[(raw["volume_um3"] >= lo) & (raw["volume_um3"] <= hi)].copy()
+    t["peak_sd"] = peaks_by_label[t["label"].to_numpy()]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t["contrast"] = t.pop("sum_E") / t.pop("sum_B")
+        if background is not None:
+            count = np.rint(t["volume_um3"] / math.prod(voxel_size_um))
+            t["background_mean_intensity"] = t.pop("sum_bg_raw") / count
+            t["background_contrast"] = t.pop("sum_bg_E") / t.pop("sum_bg_B")
+    if background is not None:
+        t = t[~(t["background_contrast"] >= ratio * t["contrast"]).to_numpy()]
+    return t.reset_index(drop=True)

@@ -1,0 +1,209 @@
+"""Training from annotated volumes: data loading, split by volume, smoke run, record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lightsheet.config import TrainConfig, TrainData
+from lightsheet.errors import AnnotationError, ConfigError
+from lightsheet.train import (
+    THRESHOLDS,
+    centre_map,
+    load_train_config,
+    load_volumes,
+    spheres_mask,
+    split_volumes,
+    train,
+)
+
+FIXTURE = Path(__file__).parent / "data" / "delivr-cfos"
+DELIVR_UM = (6.0, 1.62, 1.62)
+
+
+def _delivr(**kw) -> TrainData:
+    args = {
+        "name": "delivr-cfos",
+        "licence": "MIT",
+        "licence_file": FIXTURE / "LICENSE",
+        "source": "github.com/erturklab/delivr_cfos",
+        "voxel_size_um": DELIVR_UM,
+        "images": "images/*.tif",
+        "masks": "masks/{name}_mask.tif",
+        "min_component_voxels": 4,
+    }
+    return TrainData(**{**args, **kw})
+
+
+def _smoke_config(**kw) -> TrainConfig:
+    args = {
+        "data": [_delivr()],
+        "steps": 12,
+        "batch_size": 4,
+        "crop_px": 32,
+        "model": {"width": 4, "features": 4, "in_channels": 3},
+        "match_distance_um": 6.0,
+        "device": "cpu",
+    }
+    return TrainConfig(**{**args, **kw})
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def test_masks_give_cells_and_centres_like_the_points_list():
+    config = _smoke_config()
+    volumes = load_volumes(config, FIXTURE, voxel_size_um=DELIVR_UM)
+    assert [v.name for v in volumes] == [
+        "delivr-cfos/patch_1008_0",
+        "delivr-cfos/patch_695_4",
+        "delivr-cfos/patch_969_6",
+    ]
+    for v in volumes:
+        stem = v.name.split("/")[1]
+        points = np.loadtxt(FIXTURE / "points" / f"{stem}_points.csv", delimiter=",", skiprows=1)
+        kept = points[points[:, 3] >= 4, :3]  # components of at least 4 voxels
+        np.testing.assert_allclose(np.sort(v.centres, axis=0), np.sort(kept, axis=0), atol=2e-3)
+        assert v.image.shape == v.nucleus.shape == (16, 64, 64)
+        assert v.image.dtype == np.float32 and 0.0 <= np.median(v.image) <= 1.0
+        assert v.fingerprint.startswith("sha256:")
+
+
+def test_point_annotations_and_other_voxel_sizes_are_resampled():
+    # the same crops declared at twice the model's voxel size in y and x: read at their own
+    # voxel size, resampled to the model's (as featurize does), points drawn as spheres
+    data = _delivr(voxel_size_um=(6.0, 3.24, 3.24), masks=None, points="points/{name}_points.csv")
+    config = _smoke_config(data=[data], nucleus_diameter_um=10.0)
+    volumes = load_volumes(config, FIXTURE, voxel_size_um=DELIVR_UM)
+    v = volumes[0]
+    assert v.image.shape == (16, 127, 127)  # (64 - 1) * 2 + 1
+    assert v.nucleus is None  # drawn once the diameter is known (in `train`)
+    raw = np.loadtxt(FIXTURE / "points" / "patch_1008_0_points.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(v.centres, raw[:, :3] * [1, 2, 2])
+    mask = spheres_mask(v.centres, 10.0, v.image.shape, DELIVR_UM)
+    assert mask[tuple(np.round(v.centres[0]).astype(int))]
+
+
+def test_sample_volumes_are_read_with_ingest_and_stitch(tiny_sample):
+    import pandas as pd
+
+    data = TrainData(name="phantom", licence="generated", sample=tiny_sample)
+    config = TrainConfig(data=[data])
+    info = json.loads((tiny_sample / "sample.json").read_text())
+    volumes = load_volumes(config, Path("."), voxel_size_um=info["voxel_size_um"])
+    truth = pd.read_csv(tiny_sample / "truth" / "cells.csv")
+    assert len(volumes) == 1 and len(volumes[0].centres) == len(truth)
+    assert volumes[0].image.shape == tuple(info["shape"][2:])
+    assert volumes[0].nucleus.mean() > 0.001
+
+
+def test_split_is_by_whole_volume_across_cell_counts():
+    config = _smoke_config()
+    volumes = load_volumes(config, FIXTURE, voxel_size_um=DELIVR_UM)
+    train_v, val_v = split_volumes(volumes, config)
+    assert len(val_v) == 1 and len(train_v) == 2
+    assert {v.name for v in train_v}.isdisjoint(v.name for v in val_v)
+    # the held-out one is picked from the middle of the cell counts, not the extremes
+    assert val_v[0].name == "delivr-cfos/patch_1008_0"
+    named = _smoke_config(validation=["delivr-cfos/patch_695_4"])
+    assert [v.name for v in split_volumes(volumes, named)[1]] == ["delivr-cfos/patch_695_4"]
+    with pytest.raises(ConfigError, match="not volumes"):
+        split_volumes(volumes, _smoke_config(validation=["nope"]))
+    with pytest.raises(ConfigError, match="one volume cannot be split"):
+        split_volumes(volumes[:1], config)
+
+
+def test_centre_map_peaks_at_the_centres():
+    m = centre_map(np.array([[4.0, 10.0, 10.0]]), (9, 21, 21), (2.0, 1.0, 1.0), 2.0)
+    assert np.unravel_index(m.argmax(), m.shape) == (4, 10, 10) and m.max() == 1.0
+    assert abs(m[4, 10, 12] - np.exp(-0.5)) < 1e-6 and abs(m[5, 10, 10] - np.exp(-0.5)) < 1e-6
+
+
+def test_bad_training_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of images"):
+        TrainData(name="x", licence="MIT", voxel_size_um=DELIVR_UM, masks="m.tif")
+    with pytest.raises(ValueError, match="exactly one of masks or points"):
+        TrainData(name="x", licence="MIT", voxel_size_um=DELIVR_UM, images="*.tif")
+    with pytest.raises(ValueError, match="voxel_size_um is required"):
+        TrainData(name="x", licence="MIT", images="*.tif", masks="{name}.tif")
+    with pytest.raises(ValueError, match="extra"):
+        TrainConfig.model_validate({"data": [_delivr().model_dump()], "epochs": 3})
+    with pytest.raises(AnnotationError, match="mask .*nope_mask.tif not found"):
+        load_volumes(
+            _smoke_config(data=[_delivr(masks="masks/nope_mask.tif")]),
+            FIXTURE,
+            voxel_size_um=DELIVR_UM,
+        )
+    with pytest.raises(AnnotationError, match="no files match"):
+        load_volumes(
+            _smoke_config(data=[_delivr(images="none/*.tif")]), FIXTURE, voxel_size_um=DELIVR_UM
+        )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": [], "steps": 3}))
+    with pytest.raises(ConfigError, match="invalid training config"):
+        load_train_config(bad)
+
+
+# ------------------------------------------------------------------------------- smoke run
+
+
+@pytest.fixture(scope="module")
+def smoke_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "model.safetensors"
+    record = train(_smoke_config(), out, base=FIXTURE, command="pytest smoke")
+    return out, record
+
+
+def test_smoke_training_writes_a_safe_checkpoint_with_its_record(smoke_model):
+    from lightsheet.featurize import load_model
+
+    out, record = smoke_model
+    assert out.read_bytes()[8:9] == b"{"  # a safetensors header, no pickle
+    model = load_model(out)
+    assert model.record == record == json.loads(out.with_suffix(".json").read_text())
+    assert model.voxel_size_um == DELIVR_UM and model.targets == ("nucleus", "centre")
+    assert model.in_channels == 3 and model.detection["threshold"] in THRESHOLDS
+    (data,) = record["data"]
+    assert data["name"] == "delivr-cfos" and data["licence"] == "MIT"
+    assert data["licence_text"].startswith("MIT License") and len(data["volumes"]) == 3
+    assert record["normalisation"]["percentiles"] == [1.0, 99.8]
+    val = record["validation"]
+    assert val["volumes"] == ["delivr-cfos/patch_1008_0"]
+    assert set(val["volumes"]).isdisjoint(record["training"]["train_volumes"])
+    assert 0.0 <= val["f1"] <= 1.0 and val["threshold"] == record["detection"]["threshold"]
+    assert len(val["f1_by_threshold"]) == len(THRESHOLDS)
+    assert np.isfinite(record["training"]["loss_history"]).all()
+
+
+def test_the_record_is_shown_by_lineage(smoke_model):
+    from lightsheet.cli import format_lineage_step
+
+    _, record = smoke_model
+    step = {
+        "stage": "segment",
+        "inputs": {"model": {"kind": "model checkpoint", "path": "m", "record": record}},
+    }
+    text = format_lineage_step("labels.ome.zarr", step)
+    assert "data 'delivr-cfos' (MIT licence" in text
+    assert "trained at voxel size (z, y, x) [6.0, 1.62, 1.62] µm" in text
+    assert "held-out scores (1 volumes, match within 6.0 µm): F1" in text
+    assert f"probability threshold {record['detection']['threshold']}" in text
+
+
+def test_cli_train(tmp_path):
+    from lightsheet.cli import main
+
+    cfg = tmp_path / "train.yaml"
+    config = _smoke_config(steps=2).model_dump(mode="json")
+    config["data"][0]["licence_file"] = "LICENSE"
+    cfg.write_text(yaml.safe_dump(config))
+    out = tmp_path / "m.safetensors"
+    code = main(["train", str(cfg), "--out", str(out), "--data-root", str(FIXTURE), "--seed", "3"])
+    assert code == 0 and out.is_file()
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["training"]["seed"] == 3 and "--seed 3" in record["command"]
+    assert main(["train", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
