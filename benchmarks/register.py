@@ -42,11 +42,22 @@ def main() -> None:
     ap.add_argument("--resolution-um", type=float, default=50.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rotation-deg", type=float, default=8.0)
+    ap.add_argument(
+        "--mask-margin-um", type=float, default=None,
+        help="margin (µm) of the B-spline's mask of the brain; default the grid spacing",
+    )  # fmt: skip
+    ap.add_argument(
+        "--no-bspline-mask", action="store_true",
+        help="the B-spline samples the whole image (as before the mask)",
+    )  # fmt: skip
     ap.add_argument("--out", default="/tmp/lightsheet-register-benchmark")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    case = registration_case(resolution_um=args.resolution_um, seed=args.seed)
+    case = registration_case(
+        resolution_um=args.resolution_um, seed=args.seed, rotation_deg=args.rotation_deg
+    )
     t_case = time.perf_counter() - t0
     res = (case.resolution_um,) * 3
     atlas = Atlas.from_arrays(
@@ -61,7 +72,8 @@ def main() -> None:
     result = register_atlas(
         case.image, grid, annotation=case.annotation, hemispheres=case.hemispheres,
         reference=case.reference, resolution_um=res, out_dir=Path(args.out) / "registration",
-        threads=args.threads,
+        threads=args.threads, bspline_mask=not args.no_bspline_mask,
+        mask_margin_um=args.mask_margin_um,
     )  # fmt: skip
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     t1 = time.perf_counter()
@@ -88,15 +100,23 @@ def main() -> None:
         ("similarity (log-intensity correlation)", f"{fig['similarity']:.3f}"),
         ("registration wall time", f"{wall:.0f} s (≤ 120 s on 2 cores)"),
         ("registration CPU time (all processes)", f"{cpu:.0f} s"),
+        ("elastix steps (wall s)", ", ".join(f"{k} {v:.0f}" for k, v in result.timings_s.items())),
         ("machine load average (1, 5, 15 min)", ", ".join(f"{x:.1f}" for x in load)),
         ("case generation, transformix + figures", f"{t_case:.0f} s, {t_points:.0f} s"),
         ("quality warnings", "; ".join(result.warnings) or "none"),
     ]
+    flags = (
+        f"--resolution-um {args.resolution_um:g} --threads {args.threads} --seed {args.seed} "
+        f"--rotation-deg {args.rotation_deg:g}"
+        + (f" --mask-margin-um {args.mask_margin_um:g}" if args.mask_margin_um is not None else "")
+        + (" --no-bspline-mask" if args.no_bspline_mask else "")
+    )
     text = [
         f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {args.resolution_um:g} µm, "
-        f"{args.threads} elastix threads, seed {args.seed}\n",
-        "`.venv/bin/python -m benchmarks.register "
-        f"--resolution-um {args.resolution_um:g} --threads {args.threads} --seed {args.seed}`\n",
+        f"{args.threads} elastix threads, seed {args.seed}, {args.rotation_deg:g}°"
+        + (", no B-spline mask" if args.no_bspline_mask else ", B-spline mask")
+        + "\n",
+        f"`.venv/bin/python -m benchmarks.register {flags}`\n",
         "| figure | value |",
         "|---|---|",
         *(f"| {a} | {b} |" for a, b in rows),

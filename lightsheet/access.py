@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightsheet.errors import PathNotAllowedError
+from lightsheet.errors import AtlasError, PathNotAllowedError
 
 if TYPE_CHECKING:
     from lightsheet.config import ClusterConfig, PipelineConfig
@@ -140,10 +140,16 @@ def config_paths(config: PipelineConfig) -> dict[str, list[Path]]:
     """Every path a run of ``config`` reads or writes, by parameter (tiles one by one).
 
     The input glob contributes its literal folder and each file it matches (a tile may be a
-    link to elsewhere); the atlas its folder and every file in it.
+    link to elsewhere); the atlas its folder and every file in it (a BrainGlobe atlas name,
+    such as ``allen_mouse_25um``, is the folder it resolves to, `resolve_atlas`).
     """
+    from lightsheet.io.atlas import resolve_atlas
+
     tiles = [Path(p) for p in glob.glob(config.input, recursive=True)]
-    atlas = Path(config.atlas)
+    try:
+        atlas = resolve_atlas(config.atlas)
+    except AtlasError:  # checked as given; the run fails on it with the loader's message
+        atlas = Path(config.atlas)
     atlas_files = sorted(p for p in atlas.rglob("*")) if atlas.is_dir() else []
     found = {
         "input": [literal_root(config.input), *tiles],

@@ -381,6 +381,15 @@ class RegisterConfig(_Model):
         "A penalty makes a multi-metric registration, which crashes with more than one "
         "thread upstream (ITKElastix #160): it needs threads: 1.",
     )
+    bspline_mask: bool = Field(
+        True,
+        description="The B-spline samples only the brain as the affine places it, grown by "
+        "mask_margin_um (outside it both images are flat background, where control points "
+        "drift and drag the brain's edge).",
+    )
+    mask_margin_um: PositiveFloat | None = Field(
+        None, description="Margin of the B-spline's mask in µm; default the grid spacing."
+    )
     threads: int | None = Field(
         None, ge=1, description="elastix threads; default: all cores of the machine it runs on."
     )

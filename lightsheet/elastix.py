@@ -13,6 +13,7 @@ array's axes, which this module handles.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,11 @@ GRID_SPACING_FRACTION = 0.1
 GRID_SPACING_MIN_VOXELS = 8
 #: The coarsest pyramid level of the registration keeps at least this many voxels a side.
 COARSEST_SIDE = 16
+#: Histogram bins of the B-spline's mutual information (the affine keeps elastix's 32): finer
+#: intensity levels resolve thin regions of similar brightness. On the 50 µm benchmark, two
+#: cases (seeds 0 and 1): mean landmark error 0.39 -> 0.33 and 0.37 -> 0.31 atlas voxels,
+#: largest 1.46 -> 1.17 and 1.77 -> 1.46 against 32 bins.
+BSPLINE_HISTOGRAM_BINS = 64
 
 
 # -- elastix -----------------------------------------------------------------------------
@@ -122,6 +128,7 @@ def parameter_maps(
                     f"{2 ** (0.5 * (resolutions - 1 - i)):.6f}" for i in range(resolutions)
                 ],
                 "MaximumNumberOfIterations": str(int(bspline_iterations)),
+                "NumberOfHistogramBins": str(BSPLINE_HISTOGRAM_BINS),
             }
         )
     return [{k: [v] if isinstance(v, str) else list(v) for k, v in m.items()} for m in maps]
@@ -190,6 +197,10 @@ class Registration:
         Determinant of the transform's spatial Jacobian at each fixed voxel.
     log : str
         elastix's log.
+    fixed_mask : ndarray of bool or None
+        Where the B-spline took its samples (see `register`); None without a mask.
+    timings_s : dict
+        Wall time (s) of each step in the child process.
     """
 
     transform_files: list[Path]
@@ -197,6 +208,8 @@ class Registration:
     deformation_um: np.ndarray
     jacobian_determinant: np.ndarray
     log: str
+    fixed_mask: np.ndarray | None = None
+    timings_s: dict = field(default_factory=dict)
 
 
 def register(
@@ -208,6 +221,8 @@ def register(
     moving_spacing_um: Sequence[float],
     maps: list[dict[str, list[str]]],
     out_dir: str | Path,
+    moving_mask: np.ndarray | None = None,
+    mask_margin_um: float | None = None,
     threads: int | None = None,
     timeout_s: float | None = None,
 ) -> Registration:
@@ -230,6 +245,15 @@ def register(
         From `parameter_maps`.
     out_dir : path-like
         Folder to create with the transform files.
+    moving_mask : ndarray of bool, optional
+        The brain in the moving image (the atlas annotation > 0). With ``mask_margin_um``,
+        the first map (affine) runs on the whole images, and the others (B-spline) take
+        their samples only where the affine puts the brain, grown by ``mask_margin_um``:
+        outside it both images are flat background, where mutual information has nothing
+        to hold the B-spline and its control points drift, dragging the brain's edge with
+        them.
+    mask_margin_um : float, optional
+        See ``moving_mask``.
     threads : int, optional
         elastix threads; default all cores.
     timeout_s : float, optional
@@ -240,6 +264,9 @@ def register(
         job = Path(job)
         np.save(job / "fixed.npy", np.ascontiguousarray(fixed, np.float32))
         np.save(job / "moving.npy", np.ascontiguousarray(moving, np.float32))
+        masked = moving_mask is not None and mask_margin_um is not None
+        if masked:
+            np.save(job / "moving_mask.npy", np.asarray(moving_mask, bool))
         spec = {
             "command": "register",
             "fixed_origin": [float(x) for x in fixed_origin_um],
@@ -247,6 +274,7 @@ def register(
             "moving_origin": [0.5 * float(r) for r in moving_spacing_um],
             "moving_spacing": [float(r) for r in moving_spacing_um],
             "maps": maps,
+            "mask_margin_um": float(mask_margin_um) if masked else None,
             "threads": threads,
         }
         _run_worker(job, spec, timeout_s)
@@ -257,22 +285,20 @@ def register(
             deformation_um=np.load(job / "deformation.npy"),
             jacobian_determinant=np.load(job / "jacobian.npy"),
             log=_read_log(job),
+            fixed_mask=np.load(job / "fixed_mask.npy") if masked and len(maps) > 1 else None,
+            timings_s=json.loads((job / "timings.json").read_text()),
         )
         tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for f in (*files, job / "elastix.log"):
-            if f.exists():
-                shutil.copy2(f, tmp / f.name)
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
+        (tmp / "elastix.log").write_text(_full_log(job))
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     _link_transforms(out_dir)
-    return Registration(
-        [out_dir / f.name for f in result.transform_files],
-        result.warped_reference,
-        result.deformation_um,
-        result.jacobian_determinant,
-        result.log,
+    return dataclasses.replace(
+        result, transform_files=[out_dir / f.name for f in result.transform_files]
     )
 
 
@@ -355,9 +381,14 @@ def _run_worker(job: Path, spec: Mapping, timeout_s: float | None) -> None:
         )
 
 
+def _full_log(job: Path) -> str:
+    """The elastix logs of every stage of a job (`_worker`), then transformix's."""
+    logs = [*sorted(Path(job).glob("stage*/elastix.log")), Path(job) / "elastix.log"]
+    return "".join(f.read_text(errors="replace") for f in logs if f.is_file())
+
+
 def _read_log(job: Path, *, tail: int = 4000) -> str:
-    log = Path(job) / "elastix.log"
-    return log.read_text(errors="replace")[-tail:] if log.is_file() else ""
+    return _full_log(job)[-tail:]
 
 
 def _worker(job: Path) -> None:
@@ -366,9 +397,10 @@ def _worker(job: Path) -> None:
 
     spec = json.loads((job / "job.json").read_text())
     threads = spec.get("threads") or os.cpu_count() or 1
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(threads))
 
-    def image(name, origin, spacing):
-        img = itk.image_from_array(np.load(job / name).astype(np.float32))
+    def image(array, origin, spacing):
+        img = itk.image_from_array(np.ascontiguousarray(array))
         img.SetOrigin([float(x) for x in origin[::-1]])
         img.SetSpacing([float(x) for x in spacing[::-1]])
         return img
@@ -389,28 +421,170 @@ def _worker(job: Path) -> None:
         np.save(job / "points_out.npy", _parse_output_points(job / "outputpoints.txt"))
         return
 
-    fixed = image("fixed.npy", spec["fixed_origin"], spec["fixed_spacing"])
-    moving = image("moving.npy", spec["moving_origin"], spec["moving_spacing"])
-    params = itk.ParameterObject.New()
-    for m in spec["maps"]:
-        params.AddParameterMap({k: tuple(v) for k, v in m.items()})
-    warped, result = itk.elastix_registration_method(
-        fixed,
-        moving,
-        parameter_object=params,
-        number_of_threads=int(threads),
-        log_to_file=True,
-        log_file_name="elastix.log",
-        output_directory=str(job),
-    )
-    # elastix wrote TransformParameters.<i>.txt into the job folder, each naming the one before
+    timings: dict[str, float] = {}
+    clock = _Clock(timings)
+    fixed_geometry = (spec["fixed_origin"], spec["fixed_spacing"])
+    moving_geometry = (spec["moving_origin"], spec["moving_spacing"])
+    fixed = image(np.load(job / "fixed.npy"), *fixed_geometry)
+    moving = image(np.load(job / "moving.npy"), *moving_geometry)
+    maps = spec["maps"]
+    margin = spec.get("mask_margin_um")
+    # with a mask: the first map (affine) on the whole image, the rest inside the mask it gives
+    stages = [maps[:1], maps[1:]] if margin is not None and len(maps) > 1 else [maps]
+    files: list[Path] = []
+    mask = None
+    for i, stage_maps in enumerate(stages):
+        folder = job / f"stage{i}"
+        folder.mkdir()
+        params = itk.ParameterObject.New()
+        for m in stage_maps:
+            params.AddParameterMap({k: tuple(v) for k, v in m.items()})
+        extra = {}
+        if files:
+            extra["initial_transform_parameter_file_name"] = str(files[-1])
+        if mask is not None:
+            extra["fixed_mask"] = image(mask.astype(np.uint8), *fixed_geometry)
+        with clock(f"elastix {i}"):
+            # the result image went through every transform so far (the initial one too)
+            warped, _ = itk.elastix_registration_method(
+                fixed, moving, parameter_object=params, number_of_threads=int(threads),
+                log_to_file=True, log_file_name="elastix.log", output_directory=str(folder),
+                **extra,
+            )  # fmt: skip
+        for f in sorted(folder.glob("TransformParameters.*.txt")):
+            files.append(job / f"TransformParameters.{len(files)}.txt")
+            shutil.move(f, files[-1])
+        _link_transforms(job)
+        if i == 0 and len(stages) > 1:
+            with clock("mask"):
+                brain = image(np.load(job / "moving_mask.npy").astype(np.float32), *moving_geometry)
+                inside = _transformix_image(itk, brain, files, folder) > 0.5
+                mask = dilate(inside, margin, spec["fixed_spacing"])
+                np.save(job / "fixed_mask.npy", mask)
+    # linear interpolation, float (`parameter_maps`' FinalBSplineInterpolationOrder 1)
     np.save(job / "warped.npy", itk.array_from_image(warped).astype(np.float32))
-    # transformix writes its files into the output folder (the current one by default)
-    field = itk.transformix_deformation_field(moving, result, output_directory=str(job))
-    # components come x, y, z: reverse them to the array's axis order
-    np.save(job / "deformation.npy", np.asarray(field, np.float32)[..., ::-1].copy())
-    _, det = itk.transformix_jacobian(moving, result, output_directory=str(job) + "/")
-    np.save(job / "jacobian.npy", itk.array_from_image(det).astype(np.float32))
+    params = itk.ParameterObject.New()
+    params.ReadParameterFiles([str(f) for f in files])
+    with clock("deformation field"):
+        field = itk.transformix_deformation_field(moving, params, output_directory=str(job))
+        # components come x, y, z: reverse them to the array's axis order
+        deformation = np.asarray(field, np.float32)[..., ::-1].copy()
+        del field
+        np.save(job / "deformation.npy", deformation)
+    with clock("jacobian"):
+        # from the field (transformix's own Jacobian cost 2-3x the field's time here)
+        det = jacobian_determinant(deformation, spec["fixed_spacing"])
+        np.save(job / "jacobian.npy", det)
+    (job / "timings.json").write_text(json.dumps(timings))
+
+
+def jacobian_determinant(
+    deformation_um: np.ndarray, spacing_um: Sequence[float], *, slab: int = 16
+) -> np.ndarray:
+    """Determinant of the spatial Jacobian of ``x ↦ x + u(x)``, by finite differences.
+
+    Central differences inside, one-sided at the edges (`numpy.gradient`), one slab of
+    planes at a time so the temporaries stay a few planes deep. A B-spline transform is
+    smooth over its control-point spacing (several voxels), so the differences match its
+    analytic Jacobian closely.
+
+    Parameters
+    ----------
+    deformation_um : (A0, A1, A2, 3) ndarray
+        Displacement (µm) at each voxel, components in the array's axis order.
+    spacing_um : (3,) floats
+        Voxel size along the array's axes.
+
+    Returns
+    -------
+    (A0, A1, A2) ndarray of float32
+
+    Examples
+    --------
+    >>> x = np.stack(np.meshgrid(*[np.arange(5.0) * 2] * 3, indexing="ij"), -1)
+    >>> a = np.array([[1.1, 0.2, 0], [0, 0.9, 0], [0.1, 0, 1.0]])
+    >>> det = jacobian_determinant(x @ (a - np.eye(3)).T, (2.0, 2.0, 2.0))
+    >>> bool(np.allclose(det, np.linalg.det(a)))
+    True
+    """
+    u = np.asarray(deformation_um)
+    n = u.shape[0]
+    h = [float(x) for x in spacing_um]
+    out = np.empty(u.shape[:3], np.float32)
+    for start in range(0, n, slab):
+        stop = min(start + slab, n)
+        lo, hi = max(start - 1, 0), min(stop + 1, n)
+        part = u[lo:hi].astype(np.float64)
+        # j[i][k] = d u_i / d x_k, plus the identity
+        j = [
+            [np.gradient(part[..., i], h[k], axis=k) if part.shape[k] > 1 else
+             np.zeros(part.shape[:3]) for k in range(3)]
+            for i in range(3)
+        ]  # fmt: skip
+        for i in range(3):
+            j[i][i] = j[i][i] + 1.0
+        det = (
+            j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+        )
+        out[start:stop] = det[start - lo : start - lo + stop - start]
+    return out
+
+
+class _Clock:
+    """Context managers that add their wall time (s) to a dict under a name."""
+
+    def __init__(self, out: dict[str, float]):
+        self.out = out
+
+    def __call__(self, name: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def timed():
+            t0 = time.perf_counter()
+            yield
+            self.out[name] = self.out.get(name, 0.0) + time.perf_counter() - t0
+
+        return timed()
+
+
+def _transformix_image(itk, moving, files: Sequence[Path], folder: Path) -> np.ndarray:
+    """``moving`` resampled onto the fixed grid through ``files``, linear interpolation."""
+    params = itk.ParameterObject.New()
+    params.ReadParameterFiles([str(f) for f in files])
+    for i in range(params.GetNumberOfParameterMaps()):
+        params.SetParameter(i, "FinalBSplineInterpolationOrder", ["1"])
+        params.SetParameter(i, "ResultImagePixelType", ["float"])
+    out = itk.transformix_filter(moving, params, output_directory=str(folder))
+    return itk.array_from_image(out).astype(np.float32)
+
+
+def dilate(mask: np.ndarray, margin_um: float, spacing_um: Sequence[float]) -> np.ndarray:
+    """``mask`` grown by ``margin_um`` (Euclidean, anisotropic voxels) on its bounding box.
+
+    Examples
+    --------
+    >>> m = np.zeros((1, 1, 9), bool); m[0, 0, 4] = True
+    >>> dilate(m, 2.0, (1.0, 1.0, 1.0)).astype(int).tolist()
+    [[[0, 0, 1, 1, 1, 1, 1, 0, 0]]]
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    mask = np.asarray(mask, bool)
+    out = np.zeros_like(mask)
+    if not mask.any():
+        return out
+    spacing = np.asarray(spacing_um, dtype=np.float64)
+    reach = np.ceil(margin_um / spacing).astype(int)
+    idx = np.nonzero(mask)
+    lo = np.maximum([i.min() for i in idx] - reach, 0)
+    hi = np.minimum([i.max() + 1 for i in idx] + reach, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    out[box] = distance_transform_edt(~mask[box], sampling=spacing) <= margin_um
+    return out
 
 
 def _parse_output_points(path: Path) -> np.ndarray:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
@@ -439,6 +439,8 @@ class AtlasRegistration:
     similarity: float
     warnings: list[str]
     log: str
+    fixed_mask: np.ndarray | None = None
+    timings_s: dict = field(default_factory=dict)
 
     @property
     def min_jacobian(self) -> float:
@@ -511,6 +513,8 @@ def register_atlas(
     threads: int | None = None,
     timeout_s: float | None = None,
     min_similarity: float = 0.7,
+    bspline_mask: bool = True,
+    mask_margin_um: float | None = None,
 ) -> AtlasRegistration:
     """Register the atlas reference to a sample on its fixed grid, and measure the result.
 
@@ -530,6 +534,15 @@ def register_atlas(
     threads, timeout_s : see `register`
     min_similarity : float
         Below this `similarity`, a quality warning is raised (see `quality_warnings`).
+    bspline_mask : bool
+        Run the affine on the whole images, then the B-spline only inside the brain as the
+        affine places it, grown by ``mask_margin_um`` (`lightsheet.elastix.register`):
+        outside the brain both images are flat background, where the B-spline's control
+        points drift and drag the brain's edge (on the 50 µm benchmark the mask took the
+        mean landmark error from 0.47 to 0.39 atlas voxels, the largest from 1.53 to 1.46).
+    mask_margin_um : float, optional
+        Default: the B-spline's control-point spacing (`bspline_mask_margin_um`), so every
+        control point that moves the brain's edge sees the edge's contrast.
     """
     fixed = np.asarray(fixed, dtype=np.float32)
     if fixed.shape != grid.shape:
@@ -539,6 +552,8 @@ def register_atlas(
     origin, spacing, shape = grid.physical_geometry()
     if maps is None:
         maps = parameter_maps(shape, resolution_um, atlas_shape=reference.shape)
+    if bspline_mask and mask_margin_um is None:
+        mask_margin_um = bspline_mask_margin_um(maps)
     reg = register(
         grid.to_atlas_axes(fixed),
         reference,
@@ -547,6 +562,8 @@ def register_atlas(
         moving_spacing_um=resolution_um,
         maps=maps,
         out_dir=out_dir,
+        moving_mask=np.asarray(annotation) > 0 if bspline_mask else None,
+        mask_margin_um=mask_margin_um if bspline_mask else None,
         threads=threads,
         timeout_s=timeout_s,
     )
@@ -560,9 +577,26 @@ def register_atlas(
     warnings = quality_warnings(
         similarity=sim, min_similarity=min_similarity, affine=affine, min_jacobian=float(jac.min())
     )
+    mask = None if reg.fixed_mask is None else grid.from_atlas_axes(reg.fixed_mask)
     return AtlasRegistration(
-        grid, reg.transform_files, fixed, warped, ann, hem, jac, affine, sim, warnings, reg.log
-    )
+        grid, reg.transform_files, fixed, warped, ann, hem, jac, affine, sim, warnings, reg.log,
+        mask, reg.timings_s,
+    )  # fmt: skip
+
+
+def bspline_mask_margin_um(maps: Sequence[Mapping]) -> float | None:
+    """The B-spline's final control-point spacing (µm) in ``maps``; None without a B-spline.
+
+    Examples
+    --------
+    >>> bspline_mask_margin_um([{"Transform": ["AffineTransform"]},
+    ...     {"Transform": ["BSplineTransform"], "FinalGridSpacingInPhysicalUnits": ["800.0"]}])
+    800.0
+    """
+    for m in maps[1:]:
+        if "BSplineTransform" in m.get("Transform", []):
+            return max(float(x) for x in m["FinalGridSpacingInPhysicalUnits"])
+    return None
 
 
 def check_channel(channel: int, n_channels: int) -> None:

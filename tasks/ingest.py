@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
@@ -119,26 +118,15 @@ def check_channels(config: PipelineConfig, manifest: Manifest) -> None:
 
 
 def check_atlas(atlas: Atlas) -> None:
-    """Refuse an atlas whose hemispheres or labelled ids cannot be trusted.
+    """Refuse an atlas whose labelled ids cannot be trusted.
 
-    * No hemispheres file: an error unless ``metadata.json`` declares the atlas
-      ``"symmetric": true`` (BrainGlobe's convention; only then is a midline split right).
-    * Every id labelled in the annotation must be a structure of ``structures.json`` (or 0,
-      background): read chunk by chunk, memory independent of the atlas's size.
+    Every id labelled in the annotation must be a structure of ``structures.json`` (or 0,
+    background): read chunk by chunk, memory independent of the atlas's size. (An atlas
+    without hemispheres that is not declared symmetric is refused by `load_atlas` itself.)
     """
     import dask.array as da
     import numpy as np
 
-    folder = Path(atlas.path)
-    folder = folder.parent if folder.suffix == ".zarr" else folder
-    if not atlas.hemispheres_from_file:
-        meta = json.loads((folder / "metadata.json").read_text())
-        if meta.get("symmetric") is not True:
-            raise AtlasError(
-                f"atlas folder {folder}: no hemispheres.tiff, and metadata.json does not declare "
-                f"the atlas symmetric (symmetric: {meta.get('symmetric')!r}); expected "
-                'hemispheres.tiff, or "symmetric": true when a midline split is right'
-            )
     ids = np.asarray(da.unique(atlas.annotation).compute())
     unknown = sorted(set(ids.tolist()) - set(atlas.structures.index.tolist()) - {0})
     if unknown:

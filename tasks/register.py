@@ -186,6 +186,8 @@ def _compute(stage: Stage, raw, atlas, config, orientation, out: Path) -> dict:
             threads=config.threads,
             timeout_s=config.timeout_s,
             min_similarity=config.min_similarity,
+            bspline_mask=config.bspline_mask,
+            mask_margin_um=config.mask_margin_um,
         )
         # the transform files name each other by path: name their final place
         _retarget(tmp, transforms)

@@ -82,7 +82,9 @@ def test_lazy_chunks_and_pickle(atlas_dir):
 
 def test_tiled_compressed_tiff(tmp_path):
     ann = random_annotation((5, 40, 48), seed=3)
-    write_atlas(tmp_path, ann, STRUCTURES, resolution_um=(10, 10, 10), orientation="asr")
+    write_atlas(
+        tmp_path, ann, STRUCTURES, resolution_um=(10, 10, 10), orientation="asr", symmetric=True
+    )
     tifffile.imwrite(tmp_path / "annotation.tiff", ann, tile=(16, 16), compression="zlib")
     atlas = load_atlas(tmp_path, chunk_bytes=16 * 16 * 4)
     assert atlas.annotation.numblocks[1] > 1
@@ -94,7 +96,10 @@ def test_omezarr_annotation(tmp_path):
     from ome_zarr.writer import write_image
 
     ann = random_annotation((8, 6, 10), seed=1)
-    write_atlas(tmp_path / "a", ann, STRUCTURES, resolution_um=(25, 25, 25), orientation="asr")
+    write_atlas(
+        tmp_path / "a", ann, STRUCTURES, resolution_um=(25, 25, 25), orientation="asr",
+        symmetric=True,
+    )  # fmt: skip
     (tmp_path / "a" / "annotation.tiff").unlink()
     group = zarr.open_group(str(tmp_path / "a" / "annotation.ome.zarr"), mode="w")
     units = dict.fromkeys("zyx", "millimeter")
@@ -205,9 +210,13 @@ def test_split_hemispheres(orientation, n_lr):
     assert hemi.dtype == np.uint8
 
 
-def test_no_hemispheres_file_splits(atlas_dir):
+def test_no_hemispheres_file_splits_only_a_symmetric_atlas(atlas_dir):
     path, ann, _ = atlas_dir
     (path / "hemispheres.tiff").unlink()
+    with pytest.raises(AtlasError, match=r"no hemispheres.tiff, .*\(symmetric: False\)"):
+        load_atlas(path)
+    meta = json.loads((path / "metadata.json").read_text())
+    (path / "metadata.json").write_text(json.dumps({**meta, "symmetric": True}))
     atlas = load_atlas(path)
     assert not atlas.hemispheres_from_file
     hemi = atlas.hemispheres.compute()
@@ -278,7 +287,7 @@ def _installed_atlas(brainglobe_dir, name, version="1.2"):
     folder = brainglobe_dir / f"{name}_v{version}"
     write_atlas(
         folder, random_annotation((5, 4, 3)), STRUCTURES, resolution_um=(10, 10, 10),
-        orientation="asr", reference=np.ones((5, 4, 3), np.uint16), name=name,
+        orientation="asr", reference=np.ones((5, 4, 3), np.uint16), name=name, symmetric=True,
     )  # fmt: skip
     return folder
 
@@ -307,6 +316,20 @@ def test_atlas_by_name_from_brainglobe_config(tmp_path, monkeypatch):
     assert (meta["name"], meta["version"]) == ("test_mouse_10um", "0.1")
     # a folder path still works, and wins over a name
     assert resolve_atlas(folder) == folder
+    # a deployment's data roots are checked on the folder the name resolves to
+    from lightsheet.access import check_within_roots, config_paths
+    from lightsheet.config import PipelineConfig
+    from lightsheet.errors import PathNotAllowedError
+
+    config = PipelineConfig(
+        input=str(tmp_path / "t" / "*.tif"), voxel_size_um=(2, 1, 1), psf=tmp_path / "psf.tif",
+        atlas="test_mouse_10um", output=tmp_path / "out",
+    )  # fmt: skip
+    atlas_paths = config_paths(config)["atlas"]
+    assert atlas_paths[0] == folder and (folder / "annotation.tiff") in atlas_paths
+    check_within_roots({"atlas": atlas_paths}, [store])
+    with pytest.raises(PathNotAllowedError, match="atlas: "):
+        check_within_roots({"atlas": atlas_paths}, [tmp_path / "home"])
 
 
 def test_atlas_by_name_default_folder_and_errors(tmp_path, monkeypatch):

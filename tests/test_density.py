@@ -434,7 +434,9 @@ def test_unlisted_ids_are_errors(tmp_path):
     ann = np.zeros((4, 4, 4), np.uint32)
     ann[1:3, 1:3, 1:3] = 10
     ann[0, 0, 0] = 555
-    write_atlas(tmp_path, ann, STRUCTURES, resolution_um=(10, 10, 10), orientation="asr")
+    write_atlas(
+        tmp_path, ann, STRUCTURES, resolution_um=(10, 10, 10), orientation="asr", symmetric=True
+    )
     atlas = load_atlas(tmp_path)
     cells = pd.DataFrame({"structure_id": [10], "hemisphere": [1]})
     with pytest.raises(

@@ -350,8 +350,10 @@ def load_atlas(path: str | Path, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> A
     ------
     AtlasError
         Missing files, unreadable or inconsistent metadata, an invalid orientation, a
-        structure hierarchy that references unknown ids, or a hemisphere volume whose shape
-        differs from the annotation's. (Annotation ids missing from ``structures.json`` are
+        structure hierarchy that references unknown ids, a hemisphere volume whose shape
+        differs from the annotation's, or no hemisphere volume in an atlas whose
+        ``metadata.json`` does not declare it ``"symmetric": true`` (BrainGlobe splits only
+        a symmetric atlas at its midline). (Annotation ids missing from ``structures.json`` are
         found when the annotation is counted, see `lightsheet.density.region_voxel_counts`.)
 
     Examples
@@ -399,6 +401,14 @@ def load_atlas(path: str | Path, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> A
 
     hemi_path = next((folder / n for n in _HEMISPHERE_NAMES if (folder / n).exists()), None)
     if hemi_path is None:
+        # BrainGlobe's rule: without a hemispheres file, only a symmetric atlas is split at
+        # its midline (any other split would put cells in the wrong hemisphere silently)
+        if meta.get("symmetric") is not True:
+            raise AtlasError(
+                f"atlas folder {folder}: no hemispheres.tiff, and metadata.json does not declare "
+                f"the atlas symmetric (symmetric: {meta.get('symmetric')!r}); expected "
+                'hemispheres.tiff, or "symmetric": true when a midline split is right'
+            )
         hemispheres, from_file = split_hemispheres(annotation, orientation), False
     else:
         if _is_zarr(hemi_path):
@@ -500,6 +510,7 @@ def write_atlas(
     hemispheres: np.ndarray | None = None,
     reference: np.ndarray | None = None,
     name: str = "lightsheet_atlas",
+    symmetric: bool = False,
 ) -> Path:
     """Write a BrainGlobe-layout atlas folder.
 
@@ -522,6 +533,9 @@ def write_atlas(
         Written as ``reference.tiff`` when given.
     name : str
         Atlas name in the metadata.
+    symmetric : bool
+        ``metadata.json``'s ``symmetric``: without ``hemispheres``, `load_atlas` splits a
+        symmetric atlas at its midline and refuses any other.
 
     Returns
     -------
@@ -542,7 +556,7 @@ def write_atlas(
         "citation": "unpublished",
         "atlas_link": "",
         "species": "",
-        "symmetric": False,
+        "symmetric": bool(symmetric),
         "resolution": list(res),
         "orientation": orientation,
         "version": "0.1",
