@@ -4,6 +4,8 @@ Subcommands::
 
     lightsheet sample DIR [--size tiny|small|medium|large] [--seed N] [--misaligned]
                       [--overlap F] [--stage-error-um UM [UM UM]] [--grid Z Y X]
+                      [--realistic [--cells nuclei|somata]]
+    lightsheet sample DIR --background PLANES_DIR --voxel-size-um Z Y X [--n-cells N]
     lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
@@ -71,10 +73,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from lightsheet.sample import generate
     from lightsheet.sample.overlap import generate_overlapping
 
+    if args.background:
+        return _sample_planted(args)
+    if args.voxel_size_um or args.n_cells:
+        raise SampleError("--voxel-size-um and --n-cells go with --background; expected it")
     bar, progress = _progress_bar(f"sample ({args.size})")
     common = {"size": args.size, "seed": args.seed, "channels": args.channels}
     overlapping = args.overlap or args.stage_error_um or args.grid
     with bar:
+        if (overlapping or args.misaligned) and (args.realistic or args.cells):
+            raise SampleError(
+                "--realistic/--cells cannot be combined with --misaligned or --overlap/"
+                "--stage-error-um/--grid; expected one of them"
+            )
+        if args.cells and not args.realistic:
+            raise SampleError("--cells goes with --realistic; expected --realistic --cells ...")
         if overlapping and args.misaligned:
             raise SampleError(
                 "--misaligned cannot be combined with --overlap/--stage-error-um/--grid; "
@@ -89,11 +102,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             info = generate(
                 args.dir, **common, timepoints=args.timepoints, progress=progress,
-                misaligned=args.misaligned,
+                misaligned=args.misaligned, realistic=args.realistic,
+                cells=args.cells or "nuclei",
             )  # fmt: skip
     gb = info.get("bytes_written", 0) / 1e9
     print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
     print(f"  lightsheet run {Path(args.dir) / 'config.yaml'}")
+    return 0
+
+
+def _sample_planted(args: argparse.Namespace) -> int:
+    """`lightsheet sample --background`: somata planted into a real background."""
+    from lightsheet.errors import SampleError
+    from lightsheet.sample.planted import generate_planted
+
+    others = [f for f in ("realistic", "cells", "misaligned", "overlap", "stage_error_um", "grid")
+              if getattr(args, f)]  # fmt: skip
+    if others:
+        raise SampleError(f"--background cannot be combined with --{others[0].replace('_', '-')}")
+    if not args.voxel_size_um:
+        raise SampleError(
+            "--background needs --voxel-size-um Z Y X (single-plane TIFFs do not record the z step)"
+        )
+    info = generate_planted(
+        args.dir, args.background, voxel_size_um=args.voxel_size_um, n=args.n_cells,
+        seed=args.seed,
+    )  # fmt: skip
+    print(
+        f"{info['n_cells']} somata planted into {args.background}; written to {args.dir} "
+        f"(ch0 signal, ch1 background channel, truth/cells.csv; pattern {info['pattern']!r})"
+    )
     return 0
 
 
@@ -448,6 +486,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--misaligned",
         action="store_true",
         help="rotate, scale and warp the brain against its atlas (the config registers it)",
+    )
+    p.add_argument(
+        "--realistic",
+        action="store_true",
+        help="image textured tissue: autofluorescence varying several-fold, a dark outside, "
+        "vessels and debris in every channel, light-sheet decay and stripes (the config then "
+        "sets segment.background_channel: 1)",
+    )
+    p.add_argument(
+        "--cells",
+        choices=("nuclei", "somata"),
+        help="with --realistic: dense nuclei of 6-12 um (default) or sparse somata of 12-18 um",
+    )
+    p.add_argument(
+        "--background",
+        metavar="DIR",
+        help="plant somata with known centres into a real background: a folder of "
+        "single-plane TIFFs (e.g. an autofluorescence channel); needs --voxel-size-um",
+    )
+    p.add_argument(
+        "--voxel-size-um",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="with --background: its voxel size in um",
+    )
+    p.add_argument(
+        "--n-cells",
+        type=int,
+        metavar="N",
+        help="with --background: somata to plant (default 3,000 per mm3 of the volume)",
     )
     p.set_defaults(func=cmd_sample)
 
