@@ -28,6 +28,7 @@ Cells (channel 0 only)
     ``nuclei``: the plain phantom's dense nuclei (6–12 µm, 40k–150k cells/mm³).
     ``somata``: sparse somata, 12–18 µm across, `SOMA_DENSITY_FRACTION` of each region's
     nuclear density, never overlapping (centres at least the mean of two diameters apart).
+    Truth ``intensity`` is a cell's peak photons before the illumination and the blur.
 
 Everything is a function of the position in µm: a tile is rendered alone with a PSF halo
 (`RealisticScene.expected`), so tiles join exactly and memory stays that of a few tiles. The
@@ -76,7 +77,7 @@ SOMA_DIAMETER_SD_UM = 1.5
 #: Somata per mm³ as a fraction of the region's nuclear density (12k–45k cells/mm³).
 SOMA_DENSITY_FRACTION = 0.3
 #: Texture octaves: (length scale µm, log-amplitude). The first moves the level several-fold.
-TEXTURE_OCTAVES = ((160.0, 1.3), (30.0, 0.3), (7.0, 0.15))
+TEXTURE_OCTAVES = ((160.0, 1.6), (30.0, 0.3), (7.0, 0.15))
 #: Width (µm) of the tissue's soft boundary.
 MASK_EDGE_UM = 6.0
 #: Bright vessel length per brain volume (µm per mm³) and vessel radius range (µm).
