@@ -7,7 +7,7 @@ Subcommands::
                       [--realistic [--cells nuclei|somata]]
     lightsheet sample DIR --background PLANES_DIR --voxel-size-um Z Y X [--n-cells N]
     lightsheet run CONFIG.yaml [--summary-json PATH]
-    lightsheet demo [DIR] [--size tiny|small|medium|large]
+    lightsheet demo [DIR] [--size tiny|small|medium|large] [--cells nuclei|somata]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
     lightsheet train CONFIG.yaml --out CHECKPOINT [--data-root DIR] [--steps N] [--device D]
     lightsheet lineage OUTPUT [--json]
@@ -268,19 +268,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """`lightsheet demo`: sample (reused when present) + run + summary."""
+    """`lightsheet demo`: realistic sample (reused when present) + run + summary."""
     from lightsheet.config import load_config
     from lightsheet.sample import generate
 
     sample_dir = Path(args.dir) / f"sample-{args.size}"
     meta = sample_dir / "sample.json"
-    reuse = meta.is_file() and json.loads(meta.read_text()).get("seed") == args.seed
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    realistic = info.get("realistic") or {}
+    reuse = info.get("seed") == args.seed and realistic.get("cells") == args.cells
     if reuse:
         print(f"reusing the sample acquisition in {sample_dir}")
     else:
-        bar, progress = _progress_bar(f"generating the {args.size} sample")
+        bar, progress = _progress_bar(f"generating the realistic {args.size} sample")
         with bar:
-            generate(sample_dir, size=args.size, seed=args.seed, progress=progress)
+            generate(
+                sample_dir, size=args.size, seed=args.seed, progress=progress, realistic=True,
+                cells=args.cells,
+            )  # fmt: skip
     config = load_config(sample_dir / "config.yaml")
     summary = run_config(config)
     print_summary(summary)
@@ -540,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default="lightsheet-demo", help="default: ./lightsheet-demo")
     p.add_argument("--size", choices=SIZES, default="small", help="default: small")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cells",
+        choices=("nuclei", "somata"),
+        default="nuclei",
+        help="the realistic sample's cells: dense nuclei (default) or sparse somata",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("lineage", help="print what made an output, back to the raw tiles")
