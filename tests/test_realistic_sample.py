@@ -161,6 +161,26 @@ def test_truth_centres_on_bright_somata(somata):
     assert abs(residual.mean()) < 0.1 and residual.std() == pytest.approx(1.0, abs=0.15)
 
 
+def test_truth_regions_and_density_for_somata(somata):
+    """Each soma's region is the atlas voxel it lies in (BrainGlobe's truncation), and
+    ``truth/density.csv`` counts them over the region's annotation volume."""
+    out, info = somata
+    cells = pd.read_csv(out / "truth" / "cells.csv")
+    density = pd.read_csv(out / "truth" / "density.csv").set_index("structure_id")
+    ann = tifffile.imread(out / "atlas" / "annotation.tiff")
+    res = info["atlas"]["resolution_um"][0]
+    idx = np.floor(cells[["z_um", "y_um", "x_um"]].to_numpy() / res).astype(int)
+    np.testing.assert_array_equal(ann[tuple(idx.T)], cells["structure_id"])
+    voxel_mm3 = res**3 * 1e-9
+    for sid, n in cells["structure_id"].value_counts().items():
+        row = density.loc[sid]
+        volume = (ann == sid).sum() * voxel_mm3
+        children = density[density["parent_structure_id"] == sid]
+        if children.empty:  # a leaf: its own cells over its own voxels
+            assert row["total_cells"] == n
+            assert row["total_cells_per_mm3"] == pytest.approx(n / volume)
+
+
 def test_config_and_record(somata):
     out, info = somata
     config = load_config(out / "config.yaml")
