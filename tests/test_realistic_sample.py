@@ -330,3 +330,14 @@ def test_cli_background_needs_voxel_size(tmp_path, capsys):
 
     assert main(["sample", str(tmp_path / "x"), "--background", str(CROP_CH1)]) == 2
     assert "--voxel-size-um" in capsys.readouterr().err
+
+
+def test_cli_realistic(tmp_path, capsys):
+    from lightsheet.cli import main
+
+    out = tmp_path / "r"
+    assert main(["sample", str(out), "--realistic", "--cells", "somata", "--channels", "2"]) == 0
+    info = json.loads((out / "sample.json").read_text())
+    assert info["realistic"]["cells"] == "somata" and info["size"] == "tiny"
+    assert main(["sample", str(tmp_path / "n"), "--cells", "somata"]) == 2
+    assert "--realistic" in capsys.readouterr().err
