@@ -31,6 +31,10 @@ Tiles
     FFT convolution, so the stitched volume equals imaging the whole brain at once; memory
     stays at a few tiles whatever the size. Only the cell list and the coarse atlas are
     held whole.
+Realism
+    ``generate(..., realistic=True, cells="nuclei" | "somata")`` images textured tissue with
+    vessels, debris, sheet decay and stripes instead (`lightsheet.sample.realistic`);
+    `lightsheet.sample.planted` plants somata into a real background instead of a phantom.
 Truth
     ``truth/cells.csv``: one row per nucleus and time point, centres in µm with voxel ``i``
     centred at ``i × voxel_size_um``; the image → atlas mapping is the identity in µm
