@@ -118,8 +118,13 @@ def _sample_planted(args: argparse.Namespace) -> int:
 
     others = [f for f in ("realistic", "cells", "misaligned", "overlap", "stage_error_um", "grid")
               if getattr(args, f)]  # fmt: skip
+    others += [f for f, default in (("size", "tiny"), ("channels", 2), ("timepoints", 1))
+               if getattr(args, f) != default]  # fmt: skip
     if others:
-        raise SampleError(f"--background cannot be combined with --{others[0].replace('_', '-')}")
+        raise SampleError(
+            f"--background cannot be combined with --{others[0].replace('_', '-')} (it writes "
+            "the background's own shape, two channels, one time point)"
+        )
     if not args.voxel_size_um:
         raise SampleError(
             "--background needs --voxel-size-um Z Y X (single-plane TIFFs do not record the z step)"
