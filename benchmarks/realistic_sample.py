@@ -57,6 +57,7 @@ def score(sample: Path, output: Path) -> tuple[dict, pd.DataFrame]:
     )
     rows["error"] = (rows["found_cells_per_mm3"] / rows["true_cells_per_mm3"] - 1).round(4)
     summary = {
+        "radial_offset_um_by_shell": edge_bias(sample, found, truth, s.pairs),
         "true_cells": len(truth),
         "found_cells": len(found),
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in s.as_dict().items()},
@@ -65,6 +66,33 @@ def score(sample: Path, output: Path) -> tuple[dict, pd.DataFrame]:
         "max_abs_leaf_error": round(float(rows["error"].abs().max()), 4),
     }
     return summary, rows.reset_index()
+
+
+def edge_bias(sample: Path, found: pd.DataFrame, truth: pd.DataFrame, pairs) -> dict:
+    """Mean offset (µm) of matched centroids along the brain's outward normal, per shell of
+    the normalised brain radius: how far detection moves cells towards the tissue edge."""
+    import numpy as np
+
+    from lightsheet.sample import BrainGeometry
+
+    info = json.loads((sample / "sample.json").read_text())
+    geometry = BrainGeometry.for_volume(info["shape"][2:], info["voxel_size_um"])
+    axes = ["z_um", "y_um", "x_um"]
+    true = truth[axes].to_numpy()[pairs[:, 1]]
+    offset = found[axes].to_numpy()[pairs[:, 0]] - true
+    a, s, r = geometry.normalised(*true.T)
+    squash = np.where(s > 0, 0.85, 1.0)  # the flatter ventral side (BrainGeometry)
+    rho = np.sqrt(a**2 + (s / squash) ** 2 + r**2)
+    # gradient of rho: the outward normal of the shell through each cell
+    normal = np.stack([a, s / squash**2, r], axis=1) / np.asarray(geometry.semi_um)
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True)
+    radial = (offset * normal).sum(axis=1)
+    shells = ((0.0, 0.8), (0.8, 0.9), (0.9, 0.95), (0.95, 1.01))
+    return {
+        f"{lo}-{hi}": round(float(radial[(rho >= lo) & (rho < hi)].mean()), 3)
+        for lo, hi in shells
+        if ((rho >= lo) & (rho < hi)).any()
+    }
 
 
 def run_mode(work: Path, size: str, cells: str, seed: int) -> tuple[dict, pd.DataFrame]:
@@ -104,10 +132,19 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cells", nargs="+", default=["nuclei", "somata"])
     parser.add_argument("--results", type=Path, help="write the JSON and the CSV here")
+    parser.add_argument(
+        "--score-only", action="store_true", help="score the runs already in --work again"
+    )
     args = parser.parse_args(argv)
     summaries, tables = [], []
     for cells in args.cells:
-        summary, leaves = run_mode(args.work, args.size, cells, args.seed)
+        if args.score_only:
+            sample = args.work / f"realistic-{args.size}-{cells}"
+            summary, leaves = score(sample, sample / "output")
+            summary = {"cells": cells, "size": args.size, **summary}
+            leaves.insert(0, "cells", cells)
+        else:
+            summary, leaves = run_mode(args.work, args.size, cells, args.seed)
         print(json.dumps(summary))
         print(leaves.to_string(index=False))
         summaries.append(summary)
