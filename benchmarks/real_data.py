@@ -119,14 +119,12 @@ def planted(root: Path, overrides: dict, *, seed: int = 0) -> dict:
     precision), and with one: the same autofluorescence with fresh noise of its local SD,
     as a second exposure of the tissue would give.
     """
-    from lightsheet.sample.tissue import local_noise_sd, plant_cells
+    from lightsheet.sample.tissue import plant_cells, second_exposure
 
     tissue = _planes(root / "ch1")
     image, truth = plant_cells(tissue, CELLFINDER_VOXEL_UM, seed=seed)
     true = truth[["z_um", "y_um", "x_um"]].to_numpy()
-    rng = np.random.default_rng(seed + 1)
-    noise = local_noise_sd(tissue, 14)
-    second = tissue.astype(np.float32) + rng.normal(size=tissue.shape).astype(np.float32) * noise
+    second = second_exposure(tissue, 14, rng=np.random.default_rng(seed + 1))
     out = {"planted": len(truth), "diameter_um": [11, 17], "peak_sd": [5, 15]}
     local = overrides.get("method", "local") == "local"
     for name, background in (("without_background", None), ("with_background", second)):

@@ -4,8 +4,10 @@ Subcommands::
 
     lightsheet sample DIR [--size tiny|small|medium|large] [--seed N] [--misaligned]
                       [--overlap F] [--stage-error-um UM [UM UM]] [--grid Z Y X]
+                      [--realistic [--cells nuclei|somata]]
+    lightsheet sample DIR --background PLANES_DIR --voxel-size-um Z Y X [--n-cells N]
     lightsheet run CONFIG.yaml [--summary-json PATH]
-    lightsheet demo [DIR] [--size tiny|small|medium|large]
+    lightsheet demo [DIR] [--size tiny|small|medium|large] [--cells nuclei|somata]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
     lightsheet train CONFIG.yaml --out CHECKPOINT [--data-root DIR] [--steps N] [--device D]
     lightsheet lineage OUTPUT [--json]
@@ -91,6 +93,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from lightsheet.sample import generate
     from lightsheet.sample.overlap import generate_overlapping
 
+    if args.background:
+        return _sample_planted(args)
+    if args.voxel_size_um or args.n_cells:
+        raise SampleError("--voxel-size-um and --n-cells go with --background; expected it")
     common = {"size": args.size, "seed": args.seed, "channels": args.channels}
     overlapping = args.overlap or args.stage_error_um or args.grid
     if overlapping and args.misaligned:
@@ -100,6 +106,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     bar, progress = _progress_bar(f"sample ({args.size})")
     with bar:
+        if (overlapping or args.misaligned) and (args.realistic or args.cells):
+            raise SampleError(
+                "--realistic/--cells cannot be combined with --misaligned or --overlap/"
+                "--stage-error-um/--grid; expected one of them"
+            )
+        if args.cells and not args.realistic:
+            raise SampleError("--cells goes with --realistic; expected --realistic --cells ...")
         if overlapping:
             info = generate_overlapping(
                 args.dir, **common, timepoints=args.timepoints, progress=progress,
@@ -109,11 +122,41 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             info = generate(
                 args.dir, **common, timepoints=args.timepoints, progress=progress,
-                misaligned=args.misaligned,
+                misaligned=args.misaligned, realistic=args.realistic,
+                cells=args.cells or "nuclei",
             )  # fmt: skip
     gb = info.get("bytes_written", 0) / 1e9
     print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
     print(f"  lightsheet run {Path(args.dir) / 'config.yaml'}")
+    return 0
+
+
+def _sample_planted(args: argparse.Namespace) -> int:
+    """`lightsheet sample --background`: somata planted into a real background."""
+    from lightsheet.errors import SampleError
+    from lightsheet.sample.planted import generate_planted
+
+    others = [f for f in ("realistic", "cells", "misaligned", "overlap", "stage_error_um", "grid")
+              if getattr(args, f)]  # fmt: skip
+    others += [f for f, default in (("size", "tiny"), ("channels", 2), ("timepoints", 1))
+               if getattr(args, f) != default]  # fmt: skip
+    if others:
+        raise SampleError(
+            f"--background cannot be combined with --{others[0].replace('_', '-')} (it writes "
+            "the background's own shape, two channels, one time point)"
+        )
+    if not args.voxel_size_um:
+        raise SampleError(
+            "--background needs --voxel-size-um Z Y X (single-plane TIFFs do not record the z step)"
+        )
+    info = generate_planted(
+        args.dir, args.background, voxel_size_um=args.voxel_size_um, n=args.n_cells,
+        seed=args.seed,
+    )  # fmt: skip
+    print(
+        f"{info['n_cells']} somata planted into {args.background}; written to {args.dir} "
+        f"(ch0 signal, ch1 background channel, truth/cells.csv; pattern {info['pattern']!r})"
+    )
     return 0
 
 
@@ -255,19 +298,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """`lightsheet demo`: sample (reused when present) + run + summary."""
+    """`lightsheet demo`: realistic sample (reused when present) + run + summary."""
     from lightsheet.config import load_config
     from lightsheet.sample import generate
 
     sample_dir = Path(args.dir) / f"sample-{args.size}"
     meta = sample_dir / "sample.json"
-    reuse = meta.is_file() and json.loads(meta.read_text()).get("seed") == args.seed
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    realistic = info.get("realistic") or {}
+    reuse = info.get("seed") == args.seed and realistic.get("cells") == args.cells
     if reuse:
         print(f"reusing the sample acquisition in {sample_dir}")
     else:
-        bar, progress = _progress_bar(f"generating the {args.size} sample")
+        bar, progress = _progress_bar(f"generating the realistic {args.size} sample")
         with bar:
-            generate(sample_dir, size=args.size, seed=args.seed, progress=progress)
+            generate(
+                sample_dir, size=args.size, seed=args.seed, progress=progress, realistic=True,
+                cells=args.cells,
+            )  # fmt: skip
     config = load_config(sample_dir / "config.yaml")
     summary = run_config(config)
     print_summary(summary)
@@ -478,6 +526,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rotate, scale and warp the brain against its atlas (the config registers it)",
     )
+    p.add_argument(
+        "--realistic",
+        action="store_true",
+        help="image textured tissue: autofluorescence varying several-fold, a dark outside, "
+        "vessels and debris in every channel, light-sheet decay and stripes (the config then "
+        "sets segment.background_channel: 1)",
+    )
+    p.add_argument(
+        "--cells",
+        choices=("nuclei", "somata"),
+        help="with --realistic: dense nuclei of 6-12 um (default) or sparse somata of 12-18 um",
+    )
+    p.add_argument(
+        "--background",
+        metavar="DIR",
+        help="plant somata with known centres into a real background: a folder of "
+        "single-plane TIFFs (e.g. an autofluorescence channel); needs --voxel-size-um",
+    )
+    p.add_argument(
+        "--voxel-size-um",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="with --background: its voxel size in um",
+    )
+    p.add_argument(
+        "--n-cells",
+        type=int,
+        metavar="N",
+        help="with --background: somata to plant (default 3,000 per mm3 of the volume)",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("run", help="run the pipeline on a YAML run config")
@@ -500,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default="lightsheet-demo", help="default: ./lightsheet-demo")
     p.add_argument("--size", choices=SIZES, default="small", help="default: small")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cells",
+        choices=("nuclei", "somata"),
+        default="nuclei",
+        help="the realistic sample's cells: dense nuclei (default) or sparse somata",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("lineage", help="print what made an output, back to the raw tiles")

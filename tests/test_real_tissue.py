@@ -126,15 +126,12 @@ def test_planted_somata_on_real_background(crop, seed=1):
     """220 somata of 11–17 µm, peaks 5–15 local noise SDs, planted into the real
     autofluorescence: found within half a diameter, with the channel's second exposure
     (its own fresh noise) as the background channel."""
-    from lightsheet.sample.tissue import local_noise_sd, plant_cells
+    from lightsheet.sample.tissue import plant_cells, second_exposure
 
     _, tissue = crop
     image, truth = plant_cells(tissue, VOXEL_UM, n=220, seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    second = tissue + rng.normal(size=tissue.shape) * local_noise_sd(tissue, 14)
-    result = _segment(
-        image.astype(np.float32), SegmentConfig(**DEFAULTS), second.astype(np.float32)
-    )
+    second = second_exposure(tissue, 14, rng=np.random.default_rng(seed + 100))
+    result = _segment(image.astype(np.float32), SegmentConfig(**DEFAULTS), second)
     found = result.table[["z_um", "y_um", "x_um"]].to_numpy()
     score = match_points(
         found,

@@ -31,6 +31,10 @@ Tiles
     FFT convolution, so the stitched volume equals imaging the whole brain at once; memory
     stays at a few tiles whatever the size. Only the cell list and the coarse atlas are
     held whole.
+Realism
+    ``generate(..., realistic=True, cells="nuclei" | "somata")`` images textured tissue with
+    vessels, debris, sheet decay and stripes instead (`lightsheet.sample.realistic`);
+    `lightsheet.sample.planted` plants somata into a real background instead of a phantom.
 Truth
     ``truth/cells.csv``: one row per nucleus and time point, centres in µm with voxel ``i``
     centred at ``i × voxel_size_um``; the image → atlas mapping is the identity in µm
@@ -312,6 +316,8 @@ def generate(
     timepoints: int = 1,
     progress: Progress | None = None,
     misaligned: bool = False,
+    realistic: bool = False,
+    cells: str = "nuclei",
 ) -> dict:
     """Write a sample acquisition with its atlas and ground truth.
 
@@ -334,6 +340,12 @@ def generate(
     misaligned : bool
         Rotate, scale, shift and warp the brain against its atlas and reorient the image
         (`lightsheet.sample.misaligned`); the config then registers the atlas.
+    realistic : bool
+        Image textured tissue with a dark outside, vessels, debris, uneven illumination and
+        light-sheet stripes (`lightsheet.sample.realistic`); the config then sets channel 1
+        as ``segment.background_channel``.
+    cells : {"nuclei", "somata"}
+        With ``realistic``: dense nuclei (6–12 µm) or sparse somata (12–18 µm).
 
     Returns
     -------
@@ -352,10 +364,18 @@ def generate(
     # marks the folder as a sample from the start, so an interrupted run can be redone
     _write_json(out / "sample.json", {"format": SAMPLE_FORMAT, "complete": False, "size": size})
 
+    if misaligned and realistic:
+        raise SampleError("misaligned and realistic cannot be combined; expected one of them")
+    if cells != "nuclei" and not realistic:
+        raise SampleError(f"cells: {cells!r} needs realistic=True; expected 'nuclei' without")
     if misaligned:
         from lightsheet.sample.misaligned import build_misaligned_phantom
 
         ph = build_misaligned_phantom(size, seed=seed, channels=channels)
+    elif realistic:
+        from lightsheet.sample.realistic import build_realistic_phantom
+
+        ph = build_realistic_phantom(size, seed=seed, channels=channels, cells=cells)
     else:
         ph = build_phantom(size, seed=seed, channels=channels)
     vox, shape = ph.voxel_size_um, preset.shape_zyx
@@ -412,6 +432,7 @@ def generate(
             "n_tiles": len(jobs),
             "bytes_written": nbytes,
             "misalignment": None if not misaligned else _misalignment_info(ph),
+            "realistic": ph.info() if realistic else None,
         }
     )
     _write_config(out / "config.yaml", info)
@@ -831,14 +852,18 @@ def cells_frame(
     hemisphere: np.ndarray,
     *,
     rng: np.random.Generator,
+    diameter_range_um: tuple[float, float] = NUCLEUS_DIAMETER_RANGE_UM,
+    diameter_sd_um: float = NUCLEUS_DIAMETER_SD_UM,
 ) -> pd.DataFrame:
     """Nuclei at ``pos`` (µm): sizes, shapes and brightness drawn, sorted by position.
 
-    Returns the `sample_cells` table for cells whose region and side are known.
+    Returns the `sample_cells` table for cells whose region and side are known. Diameters
+    are normal around ``mean_diameter_um`` (SD ``diameter_sd_um``), clipped to
+    ``diameter_range_um``.
     """
     n_total = len(pos)
     mean_d = mean_diameter_um
-    diam = np.clip(rng.normal(mean_d, NUCLEUS_DIAMETER_SD_UM), *NUCLEUS_DIAMETER_RANGE_UM).round(2)
+    diam = np.clip(rng.normal(mean_d, diameter_sd_um), *diameter_range_um).round(2)
     # slightly ellipsoidal: per-axis stretch around the mean radius, volume kept
     stretch = np.exp(rng.normal(0.0, 0.08, size=(n_total, 3)))
     stretch /= np.cbrt(stretch.prod(axis=1, keepdims=True))
@@ -1274,6 +1299,8 @@ def _write_config(path: Path, info: dict, *, stitch: dict | None = None) -> None
     }
     if stitch:
         config["stitch"] = stitch
+    if info.get("realistic") and len(info["channels"]) > 1:  # the autofluorescence channel
+        config["segment"]["background_channel"] = 1
     if info.get("misalignment"):
         config["density"] = {"orientation": info["misalignment"]["orientation"]}
         config["register"] = {"enabled": True, "channel": 1}

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-__all__ = ["local_noise_sd", "plant_cells"]
+__all__ = ["local_noise_sd", "plant_cells", "second_exposure"]
 
 
 def local_noise_sd(volume: np.ndarray, window: int) -> np.ndarray:
@@ -149,3 +149,32 @@ def plant_cells(
         info = np.iinfo(bg.dtype)
         out = np.clip(np.rint(out), info.min, info.max)
     return out.astype(bg.dtype), pd.DataFrame(rows)
+
+
+def second_exposure(
+    autofluorescence: np.ndarray, window: int, *, rng: np.random.Generator
+) -> np.ndarray:
+    """The tissue imaged again: ``autofluorescence`` plus fresh noise of its local SD.
+
+    What a second channel of the same tissue gives a detector (the ``background_channel``)
+    when only one real channel is at hand: the same structures, its own noise
+    (`local_noise_sd` over ``window × window`` pixel bins, Gaussian).
+
+    Parameters
+    ----------
+    autofluorescence : (Z, Y, X) ndarray
+        A real channel without labelled cells.
+    window : int
+        Bin side (pixels) of the noise estimate.
+    rng : numpy.random.Generator
+        Source of the fresh noise.
+
+    Returns
+    -------
+    (Z, Y, X) ndarray of float32
+    """
+    tissue = np.asarray(autofluorescence)
+    noise = local_noise_sd(tissue, window)
+    noise *= rng.standard_normal(size=tissue.shape, dtype=np.float32)
+    noise += tissue
+    return noise
