@@ -30,6 +30,7 @@ from lightsheet.errors import ConfigError
 
 __all__ = [
     "DEFAULT_PATTERN",
+    "is_atlas_name",
     "MAX_YAML_VALUES",
     "ORIENTATION_PAIRS",
     "PATTERN_GROUPS",
@@ -805,6 +806,15 @@ def _count_values(root: Any, path: Path) -> int:
     return size(root)
 
 
+def is_atlas_name(value: str, base: Path) -> bool:
+    """Whether a relative ``atlas`` value is a BrainGlobe atlas name, not a folder.
+
+    A bare name (``allen_mouse_25um``) with no such folder in ``base`` is a name; relative
+    paths are joined to ``base`` by the config's readers.
+    """
+    return "/" not in value and not (Path(base) / value).exists()
+
+
 def load_config(path: str | Path) -> PipelineConfig:
     """Read a YAML run config; relative paths are taken relative to the YAML file's folder.
 
@@ -826,8 +836,7 @@ def load_config(path: str | Path) -> PipelineConfig:
     base = path.resolve().parent
     for key in ("psf", "atlas", "output"):
         if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
-            # a bare atlas name (allen_mouse_25um) with no such folder here is a BrainGlobe name
-            if key == "atlas" and "/" not in raw[key] and not (base / raw[key]).exists():
+            if key == "atlas" and is_atlas_name(raw[key], base):
                 continue
             raw[key] = str(base / raw[key])
     if isinstance(raw.get("input"), str) and not Path(raw["input"]).is_absolute():

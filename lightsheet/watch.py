@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lightsheet.access import check_within_roots, config_paths
-from lightsheet.config import PipelineConfig, load_config, read_yaml
+from lightsheet.config import PipelineConfig, is_atlas_name, load_config, read_yaml
 from lightsheet.errors import AcquisitionError, InputFilesError, LightsheetError
 
 __all__ = [
@@ -82,6 +82,8 @@ def acquisition_config(
                 raise AcquisitionError(f"template {template}: expected a mapping of parameters")
             for key in PATH_KEYS:
                 if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
+                    if key == "atlas" and is_atlas_name(raw[key], folder):
+                        continue
                     # the folder's own glob characters are literal ([1] is not a pattern)
                     base = glob.escape(str(folder)) if key == "input" else str(folder)
                     raw[key] = os.path.join(base, raw[key])

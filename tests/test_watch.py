@@ -107,6 +107,11 @@ def test_template_and_output_root(tmp_path):
     assert config.psf == folder / "psf.tif"
     assert config.output == tmp_path / "results" / "brain1"
     assert config.segment.nucleus_diameter_um == 8.0
+    # a BrainGlobe atlas name in a template stays a name, as in a run config
+    raw = yaml.safe_load(template.read_text())
+    template.write_text(yaml.safe_dump({**raw, "atlas": "allen_mouse_25um"}))
+    config = acquisition_config(folder, template=template, output_root=tmp_path / "results")
+    assert str(config.atlas) == "allen_mouse_25um"
 
 
 def test_bad_acquisitions_are_reported(tmp_path):
