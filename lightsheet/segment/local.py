@@ -11,12 +11,10 @@ a cell, in units of the variation of the tissue around it:
 2. **Local statistics, per plane** (:func:`plane_statistics`). The planes are cut into bins
    of about one diameter square. Each bin gives the median of ``I_s`` and its median
    absolute deviation (× 1.4826: the SD of Gaussian noise). The background ``B`` is the
-   median of the bin medians over 3 × 3 bins. The noise ``S`` comes from noise bins of
-   3 × 3 bins, each the median of its bins' deviations, and is the median over 3 × 3 noise
-   bins (about nine diameters, where cells fill well under half of the bins, so ``S``
-   measures the tissue's texture and noise, not the cells; the median of medians costs a
-   ninth of a 9 × 9 median filter on the bins). Both are interpolated linearly between
-   their bins' centres. Per plane because light-sheet planes are
+   median of the bin medians over 3 × 3 bins; the noise ``S`` the median of the bin
+   deviations over 9 × 9 bins (about nine diameters, where cells fill well under half of
+   the bins, so ``S`` measures the tissue's texture and noise, not the cells). Both are
+   interpolated linearly between bin centres. Per plane because light-sheet planes are
    acquired one at a time and their brightness steps (tile seams, sheet power, bleaching);
    medians because bright cells, vessels and the dark outside must not move the level of
    their neighbours.
@@ -35,13 +33,12 @@ a cell, in units of the variation of the tissue around it:
    channel is dropped.
 
 Every scale derives from ``nucleus_diameter_um`` and the voxel size. The bins form a fixed
-grid of the volume, and the statistics pass cuts blocks of whole noise bins, so every bin
-is computed in one piece and the result does not depend on the chunking.
+grid of the volume, and the statistics pass cuts blocks of whole bins, so every bin is
+computed in one piece and the result does not depend on the chunking.
 
 Passes over the data: statistics (one per channel), the watershed analysis, the
-measurement, and the labels when written. Each re-smooths halo-padded blocks and
-recomputes the statistics (nothing volume-sized is stored or held); within a pass each
-block's smoothing and statistics are computed once.
+measurement, and the labels when written. Each re-smooths halo-padded blocks (nothing
+volume-sized is stored or held); the bin statistics are ``1 / (bin side)²`` of the volume.
 """
 
 from __future__ import annotations
@@ -69,9 +66,8 @@ __all__ = ["LocalGeometry", "LocalResult", "detect_local", "plane_statistics", "
 SMOOTH_SIGMA = 0.2
 #: The background's median runs over this many bins a side.
 BACKGROUND_WINDOW_BINS = 3
-#: The noise: the median of the bins' deviations over groups of this many bins a side
-#: (noise bins), then the median over this many noise bins a side: about nine diameters.
-NOISE_GROUP_BINS = 3
+#: The noise's median runs over this many bins a side.
+NOISE_WINDOW_BINS = 9
 #: Basins live where the significance exceeds this (noise SDs).
 MASK_SD = 2.0
 #: Two peaks are two cells when the dip between them is this deep (noise SDs).
@@ -136,88 +132,69 @@ def _snap(grid: tuple[tuple[int, ...], ...], bins: Sequence[int]) -> tuple[tuple
     return tuple(out)
 
 
-def _bin_medians(a: np.ndarray, by: int, bx: int, deviation: bool, step: int = 1) -> np.ndarray:
-    """Per plane, the median over each ``by`` × ``bx`` bin (the last ones may be partial).
-
-    With ``deviation``, the bins' median absolute deviation instead. ``step``: every
-    ``step``-th row and column of each bin, counted from the bin's first.
-    """
+def _bin_stats_block(padded: Any, *, region: Region, geometry: LocalGeometry) -> np.ndarray:
+    """Median and MAD × 1.4826 of the smoothed core in each bin: ``(2, Z, NY, NX)``."""
+    a = _to_numpy(smooth(padded, geometry)[region.core])
+    _, by, bx = geometry.bin_vox
     z, y, x = a.shape
     ny, nx = -(-y // by), -(-x // bx)
-    out = np.empty((z, ny, nx), np.float32)
-    # whole bins at once; the last row and column of bins may be partial
-    for ys, ye in ((0, y // by), (y // by, ny)):
-        for xs, xe in ((0, x // bx), (x // bx, nx)):
+    out = np.empty((2, z, ny, nx), np.float32)
+    # whole bins at once; the volume's last row and column of bins may be partial
+    for ys, ye in ((0, min(ny, y // by)), (y // by, ny)):
+        for xs, xe in ((0, min(nx, x // bx)), (x // bx, nx)):
             if ye <= ys or xe <= xs:
                 continue
             part = a[:, ys * by : min(y, ye * by), xs * bx : min(x, xe * bx)]
             h, w = -(-part.shape[1] // (ye - ys)), -(-part.shape[2] // (xe - xs))
-            cells = part.reshape(z, ye - ys, h, xe - xs, w)[:, :, ::step, :, ::step]
-            cells = cells.transpose(0, 1, 3, 2, 4).reshape(z, ye - ys, xe - xs, -1)
+            cells = part.reshape(z, ye - ys, h, xe - xs, w).transpose(0, 1, 3, 2, 4)
+            cells = cells.reshape(z, ye - ys, xe - xs, h * w)
             med = np.median(cells, axis=-1)
-            if deviation:
-                med = np.median(np.abs(cells - med[..., None]), axis=-1)
-            out[:, ys:ye, xs:xe] = med
+            out[0, :, ys:ye, xs:xe] = med
+            out[1, :, ys:ye, xs:xe] = np.median(np.abs(cells - med[..., None]), axis=-1)
+    out[1] *= _MAD_TO_SD
     return out
-
-
-def _bin_stats_block(
-    padded: Any, *, region: Region, geometry: LocalGeometry
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each bin's median, and each noise bin's median of its bins' MAD × 1.4826.
-
-    On the smoothed core, which holds whole noise bins but at the volume's end.
-    """
-    a = _to_numpy(smooth(padded, geometry)[region.core])
-    _, by, bx = geometry.bin_vox
-    # neighbouring voxels of the smoothed image are correlated (σ is a fifth of a bin):
-    # every second row and column holds nearly all of a bin's information, for a quarter of
-    # the sorting
-    step = 2 if min(by, bx) >= 4 else 1
-    med = _bin_medians(a, by, bx, deviation=False, step=step)
-    mad = _bin_medians(a, by, bx, deviation=True, step=step)
-    g = NOISE_GROUP_BINS
-    return med, _bin_medians(mad, g, g, deviation=False) * np.float32(_MAD_TO_SD)
 
 
 def plane_statistics(
     image: Any, geometry: LocalGeometry, *, chunks: tuple[tuple[int, ...], ...]
 ) -> tuple[da.Array, da.Array]:
-    """Background ``B`` per plane on the bin grid, noise ``S`` on the noise-bin grid (lazy).
+    """Background ``B`` and noise ``S`` per plane on the bin grid (lazy).
 
     Parameters
     ----------
     image : (Z, Y, X) dask array or stored array-like
     geometry : LocalGeometry
     chunks : chunk grid
-        Blocks of the statistics pass (snapped to whole noise bins).
+        Blocks of the statistics pass (snapped to whole bins).
 
     Returns
     -------
-    background : (Z, ceil(Y / by), ceil(X / bx)) dask array of float32
-        The median over 3 × 3 bins of each bin's median of the smoothed image.
-    noise : (Z, ceil(Y / (g by)), ceil(X / (g bx))) dask array of float32
-        ``g`` = :data:`NOISE_GROUP_BINS`: the median over g × g noise bins of each noise
-        bin's median of its bins' MAD × 1.4826.
+    background, noise : (Z, ceil(Y / by), ceil(X / bx)) dask arrays of float32
+        The median over 3 × 3 bins of each bin's median of the smoothed image, and the
+        median over 9 × 9 bins of each bin's MAD × 1.4826.
     """
-    g = NOISE_GROUP_BINS
-    noise_bin = (1, g * geometry.bin_vox[1], g * geometry.bin_vox[2])
-    grid = _snap(chunks, noise_bin)
+    grid = _snap(chunks, geometry.bin_vox)
     regions = block_regions(grid, geometry.depth)
     blocks = _padded(image, regions)
-    parts = {"B": np.empty(tuple(len(c) for c in grid), dtype=object)}
-    parts["S"] = np.empty_like(parts["B"])
+    parts = np.empty(tuple(len(c) for c in grid), dtype=object)
     for idx, r in regions.items():
-        task = dask.delayed(_bin_stats_block, nout=2)(blocks[idx], region=r, geometry=geometry)
-        for key, part, bins in zip("BS", task, (geometry.bin_vox, noise_bin), strict=True):
-            shape = tuple(-(-(b - a) // n) for a, b, n in zip(r.start, r.stop, bins, strict=True))
-            parts[key][idx] = da.from_delayed(
-                part, shape=shape, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32)
-            )
-    return (
-        _median_bins(da.block(parts["B"].tolist()), BACKGROUND_WINDOW_BINS),
-        _median_bins(da.block(parts["S"].tolist()), g),
+        shape = tuple(
+            -(-(b - a) // n) for a, b, n in zip(r.start, r.stop, geometry.bin_vox, strict=True)
+        )
+        parts[idx] = da.from_delayed(
+            dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry),
+            shape=(2, *shape),
+            dtype=np.float32,
+            meta=np.empty((0, 0, 0, 0), np.float32),
+        )
+    stats = da.concatenate(
+        [
+            da.concatenate([da.concatenate(list(row), axis=3) for row in plane], axis=2)
+            for plane in parts
+        ],
+        axis=1,
     )
+    return _median_bins(stats[0], BACKGROUND_WINDOW_BINS), _median_bins(stats[1], NOISE_WINDOW_BINS)
 
 
 def _median_bins(bins: da.Array, window: int) -> da.Array:
@@ -289,38 +266,31 @@ def _shell(region: Region) -> tuple[slice, ...]:
     )
 
 
-def _maps(region: Region, bins: Sequence[int], nbins: Sequence[int]) -> tuple[tuple, list]:
-    """The bins a block's shell reads: index slices, and (first, n, side) per axis."""
+def _maps(region: Region, geometry: LocalGeometry, nbins) -> tuple[tuple, list]:
+    """The bins a block's shell reads: index slices, and (first, n) per axis for `_lerp`."""
     ext = _shell_extent(region)
-    spans = [(ext[0][0], ext[0][1], 1)] + [
-        (_bin_span(*ext[a], bins[a], nbins[a])[0], nbins[a], bins[a]) for a in (1, 2)
+    spans = [(ext[0][0], ext[0][1], 0)] + [
+        (*_bin_span(*ext[a], geometry.bin_vox[a], nbins[a]), nbins[a]) for a in (1, 2)
     ]
-    sel = [slice(*ext[0])] + [slice(*_bin_span(*ext[a], bins[a], nbins[a])) for a in (1, 2)]
-    return tuple(sel), spans
+    return tuple(slice(lo, hi) for lo, hi, _ in spans), spans
 
 
-def _interpolate(values: np.ndarray, spans: list, region: Region) -> np.ndarray:
-    """Bin values (`_maps`' window) at every voxel of a block and its shell."""
+def _contrast_parts(padded, background, noise, region: Region, spans, geometry) -> dict:
+    """On a block and its shell: ``E = I_s − B``, ``B`` and (with ``noise``) ``z = E / S``."""
+    sl = _shell(region)
+    s = _to_numpy(smooth(padded, geometry)[sl])
     ext = _shell_extent(region)
     for axis in (1, 2):
-        first, n, b = spans[axis]
-        values = _lerp(values, axis, np.arange(*ext[axis], dtype=np.float64), b, first, n)
-    return values
-
-
-def _contrast_parts(padded, background, noise, region: Region, geometry) -> dict:
-    """On a block and its shell: ``E = I_s − B``, ``B`` and (with ``noise``) ``z = E / S``.
-
-    ``background`` and ``noise`` are ``(window, spans)`` of their bin grids (`_maps`).
-    """
-    s = _to_numpy(smooth(padded, geometry)[_shell(region)])
-    b = _interpolate(*background, region)
-    e = s - b
-    out = {"E": e, "B": b}
+        coords = np.arange(*ext[axis], dtype=np.float64)
+        b, first, n = geometry.bin_vox[axis], spans[axis][0], spans[axis][2]
+        background = _lerp(background, axis, coords, b, first, n)
+        if noise is not None:
+            noise = _lerp(noise, axis, coords, b, first, n)
+    e = s - background
+    out = {"E": e, "B": background}
     if noise is not None:
-        sd = _interpolate(*noise, region)
         z = np.zeros(e.shape, np.float32)
-        np.divide(e, sd, out=z, where=sd > 0)
+        np.divide(e, noise, out=z, where=noise > 0)
         out["z"] = z
     return out
 
@@ -381,19 +351,18 @@ class LocalResult:
 def _channel_parts(image, geometry, grid, regions, with_noise: bool) -> dict:
     """Per block, the delayed `_contrast_parts` of one channel."""
     background, noise = plane_statistics(image, geometry, chunks=grid)
-    g = NOISE_GROUP_BINS
-    grids = [(_Windows(background), geometry.bin_vox)]
-    if with_noise:
-        grids.append((_Windows(noise), (1, g * geometry.bin_vox[1], g * geometry.bin_vox[2])))
+    b_win, n_win = _Windows(background), _Windows(noise)
     blocks = _padded(image, regions)
     out = {}
     for idx, r in regions.items():
-        maps = []
-        for win, bins in grids:
-            sel, spans = _maps(r, bins, win.shape)
-            maps.append((win[sel], spans))
+        sel, spans = _maps(r, geometry, background.shape)
         out[idx] = dask.delayed(_contrast_parts)(
-            blocks[idx], maps[0], maps[1] if with_noise else None, r, geometry
+            blocks[idx],
+            b_win[sel],
+            n_win[sel] if with_noise else None,
+            r,
+            spans,
+            geometry,
         )
     return out
 
@@ -406,7 +375,7 @@ class _Windows:
     """
 
     def __init__(self, array: da.Array):
-        self.shape = array.shape
+        self.chunks = array.chunks
         self.blocks = array.to_delayed(optimize_graph=False)
         self.bounds = [np.cumsum((0,) + c) for c in array.chunks]
 
