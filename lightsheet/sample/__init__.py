@@ -58,7 +58,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -68,9 +67,10 @@ import numpy as np
 import pandas as pd
 
 from lightsheet.config import DEFAULT_PATTERN
-from lightsheet.errors import OutputExistsError, SampleError
+from lightsheet.errors import SampleError
 from lightsheet.io.tables import DENSITY_COLUMNS
 from lightsheet.psf import psf_from_optics, write_psf
+from lightsheet.sample._output import output_entries, replace_previous
 
 #: Format tag written to ``sample.json``; a folder holding it may be overwritten.
 SAMPLE_FORMAT = "lightsheet-sample"
@@ -1125,10 +1125,7 @@ def _check_args(size, seed, channels, timepoints) -> SizePreset:
 
 def _prepare_out_dir(out: Path) -> Path:
     """Create ``out``, or empty it of a previous sample; refuse anything else."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"sample: {out} exists and is not a folder; expected a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    entries = sorted(p.name for p in out.iterdir())
+    entries = output_entries(out)
     if not entries:
         return out
     previous = _read_sample_json(out / "sample.json")
@@ -1141,19 +1138,14 @@ def _prepare_out_dir(out: Path) -> Path:
     ]
     unknown += [f"atlas/{p.name}" for p in _extra(out / "atlas", _ATLAS_FILES)]
     unknown += [f"truth/{p.name}" for p in _extra(out / "truth", _TRUTH_FILES)]
-    if previous is None or unknown:
-        what = "holds no sample.json" if previous is None else f"also holds {unknown[:5]}"
-        raise OutputExistsError(
-            f"sample: {out} is not empty and {what}; expected a missing or empty folder, or "
-            f"a previous sample to overwrite (found {entries[:8]})"
-        )
-    for e in _SAMPLE_ENTRIES:
-        p = out / e
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    return out
+    return replace_previous(
+        out,
+        entries,
+        previous=previous is not None,
+        unknown=unknown,
+        kind="sample",
+        clear=_SAMPLE_ENTRIES,
+    )
 
 
 def _extra(folder: Path, allowed: Sequence[str]) -> list[Path]:

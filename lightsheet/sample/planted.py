@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lightsheet.errors import OutputExistsError, SampleError
+from lightsheet.errors import SampleError
+from lightsheet.sample._output import output_entries, replace_previous
 
 __all__ = ["PLANTED_PATTERN", "generate_planted"]
 
@@ -182,10 +182,7 @@ def generate_planted(
 
 def _prepare(out: Path) -> Path:
     """Create ``out``, or empty it of a previous planted sample; refuse anything else."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"sample: {out} exists and is not a folder; expected a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    entries = sorted(p.name for p in out.iterdir())
+    entries = output_entries(out)
     if not entries:
         return out
     try:
@@ -197,16 +194,6 @@ def _prepare(out: Path) -> Path:
         if (out / c).is_dir():
             name = re.compile(rf"^ch{c[-1]}\d{{5}}\.tif$")
             unknown += [f"{c}/{p.name}" for p in (out / c).iterdir() if not name.match(p.name)]
-    if not previous or unknown:
-        what = "holds no planted sample.json" if not previous else f"also holds {unknown[:5]}"
-        raise OutputExistsError(
-            f"sample: {out} is not empty and {what}; expected a missing or empty folder, or "
-            f"a previous planted sample to overwrite (found {entries[:8]})"
-        )
-    for e in _ENTRIES:
-        p = out / e
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    return out
+    return replace_previous(
+        out, entries, previous=previous, unknown=unknown, kind="planted sample", clear=_ENTRIES
+    )
