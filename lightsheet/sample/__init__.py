@@ -814,35 +814,47 @@ def sample_cells(
         ``intensity`` (peak photons per voxel before blur), ``structure_id``,
         ``hemisphere``; sorted by position.
     """
+    parts, draw, owner = _region_draws(annotation, resolution_um, rng)
+    pos = np.concatenate([draw(where, n) for _, where, n in parts]) if parts else np.empty((0, 3))
+    pos = _separate(pos, owner, [w for _, w, _ in parts], draw, rng)
+    mean_d = np.array([parts[i][0].diameter_um for i in owner]) if len(pos) else np.empty(0)
+    ids, hemi = _region_of(pos, owner, parts, hemispheres, resolution_um)
+    return cells_frame(pos, mean_d, ids, hemi, rng=rng)
+
+
+def _region_draws(annotation: np.ndarray, resolution_um: float, rng, density_factor=1.0):
+    """Cells per region at ``density_factor`` × its density, and where to put them.
+
+    Returns ``parts`` (``(region, its flat annotation voxels, n)`` for every region given
+    cells), ``draw(where, n)`` (n positions uniform in those voxels, in µm, clear of voxel
+    faces so each one's atlas voxel is unambiguous) and ``owner`` (each cell's part).
+    """
     res = float(resolution_um)
     voxel_mm3 = res**3 * 1e-9
-    # keep positions clear of voxel faces so the atlas voxel of each is unambiguous
     inset = 2e-3 * res
     parts = []
     for region in REGIONS:
         if region.density_cells_per_mm3 is None:
             continue
         where = np.flatnonzero(annotation.ravel() == region.id)
-        n = int(round(region.density_cells_per_mm3 * where.size * voxel_mm3))
-        if n == 0:
-            continue
-        parts.append((region, where, n))
+        n = int(round(density_factor * region.density_cells_per_mm3 * where.size * voxel_mm3))
+        if n:
+            parts.append((region, where, n))
 
     def draw(where: np.ndarray, n: int) -> np.ndarray:
         vox = np.stack(np.unravel_index(rng.choice(where, size=n), annotation.shape), axis=1)
-        offset = rng.uniform(inset, res - inset, size=(n, 3))
-        return np.round(vox * res + offset, 3)
+        return np.round(vox * res + rng.uniform(inset, res - inset, size=(n, 3)), 3)
 
-    positions = [draw(where, n) for _, where, n in parts]
     owner = np.concatenate([np.full(n, i) for i, (_, _, n) in enumerate(parts)]).astype(int)
-    pos = np.concatenate(positions) if positions else np.empty((0, 3))
-    pos = _separate(pos, owner, [w for _, w, _ in parts], draw, rng)
+    return parts, draw, owner
 
-    mean_d = np.array([parts[i][0].diameter_um for i in owner]) if len(pos) else np.empty(0)
+
+def _region_of(pos, owner, parts, hemispheres: np.ndarray, resolution_um: float):
+    """Structure id (of each cell's part) and hemisphere (at its position) per cell."""
     ids = np.array([parts[i][0].id for i in owner], dtype=np.int64)
-    idx = np.clip(np.floor(pos / res).astype(np.intp), 0, np.array(annotation.shape) - 1)
-    hemi = hemispheres[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.int64)
-    return cells_frame(pos, mean_d, ids, hemi, rng=rng)
+    idx = np.floor(pos / float(resolution_um)).astype(np.intp)
+    idx = np.clip(idx, 0, np.array(hemispheres.shape) - 1)
+    return ids, hemispheres[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.int64)
 
 
 def cells_frame(

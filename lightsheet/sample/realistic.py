@@ -53,6 +53,8 @@ from lightsheet.sample import (
     REGIONS,
     BrainGeometry,
     Phantom,
+    _region_draws,
+    _region_of,
     _Scene,
     build_phantom,
     cells_frame,
@@ -398,23 +400,9 @@ def soma_cells(
     """
     from scipy.spatial import cKDTree
 
-    res = float(resolution_um)
-    inset = 2e-3 * res
-    parts = []
-    for region in REGIONS:
-        if region.density_cells_per_mm3 is None:
-            continue
-        where = np.flatnonzero(annotation.ravel() == region.id)
-        density = SOMA_DENSITY_FRACTION * region.density_cells_per_mm3
-        n = int(round(density * where.size * res**3 * 1e-9))
-        if n:
-            parts.append((region, where, n))
-
-    def draw(where: np.ndarray, n: int) -> np.ndarray:
-        vox = np.stack(np.unravel_index(rng.choice(where, size=n), annotation.shape), axis=1)
-        return np.round(vox * res + rng.uniform(inset, res - inset, size=(n, 3)), 3)
-
-    owner = np.concatenate([np.full(n, i) for i, (_, _, n) in enumerate(parts)]).astype(int)
+    parts, draw, owner = _region_draws(
+        annotation, resolution_um, rng, density_factor=SOMA_DENSITY_FRACTION
+    )
     pos = np.concatenate([draw(w, n) for _, w, n in parts]) if parts else np.empty((0, 3))
     mean_d = np.array([parts[i][0].diameter_um + SOMA_DIAMETER_SHIFT_UM for i in owner])
     diam = np.clip(rng.normal(mean_d, SOMA_DIAMETER_SD_UM), *SOMA_DIAMETER_RANGE_UM)
@@ -430,9 +418,7 @@ def soma_cells(
             pos[i] = draw(parts[owner[i]][1], 1)[0]
     else:
         raise SampleError("somata: could not place the somata apart; the volume is too small")
-    ids = np.array([parts[i][0].id for i in owner], dtype=np.int64)
-    idx = np.clip(np.floor(pos / res).astype(np.intp), 0, np.array(annotation.shape) - 1)
-    hemi = hemispheres[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.int64)
+    ids, hemi = _region_of(pos, owner, parts, hemispheres, resolution_um)
     return cells_frame(
         pos, diam, ids, hemi, rng=rng,
         diameter_range_um=SOMA_DIAMETER_RANGE_UM, diameter_sd_um=0.0,
