@@ -375,7 +375,6 @@ class _Windows:
     """
 
     def __init__(self, array: da.Array):
-        self.chunks = array.chunks
         self.blocks = array.to_delayed(optimize_graph=False)
         self.bounds = [np.cumsum((0,) + c) for c in array.chunks]
 

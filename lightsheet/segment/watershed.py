@@ -135,8 +135,8 @@ def _toboggan(elev, mask, struct, lo, hi, origin, shape):
     ``elev`` and ``mask`` are the block with ``lo``/``hi`` voxels of halo. Every core
     foreground voxel points to the highest neighbour (ties broken by global voxel index, a
     total order shared by all blocks), pointers are followed inside the block, and halo
-    voxels end paths. Returns the core's endpoint global indices (-1 off the mask) and
-    the endpoint is-core flags needed by the callers.
+    voxels end paths. Returns the core's endpoint global indices (-1 off the mask), its
+    mask, its local maxima and its elevation.
 
     Only foreground voxels are visited (as flat indices of the block padded by one voxel,
     whose order within a block is the global order), so the cost follows the mask, not the
@@ -149,11 +149,6 @@ def _toboggan(elev, mask, struct, lo, hi, origin, shape):
     pshape = e.shape
     core = tuple(slice(1 + lo[a], pshape[a] - 1 - hi[a]) for a in range(3))
     cshape = tuple(c.stop - c.start for c in core)
-    # global flat index of each core voxel
-    coords = [np.arange(cshape[a], dtype=np.int64) + origin[a] for a in range(3)]
-    gidx = (coords[0][:, None, None] * shape[1] + coords[1][None, :, None]) * shape[2] + coords[2][
-        None, None, :
-    ]
     ef, mf = e.ravel(), m.ravel()
     fg = np.flatnonzero(mf)
     best_e, best_p = ef[fg], fg.copy()
@@ -186,7 +181,15 @@ def _toboggan(elev, mask, struct, lo, hi, origin, shape):
     )
     is_max = np.zeros(cshape, dtype=bool)
     is_max.flat[c] = target[in_core] == fg[in_core]
-    return end_g, gidx, m[core], is_max, e[core]
+    return end_g, m[core], is_max, e[core]
+
+
+def _global_index(block_shape, origin, shape) -> np.ndarray:
+    """The global flat index of each voxel of a block at ``origin`` of a volume."""
+    coords = [np.arange(n, dtype=np.int64) + o for n, o in zip(block_shape, origin, strict=True)]
+    return (coords[0][:, None, None] * shape[1] + coords[1][None, :, None]) * shape[2] + coords[2][
+        None, None, :
+    ]
 
 
 def _positive_offsets(struct: np.ndarray) -> list[tuple[int, int, int]]:
@@ -231,7 +234,8 @@ def _toboggan_info(elev, mask, struct, lo, hi, origin, shape, image=None):
     keyed by endpoint + 1. And the core's shell towards neighbours (``face_*``: each voxel's
     global index, endpoint and height), which `_neighbour_tables` reduces on the workers.
     """
-    end_g, g, m, is_max, e = _toboggan(elev, mask, struct, lo, hi, origin, shape)
+    end_g, m, is_max, e = _toboggan(elev, mask, struct, lo, hi, origin, shape)
+    g = _global_index(m.shape, origin, shape)
     peaks = g[is_max]
     order = np.argsort(peaks)
     # exits: endpoints that are not peaks of this block (they lie in a neighbour's core)
@@ -269,7 +273,7 @@ def _resolve(keys: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def _basin_block(elev, mask, struct, lo, hi, origin, shape, plan, dtype):
-    end_g, _, m, _, _ = _toboggan(elev, mask, struct, lo, hi, origin, shape)
+    end_g, m, _, _ = _toboggan(elev, mask, struct, lo, hi, origin, shape)
     keys, values = plan
     out = np.zeros(m.shape, dtype=dtype)
     if keys.size:
