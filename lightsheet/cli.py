@@ -104,15 +104,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
             "--misaligned cannot be combined with --overlap/--stage-error-um/--grid; "
             "expected one of them"
         )
+    if (overlapping or args.misaligned) and (args.realistic or args.cells):
+        raise SampleError(
+            "--realistic/--cells cannot be combined with --misaligned or --overlap/"
+            "--stage-error-um/--grid; expected one of them"
+        )
+    if args.cells and not args.realistic:
+        raise SampleError("--cells goes with --realistic; expected --realistic --cells ...")
     bar, progress = _progress_bar(f"sample ({args.size})")
     with bar:
-        if (overlapping or args.misaligned) and (args.realistic or args.cells):
-            raise SampleError(
-                "--realistic/--cells cannot be combined with --misaligned or --overlap/"
-                "--stage-error-um/--grid; expected one of them"
-            )
-        if args.cells and not args.realistic:
-            raise SampleError("--cells goes with --realistic; expected --realistic --cells ...")
         if overlapping:
             info = generate_overlapping(
                 args.dir, **common, timepoints=args.timepoints, progress=progress,
