@@ -20,6 +20,8 @@ Cells
     its annotation voxels, so each truth ``structure_id`` is the annotation at the cell and
     truth densities are count / annotation volume exactly. Nuclei are soft-edged, slightly
     ellipsoidal blobs 6–12 µm across (region-dependent mean), with lognormal brightness.
+    Nuclei are solid bodies: a cell closer to another than the mean of their diameters is
+    redrawn in its region (`separate`), so no two interpenetrate (they may touch).
 Imaging
     Expected photons = smooth uneven illumination × autofluorescence (brighter inside the
     brain, region-dependent anatomy contrast) + nuclei (channel 0 only), blurred by a
@@ -228,7 +230,6 @@ NUCLEUS_LOG_SIGMA = 0.35
 NUCLEUS_DIAMETER_RANGE_UM = (6.0, 12.0)
 NUCLEUS_DIAMETER_SD_UM = 1.0
 NUCLEUS_EDGE_UM = 0.5  # width of the soft nuclear boundary
-NUCLEUS_MIN_SEPARATION_UM = 3.0  # centres closer than this are redrawn
 BLEACH_PER_TIMEPOINT = 0.97
 TIMEPOINT_INTERVAL_MS = 60_000
 START_ABS_MS = 1_291_795
@@ -816,10 +817,10 @@ def sample_cells(
     """
     parts, draw, owner = _region_draws(annotation, resolution_um, rng)
     pos = np.concatenate([draw(where, n) for _, where, n in parts]) if parts else np.empty((0, 3))
-    pos = _separate(pos, owner, [w for _, w, _ in parts], draw, rng)
-    mean_d = np.array([parts[i][0].diameter_um for i in owner]) if len(pos) else np.empty(0)
+    diam = draw_diameters(np.array([parts[i][0].diameter_um for i in owner]), rng=rng)
+    pos = separate(pos, diam, owner, [w for _, w, _ in parts], draw)
     ids, hemi = _region_of(pos, owner, parts, hemispheres, resolution_um)
-    return cells_frame(pos, mean_d, ids, hemi, rng=rng)
+    return cells_frame(pos, diam, ids, hemi, rng=rng)
 
 
 def _region_draws(annotation: np.ndarray, resolution_um: float, rng, density_factor=1.0):
@@ -857,31 +858,41 @@ def _region_of(pos, owner, parts, hemispheres: np.ndarray, resolution_um: float)
     return ids, hemispheres[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.int64)
 
 
-def cells_frame(
-    pos: np.ndarray,
+def draw_diameters(
     mean_diameter_um: np.ndarray,
-    structure_id: np.ndarray,
-    hemisphere: np.ndarray,
     *,
     rng: np.random.Generator,
     diameter_range_um: tuple[float, float] = NUCLEUS_DIAMETER_RANGE_UM,
     diameter_sd_um: float = NUCLEUS_DIAMETER_SD_UM,
-) -> pd.DataFrame:
-    """Nuclei at ``pos`` (µm): sizes, shapes and brightness drawn, sorted by position.
+) -> np.ndarray:
+    """Cell diameters (µm) drawn around each cell's mean.
 
-    Returns the `sample_cells` table for cells whose region and side are known. Diameters
-    are normal around ``mean_diameter_um`` (SD ``diameter_sd_um``), clipped to
-    ``diameter_range_um``.
+    Normal around ``mean_diameter_um`` with SD ``diameter_sd_um``, clipped to
+    ``diameter_range_um``, rounded to 0.01 µm.
+    """
+    mean = np.asarray(mean_diameter_um, dtype=float)
+    return np.clip(rng.normal(mean, diameter_sd_um, size=mean.shape), *diameter_range_um).round(2)
+
+
+def cells_frame(
+    pos: np.ndarray,
+    diameter_um: np.ndarray,
+    structure_id: np.ndarray,
+    hemisphere: np.ndarray,
+    *,
+    rng: np.random.Generator,
+) -> pd.DataFrame:
+    """Cells at ``pos`` (µm) of the given diameters: shapes and brightness drawn, sorted.
+
+    Returns the `sample_cells` table for cells whose region and side are known.
     """
     n_total = len(pos)
-    mean_d = mean_diameter_um
-    diam = np.clip(rng.normal(mean_d, diameter_sd_um), *diameter_range_um).round(2)
+    diam = np.asarray(diameter_um, dtype=float)
     # slightly ellipsoidal: per-axis stretch around the mean radius, volume kept
     stretch = np.exp(rng.normal(0.0, 0.08, size=(n_total, 3)))
     stretch /= np.cbrt(stretch.prod(axis=1, keepdims=True))
     semi = 0.5 * diam[:, None] * stretch
     intensity = (NUCLEUS_MEDIAN_PHOTONS * rng.lognormal(0.0, NUCLEUS_LOG_SIGMA, n_total)).round(1)
-    ids, hemi = structure_id, hemisphere
     cells = pd.DataFrame(
         {
             "z_um": pos[:, 0],
@@ -892,8 +903,8 @@ def cells_frame(
             "semi_y_um": semi[:, 1],
             "semi_x_um": semi[:, 2],
             "intensity": intensity,
-            "structure_id": ids,
-            "hemisphere": hemi,
+            "structure_id": structure_id,
+            "hemisphere": hemisphere,
         }
     )
     cells = cells.sort_values(["z_um", "y_um", "x_um"], kind="stable").reset_index(drop=True)
@@ -901,21 +912,49 @@ def cells_frame(
     return cells
 
 
-def _separate(pos, owner, wheres, draw, rng, *, rounds: int = 50) -> np.ndarray:
-    """Redraw (in the same region) one cell of each pair closer than the minimum spacing."""
+def separate(
+    pos: np.ndarray,
+    diameter_um: np.ndarray,
+    owner: np.ndarray,
+    wheres: Sequence,
+    draw: Callable,
+    *,
+    rounds: int = 200,
+) -> np.ndarray:
+    """Redraw cells until no two are closer than the mean of their diameters.
+
+    Cells are solid bodies: two nuclei (or somata) may touch but not interpenetrate, and
+    where they would, their images would add into one brighter blob that no detector, and
+    no person, could split. Uniform placement alone puts a quarter of the cells of a dense
+    region inside another's diameter. One cell of each close pair is redrawn in its own
+    region (``draw(wheres[owner], n)``), so region counts and densities stay exact.
+
+    Raises
+    ------
+    SampleError
+        If the cells cannot be placed apart in ``rounds`` redraws (a region too small or
+        too dense for its cells' size).
+    """
     from scipy.spatial import cKDTree
 
+    pos = np.array(pos, dtype=float)
+    diam = np.asarray(diameter_um, dtype=float)
     for _ in range(rounds):
         if len(pos) < 2:
-            break
-        pairs = cKDTree(pos).query_pairs(NUCLEUS_MIN_SEPARATION_UM, output_type="ndarray")
-        if len(pairs) == 0:
-            break
-        redo = np.unique(pairs[:, 1])
+            return pos
+        pairs = cKDTree(pos).query_pairs(float(diam.max()), output_type="ndarray")
+        gap = np.linalg.norm(pos[pairs[:, 0]] - pos[pairs[:, 1]], axis=1)
+        close = pairs[gap < 0.5 * (diam[pairs[:, 0]] + diam[pairs[:, 1]])]
+        if len(close) == 0:
+            return pos
+        redo = np.unique(close[:, 1])
         for i in np.unique(owner[redo]):
             sel = redo[owner[redo] == i]
             pos[sel] = draw(wheres[i], len(sel))
-    return pos
+    raise SampleError(
+        f"could not place {len(pos)} cells apart (no two closer than the mean of their "
+        f"diameters) in {rounds} redraws: a region is too small or too dense for its cells"
+    )
 
 
 def _cells_over_time(cells: pd.DataFrame, timepoints: int) -> pd.DataFrame:

@@ -469,7 +469,7 @@ def _sample_space_labels(mis, annotation, hemispheres, res, image_shape, vox):
 
 def _misaligned_cells(mis, annotation, hemispheres, res, labels, *, rng):
     """Nuclei uniform in sample space at each region's density; truth = atlas voxel at q."""
-    from lightsheet.sample import REGIONS, _separate, cells_frame
+    from lightsheet.sample import REGIONS, cells_frame, draw_diameters, separate
 
     ann_s, _, h, axes = labels
     voxel_mm3 = h**3 * 1e-9
@@ -499,12 +499,12 @@ def _misaligned_cells(mis, annotation, hemispheres, res, labels, *, rng):
     positions = [draw(w, n) for w, (_, _, n) in zip(wheres, parts, strict=True)]
     owner = np.concatenate([np.full(n, i) for i, (_, _, n) in enumerate(parts)]).astype(int)
     pos = np.concatenate(positions) if positions else np.empty((0, 3))
-    pos = _separate(pos, owner, wheres, draw, rng)
+    diam = draw_diameters(np.array([parts[i][0].diameter_um for i in owner]), rng=rng)
+    pos = separate(pos, diam, owner, wheres, draw)
     q = mis(pos)
     ids = lookup_labels(annotation, res, q).astype(np.int64)
     hemi = lookup_labels(hemispheres, res, q).astype(np.int64)
-    mean_d = np.array([parts[i][0].diameter_um for i in owner]) if len(pos) else np.empty(0)
-    return cells_frame(pos, mean_d, ids, hemi, rng=rng)
+    return cells_frame(pos, diam, ids, hemi, rng=rng)
 
 
 class MisalignedScene(_Scene):

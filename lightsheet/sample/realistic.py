@@ -58,6 +58,8 @@ from lightsheet.sample import (
     _Scene,
     build_phantom,
     cells_frame,
+    draw_diameters,
+    separate,
 )
 
 __all__ = [
@@ -398,31 +400,20 @@ def soma_cells(
     closer to another than the mean of their diameters is redrawn in its region, so no two
     overlap. Columns as `sample_cells`.
     """
-    from scipy.spatial import cKDTree
-
     parts, draw, owner = _region_draws(
         annotation, resolution_um, rng, density_factor=SOMA_DENSITY_FRACTION
     )
     pos = np.concatenate([draw(w, n) for _, w, n in parts]) if parts else np.empty((0, 3))
     mean_d = np.array([parts[i][0].diameter_um + SOMA_DIAMETER_SHIFT_UM for i in owner])
-    diam = np.clip(rng.normal(mean_d, SOMA_DIAMETER_SD_UM), *SOMA_DIAMETER_RANGE_UM)
-    for _ in range(200):
-        if len(pos) < 2:
-            break
-        pairs = cKDTree(pos).query_pairs(SOMA_DIAMETER_RANGE_UM[1], output_type="ndarray")
-        gap = np.linalg.norm(pos[pairs[:, 0]] - pos[pairs[:, 1]], axis=1) if len(pairs) else []
-        close = pairs[gap < 0.5 * (diam[pairs[:, 0]] + diam[pairs[:, 1]])] if len(pairs) else []
-        if len(close) == 0:
-            break
-        for i in np.unique(close[:, 1]):
-            pos[i] = draw(parts[owner[i]][1], 1)[0]
-    else:
-        raise SampleError("somata: could not place the somata apart; the volume is too small")
+    diam = draw_diameters(
+        mean_d,
+        rng=rng,
+        diameter_range_um=SOMA_DIAMETER_RANGE_UM,
+        diameter_sd_um=SOMA_DIAMETER_SD_UM,
+    )
+    pos = separate(pos, diam, owner, [w for _, w, _ in parts], draw)
     ids, hemi = _region_of(pos, owner, parts, hemispheres, resolution_um)
-    return cells_frame(
-        pos, diam, ids, hemi, rng=rng,
-        diameter_range_um=SOMA_DIAMETER_RANGE_UM, diameter_sd_um=0.0,
-    )  # fmt: skip
+    return cells_frame(pos, diam, ids, hemi, rng=rng)
 
 
 def build_realistic_phantom(

@@ -24,9 +24,11 @@ a cell, in units of the variation of the tissue around it:
    noise SDs deep (dynamics), else they merge: a cell elongated by the axial PSF has many
    shallow maxima.
 4. **Cells.** A basin whose peak stands at least ``min_peak_sd`` above its background is a
-   cell. Its body is its basin at no less than 0.7 of its peak (whatever its brightness);
-   its centroid weights each voxel by how far it rises above that level. The size filter
-   applies to the body. ``contrast`` is ``Σ(I_s − B) / ΣB`` over the body.
+   cell. Its body is its basin at no less than half its peak (whatever its brightness):
+   its extent at half maximum, which for a blurred nucleus lies near its surface, so the
+   size filter (on the body) compares like with like. Its centroid weights each voxel by
+   how far it rises above 0.7 of the peak (the top of the cell, which neighbours and
+   background slopes shift least). ``contrast`` is ``Σ(I_s − B) / ΣB`` over the body.
 5. **Artefacts** (``background_channel``). Vessels, debris and lipofuscin shine in every
    channel: a candidate whose contrast in the autofluorescence channel (measured the same
    way on that channel) is at least ``background_ratio`` of its contrast in the nuclei
@@ -72,8 +74,11 @@ NOISE_WINDOW_BINS = 9
 MASK_SD = 2.0
 #: Two peaks are two cells when the dip between them is this deep (noise SDs).
 SPLIT_SD = 2.0
-#: A cell's body: the voxels of its basin at no less than this fraction of its peak.
-BODY_FRACTION = 0.7
+#: A cell's body: the voxels of its basin at no less than this fraction of its peak (its
+#: extent at half maximum, the usual measure of an object's size).
+BODY_FRACTION = 0.5
+#: Its centre: weighted by how far each voxel rises above this fraction of its peak.
+CENTRE_FRACTION = 0.7
 _MAD_TO_SD = 1.4826
 
 
@@ -310,7 +315,8 @@ def _core(a: np.ndarray, region: Region) -> np.ndarray:
 
 
 def _body(elev, region, plan, peaks, struct, shape) -> tuple[np.ndarray, np.ndarray]:
-    """A block's cell-body labels (``z ≥ BODY_FRACTION × peak``) and centroid weights."""
+    """A block's cell-body labels (``z ≥ BODY_FRACTION × peak``) and centroid weights
+    (``z − CENTRE_FRACTION × peak`` where positive)."""
     m = ~np.isnan(elev)
     lo = tuple(min(1, x) for x in region.lo)
     hi = tuple(min(1, x) for x in region.hi)
@@ -318,7 +324,8 @@ def _body(elev, region, plan, peaks, struct, shape) -> tuple[np.ndarray, np.ndar
     z = _core(np.nan_to_num(elev, nan=-np.inf), region)
     top = peaks[lab]
     keep = (lab > 0) & (z >= BODY_FRACTION * top)
-    return np.where(keep, lab, 0), np.where(keep, z - BODY_FRACTION * top, 0.0)
+    weight = np.where(keep, np.maximum(z - CENTRE_FRACTION * top, 0.0), 0.0)
+    return np.where(keep, lab, 0), weight
 
 
 def _measure_cells(elev, parts, region, plan, peaks, struct, shape, image, bg) -> pd.DataFrame:
