@@ -256,18 +256,22 @@ def write_cut_tiles(folder, volume, origins, tile_shape):
         )
 
 
-@pytest.mark.parametrize("chunks", [(6, 13, 17), (12, 40, 40), (5, 8, 64)])
-def test_fusion_at_true_integer_positions_gives_back_the_volume(tmp_path, chunks):
-    rng = np.random.default_rng(5)
-    volume = rng.integers(0, 60000, (12, 52, 55)).astype(np.uint16)
-    tile = (12, 30, 32)
-    origins = np.array([[0, 0, 0], [0, 0, 23], [0, 22, 0], [0, 22, 23]])
+def fuse_cut(tmp_path, shape, origins, tile, chunks, blend_vox, shape_zyx=None):
+    """A random volume, tiles cut from it at ``origins``, and their fusion (computed)."""
+    volume = np.random.default_rng(5).integers(100, 60000, shape).astype(np.uint16)
     write_cut_tiles(tmp_path / "tiles", volume, origins, tile)
     m = discover(str(tmp_path / "tiles" / "*.tif"), DEFAULT_PATTERN)
     fused = stitch(
         m, voxel_size_um=(2, 1, 1), chunks=chunks, positions_vox=origins.astype(float),
-        blend_vox=(1, 8, 9),
+        shape_zyx=shape_zyx, blend_vox=blend_vox,
     ).compute()  # fmt: skip
+    return volume, m, fused
+
+
+@pytest.mark.parametrize("chunks", [(6, 13, 17), (12, 40, 40), (5, 8, 64)])
+def test_fusion_at_true_integer_positions_gives_back_the_volume(tmp_path, chunks):
+    origins = np.array([[0, 0, 0], [0, 0, 23], [0, 22, 0], [0, 22, 23]])
+    volume, m, fused = fuse_cut(tmp_path, (12, 52, 55), origins, (12, 30, 32), chunks, (1, 8, 9))
     assert fused.shape == (1, 1, 12, 52, 55)
     np.testing.assert_array_equal(fused[0, 0], volume)
     # nearest: positions within half a voxel of the grid are rounded onto it
@@ -301,9 +305,48 @@ def test_fusion_at_sub_voxel_positions_interpolates_linearly(tmp_path):
         m, voxel_size_um=(2, 1, 1), chunks=(4, 16, 16), positions_vox=origins,
         shape_zyx=(8, 60, 60), blend_vox=(1, 5, 6),
     ).compute()[0, 0]  # fmt: skip
-    covered = fused != 0
-    assert covered[1:6, 1:54, 1:57].all()
+    # covered: inside a tile's box, past the first voxel where the origin is sub-voxel
+    covered = np.zeros(fused.shape, bool)
+    for o in origins:
+        lo = [int(np.floor(v)) + (1 if v % 1 else 0) for v in o]
+        hi = [int(np.floor(v)) + n for v, n in zip(o, tile, strict=True)]
+        covered[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
+    assert covered[1:6, 1:54, 1:57].all() and not covered.all()
     np.testing.assert_allclose(fused[covered], field(z, y, x)[covered], rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [(3, 13, 17), (12, 60, 64), (1, 8, 64)])
+def test_voxels_no_tile_covers_extend_the_nearest_tile(tmp_path, chunks):
+    # tiles shifted inward by stage errors leave the mosaic's border uncovered: those voxels
+    # take the nearest tile's nearest voxel (no step to 0 for deconvolution to ring at),
+    # the same at any chunking
+    tile = (10, 30, 32)
+    origins = np.array([[1, 2, 0], [0, 0, 25], [3, 24, 1], [2, 23, 27]])
+    shape = (14, 56, 60)
+    volume, _, fused = fuse_cut(tmp_path, shape, origins, tile, chunks, (1, 4, 4), shape)
+    fused = fused[0, 0]
+    # the reference, voxel by voxel: squared distance to each tile's box, ties to the lower
+    # index; the value is the tile's voxel at the position clamped into the box
+    grid = np.indices(volume.shape)
+    dist = np.stack(
+        [
+            sum(
+                np.maximum(0, np.maximum(o[a] - grid[a], grid[a] - (o[a] + tile[a] - 1))) ** 2
+                for a in range(3)
+            )
+            for o in origins
+        ]
+    )
+    nearest = np.argmin(dist, axis=0)
+    expected = np.empty_like(volume)
+    for i, o in enumerate(origins):
+        j = [np.clip(grid[a], o[a], o[a] + tile[a] - 1) for a in range(3)]
+        mine = nearest == i
+        expected[mine] = volume[j[0][mine], j[1][mine], j[2][mine]]
+    covered = dist.min(axis=0) == 0
+    assert 0 < (~covered).sum() < covered.sum()
+    np.testing.assert_array_equal(fused[covered], volume[covered])
+    np.testing.assert_array_equal(fused[~covered], expected[~covered])
 
 
 @pytest.mark.slow
