@@ -21,8 +21,11 @@ a cell, in units of the variation of the tissue around it:
 3. **Significance** ``z = (I_s − B) / S``; seeds, basins and splits by the steepest-ascent
    watershed on ``z`` over voxels with ``z > 2`` (`lightsheet.segment.watershed`, exact at
    any chunking). Two peaks stay separate cells when the dip between them is at least 2
-   noise SDs deep (dynamics), else they merge: a cell elongated by the axial PSF has many
-   shallow maxima.
+   noise SDs deep (dynamics) and at least a tenth of the lower peak, else they merge: a
+   cell elongated by the axial PSF has many shallow maxima, and inside a bright cell the
+   intensity's own variation grows with its brightness (shot noise, and deconvolution's
+   ringing, which leaves a dip in the middle of a flat-topped nucleus along z), where the
+   background's noise SD does not.
 4. **Cells.** A basin whose peak stands at least ``min_peak_sd`` above its background is a
    cell. Its body is its basin at no less than half its peak (whatever its brightness):
    its extent at half maximum, which for a blurred nucleus lies near its surface, so the
@@ -72,8 +75,10 @@ BACKGROUND_WINDOW_BINS = 3
 NOISE_WINDOW_BINS = 9
 #: Basins live where the significance exceeds this (noise SDs).
 MASK_SD = 2.0
-#: Two peaks are two cells when the dip between them is this deep (noise SDs).
+#: Two peaks are two cells when the dip between them is this deep (noise SDs) ...
 SPLIT_SD = 2.0
+#: ... and at least this fraction of the lower peak.
+SPLIT_FRACTION = 0.1
 #: A cell's body: the voxels of its basin at no less than this fraction of its peak (its
 #: extent at half maximum, the usual measure of an object's size).
 BODY_FRACTION = 0.5
@@ -315,8 +320,11 @@ def _core(a: np.ndarray, region: Region) -> np.ndarray:
 
 
 def _body(elev, region, plan, peaks, struct, shape) -> tuple[np.ndarray, np.ndarray]:
-    """A block's cell-body labels (``z ≥ BODY_FRACTION × peak``) and centroid weights
-    (``z − CENTRE_FRACTION × peak`` where positive)."""
+    """A block's cell-body labels and centroid weights.
+
+    The body is ``z ≥ BODY_FRACTION × peak``; the weights ``z − CENTRE_FRACTION × peak``
+    where positive.
+    """
     m = ~np.isnan(elev)
     lo = tuple(min(1, x) for x in region.lo)
     hi = tuple(min(1, x) for x in region.hi)
@@ -470,8 +478,9 @@ def detect_local(
         e_blocks[idx] = dask.delayed(_elevation)(parts[idx])
         m_blocks[idx] = dask.delayed(_mask)(e_blocks[idx])
     _, _, _, peaks, plans = _watershed_analysis(
-        e_blocks, m_blocks, grid, struct, SPLIT_SD, 0, compute=compute
-    )
+        e_blocks, m_blocks, grid, struct, SPLIT_SD, 0, compute=compute,
+        split_fraction=SPLIT_FRACTION,
+    )  # fmt: skip
     # a label is a cell when its peak is significant; others get no body
     peaks_by_label = np.r_[-np.inf, peaks]
     cell_peaks = np.where(peaks_by_label >= min_peak_sd, peaks_by_label, np.inf)

@@ -338,10 +338,15 @@ def _touching_blocks(numblocks, struct) -> list[tuple[tuple, tuple]]:
 
 
 def _merge_by_dynamics(
-    heights: np.ndarray, edges: np.ndarray, saddles: np.ndarray, depth: float
+    heights: np.ndarray,
+    edges: np.ndarray,
+    saddles: np.ndarray,
+    depth: float,
+    fraction: float = 0.0,
 ) -> np.ndarray:
-    """Union basins whose lower peak rises less than ``depth`` above their best saddle.
+    """Union basins whose lower peak rises less than the split depth above their best saddle.
 
+    The split depth is ``depth``, or ``fraction`` of the lower peak where that is more.
     Edges are processed from the highest saddle down (Kruskal on the maximum spanning
     tree), each component keeping its highest peak; returns each basin's root (0-based).
     """
@@ -360,7 +365,8 @@ def _merge_by_dynamics(
         ra, rb = find(int(edges[k, 0])), find(int(edges[k, 1]))
         if ra == rb:
             continue
-        if min(top[ra], top[rb]) - float(saddles[k]) < depth:
+        lower = min(top[ra], top[rb])
+        if lower - float(saddles[k]) < max(depth, fraction * lower):
             hi_, lo_ = (ra, rb) if (top[ra], ra) > (top[rb], rb) else (rb, ra)
             parent[lo_] = hi_
     return np.array([find(i) for i in range(heights.size)], dtype=np.int64)
@@ -604,8 +610,12 @@ def _watershed_analysis(
     image: da.Array | None = None,
     vs=None,
     compute: Callable[[Any, str], Any] | None = None,
+    split_fraction: float = 0.0,
 ) -> tuple[da.Array, int, pd.DataFrame | None, np.ndarray, dict]:
     """One pass over the blocks → lazy labels, n, the table (with ``image``), peaks, plans.
+
+    Basins merge unless the dip between them is at least ``split_depth`` and at least
+    ``split_fraction`` of the lower peak (`_merge_by_dynamics`).
 
     ``e_ov`` and ``m_ov`` are the elevation and mask of the blocks of ``grid`` with a shell
     of one voxel (`_shells`, or `_surface_block` on a stored image): dask arrays, or
@@ -668,7 +678,7 @@ def _watershed_analysis(
     )
     saddles = np.concatenate([np.empty(0)] + [s for _, s in pairs])
     edges, saddles = _max_by_pair(edges[:, 0], edges[:, 1], saddles)
-    roots = _merge_by_dynamics(heights, edges, saddles, split_depth)
+    roots = _merge_by_dynamics(heights, edges, saddles, split_depth, split_fraction)
     _, merged = np.unique(roots, return_inverse=True)
     n = int(merged.max()) + 1 if merged.size else 0
     final = offset + merged.astype(np.int64) + 1  # basin → label
