@@ -42,16 +42,13 @@ import scipy
 import scipy.fft as sfft
 from scipy.ndimage import gaussian_filter
 
+from lightsheet.blocks import BLOCK_BYTES, choose_blocks, default_depth, fast_shape
 from lightsheet.deconvolve import (
-    BLOCK_BYTES,
     _backend,
     _cuda_available,
     _pocketfft,
-    choose_blocks,
     clear_otf_cache,
     deconvolve,
-    default_depth,
-    fast_shape,
     richardson_lucy,
 )
 from lightsheet.psf import gaussian_psf

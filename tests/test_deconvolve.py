@@ -11,15 +11,14 @@ from hypothesis import strategies as st
 from scipy.ndimage import convolve
 
 import lightsheet.deconvolve as dec
-from lightsheet.deconvolve import (
+from lightsheet.blocks import (
+    choose_blocks,
     choose_chunks,
-    clear_otf_cache,
-    deconvolve,
     default_depth,
     fast_shape,
     next_fast_size,
-    richardson_lucy,
 )
+from lightsheet.deconvolve import clear_otf_cache, deconvolve, richardson_lucy
 from lightsheet.errors import ImageError, PSFError
 from lightsheet.psf import gaussian_psf
 
@@ -289,7 +288,7 @@ def test_stored_blocks_read_only_their_region():
 )
 def test_choose_blocks_are_whole_chunks_within_budget(shape, chunks, depth):
     target = 64 << 20
-    blocks = dec.choose_blocks(shape, chunks, depth, target_bytes=target)
+    blocks = choose_blocks(shape, chunks, depth, target_bytes=target)
     for b, c, s in zip(blocks, chunks, shape, strict=True):
         assert b == s or b % c == 0
     padded = np.prod([next_fast_size(b + 2 * d) for b, d in zip(blocks, depth, strict=True)])

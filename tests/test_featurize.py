@@ -635,8 +635,12 @@ def test_io_buffer_is_not_a_torchscript_archive():
 def test_feature_blocks_write_levels_0_and_1_whole_within_the_memory_budget(
     chunks, shape, voxel_size_um
 ):
-    from lightsheet.io.omezarr import _next_level_chunks, pyramid_factors
-    from tasks.featurize import FEATURE_BLOCK_BYTES, feature_blocks
+    from lightsheet.blocks import (
+        FEATURE_BLOCK_BYTES,
+        feature_blocks,
+        fused_level_chunks,
+        pyramid_factors,
+    )
 
     bytes_per_voxel = 16  # 8 float16 features
     zarr_chunks, blocks = feature_blocks(chunks, shape, bytes_per_voxel, voxel_size_um)
@@ -645,4 +649,4 @@ def test_feature_blocks_write_levels_0_and_1_whole_within_the_memory_budget(
     assert np.prod(blocks) * bytes_per_voxel <= 2 * FEATURE_BLOCK_BYTES
     grid = da.core.normalize_chunks((1, 8, *blocks), (1, 8, *shape))
     factor = (1, 1, *pyramid_factors(shape, voxel_size_um)[0])
-    assert _next_level_chunks(grid, (1, 8, *zarr_chunks), factor) is not None
+    assert fused_level_chunks(grid, (1, 8, *zarr_chunks), [factor]) != []
