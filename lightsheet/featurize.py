@@ -22,7 +22,6 @@ same mapping.
 
 from __future__ import annotations
 
-import bisect
 import copy
 import hashlib
 import io
@@ -39,12 +38,11 @@ import numpy as np
 import torch
 from dask.base import tokenize
 from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
 from torch import nn
 
 from lightsheet.errors import ConfigError, ModelError
 from lightsheet.models.checkpoint import load_model, save_model
-from lightsheet.regions import is_stored
+from lightsheet.regions import Region, block_grid, is_stored, map_overlap
 from lightsheet.resample import AxisMap, Taps, apply_taps
 from lightsheet.unet import CpuUNet, UNet, channels_last_format
 
@@ -278,16 +276,6 @@ def _set_torch_threads() -> None:
         torch.set_num_threads(n)
 
 
-def _concat_nested(parts: Any, axis: int = 0) -> Any:
-    """``np.block`` for NumPy or CuPy: nested lists (z, y, x) of blocks into one array."""
-    if not isinstance(parts, list):
-        return parts
-    arrays = [_concat_nested(p, axis + 1) for p in parts]
-    if len(arrays) == 1:
-        return arrays[0]
-    return _xp(arrays[0]).concatenate(arrays, axis=axis)
-
-
 def _xp(a: Any) -> Any:
     if type(a).__module__.startswith("cupy"):
         import cupy
@@ -312,6 +300,7 @@ def run_model(
     device: str | torch.device | None = None,
     voxel_size_um: Sequence[float] | None = None,
     taps: tuple[tuple[Taps | None, Taps | None], ...] | None = None,
+    pixels_per_pass: int = CPU_PIXELS_PER_PASS,
 ) -> Any:
     """Run the network on one in-memory region: the per-block kernel.
 
@@ -332,7 +321,7 @@ def run_model(
     dtype : dtype
         Output dtype.
     batch_size : int
-        z-slices per forward pass (2-D models).
+        z-slices per forward pass (2-D models; on a CPU at most ``pixels_per_pass`` pixels).
     device : str or torch.device, optional
         None: CUDA if available (half precision there), else CPU (float32).
     voxel_size_um : (3,) floats, optional
@@ -341,6 +330,8 @@ def run_model(
         of `featurize`'s blocks). Not with ``taps`` or ``crop``.
     taps : per axis (z, y, x) ``(to_model, to_source)``, optional
         The block's resampling (`lightsheet.resample.AxisPlan`), set by `featurize`.
+    pixels_per_pass : int
+        Largest forward pass on a CPU, in pixels (default `CPU_PIXELS_PER_PASS`).
 
     Returns
     -------
@@ -391,7 +382,7 @@ def run_model(
                     region.shape[a] if t is None else t.weight.shape[1]
                     for a, t in ((1, to_model[1]), (2, to_model[2]))
                 )
-                batch_size = max(1, min(batch_size, CPU_PIXELS_PER_PASS // per_slice))
+                batch_size = max(1, min(batch_size, pixels_per_pass // per_slice))
             zs = range(x_all.shape[0])[crop[0]]
             batches = [zs[i : i + batch_size] for i in range(0, len(zs), batch_size)]
             inputs = (_with_context(x_all, b, context) for b in batches)
@@ -487,9 +478,20 @@ def _whole_region_plan(shape: Sequence[int], voxel_size_um: Any, payload: _Model
     return tuple(p.crop for p in plans), tuple((p.to_model, p.to_source) for p in plans)
 
 
-def _block_task(parts: Any, payload: _ModelPayload, norm: Any, geometry: Any, opts: dict) -> Any:
-    crop, taps = geometry
-    return run_model(_concat_nested(parts), payload, norm=norm, crop=crop, taps=taps, **opts)
+def _block_task(padded: Any, *, region: Region, payload: _ModelPayload, norm: Any, grid: Any,
+                opts: dict) -> Any:  # fmt: skip
+    """`run_model` on one task's region, cropped and resampled as `_plans` says."""
+    plans = _plans(region.start, region.stop, *grid)
+    crop, taps = tuple(p.crop for p in plans), tuple((p.to_model, p.to_source) for p in plans)
+    return run_model(padded, payload, norm=norm, crop=crop, taps=taps, **opts)
+
+
+def _plans(start: Sequence[int], stop: Sequence[int], maps: Any, halos: Any, aligns: Any) -> list:
+    """Per axis, what the network reads and crops for the output ``[start, stop)``."""
+    return [
+        m.plan(c0, c1, halo=h, align=a)
+        for c0, c1, m, h, a in zip(start, stop, maps, halos, aligns, strict=True)
+    ]
 
 
 # --------------------------------------------------------------------------- dask level
@@ -505,6 +507,7 @@ def featurize(
     norm: Sequence[float] | Delayed | None = None,
     chunks: Any = None,
     voxel_size_um: Sequence[float] | None = None,
+    pixels_per_pass: int = CPU_PIXELS_PER_PASS,
 ) -> da.Array:
     """Per-pixel UNet features of a volume, lazily and block by block, without seams.
 
@@ -520,7 +523,7 @@ def featurize(
     dtype : {"float16", "float32"}
         Output dtype.
     batch_size : int
-        z-slices per forward pass (on a CPU at most `CPU_PIXELS_PER_PASS` pixels per pass).
+        z-slices per forward pass (on a CPU at most ``pixels_per_pass`` pixels per pass).
     device : str or torch.device, optional
         None chooses on each worker: CUDA if it has a GPU (half precision), else CPU.
     norm : (2,) floats or Delayed, optional
@@ -532,6 +535,10 @@ def featurize(
         at (`model_voxel_size_um`), each block is resampled to the model's voxel size on
         the way in and back on the way out (y and x for a 2-D model). None: the image is
         taken to be at the model's voxel size.
+    pixels_per_pass : int
+        Pixels per forward pass on a CPU (default `CPU_PIXELS_PER_PASS`): z-slices are
+        batched up to it, and a 2-D model's neighbouring chunks share one task while one
+        slice of their region fits in it.
 
     Returns
     -------
@@ -548,9 +555,8 @@ def featurize(
     >>> featurize(image, load_model(), voxel_size_um=(2.0, 1.0, 1.0)).shape  # resampled
     (16, 4, 64, 64)
     """
-    return _map_model(
-        image, model, "features", dtype, batch_size, device, norm, chunks, voxel_size_um
-    )
+    options = (batch_size, device, norm, chunks, voxel_size_um, pixels_per_pass)
+    return _map_model(image, model, "features", dtype, *options)
 
 
 def foreground_probability(image: da.Array, model: nn.Module, **kwargs: Any) -> da.Array:
@@ -575,6 +581,7 @@ def head_probabilities(
     norm: Sequence[float] | Delayed | None = None,
     chunks: Any = None,
     voxel_size_um: Sequence[float] | None = None,
+    pixels_per_pass: int = CPU_PIXELS_PER_PASS,
 ) -> da.Array:
     """The head channels' probabilities (sigmoid of the logits), block by block.
 
@@ -592,9 +599,8 @@ def head_probabilities(
             "the head's probabilities need a lightsheet UNet or its TorchScript export"
         )
     mode = "head" if channel is None else ("probability", int(channel))
-    return _map_model(
-        image, model, mode, "float32", batch_size, device, norm, chunks, voxel_size_um
-    )
+    options = (batch_size, device, norm, chunks, voxel_size_um, pixels_per_pass)
+    return _map_model(image, model, mode, "float32", *options)
 
 
 def model_voxel_size_um(model: nn.Module) -> tuple[float, float, float] | None:
@@ -650,10 +656,11 @@ def _map_model(
     norm: Any,
     chunks: Any = None,
     voxel_size_um: Any = None,
+    pixels_per_pass: int = CPU_PIXELS_PER_PASS,
 ) -> da.Array:
     source = image if is_stored(image) else None
     if source is not None:
-        image = da.from_array(source, chunks=chunks if chunks is not None else source.chunks)
+        image = da.from_array(source, chunks=block_grid(source, chunks))
     image = _as_dask(image, "image")
     if not isinstance(model, nn.Module):
         raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -661,6 +668,8 @@ def _map_model(
         raise ValueError(f"dtype must be 'float16' or 'float32'; got {dtype!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if not isinstance(pixels_per_pass, int) or pixels_per_pass < 1:
+        raise ValueError(f"pixels_per_pass must be a positive integer; got {pixels_per_pass!r}")
     if device is not None:
         try:
             torch.device(device)
@@ -673,61 +682,48 @@ def _map_model(
         n_out = int(getattr(model, "n_features", 0)) or _probe_features(model, ndim)
     else:
         n_out = _probe_head(model, ndim) if mode == "head" else 1
-    norm_key, norm_graph = _norm_node(image, norm)
-    payload = _ModelPayload(model)
-    opts = {"mode": mode, "dtype": np.dtype(dtype), "batch_size": batch_size, "device": device}
-    steps = tuple(m.step for m in maps)
-    token = tokenize(
-        image.name, payload.token, norm_key, opts, halo, align, CPU_PIXELS_PER_PASS, steps
+    norm = _norm_value(image, norm)
+    opts = {
+        "mode": mode,
+        "dtype": np.dtype(dtype),
+        "batch_size": batch_size,
+        "device": device,
+        "pixels_per_pass": pixels_per_pass,
+    }
+    grid = (
+        maps,
+        (halo if ndim == 3 else context, halo, halo),
+        (align if ndim == 3 else 1, align, align),
     )
-    name = f"{mode if isinstance(mode, str) else 'probability'}-{token}"
-    payload_key = f"unet-weights-{payload.token}"
-    halos = (halo if ndim == 3 else context, halo, halo)
-    aligns = (align if ndim == 3 else 1, align, align)
     bounds = [np.cumsum((0,) + c).tolist() for c in image.chunks]
-    lead = (slice(None),) if mode in ("features", "head") else ()  # the feature / head axis
-
-    def out_key(idx: tuple[int, ...]) -> tuple:
-        return (name, *(0,) * len(lead), *idx)
-
-    dsk: dict[Any, Any] = {payload_key: payload}
-    source_key = f"{name}-source"
-    if source is not None:
-        dsk[source_key] = source
-    pieces: dict[tuple[int, ...], list] = {}  # output chunk -> its parts, in z order
+    regions = []
     bytes_per_voxel = n_out * np.dtype(dtype).itemsize
-    for cores in _task_cores(bounds, maps, halos, aligns, bytes_per_voxel, ndim == 3):
-        plans = [
-            m.plan(c0, c1, halo=h, align=a)
-            for (c0, c1), m, h, a in zip(cores, maps, halos, aligns, strict=True)
-        ]
-        ranges = [p.read for p in plans]
-        geometry = (tuple(p.crop for p in plans), tuple((p.to_model, p.to_source) for p in plans))
-        parts = (
-            (_read_box, source_key, ranges)
-            if source is not None
-            else _region_parts(image.name, bounds, ranges)
-        )
-        task = (_block_task, parts, payload_key, norm_key, geometry, opts)
-        chunks = _chunks_within(bounds, cores)
-        if len(chunks) == 1 and chunks[0][2]:  # the task computes exactly one chunk
-            dsk[out_key(chunks[0][0])] = task
-            continue
-        group_key = (f"{name}-group", *(c0 for c0, _ in cores))
-        dsk[group_key] = task
-        for idx, sub, _ in chunks:
-            pieces.setdefault(idx, []).append((_getitem, group_key, lead + sub))
-    for idx, parts in pieces.items():
-        # a chunk split in z between tasks is joined from its parts
-        dsk[out_key(idx)] = parts[0] if len(parts) == 1 else (_concat_nested, parts, len(lead))
+    for i, cores in enumerate(
+        _task_cores(bounds, *grid, bytes_per_voxel, ndim == 3, pixels_per_pass)
+    ):
+        start, stop = tuple(c0 for c0, _ in cores), tuple(c1 for _, c1 in cores)
+        reads = [p.read for p in _plans(start, stop, *grid)]
+        lo = tuple(c0 - r0 for c0, (r0, _) in zip(start, reads, strict=True))
+        hi = tuple(r1 - c1 for c1, (_, r1) in zip(stop, reads, strict=True))
+        regions.append(Region((i,), start, stop, lo, hi, image.shape))
+    lead = mode in ("features", "head")  # the feature / head axis
     # a stored image's regions are read by the tasks themselves, not cut from its chunks
-    deps = ([image] if source is None else []) + ([norm_graph] if norm_graph is not None else [])
-    if norm_graph is None:
-        dsk[norm_key] = np.asarray(norm, dtype=np.float64)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
-    chunks = ((n_out,), *image.chunks) if lead else image.chunks
-    meta = np.empty((0,) * len(chunks), dtype=dtype, like=image._meta)
-    return da.Array(graph, name, chunks, meta=meta)
+    return map_overlap(
+        _block_task,
+        image if source is None else source,
+        chunks=image.chunks,
+        dtype=dtype,
+        meta=np.empty((0,) * (3 + lead), dtype=dtype, like=image._meta),
+        trim=False,
+        out_chunks=((n_out,), *image.chunks) if lead else image.chunks,
+        name=mode if isinstance(mode, str) else "probability",
+        regions=regions,
+        boundary="none",
+        payload=_ModelPayload(model),
+        norm=norm,
+        grid=grid,
+        opts=opts,
+    )
 
 
 def _task_cores(
@@ -737,12 +733,13 @@ def _task_cores(
     aligns: tuple[int, int, int],
     bytes_per_voxel: int,
     one_per_chunk: bool,
+    pixels_per_pass: int = CPU_PIXELS_PER_PASS,
 ) -> list[tuple[tuple[int, int], ...]]:
     """The output box (z, y, x ranges) of each task: chunks grouped so halos are shared.
 
     A 3-D model (``one_per_chunk``) gets one task per chunk. A 2-D model runs slice by
     slice, so in y and x neighbouring chunks are merged while the input region one forward
-    pass sees (on the model's grid) stays within `CPU_PIXELS_PER_PASS` (fewer halo pixels
+    pass sees (on the model's grid) stays within ``pixels_per_pass`` (fewer halo pixels
     computed twice, and passes of the size the network runs fastest at); in z, the group is
     cut into slabs so one task's output is no larger than the largest chunk's (same memory
     per task), each slab reading its z context as its halo.
@@ -750,11 +747,11 @@ def _task_cores(
     per_chunk = [list(zip(b[:-1], b[1:], strict=True)) for b in bounds]
     if one_per_chunk:
         return list(itertools.product(*per_chunk))
-    side = math.isqrt(CPU_PIXELS_PER_PASS)
+    side = math.isqrt(pixels_per_pass)
     xs = _merge_chunks(bounds[2], maps[2], halos[2], aligns[2], side)
     widest = max(_model_length(x, maps[2], halos[2], aligns[2]) for x in xs)
     ys = _merge_chunks(
-        bounds[1], maps[1], halos[1], aligns[1], max(side, CPU_PIXELS_PER_PASS // widest)
+        bounds[1], maps[1], halos[1], aligns[1], max(side, pixels_per_pass // widest)
     )
     budget = math.prod(max(np.diff(b)) for b in bounds) * bytes_per_voxel
     out = []
@@ -789,67 +786,16 @@ def _merge_chunks(
     return runs
 
 
-def _chunks_within(
-    bounds: list[list[int]], cores: tuple[tuple[int, int], ...]
-) -> list[tuple[tuple[int, ...], tuple[slice, ...], bool]]:
-    """Chunks overlapping a task's output box: index, slices of the box, whole chunk or not."""
-    per_axis = []
-    for b, (c0, c1) in zip(bounds, cores, strict=True):
-        first = bisect.bisect_right(b, c0) - 1
-        last = bisect.bisect_left(b, c1) - 1
-        per_axis.append(
-            [
-                (j, slice(max(c0, b[j]) - c0, min(c1, b[j + 1]) - c0), (b[j], b[j + 1]) == (c0, c1))
-                for j in range(first, last + 1)
-            ]
-        )
-    return [
-        (tuple(j for j, _, _ in combo), tuple(s for _, s, _ in combo), all(w for _, _, w in combo))
-        for combo in itertools.product(*per_axis)
-    ]
-
-
-def _region_parts(name: str, bounds: list[list[int]], ranges: list[tuple[int, int]]) -> Any:
-    """Nested lists (z, y, x) of getitem tasks covering ``ranges`` of the chunked array."""
-    per_axis = []
-    for b, (r0, r1) in zip(bounds, ranges, strict=True):
-        first = bisect.bisect_right(b, r0) - 1
-        last = bisect.bisect_left(b, r1) - 1
-        per_axis.append(
-            [
-                (j, slice(max(r0, b[j]) - b[j], min(r1, b[j + 1]) - b[j]))
-                for j in range(first, last + 1)
-            ]
-        )
-
-    def nest(ax: int, prefix: tuple) -> Any:
-        if ax == 3:
-            keys = tuple(j for j, _ in prefix)
-            sl = tuple(s for _, s in prefix)
-            return (_getitem, (name, *keys), sl)
-        return [nest(ax + 1, prefix + (item,)) for item in per_axis[ax]]
-
-    return nest(0, ())
-
-
-def _read_box(source: Any, ranges: list[tuple[int, int]]) -> np.ndarray:
-    """The input region ``ranges`` (z, y, x) read straight from a stored image."""
-    return np.asarray(source[tuple(slice(a, b) for a, b in ranges)])
-
-
-def _getitem(block: Any, index: tuple[slice, ...]) -> Any:
-    return block[index]
-
-
-def _norm_node(image: da.Array, norm: Any) -> tuple[Any, Delayed | None]:
+def _norm_value(image: da.Array, norm: Any) -> Any:
+    """``norm`` checked, or the default `intensity_range` of ``image`` (Delayed)."""
     if norm is None:
         norm = intensity_range(image)
     if isinstance(norm, Delayed):
-        return norm.key, norm
+        return norm
     vals = np.asarray(norm, dtype=np.float64)
     if vals.shape != (2,) or not np.all(np.isfinite(vals)) or not vals[1] > vals[0]:
         raise ValueError(f"norm must be two finite numbers (lo, hi) with hi > lo; got {norm!r}")
-    return f"featurize-norm-{tokenize(vals)}", None
+    return vals
 
 
 def _probe_input(model: nn.Module, ndim: int) -> torch.Tensor:
