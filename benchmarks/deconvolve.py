@@ -43,14 +43,8 @@ import scipy.fft as sfft
 from scipy.ndimage import gaussian_filter
 
 from lightsheet.blocks import BLOCK_BYTES, choose_blocks, default_depth, fast_shape
-from lightsheet.deconvolve import (
-    _backend,
-    _cuda_available,
-    _pocketfft,
-    clear_otf_cache,
-    deconvolve,
-    richardson_lucy,
-)
+from lightsheet.deconvolve import _cuda_available, clear_otf_cache, deconvolve, richardson_lucy
+from lightsheet.deconvolve.kernel import _backend, _pocketfft
 from lightsheet.psf import gaussian_psf
 
 GPU_BASELINE_VOXIT_S = 2.2e9  # plain CuPy RL on an older GPU (issue figure)

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dask.array as da
-import numpy as np
 from prefect import task
 
-from lightsheet.blocks import feature_blocks
 from lightsheet.config import FeaturizeConfig
 from lightsheet.errors import ConfigError
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
@@ -59,12 +56,12 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
 
     The UNet is 2-D per z-slice, so blocks are thinned in z until one block's F features fit
     in a byte budget: memory per worker thread stays small whatever F is, at no cost in
-    halo; each block writes levels 0 and 1 of the features (`lightsheet.blocks.feature_blocks`).
+    halo; each block writes levels 0 and 1 of the features (`featurize_volumes`).
     """
     spec = featurize_spec(image, channel, config, output)
     stage = Stage(spec)
     if not stage.reused:
-        from lightsheet.featurize import featurize, load_model  # torch: only where tasks run
+        from lightsheet.featurize import featurize_volumes, load_model  # torch: where tasks run
 
         model = load_model(config.model)
         check_unchanged(spec.inputs["model"], model.checkpoint_sha256)
@@ -75,26 +72,12 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
             check_channel(channel, source.shape[1], "segment.channel")
             # each task reads its own region (with halo) from the stored image
             volumes = [stored_volume(image["path"], t, channel) for t in range(source.shape[0])]
-            # lazy: no compute
-            n_features = featurize(volumes[0], model, voxel_size_um=voxel_size_um).shape[0]
-            chunks, blocks = feature_blocks(
-                volumes[0].chunks,
-                volumes[0].shape,
-                n_features * np.dtype(config.dtype).itemsize,
-                voxel_size_um,
-            )
-            features = da.stack(
-                [
-                    featurize(
-                        v,
-                        model,
-                        dtype=config.dtype,
-                        batch_size=config.batch_size,
-                        chunks=blocks,
-                        voxel_size_um=voxel_size_um,  # resampled to the model's voxel size
-                    )
-                    for v in volumes
-                ]
+            features, chunks = featurize_volumes(
+                volumes,
+                model,
+                dtype=config.dtype,
+                batch_size=config.batch_size,
+                voxel_size_um=voxel_size_um,  # resampled to the model's voxel size
             )
             fingerprint = write_image(
                 features,

@@ -584,7 +584,7 @@ def test_default_model_is_bundled_with_its_record():
     assert model.voxel_size_um == (6.0, 1.62, 1.62) and model.targets == ("nucleus", "centre")
     assert 0 < model.detection["threshold"] < 1 and rec["validation"]["f1"] > 0
     # the MIT notice ships beside the model
-    notice = Path(featurize_module.__file__).parent / "models" / "LICENSE-delivr-cfos"
+    notice = Path(featurize_module.__file__).parents[1] / "models" / "LICENSE-delivr-cfos"
     assert "Copyright (c) 2022 erturklab" in notice.read_text()
 
 

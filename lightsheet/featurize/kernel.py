@@ -1,23 +1,12 @@
-"""Per-pixel features from a pretrained UNet, block by block, without seams.
+"""The UNet on one in-memory region: the per-block kernel of `lightsheet.featurize`.
 
-A block of the output is computed from an input region that reaches at least the
-network's receptive field past the block on every side, and whose origin lies on the
-network's pooling grid (a multiple of ``2**depth`` in global coordinates). With both, each
-output pixel sees exactly the inputs, padding and pooling windows it sees when the network
-runs on the whole slice, so blocks join without seams (up to float rounding).
-
-Voxel-size transfer: a model that declares the voxel size it was trained at
-(``model.voxel_size_um``, from its record) is run on the volume resampled to that voxel
-size, and its outputs are resampled back (`lightsheet.resample`): each block reads the
-source region whose resampling covers its model-grid region (receptive field and pooling
-grid counted on the model's grid), so blocks stay exact. A 2-D model (one z-slice at a
-time) is resampled in y and x only.
-
-Checkpoints are read without running code from them (`lightsheet.models.checkpoint`).
-
-Intensities are normalised by robust percentiles of the whole volume (1 and 99.8 %, the
-convention of CSBDeep/StarDist), estimated from a strided subsample so every block uses the
-same mapping.
+`run_model` normalises a region, resamples it to the model's voxel size where the model
+declares one (`lightsheet.resample`), runs the network (2-D models slice by slice, batched
+up to ``pixels_per_pass`` pixels on a CPU; CuPy regions stay on the GPU), crops the output to
+the block and resamples it back. `model_geometry` gives the halo (receptive field) and the
+pooling grid a block's region must respect; `_block_task` is what the lift runs per task.
+The weights travel as a `_ModelPayload`: sent once to each worker, built there once per
+device.
 """
 
 from __future__ import annotations
@@ -25,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import itertools
 import math
 import os
 import threading
@@ -33,35 +21,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import dask
-import dask.array as da
 import numpy as np
 import torch
 from dask.base import tokenize
-from dask.delayed import Delayed
 from torch import nn
 
 from lightsheet.errors import ConfigError, ModelError
-from lightsheet.models.checkpoint import load_model, save_model
-from lightsheet.regions import Region, block_grid, is_stored, map_overlap
+from lightsheet.regions import Region
 from lightsheet.resample import AxisMap, Taps, apply_taps
 from lightsheet.unet import CpuUNet, UNet, channels_last_format
 
 __all__ = [
-    "featurize",
-    "foreground_probability",
-    "head_probabilities",
-    "intensity_range",
-    "load_model",
+    "CPU_PIXELS_PER_PASS",
     "model_geometry",
     "model_voxel_size_um",
     "run_model",
-    "save_model",
+    "z_context",
 ]
 
-#: Percentiles of the intensity distribution mapped to 0 and 1 before the network.
-NORM_PERCENTILES = (1.0, 99.8)
-#: Upper bound on voxels read by the percentile estimate (a strided subsample).
-NORM_MAX_SAMPLES = 2**21
 #: Pixels per forward pass on a CPU: z-slices are batched up to it, and a 2-D model's
 #: neighbouring chunks share one task while one slice of their region fits in it. Measured
 #: (default model, one thread): ~4.2 Mpx/s for passes of 2**18 px, ~3.4 at 2**16, ~1.7 at 2**20.
@@ -124,50 +101,6 @@ def _probe_geometry(model: nn.Module, ndim: int, *, n: int = 256) -> tuple[int, 
     if halo >= n // 2 - align:
         raise ModelError(f"model: receptive field larger than {n // 2} px; too large to probe")
     return halo, align
-
-
-# --------------------------------------------------------------------------- normalisation
-
-
-def intensity_range(
-    image: da.Array,
-    *,
-    percentiles: Sequence[float] = NORM_PERCENTILES,
-    max_samples: int = NORM_MAX_SAMPLES,
-) -> Delayed:
-    """Lazy robust intensity range ``[lo, hi]`` of ``image`` from a strided subsample.
-
-    Parameters
-    ----------
-    image : (Z, Y, X) dask array
-    percentiles : (2,) sequence of float
-        Lower and upper percentile in [0, 100].
-    max_samples : int
-        Upper bound on the voxels that enter the estimate.
-
-    Returns
-    -------
-    range : Delayed
-        Computes to a float64 array ``[lo, hi]`` with ``hi > lo``.
-    """
-    lo_p, hi_p = (float(p) for p in percentiles)
-    if not 0 <= lo_p < hi_p <= 100:
-        raise ConfigError(f"percentiles must satisfy 0 <= lo < hi <= 100; got {percentiles!r}")
-    image = _as_dask(image, "image")
-    step = max(1, math.ceil((image.size / max(1, max_samples)) ** (1.0 / image.ndim)))
-    sub = image[(slice(None, None, step),) * image.ndim]
-    return dask.delayed(_percentile_range, pure=True)(sub, lo_p, hi_p)
-
-
-def _percentile_range(sample: Any, lo_p: float, hi_p: float) -> np.ndarray:
-    sample = _to_numpy(sample).astype(np.float64, copy=False).ravel()
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0:
-        return np.array([0.0, 1.0])
-    lo, hi = np.percentile(sample, [lo_p, hi_p])
-    if not hi > lo:  # a constant image: any positive scale keeps it constant
-        hi = lo + 1.0
-    return np.array([lo, hi], dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -494,113 +427,7 @@ def _plans(start: Sequence[int], stop: Sequence[int], maps: Any, halos: Any, ali
     ]
 
 
-# --------------------------------------------------------------------------- dask level
-
-
-def featurize(
-    image: da.Array,
-    model: nn.Module,
-    *,
-    dtype: str = "float16",
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    norm: Sequence[float] | Delayed | None = None,
-    chunks: Any = None,
-    voxel_size_um: Sequence[float] | None = None,
-    pixels_per_pass: int = CPU_PIXELS_PER_PASS,
-) -> da.Array:
-    """Per-pixel UNet features of a volume, lazily and block by block, without seams.
-
-    Parameters
-    ----------
-    image : (Z, Y, X) dask array or stored array-like
-        Intensities (any real dtype); the output has the same chunks. A stored array (a
-        `zarr.Array`, a `lightsheet.io.omezarr.StoredVolume`) is read region by region,
-        each task reading its own input region with its halo, so memory does not grow with
-        the volume; a dask array's regions are cut from its chunks.
-    model : nn.Module
-        From `load_model`; its receptive field and pooling grid set the halo.
-    dtype : {"float16", "float32"}
-        Output dtype.
-    batch_size : int
-        z-slices per forward pass (on a CPU at most ``pixels_per_pass`` pixels per pass).
-    device : str or torch.device, optional
-        None chooses on each worker: CUDA if it has a GPU (half precision), else CPU.
-    norm : (2,) floats or Delayed, optional
-        Intensities mapped to 0 and 1; default `intensity_range` of ``image``.
-    chunks : chunk spec, optional
-        Output chunks (z, y, x) for a stored ``image``; default its stored chunks.
-    voxel_size_um : (3,) floats, optional
-        Voxel size of ``image``. Where it differs from the voxel size the model was trained
-        at (`model_voxel_size_um`), each block is resampled to the model's voxel size on
-        the way in and back on the way out (y and x for a 2-D model). None: the image is
-        taken to be at the model's voxel size.
-    pixels_per_pass : int
-        Pixels per forward pass on a CPU (default `CPU_PIXELS_PER_PASS`): z-slices are
-        batched up to it, and a 2-D model's neighbouring chunks share one task while one
-        slice of their region fits in it.
-
-    Returns
-    -------
-    features : (F, Z, Y, X) dask array of ``dtype``
-        Chunked like ``image``. For a 2-D model, chunks whose joint region fits one pass are
-        computed by one task (in z-slabs no larger than a chunk), so their halos are shared.
-
-    Examples
-    --------
-    >>> import dask.array as da
-    >>> image = da.random.default_rng(0).random((4, 64, 64), chunks=(2, 40, 40))
-    >>> featurize(image, load_model()).shape
-    (16, 4, 64, 64)
-    >>> featurize(image, load_model(), voxel_size_um=(2.0, 1.0, 1.0)).shape  # resampled
-    (16, 4, 64, 64)
-    """
-    options = (batch_size, device, norm, chunks, voxel_size_um, pixels_per_pass)
-    return _map_model(image, model, "features", dtype, *options)
-
-
-def foreground_probability(image: da.Array, model: nn.Module, **kwargs: Any) -> da.Array:
-    """Nucleus probability from the model's own head: `head_probabilities` of channel 0.
-
-    Keyword arguments are those of `head_probabilities`.
-
-    Returns
-    -------
-    probability : (Z, Y, X) dask array of float32 in [0, 1]
-    """
-    return head_probabilities(image, model, channel=0, **kwargs)
-
-
-def head_probabilities(
-    image: da.Array,
-    model: nn.Module,
-    *,
-    channel: int | None = None,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    norm: Sequence[float] | Delayed | None = None,
-    chunks: Any = None,
-    voxel_size_um: Sequence[float] | None = None,
-    pixels_per_pass: int = CPU_PIXELS_PER_PASS,
-) -> da.Array:
-    """The head channels' probabilities (sigmoid of the logits), block by block.
-
-    Parameters are those of `featurize`, and ``channel``: one head channel, or None for all.
-    Channel ``k`` predicts ``model.targets[k]`` (``nucleus`` and ``centre`` for models
-    trained by `lightsheet.train`).
-
-    Returns
-    -------
-    probabilities : (K, Z, Y, X), or (Z, Y, X) for one channel, dask array of float32 in [0, 1]
-    """
-    if not hasattr(model, "logits"):
-        raise ModelError(
-            f"model: {type(model).__name__} has no segmentation head (a 'logits' method); "
-            "the head's probabilities need a lightsheet UNet or its TorchScript export"
-        )
-    mode = "head" if channel is None else ("probability", int(channel))
-    options = (batch_size, device, norm, chunks, voxel_size_um, pixels_per_pass)
-    return _map_model(image, model, mode, "float32", *options)
+# --------------------------------------------------------------------------- voxel size
 
 
 def model_voxel_size_um(model: nn.Module) -> tuple[float, float, float] | None:
@@ -644,183 +471,3 @@ def _axis_maps(
         )
         for a, n in enumerate(shape)
     )
-
-
-def _map_model(
-    image: Any,
-    model: nn.Module,
-    mode: str,
-    dtype: str,
-    batch_size: int,
-    device: Any,
-    norm: Any,
-    chunks: Any = None,
-    voxel_size_um: Any = None,
-    pixels_per_pass: int = CPU_PIXELS_PER_PASS,
-) -> da.Array:
-    source = image if is_stored(image) else None
-    if source is not None:
-        image = da.from_array(source, chunks=block_grid(source, chunks))
-    image = _as_dask(image, "image")
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if str(dtype) not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32'; got {dtype!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-    if not isinstance(pixels_per_pass, int) or pixels_per_pass < 1:
-        raise ValueError(f"pixels_per_pass must be a positive integer; got {pixels_per_pass!r}")
-    if device is not None:
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(f"device: {device!r} is not a torch device: {exc}") from exc
-    context = z_context(model)
-    ndim, halo, align = model_geometry(model)
-    maps = _axis_maps(image.shape, voxel_size_um, model_voxel_size_um(model), ndim == 3 or context)
-    if mode == "features":
-        n_out = int(getattr(model, "n_features", 0)) or _probe_features(model, ndim)
-    else:
-        n_out = _probe_head(model, ndim) if mode == "head" else 1
-    norm = _norm_value(image, norm)
-    opts = {
-        "mode": mode,
-        "dtype": np.dtype(dtype),
-        "batch_size": batch_size,
-        "device": device,
-        "pixels_per_pass": pixels_per_pass,
-    }
-    grid = (
-        maps,
-        (halo if ndim == 3 else context, halo, halo),
-        (align if ndim == 3 else 1, align, align),
-    )
-    bounds = [np.cumsum((0,) + c).tolist() for c in image.chunks]
-    regions = []
-    bytes_per_voxel = n_out * np.dtype(dtype).itemsize
-    for i, cores in enumerate(
-        _task_cores(bounds, *grid, bytes_per_voxel, ndim == 3, pixels_per_pass)
-    ):
-        start, stop = tuple(c0 for c0, _ in cores), tuple(c1 for _, c1 in cores)
-        reads = [p.read for p in _plans(start, stop, *grid)]
-        lo = tuple(c0 - r0 for c0, (r0, _) in zip(start, reads, strict=True))
-        hi = tuple(r1 - c1 for c1, (_, r1) in zip(stop, reads, strict=True))
-        regions.append(Region((i,), start, stop, lo, hi, image.shape))
-    lead = mode in ("features", "head")  # the feature / head axis
-    # a stored image's regions are read by the tasks themselves, not cut from its chunks
-    return map_overlap(
-        _block_task,
-        image if source is None else source,
-        chunks=image.chunks,
-        dtype=dtype,
-        meta=np.empty((0,) * (3 + lead), dtype=dtype, like=image._meta),
-        trim=False,
-        out_chunks=((n_out,), *image.chunks) if lead else image.chunks,
-        name=mode if isinstance(mode, str) else "probability",
-        regions=regions,
-        boundary="none",
-        payload=_ModelPayload(model),
-        norm=norm,
-        grid=grid,
-        opts=opts,
-    )
-
-
-def _task_cores(
-    bounds: list[list[int]],
-    maps: Sequence[AxisMap],
-    halos: tuple[int, int, int],
-    aligns: tuple[int, int, int],
-    bytes_per_voxel: int,
-    one_per_chunk: bool,
-    pixels_per_pass: int = CPU_PIXELS_PER_PASS,
-) -> list[tuple[tuple[int, int], ...]]:
-    """The output box (z, y, x ranges) of each task: chunks grouped so halos are shared.
-
-    A 3-D model (``one_per_chunk``) gets one task per chunk. A 2-D model runs slice by
-    slice, so in y and x neighbouring chunks are merged while the input region one forward
-    pass sees (on the model's grid) stays within ``pixels_per_pass`` (fewer halo pixels
-    computed twice, and passes of the size the network runs fastest at); in z, the group is
-    cut into slabs so one task's output is no larger than the largest chunk's (same memory
-    per task), each slab reading its z context as its halo.
-    """
-    per_chunk = [list(zip(b[:-1], b[1:], strict=True)) for b in bounds]
-    if one_per_chunk:
-        return list(itertools.product(*per_chunk))
-    side = math.isqrt(pixels_per_pass)
-    xs = _merge_chunks(bounds[2], maps[2], halos[2], aligns[2], side)
-    widest = max(_model_length(x, maps[2], halos[2], aligns[2]) for x in xs)
-    ys = _merge_chunks(
-        bounds[1], maps[1], halos[1], aligns[1], max(side, pixels_per_pass // widest)
-    )
-    budget = math.prod(max(np.diff(b)) for b in bounds) * bytes_per_voxel
-    out = []
-    for z0, z1 in per_chunk[0]:
-        for y, x in itertools.product(ys, xs):
-            slab = (y[1] - y[0]) * (x[1] - x[0]) * bytes_per_voxel
-            n = min(z1 - z0, -(-(z1 - z0) * slab // budget))
-            edges = np.linspace(z0, z1, n + 1).round().astype(int).tolist()
-            out += [((a, b), y, x) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    return out
-
-
-def _model_length(core: tuple[int, int], amap: AxisMap, halo: int, align: int) -> int:
-    """Length of the model-grid region the network runs on for output ``core``."""
-    r0, r1 = amap.plan(*core, halo=halo, align=align).model
-    return r1 - r0
-
-
-def _merge_chunks(
-    b: list[int], amap: AxisMap, halo: int, align: int, limit: int
-) -> list[tuple[int, int]]:
-    """Runs of neighbouring chunks whose joint model-grid region is at most ``limit`` long."""
-    runs, i = [], 0
-    while i < len(b) - 1:
-        j = i + 1
-        while j < len(b) - 1:
-            if _model_length((b[i], b[j + 1]), amap, halo, align) > limit:
-                break
-            j += 1
-        runs.append((b[i], b[j]))
-        i = j
-    return runs
-
-
-def _norm_value(image: da.Array, norm: Any) -> Any:
-    """``norm`` checked, or the default `intensity_range` of ``image`` (Delayed)."""
-    if norm is None:
-        norm = intensity_range(image)
-    if isinstance(norm, Delayed):
-        return norm
-    vals = np.asarray(norm, dtype=np.float64)
-    if vals.shape != (2,) or not np.all(np.isfinite(vals)) or not vals[1] > vals[0]:
-        raise ValueError(f"norm must be two finite numbers (lo, hi) with hi > lo; got {norm!r}")
-    return vals
-
-
-def _probe_input(model: nn.Module, ndim: int) -> torch.Tensor:
-    side = 8 * getattr(model, "alignment_px", 1)
-    return torch.zeros((1, int(getattr(model, "in_channels", 1))) + (side,) * ndim)
-
-
-def _probe_head(model: nn.Module, ndim: int) -> int:
-    with torch.inference_mode():
-        return int(model.logits(_probe_input(model, ndim)).shape[1])
-
-
-def _probe_features(model: nn.Module, ndim: int) -> int:
-    with torch.inference_mode():
-        return int(model(_probe_input(model, ndim)).shape[1])
-
-
-def _as_dask(image: Any, name: str) -> da.Array:
-    if not isinstance(image, da.Array):
-        if isinstance(image, np.ndarray):
-            image = da.from_array(image)
-        else:
-            raise TypeError(f"{name} must be a dask or NumPy array; got {type(image).__name__}")
-    if image.ndim != 3:
-        raise ValueError(f"{name} must be a 3-D (Z, Y, X) array; got shape {image.shape}")
-    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-        raise TypeError(f"{name} must hold real numbers; got dtype {image.dtype}")
-    return image
