@@ -10,9 +10,12 @@ the same at any volume size. The price is reading the halo twice (once for each 
 needs it), small beside the stages that use halos. Dask arrays keep dask's own overlap, with
 the same results.
 
-`map_overlap` is the one entry point: ``func(padded, region=Region)`` for every block, the
-result trimmed to the block (or returned as is). `Region` tells ``func`` where its block
-lies in the volume, so blocks can name voxels and compute global indices.
+`map_overlap` is the one entry point, and the library's one lift of a kernel over
+halo-padded blocks: ``func(padded, region=Region)`` for every block, the result trimmed to
+the block (or returned as is). `Region` tells ``func`` where its block lies in the volume,
+so blocks can name voxels and compute global indices. With ``regions=`` the tasks are
+boxes of any size (featurize groups chunks so their halos are computed once): each reads
+its own padded box, and the result's blocks are cut and joined from the tasks' outputs.
 """
 
 from __future__ import annotations
@@ -196,17 +199,13 @@ def _getitem(block: Any, index: tuple[slice, ...]) -> Any:
     return block[index]
 
 
-def _normal_chunks(image: Any, chunks: Any) -> tuple[tuple[int, ...], ...]:
+def block_grid(image: Any, chunks: Any = None) -> tuple[tuple[int, ...], ...]:
+    """The block grid `map_overlap` cuts ``image`` into: ``chunks``, else the image's own."""
     if chunks is None:
         chunks = getattr(image, "chunks", None)
         if chunks is None:
             raise ValueError("chunks: needed for a stored image without a .chunks attribute")
     return da.core.normalize_chunks(chunks, image.shape, dtype=image.dtype)
-
-
-def block_grid(image: Any, chunks: Any = None) -> tuple[tuple[int, ...], ...]:
-    """The block grid `map_overlap` cuts ``image`` into: ``chunks``, else the image's own."""
-    return _normal_chunks(image, chunks)
 
 
 def _pieces(
@@ -315,7 +314,7 @@ def map_overlap(
     if boundary not in _BOUNDARIES:
         raise ValueError(f"boundary must be one of {_BOUNDARIES}; got {boundary!r}")
     ndim = len(image.shape)
-    grid = _normal_chunks(image, chunks)
+    grid = block_grid(image, chunks)
     if regions is None:
         depth = tuple(int(d) for d in depth) if depth is not None else None
         if depth is None or len(depth) != ndim or min(depth) < 0:
@@ -427,4 +426,7 @@ def _gather(tasks: dict, bounds: list[list[int]], out: str, lead: tuple) -> dict
     for idx, parts in pieces.items():
         nested = _nest(parts)
         dsk[(out, *lead, *idx)] = (join, nested, len(lead)) if isinstance(nested, list) else nested
+    for idx in itertools.product(*(range(len(b) - 1) for b in bounds)):
+        if (out, *lead, *idx) not in dsk:
+            raise ValueError(f"regions: no task computes block {idx} of the result")
     return dsk

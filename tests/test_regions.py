@@ -119,3 +119,11 @@ def test_grouped_regions_equal_the_whole_array_filter(uint16_volume, stored):
     result = got.compute()
     np.testing.assert_allclose(result[0], whole, rtol=1e-6)
     np.testing.assert_allclose(result[1], 3.0 * result[0], rtol=1e-6)
+
+
+def test_grouped_regions_must_cover_every_block(uint16_volume):
+    image = da.from_array(uint16_volume[0, 0], chunks=(7, 32, 20))
+    regions = _grouped_regions(image.shape, (1, 1, 1))[:-1]  # the last slab is missing
+    with pytest.raises(ValueError, match="no task computes block"):
+        map_overlap(lambda b, region: b, image, dtype=image.dtype, regions=regions, trim=False,
+                    boundary="none")  # fmt: skip
