@@ -252,7 +252,7 @@ def write_blocks(
     target_bytes: int = 64 << 20,
     min_size: int = 64,
 ) -> tuple[int, ...]:
-    """Dask blocks (z, y, x) for an image about to be written by `write_image`.
+    """Dask blocks (z, y, x) for an image about to be written (`lightsheet.io.omezarr.write_image`).
 
     For a source that can produce larger blocks cheaply (the stitched tiles). Blocks hold
     whole chunks: two along each axis whose chunk side the first pyramid step does not
@@ -303,42 +303,6 @@ def _next_level_chunks(
         else:
             return None
     return tuple(out)
-
-
-#: Bytes of features one block may produce (all F features of its voxels).
-FEATURE_BLOCK_BYTES = 64 << 20
-
-
-def feature_blocks(
-    chunks_zyx: tuple[int, int, int],
-    shape_zyx: tuple[int, int, int],
-    bytes_per_voxel: int,
-    voxel_size_um: tuple[float, float, float],
-    *,
-    target_bytes: int = FEATURE_BLOCK_BYTES,
-) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """The features' zarr chunks and dask blocks, (z, y, x) each.
-
-    Chunks are the image's, thinned along z until a block's F features fit
-    ``target_bytes`` (twice that where odd z chunks are paired too). Blocks are
-    `write_blocks` of those chunks: two chunks along each axis whose side the first pyramid
-    step does not halve, so that the features' level 1 is written from each block in memory
-    instead of re-reading every feature of level 0.
-
-    Examples
-    --------
-    >>> feature_blocks((66, 265, 265), (396, 1590, 1590), 16, (2.0, 1.0, 1.0))
-    ((14, 265, 265), (14, 530, 530))
-    >>> feature_blocks((62, 250, 250), (250, 1000, 1000), 16, (2.0, 1.0, 1.0))
-    ((62, 250, 250), (62, 250, 250))
-    """
-    pairs = write_blocks(chunks_zyx, shape_zyx, bytes_per_voxel, voxel_size_um, target_bytes=0)
-    z = max(1, target_bytes // max(1, math.prod(pairs[1:]) * bytes_per_voxel))
-    chunks = (min(z, chunks_zyx[0]), *chunks_zyx[1:])
-    blocks = write_blocks(
-        chunks, shape_zyx, bytes_per_voxel, voxel_size_um, target_bytes=target_bytes
-    )
-    return chunks, blocks
 
 
 def fused_level_chunks(
@@ -394,7 +358,43 @@ def fused_level_chunks(
     return out
 
 
-# --------------------------------------------------------------------------- FFT blocks with halos
+#: Bytes of features one block may produce (all F features of its voxels).
+FEATURE_BLOCK_BYTES = 64 << 20
+
+
+def feature_blocks(
+    chunks_zyx: tuple[int, int, int],
+    shape_zyx: tuple[int, int, int],
+    bytes_per_voxel: int,
+    voxel_size_um: tuple[float, float, float],
+    *,
+    target_bytes: int = FEATURE_BLOCK_BYTES,
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The features' zarr chunks and dask blocks, (z, y, x) each.
+
+    Chunks are the image's, thinned along z until a block's F features fit
+    ``target_bytes`` (twice that where odd z chunks are paired too). Blocks are
+    `write_blocks` of those chunks: two chunks along each axis whose side the first pyramid
+    step does not halve, so that the features' level 1 is written from each block in memory
+    instead of re-reading every feature of level 0.
+
+    Examples
+    --------
+    >>> feature_blocks((66, 265, 265), (396, 1590, 1590), 16, (2.0, 1.0, 1.0))
+    ((14, 265, 265), (14, 530, 530))
+    >>> feature_blocks((62, 250, 250), (250, 1000, 1000), 16, (2.0, 1.0, 1.0))
+    ((62, 250, 250), (62, 250, 250))
+    """
+    pairs = write_blocks(chunks_zyx, shape_zyx, bytes_per_voxel, voxel_size_um, target_bytes=0)
+    z = max(1, target_bytes // max(1, math.prod(pairs[1:]) * bytes_per_voxel))
+    chunks = (min(z, chunks_zyx[0]), *chunks_zyx[1:])
+    blocks = write_blocks(
+        chunks, shape_zyx, bytes_per_voxel, voxel_size_um, target_bytes=target_bytes
+    )
+    return chunks, blocks
+
+
+# --------------------------------------------------------------------------- deconvolution
 
 
 #: Largest halo-padded float32 block `deconvolve` builds from stored chunks (`choose_blocks`).
