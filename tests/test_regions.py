@@ -127,3 +127,15 @@ def test_grouped_regions_must_cover_every_block(uint16_volume):
     with pytest.raises(ValueError, match="no task computes block"):
         map_overlap(lambda b, region: b, image, dtype=image.dtype, regions=regions, trim=False,
                     boundary="none")  # fmt: skip
+
+
+def test_delayed_arguments_are_computed_first(uint16_volume):
+    # a Delayed keyword argument reaches func as its value, on the stored and the dask path
+    image = uint16_volume[0, 0].astype(np.float32)
+    store = zarr.create_array(zarr.storage.MemoryStore(), data=image, chunks=(7, 32, 20))
+    factor = dask.delayed(lambda: 2.0)()
+    for source in (store, da.from_array(image, chunks=(7, 32, 20))):
+        got = map_overlap(
+            lambda b, region, k: b * k, source, depth=(1, 2, 1), dtype=np.float32, k=factor
+        )
+        np.testing.assert_array_equal(got.compute(), 2 * image)
