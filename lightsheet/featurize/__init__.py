@@ -239,22 +239,15 @@ def foreground_probability(image: da.Array, model: nn.Module, **kwargs: Any) -> 
 
 
 def head_probabilities(
-    image: da.Array,
-    model: nn.Module,
-    *,
-    channel: int | None = None,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    norm: Sequence[float] | Delayed | None = None,
-    chunks: Any = None,
-    voxel_size_um: Sequence[float] | None = None,
-    pixels_per_pass: int = CPU_PIXELS_PER_PASS,
+    image: da.Array, model: nn.Module, *, channel: int | None = None, **options: Any
 ) -> da.Array:
     """The head channels' probabilities (sigmoid of the logits), block by block.
 
-    Parameters are those of `featurize`, and ``channel``: one head channel, or None for all.
-    Channel ``k`` predicts ``model.targets[k]`` (``nucleus`` and ``centre`` for models
-    trained by `lightsheet.train`).
+    ``channel``: one head channel, or None for all. Channel ``k`` predicts
+    ``model.targets[k]`` (``nucleus`` and ``centre`` for models trained by
+    `lightsheet.train`). The other keyword arguments are those of `featurize` but
+    ``dtype`` (always float32): ``batch_size``, ``device``, ``norm``, ``chunks``,
+    ``voxel_size_um``, ``pixels_per_pass``.
 
     Returns
     -------
@@ -266,8 +259,7 @@ def head_probabilities(
             "the head's probabilities need a lightsheet UNet or its TorchScript export"
         )
     mode = "head" if channel is None else ("probability", int(channel))
-    options = (batch_size, device, norm, chunks, voxel_size_um, pixels_per_pass)
-    return _map_model(image, model, mode, "float32", *options)
+    return _map_model(image, model, mode, "float32", **options)
 
 
 def _map_model(
@@ -275,9 +267,9 @@ def _map_model(
     model: nn.Module,
     mode: str,
     dtype: str,
-    batch_size: int,
-    device: Any,
-    norm: Any,
+    batch_size: int = 8,
+    device: Any = None,
+    norm: Any = None,
     chunks: Any = None,
     voxel_size_um: Any = None,
     pixels_per_pass: int = CPU_PIXELS_PER_PASS,
