@@ -13,7 +13,7 @@ Rows (same data, same iterations):
       3-D) with the kernel's FFT library (SciPy's pocketfft, float32, workers=threads,
       into reused buffers); other libraries' floors for comparison. The kernel itself
       splits each transform into 2-D plane and 1-D z-slab transforms so that its
-      element-wise work runs in cache (`lightsheet.deconvolve._PlaneRL`).
+      element-wise work runs in cache (`lightsheet.deconvolve.kernel._PlaneRL`).
 Whole stage: `deconvolve` on 8 x the kernel's volume, stored as OME-Zarr in stitch-like
 chunks, into another OME-Zarr with the project's writer, on the pipeline's local cluster, at
 the default (accurate) depth and at the PSF's half-size, for each --block-mib budget. Shown:
@@ -42,18 +42,9 @@ import scipy
 import scipy.fft as sfft
 from scipy.ndimage import gaussian_filter
 
-from lightsheet.deconvolve import (
-    BLOCK_BYTES,
-    _backend,
-    _cuda_available,
-    _pocketfft,
-    choose_blocks,
-    clear_otf_cache,
-    deconvolve,
-    default_depth,
-    fast_shape,
-    richardson_lucy,
-)
+from lightsheet.blocks import BLOCK_BYTES, choose_blocks, default_depth, fast_shape
+from lightsheet.deconvolve import _cuda_available, clear_otf_cache, deconvolve, richardson_lucy
+from lightsheet.deconvolve.kernel import _backend, _pocketfft
 from lightsheet.psf import gaussian_psf
 
 GPU_BASELINE_VOXIT_S = 2.2e9  # plain CuPy RL on an older GPU (issue figure)

@@ -317,8 +317,8 @@ def _tile_paths(folder: Path) -> list[str]:
 
 
 def _chunks(folder: Path) -> tuple[int, int, int]:
+    from lightsheet.blocks import stitch_chunks
     from lightsheet.sample import VOXEL_SIZE_UM
-    from lightsheet.stitch import stitch_chunks
 
     info = json.loads((folder / "sample.json").read_text())
     return stitch_chunks(info["shape"][2:], VOXEL_SIZE_UM, info["tile_shape"])
@@ -416,9 +416,10 @@ def child_ours(folder: Path, out: Path, pyramid: bool = True) -> dict:
     pyramid write (level 1 is written with level 0, from the blocks in memory)."""
     import numpy as np
 
+    from lightsheet.blocks import write_blocks
     from lightsheet.config import DEFAULT_PATTERN
     from lightsheet.ingest import discover
-    from lightsheet.io.omezarr import write_blocks, write_image
+    from lightsheet.io.omezarr import write_image
     from lightsheet.sample import VOXEL_SIZE_UM
     from lightsheet.stitch import stitch
 

@@ -36,7 +36,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def pocketfft(shape, repeats: int, threads: int) -> tuple[float, float]:
     """Seconds per RL run: (private pocketfft with out= buffers, public scipy.fft)."""
-    import lightsheet.deconvolve as dec
+    import lightsheet.deconvolve.kernel as dec
     from lightsheet.psf import psf_from_optics
 
     rng = np.random.default_rng(0)

@@ -149,16 +149,11 @@ def accuracy(args) -> int:
 def child(kind: str, folder: Path, out: Path, result: Path) -> None:
     """One measured run (its own process): the stitch stage's work on one sample."""
     from benchmarks.pipeline import _cluster
+    from lightsheet.blocks import fused_chunks, stitch_chunks, write_blocks
     from lightsheet.config import DEFAULT_PATTERN
     from lightsheet.ingest import discover
-    from lightsheet.io.omezarr import write_blocks, write_image
-    from lightsheet.stitch import (
-        fused_chunks,
-        nominal_layout,
-        register,
-        stitch,
-        stitch_chunks,
-    )
+    from lightsheet.io.omezarr import write_image
+    from lightsheet.stitch import nominal_layout, register, stitch
 
     cluster, client = _cluster()
     t, cpu = time.monotonic(), tree_cpu()

@@ -94,7 +94,7 @@ class StitchConfig(_Model):
     chunks_zyx: ChunkShape | None = Field(
         None,
         description="Chunk shape (z, y, x) of the stitched volume; default "
-        "(lightsheet.stitch.stitch_chunks): ~8 M voxels about isotropic in µm, snapped to a "
+        "(lightsheet.blocks.stitch_chunks): ~8 M voxels about isotropic in µm, snapped to a "
         "divisor of the tile side, preferring sides the first pyramid step divides.",
     )
     overlap: Overlap | tuple[Overlap, Overlap, Overlap] = Field(

@@ -259,7 +259,8 @@ def crop_source(
 
 def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: PipelineConfig):
     """The box of ``volume`` deconvolved with the pipeline's settings and halo."""
-    from lightsheet.deconvolve import deconvolve, default_depth
+    from lightsheet.blocks import default_depth
+    from lightsheet.deconvolve import deconvolve
     from lightsheet.psf import load_psf
 
     settings = config.deconvolve

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dask.array as da
-import numpy as np
 from prefect import task
 
 from lightsheet.config import DeconvolveConfig
-from lightsheet.deconvolve import deconvolve
+from lightsheet.deconvolve import deconvolve_volumes
 from lightsheet.errors import ConfigError
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.lineage import file_content_fingerprint
@@ -66,35 +64,14 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
                 [stored_volume(raw["path"], t, c) for c in range(n_channels)]
                 for t in range(image.shape[0])
             ]
-            chunks = volumes[0][0].chunks
-            planes = [
-                [
-                    deconvolve(
-                        v,
-                        psf_array,
-                        iterations=config.iterations,
-                        acceleration=config.acceleration,
-                        depth=config.depth_zyx,
-                        block_bytes=config.block_mib << 20,
-                    )
-                    if c in channels
-                    else None
-                    for c, v in enumerate(row)
-                ]
-                for row in volumes
-            ]
-            # channels passed through are cut into the same blocks
-            blocks = next((p.chunks for row in planes for p in row if p is not None), chunks)
-            result = da.stack(
-                [
-                    da.stack(
-                        [
-                            p if p is not None else da.from_array(v, blocks).astype(np.float32)
-                            for p, v in zip(prow, vrow, strict=True)
-                        ]
-                    )
-                    for prow, vrow in zip(planes, volumes, strict=True)
-                ]
+            result, chunks = deconvolve_volumes(
+                volumes,
+                psf_array,
+                channels=channels,
+                iterations=config.iterations,
+                acceleration=config.acceleration,
+                depth=config.depth_zyx,
+                block_bytes=config.block_mib << 20,
             )
             fingerprint = write_image(
                 result,

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import dask.array as da
-import numpy as np
 from prefect import task
 
 from lightsheet.config import FeaturizeConfig
 from lightsheet.errors import ConfigError
-from lightsheet.io.omezarr import read_image, stored_volume, write_blocks, write_image
+from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.models import checkpoint_sha256
 from tasks._common import (
     OUTPUTS,
@@ -24,9 +21,7 @@ from tasks._common import (
 )
 
 __all__ = [
-    "FEATURE_BLOCK_BYTES",
     "check_channel",
-    "feature_blocks",
     "featurize_spec",
     "featurize_volume",
     "model_input",
@@ -60,13 +55,13 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
     it, and its features are resampled back to the image's voxel size (`featurize`).
 
     The UNet is 2-D per z-slice, so blocks are thinned in z until one block's F features fit
-    in `FEATURE_BLOCK_BYTES`: memory per worker thread stays small whatever F is, at no cost
-    in halo; each block writes levels 0 and 1 of the features (`feature_blocks`).
+    in a byte budget: memory per worker thread stays small whatever F is, at no cost in
+    halo; each block writes levels 0 and 1 of the features (`featurize_volumes`).
     """
     spec = featurize_spec(image, channel, config, output)
     stage = Stage(spec)
     if not stage.reused:
-        from lightsheet.featurize import featurize, load_model  # torch: only where tasks run
+        from lightsheet.featurize import featurize_volumes, load_model  # torch: where tasks run
 
         model = load_model(config.model)
         check_unchanged(spec.inputs["model"], model.checkpoint_sha256)
@@ -77,26 +72,12 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
             check_channel(channel, source.shape[1], "segment.channel")
             # each task reads its own region (with halo) from the stored image
             volumes = [stored_volume(image["path"], t, channel) for t in range(source.shape[0])]
-            # lazy: no compute
-            n_features = featurize(volumes[0], model, voxel_size_um=voxel_size_um).shape[0]
-            chunks, blocks = feature_blocks(
-                volumes[0].chunks,
-                volumes[0].shape,
-                n_features * np.dtype(config.dtype).itemsize,
-                voxel_size_um,
-            )
-            features = da.stack(
-                [
-                    featurize(
-                        v,
-                        model,
-                        dtype=config.dtype,
-                        batch_size=config.batch_size,
-                        chunks=blocks,
-                        voxel_size_um=voxel_size_um,  # resampled to the model's voxel size
-                    )
-                    for v in volumes
-                ]
+            features, chunks = featurize_volumes(
+                volumes,
+                model,
+                dtype=config.dtype,
+                batch_size=config.batch_size,
+                voxel_size_um=voxel_size_um,  # resampled to the model's voxel size
             )
             fingerprint = write_image(
                 features,
@@ -111,40 +92,6 @@ def featurize_volume(image: dict, channel: int, config: FeaturizeConfig, output:
     record = stage.finish(None if stage.reused else {"path": fingerprint})
     record.update(publish_image(record))
     return record
-
-
-#: Bytes of features one block may produce (all F features of its voxels).
-FEATURE_BLOCK_BYTES = 64 << 20
-
-
-def feature_blocks(
-    chunks_zyx: tuple[int, int, int],
-    shape_zyx: tuple[int, int, int],
-    bytes_per_voxel: int,
-    voxel_size_um: tuple[float, float, float],
-) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """The features' zarr chunks and dask blocks, (z, y, x) each.
-
-    Chunks are the image's, thinned along z until a block's F features fit
-    `FEATURE_BLOCK_BYTES` (twice that where odd z chunks are paired too). Blocks are
-    `write_blocks` of those chunks: two chunks along each axis whose side the first pyramid
-    step does not halve, so that the features' level 1 is written from each block in memory
-    instead of re-reading every feature of level 0.
-
-    Examples
-    --------
-    >>> feature_blocks((66, 265, 265), (396, 1590, 1590), 16, (2.0, 1.0, 1.0))
-    ((14, 265, 265), (14, 530, 530))
-    >>> feature_blocks((62, 250, 250), (250, 1000, 1000), 16, (2.0, 1.0, 1.0))
-    ((62, 250, 250), (62, 250, 250))
-    """
-    pairs = write_blocks(chunks_zyx, shape_zyx, bytes_per_voxel, voxel_size_um, target_bytes=0)
-    z = max(1, FEATURE_BLOCK_BYTES // max(1, math.prod(pairs[1:]) * bytes_per_voxel))
-    chunks = (min(z, chunks_zyx[0]), *chunks_zyx[1:])
-    blocks = write_blocks(
-        chunks, shape_zyx, bytes_per_voxel, voxel_size_um, target_bytes=FEATURE_BLOCK_BYTES
-    )
-    return chunks, blocks
 
 
 def check_channel(channel: int, n_channels: int, parameter: str) -> None:

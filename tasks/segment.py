@@ -9,12 +9,12 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
+from lightsheet.blocks import segment_chunks
 from lightsheet.config import SegmentConfig
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.io.tables import write_table
 from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
 from lightsheet.segment import segment_volume as segment_one
-from lightsheet.stitch import default_chunks
 from tasks._common import (
     OUTPUTS,
     Stage,
@@ -27,13 +27,9 @@ from tasks._common import (
 from tasks.featurize import check_channel, model_input
 
 __all__ = [
-    "SEGMENT_CHUNK_VOXELS",
     "segment_spec",
     "segment_volume",
 ]
-
-#: Voxels per block in segmentation (see `lightsheet.stitch.default_chunks`).
-SEGMENT_CHUNK_VOXELS = 2**21
 
 
 def segment_spec(
@@ -87,14 +83,7 @@ def segment_volume(
 
                 net = load_model(model)
                 stage.spec.inputs["model"]["record"] = net.record  # shown by `lightsheet lineage`
-            # smaller blocks than the other stages: the watershed's per-block working set is
-            # large, and small blocks measured both faster and lighter (same cells: exact)
-            chunks = default_chunks(
-                source.shape[2:],
-                voxel_size_um,
-                tile_shape_zyx=source.chunksize[2:],
-                target_voxels=SEGMENT_CHUNK_VOXELS,
-            )
+            chunks = segment_chunks(source.shape[2:], voxel_size_um, source.chunksize[2:])
             # blocks read their halos straight from the stored image: memory stays flat
             results = [
                 segment_one(

@@ -17,14 +17,13 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from lightsheet.blocks import fused_chunks, stitch_chunks, write_blocks
 from lightsheet.config import StitchConfig
 from lightsheet.ingest import Manifest
-from lightsheet.io.omezarr import read_image, write_blocks, write_image
+from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.lineage import file_content_fingerprint, file_stat_fingerprint, read_lineage
 from lightsheet.stitch import (
     configured_layout,
-    fused_chunks,
-    stitch_chunks,
     stitch_configured,
 )
 from lightsheet.stitch.register import Link, Solution, link_table, plot_overview

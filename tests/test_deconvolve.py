@@ -11,15 +11,15 @@ from hypothesis import strategies as st
 from scipy.ndimage import convolve
 
 import lightsheet.deconvolve as dec
-from lightsheet.deconvolve import (
+import lightsheet.deconvolve.kernel as rl
+from lightsheet.blocks import (
+    choose_blocks,
     choose_chunks,
-    clear_otf_cache,
-    deconvolve,
     default_depth,
     fast_shape,
     next_fast_size,
-    richardson_lucy,
 )
+from lightsheet.deconvolve import clear_otf_cache, deconvolve, richardson_lucy
 from lightsheet.errors import ImageError, PSFError
 from lightsheet.psf import gaussian_psf
 
@@ -127,14 +127,14 @@ def noisy_volume():
 @pytest.mark.parametrize("pad", [(0, 0, 0), None])
 def test_kernel_matches_float64_reference(xp, noisy_volume, pad, public_fft, monkeypatch):
     if public_fft:  # the fallback when SciPy's transforms-into-buffers API is unavailable
-        monkeypatch.setattr(dec, "_pocketfft", lambda: None)
+        monkeypatch.setattr(rl, "_pocketfft", lambda: None)
     image, psf = noisy_volume
     half = tuple(s // 2 for s in psf.shape)
     out = richardson_lucy(xp.asarray(image), psf, iterations=10, pad_width=pad)
     assert type(out) is type(xp.asarray(image))
     assert out.dtype == np.float32 and out.shape == image.shape
     ref = rl_reference(image, psf, 10, pad=half if pad is None else pad)
-    assert _max_rel(dec._to_numpy(out), ref) < KERNEL_RTOL
+    assert _max_rel(rl._to_numpy(out), ref) < KERNEL_RTOL
 
 
 def test_accelerated_kernel_matches_float64_reference(xp, noisy_volume):
@@ -142,7 +142,7 @@ def test_accelerated_kernel_matches_float64_reference(xp, noisy_volume):
     out = richardson_lucy(xp.asarray(image), psf, iterations=8, acceleration=True)
     half = tuple(s // 2 for s in psf.shape)
     ref = rl_reference(image, psf, 8, pad=half, accelerate=True)
-    assert _max_rel(dec._to_numpy(out), ref) < KERNEL_RTOL
+    assert _max_rel(rl._to_numpy(out), ref) < KERNEL_RTOL
 
 
 def test_kernel_threads_do_not_change_result(noisy_volume):
@@ -175,11 +175,11 @@ def test_otf_computed_once_per_block_shape(noisy_volume):
     image, psf = noisy_volume
     clear_otf_cache()
     richardson_lucy(image, psf, iterations=2)
-    assert len(dec._otf_cache) == 1
+    assert len(rl._otf_cache) == 1
     richardson_lucy(image + 1, psf, iterations=2)  # same shape and PSF: cache hit
-    assert len(dec._otf_cache) == 1
+    assert len(rl._otf_cache) == 1
     richardson_lucy(image[:30], psf, iterations=2)  # another padded shape
-    assert len(dec._otf_cache) == 2
+    assert len(rl._otf_cache) == 2
 
 
 # --------------------------------------------------------------------------- phantom
@@ -280,7 +280,8 @@ def test_stored_blocks_read_only_their_region():
     out = deconvolve(store, psf, iterations=2, chunks=(32, 32, 32))
     graph = dict(out.__dask_graph__())
     blocks = [k for k in graph if isinstance(k, tuple)]
-    assert len(blocks) == 2 * 2 * 3 and len(graph) == len(blocks) + 1  # + the store itself
+    # + the store and the kernel with its PSF, once each
+    assert len(blocks) == 2 * 2 * 3 and len(graph) == len(blocks) + 2
 
 
 @pytest.mark.parametrize(
@@ -289,7 +290,7 @@ def test_stored_blocks_read_only_their_region():
 )
 def test_choose_blocks_are_whole_chunks_within_budget(shape, chunks, depth):
     target = 64 << 20
-    blocks = dec.choose_blocks(shape, chunks, depth, target_bytes=target)
+    blocks = choose_blocks(shape, chunks, depth, target_bytes=target)
     for b, c, s in zip(blocks, chunks, shape, strict=True):
         assert b == s or b % c == 0
     padded = np.prod([next_fast_size(b + 2 * d) for b, d in zip(blocks, depth, strict=True)])

@@ -18,7 +18,6 @@ from torch import nn
 from lightsheet import featurize as featurize_module
 from lightsheet.errors import ModelError
 from lightsheet.featurize import (
-    _block_task,
     featurize,
     foreground_probability,
     head_probabilities,
@@ -29,6 +28,7 @@ from lightsheet.featurize import (
     run_model,
     save_model,
 )
+from lightsheet.regions import Region
 from lightsheet.train import spheres_mask
 from lightsheet.unet import CpuUNet, UNet, receptive_field_px
 
@@ -108,13 +108,12 @@ def test_geometry_is_probed_for_models_without_attributes():
 # pixels per pass: every chunk its own task (halos between all chunks), some chunks merged
 # (in x, and split into z-slabs), whole slices merged (the default on this small volume)
 @pytest.mark.parametrize("pass_px", [1, 75**2, None])
-def test_blockwise_equals_whole_slices_uneven_chunks(noise_volume, args, pass_px, monkeypatch):
-    if pass_px is not None:
-        monkeypatch.setattr(featurize_module, "CPU_PIXELS_PER_PASS", pass_px)
+def test_blockwise_equals_whole_slices_uneven_chunks(noise_volume, args, pass_px):
+    passes = {} if pass_px is None else {"pixels_per_pass": pass_px}
     net = _random_unet(**args)
     image = da.from_array(noise_volume, chunks=UNEVEN)
     norm = (0.0, 1000.0)
-    blocks = featurize(image, net, dtype="float32", norm=norm)
+    blocks = featurize(image, net, dtype="float32", norm=norm, **passes)
     assert blocks.chunks == ((16,), *UNEVEN)
     got = blocks.compute(scheduler="threads")
     whole = run_model(noise_volume, net, norm=norm)  # whole slices (whole volume for 3-D)
@@ -122,7 +121,7 @@ def test_blockwise_equals_whole_slices_uneven_chunks(noise_volume, args, pass_px
     assert np.abs(whole).max() > 0.1  # not a trivially constant output
     np.testing.assert_allclose(got, whole, rtol=0, atol=SEAM_ATOL)
 
-    prob = foreground_probability(image, net, norm=norm).compute()
+    prob = foreground_probability(image, net, norm=norm, **passes).compute()
     ref = run_model(noise_volume, net, norm=norm, mode="probability")
     np.testing.assert_allclose(prob, ref, rtol=0, atol=SEAM_ATOL)
 
@@ -174,14 +173,14 @@ def test_origin_off_the_pooling_grid_gives_seams(noise_volume):
         assert bool(diff <= SEAM_ATOL) is equal, (shift, diff)
 
 
-def test_halo_smaller_than_receptive_field_gives_seams(noise_volume, monkeypatch):
-    monkeypatch.setattr(featurize_module, "CPU_PIXELS_PER_PASS", 1)  # one task per chunk
+def test_halo_smaller_than_receptive_field_gives_seams(noise_volume):
     net = _random_unet(depth=2)
     image = da.from_array(noise_volume, chunks=UNEVEN)
     whole = run_model(noise_volume, net, norm=(0, 1000))
     net.receptive_field_px = 4  # lie about the receptive field
-    got = featurize(image, net, dtype="float32", norm=(0, 1000)).compute()
-    assert np.abs(got - whole).max() > 2 * SEAM_ATOL
+    # one task per chunk
+    got = featurize(image, net, dtype="float32", norm=(0, 1000), pixels_per_pass=1)
+    assert np.abs(got.compute() - whole).max() > 2 * SEAM_ATOL
 
 
 # ------------------------------------------------------------------------------- voxel size
@@ -200,13 +199,12 @@ def _declaring(net, voxel_size_um=MODEL_UM):
 # finer than the model (downsampled on the way in), coarser (upsampled), mixed per axis
 @pytest.mark.parametrize("vs", [(2.0, 1.0, 1.0), (5.0, 2.0, 2.0), (4.0, 2.9, 0.8)])
 @pytest.mark.parametrize("pass_px", [1, None])
-def test_resampled_blocks_equal_the_whole_volume(noise_volume, args, vs, pass_px, monkeypatch):
-    if pass_px is not None:
-        monkeypatch.setattr(featurize_module, "CPU_PIXELS_PER_PASS", pass_px)
+def test_resampled_blocks_equal_the_whole_volume(noise_volume, args, vs, pass_px):
+    passes = {} if pass_px is None else {"pixels_per_pass": pass_px}
     net = _declaring(_random_unet(**args))
     image = da.from_array(noise_volume, chunks=UNEVEN)
     norm = (0.0, 1000.0)
-    got = featurize(image, net, dtype="float32", norm=norm, voxel_size_um=vs)
+    got = featurize(image, net, dtype="float32", norm=norm, voxel_size_um=vs, **passes)
     assert got.chunks == ((16,), *UNEVEN)
     whole = run_model(noise_volume, net, norm=norm, voxel_size_um=vs)
     assert whole.shape == (16, *noise_volume.shape)
@@ -214,7 +212,7 @@ def test_resampled_blocks_equal_the_whole_volume(noise_volume, args, vs, pass_px
     # resampling changed what the network saw
     plain = run_model(noise_volume, net, norm=norm)
     assert np.abs(plain - whole).max() > 100 * SEAM_ATOL
-    heads = head_probabilities(image, net, norm=norm, voxel_size_um=vs).compute()
+    heads = head_probabilities(image, net, norm=norm, voxel_size_um=vs, **passes).compute()
     ref = run_model(noise_volume, net, norm=norm, voxel_size_um=vs, mode="head")
     assert heads.shape == (2, *noise_volume.shape)
     np.testing.assert_allclose(heads, ref, rtol=0, atol=SEAM_ATOL)
@@ -305,11 +303,17 @@ def test_small_chunks_are_grouped_into_whole_slices_within_the_memory_of_a_chunk
     # each task's output is cut in z to the size of one chunk's
     image = da.zeros((16, 512, 512), chunks=(8, 256, 256))
     out = featurize(image, load_model(), norm=(0, 1))
-    tasks = [v for v in dict(out.dask).values() if isinstance(v, tuple) and v[:1] == (_block_task,)]
-    crops = sorted(t[4][0] for t in tasks)  # (crop, taps)
-    assert len(crops) == 8  # was 8 chunks of 256 x 256 x 8 with halos: now 2-slice slabs
-    assert all(c[1:] == (slice(0, 512), slice(0, 512)) for c in crops)
-    assert sum(c[0].stop - c[0].start for c in crops) == 16
+    # each task's output box: the Region it was handed by the lift (regions.map_overlap)
+    boxes = [
+        (a.start, a.stop)
+        for v in dict(out.dask).values()
+        if isinstance(v, tuple)
+        for a in v
+        if isinstance(a, Region)
+    ]
+    assert len(boxes) == 8  # was 8 chunks of 256 x 256 x 8 with halos: now 2-slice slabs
+    assert all(a[1:] == (0, 0) and b[1:] == (512, 512) for a, b in boxes)
+    assert sum(b[0] - a[0] for a, b in boxes) == 16
     assert out.chunks == ((16,), *image.chunks)
 
 
@@ -580,7 +584,7 @@ def test_default_model_is_bundled_with_its_record():
     assert model.voxel_size_um == (6.0, 1.62, 1.62) and model.targets == ("nucleus", "centre")
     assert 0 < model.detection["threshold"] < 1 and rec["validation"]["f1"] > 0
     # the MIT notice ships beside the model
-    notice = Path(featurize_module.__file__).parent / "models" / "LICENSE-delivr-cfos"
+    notice = Path(featurize_module.__file__).parents[1] / "models" / "LICENSE-delivr-cfos"
     assert "Copyright (c) 2022 erturklab" in notice.read_text()
 
 
@@ -635,8 +639,12 @@ def test_io_buffer_is_not_a_torchscript_archive():
 def test_feature_blocks_write_levels_0_and_1_whole_within_the_memory_budget(
     chunks, shape, voxel_size_um
 ):
-    from lightsheet.io.omezarr import _next_level_chunks, pyramid_factors
-    from tasks.featurize import FEATURE_BLOCK_BYTES, feature_blocks
+    from lightsheet.blocks import (
+        FEATURE_BLOCK_BYTES,
+        feature_blocks,
+        fused_level_chunks,
+        pyramid_factors,
+    )
 
     bytes_per_voxel = 16  # 8 float16 features
     zarr_chunks, blocks = feature_blocks(chunks, shape, bytes_per_voxel, voxel_size_um)
@@ -645,4 +653,4 @@ def test_feature_blocks_write_levels_0_and_1_whole_within_the_memory_budget(
     assert np.prod(blocks) * bytes_per_voxel <= 2 * FEATURE_BLOCK_BYTES
     grid = da.core.normalize_chunks((1, 8, *blocks), (1, 8, *shape))
     factor = (1, 1, *pyramid_factors(shape, voxel_size_um)[0])
-    assert _next_level_chunks(grid, (1, 8, *zarr_chunks), factor) is not None
+    assert fused_level_chunks(grid, (1, 8, *zarr_chunks), [factor]) != []

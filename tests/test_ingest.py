@@ -144,24 +144,19 @@ def test_inputs_never_modified(tmp_path):
 def test_tile_regions_equal_numpy_slices(tmp_path_factory, bounds, dtype, scratch, into):
     # whole planes, whole rows, partial rows (read a few rows at a time with a tiny scratch
     # buffer), empty regions, into a given array or not: the same voxels as NumPy
-    from lightsheet.io import tiff
-
     path = tmp_path_factory.mktemp("region") / "tile.tif"
     data = np.random.default_rng(1).integers(0, 200, (5, 9, 11)).astype(dtype)
     tifffile.imwrite(path, data)
-    region = TiffRegion(inspect_tiff(path))
+    region = TiffRegion(
+        inspect_tiff(path), **({} if scratch is None else {"scratch_bytes": scratch})
+    )
     assert region.info.data_offset is not None  # the contiguous fast path
     key = tuple(slice(min(a, b), max(a, b)) for a, b in bounds)
-    default = tiff.SCRATCH_BYTES
-    tiff.SCRATCH_BYTES = scratch or default
-    try:
-        if into:
-            out = np.full(data[key].shape, 7, dtype)
-            assert region.read(key, out=out) is out
-        else:
-            out = region[key]
-    finally:
-        tiff.SCRATCH_BYTES = default
+    if into:
+        out = np.full(data[key].shape, 7, dtype)
+        assert region.read(key, out=out) is out
+    else:
+        out = region[key]
     np.testing.assert_array_equal(out, data[key])
 
 

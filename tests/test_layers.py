@@ -1,8 +1,8 @@
 """The layers hold: import-linter's contracts in pyproject.toml, and every public module's API.
 
 The contracts (`[tool.importlinter]`): cli → flows → tasks → applications (train, sweep,
-watch, sample) → stages → helpers → foundations (regions/io/lineage → config → errors), no
-Prefect in the library, and a sample generator that imports no stage.
+watch, sample) → stages → helpers → foundations (regions/io/lineage → blocks → config →
+errors), no Prefect in the library, and a sample generator that imports no stage.
 """
 
 from __future__ import annotations

@@ -85,15 +85,13 @@ def test_sharded_image_holds_the_same_data(tmp_path, uint16_volume):
 @pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float32, np.uint32])
 @pytest.mark.parametrize("factor", [(1, 2, 2), (2, 2, 2)])
 @pytest.mark.parametrize("slab_bytes", [None, 1])
-def test_pyramid_step_is_the_window_mean(dtype, factor, slab_bytes, monkeypatch):
+def test_pyramid_step_is_the_window_mean(dtype, factor, slab_bytes):
     # against NumPy on the whole array: windows of `factor`, edges replicated, integers
     # rounded as the float mean rounds (half to even); blocks reduced whole or one output
     # plane at a time (slab_bytes=1), the last slab padded
-    from lightsheet.io import omezarr
     from lightsheet.io.omezarr import _downsample
 
-    if slab_bytes is not None:
-        monkeypatch.setattr(omezarr, "DOWNSAMPLE_SLAB_BYTES", slab_bytes)
+    slab = {} if slab_bytes is None else {"slab_bytes": slab_bytes}
 
     rng = np.random.default_rng(2)
     x = rng.integers(-300 if dtype == np.int16 else 0, 1000, (1, 1, 13, 21, 17)).astype(dtype)
@@ -105,7 +103,7 @@ def test_pyramid_step_is_the_window_mean(dtype, factor, slab_bytes, monkeypatch)
     want = windows.mean(axis=(3, 5, 7))
     want = want if x.dtype.kind == "f" else np.round(want)
     chunks = (1, 1, 4 * factor[0], 6 * factor[1], 8 * factor[2])
-    got = _downsample(da.from_array(x, chunks=chunks), factor, labels=False).compute()
+    got = _downsample(da.from_array(x, chunks=chunks), factor, labels=False, **slab).compute()
     assert got.dtype == x.dtype
     np.testing.assert_allclose(got, want.astype(x.dtype), rtol=1e-6)
     nearest = _downsample(da.from_array(x, chunks=chunks), factor, labels=True).compute()
@@ -151,14 +149,11 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, dtype):
     np.testing.assert_array_equal(group["s0"][...], x)
 
 
-def test_levels_from_blocks_in_memory_equal_the_reread(tmp_path, uint16_volume, monkeypatch):
+def test_levels_from_blocks_in_memory_equal_the_reread(tmp_path, uint16_volume):
     # the next levels are written from each block as it is written while every block covers
     # whole chunks of them: chunks divisible by the factor ("f": levels 1-3), or odd chunks
     # in blocks of two along each axis, as write_blocks gives ("o": level 1); otherwise each
     # level is read back from the one above ("r"). Every level holds the same voxels.
-    from lightsheet.io import omezarr
-
-    monkeypatch.setattr(omezarr, "FUSED_MIN_CHUNK_VOXELS", 1)  # this image's tiny chunks too
     for name, blocks, chunks in [
         ("f", (8, 16, 16), None),
         ("r", (8, 15, 15), None),
@@ -170,6 +165,7 @@ def test_levels_from_blocks_in_memory_equal_the_reread(tmp_path, uint16_volume, 
             voxel_size_um=(1, 1, 1),
             chunks=chunks,
             min_size=8,
+            fused_min_chunk_voxels=1,  # this image's tiny chunks too
         )
     fused = zarr.open_group(str(tmp_path / "f.ome.zarr"), mode="r")
     # chunks halve with each level written from memory, and stay once re-read

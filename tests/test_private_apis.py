@@ -12,8 +12,8 @@ import pytest
 
 
 def test_scipy_pocketfft_binding_with_out_buffers():
-    """`lightsheet.deconvolve` writes transforms into reused buffers through it."""
-    from lightsheet.deconvolve import _pocketfft
+    """`lightsheet.deconvolve.kernel` writes transforms into reused buffers through it."""
+    from lightsheet.deconvolve.kernel import _pocketfft
 
     _pocketfft.cache_clear()
     pp = _pocketfft()

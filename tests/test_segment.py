@@ -462,9 +462,9 @@ def test_stored_image_equals_dask_chunks(config):
     assert from_store.n > 8 and from_store.labels.chunks == from_dask.labels.chunks
     pd.testing.assert_frame_equal(from_store.table, from_dask.table)
     np.testing.assert_array_equal(from_store.labels.compute(), from_dask.labels.compute())
-    # a segment block task depends on nothing but the store
+    # a segment block task depends on nothing but the store and the kernel (held once)
     graph = dict(seg._stored_watershed(store, blocks, 150.0, VOXEL_UM, config, None)[0].dask)
-    assert sum(isinstance(k, tuple) for k in graph) == 3 * 3 * 2 and len(graph) == 19
+    assert sum(isinstance(k, tuple) for k in graph) == 3 * 3 * 2 and len(graph) == 20
 
 
 def test_segment_volume_size_filter_and_absolute_threshold():

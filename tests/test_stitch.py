@@ -6,11 +6,12 @@ import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightsheet.blocks import default_chunks, pyramid_factors, stitch_chunks, write_blocks
 from lightsheet.config import DEFAULT_PATTERN
 from lightsheet.errors import InputFilesError
 from lightsheet.ingest import discover
-from lightsheet.io.omezarr import pyramid_factors, read_image, write_blocks, write_image
-from lightsheet.stitch import default_chunks, stitch, stitch_chunks
+from lightsheet.io.omezarr import read_image, write_image
+from lightsheet.stitch import stitch
 from tests.test_ingest import name, write_grid
 
 

@@ -53,15 +53,14 @@ def test_local_maxima_equal_scipys_maximum_filter():
 
 
 @pytest.mark.parametrize("survey_voxels", [pairwise.SURVEY_VOXELS, 2**14])
-def test_window_is_placed_over_the_structure(monkeypatch, survey_voxels):
+def test_window_is_placed_over_the_structure(survey_voxels):
     # an overlap box whose only structure sits in one part; elsewhere flat with noise;
     # a small survey budget samples every few planes of the box instead of reading it all
-    monkeypatch.setattr(pairwise, "SURVEY_VOXELS", survey_voxels)
     rng = np.random.default_rng(1)
     box = rng.normal(100, 2, (24, 200, 40)).astype(np.float32)
     box[:, 128:192] = nuclei((24, 64, 40), seed=2)  # on the grid of cells the window moves on
     window, voxels = pairwise.choose_window(box, (slice(0, 24), slice(0, 200), slice(0, 40)),
-                                            (24, 50, 40))  # fmt: skip
+                                            (24, 50, 40), survey_voxels=survey_voxels)  # fmt: skip
     assert window[0] == slice(0, 24) and window[2] == slice(0, 40)
     assert 128 <= window[1].start and window[1].stop <= 192
     if voxels is not None:  # the survey read the window's voxels: they are handed on

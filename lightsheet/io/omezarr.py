@@ -47,6 +47,13 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore, WrapperStore
 
+from lightsheet.blocks import (
+    FUSED_MIN_CHUNK_VOXELS,
+    fused_level_chunks,
+    inner_chunks,
+    pyramid_factors,
+    write_blocks,
+)
 from lightsheet.errors import ImageError, InputFilesError, OutputDamagedError
 from lightsheet.io.atomic import atomic_path
 from lightsheet.io.direct import io_pool, write_new_file
@@ -97,36 +104,14 @@ def compressor(level: int = 0) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
-def pyramid_factors(
-    shape_zyx: Sequence[int], voxel_size_um: Sequence[float], *, min_size: int = 64
-) -> list[tuple[int, int, int]]:
-    """Downsampling factors (z, y, x) of each level relative to the one above.
-
-    The finest axes are halved first, so anisotropic voxels become closer to isotropic
-    before the coarse axis is reduced; levels stop when every axis is under ``min_size``.
-
-    Examples
-    --------
-    >>> pyramid_factors((100, 400, 400), (2.0, 1.0, 1.0))
-    [(1, 2, 2), (2, 2, 2), (2, 2, 2)]
-    """
-    shape = [int(s) for s in shape_zyx]
-    size = [float(v) for v in voxel_size_um]
-    factors = []
-    while max(shape) > min_size:
-        finest = min(size[i] for i in range(3) if shape[i] > 1)
-        f = tuple(2 if shape[i] > 1 and size[i] <= finest * 1.5 else 1 for i in range(3))
-        factors.append(f)
-        shape = [-(-s // fi) for s, fi in zip(shape, f, strict=True)]
-        size = [v * fi for v, fi in zip(size, f, strict=True)]
-    return factors
-
-
-def _downsample(level: da.Array, factor: tuple[int, int, int], *, labels: bool) -> da.Array:
+def _downsample(
+    level: da.Array, factor: tuple[int, int, int], *, labels: bool, **kwargs: Any
+) -> da.Array:
     """One pyramid step on a (T, C, Z, Y, X) array: block mean, or nearest for labels.
 
     Blocks must hold whole windows of ``factor`` voxels (the last ones excepted, which are
     padded by edge replication, as if the volume were); each gives one output block.
+    Keyword arguments go to `_downsample_block`.
     """
     f = (1, 1, *factor)
     chunks = tuple(tuple(-(-b // fi) for b in c) for c, fi in zip(level.chunks, f, strict=True))
@@ -136,15 +121,26 @@ def _downsample(level: da.Array, factor: tuple[int, int, int], *, labels: bool) 
         labels=labels,
         chunks=chunks,
         dtype=level.dtype,
+        **kwargs,
         meta=np.empty((0,) * level.ndim, level.dtype),
     )
 
 
-def _downsample_block(block: np.ndarray, *, factor: tuple[int, ...], labels: bool) -> np.ndarray:
+#: Input bytes reduced at once by `_downsample_block` (a few L2 caches' worth).
+DOWNSAMPLE_SLAB_BYTES = 2 << 20
+
+
+def _downsample_block(
+    block: np.ndarray,
+    *,
+    factor: tuple[int, ...],
+    labels: bool,
+    slab_bytes: int = DOWNSAMPLE_SLAB_BYTES,
+) -> np.ndarray:
     """Mean of each window of ``factor`` voxels, or its first voxel for labels.
 
     Integers are rounded half to even, as the float mean would be. A (T, C, Z, Y, X) block
-    is reduced in z-slabs of about `DOWNSAMPLE_SLAB_BYTES` into one output array, so the
+    is reduced in z-slabs of about ``slab_bytes`` into one output array, so the
     temporaries stay in cache and are reused: on 31 MB uint16 blocks, 4x faster than
     summing the whole block at once (fresh memory for every temporary).
     """
@@ -155,14 +151,10 @@ def _downsample_block(block: np.ndarray, *, factor: tuple[int, ...], labels: boo
     fz = factor[2]
     out = np.empty(tuple(-(-n // f) for n, f in zip(block.shape, factor, strict=True)), block.dtype)
     plane = math.prod(block.shape[:2] + block.shape[3:]) * block.dtype.itemsize
-    step = max(1, DOWNSAMPLE_SLAB_BYTES // (plane * fz))  # output planes per slab
+    step = max(1, slab_bytes // (plane * fz))  # output planes per slab
     for o in range(0, out.shape[2], step):
         out[:, :, o : o + step] = _window_mean(block[:, :, o * fz : (o + step) * fz], factor)
     return out
-
-
-#: Input bytes reduced at once by `_downsample_block` (a few L2 caches' worth).
-DOWNSAMPLE_SLAB_BYTES = 2 << 20
 
 
 def _window_mean(block: np.ndarray, factor: tuple[int, ...]) -> np.ndarray:
@@ -222,8 +214,9 @@ def store_chunks(
     ``then = [(level_1, factor_1), (level_2, factor_2), ...]`` also writes each block
     downsampled by ``factor_1`` (`_downsample_block`, nearest for ``labels``) into
     ``level_1``, that result downsampled by ``factor_2`` into ``level_2``, and so on; every
-    downsampled block must cover whole chunks of its level (`_next_level_chunks`): those
-    pyramid levels come from the block in memory, not from re-reading the level above.
+    downsampled block must cover whole chunks of its level
+    (`lightsheet.blocks.fused_level_chunks`): those pyramid levels come from the block in
+    memory, not from re-reading the level above.
     """
     grid = _write_grid(target)
     for axis, (blocks, step) in enumerate(zip(array.chunks, grid, strict=True)):
@@ -305,91 +298,6 @@ def _write_whole_chunks(
         if direct is not None:
             pending.append(direct(tuple(f + i for f, i in zip(first, idx, strict=True)), part))
     return digests
-
-
-def write_blocks(
-    chunks: Sequence[int],
-    shape: Sequence[int],
-    itemsize: int,
-    voxel_size_um: Sequence[float],
-    *,
-    target_bytes: int = 64 << 20,
-    min_size: int = 64,
-) -> tuple[int, ...]:
-    """Dask blocks (z, y, x) for an image about to be written by `write_image`.
-
-    For a source that can produce larger blocks cheaply (the stitched tiles). Blocks hold
-    whole chunks: two along each axis whose chunk side the first pyramid step does not
-    halve, so that level 1 is still written from the blocks in memory (an odd chunk side
-    otherwise meant reading level 0 back: 7.3 of the 16.9 s of the 4 GB sample's stitch),
-    then stacked along z up to about ``target_bytes``, so that the writer overlaps each
-    chunk's file write with the next chunk's encoding and the cluster runs a fraction of
-    the tasks (the 4 GB sample's level 0 in 5.3 s instead of 6.3 s, medians of 6).
-
-    Examples
-    --------
-    >>> write_blocks((132, 265, 265), (396, 1590, 1590), 2, (2.0, 1.0, 1.0))
-    (132, 530, 530)
-    >>> write_blocks((125, 250, 250), (500, 1000, 1000), 2, (2.0, 1.0, 1.0))
-    (500, 250, 250)
-    >>> write_blocks((64, 512, 512), (1000, 4000, 4000), 4, (2.0, 1.0, 1.0))
-    (64, 512, 512)
-    """
-    factors = pyramid_factors(shape, voxel_size_um, min_size=min_size)  # as write_image's
-    step = factors[0] if factors else (1,) * len(chunks)
-    block = [int(c) * (f if c % f else 1) for c, f in zip(chunks, step, strict=True)]
-    k = max(1, target_bytes // max(1, math.prod(block) * itemsize))
-    block[0] *= k
-    return tuple(min(b, max(int(c), int(n))) for b, c, n in zip(block, chunks, shape, strict=True))
-
-
-#: Levels below level 1 are written from the blocks in memory only while their chunks (which
-#: halve with every level) hold at least this many voxels: tiny files cost more than the
-#: re-read of a level that small.
-FUSED_MIN_CHUNK_VOXELS = 1 << 17
-
-
-def _next_level_chunks(
-    blocks: tuple[tuple[int, ...], ...], chunks: tuple[int, ...], factor: tuple[int, ...]
-) -> tuple[int, ...] | None:
-    """The next level's chunks when every block can write whole chunks of it, else None.
-
-    Per axis: the chunk / factor where the factor divides it; otherwise the chunk itself,
-    when every block but the last spans a multiple of factor x chunk (the last one ends at
-    the image's edge, where windows are padded as in a re-read).
-    """
-    out = []
-    for b, c, f in zip(blocks, chunks, factor, strict=True):
-        if c % f == 0:
-            out.append(c // f)
-        elif all(n % (f * c) == 0 for n in b[:-1]):
-            out.append(c)
-        else:
-            return None
-    return tuple(out)
-
-
-def inner_chunks(chunks: Sequence[int], *, parts: float = 3.0, smallest: int = 8) -> tuple:
-    """Inner chunks of a shard: per axis the divisor of its side nearest to side / ``parts``.
-
-    About ``parts``³ inner chunks per shard: a halo-padded region then decompresses little
-    more than itself, while inner chunks stay large enough that Blosc compresses them as
-    fast and as well as whole chunks (smaller ones cost up to 4x the CPU, measured on uint16
-    tiles). Sides shorter than ``smallest`` or without a divisor near the target stay whole.
-
-    Examples
-    --------
-    >>> inner_chunks((1, 1, 126, 252, 252))
-    (1, 1, 42, 84, 84)
-    >>> inner_chunks((1, 1, 125, 250, 250))
-    (1, 1, 25, 125, 125)
-    """
-    out = []
-    for side in (int(c) for c in chunks):
-        want = side / parts
-        divisors = [d for d in range(max(1, smallest), side + 1) if side % d == 0]
-        out.append(min(divisors, key=lambda d: abs(math.log(d / want))) if divisors else side)
-    return tuple(out)
 
 
 def _chunk_writer(target: zarr.Array) -> Callable[[tuple, np.ndarray], futures.Future] | None:
@@ -485,6 +393,7 @@ def write_image(
     compute: Callable[[da.Array, int], object] = _default_compute,
     chunks: Sequence[int] | None = None,
     sharded: bool = False,
+    fused_min_chunk_voxels: int = FUSED_MIN_CHUNK_VOXELS,
 ) -> str:
     """Write a (T, C, Z, Y, X) dask array as a multiscale OME-Zarr image (or label image).
 
@@ -512,20 +421,24 @@ def write_image(
         ``compute(writes, level)`` runs the lazy per-chunk writes of one pyramid level (see
         `store_chunks`); tasks pass one that reports progress. Level 0 carries the stage's
         computation (and writes the next levels too, as long as every downsampled block
-        covers whole chunks of them: `_next_level_chunks`); deeper levels only re-read the
-        stored level above.
+        covers whole chunks of them: `lightsheet.blocks.fused_level_chunks`); deeper levels
+        only re-read the stored level above.
     chunks : (3,) ints, optional
         Zarr chunk shape (z, y, x) of the full-resolution level, when the dask blocks are
         larger: each block then writes the whole chunks it covers (blocks that do not cover
         whole chunks are rechunked first). Each level's chunks are the level above's divided
         by its downsampling factor where it divides them, else the same
-        (`_next_level_chunks`); levels re-read from the level above keep its chunks.
+        (`lightsheet.blocks.fused_level_chunks`); levels re-read from the level above keep
+        its chunks.
         `write_blocks` gives blocks that write level 1 (at least) along with level 0.
     sharded : bool
         Store each chunk as a zarr v3 shard of smaller inner chunks (`inner_chunks`), for
         images the next stage reads in halo-padded regions: a region then decompresses
         only the inner chunks it touches, not every whole chunk (a segment block with its
         halo read 6x faster). Fingerprints, chunk grid and readers are unchanged.
+    fused_min_chunk_voxels : int
+        Levels below 1 are written from level 0's blocks in memory only while their chunks
+        hold at least this many voxels (`lightsheet.blocks.fused_level_chunks`).
 
     Returns
     -------
@@ -587,12 +500,13 @@ def write_image(
                 if i == 0:
                     # the next levels from each block while it is in memory, as long as
                     # every (downsampled) block writes whole chunks of them
-                    down, grid = level, zchunks
-                    for k, factor in enumerate(factors, start=1):
-                        f = (1, 1, *factor)
-                        grid = _next_level_chunks(down.chunks, grid, f)
-                        if grid is None or (k > 1 and math.prod(grid) < FUSED_MIN_CHUNK_VOXELS):
-                            break
+                    down = level
+                    steps = [(1, 1, *factor) for factor in factors]
+                    grids = fused_level_chunks(
+                        level.chunks, zchunks, steps, min_chunk_voxels=fused_min_chunk_voxels
+                    )
+                    fused = zip(factors, steps, grids, strict=False)  # grids: the first levels
+                    for k, (factor, f, grid) in enumerate(fused, start=1):
                         # lazy, never computed: the downsampled blocks' shapes
                         down = _downsample(down, factor, labels=labels)
                         made[k] = create(k, down.shape, down.dtype, grid)

@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
 
-from lightsheet.regions import Region, block_regions, read_region
+from lightsheet.regions import Region, block_regions, map_overlap, read_region
 from lightsheet.segment._common import _ndi_for, _to_numpy, _xp_for, label_dtype
 from lightsheet.segment.measure import _combine, _measure_block
 from lightsheet.segment.threshold import _compute
@@ -209,15 +209,14 @@ def plane_statistics(
 
 def _median_bins(bins: da.Array, window: int) -> da.Array:
     half = window // 2
-    depth = {0: 0, 1: min(half, bins.shape[1] - 1), 2: min(half, bins.shape[2] - 1)}
-    return bins.map_overlap(
-        ndi.median_filter,
-        depth=depth,
-        boundary="nearest",
-        dtype=np.float32,
-        size=(1, window, window),
-        mode="nearest",
+    depth = (0, min(half, bins.shape[1] - 1), min(half, bins.shape[2] - 1))
+    return map_overlap(
+        _median_block, bins, depth=depth, boundary="nearest", dtype=np.float32, window=window
     )
+
+
+def _median_block(padded: np.ndarray, *, region: Region, window: int) -> np.ndarray:
+    return ndi.median_filter(padded, size=(1, window, window), mode="nearest")
 
 
 def _lerp(values: np.ndarray, axis: int, coords: np.ndarray, b: int, first: int, n: int):

@@ -11,7 +11,7 @@ import dask.array as da
 import numpy as np
 
 from lightsheet.errors import SegmentError
-from lightsheet.regions import Region
+from lightsheet.regions import Region, map_overlap
 from lightsheet.segment._common import (
     _as_volume,
     _ndi_for,
@@ -159,7 +159,7 @@ def otsu_threshold(image: Any, *, compute: Callable[[Any, str], Any] | None = No
     return float(_key_to_float(np.array([top]))[0])
 
 
-def _tophat_block(block: Any, size: tuple[int, int, int]) -> Any:
+def _tophat_block(block: Any, size: tuple[int, int, int], region: Region | None = None) -> Any:
     nd = _ndi_for(block)
     block = block.astype(_xp_for(block).float32)
     opened = nd.maximum_filter(nd.minimum_filter(block, size=size), size=size)
@@ -203,9 +203,10 @@ def subtract_background(
     """
     image = _as_volume(image, "image")
     size, reach = _tophat_geometry(_voxel_size(voxel_size_um), radius_um)
-    depth = {a: min(r, image.shape[a]) for a, r in enumerate(reach)}
-    out = image.map_overlap(
+    depth = tuple(min(r, n) for r, n in zip(reach, image.shape, strict=True))
+    out = map_overlap(
         _tophat_block,
+        image,
         depth=depth,
         boundary="none",
         dtype=np.float32,

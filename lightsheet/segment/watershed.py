@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.ndimage as ndi
 
 from lightsheet.errors import SegmentError
-from lightsheet.regions import Region
+from lightsheet.regions import Region, map_overlap
 from lightsheet.segment._common import (
     _as_mask,
     _as_volume,
@@ -62,7 +62,7 @@ def clipped_distance(mask: Any, voxel_size_um: Sequence[float], clip_um: float) 
     return xp.sqrt(sq, out=sq)
 
 
-def _distance_block(block: Any, *, voxel_size_um, clip_um: float, sigma_vox) -> Any:
+def _distance_block(block: Any, *, voxel_size_um, clip_um: float, sigma_vox, region=None) -> Any:
     nd = _ndi_for(block)
     xp = _xp_for(block)
     dist = clipped_distance(block, voxel_size_um, clip_um)
@@ -101,15 +101,13 @@ def distance_elevation(
     vs = _voxel_size(voxel_size_um)
     clip_um = _positive(clip_um, "clip_um")
     sigma_vox = tuple(float(smooth_um) / v for v in vs)
-    depth = {
-        a: min(n, d)
-        for a, (n, d) in enumerate(
-            zip(mask.shape, _elevation_depth(vs, clip_um, smooth_um), strict=True)
-        )
-    }
+    depth = tuple(
+        min(n, d) for n, d in zip(mask.shape, _elevation_depth(vs, clip_um, smooth_um), strict=True)
+    )
     # map_overlap merges chunks smaller than the depth; hand back the caller's chunks
-    out = mask.map_overlap(
+    out = map_overlap(
         _distance_block,
+        mask,
         depth=depth,
         boundary="none",
         dtype=np.float32,

@@ -19,7 +19,6 @@ sweep's crop both use it).
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,10 +26,10 @@ import dask
 import dask.array as da
 import numpy as np
 
+from lightsheet.blocks import fused_chunks, stitch_chunks
 from lightsheet.config import StitchConfig
 from lightsheet.errors import ConfigError
 from lightsheet.ingest import Manifest
-from lightsheet.io.omezarr import pyramid_factors
 from lightsheet.stitch.fuse import fuse, mosaic_shape
 from lightsheet.stitch.register import (
     Solution,
@@ -44,87 +43,11 @@ from lightsheet.stitch.register import (
 __all__ = [
     "Layout",
     "configured_layout",
-    "default_chunks",
-    "fused_chunks",
     "nominal_layout",
     "register",
     "stitch",
-    "stitch_chunks",
     "stitch_configured",
 ]
-
-#: Voxels per chunk by default: 32 MiB as float32, big enough to amortise per-task
-#: overhead and FFT halos, small enough for several per worker thread.
-TARGET_CHUNK_VOXELS = 2**23
-
-
-def default_chunks(
-    volume_shape_zyx: Sequence[int],
-    voxel_size_um: Sequence[float],
-    *,
-    tile_shape_zyx: Sequence[int] | None = None,
-    target_voxels: int = TARGET_CHUNK_VOXELS,
-    prefer_multiple_of: Sequence[int] | None = None,
-) -> tuple[int, int, int]:
-    """Chunk shape (z, y, x) with about the same physical extent along every axis.
-
-    A chunk side that nearly divides the tile side is snapped to that divisor, so chunks
-    rarely straddle tile borders (reads then touch one file per chunk). Among such
-    divisors, multiples of ``prefer_multiple_of`` (per axis) win when there are any.
-
-    Examples
-    --------
-    >>> default_chunks((500, 4000, 4000), (2.0, 1.0, 1.0), tile_shape_zyx=(500, 2000, 2000))
-    (125, 250, 250)
-    >>> default_chunks((500, 3600, 3600), (2.0, 1.0, 1.0), tile_shape_zyx=(500, 1800, 1800))
-    (125, 225, 225)
-    >>> default_chunks((500, 3600, 3600), (2.0, 1.0, 1.0), tile_shape_zyx=(500, 1800, 1800),
-    ...                prefer_multiple_of=(1, 2, 2))
-    (125, 300, 300)
-    """
-    side_um = (target_voxels * math.prod(voxel_size_um)) ** (1 / 3)
-    step = (1, 1, 1) if prefer_multiple_of is None else tuple(int(m) for m in prefer_multiple_of)
-    chunks = []
-    for i, (n, v) in enumerate(zip(volume_shape_zyx, voxel_size_um, strict=True)):
-        want = max(8, round(side_um / v))
-        if tile_shape_zyx is not None:
-            tile = int(tile_shape_zyx[i])
-            divisors = [d for d in range(8, tile + 1) if tile % d == 0]
-            near = [d for d in divisors if want / 1.5 <= d <= want * 1.5]
-            near = [d for d in near if d % step[i] == 0] or near
-            if near:
-                want = min(near, key=lambda d: abs(math.log(d / want)))
-        chunks.append(int(min(n, want)))
-    return tuple(chunks)  # type: ignore[return-value]
-
-
-def stitch_chunks(
-    volume_shape_zyx: Sequence[int], voxel_size_um: Sequence[float], tile_shape_zyx: Sequence[int]
-) -> tuple[int, int, int]:
-    """The stitched volume's default chunks: tile-aligned, even where the pyramid halves.
-
-    `default_chunks`, preferring sides that divide by the first step of `pyramid_factors`:
-    the OME-Zarr writer then makes level 1 from each level-0 block while it is in memory
-    instead of reading level 0 back (`lightsheet.io.omezarr.write_image`), and the stages
-    after stitch inherit the chunks. Measured at 4 GB (530-voxel tiles, whose only near
-    divisor is 265): the read-back pyramid took 11.1 s after a 7.2 s level 0, against 0.8 s
-    after 2.0 s at 1 GB with 250-voxel chunks. Tile alignment is kept over evenness: even
-    chunks straddling tile borders made that level 0 take 18.7 s.
-
-    Examples
-    --------
-    >>> stitch_chunks((500, 3600, 3600), (2.0, 1.0, 1.0), (500, 1800, 1800))
-    (125, 300, 300)
-    >>> stitch_chunks((396, 1590, 1590), (2.0, 1.0, 1.0), (396, 530, 530))
-    (132, 265, 265)
-    """
-    factors = pyramid_factors(volume_shape_zyx, voxel_size_um)
-    return default_chunks(
-        volume_shape_zyx,
-        voxel_size_um,
-        tile_shape_zyx=tile_shape_zyx,
-        prefer_multiple_of=factors[0] if factors else None,
-    )
 
 
 def stitch(
@@ -196,33 +119,6 @@ def stitch(
         meta=np.empty((0,) * 5, dtype),
         name=f"stitch-{dask.base.tokenize(regions, tuple(chunks))}",
     )
-
-
-def fused_chunks(shape_zyx: Sequence[int], voxel_size_um: Sequence[float]) -> tuple[int, int, int]:
-    """Chunks of a fused volume: `default_chunks`, spread evenly, even where the pyramid halves.
-
-    Tiles do not sit on a chunk grid once registered, so no tile alignment is sought;
-    instead the number of chunks along each axis is the nearest to `default_chunks`'s and
-    their side is the volume's divided by it (rounded up to the pyramid's step), so the
-    last chunk is not mostly padding: a 1818-voxel side took 8 chunks of 256 (12 %
-    padding, encoded and written like data) and now takes 7 of 260.
-
-    Examples
-    --------
-    >>> fused_chunks((128, 513, 513), (2.0, 1.0, 1.0))
-    (128, 258, 258)
-    >>> fused_chunks((64, 1818, 1818), (2.0, 1.0, 1.0))
-    (64, 260, 260)
-    """
-    factors = pyramid_factors(shape_zyx, voxel_size_um)
-    step = factors[0] if factors else (1, 1, 1)
-    chunks = default_chunks(shape_zyx, voxel_size_um, prefer_multiple_of=step)
-    out = []
-    for n, c, m in zip(shape_zyx, chunks, step, strict=True):
-        k = max(1, round(n / c))
-        side = -(-n // k)  # ceil
-        out.append(int(min(n, -(-side // m) * m)))
-    return tuple(out)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

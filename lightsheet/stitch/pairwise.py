@@ -188,11 +188,11 @@ def window_sums(values: np.ndarray, extent: Sequence[int]) -> np.ndarray:
 
 
 def choose_window(
-    region, box: Sequence[slice], shape: Sequence[int]
+    region, box: Sequence[slice], shape: Sequence[int], *, survey_voxels: int = SURVEY_VOXELS
 ) -> tuple[tuple[slice, ...], np.ndarray | None]:
     """The part of ``box`` (slices of ``region``) of ``shape`` with the most fine structure.
 
-    The box is read whole when it holds at most `SURVEY_VOXELS` voxels, otherwise every
+    The box is read whole when it holds at most ``survey_voxels`` voxels, otherwise every
     k-th plane along its longest axis; its `band_energy` per cell, log-compressed, is
     summed over every position of the window on the cell grid (`window_sums`) and the
     best one taken.
@@ -204,8 +204,8 @@ def choose_window(
     if list(shape) == size:
         return tuple(box), None
     axis, step = int(np.argmax(size)), 1
-    if math.prod(size) > SURVEY_VOXELS:
-        step = math.ceil(math.prod(size) / SURVEY_VOXELS)
+    if math.prod(size) > survey_voxels:
+        step = math.ceil(math.prod(size) / survey_voxels)
     key = list(box)
     key[axis] = slice(box[axis].start, box[axis].stop, step)
     survey = region[tuple(key)]

@@ -1,25 +1,18 @@
-"""Richardson–Lucy deconvolution: a per-block Fourier-space kernel and its Dask lift.
+"""Richardson–Lucy deconvolution of one block: the Fourier-space kernel.
 
-The kernel `richardson_lucy` works on one block, NumPy or CuPy (chosen by the block's
-type): float32/complex64 throughout, real FFTs, the OTF and its conjugate computed once
-per padded block shape and reused, in-place updates, FFT sizes rounded up to 2·3·5-smooth
-numbers, and a guard against division by zero in dark voxels. On the CPU each 3-D
-transform is split into 2-D transforms of z-planes and 1-D transforms of z-slabs (SciPy's
-pocketfft, ``workers`` threads), so the element-wise work runs on planes and slabs while
-they are in cache (`_PlaneRL`); on a GPU whole-block cuFFT transforms run through
-``cupyx.scipy.fft``.
-
-`deconvolve` lifts it over a ``(Z, Y, X)`` dask array with ``map_overlap``: every block is
-deconvolved together with a halo of its neighbours (mirror-reflected at the volume
-edges, so the edges do not ring), and only its interior is kept. With a halo several
-PSF half-sizes deep, the interior equals deconvolving the whole volume in one piece.
-On a worker with a CUDA GPU, NumPy blocks move to CuPy and back.
+`richardson_lucy` works on one block, NumPy or CuPy (chosen by the block's type):
+float32/complex64 throughout, real FFTs, the OTF and its conjugate computed once per padded
+block shape and reused, in-place updates, FFT sizes rounded up to 2·3·5-smooth numbers
+(`lightsheet.blocks.next_fast_size`), and a guard against division by zero in dark voxels.
+On the CPU each 3-D transform is split into 2-D transforms of z-planes and 1-D transforms of
+z-slabs (SciPy's pocketfft, ``workers`` threads), so the element-wise work runs on planes and
+slabs while they are in cache (`_PlaneRL`); on a GPU whole-block cuFFT transforms run
+through ``cupyx.scipy.fft``. `lightsheet.deconvolve` lifts it over a volume.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import os
 import threading
@@ -31,24 +24,17 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import scipy.fft as sfft
 
-from lightsheet.errors import ClusterError, ConfigError, ImageError
+from lightsheet.blocks import (
+    check_iterations,
+    fast_shape,
+)
+from lightsheet.errors import ImageError
 from lightsheet.psf import check_psf_fits, validate_psf
-from lightsheet.regions import Region, is_stored, map_overlap
 
-__all__ = [
-    "choose_blocks",
-    "choose_chunks",
-    "clear_otf_cache",
-    "deconvolve",
-    "default_depth",
-    "fast_shape",
-    "next_fast_size",
-    "richardson_lucy",
-]
+__all__ = ["clear_otf_cache", "richardson_lucy"]
 
 #: Bytes of spectrum per z-transform slab on the CPU (`_PlaneRL`) when the L3 cache size
 #: is unknown (see `_slab_bytes`).
@@ -58,175 +44,11 @@ _SLAB_BYTES = 4 << 20
 _EPS_REL = 1e-6
 #: Bytes of OTFs kept per process (each entry holds the OTF and its conjugate).
 _OTF_CACHE_BYTES = 2 << 30
-#: Largest halo-padded float32 block `deconvolve` builds from stored chunks (`choose_blocks`).
-BLOCK_BYTES = 128 << 20
-#: Extra halo depth in PSF half-sizes per square root of the iterations (`default_depth`).
-_DEPTH_PER_HALF = 0.5
-
-
 # --------------------------------------------------------------------------- sizes
-
-
-@lru_cache(maxsize=4096)
-def next_fast_size(n: int) -> int:
-    """Smallest 2·3·5-smooth integer ``>= n``: fast for pocketfft, cuFFT and FFTW alike.
-
-    Examples
-    --------
-    >>> [next_fast_size(n) for n in (1, 7, 97, 513)]
-    [1, 8, 100, 540]
-    """
-    m = max(1, int(n))
-    while True:
-        k = m
-        for p in (2, 3, 5):
-            while k % p == 0:
-                k //= p
-        if k == 1:
-            return m
-        m += 1
-
-
-def fast_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """Round every axis up to `next_fast_size`."""
-    return tuple(next_fast_size(int(s)) for s in shape)
 
 
 def _psf_half(psf_shape: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(s) // 2 for s in psf_shape)  # type: ignore[return-value]
-
-
-def default_depth(psf_shape: Sequence[int], iterations: int = 10) -> tuple[int, int, int]:
-    """Halo depth ``(z, y, x)`` that makes chunked deconvolution match the whole volume.
-
-    Fourier-space RL treats a block as periodic, and each iteration lets data up to two
-    PSF half-sizes away influence a voxel (a blur, then a correlation), so after ``k``
-    iterations the kept interior depends on data ``2k`` half-sizes away; the influence
-    falls off like a random walk, its width growing as ``√k``. A halo of
-    ``min(2k, 1 + 0.5·√k)`` PSF half-sizes kept the interior within 1e-3 of a
-    whole-volume run (relative to its maximum) for Gaussian PSFs and 1–80 iterations on
-    noisy blob phantoms; one half-size leaves errors of a few percent.
-
-    Parameters
-    ----------
-    psf_shape : (3,) sequence of int
-        PSF shape (odd sizes).
-    iterations : int
-        Richardson–Lucy iterations.
-
-    Returns
-    -------
-    depth : tuple of 3 int
-
-    Examples
-    --------
-    >>> default_depth((15, 7, 7), iterations=10)
-    (19, 8, 8)
-    """
-    k = _check_iterations(iterations)
-    factor = min(2.0 * k, 1.0 + _DEPTH_PER_HALF * math.sqrt(k))
-    return tuple(max(1, math.ceil(factor * h)) for h in _psf_half(psf_shape))  # type: ignore[return-value]
-
-
-def choose_chunks(
-    shape_zyx: Sequence[int],
-    psf_shape: Sequence[int],
-    *,
-    itemsize: int = 4,
-    target_bytes: int = 128 << 20,
-    depth: Sequence[int] | None = None,
-    iterations: int = 10,
-) -> tuple[int, int, int]:
-    """Compute chunk shape ``(z, y, x)`` whose halo-padded blocks have fast FFT sizes.
-
-    The padded block (chunk + 2·depth per axis) is kept near ``target_bytes`` with its
-    sides proportional to the halo depths (the proportions that waste the least work on
-    halos), then each side is set to the 2·3·5-smooth FFT size that minimises the total
-    FFT work along that axis, the short last chunk included.
-
-    Parameters
-    ----------
-    shape_zyx : (3,) sequence of int
-        Volume shape.
-    psf_shape : (3,) sequence of int
-        PSF shape; sets the halo depth when ``depth`` is None (`default_depth`).
-    itemsize : int
-        Bytes per voxel of the working precision (4 for float32).
-    target_bytes : int
-        Approximate size of one padded block in bytes; the kernel's working set is about
-        six times this.
-    depth : (3,) sequence of int, optional
-        Halo depth per side; default `default_depth` of ``psf_shape`` and ``iterations``.
-    iterations : int
-        Richardson–Lucy iterations (sets the default depth).
-
-    Returns
-    -------
-    chunks : tuple of 3 int
-
-    Examples
-    --------
-    >>> chunks = choose_chunks((512, 2048, 2048), (31, 31, 31), iterations=10)
-    >>> chunks, default_depth((31, 31, 31), iterations=10)
-    ((242, 242, 242), (39, 39, 39))
-    >>> [c + 2 * 39 for c in chunks]  # blocks with halos: 320 = 2**6 * 5, a fast FFT size
-    [320, 320, 320]
-    """
-    shape = tuple(int(s) for s in shape_zyx)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"shape_zyx must be three positive ints (z, y, x); got {shape_zyx!r}")
-    d = tuple(
-        int(v) for v in (depth if depth is not None else default_depth(psf_shape, iterations))
-    )
-    if len(d) != 3 or min(d) < 0:
-        raise ValueError(f"depth must be three non-negative ints (z, y, x); got {depth!r}")
-    if target_bytes < itemsize:
-        raise ValueError(f"target_bytes must be at least itemsize={itemsize}; got {target_bytes}")
-    budget = target_bytes / itemsize
-    # ideal padded sides are proportional to the halos, capped by the padded volume
-    weight = [max(1, 2 * di) for di in d]
-    cap = [s + 2 * di for s, di in zip(shape, d, strict=True)]
-    free = [0, 1, 2]
-    side = [0.0, 0.0, 0.0]
-    while free:
-        fixed = math.prod(side[i] for i in range(3) if i not in free)
-        scale = (budget / fixed / math.prod(weight[i] for i in free)) ** (1.0 / len(free))
-        capped = [i for i in free if weight[i] * scale >= cap[i]]
-        if not capped:
-            for i in free:
-                side[i] = weight[i] * scale
-            break
-        for i in capped:
-            side[i] = float(cap[i])
-            free.remove(i)
-    return tuple(_best_chunk(s, di, b) for s, di, b in zip(shape, d, side, strict=True))  # type: ignore[return-value]
-
-
-def _best_chunk(size: int, depth: int, padded_target: float) -> int:
-    """Chunk along one axis minimising the summed FFT lengths of its padded blocks."""
-    if size + 2 * depth <= padded_target:
-        return size
-    lo = 2 * depth + max(1, depth)
-    hi = max(lo, int(padded_target))
-    best: tuple[float, int] | None = None
-    for n in sorted({next_fast_size(v) for v in range(lo, hi + 1)}):
-        if n > hi and best is not None:
-            break
-        chunk = n - 2 * depth
-        work = _axis_fft_work(size, chunk, depth)
-        key = (work / size, -chunk)
-        if best is None or key < (best[0], -best[1]):
-            best = (work / size, chunk)
-    assert best is not None
-    return best[1]
-
-
-def _axis_fft_work(size: int, block: int, depth: int) -> int:
-    """Summed FFT lengths along one axis of ``size`` cut into ``block``-long padded blocks."""
-    full, rest = divmod(size, block)
-    return full * next_fast_size(block + 2 * depth) + (
-        next_fast_size(rest + 2 * depth) if rest else 0
-    )
 
 
 # --------------------------------------------------------------------------- backends
@@ -377,14 +199,6 @@ def _otf(psf: np.ndarray, shape: tuple[int, ...], be: _Backend) -> tuple[Any, An
 # --------------------------------------------------------------------------- validation
 
 
-def _check_iterations(iterations: Any) -> int:
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)):
-        raise ConfigError(f"iterations must be an integer >= 1; got {iterations!r}")
-    if iterations < 1:
-        raise ConfigError(f"iterations must be >= 1; got {iterations}")
-    return int(iterations)
-
-
 def _triple_int(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
     vals = (value,) * 3 if np.isscalar(value) else tuple(value)  # type: ignore[arg-type]
     if len(vals) != 3 or any(int(v) != v or v < 0 for v in vals):
@@ -507,7 +321,7 @@ def richardson_lucy(
     >>> bool(out[8, 8, 8] > 3 * blurred[8, 8, 8])
     True
     """
-    iterations = _check_iterations(iterations)
+    iterations = check_iterations(iterations)
     if getattr(image, "ndim", None) != 3:
         raise ImageError(
             f"image: expected a 3-D (Z, Y, X) array; got shape {getattr(image, 'shape', None)}"
@@ -788,254 +602,3 @@ def _to_numpy(a: Any) -> np.ndarray:
     """Host copy of a NumPy/CuPy array (PSFs are small)."""
     get = getattr(a, "get", None)
     return np.asarray(get() if callable(get) and type(a).__module__.startswith("cupy") else a)
-
-
-# --------------------------------------------------------------------------- dask level
-
-
-def deconvolve(
-    image: Any,
-    psf: np.ndarray,
-    *,
-    iterations: int = 10,
-    acceleration: bool = False,
-    depth: int | Sequence[int] | None = None,
-    chunks: Sequence[int] | str | None = None,
-    eps: float | None = None,
-    workers: int | None = None,
-    gpu: bool | None = None,
-    block_bytes: int = BLOCK_BYTES,
-) -> da.Array:
-    """Deconvolve a ``(Z, Y, X)`` volume block by block with halos (lazy).
-
-    Parameters
-    ----------
-    image : (Z, Y, X) dask.array.Array or stored array-like
-        Non-negative intensities (any real dtype). A stored array (a `zarr.Array`, a
-        `lightsheet.io.omezarr.StoredVolume`) is read block by block, each block with its
-        halo straight from the store, so no block waits in memory for its neighbours'
-        (`lightsheet.regions`); a dask array (NumPy- or CuPy-backed) gets its halos from
-        its neighbouring chunks.
-    psf : (z, y, x) ndarray
-        Point-spread function at the image's voxel size (validated, normalised to sum 1).
-    iterations : int
-        Richardson–Lucy iterations, >= 1.
-    acceleration : bool
-        Biggs–Andrews extrapolation (`richardson_lucy`). Its step size is estimated per
-        block, so blocks agree with a whole-volume run less tightly than plain RL does.
-    depth : int or (3,) ints, optional
-        Halo per side, at least the PSF's half-size; default `default_depth`.
-    chunks : (3,) ints or "auto", optional
-        The blocks deconvolved (and the result's chunks): "auto" uses `choose_chunks`
-        (fast FFT sizes); None keeps a dask array's chunks, and for a stored array takes
-        blocks of whole stored chunks (`choose_blocks`), so the result can be stored with
-        the input's chunks.
-    eps : float, optional
-        Floor of the blurred estimate (see `richardson_lucy`).
-    workers : int, optional
-        CPU threads per block; default: the cores divided by the blocks the scheduler
-        runs at once (a Dask worker's threads, or the local scheduler's).
-    gpu : bool, optional
-        Move NumPy blocks to a CUDA GPU with CuPy: None uses one when the worker has
-        one, True requires it, False never.
-    block_bytes : int
-        Largest halo-padded float32 block for ``chunks=None`` on a stored array; the
-        kernel's working set is about six times this per block running.
-
-    Returns
-    -------
-    deconvolved : (Z, Y, X) dask.array.Array of float32
-        Same shape; chunks are the blocks deconvolved.
-
-    Raises
-    ------
-    PSFError
-        Unusable PSF, or larger than the volume.
-    ImageError
-        ``image`` not 3-D; at compute time, a block with NaN, infinite or negative values.
-    ValueError
-        ``iterations`` < 1, ``depth`` below the PSF half-size, bad ``chunks``.
-
-    Examples
-    --------
-    >>> from lightsheet.psf import gaussian_psf
-    >>> psf = gaussian_psf((1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
-    >>> image = da.ones((40, 40, 40), chunks=20, dtype=np.float32)
-    >>> out = deconvolve(image, psf, iterations=3)
-    >>> out.dtype, out.chunks[0]
-    (dtype('float32'), (20, 20))
-    >>> bool(abs(float(out.mean().compute()) - 1.0) < 1e-4)
-    True
-    """
-    iterations = _check_iterations(iterations)
-    stored = is_stored(image)
-    if not stored and not isinstance(image, da.Array):
-        raise ImageError(
-            f"image: expected a dask.array.Array or a stored array; got {type(image).__name__} "
-            "(use richardson_lucy for in-memory arrays)"
-        )
-    if len(image.shape) != 3:
-        raise ImageError(f"image: expected a 3-D (Z, Y, X) array; got shape {image.shape}")
-    if np.dtype(image.dtype).kind not in "uif":
-        raise ImageError(f"image: expected real intensities; got dtype {image.dtype}")
-    psf = validate_psf(_to_numpy(psf))
-    check_psf_fits(psf.shape, image.shape, what="volume")
-    half = _psf_half(psf.shape)
-    d = default_depth(psf.shape, iterations) if depth is None else _triple_int(depth, "depth")
-    if any(di < hi for di, hi in zip(d, half, strict=True)):
-        raise ConfigError(f"depth {d} is smaller than the PSF's half-size {half}; expected >= it")
-    # a halo cannot reach beyond the volume's other edge
-    d = tuple(min(di, s) for di, s in zip(d, image.shape, strict=True))
-    if gpu is True and not _cuda_available():
-        raise ClusterError("deconvolve: gpu=True but CuPy with a CUDA device is not available")
-    if isinstance(chunks, str):
-        if chunks != "auto":
-            raise ValueError(f"chunks must be 'auto', None or three ints; got {chunks!r}")
-        blocks = choose_chunks(image.shape, psf.shape, depth=d)
-    elif chunks is not None:
-        blocks = tuple(int(c) for c in chunks)
-    elif stored:
-        blocks = choose_blocks(image.shape, image.chunks, d, target_bytes=block_bytes)
-    else:
-        blocks = image.chunks
-    if stored:
-        meta = np.empty((0, 0, 0), np.float32)
-    else:
-        meta = image._meta  # dask's array meta (NumPy or CuPy), as dask-image passes it
-        meta = meta.astype(np.float32) if hasattr(meta, "astype") else np.empty((0,) * 3, "f4")
-    return map_overlap(
-        _deconvolve_block,
-        image,
-        depth=d,
-        boundary="reflect",
-        chunks=blocks,
-        dtype=np.float32,
-        meta=meta,
-        name="deconvolve",
-        psf=psf,
-        iterations=iterations,
-        acceleration=acceleration,
-        eps=eps,
-        workers=workers,
-        gpu=gpu,
-    )
-
-
-def choose_blocks(
-    shape_zyx: Sequence[int],
-    chunks_zyx: Sequence[int],
-    depth: Sequence[int],
-    *,
-    itemsize: int = 4,
-    target_bytes: int = BLOCK_BYTES,
-) -> tuple[int, int, int]:
-    """Blocks of whole stored chunks that waste the least FFT work on halos.
-
-    Every candidate block is ``k`` stored chunks per axis (so each output chunk is written
-    by exactly one block); its halo-padded size, rounded up to fast FFT sizes, must hold at
-    most ``target_bytes``. The candidate with the fewest padded FFT voxels per output voxel
-    over the whole volume (the short last blocks included) wins; near ties go to the
-    smaller block.
-
-    Examples
-    --------
-    >>> choose_blocks((250, 1000, 1000), (125, 250, 250), (13, 8, 8))
-    (250, 250, 250)
-    """
-    shape = tuple(int(s) for s in shape_zyx)
-    chunk = tuple(min(int(c), s) for c, s in zip(chunks_zyx, shape, strict=True))
-    d = tuple(int(v) for v in depth)
-    budget = max(1, target_bytes // itemsize)
-
-    options = []
-    for n, c, di in zip(shape, chunk, d, strict=True):
-        sizes = [min(k * c, n) for k in range(1, -(-n // c) + 1)]
-        options.append([(b, _axis_fft_work(n, b, di) / n) for b in sizes])
-    best: tuple[float, int, tuple[int, int, int]] | None = None
-    for (bz, wz), (by, wy), (bx, wx) in itertools.product(*options):
-        padded = math.prod(
-            next_fast_size(b + 2 * di) for b, di in zip((bz, by, bx), d, strict=True)
-        )
-        if padded > budget and best is not None:
-            continue
-        work = wz * wy * wx
-        key = (work, padded, (bz, by, bx))
-        if best is None or work < best[0] * 0.99 or (work <= best[0] * 1.01 and padded < best[1]):
-            best = key
-    assert best is not None
-    return best[2]
-
-
-def _deconvolve_block(
-    block: Any,
-    *,
-    region: Region,
-    psf: np.ndarray,
-    iterations: int,
-    acceleration: bool,
-    eps: float | None,
-    workers: int | None,
-    gpu: bool | None,
-) -> Any:
-    """One halo-padded block: check, move to the GPU if wanted, deconvolve, move back."""
-    # check the block itself (not its halo) so the message names the right voxel and block
-    where = f" (block {region.index})"
-    _check_values(block[region.core], offset=region.start, where=where)
-    # a bad voxel in the halo belongs to a neighbour: stop before FFTs spread it here
-    _check_values(
-        block,
-        offset=region.origin,
-        shape=region.shape,
-        where=f" (in the halo of block {region.index})",
-    )
-    on_host = type(block).__module__.split(".")[0] == "numpy"
-    use_gpu = on_host and gpu is not False and _cuda_available()
-    if use_gpu:
-        import cupy
-
-        out = richardson_lucy(
-            cupy.asarray(block),
-            psf,
-            iterations=iterations,
-            acceleration=acceleration,
-            pad_width=0,
-            eps=eps,
-            check=False,
-        )
-        return cupy.asnumpy(out)
-    return richardson_lucy(
-        block,
-        psf,
-        iterations=iterations,
-        acceleration=acceleration,
-        pad_width=0,
-        eps=eps,
-        workers=workers if workers is not None else _threads_per_block(),
-        check=False,
-    )
-
-
-def _threads_per_block() -> int:
-    """Cores per concurrently running block: cores // the scheduler's parallel tasks."""
-    cores = _cpu_count()
-    try:
-        from distributed import get_worker
-
-        tasks = get_worker().state.nthreads
-    except (ImportError, ValueError, AttributeError):
-        import dask
-
-        serial = dask.config.get("scheduler", None) in ("sync", "synchronous", "single-threaded")
-        tasks = 1 if serial else dask.config.get("num_workers", None) or cores
-    return max(1, cores // max(1, int(tasks)))
-
-
-@lru_cache(maxsize=1)
-def _cuda_available() -> bool:
-    """CuPy importable and at least one CUDA device visible (checked once per process)."""
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount()) > 0
-    except Exception:  # no CuPy, no driver, or no device: all mean "CPU only"
-        return False
