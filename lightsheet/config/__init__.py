@@ -11,9 +11,18 @@ Reading a YAML run config is bounded (`read_yaml`): aliases may not expand it be
 compiled, probed for catastrophic backtracking (`check_pattern`) and meant to be matched
 with a time limit (`search_name`).
 
+The config owns its rules: cross-field checks are the models' ``model_validator`` methods (the
+only place their messages are written) and, where JSON Schema can state them, ``if``/``then``
+clauses of the models' schema (`lightsheet.config._base.when`), which Prefect's server applies
+when a flow run is created. Rules that compare two values (volume range, channels, job counts)
+cannot be written in JSON Schema; they refuse the run when it starts, at parameter validation.
+Every default derived from the data is computed once, by ``resolved``
+(`PipelineConfig.resolved`, `SegmentConfig.resolved`, formulas in ``derived``).
+
 The package, by concern: ``stages`` (one model per stage), ``cluster``, ``pipeline`` (the
 run's model), ``train`` (`lightsheet train`), ``pattern`` (file names), ``files`` (reading
-YAML) and ``_base`` (field types). Everything is imported from ``lightsheet.config``.
+YAML), ``derived`` (defaults from cell and voxel size) and ``_base`` (field types).
+Everything is imported from ``lightsheet.config``.
 """
 
 from __future__ import annotations

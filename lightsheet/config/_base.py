@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +14,8 @@ __all__ = [
     "VoxelSide",
     "VoxelSize",
     "is_orientation",
+    "schema_rules",
+    "when",
 ]
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -38,3 +40,34 @@ class _Model(BaseModel):
 
 
 Overlap = Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)]
+
+
+def when(
+    field: str,
+    condition: dict[str, Any],
+    target: str,
+    schema: dict[str, Any],
+    *,
+    absent_matches: bool = False,
+    required: bool = False,
+) -> dict[str, Any]:
+    """A cross-field rule in JSON Schema: ``target`` meets ``schema`` where ``field`` does.
+
+    Where ``field`` meets ``condition``, ``target`` must meet ``schema``.
+
+    The pydantic ``model_validator`` states the rule (and its message); this is its
+    counterpart in the model's JSON schema, which is the Prefect deployment's parameter
+    schema, so the server refuses a flow run that breaks it when the run is created (409,
+    naming ``target``). ``absent_matches``: the field's default meets the condition (the
+    rule applies when the field is left out); ``required``: ``target`` must be given.
+    """
+    given = {} if absent_matches else {"required": [field]}
+    then: dict[str, Any] = {"properties": {target: schema}}
+    if required:
+        then["required"] = [target]
+    return {"if": {"properties": {field: condition}, **given}, "then": then}
+
+
+def schema_rules(*rules: dict[str, Any]) -> ConfigDict:
+    """A model config adding `when` rules to the model's JSON schema (``allOf``)."""
+    return ConfigDict(json_schema_extra={"allOf": list(rules)})

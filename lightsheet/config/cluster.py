@@ -8,13 +8,26 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lightsheet.config._base import PositiveFloat, _Model
+from lightsheet.config._base import PositiveFloat, _Model, schema_rules, when
 
 __all__ = ["ClusterConfig"]
 
 
 class ClusterConfig(_Model):
     """Where Dask computes: a cluster profile and its sizes (see docs/clusters.md)."""
+
+    # _profile_fields, as far as JSON Schema can say it (min_jobs <= max_jobs compares two
+    # values: checked when the run starts)
+    model_config = schema_rules(
+        when("profile", {"const": "address"}, "address", {"type": "string"}, required=True),
+        when(
+            "profile",
+            {"not": {"const": "address"}},
+            "address",
+            {"type": "null"},
+            absent_matches=True,
+        ),
+    )
 
     profile: Literal["local", "slurm", "cuda", "address"] = Field(
         "local",

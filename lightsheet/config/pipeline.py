@@ -65,3 +65,12 @@ class PipelineConfig(_Model):
             )
         check_pattern(v)
         return v
+
+    def resolved(self) -> PipelineConfig:
+        """The run as it runs: each stage's derived defaults filled in at `voxel_size_um`.
+
+        The pipeline flow runs (and records in every output's lineage) this config, so a
+        reader of ``cells.csv.lineage.json`` sees the size filter and split depth used.
+        Resolving twice changes nothing.
+        """
+        return self.model_copy(update={"segment": self.segment.resolved(self.voxel_size_um)})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,7 +14,10 @@ from lightsheet.config._base import (
     PositiveFloat,
     _Model,
     is_orientation,
+    schema_rules,
+    when,
 )
+from lightsheet.config.derived import default_split_depth_um, default_volume_range_um3
 
 __all__ = [
     "DeconvolveConfig",
@@ -28,6 +31,20 @@ __all__ = [
 
 class StitchConfig(_Model):
     """How tiles become one volume."""
+
+    model_config = schema_rules(  # _one_layout, as far as JSON Schema can say it
+        when(
+            "positions",
+            {"type": "string"},
+            "overlap",
+            {
+                "anyOf": [
+                    {"type": "number", "maximum": 0},
+                    {"type": "array", "items": {"maximum": 0}},
+                ]
+            },
+        )
+    )
 
     chunks_zyx: ChunkShape | None = Field(
         None,
@@ -124,6 +141,13 @@ class FeaturizeConfig(_Model):
 class SegmentConfig(_Model):
     """Intensity → binary mask → instance labels → cells table."""
 
+    # _consistent, as far as JSON Schema can say it (it cannot compare two values: the volume
+    # range and the two channels are checked when the run starts)
+    model_config = schema_rules(
+        when("method", {"const": "absolute"}, "threshold", {"type": "number"}, required=True),
+        when("method", {"not": {"const": "local"}}, "background_channel", {"type": "null"}),
+    )
+
     channel: int = Field(0, ge=0, description="Channel index that holds the nuclei.")
     method: Literal["local", "otsu", "absolute", "model"] = Field(
         "local",
@@ -177,7 +201,7 @@ class SegmentConfig(_Model):
         "smaller one's distance-transform peak rises at least this far (µm) above the neck "
         "between them; default: the depth of two such nuclei 0.4 diameters apart, measured on "
         "the distance transform smoothed by half the finest voxel "
-        "(lightsheet.segment.default_split_depth_um). The local method splits where the dip "
+        "(lightsheet.config.derived.default_split_depth_um). The local method splits where the dip "
         "between two peaks is significant (2 noise SDs) instead.",
     )
     connectivity: Literal[1, 2, 3] = Field(
@@ -202,10 +226,48 @@ class SegmentConfig(_Model):
         >>> round(lo, 1), round(hi, 1)
         (65.4, 4188.8)
         """
-        v = math.pi / 6.0 * self.nucleus_diameter_um**3
-        lo = self.min_volume_um3 if self.min_volume_um3 is not None else v / 8.0
-        hi = self.max_volume_um3 if self.max_volume_um3 is not None else v * 8.0
-        return lo, hi
+        lo, hi = default_volume_range_um3(self.nucleus_diameter_um)
+        return (
+            lo if self.min_volume_um3 is None else self.min_volume_um3,
+            hi if self.max_volume_um3 is None else self.max_volume_um3,
+        )
+
+    def resolved(self, voxel_size_um: Sequence[float]) -> SegmentConfig:
+        """The config with every default that derives from the data filled in, once.
+
+        The size filter (``min_volume_um3``, ``max_volume_um3``) always; for the otsu and
+        absolute methods with ``watershed`` the split depth
+        (`lightsheet.config.derived.default_split_depth_um`, on the elevation smoothed by
+        half the finest voxel); with ``subtract_background`` the top-hat radius (one
+        diameter). Values given stay as given; a default that depends on something other
+        than the voxel size stays None: method ``model``'s threshold and split depth come
+        from the checkpoint's validated record. The local method's scales are fixed
+        fractions of the diameter (`lightsheet.segment.local`), not parameters. The
+        pipeline records the resolved config in each stage's lineage (``params``).
+
+        Parameters
+        ----------
+        voxel_size_um : (3,) sequence of float
+            Voxel size (z, y, x) in µm of the image segmented.
+
+        Examples
+        --------
+        >>> r = SegmentConfig(method="otsu", nucleus_diameter_um=9.0).resolved((2.0, 1.0, 1.0))
+        >>> round(r.min_volume_um3, 1), round(r.max_volume_um3, 1), round(r.split_depth_um, 2)
+        (47.7, 3053.6, 0.21)
+        >>> r.resolved((2.0, 1.0, 1.0)) == r
+        True
+        """
+        lo, hi = self.volume_range_um3()
+        update: dict[str, float] = {"min_volume_um3": lo, "max_volume_um3": hi}
+        classical = self.method in ("otsu", "absolute")
+        if classical and self.watershed and self.split_depth_um is None:
+            update["split_depth_um"] = default_split_depth_um(
+                self.nucleus_diameter_um, tuple(float(v) for v in voxel_size_um)
+            )
+        if classical and self.subtract_background and self.background_radius_um is None:
+            update["background_radius_um"] = self.nucleus_diameter_um
+        return self.model_copy(update=update)
 
     @model_validator(mode="after")
     def _consistent(self) -> SegmentConfig:
@@ -292,6 +354,16 @@ class RegisterConfig(_Model):
     orientation is still density.orientation, and cells and volumes go through the
     registration (volumes measured in sample space, as brainmapper does).
     """
+
+    model_config = schema_rules(  # _penalty_threads
+        when(
+            "bending_energy_weight",
+            {"exclusiveMinimum": 0},
+            "threads",
+            {"const": 1},
+            required=True,
+        )
+    )
 
     enabled: bool = False
     channel: int | None = Field(
