@@ -31,6 +31,20 @@ import numpy as np
 from lightsheet.geometry import atlas_voxel, reorientation_um
 from lightsheet.sample import Phantom, _Scene
 
+__all__ = [
+    "MOUSE_EXTENT_UM",
+    "Misalignment",
+    "MisalignedPhantom",
+    "MisalignedScene",
+    "RegistrationCase",
+    "build_misaligned_phantom",
+    "lookup_labels",
+    "make_misalignment",
+    "phantom_atlas",
+    "registration_case",
+    "sample_field",
+]
+
 #: Allen CCFv3's extent (µm) along its axes (anterior–posterior, superior–inferior,
 #: right–left): a mouse brain's size for the registration benchmark.
 MOUSE_EXTENT_UM = (13_200.0, 8_000.0, 11_400.0)

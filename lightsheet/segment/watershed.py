@@ -31,6 +31,14 @@ from lightsheet.segment._common import (
 from lightsheet.segment.measure import _combine, _measure_block
 from lightsheet.segment.threshold import _compute, _tophat_block
 
+__all__ = [
+    "clipped_distance",
+    "default_smooth_um",
+    "default_split_depth_um",
+    "distance_elevation",
+    "watershed",
+]
+
 
 def clipped_distance(mask: Any, voxel_size_um: Sequence[float], clip_um: float) -> Any:
     """Euclidean distance (µm) from each voxel to the nearest background voxel, clipped.
