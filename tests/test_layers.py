@@ -83,3 +83,44 @@ def test_every_public_module_declares_its_api():
             unknown += [f"{rel}: {n}" for n in listed if n not in names]
     assert not missing, f"no __all__ in {missing}"
     assert not unknown, f"__all__ names what the module lacks: {unknown}"
+
+
+def test_every_direct_dependency_is_declared():
+    """Each third-party module the code imports comes from a distribution pyproject.toml names
+    (dependencies or an extra: cupy for gpu, dask-jobqueue for slurm)."""
+    import ast
+    import re
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
+    declared = {re.split(r"[\[<>=~!; ]", r, maxsplit=1)[0].lower() for r in requirements}
+    declared = {d.replace("_", "-") for d in declared}
+    ours = {"lightsheet", "tasks", "flows", "deployments"}
+    imported: dict[str, str] = {}
+    for package in sorted(ours):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in ours:
+                        imported.setdefault(top, path.relative_to(ROOT).as_posix())
+    distributions = packages_distributions()
+    undeclared = []
+    for module, where in sorted(imported.items()):
+        dists = {d.lower().replace("_", "-") for d in distributions.get(module, [])}
+        # a GPU extra that does not install here: its module is cupy/cupyx
+        if module in ("cupy", "cupyx") and "cupy-cuda12x" in declared:
+            continue
+        if module == "dask_cuda" and "dask-cuda" in declared:
+            continue
+        if not dists & declared:
+            undeclared.append(f"{module} ({where}; from {sorted(dists) or 'not installed'})")
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
