@@ -266,6 +266,26 @@ def test_symlink_out_of_the_roots_refused_when_the_run_starts(stack, tiny_params
     assert not (tmp_path / "out").exists(), "nothing is written for a refused run"
 
 
+def test_run_form_renders_with_the_rules(stack):
+    """The UI builds its form from the schema, whose models carry if/then rules (allOf): every
+    section still renders, the fields the rules name included."""
+    from infra.prefect import browser
+
+    dep = stack.deployment("lightsheet-pipeline/pipeline")
+    fields = ["Segment (Optional)", "Threshold (Optional)", "Background Channel (Optional)"]
+    fields += ["Overlap (Optional)", "Threads (Optional)", "Address (Optional)"]
+    TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
+    with browser.browser() as page:
+        browser.sign_in(page, stack.auth)
+        text = browser.snapshot(
+            page,
+            f"{stack.ui}/deployments/deployment/{dep['id']}/run",
+            TEST_OUTPUT / "pipeline-run-form.png",
+            texts=fields,
+        )
+    assert all(f in text for f in fields), text[:2000]
+
+
 def test_rule_the_schema_cannot_state_refused_when_the_run_starts(stack, tiny_params, tmp_path):
     """min <= max volume compares two values, which JSON Schema cannot: the server creates the
     run, and it fails at parameter validation, before any stage, naming the fields."""
