@@ -85,6 +85,7 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
     those of `STAGES`' tasks. Returns the manifest and every stage's result (None for a
     disabled stage; deconvolution's is the raw image's when disabled).
     """
+    config = config.resolved()  # derived defaults filled once, recorded in the lineage
     o = str(config.output)
     manifest = ingest_step(config)
     raw = step("stitch", manifest, list(config.voxel_size_um), config.stitch, o)

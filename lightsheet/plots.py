@@ -1,15 +1,20 @@
 """Plots of the pipeline's results, as PNG files: one home for every figure.
 
-Density: `plot_top_regions` (the densest regions, left and right), `plot_density_slice`
-(an atlas slice coloured by density). Registration: `plot_registration_qc` (atlas outlines
-on the sample). Segmentation: `overlay_png` (label outlines over a projection, the sweep's
-thumbnails). Figures are drawn on matplotlib's Agg canvas without pyplot's global state,
-so tasks can draw in worker threads.
+Density: `plot_top_regions` (the densest regions, left and right), `plot_density_slice` (an
+atlas slice coloured by density). Registration: `plot_registration_qc` (atlas outlines on
+the sample). Segmentation: `overlay_png` (label outlines over a projection, the sweep's
+thumbnails). Stitching: `plot_overview` (the mosaic's tiles and links). Any stage output:
+`mip_png` (a maximum-intensity projection thumbnail, the tasks' artifacts). Figures are
+drawn on matplotlib's Agg canvas without pyplot's global state, so tasks can draw in worker
+threads.
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
@@ -18,7 +23,9 @@ import pandas as pd
 from lightsheet.io.atlas import HEMISPHERE_LEFT, HEMISPHERE_RIGHT, Atlas
 
 __all__ = [
+    "mip_png",
     "overlay_png",
+    "plot_overview",
     "plot_density_slice",
     "plot_registration_qc",
     "plot_top_regions",
@@ -230,12 +237,12 @@ def _label_regions(ax, labels, acronyms, extent_mm, *, most=12) -> None:
         )
 
 
-def _figure(figsize):
+def _figure(figsize, dpi: float = 110):
     """A Figure on an Agg canvas: no pyplot global state, safe in worker threads."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, dpi=110)
+    fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
@@ -335,8 +342,6 @@ def overlay_png(
     bytes
         The PNG, 256 pixels along its longer side.
     """
-    import io
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from skimage.segmentation import find_boundaries
@@ -351,6 +356,85 @@ def overlay_png(
     FigureCanvasAgg(fig)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(rgb, aspect=aspect, interpolation="nearest")
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_overview(
+    solution: Any,
+    tile_shape: Sequence[int],
+    path: str | Path,
+    *,
+    background: np.ndarray | None = None,
+    shape_yx: Sequence[int] | None = None,
+) -> Path:
+    """PNG of the mosaic seen from above (y, x): tile outlines, links, dropped ones in red.
+
+    ``solution`` is a `lightsheet.stitch.register.Solution` (its ``positions``, ``fallback``
+    and ``links``, each with ``a``, ``b`` and ``kept``). ``background`` (a 2-D max projection
+    of the fused volume, at any downsampling) is drawn under the outlines, stretched over
+    ``shape_yx`` full-resolution voxels. Tiles left at their nominal position are outlined
+    in orange and labelled "nominal".
+    """
+    from matplotlib.patches import Rectangle
+
+    pos = solution.positions[:, 1:]
+    ny, nx = (float(t) for t in tile_shape[1:])
+    fig = _figure((6, 6), dpi=100)
+    ax = fig.subplots()
+    if background is not None:
+        h, w = shape_yx or background.shape
+        lo, hi = np.percentile(background, [1, 99.5])
+        ax.imshow(background, cmap="gray", vmin=lo, vmax=hi, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    for i, (y, x) in enumerate(pos):
+        nominal = i in solution.fallback
+        ax.add_patch(
+            Rectangle(
+                (x - 0.5, y - 0.5), nx, ny, fill=False, lw=1.5,
+                ec="orange" if nominal else "cyan",
+            )
+        )  # fmt: skip
+        label = f"{i}" + (" nominal" if nominal else "")
+        ax.text(x + nx / 2, y + ny / 2, label, color="yellow", ha="center", va="center")
+    for lk in solution.links:
+        (ya, xa), (yb, xb) = pos[lk.a] + (ny / 2, nx / 2), pos[lk.b] + (ny / 2, nx / 2)
+        ax.plot(
+            [xa, xb], [ya, yb], "-" if lk.kept else "--", lw=1.2, c="lime" if lk.kept else "red"
+        )
+    ax.set_xlim(min(pos[:, 1].min(), 0) - 2, pos[:, 1].max() + nx + 2)
+    ax.set_ylim(pos[:, 0].max() + ny + 2, min(pos[:, 0].min(), 0) - 2)
+    ax.set_aspect("equal")
+    kept = sum(lk.kept for lk in solution.links)
+    ax.set_title(
+        f"{len(pos)} tiles, {kept}/{len(solution.links)} links kept (dropped: red dashed)",
+        fontsize=9,
+    )
+    ax.set_xlabel("x (voxels)")
+    ax.set_ylabel("y (voxels)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def mip_png(path: str | Path, *, channel: int = 0, max_side: int = 256) -> bytes:
+    """Maximum-intensity projection along z of an OME-Zarr image's coarsest level, as a PNG.
+
+    The first time point of ``channel`` (the last channel where there are fewer), about
+    ``max_side`` pixels wide, display range the 1st to 99.8th percentile.
+    """
+    from lightsheet.io.omezarr import read_image
+
+    levels = sorted(p.name for p in Path(path).glob("s*") if p.name[1:].isdigit())
+    image, _, _ = read_image(path, level=max(0, len(levels) - 1))
+    mip = np.asarray(image[0, min(channel, image.shape[1] - 1)].max(axis=0).compute(), float)
+    lo, hi = np.percentile(mip, [1, 99.8]) if mip.size else (0.0, 1.0)
+    aspect = mip.shape[0] / max(mip.shape[1], 1)
+    fig = _figure((3, 3 * aspect), dpi=max_side / 3)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(mip, cmap="magma", vmin=lo, vmax=hi if hi > lo else lo + 1)
     ax.axis("off")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -11,7 +11,6 @@ starts a cluster, whether every stage is up to date.
 from __future__ import annotations
 
 import base64
-import io
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import numpy as np
 from prefect import get_run_logger, runtime
 from prefect.artifacts import (
     create_link_artifact,
@@ -48,6 +46,7 @@ from lightsheet.lineage import (
     read_lineage,
     write_input_files,
 )
+from lightsheet.plots import mip_png
 
 #: Stage output names, in pipeline order: a reader of the output folder sees the pipeline.
 OUTPUTS = {
@@ -447,30 +446,6 @@ def publish_image(record: Mapping[str, Any], *, channel: int = 0) -> dict[str, A
         description=f"{stage} output on disk",
     )
     return info
-
-
-def mip_png(path: Path, *, channel: int = 0, max_side: int = 256) -> bytes:
-    """Maximum-intensity projection along z of the coarsest level, as a small PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lightsheet.io.omezarr import read_image
-
-    levels = sorted(p.name for p in Path(path).glob("s*") if p.name[1:].isdigit())
-    image, _, _ = read_image(path, level=max(0, len(levels) - 1))
-    mip = np.asarray(image[0, min(channel, image.shape[1] - 1)].max(axis=0).compute(), float)
-    lo, hi = np.percentile(mip, [1, 99.8]) if mip.size else (0.0, 1.0)
-    aspect = mip.shape[0] / max(mip.shape[1], 1)
-    fig = plt.figure(figsize=(3, 3 * aspect), dpi=max_side / 3)
-    ax = fig.add_axes([0, 0, 1, 1])
-    ax.imshow(mip, cmap="magma", vmin=lo, vmax=hi if hi > lo else lo + 1)
-    ax.axis("off")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def png_markdown(png: bytes | Path, alt: str) -> str:

@@ -22,11 +22,12 @@ from lightsheet.config import StitchConfig
 from lightsheet.ingest import Manifest
 from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.lineage import file_content_fingerprint, file_stat_fingerprint, read_lineage
+from lightsheet.plots import plot_overview
 from lightsheet.stitch import (
     configured_layout,
     stitch_configured,
 )
-from lightsheet.stitch.register import Link, Solution, link_table, plot_overview
+from lightsheet.stitch.register import Link, Solution, link_table
 from tasks._common import (
     OUTPUTS,
     Stage,

@@ -75,7 +75,7 @@ def test_rerun_reuses_every_stage(sample, first_run):
     print(f"first run {first_seconds:.1f} s, re-run {time.monotonic() - start:.1f} s")
 
 
-def test_lineage_names_everything(first_run):
+def test_lineage_names_everything(sample, first_run):
     out, _, _ = first_run
     chain = lineage_chain(out / "density.csv")
     stages = {step["record"]["stage"] for step in chain}
@@ -86,6 +86,12 @@ def test_lineage_names_everything(first_run):
     assert records["density"]["inputs"]["atlas"]["path"].endswith("atlas")
     assert records["featurize"]["inputs"]["model"]["fingerprint"]
     assert records["segment"]["params"]["method"] == "local"
+    # the defaults derived from the diameter are recorded as they ran (config.resolved)
+    config = load_config(sample / "config.yaml")
+    lo, hi = config.segment.volume_range_um3()
+    assert config.segment.min_volume_um3 is None
+    assert records["segment"]["params"]["min_volume_um3"] == pytest.approx(lo)
+    assert records["segment"]["params"]["max_volume_um3"] == pytest.approx(hi)
     cli = subprocess.run(
         [sys.executable, "-m", "lightsheet.cli", "lineage", str(out / "density.csv")],
         capture_output=True,

@@ -170,3 +170,171 @@ def test_glob_characters_in_the_config_folder_are_literal(tmp_path):
     manifest = discover(config.input, config.pattern)
     assert {Path(t.path).parent for t in manifest.tiles} == {own / "tiles"}
     assert manifest.grid_shape == (1, 1, 1, 1, 2)
+
+
+# --------------------------------------------------------------------------- resolved defaults
+
+VOXEL_UM = (2.0, 1.0, 1.0)
+
+
+def test_resolved_fills_every_derived_default_once():
+    from lightsheet.config import SegmentConfig
+    from lightsheet.config.derived import default_split_depth_um, default_volume_range_um3
+
+    cfg = SegmentConfig(method="otsu", nucleus_diameter_um=12.0, subtract_background=True)
+    r = cfg.resolved(VOXEL_UM)
+    assert (r.min_volume_um3, r.max_volume_um3) == default_volume_range_um3(12.0)
+    assert r.split_depth_um == default_split_depth_um(12.0, VOXEL_UM)
+    assert r.background_radius_um == 12.0
+    # the behaviour is the unresolved config's, and resolving is idempotent
+    assert r.volume_range_um3() == cfg.volume_range_um3()
+    assert r.resolved(VOXEL_UM) == r
+    assert SegmentConfig.model_validate(r.model_dump(mode="json")) == r
+
+
+def test_resolved_keeps_given_values_and_leaves_data_dependent_defaults():
+    from lightsheet.config import SegmentConfig
+
+    given = SegmentConfig(method="otsu", min_volume_um3=5.0, split_depth_um=0.7).resolved(VOXEL_UM)
+    assert (given.min_volume_um3, given.split_depth_um) == (5.0, 0.7)
+    # a checkpoint's record sets the model method's threshold and split depth
+    model = SegmentConfig(method="model").resolved(VOXEL_UM)
+    assert model.threshold is None and model.split_depth_um is None
+    # the local method splits at significant dips, not at a distance-transform depth
+    local = SegmentConfig().resolved(VOXEL_UM)
+    assert local.split_depth_um is None and local.background_radius_um is None
+    assert local.min_volume_um3 is not None
+
+
+def test_pipeline_resolves_at_its_own_voxel_size():
+    segment = {"method": "absolute", "threshold": 3}
+    cfg = PipelineConfig.model_validate(
+        {**REQUIRED, "voxel_size_um": [4.0, 0.5, 0.5], "segment": segment}
+    )
+    assert cfg.resolved().segment == cfg.segment.resolved((4.0, 0.5, 0.5))
+    assert cfg.resolved().resolved() == cfg.resolved()
+
+
+def test_cross_field_rule_messages_live_only_in_the_config():
+    """No stage, task or flow repeats the config's cross-field rules (issue #24)."""
+    root = Path(__file__).resolve().parents[1]
+    rules = (
+        "needs segment.threshold",
+        "smallest volume kept",
+        "give stitch.overlap or stitch.positions",
+        "is the nuclei channel",
+        "segment.background_channel is used by",
+        "needs register.threads",
+        "must not exceed max_jobs",
+    )
+    found = {
+        rule: sorted(
+            str(p.relative_to(root))
+            for folder in ("lightsheet", "tasks", "flows")
+            for p in (root / folder).rglob("*.py")
+            if rule in p.read_text()
+        )
+        for rule in rules
+    }
+    for rule, files in found.items():
+        assert files and all(f.startswith("lightsheet/config/") for f in files), (rule, files)
+
+
+# --------------------------------------------------------------------------- rules in the schema
+
+#: Cross-field combinations the config refuses, where Prefect's schema check says they fail
+#: and the field its message names.
+#: The server runs this same check (`validate`) on the deployment's parameter schema when a
+#: flow run is created; tests/test_deployments.py sends some of them to a real server.
+BAD_COMBINATIONS = {
+    "absolute without a threshold": ({"segment": {"method": "absolute"}}, "segment", "threshold"),
+    "absolute with a null threshold": (
+        {"segment": {"method": "absolute", "threshold": None}},
+        "segment.threshold",
+        "threshold",
+    ),
+    "background channel with otsu": (
+        {"segment": {"method": "otsu", "background_channel": 1}},
+        "segment.background_channel",
+        "background_channel",
+    ),
+    "positions and overlap": (
+        {"stitch": {"positions": "/d/positions.csv", "overlap": 0.1}},
+        "stitch.overlap",
+        "overlap",
+    ),
+    "penalty with threads": (
+        {"register": {"bending_energy_weight": 0.1}},
+        "register",
+        "threads",
+    ),
+    "address without the profile": (
+        {"cluster": {"address": "tcp://10.0.0.5:8786"}},
+        "cluster.address",
+        "address",
+    ),
+    "address profile without an address": (
+        {"cluster": {"profile": "address"}},
+        "cluster",
+        "address",
+    ),
+}
+#: Rules JSON Schema cannot state (they compare two values): refused when the run starts.
+NOT_IN_SCHEMA = {
+    "min volume above max": {"segment": {"min_volume_um3": 500, "max_volume_um3": 100}},
+    "background channel is the nuclei channel": {"segment": {"background_channel": 0}},
+    "min_jobs above max_jobs": {"cluster": {"min_jobs": 5, "max_jobs": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline_schema():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import pipeline
+
+    return parameter_schema(pipeline.fn).model_dump_for_openapi()
+
+
+def schema_check(schema, config: dict) -> str | None:
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    try:
+        validate({"config": config}, schema, raise_on_error=True)
+    except ValidationError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("case", list(BAD_COMBINATIONS))
+def test_cross_field_rules_in_the_parameter_schema(pipeline_schema, case):
+    change, path, field = BAD_COMBINATIONS[case]
+    config = {**REQUIRED, **change}
+    with pytest.raises(ValidationError):
+        PipelineConfig.model_validate(config)
+    message = schema_check(pipeline_schema, config)
+    assert message is not None and f"'config.{path}'" in message and field in message, message
+
+
+def test_good_combinations_pass_the_parameter_schema(pipeline_schema):
+    for good in (
+        {},
+        {"segment": {"method": "absolute", "threshold": 3.0}},
+        {"segment": {"method": "local", "background_channel": 1}},
+        {"segment": {"background_channel": 1}},
+        {"stitch": {"positions": "/d/positions.csv"}},
+        {"stitch": {"positions": "/d/positions.csv", "overlap": [0, 0, 0]}},
+        {"register": {"bending_energy_weight": 0.1, "threads": 1}},
+        {"cluster": {"profile": "address", "address": "tcp://10.0.0.5:8786"}},
+        {"cluster": {"profile": "local", "address": None}},
+    ):
+        config = PipelineConfig.model_validate({**REQUIRED, **good}).model_dump(mode="json")
+        assert schema_check(pipeline_schema, config) is None, good
+
+
+@pytest.mark.parametrize("case", list(NOT_IN_SCHEMA))
+def test_rules_the_schema_cannot_state_are_the_models(pipeline_schema, case):
+    config = {**REQUIRED, **NOT_IN_SCHEMA[case]}
+    assert schema_check(pipeline_schema, config) is None  # documented: refused at the start
+    with pytest.raises(ValidationError):
+        PipelineConfig.model_validate(config)

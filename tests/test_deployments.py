@@ -84,6 +84,19 @@ BAD = {
         lambda p: p["config"].update(segment={"thresold": 3}),
         "'thresold' was unexpected",
     ),
+    # cross-field rules (issue 24): the config's model_validators, stated in the schema too
+    "absolute without a threshold": (
+        lambda p: p["config"].update(segment={"method": "absolute"}),
+        "'config.segment'. Failure reason: 'threshold' is a required property",
+    ),
+    "a background channel with otsu": (
+        lambda p: p["config"].update(segment={"method": "otsu", "background_channel": 1}),
+        "'config.segment.background_channel'",
+    ),
+    "a B-spline penalty on several threads": (
+        lambda p: p["config"].update(register={"bending_energy_weight": 0.5, "threads": 4}),
+        "'config.register.threads'",
+    ),
     # what API callers may not touch (issue 25): paths outside the data roots, another cluster
     "output outside the data roots": (
         lambda p: p["config"].update(output="/etc"),
@@ -250,6 +263,37 @@ def test_symlink_out_of_the_roots_refused_when_the_run_starts(stack, tiny_params
     params["config"]["output"] = str(tmp_path / "out")
     message = refused_when_started(stack, "lightsheet-pipeline/pipeline", params)
     assert "psf" in message and "resolves to /etc/hostname" in message, message
+    assert not (tmp_path / "out").exists(), "nothing is written for a refused run"
+
+
+def test_run_form_renders_with_the_rules(stack):
+    """The UI builds its form from the schema, whose models carry if/then rules (allOf): every
+    section still renders, the fields the rules name included."""
+    from infra.prefect import browser
+
+    dep = stack.deployment("lightsheet-pipeline/pipeline")
+    fields = ["Segment (Optional)", "Threshold (Optional)", "Background Channel (Optional)"]
+    fields += ["Overlap (Optional)", "Threads (Optional)", "Address (Optional)"]
+    TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
+    with browser.browser() as page:
+        browser.sign_in(page, stack.auth)
+        text = browser.snapshot(
+            page,
+            f"{stack.ui}/deployments/deployment/{dep['id']}/run",
+            TEST_OUTPUT / "pipeline-run-form.png",
+            texts=fields,
+        )
+    assert all(f in text for f in fields), text[:2000]
+
+
+def test_rule_the_schema_cannot_state_refused_when_the_run_starts(stack, tiny_params, tmp_path):
+    """min <= max volume compares two values, which JSON Schema cannot: the server creates the
+    run, and it fails at parameter validation, before any stage, naming the fields."""
+    params = copy.deepcopy(tiny_params)
+    params["config"]["segment"] = {"min_volume_um3": 500.0, "max_volume_um3": 100.0}
+    params["config"]["output"] = str(tmp_path / "out")
+    message = refused_when_started(stack, "lightsheet-pipeline/pipeline", params)
+    assert "min_volume_um3" in message and "max_volume_um3" in message, message
     assert not (tmp_path / "out").exists(), "nothing is written for a refused run"
 
 

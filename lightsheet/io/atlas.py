@@ -19,15 +19,16 @@ read by `read_reference`.
 Orientation strings follow BrainGlobe: one letter per array axis naming the side the axis
 *starts* at (its origin), one letter from each pair a/p, s/i, l/r. ``"asr"``: axis 0 runs
 anterior → posterior, axis 1 superior → inferior, axis 2 right → left.
+
+This module holds the atlas (`Atlas`, `load_atlas`, `write_atlas`, hemispheres, structures);
+finding one and reading its metadata is `lightsheet.io.atlas_files`, reading its volumes
+lazily `lightsheet.io.atlas_volumes`. Every name is importable from here.
 """
 
 from __future__ import annotations
 
-import configparser
 import json
 import math
-import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +36,27 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import pandas as pd
-from dask.base import tokenize
 
-from lightsheet.config import is_orientation
 from lightsheet.errors import AtlasError
+from lightsheet.io.atlas_files import (
+    _is_zarr,
+    _read_json,
+    atlas_metadata,
+    brainglobe_dir,
+    resolve_atlas,
+    validate_orientation,
+)
+from lightsheet.io.atlas_volumes import (
+    _ANNOTATION_NAMES,
+    _HEMISPHERE_NAMES,
+    DEFAULT_CHUNK_BYTES,
+    _as_dask,
+    _check_label_dtype,
+    _metadata_resolution,
+    _open_omezarr,
+    _open_tiff,
+    _resolution,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -56,159 +74,6 @@ __all__ = [
 
 #: Hemisphere values (BrainGlobe).
 HEMISPHERE_NONE, HEMISPHERE_LEFT, HEMISPHERE_RIGHT = 0, 1, 2
-
-#: Default size of one annotation chunk read at a time.
-DEFAULT_CHUNK_BYTES = 32 * 2**20
-
-_ANNOTATION_NAMES = ("annotation.tiff", "annotation.tif", "annotation.ome.zarr", "annotation.zarr")
-_HEMISPHERE_NAMES = (
-    "hemispheres.tiff",
-    "hemispheres.tif",
-    "hemispheres.ome.zarr",
-    "hemispheres.zarr",
-)
-_UNIT_TO_UM = {
-    "micrometer": 1.0,
-    "micron": 1.0,
-    "um": 1.0,
-    "µm": 1.0,
-    "millimeter": 1e3,
-    "mm": 1e3,
-    "nanometer": 1e-3,
-    "nm": 1e-3,
-    "meter": 1e6,
-    "m": 1e6,
-}
-
-
-#: A BrainGlobe atlas name: letters, digits and underscores, e.g. ``allen_mouse_25um``.
-_ATLAS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def brainglobe_dir() -> tuple[Path, str]:
-    """The folder BrainGlobe keeps atlases in, and where that setting came from.
-
-    As brainglobe-atlasapi: the ``brainglobe_dir`` of ``[default_dirs]`` in
-    ``bg_config.conf`` of the config folder (``$BRAINGLOBE_CONFIG_DIR``, default
-    ``~/.config/brainglobe``), else ``~/.brainglobe``. Nothing is written (atlasapi writes
-    a default config file on first use; reading does not need one).
-
-    Returns
-    -------
-    folder : Path
-    source : str
-        The config file it was read from, or ``"default"``.
-    """
-    config_dir = Path(
-        os.environ.get("BRAINGLOBE_CONFIG_DIR") or Path.home() / ".config" / "brainglobe"
-    )
-    conf_path = config_dir / "bg_config.conf"
-    if conf_path.is_file():
-        conf = configparser.ConfigParser()
-        try:
-            conf.read(conf_path)
-        except configparser.Error as exc:
-            raise AtlasError(f"{conf_path}: cannot read the BrainGlobe config: {exc}") from exc
-        folder = conf.get("default_dirs", "brainglobe_dir", fallback=None)
-        if folder:
-            return Path(folder).expanduser(), str(conf_path)
-    return Path.home() / ".brainglobe", "default"
-
-
-def resolve_atlas(atlas: str | Path) -> Path:
-    """The folder of an atlas given by path or by BrainGlobe name.
-
-    An existing path is returned as it is. A bare name such as ``allen_mouse_25um`` is
-    looked up as ``<name>_v*`` in `brainglobe_dir`, where ``brainglobe install -a NAME``
-    (brainglobe-atlasapi 2.x) puts it.
-
-    Parameters
-    ----------
-    atlas : str or Path
-        Atlas folder (or OME-Zarr annotation), or a BrainGlobe atlas name.
-
-    Returns
-    -------
-    Path
-
-    Raises
-    ------
-    AtlasError
-        Nothing by that path or name, or several versions of the named atlas.
-    """
-    path = Path(atlas).expanduser()
-    if path.exists():
-        return path
-    name = str(atlas)
-    if not _ATLAS_NAME.match(name):
-        raise AtlasError(
-            f"atlas: no such file or folder {path}; expected a BrainGlobe atlas folder "
-            "(metadata.json, structures.json, annotation.tiff), an OME-Zarr annotation, or a "
-            "BrainGlobe atlas name such as allen_mouse_25um"
-        )
-    folder, source = brainglobe_dir()
-    found = sorted(p for p in folder.glob(f"{name}_v*") if p.is_dir())
-    if len(found) > 1:
-        raise AtlasError(
-            f"atlas {name!r}: several versions in {folder}: {[p.name for p in found]}; "
-            "expected one (give the folder's path to choose)"
-        )
-    if not found:
-        raise AtlasError(
-            f"atlas {name!r}: not found. Looked for the folder {path.resolve()} and for "
-            f"{folder / (name + '_v*')} (BrainGlobe atlas folder, from {source}; set "
-            "BRAINGLOBE_CONFIG_DIR to use another BrainGlobe config). Get it with "
-            f"`brainglobe install -a {name}` (pip install 'brainglobe-atlasapi<3'), or give "
-            "the path of a BrainGlobe-layout atlas folder"
-        )
-    return found[0]
-
-
-def atlas_metadata(atlas: str | Path) -> dict:
-    """Name, version, resolution and orientation from an atlas's ``metadata.json``.
-
-    Parameters
-    ----------
-    atlas : str or Path
-        Atlas folder, OME-Zarr annotation or BrainGlobe name (`resolve_atlas`).
-
-    Returns
-    -------
-    dict
-        ``path`` (resolved), ``name``, ``version`` (None when absent), ``resolution_um``,
-        ``orientation``.
-    """
-    path = resolve_atlas(atlas)
-    folder = path.parent if _is_zarr(path) else path
-    meta = _read_json(folder / "metadata.json")
-    if not isinstance(meta, dict):
-        raise AtlasError(f"{folder / 'metadata.json'}: expected a JSON object")
-    return {
-        "path": str(path),
-        "name": str(meta.get("name", folder.name)),
-        "version": None if meta.get("version") is None else str(meta["version"]),
-        "resolution_um": meta.get("resolution"),
-        "orientation": meta.get("orientation"),
-    }
-
-
-def validate_orientation(orientation: str, *, name: str = "orientation") -> str:
-    """Return a BrainGlobe orientation string in lower case, or raise `AtlasError`.
-
-    Parameters
-    ----------
-    orientation : str
-        Three letters, one from each pair a/p, s/i, l/r, e.g. ``"asr"``.
-    name : str
-        What to call it in the error message.
-    """
-    v = str(orientation).lower()
-    if not is_orientation(v):
-        raise AtlasError(
-            f"{name}: invalid orientation {orientation!r}; expected three letters, one from "
-            "each pair a/p, s/i, l/r naming where each axis starts (e.g. 'asr')"
-        )
-    return v
 
 
 @dataclass(frozen=True, eq=False)
@@ -675,164 +540,3 @@ def _structures_frame(records: list, where: str) -> pd.DataFrame:
 
 
 # -- volumes ------------------------------------------------------------------------------
-
-
-class _LazyTiff:
-    """Picklable array-like reading regions of a TIFF through tifffile's zarr store."""
-
-    def __init__(self, path: Path):
-        import tifffile
-        import zarr
-
-        self.path = str(path)
-        try:
-            with tifffile.imread(self.path, aszarr=True) as store:
-                arr = zarr.open_array(store, mode="r")
-                self.shape = tuple(int(s) for s in arr.shape)
-                self.dtype = np.dtype(arr.dtype)
-                self.store_chunks = tuple(int(c) for c in arr.chunks)
-        except Exception as exc:  # any decoder failure is reported with the file name
-            raise AtlasError(f"{path}: cannot read as TIFF: {exc}") from exc
-        self.ndim = len(self.shape)
-
-    def __getitem__(self, key):
-        import tifffile
-        import zarr
-
-        with tifffile.imread(self.path, aszarr=True) as store:
-            return np.asarray(zarr.open_array(store, mode="r")[key])
-
-
-def _open_tiff(path: Path, chunk_bytes: int) -> da.Array:
-    lazy = _LazyTiff(path)
-    shape = lazy.shape
-    if len(shape) != 3:
-        squeezed = tuple(s for s in shape if s != 1)
-        raise AtlasError(
-            f"{path}: a {len(shape)}-D image of shape {shape}; expected a 3-D volume"
-            + (" (drop singleton axes)" if len(squeezed) == 3 else "")
-        )
-    chunks = _chunks_for(shape, lazy.store_chunks, lazy.dtype.itemsize, chunk_bytes)
-    stat = path.stat()
-    name = (
-        "atlas-" + path.stem + "-" + tokenize(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    )
-    return da.from_array(
-        lazy,
-        chunks=chunks,
-        name=name,
-        lock=False,
-        fancy=False,
-        asarray=True,
-        meta=np.empty((0, 0, 0), lazy.dtype),
-    )
-
-
-def _open_omezarr(path: Path, chunk_bytes: int) -> tuple[da.Array, tuple[float, float, float]]:
-    import zarr
-
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception as exc:  # report the store with the reason
-        raise AtlasError(f"{path}: cannot open as an OME-Zarr group: {exc}") from exc
-    attrs = dict(group.attrs)
-    multiscales = attrs.get("ome", attrs).get("multiscales")
-    if not multiscales:
-        raise AtlasError(f"{path}: no 'multiscales' metadata; expected an OME-Zarr image")
-    ms = multiscales[0]
-    axes = [a["name"] if isinstance(a, Mapping) else str(a) for a in ms.get("axes", [])]
-    units = [a.get("unit") if isinstance(a, Mapping) else None for a in ms.get("axes", [])]
-    level = ms["datasets"][0]
-    arr = group[level["path"]]
-    if len(axes) != arr.ndim:
-        raise AtlasError(f"{path}: {len(axes)} axes in the metadata for a {arr.ndim}-D array")
-    scale = [1.0] * arr.ndim
-    for tr in level.get("coordinateTransformations", []) + ms.get("coordinateTransformations", []):
-        if tr.get("type") == "scale":
-            scale = [s * float(t) for s, t in zip(scale, tr["scale"], strict=True)]
-    spatial = [i for i, a in enumerate(axes) if a in ("z", "y", "x")]
-    if len(spatial) != 3 or any(arr.shape[i] != 1 for i in range(arr.ndim) if i not in spatial):
-        raise AtlasError(
-            f"{path}: axes {axes} with shape {arr.shape}; expected z, y, x (other axes of size 1)"
-        )
-    res = []
-    for i in spatial:
-        unit = (units[i] or "micrometer").lower()
-        if unit not in _UNIT_TO_UM:
-            raise AtlasError(f"{path}: axis {axes[i]!r} has unit {unit!r}; expected a length unit")
-        res.append(scale[i] * _UNIT_TO_UM[unit])
-    data = da.from_zarr(arr)
-    data = data[tuple(slice(None) if i in spatial else 0 for i in range(arr.ndim))]
-    chunks = _chunks_for(data.shape, data.chunksize, data.dtype.itemsize, chunk_bytes)
-    return data.rechunk(chunks), _resolution(res, f"{path} scale")
-
-
-def _chunks_for(shape, store_chunks, itemsize, chunk_bytes) -> tuple[int, ...]:
-    """Multiples of the stored chunks, growing the last axes first, up to ~chunk_bytes."""
-    chunks = [min(int(c), int(s)) for c, s in zip(store_chunks, shape, strict=True)]
-    budget = max(1, chunk_bytes // itemsize)
-    for ax in reversed(range(len(shape))):
-        others = math.prod(c for i, c in enumerate(chunks) if i != ax)
-        fit = max(1, budget // max(1, others)) // chunks[ax]
-        chunks[ax] = min(int(shape[ax]), chunks[ax] * max(1, fit))
-    return tuple(chunks)
-
-
-def _as_dask(array, chunks, name) -> da.Array:
-    if isinstance(array, da.Array):
-        out = array
-    else:
-        arr = np.asarray(array)
-        if chunks is None:
-            chunks = _chunks_for(
-                arr.shape, (1,) * arr.ndim, arr.dtype.itemsize, DEFAULT_CHUNK_BYTES
-            )
-        out = da.from_array(arr, chunks=chunks)
-    if out.ndim != 3:
-        raise AtlasError(f"{name}: shape {out.shape}; expected a 3-D (A0, A1, A2) volume")
-    return out
-
-
-def _check_label_dtype(dtype, where: str) -> None:
-    if not np.issubdtype(dtype, np.integer):
-        raise AtlasError(f"{where}: dtype {dtype}; expected an integer label volume")
-
-
-# -- metadata -----------------------------------------------------------------------------
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AtlasError(f"{path}: cannot read as JSON: {exc}") from exc
-
-
-def _metadata_resolution(meta, meta_path, zarr_res, annotation_path) -> tuple[float, float, float]:
-    if "resolution" not in meta:
-        if zarr_res is None:
-            raise AtlasError(
-                f"{meta_path}: no 'resolution'; expected the voxel size per axis in µm"
-            )
-        return zarr_res
-    res = _resolution(meta["resolution"], f"{meta_path} 'resolution'")
-    if zarr_res is not None and not np.allclose(res, zarr_res, rtol=1e-6):
-        raise AtlasError(
-            f"{annotation_path}: scale {zarr_res} µm differs from metadata.json 'resolution' "
-            f"{res}; expected them to agree"
-        )
-    return res
-
-
-def _resolution(values, where: str) -> tuple[float, float, float]:
-    try:
-        vals = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        vals = ()
-    if len(vals) != 3 or any(not math.isfinite(v) or v <= 0 for v in vals):
-        raise AtlasError(f"{where}: got {values!r}; expected three positive numbers (µm per axis)")
-    return vals  # type: ignore[return-value]
-
-
-def _is_zarr(path: Path) -> bool:
-    return path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zattrs").exists()

@@ -27,17 +27,17 @@ that every file is there with its size (`check_image`: a stat per file, no data 
 `verify_image` re-reads and re-hashes every chunk. Readers of such an image
 (`read_image`, `stored_volume`) fail on a missing chunk (`OutputDamagedError`) instead of
 reading zarr's fill value.
+
+This module writes; the manifest and its checks are `lightsheet.io.manifest`, the readers
+`lightsheet.io.reader` (both importable from here too).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
-from zarr.storage import LocalStore, WrapperStore
 
 from lightsheet.blocks import (
     FUSED_MIN_CHUNK_VOXELS,
@@ -54,9 +53,20 @@ from lightsheet.blocks import (
     pyramid_factors,
     write_blocks,
 )
-from lightsheet.errors import ImageError, InputFilesError, OutputDamagedError
 from lightsheet.io.atomic import atomic_path
 from lightsheet.io.direct import io_pool, write_new_file
+from lightsheet.io.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MAX_PROBLEMS,
+    CompleteStore,
+    _write_grid,
+    check_image,
+    read_manifest,
+    verify_image,
+    write_manifest,
+)
+from lightsheet.io.reader import StoredVolume, read_image, stored_volume
 from lightsheet.lineage import ATTRS_KEY, chunk_digest, combine_digests, finish_record
 
 __all__ = [
@@ -245,11 +255,6 @@ def store_chunks(
         ),
         meta=np.empty((0,) * array.ndim, np.int64),
     )
-
-
-def _write_grid(target: zarr.Array) -> tuple[int, ...]:
-    """The unit written at once: the shard of a sharded array, else the chunk."""
-    return tuple(int(c) for c in (target.shards or target.chunks))
 
 
 @contextlib.contextmanager
@@ -554,286 +559,3 @@ def write_image(
             root.attrs[ATTRS_KEY] = finish_record(dict(lineage), fingerprint)
         write_manifest(tmp, level0_digests)
     return fingerprint
-
-
-#: The manifest of every image written by `write_image`: this sub-group's attributes.
-MANIFEST_NAME = "lightsheet/zarr.json"
-MANIFEST_FORMAT = "lightsheet-manifest/1"
-#: Problems listed in full by `check_image` / `verify_image` before the rest are counted.
-MAX_PROBLEMS = 20
-
-
-def write_manifest(store: str | Path, level0_digests: np.ndarray) -> dict[str, Any]:
-    """List every file of a just-written image store, with its size, and the chunk digests.
-
-    Called last inside the atomic write, so the manifest describes exactly what was renamed
-    into place. ``level0_digests`` holds one `lightsheet.lineage.chunk_digest` per write
-    unit (shard or chunk) of ``s0``, in chunk-grid order, as `store_chunks` computed them.
-    """
-    store = Path(store)
-    files = {rel: size for rel, size in _walk_files(store) if rel != MANIFEST_NAME}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "files": dict(sorted(files.items())),
-        "level0": {
-            "path": "s0",
-            "grid": list(level0_digests.shape),
-            "digests": [int(d) for d in level0_digests.ravel()],
-        },
-    }
-    group = {"zarr_format": 3, "node_type": "group", "attributes": {"manifest": manifest}}
-    (store / MANIFEST_NAME).parent.mkdir(exist_ok=True)
-    (store / MANIFEST_NAME).write_text(json.dumps(group, separators=(",", ":")))
-    return manifest
-
-
-def _walk_files(folder: Path) -> Iterator[tuple[str, int]]:
-    """(path relative to ``folder`` with ``/``, size) of every file below it (no links)."""
-    stack = [(folder, "")]
-    while stack:
-        where, prefix = stack.pop()
-        with os.scandir(where) as entries:
-            for e in entries:
-                rel = prefix + e.name
-                if e.is_dir(follow_symlinks=False):
-                    stack.append((Path(e.path), rel + "/"))
-                else:
-                    yield rel, e.stat(follow_symlinks=False).st_size
-
-
-def read_manifest(path: str | Path) -> dict[str, Any] | None:
-    """The manifest of an image written by `write_image`, or None (none, or unreadable)."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST_NAME).read_text())["attributes"]["manifest"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        return None
-    return manifest
-
-
-def check_image(path: str | Path) -> list[str]:
-    """What is missing from a stored image: each file of its manifest, present, same size.
-
-    One ``stat`` per file and no data read (the reuse check before a stage is skipped). An
-    empty list means complete; ``verify_image`` also re-hashes the voxels.
-    """
-    path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is None:
-        return [f"{path}: no readable manifest {MANIFEST_NAME} (not written whole by lightsheet)"]
-    problems = []
-    for rel, size in manifest["files"].items():
-        try:
-            found = (path / rel).lstat().st_size
-        except FileNotFoundError:
-            problems.append(f"{path / rel}: missing (expected {size} bytes)")
-            continue
-        if found != size:
-            problems.append(f"{path / rel}: {found} bytes, expected {size}")
-    return _bounded(problems)
-
-
-def verify_image(path: str | Path, *, workers: int = 2) -> list[str]:
-    """`check_image`, then re-read every chunk: level 0 against its digests, others decode.
-
-    The level-0 digests also have to combine into the lineage record's output fingerprint.
-    Reads one write unit (shard or chunk) at a time per worker thread.
-    """
-    path = Path(path)
-    problems = check_image(path)
-    manifest = read_manifest(path)
-    if manifest is None:
-        return problems
-    root = _open_group(path)
-    level0 = manifest["level0"]
-    digests = np.asarray(level0["digests"], dtype=np.int64).reshape(level0["grid"])
-    record = dict(root.attrs.get(ATTRS_KEY, {}))
-    if record.get("output_fingerprint") not in (None, combine_digests(digests.ravel())):
-        problems.append(
-            f"{path / MANIFEST_NAME}: its chunk digests do not give the lineage record's "
-            f"output fingerprint {record['output_fingerprint']}"
-        )
-    jobs = []
-    for name, arr in sorted(root.arrays()):
-        grid = _write_grid(arr)
-        counts = tuple(-(-n // g) for n, g in zip(arr.shape, grid, strict=True))
-        for idx in np.ndindex(*counts):
-            expected = digests[idx] if name == level0["path"] else None
-            jobs.append((name, arr, grid, idx, expected))
-
-    def check(job: tuple) -> str | None:
-        name, arr, grid, idx, expected = job
-        region = tuple(slice(i * g, (i + 1) * g) for i, g in zip(idx, grid, strict=True))
-        where = f"{path}/{name} chunk {idx}"
-        try:
-            block = np.asarray(arr[region])
-        except OutputDamagedError:
-            return None  # a missing file: check_image names it
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is damage to report
-            return f"{where}: cannot be decoded ({type(exc).__name__}: {exc})"
-        if expected is not None and chunk_digest(block) != expected:
-            return f"{where}: voxels differ from those written (digest mismatch)"
-        return None
-
-    with futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        problems += [p for p in pool.map(check, jobs) if p is not None]
-    return _bounded(problems)
-
-
-def _bounded(problems: list[str]) -> list[str]:
-    if len(problems) <= MAX_PROBLEMS:
-        return problems
-    return [*problems[:MAX_PROBLEMS], f"... and {len(problems) - MAX_PROBLEMS} more"]
-
-
-class CompleteStore(WrapperStore):
-    """A read-only local store in which every chunk must exist.
-
-    Lightsheet writes every chunk of its images (empty ones too), so a chunk file that is
-    not there was lost after the write: reading it raises `OutputDamagedError` naming the
-    file instead of returning zarr's fill value (a deleted chunk once became a region of
-    zeros, and 0 cells). Metadata keys may be absent as usual.
-    """
-
-    def __init__(self, store: LocalStore) -> None:
-        super().__init__(store)
-
-    def __str__(self) -> str:
-        # zarr's WrapperStore keeps the wrapped store in the private ``_store`` (no public
-        # accessor in zarr 3.1); tests/test_private_apis.py guards it
-        return str(self._store)
-
-    def _missing(self, key: str) -> OutputDamagedError:
-        where = Path(str(self._store.root)) / key
-        return OutputDamagedError(
-            f"{where}: chunk file missing from an image lightsheet wrote whole; expected every "
-            "chunk to be present (the output was damaged after it was written: re-run to "
-            "recompute it; `lightsheet verify` lists all damage)"
-        )
-
-    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        """The stored value of ``key``; `OutputDamagedError` for a missing chunk."""
-        value = await self._store.get(key, prototype, byte_range)
-        if value is None and not _is_metadata_key(key):
-            raise self._missing(key)
-        return value
-
-    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list:
-        """Byte ranges of several keys; `OutputDamagedError` for a missing chunk."""
-        key_ranges = list(key_ranges)
-        values = await self._store.get_partial_values(prototype, key_ranges)
-        for (key, _), value in zip(key_ranges, values, strict=True):
-            if value is None and not _is_metadata_key(key):
-                raise self._missing(key)
-        return values
-
-
-def _is_metadata_key(key: str) -> bool:
-    return key.rsplit("/", 1)[-1] in ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
-
-
-def _open_group(path: Path) -> zarr.Group:
-    """The image's root group; through `CompleteStore` when lightsheet wrote it whole."""
-    if (path / MANIFEST_NAME).is_file():
-        store = CompleteStore(LocalStore(str(path), read_only=True))
-        return zarr.open_group(store=store, mode="r")
-    return zarr.open_group(str(path), mode="r")
-
-
-@dataclass(frozen=True, eq=False)
-class StoredVolume:
-    """The ``(Z, Y, X)`` volume ``array[t, c]`` of a stored ``(T, C, Z, Y, X)`` level.
-
-    Reads only the region it is sliced with (`lightsheet.regions` gives each block its
-    halo this way). Pickles small (the store's path), so workers open it themselves.
-    """
-
-    array: zarr.Array
-    t: int
-    c: int
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(Z, Y, X)."""
-        return tuple(int(s) for s in self.array.shape[2:])  # type: ignore[return-value]
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The stored dtype."""
-        return np.dtype(self.array.dtype)
-
-    @property
-    def ndim(self) -> int:
-        """3."""
-        return 3
-
-    @property
-    def chunks(self) -> tuple[int, int, int]:
-        """The stored chunk shape (z, y, x): the shard shape of a sharded array."""
-        grid = self.array.shards or self.array.chunks
-        return tuple(int(c) for c in grid[2:])  # type: ignore[return-value]
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        return np.asarray(self.array[(self.t, self.c, *key)])
-
-    def __dask_tokenize__(self) -> tuple:
-        meta = Path(str(self.array.store_path).removeprefix("file://")) / "zarr.json"
-        try:
-            stamp = meta.stat().st_mtime_ns
-        except OSError:
-            stamp = None
-        return (str(self.array.store_path), self.t, self.c, self.array.shape, stamp)
-
-
-def stored_volume(path: str | Path, t: int = 0, c: int = 0, level: int = 0) -> StoredVolume:
-    """Open the ``(Z, Y, X)`` volume of time point ``t`` and channel ``c`` for region reads."""
-    root, ds, _ = _open_multiscale(path, level)
-    arr = root[ds["path"]]
-    if arr.ndim != 5:
-        raise ImageError(f"{path}: expected a (t, c, z, y, x) image; got {arr.ndim} axes")
-    return StoredVolume(arr, int(t), int(c))
-
-
-def _open_multiscale(path: str | Path, level: int) -> tuple[zarr.Group, dict, dict]:
-    path = Path(path)
-    if not (path / "zarr.json").is_file() and not (path / ".zattrs").is_file():
-        raise InputFilesError(f"{path}: not an OME-Zarr image (no zarr.json or .zattrs)")
-    root = _open_group(path)
-    meta = root.attrs.get("ome", root.attrs)
-    ms = meta["multiscales"][0]
-    return root, ms["datasets"][level], ms
-
-
-def read_image(
-    path: str | Path, level: int = 0
-) -> tuple[da.Array, tuple[float, float, float], dict]:
-    """Open an OME-Zarr image lazily.
-
-    Parameters
-    ----------
-    path : path-like
-        An ``.ome.zarr`` folder written by `write_image` (or any NGFF 0.4/0.5 image with
-        ``t, c, z, y, x`` or ``z, y, x`` axes).
-    level : int
-        Pyramid level.
-
-    Returns
-    -------
-    image : (T, C, Z, Y, X) dask.array.Array
-    voxel_size_um : tuple of float
-        (z, y, x) of that level.
-    lineage : dict
-        The ``lightsheet`` lineage record (empty when absent).
-    """
-    root, ds, ms = _open_multiscale(path, level)
-    names = [a["name"] if isinstance(a, dict) else a for a in ms["axes"]]
-    scale = next(t["scale"] for t in ds["coordinateTransformations"] if t["type"] == "scale")
-    stored = root[ds["path"]]
-    # a sharded array is read a shard per task (its inner chunks are for region reads)
-    arr = da.from_zarr(stored, chunks=stored.shards or stored.chunks)
-    while arr.ndim < 5:
-        arr = arr[None]
-    voxel = tuple(float(scale[names.index(a)]) for a in ("z", "y", "x"))
-    return arr, voxel, dict(root.attrs.get(ATTRS_KEY, {}))

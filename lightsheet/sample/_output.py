@@ -8,6 +8,11 @@ from pathlib import Path
 
 from lightsheet.errors import OutputExistsError
 
+__all__ = [
+    "output_entries",
+    "replace_previous",
+]
+
 
 def output_entries(out: Path) -> list[str]:
     """Create ``out`` (a folder) and list what it holds, sorted."""

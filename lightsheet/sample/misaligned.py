@@ -29,7 +29,22 @@ from functools import cached_property
 import numpy as np
 
 from lightsheet.geometry import atlas_voxel, reorientation_um
-from lightsheet.sample import Phantom, _Scene
+from lightsheet.sample.phantom import Phantom
+from lightsheet.sample.render import _Scene
+
+__all__ = [
+    "MOUSE_EXTENT_UM",
+    "Misalignment",
+    "MisalignedPhantom",
+    "MisalignedScene",
+    "RegistrationCase",
+    "build_misaligned_phantom",
+    "lookup_labels",
+    "make_misalignment",
+    "phantom_atlas",
+    "registration_case",
+    "sample_field",
+]
 
 #: Allen CCFv3's extent (µm) along its axes (anterior–posterior, superior–inferior,
 #: right–left): a mouse brain's size for the registration benchmark.
@@ -239,7 +254,8 @@ def phantom_atlas(
     """
     from scipy.ndimage import gaussian_filter
 
-    from lightsheet.sample import REGIONS, BrainGeometry, structures_json
+    from lightsheet.sample.phantom import BrainGeometry, structures_json
+    from lightsheet.sample.presets import REGIONS
 
     res = float(resolution_um)
     shape = tuple(max(8, round(e / res)) for e in extent_um)
@@ -391,15 +407,9 @@ def build_misaligned_phantom(size: str = "tiny", *, seed: int = 0, channels: int
         space (volumes as the sample has them, which registration measures).
     """
     from lightsheet.psf import psf_from_optics
-    from lightsheet.sample import (
-        CHANNELS,
-        OPTICS,
-        VOXEL_SIZE_UM,
-        BrainGeometry,
-        _background_fields,
-        _check_args,
-        structures_json,
-    )
+    from lightsheet.sample.phantom import BrainGeometry, structures_json
+    from lightsheet.sample.presets import CHANNELS, OPTICS, VOXEL_SIZE_UM, _check_args
+    from lightsheet.sample.render import _background_fields
 
     preset = _check_args(size, seed, channels, 1)
     vox = VOXEL_SIZE_UM
@@ -469,7 +479,8 @@ def _sample_space_labels(mis, annotation, hemispheres, res, image_shape, vox):
 
 def _misaligned_cells(mis, annotation, hemispheres, res, labels, *, rng):
     """Nuclei uniform in sample space at each region's density; truth = atlas voxel at q."""
-    from lightsheet.sample import REGIONS, cells_frame, draw_diameters, separate
+    from lightsheet.sample.phantom import cells_frame, draw_diameters, separate
+    from lightsheet.sample.presets import REGIONS
 
     ann_s, _, h, axes = labels
     voxel_mm3 = h**3 * 1e-9

@@ -125,10 +125,10 @@ def generate_overlapping(
     dict
         The content of ``sample.json``.
     """
-    from lightsheet import sample as base
     from lightsheet.psf import write_psf
+    from lightsheet.sample import phantom, presets, render, writer
 
-    preset = base._check_args(size, seed, channels, timepoints)
+    preset = presets._check_args(size, seed, channels, timepoints)
     grid = tuple(int(g) for g in (grid or preset.tile_grid_zyx))
     ov = _triple(overlap, "overlap")
     if tile_shape is not None:
@@ -137,7 +137,7 @@ def generate_overlapping(
             for g, t, o in zip(grid, tile_shape, ov, strict=True)
         )
         size = f"{'x'.join(map(str, extent))} voxels"
-        preset = base.SizePreset(extent, (1, 1, 1), 8, f"mosaic of {grid} tiles {tile_shape}")
+        preset = presets.SizePreset(extent, (1, 1, 1), 8, f"mosaic of {grid} tiles {tile_shape}")
     err_um = _triple(stage_error_um, "stage_error_um")
     if len(grid) != 3 or any(g < 1 for g in grid):
         raise SampleError(f"grid: got {grid!r}; expected three positive tile counts (z, y, x)")
@@ -147,11 +147,11 @@ def generate_overlapping(
             "non-negative errors"
         )
     ov = tuple(o if g > 1 else 0.0 for o, g in zip(ov, grid, strict=True))
-    out = base._prepare_out_dir(Path(out_dir))
-    base._write_json(
-        out / "sample.json", {"format": base.SAMPLE_FORMAT, "complete": False, "size": size}
+    out = writer._prepare_out_dir(Path(out_dir))
+    writer._write_json(
+        out / "sample.json", {"format": presets.SAMPLE_FORMAT, "complete": False, "size": size}
     )
-    ph = base.build_phantom(preset, seed=seed, channels=channels)
+    ph = phantom.build_phantom(preset, seed=seed, channels=channels)
     vox = np.asarray(ph.voxel_size_um, dtype=float)
     if tile_shape is None:
         tile_shape, origins = tiling(preset.shape_zyx, grid, ov)
@@ -165,35 +165,35 @@ def generate_overlapping(
     mosaic = tuple(int(math.ceil(o.max() + t)) for o, t in zip(origins.T, tile_shape, strict=True))
 
     write_psf(out / "psf.tif", ph.psf, ph.voxel_size_um)
-    base._write_phantom_atlas(out / "atlas", ph, channels)
+    writer._write_phantom_atlas(out / "atlas", ph, channels)
     (out / "tiles").mkdir()
     indices = list(np.ndindex(*grid))
 
     def write_tile(t: int, c: int, k: int) -> tuple[str, int]:
         lo = np.floor(true_um[k] / vox).astype(int)
-        scene = base._Scene(
+        scene = render._Scene(
             ph.cells, ph.psf, ph.voxel_size_um, ph.resolution_um, ph.fields,
             origin_um=true_um[k] - lo * vox,
         )  # fmt: skip
         expected = scene.expected(
-            lo, lo + tile_shape, channel=c, nuclei=c == 0, bleach=base.BLEACH_PER_TIMEPOINT**t
+            lo, lo + tile_shape, channel=c, nuclei=c == 0, bleach=presets.BLEACH_PER_TIMEPOINT**t
         )
         rng = np.random.default_rng(np.random.SeedSequence([seed, 2, t, c, *indices[k]]))
-        tile = base.camera(expected, rng=rng)
+        tile = render.camera(expected, rng=rng)
         del expected
         tz, ty, tx = indices[k]
-        ms = t * base.TIMEPOINT_INTERVAL_MS
-        name = base.FILE_NAME.format(
+        ms = t * presets.TIMEPOINT_INTERVAL_MS
+        name = presets.FILE_NAME.format(
             c=c, wavelength=ph.channels[c].wavelength_nm, ms=ms,
-            abs=base.START_ABS_MS + ms + k * tile_shape[0] * base.PLANE_EXPOSURE_MS,
+            abs=presets.START_ABS_MS + ms + k * tile_shape[0] * presets.PLANE_EXPOSURE_MS,
             x=tx, y=ty, z=tz, t=t,
         )  # fmt: skip
-        base._write_tile(out / "tiles" / name, tile)
+        writer._write_tile(out / "tiles" / name, tile)
         return name, (out / "tiles" / name).stat().st_size
 
     jobs = list(itertools.product(range(timepoints), range(channels), range(len(indices))))
     nbytes = 0
-    for done, (name, n) in enumerate(base._bounded_map(write_tile, jobs), start=1):
+    for done, (name, n) in enumerate(render._bounded_map(write_tile, jobs), start=1):
         nbytes += n
         if progress is not None:
             progress(done, len(jobs), name)
@@ -210,12 +210,12 @@ def generate_overlapping(
         ]
     )
     truth.to_csv(out / "truth" / "tiles.csv", index=False)
-    base._cells_over_time(ph.cells, timepoints).to_csv(out / "truth" / "cells.csv", index=False)
+    phantom._cells_over_time(ph.cells, timepoints).to_csv(out / "truth" / "cells.csv", index=False)
     labels, sides, volume_res = ph.truth_volumes()
-    density = base.truth_region_table(ph.cells, labels, sides, ph.structures, volume_res)
+    density = phantom.truth_region_table(ph.cells, labels, sides, ph.structures, volume_res)
     density.to_csv(out / "truth" / "density.csv", index=False)
 
-    info = base._sample_info(ph, size=size, seed=seed, timepoints=timepoints)
+    info = writer._sample_info(ph, size=size, seed=seed, timepoints=timepoints)
     info.update(
         {
             "shape": [timepoints, channels, *mosaic],
@@ -229,8 +229,8 @@ def generate_overlapping(
             "bytes_written": nbytes,
         }
     )
-    base._write_config(out / "config.yaml", info, stitch={"overlap": list(ov)})
-    base._write_json(out / "sample.json", info)
+    writer._write_config(out / "config.yaml", info, stitch={"overlap": list(ov)})
+    writer._write_json(out / "sample.json", info)
     return info
 
 

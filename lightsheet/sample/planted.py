@@ -119,8 +119,9 @@ def generate_planted(
     """
     import tifffile
 
-    from lightsheet.sample import SAMPLE_FORMAT, SAMPLE_VERSION, _write_json
+    from lightsheet.sample.presets import SAMPLE_FORMAT, SAMPLE_VERSION
     from lightsheet.sample.tissue import plant_cells, second_exposure
+    from lightsheet.sample.writer import _write_json
 
     vs = tuple(float(v) for v in voxel_size_um)
     if len(vs) != 3 or not all(np.isfinite(vs)) or min(vs) <= 0:

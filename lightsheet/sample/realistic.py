@@ -48,19 +48,18 @@ import numpy as np
 import pandas as pd
 
 from lightsheet.errors import SampleError
-from lightsheet.sample import (
-    CHANNELS,
-    REGIONS,
+from lightsheet.sample.phantom import (
     BrainGeometry,
     Phantom,
     _region_draws,
     _region_of,
-    _Scene,
     build_phantom,
     cells_frame,
     draw_diameters,
     separate,
 )
+from lightsheet.sample.presets import CHANNELS, REGIONS
+from lightsheet.sample.render import _Scene
 
 __all__ = [
     "CELL_MODES",

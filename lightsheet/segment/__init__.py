@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from lightsheet.config import SegmentConfig
+from lightsheet.config.derived import default_volume_range_um3
 from lightsheet.errors import SegmentError
 from lightsheet.regions import is_stored, map_overlap
 from lightsheet.segment._common import _as_volume, _voxel_size, label_dtype, structure
@@ -98,18 +99,6 @@ __all__ = [
     "train_pixel_classifier",
     "watershed",
 ]
-
-
-def default_volume_range_um3(nucleus_diameter_um: float) -> tuple[float, float]:
-    """Default size filter: spheres of half and of twice the nucleus diameter.
-
-    Examples
-    --------
-    >>> lo, hi = default_volume_range_um3(10.0)
-    >>> round(lo, 1), round(hi, 1)
-    (65.4, 4188.8)
-    """
-    return SegmentConfig(nucleus_diameter_um=nucleus_diameter_um).volume_range_um3()
 
 
 @dataclass(frozen=True)
@@ -212,8 +201,8 @@ def segment_volume(
         With ``method="local"`` the table also has ``peak_sd`` and ``contrast``, and with a
         background channel ``background_mean_intensity`` and ``background_contrast``.
     """
-    config = SegmentConfig() if config is None else config
     vs = _voxel_size(voxel_size_um)
+    config = (SegmentConfig() if config is None else config).resolved(vs)
     if config.method == "local":
         return _segment_local(image, vs, config, background, chunks, compute)
     if background is not None:

@@ -11,6 +11,11 @@ import scipy.ndimage as ndi
 
 from lightsheet.errors import SegmentError
 
+__all__ = [
+    "label_dtype",
+    "structure",
+]
+
 _UINT32_MAX = np.iinfo(np.uint32).max
 
 

@@ -13,6 +13,12 @@ import numpy as np
 from lightsheet.errors import SegmentError
 from lightsheet.segment._common import _as_volume, _to_numpy
 
+__all__ = [
+    "PixelClassifier",
+    "classify",
+    "train_pixel_classifier",
+]
+
 
 @dataclass(frozen=True)
 class PixelClassifier:

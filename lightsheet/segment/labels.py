@@ -28,6 +28,11 @@ from lightsheet.segment._common import (
 from lightsheet.segment.measure import _combine, _measure_block
 from lightsheet.segment.threshold import _compute
 
+__all__ = [
+    "label",
+    "relabel",
+]
+
 
 def _encode(local: np.ndarray, block_flat: int) -> np.ndarray:
     """Local labels → int64 keys ``block << 32 | local`` (0 stays background)."""

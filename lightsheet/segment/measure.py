@@ -12,6 +12,12 @@ import pandas as pd
 from lightsheet.errors import SegmentError
 from lightsheet.segment._common import _as_volume, _block_origins, _to_numpy, _voxel_size
 
+__all__ = [
+    "TABLE_COLUMNS",
+    "count_map",
+    "measure",
+]
+
 #: Columns of :func:`measure`'s table, in order (bounding boxes in voxels, min inclusive,
 #: max exclusive, like Python slices).
 TABLE_COLUMNS = (

@@ -29,6 +29,13 @@ import numpy as np
 from lightsheet.config import SegmentConfig
 from lightsheet.errors import SegmentError
 
+__all__ = [
+    "DEFAULT_SPLIT_DEPTH",
+    "detection_settings",
+    "model_cells",
+    "segment_with_model",
+]
+
 #: Dynamics (probability units) of a centre-map peak over the saddle to a higher one that
 #: keeps it a separate cell, for models whose record names none.
 DEFAULT_SPLIT_DEPTH = 0.1

@@ -21,6 +21,12 @@ from lightsheet.segment._common import (
     _xp_for,
 )
 
+__all__ = [
+    "otsu_threshold",
+    "subtract_background",
+    "threshold",
+]
+
 
 def _float_key(values: np.ndarray, xp=np) -> Any:
     """Order-preserving map float32 → uint32 (negative floats reversed below positives)."""

@@ -53,7 +53,6 @@ __all__ = [
     "judge_links",
     "link_table",
     "nominal_positions",
-    "plot_overview",
     "read_positions",
     "register",
     "rescue_links",
@@ -473,62 +472,3 @@ def link_table(solution: Solution, voxel_size_um: Sequence[float]):
             }
         )
     return pd.DataFrame(rows)
-
-
-def plot_overview(
-    solution: Solution,
-    tile_shape: Sequence[int],
-    path: str | Path,
-    *,
-    background: np.ndarray | None = None,
-    shape_yx: Sequence[int] | None = None,
-) -> Path:
-    """PNG of the mosaic seen from above (y, x): tile outlines, links, dropped ones in red.
-
-    ``background`` (a 2-D max projection of the fused volume, at any downsampling) is
-    drawn under the outlines, stretched over ``shape_yx`` full-resolution voxels. Tiles
-    left at their nominal position are outlined in orange and labelled "nominal".
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    pos = solution.positions[:, 1:]
-    ny, nx = (float(t) for t in tile_shape[1:])
-    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
-    if background is not None:
-        h, w = shape_yx or background.shape
-        lo, hi = np.percentile(background, [1, 99.5])
-        ax.imshow(background, cmap="gray", vmin=lo, vmax=hi, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
-    for i, (y, x) in enumerate(pos):
-        nominal = i in solution.fallback
-        ax.add_patch(
-            Rectangle(
-                (x - 0.5, y - 0.5), nx, ny, fill=False, lw=1.5,
-                ec="orange" if nominal else "cyan",
-            )
-        )  # fmt: skip
-        label = f"{i}" + (" nominal" if nominal else "")
-        ax.text(x + nx / 2, y + ny / 2, label, color="yellow", ha="center", va="center")
-    for lk in solution.links:
-        (ya, xa), (yb, xb) = pos[lk.a] + (ny / 2, nx / 2), pos[lk.b] + (ny / 2, nx / 2)
-        ax.plot(
-            [xa, xb], [ya, yb], "-" if lk.kept else "--", lw=1.2, c="lime" if lk.kept else "red"
-        )
-    ax.set_xlim(min(pos[:, 1].min(), 0) - 2, pos[:, 1].max() + nx + 2)
-    ax.set_ylim(pos[:, 0].max() + ny + 2, min(pos[:, 0].min(), 0) - 2)
-    ax.set_aspect("equal")
-    kept = sum(lk.kept for lk in solution.links)
-    ax.set_title(
-        f"{len(pos)} tiles, {kept}/{len(solution.links)} links kept (dropped: red dashed)",
-        fontsize=9,
-    )
-    ax.set_xlabel("x (voxels)")
-    ax.set_ylabel("y (voxels)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -1,0 +1,76 @@
+"""The pipeline's parameters: one run from raw tiles to densities."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from lightsheet.config import stages
+from lightsheet.config._base import VoxelSize, _Model
+from lightsheet.config.cluster import ClusterConfig
+from lightsheet.config.pattern import DEFAULT_PATTERN, PATTERN_GROUPS, check_pattern
+
+__all__ = ["PipelineConfig"]
+
+
+# The run config's key is ``register`` (the stage's name). The only "register" it shadows is
+# ABCMeta.register, a method of the model's metaclass that instances never see.
+warnings.filterwarnings(
+    "ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning
+)
+
+
+class PipelineConfig(_Model):
+    """The pipeline's parameters: one run from raw tiles to densities."""
+
+    input: str = Field(..., description="Glob of the raw TIFF tiles, e.g. /data/brain1/*.tif")
+    pattern: str = Field(
+        DEFAULT_PATTERN,
+        description="Regex searched in each file name, or, when it contains '/', in the "
+        "file's path relative to the glob's fixed folder (e.g. 'ch(?P<c>\\d+)/.*_(?P<z>\\d+)"
+        "\\.tif' for one folder per channel); named groups among c, t, z, y, x give channel, "
+        "time point and tile grid position (a missing group means one).",
+    )
+    voxel_size_um: VoxelSize = Field(..., description="Voxel size (z, y, x) in µm.")
+    psf: Path = Field(..., description="PSF TIFF at the image voxel size.")
+    atlas: Path = Field(
+        ...,
+        description="BrainGlobe-layout atlas folder, or a BrainGlobe atlas name such as "
+        "allen_mouse_25um (found as ~/.brainglobe/allen_mouse_25um_v*/, or in the "
+        "brainglobe_dir of $BRAINGLOBE_CONFIG_DIR/bg_config.conf).",
+    )
+    output: Path = Field(..., description="Output folder.")
+    stitch: stages.StitchConfig = stages.StitchConfig()
+    deconvolve: stages.DeconvolveConfig = stages.DeconvolveConfig()
+    featurize: stages.FeaturizeConfig = stages.FeaturizeConfig()
+    segment: stages.SegmentConfig = stages.SegmentConfig()
+    density: stages.DensityConfig = stages.DensityConfig()
+    register: stages.RegisterConfig = stages.RegisterConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            rx = re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"pattern is not a valid regular expression: {exc}") from exc
+        unknown = set(rx.groupindex) - set(PATTERN_GROUPS)
+        if unknown:
+            raise ValueError(
+                f"pattern has named groups {sorted(unknown)}; allowed: {list(PATTERN_GROUPS)}"
+            )
+        check_pattern(v)
+        return v
+
+    def resolved(self) -> PipelineConfig:
+        """The run as it runs: each stage's derived defaults filled in at `voxel_size_um`.
+
+        The pipeline flow runs (and records in every output's lineage) this config, so a
+        reader of ``cells.csv.lineage.json`` sees the size filter and split depth used.
+        Resolving twice changes nothing.
+        """
+        return self.model_copy(update={"segment": self.segment.resolved(self.voxel_size_um)})
