@@ -157,6 +157,94 @@ def test_elastix_failure_fails_with_its_log_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _elastix_children(marker) -> list:
+    """Live ``lightsheet.elastix`` processes whose job folder lies under ``marker``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if p.info["status"] != psutil.STATUS_ZOMBIE and "lightsheet.elastix" in cmd:
+            if any(str(marker) in c for c in cmd):
+                found.append(p)
+    return found
+
+
+#: A parent that registers until it is stopped: temporary folders under argv[1], output argv[2].
+#: SIGTERM raises Prefect's TerminationSignal, as a Prefect flow run's handler does on
+#: cancellation (`prefect.utilities.engine`).
+_PARENT = """
+import signal, sys, tempfile
+import numpy as np
+from prefect.exceptions import TerminationSignal
+
+def on_sigterm(sig, frame):
+    raise TerminationSignal(signal=sig)
+
+signal.signal(signal.SIGTERM, on_sigterm)
+tempfile.tempdir = sys.argv[1]
+from lightsheet.elastix import parameter_maps, register
+fixed = np.random.default_rng(0).random((48, 48, 48)).astype(np.float32)
+maps = parameter_maps(fixed.shape, (10, 10, 10), affine_iterations=10**6, bspline=False)
+register(fixed, fixed[::-1].copy(), fixed_origin_um=(5, 5, 5), fixed_spacing_um=(10, 10, 10),
+         moving_spacing_um=(10, 10, 10), maps=maps, out_dir=sys.argv[2], threads=1)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_stopped_parent_leaves_no_elastix_and_no_output(tmp_path, stop):
+    """Ctrl-C (KeyboardInterrupt), a termination (Prefect's cancellation: TerminationSignal)
+    or SIGKILL of the process that runs elastix: its child goes too, no output appears."""
+    import signal
+    import time
+
+    jobs, out = tmp_path / "tmp", tmp_path / "registration"
+    jobs.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(jobs), str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while not _elastix_children(jobs):
+            assert parent.poll() is None, "the parent ended before elastix started"
+            assert time.monotonic() < deadline, "elastix did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)  # into the child's run (itk's import, or elastix itself)
+        parent.send_signal(getattr(signal, stop))
+        assert parent.wait(timeout=60) != 0
+        # SIGKILL: the kernel kills the child at once (PR_SET_PDEATHSIG); allow for reaping
+        deadline = time.monotonic() + 10
+        while _elastix_children(jobs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _elastix_children(jobs) == []
+    finally:
+        parent.kill()
+        parent.wait()
+        for p in _elastix_children(jobs):  # never leave one behind, even when failing
+            p.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]  # no output, no partial
+    if stop != "SIGKILL":  # the parent cleaned its job folder up on the way out
+        assert list(jobs.iterdir()) == []
+
+
+def test_a_timeout_kills_elastix(tmp_path, monkeypatch):
+    """``timeout_s``: the stage fails, and the elastix child is gone when it does."""
+    import tempfile
+
+    jobs = tmp_path / "tmp"
+    jobs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(jobs))
+    fixed = np.random.default_rng(0).random((48, 48, 48)).astype(np.float32)
+    maps = parameter_maps(fixed.shape, (10, 10, 10), affine_iterations=10**6, bspline=False)
+    with pytest.raises(RegistrationError, match="did not finish in 3 s"):
+        register(
+            fixed, fixed[::-1].copy(), fixed_origin_um=(5, 5, 5), fixed_spacing_um=(10, 10, 10),
+            moving_spacing_um=(10, 10, 10), maps=maps, out_dir=tmp_path / "r", threads=1,
+            timeout_s=3,
+        )  # fmt: skip
+    assert _elastix_children(jobs) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"] and not list(jobs.iterdir())
+
+
 # -- accuracy -----------------------------------------------------------------------------
 
 
