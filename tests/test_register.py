@@ -8,6 +8,7 @@ import sys
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 
 from lightsheet.density import assign_regions, region_table
@@ -467,8 +468,8 @@ def test_wrong_voxel_size_is_reported(coarse_case, tmp_path):
 def test_register_stage_warns_in_log_artifact_and_record_and_fails_clean(
     coarse_case, prefect_harness, tmp_path
 ):
-    """The task: a wrong orientation warns (log, artifact, record); elastix failing leaves
-    no output of the stage."""
+    """The task: a wrong orientation warns (log, artifact, record, and through the density
+    stage the run summary); elastix failing leaves no output of the stage."""
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -514,6 +515,33 @@ def test_register_stage_warns_in_log_artifact_and_record_and_fails_clean(
             limit=1,
         )
     assert "**warning:** registration quality" in art.data
+
+    # ... and the run summary: the density stage carries it on, `summarize` shows it
+    from lightsheet.config import DensityConfig
+    from lightsheet.io.tables import write_table
+    from lightsheet.lineage import file_content_fingerprint
+    from tasks.density import density_table
+    from tasks.pipeline import summarize
+
+    cells_csv = tmp_path / "cells.csv"
+    positions = case.landmarks_um[:20]
+    write_table(pd.DataFrame(positions, columns=["z_um", "y_um", "x_um"]), cells_csv)
+    segmented = {
+        "stage": "segment", "path": str(cells_csv), "cells": str(cells_csv),
+        "fingerprints": {"cells": file_content_fingerprint(cells_csv)},
+    }  # fmt: skip
+
+    @flow(task_runner=runner)
+    def density_and_summary(registered, out):
+        density = density_table.submit(
+            segmented, raw, str(atlas), DensityConfig(orientation="spl"), out, registered
+        ).result()
+        return summarize([registered, density], out)
+
+    run = density_and_summary(record, str(tmp_path / "wrong"))
+    quality = [w for w in record["warnings"] if "registration quality" in w]
+    assert quality and all(w in run["warnings"] for w in quality), run["warnings"]
+    assert all(f"**Warning:** {w}" in run["markdown"] for w in quality), run["markdown"]
 
     # elastix stopped before it finishes: the stage fails and writes nothing
     out = tmp_path / "crash"
