@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lightsheet.density import assign_regions, region_table
+from lightsheet.density import assign_regions, atlas_voxel, region_table
 from lightsheet.elastix import _DEFAULT_MAPS, parameter_maps, register
 from lightsheet.errors import RegistrationError
 from lightsheet.io.atlas import Atlas
@@ -280,6 +281,9 @@ def registration_figures(case, result, atlas):
             2 * float((t & p).sum()) / max(1, int(t.sum() + p.sum())),
         )
     largest = sorted(dice.items(), key=lambda kv: -kv[1][0])[:10]
+    missed = got_ids != truth_ids
+    true_voxel = atlas_voxel(mis(case.landmarks_um[missed]) / res)
+    name = {s["id"]: s["acronym"] for s in case.structures} | {0: "outside"}
     return {
         "rotation_error_deg": _rotation_error_deg(np.array(result.affine["matrix"]), mis.matrix),
         "scale_error": result.affine["scale"] / mis.scale - 1,
@@ -289,7 +293,27 @@ def registration_figures(case, result, atlas):
         "cells_in_true_region": float((got_ids == truth_ids).mean()),
         "min_jacobian": result.min_jacobian,
         "similarity": result.similarity,
+        # where the missed cells were: their true voxel on a region boundary, and which leaves
+        "missed_on_boundary": int(_on_boundary(case.annotation, true_voxel).sum()),
+        "missed": int(missed.sum()),
+        "missed_pairs": collections.Counter(
+            (name.get(int(a), str(a)), name.get(int(b), str(b)))
+            for a, b in zip(truth_ids[missed], got_ids[missed], strict=True)
+        ).most_common(),
     }
+
+
+def _on_boundary(labels: np.ndarray, voxels: np.ndarray) -> np.ndarray:
+    """Whether each voxel (inside or outside ``labels``) has a 6-neighbour of another label."""
+    padded = np.pad(labels, 1, mode="edge")
+    v = np.clip(voxels, -1, np.array(labels.shape)) + 1
+    out = np.zeros(len(v), bool)
+    for axis in range(3):
+        for step in (-1, 1):
+            n = v.copy()
+            n[:, axis] = np.clip(n[:, axis] + step, 0, padded.shape[axis] - 1)
+            out |= padded[tuple(n.T)] != padded[tuple(v.T)]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -404,10 +428,10 @@ def test_registration_acceptance_at_50um(tmp_path):
     assert fig["landmark_mean_voxels"] <= 0.5, fig
     assert min(fig["dice_10_largest"].values()) >= 0.9, fig
     assert fig["min_jacobian"] > 0, fig
-    assert fig["landmark_max_voxels"] <= 1.5, fig  # measured 1.17 (mask, 64 bins)
-    # the issue asks for >= 98 % of cells in their leaf; measured 97.9 % on this case (98.6 %
-    # on seed 1, benchmarks/results/register.md): held at that level
-    assert fig["cells_in_true_region"] >= 0.97, fig
+    assert fig["landmark_max_voxels"] <= 1.5, fig  # measured 1.13
+    # measured 98.0 % on this case (98.6 % and 98.1 % on two others, 98.2 % with another
+    # elastix seed; benchmarks/results/register.md): no margin, one landmark is 0.1 %
+    assert fig["cells_in_true_region"] >= 0.98, fig
 
 
 def test_misaligned_sample_truth_is_the_atlas_at_the_mapped_position():
