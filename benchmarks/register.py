@@ -96,6 +96,15 @@ def main() -> None:
         ),
         ("Dice, smallest of them", f"{min(fig['dice_10_largest'].values()):.3f} (≥ 0.9)"),
         ("planted cells in their true leaf", f"{100 * fig['cells_in_true_region']:.2f} % (≥ 98 %)"),
+        (
+            "planted cells missed: on a boundary",
+            f"{fig['missed_on_boundary']} of {fig['missed']} "
+            "(their true atlas voxel has a 6-neighbour of another label)",
+        ),
+        (
+            "missed, by (true, found) leaf",
+            ", ".join(f"{a}→{b} {n}" for (a, b), n in fig["missed_pairs"]) or "none",
+        ),
         ("min Jacobian determinant", f"{fig['min_jacobian']:.3f} (> 0)"),
         ("similarity (log-intensity correlation)", f"{fig['similarity']:.3f}"),
         ("registration wall time", f"{wall:.0f} s (≤ 120 s on 2 cores)"),

@@ -4,6 +4,9 @@ itk-elastix (Apache-2.0) does the work. It runs in a child process (``python -m
 lightsheet.elastix JOB``) because a crash upstream (a multi-metric B-spline with several
 threads segfaults, ITKElastix #160/#295) would otherwise take the Dask worker with it: here
 it raises `RegistrationError` with the end of elastix's log, and nothing is left behind.
+The child runs in a process group of its own, which the parent kills on a timeout or any
+exception (KeyboardInterrupt, Prefect's cancellation), and the kernel kills it if the
+parent dies (SIGKILL, a Dask worker's restart): no elastix outlives its stage.
 The parent never imports itk (about 15 s and 1 GB).
 
 Images go in as arrays in one (atlas) axis order with the physical position of voxel 0's
@@ -19,9 +22,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,20 @@ from pathlib import Path
 import numpy as np
 
 from lightsheet.errors import RegistrationError
+
+__all__ = [
+    "BSPLINE_HISTOGRAM_BINS",
+    "COARSEST_SIDE",
+    "GRID_SPACING_FRACTION",
+    "GRID_SPACING_MIN_VOXELS",
+    "Registration",
+    "bspline_pyramid_schedule",
+    "dilate",
+    "jacobian_determinant",
+    "parameter_maps",
+    "register",
+    "transform_points",
+]
 
 #: Control-point spacing of the B-spline when none is given, as a fraction of the atlas's
 #: smallest extent (a mouse atlas: 8 mm superior–inferior, 0.8 mm). On the synthetic sample
@@ -129,9 +148,32 @@ def parameter_maps(
                 ],
                 "MaximumNumberOfIterations": str(int(bspline_iterations)),
                 "NumberOfHistogramBins": str(BSPLINE_HISTOGRAM_BINS),
+                **{
+                    f"{image}ImagePyramidSchedule": bspline_pyramid_schedule(resolutions)
+                    for image in ("Fixed", "Moving")
+                },
             }
         )
     return [{k: [v] if isinstance(v, str) else list(v) for k, v in m.items()} for m in maps]
+
+
+def bspline_pyramid_schedule(resolutions: int, ndim: int = 3) -> list[str]:
+    """The B-spline's smoothing-pyramid schedule: elastix's, with an unsmoothed last level.
+
+    elastix's smoothing pyramid blurs level ``i`` by ``σ = f/2`` voxels with the schedule's
+    factor ``f = 2^(levels-1-i)``, so by default even the last level is blurred by half a
+    voxel. Here the last level's factor is 0: the final B-spline sees the image at the atlas
+    resolution itself, where the labels it places are one voxel thick (on the 50 µm
+    benchmark, seed 0: mean landmark error 0.325 -> 0.307 atlas voxels, cells in their leaf
+    97.9 -> 98.0 %).
+
+    Examples
+    --------
+    >>> bspline_pyramid_schedule(3, ndim=2)
+    ['4', '4', '2', '2', '0', '0']
+    """
+    factors = [2 ** (resolutions - 1 - i) for i in range(resolutions - 1)] + [0]
+    return [str(f) for f in factors for _ in range(ndim)]
 
 
 def _default_map(kind: str) -> dict[str, list[str]]:
@@ -349,22 +391,47 @@ def transform_points(
 
 
 def _run_worker(job: Path, spec: Mapping, timeout_s: float | None) -> None:
-    (job / "job.json").write_text(json.dumps(spec))
+    """Run the child process on ``job`` and turn its failure into `RegistrationError`.
+
+    The child starts a session (and process group) of its own and asks the kernel to kill
+    it when its parent dies (`_die_with_parent`). On a timeout, an interrupt
+    (KeyboardInterrupt, Prefect's cancellation and termination signals) or any other
+    exception here, its whole process group is killed and reaped before the exception goes
+    on: no elastix outlives the stage, and the job folder (a temporary directory) goes.
+    """
+    (job / "job.json").write_text(json.dumps({**spec, "parent_pid": os.getpid()}))
     cmd = [sys.executable, "-m", "lightsheet.elastix", str(job)]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    stderr = None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        while stderr is None:
+            # short waits, so an exception raised in this thread (a Prefect timeout or
+            # cancellation) is not held up by a blocking wait until elastix ends
+            wait = 1.0 if deadline is None else min(1.0, max(deadline - time.monotonic(), 0))
+            try:
+                _, stderr = proc.communicate(timeout=wait)
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
     except subprocess.TimeoutExpired as exc:
+        _kill_group(proc)
         raise RegistrationError(
             f"elastix ({spec['command']}) did not finish in {timeout_s} s; expected it to "
             f"finish (raise register.timeout_s for large images). Log tail:\n{_read_log(job)}"
         ) from exc
+    except BaseException:
+        _kill_group(proc)
+        raise
     if proc.returncode != 0:
         how = (
             f"was killed by signal {-proc.returncode}"
             if proc.returncode < 0
             else f"exited with status {proc.returncode}"
         )
-        tail = (proc.stderr or "")[-3000:]
+        tail = (stderr or "")[-3000:]
         log = _read_log(job)
         if "map outside moving image" in log + tail:
             hint = (
@@ -381,6 +448,32 @@ def _run_worker(job: Path, spec: Mapping, timeout_s: float | None) -> None:
         )
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the child's process group (it leads its own session) and reap the child."""
+    if proc.returncode is None:  # not reaped yet: its pid still names its group
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group has ended already
+            pass
+    proc.communicate()
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """In the child: exit when the parent process dies, even by SIGKILL.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``). A parent
+    that died before this ran has already left the child to another parent: exit now.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _full_log(job: Path) -> str:
     """The elastix logs of every stage of a job (`_worker`), then transformix's."""
     logs = [*sorted(Path(job).glob("stage*/elastix.log")), Path(job) / "elastix.log"]
@@ -393,9 +486,10 @@ def _read_log(job: Path, *, tail: int = 4000) -> str:
 
 def _worker(job: Path) -> None:
     """The child process: runs elastix or transformix as ``job/job.json`` says."""
+    spec = json.loads((job / "job.json").read_text())
+    _die_with_parent(spec.get("parent_pid"))
     import itk
 
-    spec = json.loads((job / "job.json").read_text())
     threads = spec.get("threads") or os.cpu_count() or 1
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(threads))
 

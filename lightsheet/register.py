@@ -41,6 +41,24 @@ from lightsheet.elastix import parameter_maps, register, transform_points
 from lightsheet.errors import ConfigError, RegistrationError
 from lightsheet.io.atlas import HEMISPHERE_LEFT, HEMISPHERE_NONE, HEMISPHERE_RIGHT
 
+__all__ = [
+    "AtlasRegistration",
+    "FixedGrid",
+    "PLAUSIBLE_ROTATION_DEG",
+    "PLAUSIBLE_SCALE",
+    "RegisteredTransform",
+    "affine_summary",
+    "bspline_mask_margin_um",
+    "check_channel",
+    "downsample",
+    "labels_in_sample_space",
+    "pick_level",
+    "quality_warnings",
+    "register_atlas",
+    "sample_space_volumes",
+    "similarity",
+]
+
 #: A scale outside [1/x, x] along any axis is not a brain of the atlas's species at the
 #: given voxel size: the voxel size (or the atlas) is probably wrong.
 PLAUSIBLE_SCALE = 1.5

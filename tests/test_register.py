@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 
-from lightsheet.density import assign_regions, region_table
+from lightsheet.density import assign_regions, atlas_voxel, region_table
 from lightsheet.elastix import _DEFAULT_MAPS, parameter_maps, register
 from lightsheet.errors import RegistrationError
 from lightsheet.io.atlas import Atlas
@@ -157,6 +159,94 @@ def test_elastix_failure_fails_with_its_log_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _elastix_children(marker) -> list:
+    """Live ``lightsheet.elastix`` processes whose job folder lies under ``marker``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if p.info["status"] != psutil.STATUS_ZOMBIE and "lightsheet.elastix" in cmd:
+            if any(str(marker) in c for c in cmd):
+                found.append(p)
+    return found
+
+
+#: A parent that registers until it is stopped: temporary folders under argv[1], output argv[2].
+#: SIGTERM raises Prefect's TerminationSignal, as a Prefect flow run's handler does on
+#: cancellation (`prefect.utilities.engine`).
+_PARENT = """
+import signal, sys, tempfile
+import numpy as np
+from prefect.exceptions import TerminationSignal
+
+def on_sigterm(sig, frame):
+    raise TerminationSignal(signal=sig)
+
+signal.signal(signal.SIGTERM, on_sigterm)
+tempfile.tempdir = sys.argv[1]
+from lightsheet.elastix import parameter_maps, register
+fixed = np.random.default_rng(0).random((48, 48, 48)).astype(np.float32)
+maps = parameter_maps(fixed.shape, (10, 10, 10), affine_iterations=10**6, bspline=False)
+register(fixed, fixed[::-1].copy(), fixed_origin_um=(5, 5, 5), fixed_spacing_um=(10, 10, 10),
+         moving_spacing_um=(10, 10, 10), maps=maps, out_dir=sys.argv[2], threads=1)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_stopped_parent_leaves_no_elastix_and_no_output(tmp_path, stop):
+    """Ctrl-C (KeyboardInterrupt), a termination (Prefect's cancellation: TerminationSignal)
+    or SIGKILL of the process that runs elastix: its child goes too, no output appears."""
+    import signal
+    import time
+
+    jobs, out = tmp_path / "tmp", tmp_path / "registration"
+    jobs.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(jobs), str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while not _elastix_children(jobs):
+            assert parent.poll() is None, "the parent ended before elastix started"
+            assert time.monotonic() < deadline, "elastix did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)  # into the child's run (itk's import, or elastix itself)
+        parent.send_signal(getattr(signal, stop))
+        assert parent.wait(timeout=60) != 0
+        # SIGKILL: the kernel kills the child at once (PR_SET_PDEATHSIG); allow for reaping
+        deadline = time.monotonic() + 10
+        while _elastix_children(jobs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _elastix_children(jobs) == []
+    finally:
+        parent.kill()
+        parent.wait()
+        for p in _elastix_children(jobs):  # never leave one behind, even when failing
+            p.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]  # no output, no partial
+    if stop != "SIGKILL":  # the parent cleaned its job folder up on the way out
+        assert list(jobs.iterdir()) == []
+
+
+def test_a_timeout_kills_elastix(tmp_path, monkeypatch):
+    """``timeout_s``: the stage fails, and the elastix child is gone when it does."""
+    import tempfile
+
+    jobs = tmp_path / "tmp"
+    jobs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(jobs))
+    fixed = np.random.default_rng(0).random((48, 48, 48)).astype(np.float32)
+    maps = parameter_maps(fixed.shape, (10, 10, 10), affine_iterations=10**6, bspline=False)
+    with pytest.raises(RegistrationError, match="did not finish in 3 s"):
+        register(
+            fixed, fixed[::-1].copy(), fixed_origin_um=(5, 5, 5), fixed_spacing_um=(10, 10, 10),
+            moving_spacing_um=(10, 10, 10), maps=maps, out_dir=tmp_path / "r", threads=1,
+            timeout_s=3,
+        )  # fmt: skip
+    assert _elastix_children(jobs) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"] and not list(jobs.iterdir())
+
+
 # -- accuracy -----------------------------------------------------------------------------
 
 
@@ -191,6 +281,9 @@ def registration_figures(case, result, atlas):
             2 * float((t & p).sum()) / max(1, int(t.sum() + p.sum())),
         )
     largest = sorted(dice.items(), key=lambda kv: -kv[1][0])[:10]
+    missed = got_ids != truth_ids
+    true_voxel = atlas_voxel(mis(case.landmarks_um[missed]) / res)
+    name = {s["id"]: s["acronym"] for s in case.structures} | {0: "outside"}
     return {
         "rotation_error_deg": _rotation_error_deg(np.array(result.affine["matrix"]), mis.matrix),
         "scale_error": result.affine["scale"] / mis.scale - 1,
@@ -200,7 +293,27 @@ def registration_figures(case, result, atlas):
         "cells_in_true_region": float((got_ids == truth_ids).mean()),
         "min_jacobian": result.min_jacobian,
         "similarity": result.similarity,
+        # where the missed cells were: their true voxel on a region boundary, and which leaves
+        "missed_on_boundary": int(_on_boundary(case.annotation, true_voxel).sum()),
+        "missed": int(missed.sum()),
+        "missed_pairs": collections.Counter(
+            (name.get(int(a), str(a)), name.get(int(b), str(b)))
+            for a, b in zip(truth_ids[missed], got_ids[missed], strict=True)
+        ).most_common(),
     }
+
+
+def _on_boundary(labels: np.ndarray, voxels: np.ndarray) -> np.ndarray:
+    """Whether each voxel (inside or outside ``labels``) has a 6-neighbour of another label."""
+    padded = np.pad(labels, 1, mode="edge")
+    v = np.clip(voxels, -1, np.array(labels.shape)) + 1
+    out = np.zeros(len(v), bool)
+    for axis in range(3):
+        for step in (-1, 1):
+            n = v.copy()
+            n[:, axis] = np.clip(n[:, axis] + step, 0, padded.shape[axis] - 1)
+            out |= padded[tuple(n.T)] != padded[tuple(v.T)]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -315,10 +428,12 @@ def test_registration_acceptance_at_50um(tmp_path):
     assert fig["landmark_mean_voxels"] <= 0.5, fig
     assert min(fig["dice_10_largest"].values()) >= 0.9, fig
     assert fig["min_jacobian"] > 0, fig
-    assert fig["landmark_max_voxels"] <= 1.5, fig  # measured 1.17 (mask, 64 bins)
-    # the issue asks for >= 98 % of cells in their leaf; measured 97.9 % on this case (98.6 %
-    # on seed 1, benchmarks/results/register.md): held at that level
-    assert fig["cells_in_true_region"] >= 0.97, fig
+    assert fig["landmark_max_voxels"] <= 1.5, fig  # measured 1.13
+    # measured 98.0 % on this case (98.6 % and 98.1 % on two others, 97.8-98.2 % with other
+    # elastix sampling seeds; benchmarks/results/register.md): the issue's 98 % is checked
+    # there; here a margin of one elastix seed's spread, so another machine's rounding of
+    # one landmark does not fail the suite
+    assert fig["cells_in_true_region"] >= 0.975, fig
 
 
 def test_misaligned_sample_truth_is_the_atlas_at_the_mapped_position():
@@ -379,8 +494,8 @@ def test_wrong_voxel_size_is_reported(coarse_case, tmp_path):
 def test_register_stage_warns_in_log_artifact_and_record_and_fails_clean(
     coarse_case, prefect_harness, tmp_path
 ):
-    """The task: a wrong orientation warns (log, artifact, record); elastix failing leaves
-    no output of the stage."""
+    """The task: a wrong orientation warns (log, artifact, record, and through the density
+    stage the run summary); elastix failing leaves no output of the stage."""
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -426,6 +541,33 @@ def test_register_stage_warns_in_log_artifact_and_record_and_fails_clean(
             limit=1,
         )
     assert "**warning:** registration quality" in art.data
+
+    # ... and the run summary: the density stage carries it on, `summarize` shows it
+    from lightsheet.config import DensityConfig
+    from lightsheet.io.tables import write_table
+    from lightsheet.lineage import file_content_fingerprint
+    from tasks.density import density_table
+    from tasks.pipeline import summarize
+
+    cells_csv = tmp_path / "cells.csv"
+    positions = case.landmarks_um[:20]
+    write_table(pd.DataFrame(positions, columns=["z_um", "y_um", "x_um"]), cells_csv)
+    segmented = {
+        "stage": "segment", "path": str(cells_csv), "cells": str(cells_csv),
+        "fingerprints": {"cells": file_content_fingerprint(cells_csv)},
+    }  # fmt: skip
+
+    @flow(task_runner=runner)
+    def density_and_summary(registered, out):
+        density = density_table.submit(
+            segmented, raw, str(atlas), DensityConfig(orientation="spl"), out, registered
+        ).result()
+        return summarize([registered, density], out)
+
+    run = density_and_summary(record, str(tmp_path / "wrong"))
+    quality = [w for w in record["warnings"] if "registration quality" in w]
+    assert quality and all(w in run["warnings"] for w in quality), run["warnings"]
+    assert all(f"**Warning:** {w}" in run["markdown"] for w in quality), run["markdown"]
 
     # elastix stopped before it finishes: the stage fails and writes nothing
     out = tmp_path / "crash"

@@ -46,6 +46,26 @@ __all__ = [
     "sample_field",
 ]
 
+__all__ = [
+    "MISALIGNED_ATLAS_REFINEMENT",
+    "MISALIGNED_SEMI_AXIS_FRACTION",
+    "MOUSE_EXTENT_UM",
+    "MisalignedPhantom",
+    "MisalignedScene",
+    "Misalignment",
+    "RegistrationCase",
+    "SAMPLE_MISALIGNMENT",
+    "SAMPLE_ORIENTATION",
+    "TEXTURE_AMPLITUDE",
+    "TEXTURE_UM",
+    "build_misaligned_phantom",
+    "lookup_labels",
+    "make_misalignment",
+    "phantom_atlas",
+    "registration_case",
+    "sample_field",
+]
+
 #: Allen CCFv3's extent (µm) along its axes (anterior–posterior, superior–inferior,
 #: right–left): a mouse brain's size for the registration benchmark.
 MOUSE_EXTENT_UM = (13_200.0, 8_000.0, 11_400.0)
