@@ -410,12 +410,11 @@ class LocalResult:
     table: pd.DataFrame
 
 
-def _channel_parts(image, geometry, stats, regions, with_noise: bool) -> dict:
+def _channel_parts(blocks, geometry, stats, regions, with_noise: bool) -> dict:
     """Per block, the delayed `_contrast_parts` of one channel (``stats``: B and S)."""
     background, noise = stats
     b_win = _Windows(background)
     n_win = _Windows(noise) if with_noise else None
-    blocks = _padded(image, regions)
     out = {}
     for idx, r in regions.items():
         sel, spans = _maps(r, geometry, background.shape)
@@ -455,9 +454,8 @@ def _window(nested: list, local: tuple[slice, ...]) -> np.ndarray:
     return np.block(nested)[local]
 
 
-def _core_blocks(image: Any, grid) -> np.ndarray:
-    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=grid)
-    return arr.rechunk(grid).to_delayed()
+def _core_of(padded: np.ndarray, region: Region) -> np.ndarray:
+    return padded[region.core]
 
 
 def detect_local(
@@ -531,13 +529,15 @@ def detect_local(
         scratch = Path(scratch)
         scratch.mkdir(parents=True, exist_ok=True)
         stats = _keep_statistics(stats, scratch, compute)
+    # the padded blocks serve the smoothing and, cut to their core, the measurement
+    blocks = {name: _padded(channel, regions) for name, channel in channels.items()}
     parts = _channel_parts(
-        image, geometry, (stats["image-background"], stats["image-noise"]), regions, True
+        blocks["image"], geometry, (stats["image-background"], stats["image-noise"]), regions, True
     )
     bg_parts = (
         None
         if background is None
-        else _channel_parts(background, geometry, (stats["bg-background"], None), regions, False)
+        else _channel_parts(blocks["bg"], geometry, (stats["bg-background"], None), regions, False)
     )
     # grids of delayed blocks, not dask arrays: the mask, the analysis and the measurement
     # share each block's smoothing and statistics instead of each fusing its own copy
@@ -552,8 +552,10 @@ def detect_local(
     # a label is a cell when its peak is significant; others get no body
     peaks_by_label = np.r_[-np.inf, peaks]
     cell_peaks = np.where(peaks_by_label >= min_peak_sd, peaks_by_label, np.inf)
-    i_blocks = _core_blocks(image, grid)
-    b_blocks = None if background is None else _core_blocks(background, grid)
+    cores = {
+        name: {idx: dask.delayed(_core_of)(b[idx], regions[idx]) for idx in regions}
+        for name, b in blocks.items()
+    }
     bodies = None
     if scratch is not None and _regular(grid):
         bodies = str(scratch / "bodies.zarr")
@@ -567,8 +569,8 @@ def detect_local(
             cell_peaks,
             struct,
             shape,
-            i_blocks[idx],
-            None if background is None else (b_blocks[idx], bg_parts[idx]),
+            cores["image"][idx],
+            None if background is None else (cores["bg"][idx], bg_parts[idx]),
             bodies,
         )
         for idx in np.ndindex(numblocks)
