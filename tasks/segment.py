@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import dask.array as da
@@ -11,6 +14,7 @@ from prefect.artifacts import create_table_artifact
 
 from lightsheet.blocks import segment_chunks
 from lightsheet.config import SegmentConfig
+from lightsheet.io.atomic import partial_path, remove_stale_partials
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.io.tables import write_table
 from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
@@ -70,7 +74,7 @@ def segment_volume(
     stage = Stage(segment_spec(image, features, config, model, output))
     thresholds = None
     if not stage.reused:
-        with dask_client():
+        with dask_client(), _scratch(stage.outputs["path"]) as scratch:
             source, voxel_size_um, _ = read_image(image["path"])
             check_channel(config.channel, source.shape[1], "segment.channel")
             if config.background_channel is not None:
@@ -98,6 +102,7 @@ def segment_volume(
                     compute=lambda c, what: compute_with_progress(
                         c, description=f"segment: {what}", stage=stage.name
                     ),
+                    scratch=scratch / f"t{t}",
                 )
                 for t in range(source.shape[0])
             ]
@@ -131,3 +136,19 @@ def segment_volume(
         description=f"First 20 of {len(cells)} cells ({record['cells']})",
     )
     return record
+
+
+@contextlib.contextmanager
+def _scratch(labels: Path) -> Iterator[Path]:
+    """A hidden folder beside the labels for what the passes keep (method local), removed after.
+
+    ``.NAME.scratch.partial-*``: never mistaken for output; a killed run's leftover is
+    removed by the next run of the stage.
+    """
+    name = labels.with_name(f"{labels.name}.scratch")
+    remove_stale_partials(name)
+    folder = partial_path(name)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

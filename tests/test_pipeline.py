@@ -67,6 +67,8 @@ def test_outputs_and_contract(tiny_run):
     special = density[density["structure_id"] <= 0]["total_cells"].sum()
     assert root + special == len(cells)
     assert summary["top_regions"] and summary["flow_run_name"]
+    # no partial write, nor the segment stage's scratch folder, is left behind
+    assert not list(out.glob(".*.partial-*"))
 
 
 def test_images_open_with_ome_zarr_at_voxel_size(tiny_run):

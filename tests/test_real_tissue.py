@@ -42,7 +42,7 @@ def reference() -> np.ndarray:
     return pd.read_csv(CROP / "cells.csv")[["z", "y", "x"]].to_numpy(float) * VOXEL_UM
 
 
-def _segment(signal, config, background=None, chunks=(10, 256, 256)):
+def _segment(signal, config, background=None, chunks=(10, 256, 256), scratch=None):
     import dask.array as da
 
     return segment_volume(
@@ -50,6 +50,7 @@ def _segment(signal, config, background=None, chunks=(10, 256, 256)):
         voxel_size_um=VOXEL_UM,
         config=config,
         background=None if background is None else da.from_array(background, chunks=chunks),
+        scratch=scratch,
     )
 
 
@@ -120,6 +121,20 @@ def test_crop_exact_at_any_chunking(crop, with_background):
         rtol=1e-4,
     )
     assert (np.asarray(ref.labels) > 0).sum() == (np.asarray(other.labels) > 0).sum()
+
+
+def test_scratch_changes_nothing(crop, with_background, tmp_path):
+    """Both channels' statistics and the bodies kept on disk: the same cells, bit for bit."""
+    signal, autofluorescence = crop
+    kept = _segment(signal, SegmentConfig(**DEFAULTS), autofluorescence, scratch=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bg-background.zarr",
+        "bodies.zarr",
+        "image-background.zarr",
+        "image-noise.zarr",
+    ]
+    pd.testing.assert_frame_equal(kept.table, with_background.table, check_exact=True)
+    np.testing.assert_array_equal(kept.labels.compute(), with_background.labels.compute())
 
 
 def test_planted_somata_on_real_background(crop, seed=1):

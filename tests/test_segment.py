@@ -467,6 +467,44 @@ def test_stored_image_equals_dask_chunks(config):
     assert sum(isinstance(k, tuple) for k in graph) == 3 * 3 * 2 and len(graph) == 20
 
 
+@pytest.mark.parametrize(
+    "blocks",
+    [(10, 32, 32), ((9, 12, 9), (25, 25, 20), (30, 34))],
+    ids=["regular", "uneven"],
+)
+def test_local_scratch_changes_nothing(blocks, tmp_path):
+    # method local keeping its statistics (and, on a regular grid, its cell bodies) on disk
+    # between passes gives the labels and table of recomputing them, bit for bit, from a
+    # store and from dask chunks; the labels then read the bodies, not the image
+    shape = (30, 70, 64)
+    rng = np.random.default_rng(8)
+    centres = rng.uniform((4, 5, 5), (56, 65, 59), size=(14, 3))
+    image = _nuclei_image(shape, centres, seed=3)
+    store = zarr.create_array(zarr.storage.MemoryStore(), data=image, chunks=(7, 32, 20))
+    config = SegmentConfig(nucleus_diameter_um=DIAMETER_UM)
+    ref = seg.segment_volume(
+        da.from_array(image, chunks=blocks), voxel_size_um=VOXEL_UM, config=config
+    )
+    assert ref.n > 8
+    for i, source in enumerate([store, da.from_array(image, chunks=blocks)]):
+        scratch = tmp_path / str(i)
+        kept = seg.segment_volume(
+            source, voxel_size_um=VOXEL_UM, config=config, chunks=blocks, scratch=scratch
+        )
+        regular = blocks[0] == 10
+        assert sorted(p.name for p in scratch.iterdir()) == [
+            *(["bodies.zarr"] if regular else []),
+            "image-background.zarr",
+            "image-noise.zarr",
+        ]
+        recomputes = any("contrast_parts" in str(k) for k in kept.labels.__dask_graph__())
+        assert recomputes != regular
+        pd.testing.assert_frame_equal(kept.table, ref.table, check_exact=True)
+        labels = kept.labels.compute()
+        assert labels.dtype == ref.labels.dtype
+        np.testing.assert_array_equal(labels, ref.labels.compute())
+
+
 def test_segment_volume_size_filter_and_absolute_threshold():
     shape = (16, 48, 48)
     image = _nuclei_image(shape, [(16.0, 24.0, 24.0)], seed=1)

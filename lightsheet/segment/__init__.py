@@ -26,15 +26,17 @@ Connectivity: the structuring element is ``scipy.ndimage.generate_binary_structu
 connectivity)``; ``1`` joins voxels sharing a face (6-neighbourhood), ``2`` also edges (18),
 ``3`` also corners (26).
 
-Passes over the data are recomputed rather than held: memory stays a few blocks. CuPy: the
-block kernels choose ``cupyx.scipy.ndimage`` when a block is a CuPy array; small per-block
-tables are always NumPy.
+Passes over the data are recomputed rather than held: memory stays a few blocks (method
+``local`` keeps its statistics and cell bodies in a ``scratch`` folder on disk when given
+one). CuPy: the block kernels choose ``cupyx.scipy.ndimage`` when a block is a CuPy array;
+small per-block tables are always NumPy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -159,6 +161,7 @@ def segment_volume(
     chunks: Any = None,
     compute: Callable[[Any, str], Any] | None = None,
     model: Any = None,
+    scratch: str | Path | None = None,
 ) -> SegmentResult:
     """Intensities → cells: labels and one row per cell, each cell once, at any chunking.
 
@@ -194,6 +197,10 @@ def segment_volume(
         For ``method="model"``: the UNet itself (`lightsheet.featurize.load_model`), instead
         of ``features``; cells come from its heads with voxel-size transfer and its
         validated threshold (`lightsheet.segment.model.segment_with_model`).
+    scratch : path-like, optional
+        For ``method="local"``: a folder for intermediates kept on disk instead of
+        recomputed in later passes (`lightsheet.segment.local.detect_local`); the labels
+        read it, so delete it only after computing them. Other methods ignore it.
 
     Returns
     -------
@@ -204,7 +211,7 @@ def segment_volume(
     vs = _voxel_size(voxel_size_um)
     config = (SegmentConfig() if config is None else config).resolved(vs)
     if config.method == "local":
-        return _segment_local(image, vs, config, background, chunks, compute)
+        return _segment_local(image, vs, config, background, chunks, compute, scratch)
     if background is not None:
         raise SegmentError(
             f"`background` (an autofluorescence channel) is used by method 'local' only; "
@@ -280,7 +287,7 @@ def segment_volume(
     return SegmentResult(labels=final, table=table, threshold=t, n=len(table), count_map=cmap)
 
 
-def _segment_local(image, vs, config: SegmentConfig, background, chunks, compute):
+def _segment_local(image, vs, config: SegmentConfig, background, chunks, compute, scratch):
     """`segment_volume` for ``method="local"``: stored or dask inputs alike."""
     _check_volume(image, "image")
     grid = da.core.normalize_chunks(
@@ -304,6 +311,7 @@ def _segment_local(image, vs, config: SegmentConfig, background, chunks, compute
         background=background,
         background_ratio=config.background_ratio,
         compute=compute,
+        scratch=scratch,
     )
     table = result.table
     cmap = count_map(table, chunks=result.labels.chunks, voxel_size_um=vs)

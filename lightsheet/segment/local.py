@@ -41,9 +41,15 @@ Every scale derives from ``nucleus_diameter_um`` and the voxel size. The bins fo
 grid of the volume, and the statistics pass cuts blocks of whole bins, so every bin is
 computed in one piece and the result does not depend on the chunking.
 
-Passes over the data: statistics (one per channel), the watershed analysis, the
-measurement, and the labels when written. Each re-smooths halo-padded blocks (nothing
-volume-sized is stored or held); the bin statistics are ``1 / (bin side)²`` of the volume.
+Passes over the data: the watershed analysis, the measurement, and the labels when
+written. Each re-smooths halo-padded blocks and recomputes the bin statistics (``1 / (bin
+side)²`` of the volume) it reads; nothing volume-sized is held. Given a ``scratch`` folder
+(the segment task gives one) the method keeps on disk what later passes would repeat: the
+statistics of both channels become a pass of their own, written once and read by the
+others, and the measurement writes each block's cell bodies (basin labels, compressed),
+which the label pass only renumbers instead of smoothing, tobogganing and cutting bodies a
+third time. Same labels and table, byte for byte; on the deconvolved small phantom the
+method's CPU time halves (`benchmarks/results/real_data.md`, Speed).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -58,6 +65,8 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
+import zarr
+from zarr.codecs import BloscCodec
 
 from lightsheet.regions import Region, block_regions, map_overlap, read_region
 from lightsheet.segment._common import _ndi_for, _to_numpy, _xp_for, label_dtype
@@ -335,8 +344,12 @@ def _body(elev, region, plan, peaks, struct, shape) -> tuple[np.ndarray, np.ndar
     return np.where(keep, lab, 0), weight
 
 
-def _measure_cells(elev, parts, region, plan, peaks, struct, shape, image, bg) -> pd.DataFrame:
+def _measure_cells(
+    elev, parts, region, plan, peaks, struct, shape, image, bg, bodies=None
+) -> pd.DataFrame:
     body, w = _body(elev, region, plan, peaks, struct, shape)
+    if bodies is not None:  # kept for the label pass (`_kept_block`)
+        _write_block(bodies, region, body)
     sums = {"E": _core(parts["E"], region), "B": _core(parts["B"], region)}
     if bg is not None:
         raw, bg_parts = bg
@@ -351,6 +364,55 @@ def _final_block(elev, region, plan, peaks, struct, shape, keep_lut, dtype) -> n
     return keep_lut[body].astype(dtype)
 
 
+# ----------------------------------------------------------------------------- scratch
+
+
+def _keep_statistics(stats: dict, scratch: Path, compute) -> dict:
+    """Compute the bin statistics once (one pass) into ``scratch`` and read them back lazily.
+
+    Without this every later pass recomputes them (their smoothing and medians cost about
+    as much as the pass's own work).
+    """
+    sources, targets = [], []
+    for name, a in stats.items():
+        a = a.rechunk(tuple(max(c) for c in a.chunks))  # zarr needs a regular grid
+        targets.append(_scratch_array(scratch / f"{name}.zarr", a.shape, a.chunksize, a.dtype))
+        sources.append(a)
+    _compute(compute, [da.store(sources, targets, lock=False, compute=False)], "statistics")
+    return {name: da.from_zarr(str(scratch / f"{name}.zarr")) for name in stats}
+
+
+def _scratch_array(path: Path, shape, chunks, dtype):
+    return zarr.create_array(
+        str(path),
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+        fill_value=0,
+        overwrite=True,
+    )
+
+
+def _regular(grid) -> bool:
+    """A grid a zarr array can hold one block per chunk of: equal sides, the last no larger."""
+    return all(all(n == c[0] for n in c[:-1]) and c[-1] <= c[0] for c in grid)
+
+
+def _write_block(path: str, region: Region, block: np.ndarray) -> None:
+    store = zarr.open_array(path, mode="r+")
+    store[tuple(slice(a, b) for a, b in zip(region.start, region.stop, strict=True))] = (
+        block.astype(store.dtype)
+    )
+
+
+def _kept_block(path: str, region: Region, keep_lut: np.ndarray, dtype) -> np.ndarray:
+    """`_final_block` from the bodies the measurement pass kept."""
+    store = zarr.open_array(path, mode="r")
+    body = store[tuple(slice(a, b) for a, b in zip(region.start, region.stop, strict=True))]
+    return keep_lut[body].astype(dtype)
+
+
 # ----------------------------------------------------------------------------- the method
 
 
@@ -362,11 +424,11 @@ class LocalResult:
     table: pd.DataFrame
 
 
-def _channel_parts(image, geometry, grid, regions, with_noise: bool) -> dict:
-    """Per block, the delayed `_contrast_parts` of one channel."""
-    background, noise = plane_statistics(image, geometry, chunks=grid)
-    b_win, n_win = _Windows(background), _Windows(noise)
-    blocks = _padded(image, regions)
+def _channel_parts(blocks, geometry, stats, regions, with_noise: bool) -> dict:
+    """Per block, the delayed `_contrast_parts` of one channel (``stats``: B and S)."""
+    background, noise = stats
+    b_win = _Windows(background)
+    n_win = _Windows(noise) if with_noise else None
     out = {}
     for idx, r in regions.items():
         sel, spans = _maps(r, geometry, background.shape)
@@ -406,9 +468,8 @@ def _window(nested: list, local: tuple[slice, ...]) -> np.ndarray:
     return np.block(nested)[local]
 
 
-def _core_blocks(image: Any, grid) -> np.ndarray:
-    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=grid)
-    return arr.rechunk(grid).to_delayed()
+def _core_of(padded: np.ndarray, region: Region) -> np.ndarray:
+    return padded[region.core]
 
 
 def detect_local(
@@ -423,6 +484,7 @@ def detect_local(
     background: Any = None,
     background_ratio: float = 0.5,
     compute: Callable[[Any, str], Any] | None = None,
+    scratch: str | Path | None = None,
 ) -> LocalResult:
     """Cells of ``image`` by the local method (see the module's description).
 
@@ -449,6 +511,13 @@ def detect_local(
         nuclei-channel contrast.
     compute : callable, optional
         ``compute(collection, description)`` runs each pass (default ``dask.compute``).
+    scratch : path-like, optional
+        A folder (created if missing) where the method keeps what later passes would
+        otherwise recompute: each channel's bin statistics (then a pass of their own) and,
+        when ``chunks`` is a regular grid, each block's cell bodies, which the labels then
+        read instead of repeating the smoothing, statistics, basins and bodies. The
+        returned labels read it: delete it once they are computed. Default: nothing kept,
+        every pass recomputes (same labels and table, byte for byte).
 
     Returns
     -------
@@ -463,11 +532,26 @@ def detect_local(
     grid = chunks
     numblocks = tuple(len(c) for c in grid)
     regions = block_regions(grid, tuple(d + 1 for d in geometry.depth))
-    parts = _channel_parts(image, geometry, grid, regions, with_noise=True)
+    channels = {"image": image} if background is None else {"image": image, "bg": background}
+    stats = {}
+    for name, channel in channels.items():
+        stats[f"{name}-background"], stats[f"{name}-noise"] = plane_statistics(
+            channel, geometry, chunks=grid
+        )
+    stats.pop("bg-noise", None)
+    if scratch is not None:
+        scratch = Path(scratch)
+        scratch.mkdir(parents=True, exist_ok=True)
+        stats = _keep_statistics(stats, scratch, compute)
+    # the padded blocks serve the smoothing and, cut to their core, the measurement
+    blocks = {name: _padded(channel, regions) for name, channel in channels.items()}
+    parts = _channel_parts(
+        blocks["image"], geometry, (stats["image-background"], stats["image-noise"]), regions, True
+    )
     bg_parts = (
         None
         if background is None
-        else _channel_parts(background, geometry, grid, regions, with_noise=False)
+        else _channel_parts(blocks["bg"], geometry, (stats["bg-background"], None), regions, False)
     )
     # grids of delayed blocks, not dask arrays: the mask, the analysis and the measurement
     # share each block's smoothing and statistics instead of each fusing its own copy
@@ -483,8 +567,14 @@ def detect_local(
     # a label is a cell when its peak is significant; others get no body
     peaks_by_label = np.r_[-np.inf, peaks]
     cell_peaks = np.where(peaks_by_label >= min_peak_sd, peaks_by_label, np.inf)
-    i_blocks = _core_blocks(image, grid)
-    b_blocks = None if background is None else _core_blocks(background, grid)
+    cores = {
+        name: {idx: dask.delayed(_core_of)(b[idx], regions[idx]) for idx in regions}
+        for name, b in blocks.items()
+    }
+    bodies = None
+    if scratch is not None and _regular(grid):
+        bodies = str(scratch / "bodies.zarr")
+        _scratch_array(bodies, shape, tuple(c[0] for c in grid), label_dtype(len(peaks)))
     measured = [
         dask.delayed(_measure_cells)(
             e_blocks[idx],
@@ -494,8 +584,9 @@ def detect_local(
             cell_peaks,
             struct,
             shape,
-            i_blocks[idx],
-            None if background is None else (b_blocks[idx], bg_parts[idx]),
+            cores["image"][idx],
+            None if background is None else (cores["bg"][idx], bg_parts[idx]),
+            bodies,
         )
         for idx in np.ndindex(numblocks)
     ]
@@ -509,9 +600,14 @@ def detect_local(
     keep_lut[table["label"].to_numpy()] = np.arange(1, len(table) + 1)
     dtype = label_dtype(len(table))
     pieces = np.empty(numblocks, dtype=object)
+    lut = dask.delayed(keep_lut, pure=True)
     for idx, r in regions.items():
-        task = dask.delayed(_final_block)(
-            e_blocks[idx], r, plans[idx], cell_peaks, struct, shape, keep_lut, dtype
+        task = (
+            dask.delayed(_final_block)(
+                e_blocks[idx], r, plans[idx], cell_peaks, struct, shape, lut, dtype
+            )
+            if bodies is None
+            else dask.delayed(_kept_block)(bodies, r, lut, dtype)
         )
         pieces[idx] = da.from_delayed(
             task,
