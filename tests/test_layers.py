@@ -39,7 +39,6 @@ def _public_modules() -> list[Path]:
     out = []
     for package in ("lightsheet", "tasks", "flows"):
         for path in sorted((ROOT / package).rglob("*.py")):
-            rel = path.relative_to(ROOT).as_posix()
             if path.name.startswith("_") and path.name != "__init__.py":
                 continue  # private modules
             out.append(path)
