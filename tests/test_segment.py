@@ -505,6 +505,25 @@ def test_local_scratch_changes_nothing(blocks, tmp_path):
         np.testing.assert_array_equal(labels, ref.labels.compute())
 
 
+def test_merge_by_dynamics_depth_fraction_and_peak_distance():
+    from lightsheet.segment.watershed import _merge_by_dynamics
+
+    # basins 0-1-2 in a row (peaks 100, 90, 50; saddles 80 and 44), basin 3 apart
+    heights = np.array([100.0, 90.0, 50.0, 70.0])
+    edges = np.array([[0, 1], [1, 2], [2, 3]])
+    saddles = np.array([80.0, 44.0, 10.0])
+    positions = np.array([[0.0, 0, 0], [4.0, 0, 0], [20.0, 0, 0], [40.0, 0, 0]])
+    # dips of 10, 6 and 40: with a depth of 2 every basin stays
+    assert list(_merge_by_dynamics(heights, edges, saddles, 2.0)) == [0, 1, 2, 3]
+    # a tenth of the lower peak: 90's dip of 10 is 11 %, 50's dip of 6 is 12 %: both stay
+    assert list(_merge_by_dynamics(heights, edges, saddles, 2.0, 0.1)) == [0, 1, 2, 3]
+    # a fifth: both merge into the highest
+    assert list(_merge_by_dynamics(heights, edges, saddles, 2.0, 0.2)) == [0, 0, 0, 3]
+    # peaks 4 apart are one at a minimum distance of 4.5; 50 is 20 from the top: it stays
+    merged = _merge_by_dynamics(heights, edges, saddles, 2.0, 0.1, positions, 4.5)
+    assert list(merged) == [0, 0, 2, 3]
+
+
 def test_segment_volume_size_filter_and_absolute_threshold():
     shape = (16, 48, 48)
     image = _nuclei_image(shape, [(16.0, 24.0, 24.0)], seed=1)

@@ -25,7 +25,8 @@ a cell, in units of the variation of the tissue around it:
    cell elongated by the axial PSF has many shallow maxima, and inside a bright cell the
    intensity's own variation grows with its brightness (shot noise, and deconvolution's
    ringing, which leaves a dip in the middle of a flat-topped nucleus along z), where the
-   background's noise SD does not.
+   background's noise SD does not. Peaks closer than half the diameter are one cell
+   whatever the dip: cells are solid, and no two centres are closer than a radius.
 4. **Cells.** A basin whose peak stands at least ``min_peak_sd`` above its background is a
    cell. Its body is its basin at no less than half its peak (whatever its brightness):
    its extent at half maximum, which for a blurred nucleus lies near its surface, so the
@@ -86,8 +87,11 @@ NOISE_WINDOW_BINS = 9
 MASK_SD = 2.0
 #: Two peaks are two cells when the dip between them is this deep (noise SDs) ...
 SPLIT_SD = 2.0
-#: ... and at least this fraction of the lower peak.
+#: ... and at least this fraction of the lower peak ...
 SPLIT_FRACTION = 0.1
+#: ... and their peaks at least this many diameters apart (cells are solid: no two centres
+#: are closer than a radius).
+MIN_PEAK_DISTANCE = 0.5
 #: A cell's body: the voxels of its basin at no less than this fraction of its peak (its
 #: extent at half maximum, the usual measure of an object's size).
 BODY_FRACTION = 0.5
@@ -562,7 +566,8 @@ def detect_local(
         m_blocks[idx] = dask.delayed(_mask)(e_blocks[idx])
     _, _, _, peaks, plans = _watershed_analysis(
         e_blocks, m_blocks, grid, struct, SPLIT_SD, 0, compute=compute,
-        split_fraction=SPLIT_FRACTION,
+        split_fraction=SPLIT_FRACTION, vs=vs,
+        min_peak_distance_um=MIN_PEAK_DISTANCE * diameter_um,
     )  # fmt: skip
     # a label is a cell when its peak is significant; others get no body
     peaks_by_label = np.r_[-np.inf, peaks]

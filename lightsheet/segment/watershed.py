@@ -348,10 +348,14 @@ def _merge_by_dynamics(
     saddles: np.ndarray,
     depth: float,
     fraction: float = 0.0,
+    positions: np.ndarray | None = None,
+    min_distance: float = 0.0,
 ) -> np.ndarray:
     """Union basins whose lower peak rises less than the split depth above their best saddle.
 
     The split depth is ``depth``, or ``fraction`` of the lower peak where that is more.
+    With ``positions`` (each basin's peak, in the units of ``min_distance``), touching
+    basins whose highest peaks are closer than ``min_distance`` are also one.
     Edges are processed from the highest saddle down (Kruskal on the maximum spanning
     tree), each component keeping its highest peak; returns each basin's root (0-based).
     """
@@ -371,7 +375,11 @@ def _merge_by_dynamics(
         if ra == rb:
             continue
         lower = min(top[ra], top[rb])
-        if lower - float(saddles[k]) < max(depth, fraction * lower):
+        # a root is its component's highest basin
+        near = positions is not None and bool(
+            np.sum((positions[ra] - positions[rb]) ** 2) < min_distance**2
+        )
+        if near or lower - float(saddles[k]) < max(depth, fraction * lower):
             hi_, lo_ = (ra, rb) if (top[ra], ra) > (top[rb], rb) else (rb, ra)
             parent[lo_] = hi_
     return np.array([find(i) for i in range(heights.size)], dtype=np.int64)
@@ -528,11 +536,13 @@ def _watershed_analysis(
     vs=None,
     compute: Callable[[Any, str], Any] | None = None,
     split_fraction: float = 0.0,
+    min_peak_distance_um: float = 0.0,
 ) -> tuple[da.Array, int, pd.DataFrame | None, np.ndarray, dict]:
     """One pass over the blocks → lazy labels, n, the table (with ``image``), peaks, plans.
 
     Basins merge unless the dip between them is at least ``split_depth`` and at least
-    ``split_fraction`` of the lower peak (`_merge_by_dynamics`).
+    ``split_fraction`` of the lower peak, and their peaks are at least
+    ``min_peak_distance_um`` apart (µm, with ``vs``; `_merge_by_dynamics`).
 
     ``e_ov`` and ``m_ov`` are the elevation and mask of the blocks of ``grid`` with a shell
     of one voxel (`_shells`, or `_surface_block` on a stored image): dask arrays, or
@@ -595,7 +605,12 @@ def _watershed_analysis(
     )
     saddles = np.concatenate([np.empty(0)] + [s for _, s in pairs])
     edges, saddles = _max_by_pair(edges[:, 0], edges[:, 1], saddles)
-    roots = _merge_by_dynamics(heights, edges, saddles, split_depth, split_fraction)
+    positions = None
+    if min_peak_distance_um > 0:
+        positions = np.stack(np.unravel_index(peaks, shape), axis=1) * np.asarray(vs, float)
+    roots = _merge_by_dynamics(
+        heights, edges, saddles, split_depth, split_fraction, positions, min_peak_distance_um
+    )
     _, merged = np.unique(roots, return_inverse=True)
     n = int(merged.max()) + 1 if merged.size else 0
     final = offset + merged.astype(np.int64) + 1  # basin → label
