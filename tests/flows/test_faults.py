@@ -8,7 +8,7 @@
   modification time are re-checked around every read) and the run fails naming the file,
   never mixing old and new voxels into a ``raw.ome.zarr``.
 * The flow process killed (``kill -9``) and re-run: covered by
-  ``tests/test_caching.py::test_resume_after_kill_during_deconvolution``.
+  ``tests/flows/test_caching.py::test_resume_after_kill_during_deconvolution``.
 * Bad input, swept in one parametrized test through the real pipeline flow: each case names
   the file or folder and says what was found and what was expected, and no input is modified.
 
@@ -51,9 +51,9 @@ from lightsheet.ingest import discover
 from lightsheet.io.atomic import atomic_path
 from lightsheet.lineage import read_lineage
 from lightsheet.stitch import stitch
-from tests.test_caching import label_chunks, run_flow
-from tests.test_ingest import name, write_grid
-from tests.test_pipeline import tree_checksums
+from tests.flows.test_caching import label_chunks, run_flow
+from tests.flows.test_pipeline import tree_checksums
+from tests.ingest.test_ingest import name, write_grid
 
 #: Longest wait for a stage to start, or for a killed worker to be replaced.
 WAIT_S = 300
