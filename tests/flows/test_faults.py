@@ -213,6 +213,7 @@ def shared_cluster(prefect_harness):
 # --- the output disk fills up ----------------------------------------------------------
 
 
+@pytest.mark.slow  # runs the pipeline flow on a cluster of processes
 def test_output_disk_full_fails_clearly_and_marks_nothing_complete(
     tiny_sample, shared_cluster, tmp_path
 ):
@@ -261,6 +262,7 @@ def rewrite_when(out: Path, tile: Path) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow  # runs the pipeline flow on a cluster of processes
 def test_tile_rewritten_during_run_fails_naming_it(tiny_sample, shared_cluster, tmp_path):
     sample = copy_sample(tiny_sample, tmp_path / "sample")
     tile = tiles(sample)[-1]
@@ -415,6 +417,7 @@ def test_nan_reported_at_its_voxel_in_any_chunk(tmp_path):
         volume.compute(scheduler="sync")
 
 
+@pytest.mark.slow  # runs the pipeline flow on a cluster of processes
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_named_and_left_untouched(case, tiny_sample, shared_cluster, tmp_path):
     sample = copy_sample(tiny_sample, tmp_path / "sample")
