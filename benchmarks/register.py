@@ -36,7 +36,7 @@ def cpu_seconds() -> float:
 
 
 def main() -> None:
-    from tests.test_register import registration_figures
+    from tests.register.test_register import registration_figures
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolution-um", type=float, default=50.0)

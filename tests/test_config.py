@@ -160,7 +160,7 @@ def test_yaml_nan_refused(tmp_path):
 def test_glob_characters_in_the_config_folder_are_literal(tmp_path):
     """A config in brain[1]/ reads its own tiles, never those of the sibling brain1/."""
     from lightsheet.ingest import discover
-    from tests.test_ingest import write_grid
+    from tests.ingest.test_ingest import write_grid
 
     own, sibling = tmp_path / "brain[1] ü", tmp_path / "brain1 ü"
     write_grid(own / "tiles", grid=(1, 1, 1, 1, 2))
@@ -245,7 +245,7 @@ def test_cross_field_rule_messages_live_only_in_the_config():
 #: Cross-field combinations the config refuses, where Prefect's schema check says they fail
 #: and the field its message names.
 #: The server runs this same check (`validate`) on the deployment's parameter schema when a
-#: flow run is created; tests/test_deployments.py sends some of them to a real server.
+#: flow run is created; tests/flows/test_deployments.py sends some of them to a real server.
 BAD_COMBINATIONS = {
     "absolute without a threshold": ({"segment": {"method": "absolute"}}, "segment", "threshold"),
     "absolute with a null threshold": (

@@ -1,8 +1,8 @@
 """Never silently wrong, never harmful (issue 25), at the level of the library and the CLI.
 
 One test (at least) per finding of the probe that these pieces fix; the end-to-end cases are
-in test_caching.py (damaged outputs, paths, concurrent runs), test_faults.py (refusals at
-ingest), test_deployments.py (the API) and test_watch.py (resilient watching).
+in tests/flows/: test_caching.py (damaged outputs, paths, concurrent runs), test_faults.py
+(refusals at ingest), test_deployments.py (the API) and test_watch.py (resilient watching).
 """
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ from lightsheet.sample.realistic import (
     build_realistic_phantom,
     value_noise,
 )
-from tests.test_sample import read_tiles, stitched
+from tests.sample.test_sample import read_tiles, stitched
 
 SEED = 5
-CROP_CH1 = Path(__file__).parent / "data" / "cellfinder-crop" / "ch1"
+CROP_CH1 = Path(__file__).parents[1] / "data" / "cellfinder-crop" / "ch1"
 CROP_VOXEL_UM = (5.0, 2.0, 2.0)
 
 

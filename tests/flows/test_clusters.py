@@ -255,6 +255,7 @@ def test_squeue_unavailable_means_unknown(monkeypatch):
     assert clusters.slurm_job_states(["1"]) is None
 
 
+@pytest.mark.slow  # starts a Dask cluster of processes
 @pytest.mark.gpu
 def test_cuda_cluster_workers_have_gpus_and_rmm_pool():
     from distributed import Client

@@ -12,6 +12,9 @@ import zarr
 from lightsheet.config import load_config
 from lightsheet.errors import TileGridError
 
+# every test here runs the pipeline flow under a temporary Prefect server
+pytestmark = pytest.mark.slow
+
 DENSITY_COLUMNS = [
     "structure_name",
     "left_cell_count",

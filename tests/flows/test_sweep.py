@@ -179,7 +179,7 @@ def test_methods_side_by_side_on_real_tissue(prefect_harness, tmp_path):
     from flows.sweep import sweep
     from lightsheet.io.omezarr import write_image
 
-    crop = Path(__file__).parent / "data" / "cellfinder-crop"
+    crop = Path(__file__).parents[1] / "data" / "cellfinder-crop"
     planes = [
         np.stack([tifffile.imread(f) for f in sorted((crop / ch).glob("*.tif"))])
         for ch in ("ch0", "ch1")

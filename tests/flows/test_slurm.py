@@ -28,7 +28,7 @@ from lightsheet.errors import ClusterError
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SLURM_SCRIPTS = ROOT / "infra" / "slurm"
 SLURM_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
 JOB_NAME = "lightsheet-test-worker"

@@ -8,7 +8,7 @@
   modification time are re-checked around every read) and the run fails naming the file,
   never mixing old and new voxels into a ``raw.ome.zarr``.
 * The flow process killed (``kill -9``) and re-run: covered by
-  ``tests/test_caching.py::test_resume_after_kill_during_deconvolution``.
+  ``tests/flows/test_caching.py::test_resume_after_kill_during_deconvolution``.
 * Bad input, swept in one parametrized test through the real pipeline flow: each case names
   the file or folder and says what was found and what was expected, and no input is modified.
 
@@ -51,9 +51,9 @@ from lightsheet.ingest import discover
 from lightsheet.io.atomic import atomic_path
 from lightsheet.lineage import read_lineage
 from lightsheet.stitch import stitch
-from tests.test_caching import label_chunks, run_flow
-from tests.test_ingest import name, write_grid
-from tests.test_pipeline import tree_checksums
+from tests.flows.test_caching import label_chunks, run_flow
+from tests.flows.test_pipeline import tree_checksums
+from tests.ingest.test_ingest import name, write_grid
 
 #: Longest wait for a stage to start, or for a killed worker to be replaced.
 WAIT_S = 300
@@ -213,6 +213,7 @@ def shared_cluster(prefect_harness):
 # --- the output disk fills up ----------------------------------------------------------
 
 
+@pytest.mark.slow  # runs the pipeline flow on a cluster of processes
 def test_output_disk_full_fails_clearly_and_marks_nothing_complete(
     tiny_sample, shared_cluster, tmp_path
 ):
@@ -261,6 +262,7 @@ def rewrite_when(out: Path, tile: Path) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow  # runs the pipeline flow on a cluster of processes
 def test_tile_rewritten_during_run_fails_naming_it(tiny_sample, shared_cluster, tmp_path):
     sample = copy_sample(tiny_sample, tmp_path / "sample")
     tile = tiles(sample)[-1]
@@ -415,6 +417,7 @@ def test_nan_reported_at_its_voxel_in_any_chunk(tmp_path):
         volume.compute(scheduler="sync")
 
 
+@pytest.mark.slow  # runs the pipeline flow on a cluster of processes
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_named_and_left_untouched(case, tiny_sample, shared_cluster, tmp_path):
     sample = copy_sample(tiny_sample, tmp_path / "sample")

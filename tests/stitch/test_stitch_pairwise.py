@@ -16,7 +16,7 @@ from lightsheet.config import DEFAULT_PATTERN
 from lightsheet.ingest import discover
 from lightsheet.stitch import pairwise, stitch
 from lightsheet.stitch.register import Link, judge_links, rescue_links
-from tests.test_ingest import name
+from tests.ingest.test_ingest import name
 
 
 def nuclei(shape, *, seed, count=None, radius=2.5):

@@ -17,6 +17,9 @@ import yaml
 from lightsheet.config import load_config
 from lightsheet.lineage import lineage_chain, read_lineage
 
+# every test here runs the pipeline flow under a temporary Prefect server
+pytestmark = pytest.mark.slow
+
 STAGES = ["stitch", "deconvolve", "featurize", "segment", "density"]
 
 

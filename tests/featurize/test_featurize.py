@@ -551,7 +551,7 @@ def test_default_model_finds_cells_of_real_patches_it_was_not_trained_on():
     from lightsheet.segment import segment_volume
 
     model = load_model()
-    held = Path(__file__).parent / "data" / "delivr-cfos" / "held-out"
+    held = Path(__file__).parents[1] / "data" / "delivr-cfos" / "held-out"
     assert {"delivr-cfos/patch_969_2", "delivr-cfos/patch_695_2"} <= set(
         model.record["validation"]["volumes"]
     )

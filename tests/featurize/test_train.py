@@ -21,7 +21,7 @@ from lightsheet.train import (
     train,
 )
 
-FIXTURE = Path(__file__).parent / "data" / "delivr-cfos"
+FIXTURE = Path(__file__).parents[1] / "data" / "delivr-cfos"
 DELIVR_UM = (6.0, 1.62, 1.62)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from lightsheet.io import direct
 from lightsheet.io.direct import ALIGN, write_new_file
-from tests.test_faults import mounted_tmpfs
+from tests.flows.test_faults import mounted_tmpfs
 
 
 def payload(n: int) -> bytes:

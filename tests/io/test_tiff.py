@@ -12,7 +12,7 @@ from lightsheet.ingest import discover
 from lightsheet.io.tiff import TiffRegion, inspect_tiff
 from lightsheet.psf import gaussian_psf, load_psf
 from lightsheet.stitch import stitch
-from tests.test_ingest import name
+from tests.ingest.test_ingest import name
 
 #: The layouts microscopes and tools write: byte order, codecs, tiling, BigTIFF, ImageJ/OME
 #: metadata, several strips per page, pages written one at a time (not contiguous).

@@ -12,7 +12,7 @@ from lightsheet.errors import InputFilesError
 from lightsheet.ingest import discover
 from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.stitch import stitch
-from tests.test_ingest import name, write_grid
+from tests.ingest.test_ingest import name, write_grid
 
 
 def reference(tiles, grid):

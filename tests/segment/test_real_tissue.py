@@ -21,7 +21,7 @@ from lightsheet.ingest import discover
 from lightsheet.segment import segment_volume
 from lightsheet.stitch import stitch
 
-CROP = Path(__file__).parent / "data" / "cellfinder-crop"
+CROP = Path(__file__).parents[1] / "data" / "cellfinder-crop"
 VOXEL_UM = (5.0, 2.0, 2.0)
 #: The folder-per-channel layout of the README: each channel's planes stack into one tile.
 PATTERN = r"ch(?P<c>\d+)/ch\d(?P<plane>\d+)\.tif$"
