@@ -136,7 +136,9 @@ def write_tiles(folder, tiles):
 
 def reference_fusion(tiles, positions, shape, blend):
     """Whole-volume fusion: each tile linearly interpolated at its position (SciPy), weighted
-    by the product of its border ramps, weighted mean where tiles overlap, 0 elsewhere."""
+    by the product of its border ramps, weighted mean where tiles overlap; where no tile
+    covers a voxel, the voxel of the nearest tile (boxes at rounded positions, squared
+    distance, ties to the lower index) at the position clamped into it."""
     acc = np.zeros(shape)
     weights = np.zeros(shape)
     grid = np.indices(shape, dtype=float)
@@ -152,7 +154,23 @@ def reference_fusion(tiles, positions, shape, blend):
         w = np.where(inside, ramp, 0.0)
         acc += w * values
         weights += w
-    return np.divide(acc, weights, out=np.zeros(shape), where=weights > 0)
+    out = np.divide(acc, weights, out=np.zeros(shape), where=weights > 0)
+    starts = [np.rint(p).astype(int) for p in positions]
+    dist = np.stack(
+        [
+            sum(
+                np.maximum(0, np.maximum(s[a] - grid[a], grid[a] - (s[a] + t.shape[a] - 1))) ** 2
+                for a in range(3)
+            )
+            for t, s in zip(tiles, starts, strict=True)
+        ]
+    )
+    nearest = np.argmin(dist, axis=0)
+    for i, (tile, s) in enumerate(zip(tiles, starts, strict=True)):
+        j = [np.clip(grid[a] - s[a], 0, tile.shape[a] - 1).astype(int) for a in range(3)]
+        fill = (weights == 0) & (nearest == i)
+        out[fill] = tile[j[0][fill], j[1][fill], j[2][fill]]
+    return out
 
 
 @pytest.mark.parametrize("chunks", [(5, 16, 16), (12, 23, 9), (3, 64, 64)])
