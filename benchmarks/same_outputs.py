@@ -103,6 +103,7 @@ def main() -> int:
     ]
     print("\n".join(lines))
     if args.results is not None:
+        args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "same_outputs.md").write_text("\n".join(lines) + "\n")
     return 1 if differ else 0
 
