@@ -13,6 +13,7 @@ from lightsheet.ingest import discover
 from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.stitch import stitch
 from tests.ingest.test_ingest import name, write_grid
+from tests.stitch.test_stitch_pairwise import nearest_tile_values
 
 
 def reference(tiles, grid):
@@ -328,23 +329,9 @@ def test_voxels_no_tile_covers_extend_the_nearest_tile(tmp_path, chunks):
     fused = fused[0, 0]
     # the reference, voxel by voxel: squared distance to each tile's box, ties to the lower
     # index; the value is the tile's voxel at the position clamped into the box
-    grid = np.indices(volume.shape)
-    dist = np.stack(
-        [
-            sum(
-                np.maximum(0, np.maximum(o[a] - grid[a], grid[a] - (o[a] + tile[a] - 1))) ** 2
-                for a in range(3)
-            )
-            for o in origins
-        ]
-    )
-    nearest = np.argmin(dist, axis=0)
-    expected = np.empty_like(volume)
-    for i, o in enumerate(origins):
-        j = [np.clip(grid[a], o[a], o[a] + tile[a] - 1) for a in range(3)]
-        mine = nearest == i
-        expected[mine] = volume[j[0][mine], j[1][mine], j[2][mine]]
-    covered = dist.min(axis=0) == 0
+    tiles = [volume[z : z + tile[0], y : y + tile[1], x : x + tile[2]] for z, y, x in origins]
+    expected, dist = nearest_tile_values(tiles, origins, shape)
+    covered = dist == 0
     assert 0 < (~covered).sum() < covered.sum()
     np.testing.assert_array_equal(fused[covered], volume[covered])
     np.testing.assert_array_equal(fused[~covered], expected[~covered])

@@ -155,7 +155,17 @@ def reference_fusion(tiles, positions, shape, blend):
         acc += w * values
         weights += w
     out = np.divide(acc, weights, out=np.zeros(shape), where=weights > 0)
-    starts = [np.rint(p).astype(int) for p in positions]
+    fill, _ = nearest_tile_values(tiles, [np.rint(p).astype(int) for p in positions], shape)
+    return np.where(weights > 0, out, fill)
+
+
+def nearest_tile_values(tiles, starts, shape):
+    """Each voxel's nearest tile's voxel, and the squared distance to that tile (0 inside).
+
+    Tiles are boxes at the integer ``starts``; the nearest is by squared distance to the box,
+    ties to the lower index; its voxel is the position clamped into the box.
+    """
+    grid = np.indices(shape)
     dist = np.stack(
         [
             sum(
@@ -166,11 +176,12 @@ def reference_fusion(tiles, positions, shape, blend):
         ]
     )
     nearest = np.argmin(dist, axis=0)
+    out = np.empty(shape, np.result_type(*tiles))
     for i, (tile, s) in enumerate(zip(tiles, starts, strict=True)):
-        j = [np.clip(grid[a] - s[a], 0, tile.shape[a] - 1).astype(int) for a in range(3)]
-        fill = (weights == 0) & (nearest == i)
-        out[fill] = tile[j[0][fill], j[1][fill], j[2][fill]]
-    return out
+        j = [np.clip(grid[a] - s[a], 0, tile.shape[a] - 1) for a in range(3)]
+        mine = nearest == i
+        out[mine] = tile[j[0][mine], j[1][mine], j[2][mine]]
+    return out, dist.min(axis=0)
 
 
 @pytest.mark.parametrize("chunks", [(5, 16, 16), (12, 23, 9), (3, 64, 64)])
