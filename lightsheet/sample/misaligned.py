@@ -33,20 +33,6 @@ from lightsheet.sample.phantom import Phantom
 from lightsheet.sample.render import _Scene
 
 __all__ = [
-    "MOUSE_EXTENT_UM",
-    "Misalignment",
-    "MisalignedPhantom",
-    "MisalignedScene",
-    "RegistrationCase",
-    "build_misaligned_phantom",
-    "lookup_labels",
-    "make_misalignment",
-    "phantom_atlas",
-    "registration_case",
-    "sample_field",
-]
-
-__all__ = [
     "MISALIGNED_ATLAS_REFINEMENT",
     "MISALIGNED_SEMI_AXIS_FRACTION",
     "MOUSE_EXTENT_UM",
