@@ -48,6 +48,7 @@ __all__ = [
     "PLAUSIBLE_SCALE",
     "RegisteredTransform",
     "affine_summary",
+    "atlas_axes",
     "bspline_mask_margin_um",
     "check_channel",
     "downsample",
@@ -67,6 +68,22 @@ PLAUSIBLE_ROTATION_DEG = 45.0
 
 
 # -- the fixed grid ----------------------------------------------------------------------
+
+
+def atlas_axes(orientation: str, atlas_orientation: str) -> list[int]:
+    """The atlas axis along which each image axis runs (one of a/p, s/i, l/r in both).
+
+    Examples
+    --------
+    >>> atlas_axes("ipl", "asr")
+    [1, 0, 2]
+    """
+    pairs = ("ap", "si", "lr")
+    out = []
+    for letter in orientation:
+        pair = next(p for p in pairs if letter in p)
+        out.append(next(i for i, c in enumerate(atlas_orientation) if c in pair))
+    return out
 
 
 @dataclass(frozen=True)
@@ -101,12 +118,9 @@ class FixedGrid:
         from lightsheet.io.atlas import validate_orientation
 
         orientation = validate_orientation(orientation, name="density.orientation")
-        pairs = ("ap", "si", "lr")
-        spacing = []
-        for letter in orientation:
-            pair = next(p for p in pairs if letter in p)
-            k = next(i for i, c in enumerate(atlas.orientation) if c in pair)
-            spacing.append(float(atlas.resolution_um[k]))
+        spacing = [
+            float(atlas.resolution_um[k]) for k in atlas_axes(orientation, atlas.orientation)
+        ]
         return cls(
             tuple(int(n) for n in image_shape),  # type: ignore[arg-type]
             tuple(float(v) for v in voxel_size_um),  # type: ignore[arg-type]
@@ -114,6 +128,13 @@ class FixedGrid:
             atlas.orientation,
             tuple(spacing),  # type: ignore[arg-type]
         )
+
+    def atlas_sigma_vox(self, sigma_um: Sequence[float]) -> np.ndarray:
+        """Widths (µm, image axes) in atlas voxels along the atlas axes (``spacing_um``)."""
+        out = np.zeros(3)
+        for axis, k in enumerate(atlas_axes(self.orientation, self.atlas_orientation)):
+            out[k] = float(sigma_um[axis]) / self.spacing_um[axis]
+        return out
 
     def __post_init__(self) -> None:
         for name in ("image_shape", "voxel_size_um", "spacing_um"):
@@ -533,6 +554,7 @@ def register_atlas(
     min_similarity: float = 0.7,
     bspline_mask: bool = True,
     mask_margin_um: float | None = None,
+    psf_sigma_um: Sequence[float] | None = None,
 ) -> AtlasRegistration:
     """Register the atlas reference to a sample on its fixed grid, and measure the result.
 
@@ -561,6 +583,12 @@ def register_atlas(
     mask_margin_um : float, optional
         Default: the B-spline's control-point spacing (`bspline_mask_margin_um`), so every
         control point that moves the brain's edge sees the edge's contrast.
+    psf_sigma_um : (3,) floats, optional
+        Width of the sample's PSF (µm, image axes; `lightsheet.psf.psf_sigma_um`). The
+        reference is blurred by it before registering, so both images show the anatomy at
+        the same resolution: the sample is seen through the microscope's optics, the atlas
+        template is not, and a sharper moving image makes the B-spline shift thin bright
+        layers (see `RegisterConfig.match_psf`).
     """
     fixed = np.asarray(fixed, dtype=np.float32)
     if fixed.shape != grid.shape:
@@ -568,6 +596,11 @@ def register_atlas(
             f"fixed image of shape {fixed.shape}; expected the grid's {grid.shape}"
         )
     origin, spacing, shape = grid.physical_geometry()
+    if psf_sigma_um is not None:
+        from scipy.ndimage import gaussian_filter
+
+        sigma = grid.atlas_sigma_vox(psf_sigma_um)
+        reference = gaussian_filter(np.asarray(reference, np.float32), sigma, mode="nearest")
     if maps is None:
         maps = parameter_maps(shape, resolution_um, atlas_shape=reference.shape)
     if bspline_mask and mask_margin_um is None:

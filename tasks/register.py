@@ -32,6 +32,7 @@ from lightsheet.io.atomic import atomic_path
 from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
 from lightsheet.plots import plot_registration_qc
+from lightsheet.psf import load_psf, psf_sigma_um
 from lightsheet.register import FixedGrid, check_channel, downsample, pick_level, register_atlas
 from tasks._common import (
     OUTPUTS,
@@ -76,10 +77,18 @@ def register_channel(config: RegisterConfig, segment_channel: int, n_channels: i
 
 def register_spec(
     raw: dict, atlas: str, config: RegisterConfig, orientation: str, segment_channel: int,
-    output: str,
+    psf: str | None, output: str,
 ) -> StageSpec:  # fmt: skip
-    """What `register_volume` makes from the raw image's autofluorescence and the atlas."""
+    """What `register_volume` makes from the raw image's autofluorescence and the atlas.
+
+    ``psf`` (the run's PSF file) blurs the atlas reference when ``config.match_psf``.
+    """
     out = Path(output)
+    inputs = {"raw": output_input(raw), "atlas": atlas_input(atlas)}
+    psf_sigma = None
+    if config.match_psf and psf is not None:
+        inputs["psf"] = {"kind": "file", "path": psf, "fingerprint": file_content_fingerprint(psf)}
+        psf_sigma = [round(s, 6) for s in psf_sigma_um(load_psf(psf), raw["voxel_size_um"])]
     channel = register_channel(config, segment_channel, int(raw["shape"][1]))
     atlas_obj = load_atlas(atlas)  # lazy: metadata and the annotation's header
     grid = FixedGrid.for_atlas(
@@ -97,8 +106,9 @@ def register_spec(
             "orientation": orientation,
             "image_shape_zyx": list(raw["shape"][2:]),
             "voxel_size_um": list(raw["voxel_size_um"]),
+            "psf_sigma_um": psf_sigma,
         },
-        inputs={"raw": output_input(raw), "atlas": atlas_input(atlas)},
+        inputs=inputs,
     )
 
 
@@ -130,11 +140,11 @@ def _levels(path: str) -> list[tuple[float, float, float]]:
 @task(name="register")
 def register_volume(
     raw: dict, atlas: str, config: RegisterConfig, orientation: str, segment_channel: int,
-    output: str,
+    psf: str | None, output: str,
 ) -> dict:  # fmt: skip
     """Downsample the autofluorescence, register the atlas to it, bring labels to the sample."""
     out = Path(output)
-    stage = Stage(register_spec(raw, atlas, config, orientation, segment_channel, output))
+    stage = Stage(register_spec(raw, atlas, config, orientation, segment_channel, psf, output))
     if not stage.reused:
         summary = _compute(stage, raw, atlas, config, orientation, out)
     else:
@@ -188,6 +198,7 @@ def _compute(stage: Stage, raw, atlas, config, orientation, out: Path) -> dict:
             min_similarity=config.min_similarity,
             bspline_mask=config.bspline_mask,
             mask_margin_um=config.mask_margin_um,
+            psf_sigma_um=stage.spec.params["psf_sigma_um"],
         )
         # the transform files name each other by path: name their final place
         _retarget(tmp, transforms)

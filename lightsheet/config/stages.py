@@ -401,6 +401,13 @@ class RegisterConfig(_Model):
     mask_margin_um: PositiveFloat | None = Field(
         None, description="Margin of the B-spline's mask in µm; default the grid spacing."
     )
+    match_psf: bool = Field(
+        True,
+        description="Blur the atlas reference by the run's PSF (its width along each axis) "
+        "before registering: the sample is seen through the microscope's optics, the atlas "
+        "template is not, and a sharper reference makes the B-spline shift thin bright "
+        "layers by a fraction of an atlas voxel.",
+    )
     threads: int | None = Field(
         None, ge=1, description="elastix threads; default: all cores of the machine it runs on."
     )

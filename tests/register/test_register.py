@@ -39,9 +39,8 @@ def _atlas(case):
 # -- geometry -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("orientation", ORIENTATIONS)
-def test_fixed_grid_physical_geometry_matches_point_mapping(orientation):
-    """A bin's centre mapped like a cell lands where the reoriented array says it is."""
+def _small_grid(orientation):
+    """The grid of a 61 × 93 × 47 image at (3, 1.5, 2) µm on an asr atlas at (25, 20, 10) µm."""
     atlas = Atlas.from_arrays(
         np.ones((30, 20, 25), np.uint32),
         [{"id": 1, "acronym": "r", "name": "root", "structure_id_path": [1]}],
@@ -51,6 +50,13 @@ def test_fixed_grid_physical_geometry_matches_point_mapping(orientation):
     grid = FixedGrid.for_atlas(
         atlas, image_shape=(61, 93, 47), voxel_size_um=(3.0, 1.5, 2.0), orientation=orientation
     )
+    return grid
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_fixed_grid_physical_geometry_matches_point_mapping(orientation):
+    """A bin's centre mapped like a cell lands where the reoriented array says it is."""
+    grid = _small_grid(orientation)
     ids = np.arange(np.prod(grid.shape)).reshape(grid.shape)
     moved = grid.to_atlas_axes(ids)
     np.testing.assert_array_equal(grid.from_atlas_axes(moved), ids)
@@ -67,6 +73,46 @@ def test_fixed_grid_physical_geometry_matches_point_mapping(orientation):
     assert grid.bin_volume_um3().sum() == pytest.approx(
         np.prod(np.multiply((61, 93, 47), (3.0, 1.5, 2.0)))
     )
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_psf_width_in_atlas_voxels_follows_the_reorientation(orientation):
+    """A width along each image axis lands on the atlas axis brainglobe-space maps it to."""
+    grid = _small_grid(orientation)
+    sigma_um = np.array([3.0, 1.0, 2.0])
+    m = grid.image_to_physical()[:3, :3]  # image µm -> atlas-axes µm (brainglobe-space)
+    expected = np.abs(m) @ sigma_um / np.array([25.0, 20.0, 10.0])
+    np.testing.assert_allclose(grid.atlas_sigma_vox(sigma_um), expected)
+
+
+def test_registration_blurs_the_reference_by_the_psf(coarse_case, tmp_path):
+    """``psf_sigma_um`` registers a reference blurred by the PSF: its warped image is that
+    of the reference blurred by SciPy along the mapped axes (the affine is the same)."""
+    from scipy.ndimage import gaussian_filter
+
+    case = coarse_case
+    atlas = _atlas(case)
+    grid = FixedGrid.for_atlas(
+        atlas, image_shape=case.image.shape, voxel_size_um=case.voxel_size_um,
+        orientation=case.orientation,
+    )  # fmt: skip
+    fixed = case.image
+    sigma_um = np.array([3.0, 1.0, 2.0]) * case.resolution_um
+    maps = parameter_maps(grid.physical_geometry()[2], atlas.resolution_um, bspline=False)
+    common = dict(
+        annotation=case.annotation, hemispheres=case.hemispheres,
+        resolution_um=atlas.resolution_um, maps=maps, threads=2, bspline_mask=False,
+    )  # fmt: skip
+    blurred = gaussian_filter(
+        case.reference.astype(np.float32), grid.atlas_sigma_vox(sigma_um), mode="nearest"
+    )
+    a = register_atlas(
+        fixed, grid, reference=case.reference, psf_sigma_um=sigma_um, out_dir=tmp_path / "a",
+        **common,
+    )  # fmt: skip
+    b = register_atlas(fixed, grid, reference=blurred, out_dir=tmp_path / "b", **common)
+    np.testing.assert_allclose(a.warped_reference, b.warped_reference, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(a.affine["matrix"], b.affine["matrix"])
 
 
 def _brute_force_mean(volume, voxel, bins):
@@ -527,7 +573,7 @@ def test_register_stage_warns_in_log_artifact_and_record_and_fails_clean(
 
     @flow(task_runner=runner)
     def register_only(config, orientation, out):  # no hints: RegisterConfig is a local import
-        return register_volume.submit(raw, str(atlas), config, orientation, 0, out).result()
+        return register_volume.submit(raw, str(atlas), config, orientation, 0, None, out).result()
 
     # upside down (superior and inferior swapped): registration runs, and says it is poor
     config = RegisterConfig(enabled=True, channel=1, bspline=False, threads=2)
