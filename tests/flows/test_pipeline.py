@@ -48,6 +48,19 @@ def tree_checksums(folder):
     }
 
 
+def leaf_density_errors(sample, output, min_cells=100):
+    """The run's density table, and the relative density error of every leaf with at least
+    ``min_cells`` true cells (against the sample's truth)."""
+    found = pd.read_csv(output / "density.csv").set_index("structure_id")
+    truth = pd.read_csv(sample / "truth" / "density.csv").set_index("structure_id")
+    parents = set(truth["parent_structure_id"].dropna().astype(int))
+    leaves = truth[
+        ~truth.index.isin(parents) & (truth.index > 0) & (truth["total_cells"] >= min_cells)
+    ]
+    density = "total_cells_per_mm3"
+    return found, (found.loc[leaves.index, density] - leaves[density]) / leaves[density]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_sample, prefect_harness, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-run")
@@ -111,14 +124,9 @@ def test_small_sample_counts_match_truth(small_sample, prefect_harness, tmp_path
     """Issue #6: every leaf with >= 100 true cells within 10 % of the true density, and
     every parent = its children + the cells of its own voxels."""
     run(small_sample, tmp_path / "out")
-    found = pd.read_csv(tmp_path / "out" / "density.csv").set_index("structure_id")
+    found, errors = leaf_density_errors(small_sample, tmp_path / "out")
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
-    truth = pd.read_csv(small_sample / "truth" / "density.csv").set_index("structure_id")
-    parents = set(truth["parent_structure_id"].dropna().astype(int))
-    leaves = truth[~truth.index.isin(parents) & (truth.index > 0) & (truth["total_cells"] >= 100)]
-    assert len(leaves) >= 4
-    density = "total_cells_per_mm3"
-    errors = (found.loc[leaves.index, density] - leaves[density]) / leaves[density]
+    assert len(errors) >= 4
     # measured (seed 0): -7.6 % (DG) … +2.5 %, every leaf within 10 %
     assert errors.abs().max() <= 0.10, errors.round(3).to_dict()
     # the hierarchy adds up: a parent holds its children's cells plus its own voxels' cells
@@ -153,13 +161,8 @@ def test_misaligned_sample_registers_and_counts_match_truth(prefect_harness, tmp
     summary = json.loads((out / "registration.json").read_text())
     assert summary["warnings"] == [] and summary["min_jacobian_determinant"] > 0, summary
 
-    found = pd.read_csv(out / "density.csv").set_index("structure_id")
-    truth = pd.read_csv(sample / "truth" / "density.csv").set_index("structure_id")
-    parents = set(truth["parent_structure_id"].dropna().astype(int))
-    leaves = truth[~truth.index.isin(parents) & (truth.index > 0) & (truth["total_cells"] >= 100)]
-    assert len(leaves) >= 3
-    density = "total_cells_per_mm3"
-    errors = (found.loc[leaves.index, density] - leaves[density]) / leaves[density]
+    _, errors = leaf_density_errors(sample, out)
+    assert len(errors) >= 3
     # measured (seed 0): CTX1 -2.7 %, CTX2/3 -8.0 %, CTX5/6 +1.5 %
     assert errors.abs().max() <= 0.10, errors.round(3).to_dict()
 
