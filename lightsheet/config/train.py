@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -102,6 +103,15 @@ class TrainConfig(_Model):
     )
     model: dict[str, int] = Field(
         default_factory=dict, description="UNet arguments (lightsheet.unet.UNet)."
+    )
+    normalisation: Literal["percentiles", "background"] = Field(
+        "background",
+        description="How each volume's intensities are scaled before the network (the model "
+        "declares it; featurize scales a whole acquisition the same way): 'background' "
+        "divides by twice the volume's median, so the background sits at 0.5 and a cell's "
+        "contrast over it is what the network sees; 'percentiles' maps the 1 and 99.8 % "
+        "percentiles to 0 and 1 (a cell's level then depends on the brightest cells around; "
+        "measured in benchmarks/results/delivr_model.md).",
     )
     steps: int = Field(3000, ge=1, description="Optimiser steps (batches).")
     batch_size: int = Field(16, ge=1, description="Crops per batch.")

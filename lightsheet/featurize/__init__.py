@@ -18,9 +18,12 @@ over the volume by `lightsheet.regions.map_overlap`, with a 2-D model's neighbou
 grouped into one task while one slice of their region fits a forward pass (`_task_cores`).
 Checkpoints are read without running code from them (`lightsheet.models.checkpoint`).
 
-Intensities are normalised by robust percentiles of the whole volume (1 and 99.8 %, the
-convention of CSBDeep/StarDist), estimated from a strided subsample so every block uses the
-same mapping.
+Intensities are normalised as the model's record says (`model_normalisation`), from
+statistics of the whole volume estimated on a strided subsample, so every block uses the
+same mapping: robust percentiles (1 and 99.8 %, the convention of CSBDeep/StarDist) mapped
+to 0 and 1, or, for models trained with ``normalisation: background``, the intensities
+divided by twice the volume's median (the background level maps to 0.5: the network sees a
+cell's contrast over the background, whatever the detector's gain and the cell density).
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ from lightsheet.regions import Region, block_grid, is_stored, map_overlap
 from lightsheet.resample import AxisMap
 
 __all__ = [
+    "BACKGROUND_LEVEL",
+    "BACKGROUND_PERCENTILE",
     "CPU_PIXELS_PER_PASS",
+    "NORMALISATIONS",
     "NORM_PERCENTILES",
     "featurize",
     "featurize_volumes",
@@ -64,8 +70,11 @@ __all__ = [
     "head_probabilities",
     "intensity_range",
     "load_model",
+    "model_intensity_range",
+    "model_normalisation",
     "model_geometry",
     "model_voxel_size_um",
+    "norm_range",
     "run_model",
     "save_model",
     "z_context",
@@ -75,6 +84,12 @@ __all__ = [
 NORM_PERCENTILES = (1.0, 99.8)
 #: Upper bound on voxels read by the percentile estimate (a strided subsample).
 NORM_MAX_SAMPLES = 2**21
+#: Normalisations a model can declare (``record["normalisation"]["method"]``).
+NORMALISATIONS = ("percentiles", "background")
+#: ``background`` normalisation: this percentile of the volume is its background level ...
+BACKGROUND_PERCENTILE = 50.0
+#: ... and is mapped to this value (zero intensity stays 0).
+BACKGROUND_LEVEL = 0.5
 
 
 def intensity_range(
@@ -82,16 +97,20 @@ def intensity_range(
     *,
     percentiles: Sequence[float] = NORM_PERCENTILES,
     max_samples: int = NORM_MAX_SAMPLES,
+    method: str = "percentiles",
 ) -> Delayed:
-    """Lazy robust intensity range ``[lo, hi]`` of ``image`` from a strided subsample.
+    """Lazy intensity range ``[lo, hi]`` (mapped to 0 and 1) of ``image``, from a subsample.
 
     Parameters
     ----------
     image : (Z, Y, X) dask array
     percentiles : (2,) sequence of float
-        Lower and upper percentile in [0, 100].
+        Lower and upper percentile in [0, 100] (``method="percentiles"``).
     max_samples : int
-        Upper bound on the voxels that enter the estimate.
+        Upper bound on the voxels that enter the estimate (a strided subsample).
+    method : {"percentiles", "background"}
+        ``percentiles``: the two percentiles map to 0 and 1. ``background``: 0 stays 0 and
+        the `BACKGROUND_PERCENTILE` (the background level) maps to `BACKGROUND_LEVEL`.
 
     Returns
     -------
@@ -101,21 +120,71 @@ def intensity_range(
     lo_p, hi_p = (float(p) for p in percentiles)
     if not 0 <= lo_p < hi_p <= 100:
         raise ConfigError(f"percentiles must satisfy 0 <= lo < hi <= 100; got {percentiles!r}")
+    if method not in NORMALISATIONS:
+        raise ConfigError(f"normalisation must be one of {NORMALISATIONS}; got {method!r}")
     image = _as_dask(image, "image")
     step = max(1, math.ceil((image.size / max(1, max_samples)) ** (1.0 / image.ndim)))
     sub = image[(slice(None, None, step),) * image.ndim]
-    return dask.delayed(_percentile_range, pure=True)(sub, lo_p, hi_p)
+    return dask.delayed(norm_range, pure=True)(sub, method, (lo_p, hi_p))
 
 
-def _percentile_range(sample: Any, lo_p: float, hi_p: float) -> np.ndarray:
+def norm_range(
+    sample: Any, method: str = "percentiles", percentiles: Sequence[float] = NORM_PERCENTILES
+) -> np.ndarray:
+    """``[lo, hi]`` of the normalisation ``method`` from intensities ``sample`` (any shape).
+
+    Examples
+    --------
+    >>> norm_range(np.array([0.0, 100.0, 100.0, 300.0]), "background")
+    array([  0., 200.])
+    """
     sample = _to_numpy(sample).astype(np.float64, copy=False).ravel()
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return np.array([0.0, 1.0])
-    lo, hi = np.percentile(sample, [lo_p, hi_p])
-    if not hi > lo:  # a constant image: any positive scale keeps it constant
+    if method == "background":
+        lo = 0.0
+        hi = float(np.percentile(sample, BACKGROUND_PERCENTILE)) / BACKGROUND_LEVEL
+    else:
+        lo, hi = (float(v) for v in np.percentile(sample, list(percentiles)))
+    if not hi > lo:  # a constant (or all-zero) image: any positive scale keeps it constant
         hi = lo + 1.0
     return np.array([lo, hi], dtype=np.float64)
+
+
+def model_normalisation(model: Any) -> tuple[str, tuple[float, float]]:
+    """The normalisation a model was trained with: method and percentiles, from its record.
+
+    Models whose record names none (or the older "robust percentiles ..." text) use robust
+    percentiles.
+
+    Raises
+    ------
+    ModelError
+        The record names a normalisation this version cannot apply.
+    """
+    norm = (getattr(model, "record", None) or {}).get("normalisation") or {}
+    method = str(norm.get("method", "percentiles"))
+    if method.startswith("robust percentiles"):  # records written before the choice existed
+        method = "percentiles"
+    percentiles = tuple(float(p) for p in norm.get("percentiles", NORM_PERCENTILES))
+    background = (
+        float(norm.get("background_percentile", BACKGROUND_PERCENTILE)),
+        float(norm.get("background_level", BACKGROUND_LEVEL)),
+    )
+    if method not in NORMALISATIONS or background != (BACKGROUND_PERCENTILE, BACKGROUND_LEVEL):
+        raise ModelError(
+            f"model record: normalisation {norm!r} is not one this version applies: method "
+            f"one of {NORMALISATIONS}, background percentile {BACKGROUND_PERCENTILE} mapped "
+            f"to {BACKGROUND_LEVEL}"
+        )
+    return method, percentiles
+
+
+def model_intensity_range(image: Any, model: Any) -> Delayed:
+    """`intensity_range` of ``image`` with the normalisation ``model`` was trained with."""
+    method, percentiles = model_normalisation(model)
+    return intensity_range(image, percentiles=percentiles, method=method)
 
 
 def featurize(
@@ -148,7 +217,8 @@ def featurize(
     device : str or torch.device, optional
         None chooses on each worker: CUDA if it has a GPU (half precision), else CPU.
     norm : (2,) floats or Delayed, optional
-        Intensities mapped to 0 and 1; default `intensity_range` of ``image``.
+        Intensities mapped to 0 and 1; default `model_intensity_range` of ``image``
+        (the normalisation the model was trained with).
     chunks : chunk spec, optional
         Output chunks (z, y, x) for a stored ``image``; default its stored chunks.
     voxel_size_um : (3,) floats, optional
@@ -298,7 +368,7 @@ def _map_model(
         n_out = int(getattr(model, "n_features", 0)) or _probe_features(model, ndim)
     else:
         n_out = _probe_head(model, ndim) if mode == "head" else 1
-    norm = _norm_value(image, norm)
+    norm = _norm_value(image, norm, model)
     opts = {
         "mode": mode,
         "dtype": np.dtype(dtype),
@@ -402,10 +472,10 @@ def _merge_chunks(
     return runs
 
 
-def _norm_value(image: da.Array, norm: Any) -> Any:
-    """``norm`` checked, or the default `intensity_range` of ``image`` (Delayed)."""
+def _norm_value(image: da.Array, norm: Any, model: Any = None) -> Any:
+    """``norm`` checked, or the model's `model_intensity_range` of ``image`` (Delayed)."""
     if norm is None:
-        norm = intensity_range(image)
+        norm = model_intensity_range(image, model)
     if isinstance(norm, Delayed):
         return norm
     vals = np.asarray(norm, dtype=np.float64)

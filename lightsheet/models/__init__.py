@@ -62,9 +62,8 @@ def describe_record(record: dict) -> list[str]:
         lines.append(f"trained at voxel size (z, y, x) {record['voxel_size_um']} µm")
     norm = record.get("normalisation") or {}
     if norm:
-        lines.append(
-            f"normalisation: {norm.get('method', 'percentiles')} {norm.get('percentiles', '')}"
-        )
+        how = norm.get("description") or norm.get("percentiles", "")
+        lines.append(f"normalisation: {norm.get('method', 'percentiles')} ({how})")
     val = record.get("validation") or {}
     if "f1" in val:
         lines.append(

@@ -185,13 +185,14 @@ def segment_with_model(
     chunks : chunk spec, optional
         Blocks (z, y, x); default the image's chunks.
     norm : (2,) floats, optional
-        Intensities mapped to 0 and 1 (default: the volume's robust percentiles).
+        Intensities mapped to 0 and 1 (default: the volume's, by the normalisation the model
+        was trained with, `lightsheet.featurize.model_intensity_range`).
 
     Returns
     -------
     SegmentResult
     """
-    from lightsheet.featurize import head_probabilities, intensity_range
+    from lightsheet.featurize import head_probabilities, model_intensity_range
     from lightsheet.regions import is_stored
     from lightsheet.segment import SegmentResult, count_map
 
@@ -200,7 +201,7 @@ def segment_with_model(
     targets = tuple(getattr(model, "targets", None) or ("nucleus", "boundary"))
     if norm is None:  # once, not in each of the passes below
         source = da.from_array(image, chunks=image.chunks) if is_stored(image) else image
-        norm = intensity_range(source).compute()
+        norm = model_intensity_range(source, model).compute()
     maps = head_probabilities(image, model, voxel_size_um=voxel_size_um, chunks=chunks, norm=norm)
     if is_stored(image):
         image = da.from_array(image, chunks=maps.chunks[1:])

@@ -9,8 +9,12 @@ chosen on the held-out volumes.
 Data. Every volume is read with `lightsheet.ingest.discover` and `lightsheet.stitch.stitch`
 (a 3-D TIFF is an acquisition of one tile), at its own voxel size, and resampled in y and x
 to the model's voxel size (`lightsheet.resample`, as featurize does at inference). Each
-volume is normalised by its own robust percentiles (`lightsheet.featurize.NORM_PERCENTILES`),
-as featurize normalises a whole acquisition. Training volumes are held in memory: they are
+volume is normalised on its own as featurize normalises a whole acquisition, by the config's
+``normalisation`` (`lightsheet.featurize.norm_range`; the record names it and featurize
+follows it): by default ``background``, the intensities divided by twice the volume's median,
+so the network sees a cell's contrast over the background rather than its level against the
+volume's brightest cells (robust percentiles, the other choice, put the background of a
+sparse patch and of a dense one at different levels). Training volumes are held in memory: they are
 annotated crops, small by nature (`MAX_VOLUME_VOXELS`).
 
 Targets (two head channels, `TARGETS`):
@@ -202,8 +206,7 @@ def train(
         "data_fingerprint": _combined_fingerprint(volumes),
         "voxel_size_um": list(model_um),
         "normalisation": {
-            "method": "robust percentiles of the whole volume mapped to 0 and 1",
-            "percentiles": list(_norm_percentiles()),
+            **_norm_description(config.normalisation),
             "per_volume": {v.name: [round(v.norm[0], 3), round(v.norm[1], 3)] for v in volumes},
         },
         "targets": list(TARGETS),
@@ -235,10 +238,24 @@ def train(
     return record
 
 
-def _norm_percentiles() -> tuple[float, float]:
-    from lightsheet.featurize import NORM_PERCENTILES
+def _norm_description(method: str) -> dict[str, Any]:
+    """The record's normalisation: what featurize must do to a volume before the model."""
+    from lightsheet.featurize import BACKGROUND_LEVEL, BACKGROUND_PERCENTILE, NORM_PERCENTILES
 
-    return NORM_PERCENTILES
+    if method == "background":
+        return {
+            "method": "background",
+            "description": f"intensities of the whole volume divided by its "
+            f"{BACKGROUND_PERCENTILE:g} % percentile (the background level) and multiplied by "
+            f"{BACKGROUND_LEVEL:g}",
+            "background_percentile": BACKGROUND_PERCENTILE,
+            "background_level": BACKGROUND_LEVEL,
+        }
+    return {
+        "method": "percentiles",
+        "description": "robust percentiles of the whole volume mapped to 0 and 1",
+        "percentiles": list(NORM_PERCENTILES),
+    }
 
 
 def _crop_side(volumes: Sequence[AnnotatedVolume], crop_px: int, align: int) -> int:

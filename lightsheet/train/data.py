@@ -41,7 +41,8 @@ class AnnotatedVolume:
     dataset : str
         The data set it belongs to.
     image : (Z, Y, X) ndarray of float32
-        Normalised intensities (robust percentiles of this volume mapped to 0 and 1).
+        Normalised intensities (this volume's `lightsheet.featurize.norm_range` of the
+        config's ``normalisation`` mapped to 0 and 1).
     nucleus : (Z, Y, X) ndarray of bool
         Annotated cell voxels.
     centres : (N, 3) ndarray of float64
@@ -116,7 +117,7 @@ def load_volumes(
     volumes = []
     model_um = tuple(float(v) for v in voxel_size_um)
     for data in config.data:
-        volumes += _load_data_set(data, base, model_um, resample_z)
+        volumes += _load_data_set(data, base, model_um, resample_z, config.normalisation)
     names = [v.name for v in volumes]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -125,7 +126,7 @@ def load_volumes(
 
 
 def _load_data_set(
-    data: TrainData, base: Path, model_um: tuple, resample_z: bool
+    data: TrainData, base: Path, model_um: tuple, resample_z: bool, normalisation: str
 ) -> list[AnnotatedVolume]:
     from lightsheet.evaluate import read_points
 
@@ -151,7 +152,7 @@ def _load_data_set(
             h.update(pts_path.read_bytes())
         axes = (0, 1, 2) if resample_z else (1, 2)
         image, nucleus, centres = _to_model_grid(image, nucleus, centres, vs, model_um, axes)
-        lo, hi = _percentiles(image)
+        lo, hi = _norm_range(image, normalisation)
         out.append(
             AnnotatedVolume(
                 name=f"{data.name}/{name}",
@@ -346,8 +347,9 @@ def _to_model_grid(
     return np.ascontiguousarray(image, np.float32), nucleus, centres
 
 
-def _percentiles(image: np.ndarray) -> tuple[float, float]:
-    from lightsheet.featurize import NORM_PERCENTILES
+def _norm_range(image: np.ndarray, method: str) -> tuple[float, float]:
+    """Intensities mapped to 0 and 1, as featurize maps a whole acquisition's."""
+    from lightsheet.featurize import norm_range
 
-    lo, hi = (float(v) for v in np.percentile(image, NORM_PERCENTILES))
-    return lo, hi if hi > lo else lo + 1.0
+    lo, hi = (float(v) for v in norm_range(image, method))
+    return lo, hi

@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 from torch import nn
 
 from lightsheet import featurize as featurize_module
-from lightsheet.errors import ModelError
+from lightsheet.errors import ConfigError, ModelError
 from lightsheet.featurize import (
     featurize,
     foreground_probability,
@@ -342,6 +342,11 @@ def test_intensity_range_subsamples_large_volumes():
     lo, hi = intensity_range(image, max_samples=50_000).compute()
     # percentiles 1 and 99.8 of N(100, 10): 76.7 and 128.8
     assert abs(lo - 76.7) < 1.0 and abs(hi - 128.8) < 1.5
+    # background: 0 stays 0, the median (100) maps to 0.5
+    lo, hi = intensity_range(image, max_samples=50_000, method="background").compute()
+    assert lo == 0.0 and abs(hi - 200.0) < 1.0
+    with pytest.raises(ConfigError, match="normalisation must be one of"):
+        intensity_range(image, method="zscore")
 
 
 def test_featurize_under_distributed(noise_volume):

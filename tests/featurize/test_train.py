@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lightsheet.config import TrainConfig, TrainData
-from lightsheet.errors import AnnotationError, ConfigError
+from lightsheet.errors import AnnotationError, ConfigError, ModelError
 from lightsheet.train import (
     THRESHOLDS,
     centre_map,
@@ -170,13 +170,42 @@ def test_smoke_training_writes_a_safe_checkpoint_with_its_record(smoke_model):
     (data,) = record["data"]
     assert data["name"] == "delivr-cfos" and data["licence"] == "MIT"
     assert data["licence_text"].startswith("MIT License") and len(data["volumes"]) == 3
-    assert record["normalisation"]["percentiles"] == [1.0, 99.8]
+    norm = record["normalisation"]
+    assert norm["method"] == "background" and norm["background_percentile"] == 50.0
+    for v in data["volumes"]:  # each volume: 0 stays 0, its median maps to 0.5
+        assert norm["per_volume"][v["name"]][0] == 0.0
     val = record["validation"]
     assert val["volumes"] == ["delivr-cfos/patch_1008_0"]
     assert set(val["volumes"]).isdisjoint(record["training"]["train_volumes"])
     assert 0.0 <= val["f1"] <= 1.0 and val["threshold"] == record["detection"]["threshold"]
     assert len(val["f1_by_threshold"]) == len(THRESHOLDS)
     assert np.isfinite(record["training"]["loss_history"]).all()
+
+
+def test_featurize_normalises_as_the_model_was_trained(smoke_model):
+    import dask.array as da
+    import tifffile
+
+    from lightsheet.featurize import head_probabilities, load_model, run_model
+    from lightsheet.featurize import model_intensity_range as model_range
+
+    out, record = smoke_model
+    model = load_model(out)
+    image = tifffile.imread(next((FIXTURE / "images").glob("*.tif"))).astype(np.float32)
+    lo, hi = model_range(da.from_array(image), model).compute()
+    assert lo == 0.0 and hi == pytest.approx(2.0 * np.median(image))  # the whole patch here
+    blocks = head_probabilities(
+        da.from_array(image, chunks=(40, 48, 48)), model, voxel_size_um=DELIVR_UM
+    ).compute()
+    ref = run_model(image, model, norm=(0.0, hi), mode="head", voxel_size_um=DELIVR_UM)
+    np.testing.assert_allclose(blocks, ref, atol=2e-4)
+    # a record without a method (older models) keeps the robust percentiles
+    model.record = {k: v for k, v in record.items() if k != "normalisation"}
+    expect = np.percentile(image, [1.0, 99.8])
+    np.testing.assert_allclose(model_range(da.from_array(image), model).compute(), expect)
+    model.record = {**record, "normalisation": {"method": "zscore"}}
+    with pytest.raises(ModelError, match="normalisation .*zscore"):
+        model_range(da.from_array(image), model)
 
 
 def test_the_record_is_shown_by_lineage(smoke_model):
@@ -190,6 +219,7 @@ def test_the_record_is_shown_by_lineage(smoke_model):
     text = format_lineage_step("labels.ome.zarr", step)
     assert "data 'delivr-cfos' (MIT licence" in text
     assert "trained at voxel size (z, y, x) [6.0, 1.62, 1.62] µm" in text
+    assert "normalisation: background (intensities of the whole volume divided by" in text
     assert "held-out scores (1 volumes, match within 6.0 µm): F1" in text
     assert f"probability threshold {record['detection']['threshold']}" in text
 
