@@ -27,6 +27,12 @@ a cell, in units of the variation of the tissue around it:
    ringing, which leaves a dip in the middle of a flat-topped nucleus along z), where the
    background's noise SD does not. Peaks closer than half the diameter are one cell
    whatever the dip: cells are solid, and no two centres are closer than a radius.
+   Where the cells look elongated (an undeconvolved light-sheet's axial PSF stretches them
+   along z several-fold), "closer" is measured in their own shape: once the cells are
+   measured, the median extent of their bodies per axis gives the stretch, and cells whose
+   centroids lie within half a diameter in the stretched metric are joined into one
+   (`_same_cells`; two Gaussian-blurred objects closer than about one FWHM show no dip at
+   all, so such maxima are texture inside one cell, not two cells).
 4. **Cells.** A basin whose peak stands at least ``min_peak_sd`` above its background is a
    cell. Its body is its basin at no less than half its peak (whatever its brightness):
    its extent at half maximum, which for a blurred nucleus lies near its surface, so the
@@ -67,6 +73,9 @@ import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
 import zarr
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 from zarr.codecs import BloscCodec
 
 from lightsheet.regions import Region, block_regions, map_overlap, read_region
@@ -571,7 +580,10 @@ def detect_local(
     )  # fmt: skip
     # a label is a cell when its peak is significant; others get no body
     peaks_by_label = np.r_[-np.inf, peaks]
-    cell_peaks = np.where(peaks_by_label >= min_peak_sd, peaks_by_label, np.inf)
+    # one shared task for the table every block reads, not a copy embedded in each task
+    cell_peaks = dask.delayed(
+        np.where(peaks_by_label >= min_peak_sd, peaks_by_label, np.inf), pure=True
+    )
     cores = {
         name: {idx: dask.delayed(_core_of)(b[idx], regions[idx]) for idx in regions}
         for name, b in blocks.items()
@@ -596,13 +608,22 @@ def detect_local(
         for idx in np.ndindex(numblocks)
     ]
     (tables,) = _compute(compute, [measured], "measurement (cell bodies)")
-    table = _finish_table(
-        _combine(list(tables), vs), peaks_by_label, vs, volume_range_um3, background,
-        background_ratio,
-    )  # fmt: skip
+    tables = list(tables)
+    raw = _combine(tables, vs)
+    same = _same_cells(raw, peaks_by_label, vs, diameter_um, volume_range_um3)
+    if same is not None:  # pieces of one elongated cell: one label, whole-cell sums
+        for t in tables:
+            if len(t):
+                t["label"] = same[t["label"].to_numpy()]
+        raw = _combine(tables, vs)
+        peaks_by_label = peaks_by_label.copy()
+        np.maximum.at(peaks_by_label, same, peaks_by_label)
+    table = _finish_table(raw, peaks_by_label, vs, volume_range_um3, background, background_ratio)
     # the labels written: bodies of the cells kept, numbered 1..len(table)
     keep_lut = np.zeros(len(peaks_by_label), np.int64)
     keep_lut[table["label"].to_numpy()] = np.arange(1, len(table) + 1)
+    if same is not None:
+        keep_lut = keep_lut[same]
     dtype = label_dtype(len(table))
     pieces = np.empty(numblocks, dtype=object)
     lut = dask.delayed(keep_lut, pure=True)
@@ -622,6 +643,58 @@ def detect_local(
         )
     table["label"] = np.arange(1, len(table) + 1, dtype=np.int64)
     return LocalResult(labels=da.block(pieces.tolist()), table=table.reset_index(drop=True))
+
+
+def _same_cells(
+    raw: pd.DataFrame,
+    peaks_by_label: np.ndarray,
+    voxel_size_um: Sequence[float],
+    diameter_um: float,
+    volume_range_um3: tuple[float, float],
+) -> np.ndarray | None:
+    """Label → the label of its cell, where the cells' apparent shape is elongated; or None.
+
+    The basins' merge (`_watershed_analysis`) takes peaks closer than half the diameter for
+    one cell. Without deconvolution, a light-sheet's axial PSF stretches cells along z
+    several-fold, and one cell's top then holds maxima further apart than that. The stretch
+    is measured on the cells themselves: per axis, the median extent of the bodies (their
+    extent at half maximum) over the narrowest axis's. Cells whose centroids lie closer than
+    ``MIN_PEAK_DISTANCE`` diameters in the metric stretched so are one cell; the brightest
+    names it. Where the cells are as tall as they are wide (stretch 1) nothing is joined.
+    """
+    lo, hi = volume_range_um3
+    label = raw["label"].to_numpy()
+    volume = raw["volume_um3"].to_numpy()
+    ok = (volume >= lo) & (volume <= hi)  # the cells the size filter would keep
+    t = raw[ok]
+    if len(t) < 2:
+        return None
+    ext = np.array(
+        [
+            np.median(t[f"bbox_{a}_max"] - t[f"bbox_{a}_min"]) * v
+            for a, v in zip("zyx", voxel_size_um, strict=True)
+        ]
+    )
+    stretch = ext / ext.min()
+    if not (stretch > 1).any():
+        return None
+    pts = t[["z_um", "y_um", "x_um"]].to_numpy() / (stretch * diameter_um)
+    pairs = cKDTree(pts).query_pairs(MIN_PEAK_DISTANCE, output_type="ndarray")
+    if not len(pairs):
+        return None
+    n = len(t)
+    _, comp = connected_components(
+        coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)),
+        directed=False,
+    )
+    lab = label[ok]
+    brightest_first = np.argsort(-peaks_by_label[lab], kind="stable")
+    comps, first = np.unique(comp[brightest_first], return_index=True)
+    head = np.empty(len(comps), np.int64)
+    head[comps] = lab[brightest_first][first]
+    same = np.arange(len(peaks_by_label), dtype=np.int64)
+    same[lab] = head[comp]
+    return same
 
 
 def _finish_table(

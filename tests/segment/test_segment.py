@@ -524,6 +524,66 @@ def test_merge_by_dynamics_depth_fraction_and_peak_distance():
     assert list(merged) == [0, 0, 2, 3]
 
 
+def _elongated_cells(shape, cells, *, seed=0) -> np.ndarray:
+    """Cells stretched along z as an undeconvolved light-sheet images them (σz = 4 σxy).
+
+    ``cells``: (z, y, x, bumps) in µm; a cell with bumps has two narrow maxima ±6 µm along z
+    on its top (texture inside one cell), with a dip between them deeper than a tenth.
+    """
+    grid = [np.arange(n) * v for n, v in zip(shape, VOXEL_UM, strict=True)]
+    img = np.zeros(shape, np.float32)
+
+    def blob(c, sz, amp):
+        return amp * np.exp(
+            -((grid[0][:, None, None] - c[0]) ** 2) / (2 * sz**2)
+            - ((grid[1][None, :, None] - c[1]) ** 2 + (grid[2][None, None, :] - c[2]) ** 2)
+            / (2 * 3.0**2)
+        )
+
+    for z, y, x, bumps in cells:
+        img += blob((z, y, x), 12.0, 1000.0)
+        if bumps:
+            img += blob((z - 6.0, y, x), 2.5, 400.0) + blob((z + 6.0, y, x), 2.5, 400.0)
+    return img + np.random.default_rng(seed).normal(100, 10, shape).astype(np.float32)
+
+
+def test_local_joins_the_maxima_of_one_elongated_cell():
+    """Two maxima of one cell, closer along z than half the cells' measured z extent.
+
+    The cells' extent at half maximum is ≈ 28 µm along z and ≈ 7 µm across: maxima 12 µm
+    apart along z are one cell, while cells 24 µm apart across stay two. Exact at any
+    chunking (the stretch is measured on whole-cell rows).
+    """
+    shape = (48, 96, 200)
+    cells = [(48.0, 48.0, 16.0 + 24.0 * i, i in (1, 4)) for i in range(8)]
+    image = _elongated_cells(shape, cells)
+    config = SegmentConfig(nucleus_diameter_um=8.0)
+    tables = []
+    for chunks in [(48, 96, 200), (16, 40, 48)]:
+        res = seg.segment_volume(
+            da.from_array(image, chunks=chunks), voxel_size_um=VOXEL_UM, config=config
+        )
+        assert res.n == len(cells), res.table[["z_um", "y_um", "x_um", "peak_sd"]]
+        found = res.table.sort_values("x_um")[["z_um", "y_um", "x_um"]].to_numpy()
+        np.testing.assert_allclose(found, np.array(cells)[:, :3], atol=1.5)
+        labels = res.labels.compute()
+        assert len(np.unique(labels[labels > 0])) == len(cells)
+        tables.append(res.table.drop(columns="label"))
+    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=False, rtol=1e-5)
+    # without the join (isotropic stretch) the bumpy cells are two each: the test has teeth
+    from lightsheet.segment import local
+
+    joined = local._same_cells
+    try:
+        local._same_cells = lambda *a: None
+        split = seg.segment_volume(
+            da.from_array(image, chunks=(16, 40, 48)), voxel_size_um=VOXEL_UM, config=config
+        )
+    finally:
+        local._same_cells = joined
+    assert split.n == len(cells) + sum(c[3] for c in cells), split.n
+
+
 def test_segment_volume_size_filter_and_absolute_threshold():
     shape = (16, 48, 48)
     image = _nuclei_image(shape, [(16.0, 24.0, 24.0)], seed=1)
