@@ -547,7 +547,7 @@ def _elongated_cells(shape, cells, *, seed=0) -> np.ndarray:
     return img + np.random.default_rng(seed).normal(100, 10, shape).astype(np.float32)
 
 
-def test_local_joins_the_maxima_of_one_elongated_cell():
+def test_local_joins_the_maxima_of_one_elongated_cell(monkeypatch):
     """Two maxima of one cell, closer along z than half the cells' measured z extent.
 
     The cells' extent at half maximum is ≈ 28 µm along z and ≈ 7 µm across: maxima 12 µm
@@ -570,17 +570,13 @@ def test_local_joins_the_maxima_of_one_elongated_cell():
         assert len(np.unique(labels[labels > 0])) == len(cells)
         tables.append(res.table.drop(columns="label"))
     pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=False, rtol=1e-5)
-    # without the join (isotropic stretch) the bumpy cells are two each: the test has teeth
+    # without the join the bumpy cells are two each: the test has teeth
     from lightsheet.segment import local
 
-    joined = local._same_cells
-    try:
-        local._same_cells = lambda *a: None
-        split = seg.segment_volume(
-            da.from_array(image, chunks=(16, 40, 48)), voxel_size_um=VOXEL_UM, config=config
-        )
-    finally:
-        local._same_cells = joined
+    monkeypatch.setattr(local, "_same_cells", lambda *args: None)
+    split = seg.segment_volume(
+        da.from_array(image, chunks=(16, 40, 48)), voxel_size_um=VOXEL_UM, config=config
+    )
     assert split.n == len(cells) + sum(c[3] for c in cells), split.n
 
 
