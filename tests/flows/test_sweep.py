@@ -127,6 +127,7 @@ def test_outputs_and_side_by_side_artifact(swept, prefect_harness):
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     result, settings = swept
     folder = Path(result["folder"])
@@ -139,6 +140,7 @@ def test_outputs_and_side_by_side_artifact(swept, prefect_harness):
     with get_client(sync_client=True) as client:
         (art,) = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["segmentation-sweep"])),
+            sort=ArtifactSort.CREATED_DESC,  # this run's: the harness's server holds others
             limit=1,
         )
     assert art.data.count("data:image/png;base64,") == len(settings)
