@@ -1,9 +1,10 @@
 """Where detections sit next to a tissue edge: centroid offsets towards the dark outside.
 
 A cell near the brain's surface lies where the autofluorescence falls from the tissue's level
-to the dark outside. The local method's background is the median of bins about a diameter
-wide, interpolated between bin centres, so near the edge it differs from the true background
-across a cell, and the centroid, weighted by the significance over it, moves. This puts
+to the dark outside. Where the local method's background differs from the true one across a
+cell (as the old one did: bin medians interpolated between bin centres a diameter apart fell
+inside the tissue before a sharp edge), the centroid, weighted by the significance over it,
+moves, and at a sharp edge the tissue stood out as a ridge that swallowed the cells. This puts
 cells of one diameter at known distances inside an edge of known softness and reports how
 far (µm, positive = outward) the segment stage's defaults place them.
 

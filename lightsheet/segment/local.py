@@ -8,16 +8,23 @@ a cell, in units of the variation of the tissue around it:
 
 1. **Smoothing at the cell's scale.** ``I_s = G(σ) * I`` with σ a fifth of the diameter per
    axis (in µm, so anisotropic voxels are handled).
-2. **Local statistics, per plane** (:func:`plane_statistics`). The planes are cut into bins
-   of about one diameter square. Each bin gives the median of ``I_s`` and its median
-   absolute deviation (× 1.4826: the SD of Gaussian noise). The background ``B`` is the
-   median of the bin medians over 3 × 3 bins; the noise ``S`` the median of the bin
-   deviations over 9 × 9 bins (about nine diameters, where cells fill well under half of
-   the bins, so ``S`` measures the tissue's texture and noise, not the cells). Both are
-   interpolated linearly between bin centres. Per plane because light-sheet planes are
-   acquired one at a time and their brightness steps (tile seams, sheet power, bleaching);
-   medians because bright cells, vessels and the dark outside must not move the level of
-   their neighbours.
+2. **Local statistics, per plane** (:func:`plane_statistics`). The background ``B`` follows
+   the tissue's lower envelope: ``O``, a grey opening of ``I_s`` per plane by a square of
+   ``2 × bin + 1`` voxels (about two diameters; :func:`levels`), removes every cell, vessel
+   and speck narrower than the square and keeps a tissue edge or a plane's step where they
+   are. The envelope lies below the tissue's typical level by an amount that follows the
+   texture, so ``B = O + offset``: the planes are cut into bins of about one diameter
+   square, each bin gives the median of ``I_s − O``, and the offset is the median of those
+   over 3 × 3 bins. The noise ``S`` is the median over 9 × 9 bins (about nine diameters,
+   where cells fill well under half of the bins, so ``S`` measures the tissue's texture and
+   noise, not the cells) of each bin's median absolute deviation of ``I_s`` (× 1.4826: the
+   SD of Gaussian noise). Offset and noise are interpolated linearly between bin centres.
+   Per plane because light-sheet planes are acquired one at a time and their brightness
+   steps (tile seams, sheet power, bleaching); medians because bright cells, vessels and
+   the dark outside must not move the level of their neighbours. The bins alone (a median
+   of bin medians, as before 2026-12-04) put the level of a sharp edge's dark side inside
+   the tissue, where the tissue then stood out as a ridge that swallowed the cells beside
+   it (`benchmarks/edge_centroid.py`).
 3. **Significance** ``z = (I_s − B) / S``; seeds, basins and splits by the steepest-ascent
    watershed on ``z`` over voxels with ``z > 2`` (`lightsheet.segment.watershed`, exact at
    any chunking). Two peaks stay separate cells when the dip between them is at least 2
@@ -46,7 +53,8 @@ a cell, in units of the variation of the tissue around it:
 
 Every scale derives from ``nucleus_diameter_um`` and the voxel size. The bins form a fixed
 grid of the volume, and the statistics pass cuts blocks of whole bins, so every bin is
-computed in one piece and the result does not depend on the chunking.
+computed in one piece; each block is read with a halo that covers the smoothing and the
+opening (``LocalGeometry.halo``), so the result does not depend on the chunking.
 
 Passes over the data: the watershed analysis, the measurement, and the labels when
 written. Each re-smooths halo-padded blocks and recomputes the bin statistics (``1 / (bin
@@ -84,7 +92,7 @@ from lightsheet.segment.measure import _combine, _measure_block
 from lightsheet.segment.threshold import _compute
 from lightsheet.segment.watershed import _basin_block, _watershed_analysis
 
-__all__ = ["LocalGeometry", "LocalResult", "detect_local", "plane_statistics", "smooth"]
+__all__ = ["LocalGeometry", "LocalResult", "detect_local", "levels", "plane_statistics", "smooth"]
 
 #: Smoothing σ as a fraction of the diameter.
 SMOOTH_SIGMA = 0.2
@@ -121,11 +129,14 @@ class LocalGeometry:
         Halo that makes a block's smoothing exact (the Gaussian's radius).
     bin_vox : (3,) ints
         Statistics bin: one plane, about one diameter in y and x.
+    open_vox : (3,) ints
+        The opening's square: one plane, ``2 × bin + 1`` (about two diameters) in y and x.
     """
 
     sigma_vox: tuple[float, float, float]
     depth: tuple[int, int, int]
     bin_vox: tuple[int, int, int]
+    open_vox: tuple[int, int, int]
 
     @classmethod
     def of(cls, voxel_size_um: Sequence[float], diameter_um: float) -> LocalGeometry:
@@ -134,13 +145,19 @@ class LocalGeometry:
         Examples
         --------
         >>> g = LocalGeometry.of((5.0, 2.0, 2.0), 14.0)
-        >>> g.sigma_vox, g.depth, g.bin_vox
-        ((0.56, 1.4, 1.4), (2, 6, 6), (1, 7, 7))
+        >>> g.sigma_vox, g.depth, g.bin_vox, g.open_vox, g.halo
+        ((0.56, 1.4, 1.4), (2, 6, 6), (1, 7, 7), (1, 15, 15), (2, 20, 20))
         """
         sigma = tuple(round(SMOOTH_SIGMA * diameter_um / v, 6) for v in voxel_size_um)
         depth = tuple(int(4.0 * s + 0.5) for s in sigma)  # scipy's Gaussian radius
         bins = (1,) + tuple(max(1, round(diameter_um / v)) for v in voxel_size_um[1:])
-        return cls(sigma, depth, bins)  # type: ignore[arg-type]
+        opening = (1,) + tuple(2 * b + 1 for b in bins[1:])
+        return cls(sigma, depth, bins, opening)  # type: ignore[arg-type]
+
+    @property
+    def halo(self) -> tuple[int, int, int]:
+        """Halo that makes a block's smoothing and its opening exact."""
+        return tuple(d + k - 1 for d, k in zip(self.depth, self.open_vox, strict=True))
 
 
 def smooth(block: Any, geometry: LocalGeometry) -> Any:
@@ -150,6 +167,16 @@ def smooth(block: Any, geometry: LocalGeometry) -> Any:
     return nd.gaussian_filter(
         block.astype(xp.float32, copy=False), geometry.sigma_vox, truncate=4.0
     )
+
+
+def levels(block: Any, geometry: LocalGeometry) -> tuple[Any, Any]:
+    """``I_s`` and its opening per plane ``O`` (NumPy or CuPy), exact ``geometry.halo`` in.
+
+    ``O`` is the lower envelope of the tissue at twice a cell's size: a cell, a vessel or a
+    speck narrower than the square is removed, a tissue edge or a plane's step is kept.
+    """
+    s = smooth(block, geometry)
+    return s, _ndi_for(block).grey_opening(s, size=geometry.open_vox)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -165,13 +192,32 @@ def _snap(grid: tuple[tuple[int, ...], ...], bins: Sequence[int]) -> tuple[tuple
 
 
 def _bin_stats_block(padded: Any, *, region: Region, geometry: LocalGeometry) -> np.ndarray:
-    """Median and MAD × 1.4826 of the smoothed core in each bin: ``(2, Z, NY, NX)``."""
-    a = _to_numpy(smooth(padded, geometry)[region.core])
-    _, by, bx = geometry.bin_vox
+    """Per bin of the core: the median of ``I_s − O``, and the MAD × 1.4826 of ``I_s``.
+
+    Returns ``(2, Z, NY, NX)``.
+    """
+    smoothed, opened = levels(padded, geometry)
+    a = _to_numpy(smoothed[region.core])
+    residual = a - _to_numpy(opened[region.core])
+    nbins = [-(-n // b) for n, b in zip(a.shape, geometry.bin_vox, strict=True)]
+    out = np.empty((2, *nbins), np.float32)
+    for cells, sl in _bins(a, geometry.bin_vox):
+        med = np.median(cells, axis=-1)
+        out[1][sl] = np.median(np.abs(cells - med[..., None]), axis=-1)
+    for cells, sl in _bins(residual, geometry.bin_vox):
+        out[0][sl] = np.median(cells, axis=-1)
+    out[1] *= _MAD_TO_SD
+    return out
+
+
+def _bins(a: np.ndarray, bin_vox: Sequence[int]):
+    """``(values, where)``: each bin's voxels along the last axis, and its place in the grid.
+
+    Whole bins at once; the volume's last row and column of bins may be partial.
+    """
+    _, by, bx = bin_vox
     z, y, x = a.shape
     ny, nx = -(-y // by), -(-x // bx)
-    out = np.empty((2, z, ny, nx), np.float32)
-    # whole bins at once; the volume's last row and column of bins may be partial
     for ys, ye in ((0, min(ny, y // by)), (y // by, ny)):
         for xs, xe in ((0, min(nx, x // bx)), (x // bx, nx)):
             if ye <= ys or xe <= xs:
@@ -179,18 +225,13 @@ def _bin_stats_block(padded: Any, *, region: Region, geometry: LocalGeometry) ->
             part = a[:, ys * by : min(y, ye * by), xs * bx : min(x, xe * bx)]
             h, w = -(-part.shape[1] // (ye - ys)), -(-part.shape[2] // (xe - xs))
             cells = part.reshape(z, ye - ys, h, xe - xs, w).transpose(0, 1, 3, 2, 4)
-            cells = cells.reshape(z, ye - ys, xe - xs, h * w)
-            med = np.median(cells, axis=-1)
-            out[0, :, ys:ye, xs:xe] = med
-            out[1, :, ys:ye, xs:xe] = np.median(np.abs(cells - med[..., None]), axis=-1)
-    out[1] *= _MAD_TO_SD
-    return out
+            yield cells.reshape(z, ye - ys, xe - xs, h * w), np.s_[:, ys:ye, xs:xe]
 
 
 def plane_statistics(
     image: Any, geometry: LocalGeometry, *, chunks: tuple[tuple[int, ...], ...]
 ) -> tuple[da.Array, da.Array]:
-    """Background ``B`` and noise ``S`` per plane on the bin grid (lazy).
+    """The background's offset above the opening, and the noise ``S``, per plane on the bins.
 
     Parameters
     ----------
@@ -201,12 +242,12 @@ def plane_statistics(
 
     Returns
     -------
-    background, noise : (Z, ceil(Y / by), ceil(X / bx)) dask arrays of float32
-        The median over 3 × 3 bins of each bin's median of the smoothed image, and the
-        median over 9 × 9 bins of each bin's MAD × 1.4826.
+    offset, noise : (Z, ceil(Y / by), ceil(X / bx)) dask arrays of float32
+        The median over 3 × 3 bins of each bin's median of ``I_s − O`` (see :func:`levels`),
+        and the median over 9 × 9 bins of each bin's MAD × 1.4826 of ``I_s``. Lazy.
     """
     grid = _snap(chunks, geometry.bin_vox)
-    regions = block_regions(grid, geometry.depth)
+    regions = block_regions(grid, geometry.halo)
     blocks = _padded(image, regions)
     parts = np.empty(tuple(len(c) for c in grid), dtype=object)
     for idx, r in regions.items():
@@ -306,17 +347,22 @@ def _maps(region: Region, geometry: LocalGeometry, nbins) -> tuple[tuple, list]:
     return tuple(slice(lo, hi) for lo, hi, _ in spans), spans
 
 
-def _contrast_parts(padded, background, noise, region: Region, spans, geometry) -> dict:
-    """On a block and its shell: ``E = I_s − B``, ``B`` and (with ``noise``) ``z = E / S``."""
+def _contrast_parts(padded, offset, noise, region: Region, spans, geometry) -> dict:
+    """On a block and its shell: ``E = I_s − B``, ``B`` and (with ``noise``) ``z = E / S``.
+
+    ``B = O + offset``: the opening, raised by the interpolated offset bins.
+    """
     sl = _shell(region)
-    s = _to_numpy(smooth(padded, geometry)[sl])
+    smoothed, opened = levels(padded, geometry)
+    s = _to_numpy(smoothed[sl])
     ext = _shell_extent(region)
     for axis in (1, 2):
         coords = np.arange(*ext[axis], dtype=np.float64)
         b, first, n = geometry.bin_vox[axis], spans[axis][0], spans[axis][2]
-        background = _lerp(background, axis, coords, b, first, n)
+        offset = _lerp(offset, axis, coords, b, first, n)
         if noise is not None:
             noise = _lerp(noise, axis, coords, b, first, n)
+    background = _to_numpy(opened[sl]) + offset
     e = s - background
     out = {"E": e, "B": background}
     if noise is not None:
@@ -438,16 +484,16 @@ class LocalResult:
 
 
 def _channel_parts(blocks, geometry, stats, regions, with_noise: bool) -> dict:
-    """Per block, the delayed `_contrast_parts` of one channel (``stats``: B and S)."""
-    background, noise = stats
-    b_win = _Windows(background)
+    """Per block, the delayed `_contrast_parts` of one channel (``stats``: offset and S)."""
+    offset, noise = stats
+    o_win = _Windows(offset)
     n_win = _Windows(noise) if with_noise else None
     out = {}
     for idx, r in regions.items():
-        sel, spans = _maps(r, geometry, background.shape)
+        sel, spans = _maps(r, geometry, offset.shape)
         out[idx] = dask.delayed(_contrast_parts)(
             blocks[idx],
-            b_win[sel],
+            o_win[sel],
             n_win[sel] if with_noise else None,
             r,
             spans,
@@ -544,11 +590,11 @@ def detect_local(
     shape = tuple(int(s) for s in image.shape)
     grid = chunks
     numblocks = tuple(len(c) for c in grid)
-    regions = block_regions(grid, tuple(d + 1 for d in geometry.depth))
+    regions = block_regions(grid, tuple(d + 1 for d in geometry.halo))
     channels = {"image": image} if background is None else {"image": image, "bg": background}
     stats = {}
     for name, channel in channels.items():
-        stats[f"{name}-background"], stats[f"{name}-noise"] = plane_statistics(
+        stats[f"{name}-offset"], stats[f"{name}-noise"] = plane_statistics(
             channel, geometry, chunks=grid
         )
     stats.pop("bg-noise", None)
@@ -559,12 +605,12 @@ def detect_local(
     # the padded blocks serve the smoothing and, cut to their core, the measurement
     blocks = {name: _padded(channel, regions) for name, channel in channels.items()}
     parts = _channel_parts(
-        blocks["image"], geometry, (stats["image-background"], stats["image-noise"]), regions, True
+        blocks["image"], geometry, (stats["image-offset"], stats["image-noise"]), regions, True
     )
     bg_parts = (
         None
         if background is None
-        else _channel_parts(blocks["bg"], geometry, (stats["bg-background"], None), regions, False)
+        else _channel_parts(blocks["bg"], geometry, (stats["bg-offset"], None), regions, False)
     )
     # grids of delayed blocks, not dask arrays: the mask, the analysis and the measurement
     # share each block's smoothing and statistics instead of each fusing its own copy
