@@ -61,10 +61,13 @@ written. Each re-smooths halo-padded blocks and recomputes the bin statistics (`
 side)²`` of the volume) it reads; nothing volume-sized is held. Given a ``scratch`` folder
 (the segment task gives one) the method keeps on disk what later passes would repeat: the
 statistics of both channels become a pass of their own, written once and read by the
-others, and the measurement writes each block's cell bodies (basin labels, compressed),
-which the label pass only renumbers instead of smoothing, tobogganing and cutting bodies a
-third time. Same labels and table, byte for byte; on the deconvolved small phantom the
-method's CPU time halves (`benchmarks/results/real_data.md`, Speed).
+others; that pass also writes each channel's opening ``O`` (float32, compressed: twice the
+bytes of a uint16 channel before compression), so the later passes read it and pad their
+blocks only by the smoothing's halo, not by the opening's ``2 × bin`` more; and the
+measurement writes each block's cell bodies (basin labels, compressed), which the label
+pass only renumbers instead of smoothing, tobogganing and cutting bodies a third time.
+Same labels and table, byte for byte; on the deconvolved small phantom the method's CPU
+time halves (`benchmarks/results/real_data.md`, Speed).
 """
 
 from __future__ import annotations
@@ -191,14 +194,27 @@ def _snap(grid: tuple[tuple[int, ...], ...], bins: Sequence[int]) -> tuple[tuple
     return tuple(out)
 
 
-def _bin_stats_block(padded: Any, *, region: Region, geometry: LocalGeometry) -> np.ndarray:
+def statistics_grid(
+    chunks: tuple[tuple[int, ...], ...], geometry: LocalGeometry
+) -> tuple[tuple[int, ...], ...]:
+    """The blocks of the statistics pass: ``chunks`` snapped to whole bins (a regular grid)."""
+    return _snap(chunks, geometry.bin_vox)
+
+
+def _bin_stats_block(
+    padded: Any, *, region: Region, geometry: LocalGeometry, keep: str | None = None
+) -> np.ndarray:
     """Per bin of the core: the median of ``I_s − O``, and the MAD × 1.4826 of ``I_s``.
 
-    Returns ``(2, Z, NY, NX)``.
+    Returns ``(2, Z, NY, NX)``. With ``keep`` (a Zarr array of the volume's shape) the
+    core's ``O`` is also written there.
     """
     smoothed, opened = levels(padded, geometry)
     a = _to_numpy(smoothed[region.core])
-    residual = a - _to_numpy(opened[region.core])
+    opened = _to_numpy(opened[region.core])
+    if keep is not None:
+        _write_block(keep, region, opened)
+    residual = a - opened
     nbins = [-(-n // b) for n, b in zip(a.shape, geometry.bin_vox, strict=True)]
     out = np.empty((2, *nbins), np.float32)
     for cells, sl in _bins(a, geometry.bin_vox):
@@ -229,7 +245,11 @@ def _bins(a: np.ndarray, bin_vox: Sequence[int]):
 
 
 def plane_statistics(
-    image: Any, geometry: LocalGeometry, *, chunks: tuple[tuple[int, ...], ...]
+    image: Any,
+    geometry: LocalGeometry,
+    *,
+    chunks: tuple[tuple[int, ...], ...],
+    keep_opening: str | Path | None = None,
 ) -> tuple[da.Array, da.Array]:
     """The background's offset above the opening, and the noise ``S``, per plane on the bins.
 
@@ -239,6 +259,10 @@ def plane_statistics(
     geometry : LocalGeometry
     chunks : chunk grid
         Blocks of the statistics pass (snapped to whole bins).
+    keep_opening : path-like, optional
+        A float32 Zarr array of the image's shape, chunked as :func:`statistics_grid`, into
+        which computing the statistics also writes ``O`` (the later passes then read it
+        instead of recomputing it over a halo of ``2 × bin`` more).
 
     Returns
     -------
@@ -246,16 +270,17 @@ def plane_statistics(
         The median over 3 × 3 bins of each bin's median of ``I_s − O`` (see :func:`levels`),
         and the median over 9 × 9 bins of each bin's MAD × 1.4826 of ``I_s``. Lazy.
     """
-    grid = _snap(chunks, geometry.bin_vox)
+    grid = statistics_grid(chunks, geometry)
     regions = block_regions(grid, geometry.halo)
     blocks = _padded(image, regions)
     parts = np.empty(tuple(len(c) for c in grid), dtype=object)
+    keep = None if keep_opening is None else str(keep_opening)
     for idx, r in regions.items():
         shape = tuple(
             -(-(b - a) // n) for a, b, n in zip(r.start, r.stop, geometry.bin_vox, strict=True)
         )
         parts[idx] = da.from_delayed(
-            dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry),
+            dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry, keep=keep),
             shape=(2, *shape),
             dtype=np.float32,
             meta=np.empty((0, 0, 0, 0), np.float32),
@@ -347,22 +372,29 @@ def _maps(region: Region, geometry: LocalGeometry, nbins) -> tuple[tuple, list]:
     return tuple(slice(lo, hi) for lo, hi, _ in spans), spans
 
 
-def _contrast_parts(padded, offset, noise, region: Region, spans, geometry) -> dict:
+def _contrast_parts(padded, offset, noise, region: Region, spans, geometry, kept=None) -> dict:
     """On a block and its shell: ``E = I_s − B``, ``B`` and (with ``noise``) ``z = E / S``.
 
-    ``B = O + offset``: the opening, raised by the interpolated offset bins.
+    ``B = O + offset``: the opening, raised by the interpolated offset bins. ``O`` is read
+    from ``kept`` (the statistics pass's, `plane_statistics`) when given, else computed
+    (``padded`` then needs the halo of ``geometry.halo``, not only of ``geometry.depth``).
     """
     sl = _shell(region)
-    smoothed, opened = levels(padded, geometry)
-    s = _to_numpy(smoothed[sl])
     ext = _shell_extent(region)
+    if kept is None:
+        smoothed, opened = levels(padded, geometry)
+        opened = _to_numpy(opened[sl])
+    else:
+        smoothed = smooth(padded, geometry)
+        opened = zarr.open_array(kept, mode="r")[tuple(slice(a, b) for a, b in ext)]
+    s = _to_numpy(smoothed[sl])
     for axis in (1, 2):
         coords = np.arange(*ext[axis], dtype=np.float64)
         b, first, n = geometry.bin_vox[axis], spans[axis][0], spans[axis][2]
         offset = _lerp(offset, axis, coords, b, first, n)
         if noise is not None:
             noise = _lerp(noise, axis, coords, b, first, n)
-    background = _to_numpy(opened[sl]) + offset
+    background = opened + offset
     e = s - background
     out = {"E": e, "B": background}
     if noise is not None:
@@ -483,8 +515,11 @@ class LocalResult:
     table: pd.DataFrame
 
 
-def _channel_parts(blocks, geometry, stats, regions, with_noise: bool) -> dict:
-    """Per block, the delayed `_contrast_parts` of one channel (``stats``: offset and S)."""
+def _channel_parts(blocks, geometry, stats, regions, with_noise: bool, kept=None) -> dict:
+    """Per block, the delayed `_contrast_parts` of one channel.
+
+    ``stats``: its offset and noise ``S``; ``kept``: its opening on disk, or None.
+    """
     offset, noise = stats
     o_win = _Windows(offset)
     n_win = _Windows(noise) if with_noise else None
@@ -498,6 +533,7 @@ def _channel_parts(blocks, geometry, stats, regions, with_noise: bool) -> dict:
             r,
             spans,
             geometry,
+            kept,
         )
     return out
 
@@ -572,8 +608,9 @@ def detect_local(
         ``compute(collection, description)`` runs each pass (default ``dask.compute``).
     scratch : path-like, optional
         A folder (created if missing) where the method keeps what later passes would
-        otherwise recompute: each channel's bin statistics (then a pass of their own) and,
-        when ``chunks`` is a regular grid, each block's cell bodies, which the labels then
+        otherwise recompute: each channel's bin statistics (then a pass of their own) and
+        opening ``O`` (float32, written by that pass), and, when ``chunks`` is a regular
+        grid, each block's cell bodies, which the labels then
         read instead of repeating the smoothing, statistics, basins and bodies. The
         returned labels read it: delete it once they are computed. Default: nothing kept,
         every pass recomputes (same labels and table, byte for byte).
@@ -590,27 +627,43 @@ def detect_local(
     shape = tuple(int(s) for s in image.shape)
     grid = chunks
     numblocks = tuple(len(c) for c in grid)
-    regions = block_regions(grid, tuple(d + 1 for d in geometry.halo))
     channels = {"image": image} if background is None else {"image": image, "bg": background}
-    stats = {}
-    for name, channel in channels.items():
-        stats[f"{name}-offset"], stats[f"{name}-noise"] = plane_statistics(
-            channel, geometry, chunks=grid
-        )
-    stats.pop("bg-noise", None)
+    # with a scratch folder the statistics pass keeps each channel's opening there, and the
+    # later passes read it: their blocks then need only the smoothing's halo
+    kept = dict.fromkeys(channels)
     if scratch is not None:
         scratch = Path(scratch)
         scratch.mkdir(parents=True, exist_ok=True)
+        step = tuple(c[0] for c in statistics_grid(grid, geometry))
+        for name in channels:
+            kept[name] = str(scratch / f"{name}-opening.zarr")
+            _scratch_array(kept[name], shape, step, np.float32)
+    stats = {}
+    for name, channel in channels.items():
+        stats[f"{name}-offset"], stats[f"{name}-noise"] = plane_statistics(
+            channel, geometry, chunks=grid, keep_opening=kept[name]
+        )
+    stats.pop("bg-noise", None)
+    if scratch is not None:
         stats = _keep_statistics(stats, scratch, compute)
+    halo = geometry.halo if scratch is None else geometry.depth
+    regions = block_regions(grid, tuple(d + 1 for d in halo))
     # the padded blocks serve the smoothing and, cut to their core, the measurement
     blocks = {name: _padded(channel, regions) for name, channel in channels.items()}
     parts = _channel_parts(
-        blocks["image"], geometry, (stats["image-offset"], stats["image-noise"]), regions, True
+        blocks["image"],
+        geometry,
+        (stats["image-offset"], stats["image-noise"]),
+        regions,
+        True,
+        kept["image"],
     )
     bg_parts = (
         None
         if background is None
-        else _channel_parts(blocks["bg"], geometry, (stats["bg-offset"], None), regions, False)
+        else _channel_parts(
+            blocks["bg"], geometry, (stats["bg-offset"], None), regions, False, kept["bg"]
+        )
     )
     # grids of delayed blocks, not dask arrays: the mask, the analysis and the measurement
     # share each block's smoothing and statistics instead of each fusing its own copy
