@@ -28,7 +28,7 @@ import scipy.ndimage as ndi
 from lightsheet.config import SegmentConfig
 from lightsheet.evaluate import match_points
 from lightsheet.segment import segment_volume
-from lightsheet.segment.local import LocalGeometry, plane_statistics
+from lightsheet.segment.background import LocalGeometry, plane_statistics
 
 VOXEL_UM = np.array([2.0, 1.0, 1.0])
 SHAPE = (64, 256, 256)

@@ -8,9 +8,9 @@ a cell, in units of the variation of the tissue around it:
 
 1. **Smoothing at the cell's scale.** ``I_s = G(σ) * I`` with σ a fifth of the diameter per
    axis (in µm, so anisotropic voxels are handled).
-2. **Local statistics, per plane** (:func:`plane_statistics`). The background ``B`` follows
+2. **Local statistics, per plane** (`lightsheet.segment.background`). The background ``B`` follows
    the tissue's lower envelope: ``O``, a grey opening of ``I_s`` per plane by a square of
-   ``2 × bin + 1`` voxels (about two diameters; :func:`levels`), removes every cell, vessel
+   ``2 × bin + 1`` voxels (about two diameters; ``levels``), removes every cell, vessel
    and speck narrower than the square and keeps a tissue edge or a plane's step where they
    are. The envelope lies below the tissue's typical level by an amount that follows the
    texture, so ``B = O + offset``: the planes are cut into bins of about one diameter
@@ -82,27 +82,31 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
-import scipy.ndimage as ndi
 import zarr
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from zarr.codecs import BloscCodec
 
-from lightsheet.regions import Region, block_regions, map_overlap, read_region
-from lightsheet.segment._common import _ndi_for, _to_numpy, _xp_for, label_dtype
+from lightsheet.regions import Region, block_regions
+from lightsheet.segment._common import _to_numpy, label_dtype
+from lightsheet.segment.background import (
+    LocalGeometry,
+    _bin_span,
+    _lerp,
+    _padded,
+    _write_block,
+    levels,
+    plane_statistics,
+    smooth,
+    statistics_grid,
+)
 from lightsheet.segment.measure import _combine, _measure_block
 from lightsheet.segment.threshold import _compute
 from lightsheet.segment.watershed import _basin_block, _watershed_analysis
 
-__all__ = ["LocalGeometry", "LocalResult", "detect_local", "levels", "plane_statistics", "smooth"]
+__all__ = ["LocalResult", "detect_local"]
 
-#: Smoothing σ as a fraction of the diameter.
-SMOOTH_SIGMA = 0.2
-#: The background's median runs over this many bins a side.
-BACKGROUND_WINDOW_BINS = 3
-#: The noise's median runs over this many bins a side.
-NOISE_WINDOW_BINS = 9
 #: Basins live where the significance exceeds this (noise SDs).
 MASK_SD = 2.0
 #: Two peaks are two cells when the dip between them is this deep (noise SDs) ...
@@ -117,234 +121,9 @@ MIN_PEAK_DISTANCE = 0.5
 BODY_FRACTION = 0.5
 #: Its centre: weighted by how far each voxel rises above this fraction of its peak.
 CENTRE_FRACTION = 0.7
-_MAD_TO_SD = 1.4826
-
-
-@dataclass(frozen=True)
-class LocalGeometry:
-    """The method's scales in voxels, derived from the diameter and the voxel size.
-
-    Attributes
-    ----------
-    sigma_vox : (3,) floats
-        Smoothing σ per axis.
-    depth : (3,) ints
-        Halo that makes a block's smoothing exact (the Gaussian's radius).
-    bin_vox : (3,) ints
-        Statistics bin: one plane, about one diameter in y and x.
-    open_vox : (3,) ints
-        The opening's square: one plane, ``2 × bin + 1`` (about two diameters) in y and x.
-    """
-
-    sigma_vox: tuple[float, float, float]
-    depth: tuple[int, int, int]
-    bin_vox: tuple[int, int, int]
-    open_vox: tuple[int, int, int]
-
-    @classmethod
-    def of(cls, voxel_size_um: Sequence[float], diameter_um: float) -> LocalGeometry:
-        """The geometry for a cell diameter at a voxel size.
-
-        Examples
-        --------
-        >>> g = LocalGeometry.of((5.0, 2.0, 2.0), 14.0)
-        >>> g.sigma_vox, g.depth, g.bin_vox, g.open_vox, g.halo
-        ((0.56, 1.4, 1.4), (2, 6, 6), (1, 7, 7), (1, 15, 15), (2, 20, 20))
-        """
-        sigma = tuple(round(SMOOTH_SIGMA * diameter_um / v, 6) for v in voxel_size_um)
-        depth = tuple(int(4.0 * s + 0.5) for s in sigma)  # scipy's Gaussian radius
-        bins = (1,) + tuple(max(1, round(diameter_um / v)) for v in voxel_size_um[1:])
-        opening = (1,) + tuple(2 * b + 1 for b in bins[1:])
-        return cls(sigma, depth, bins, opening)  # type: ignore[arg-type]
-
-    @property
-    def halo(self) -> tuple[int, int, int]:
-        """Halo that makes a block's smoothing and its opening exact."""
-        return tuple(d + k - 1 for d, k in zip(self.depth, self.open_vox, strict=True))
-
-
-def smooth(block: Any, geometry: LocalGeometry) -> Any:
-    """``G(σ) * block`` in float32 (NumPy or CuPy), exact ``geometry.depth`` from the edges."""
-    nd = _ndi_for(block)
-    xp = _xp_for(block)
-    return nd.gaussian_filter(
-        block.astype(xp.float32, copy=False), geometry.sigma_vox, truncate=4.0
-    )
-
-
-def levels(block: Any, geometry: LocalGeometry) -> tuple[Any, Any]:
-    """``I_s`` and its opening per plane ``O`` (NumPy or CuPy), exact ``geometry.halo`` in.
-
-    ``O`` is the lower envelope of the tissue at twice a cell's size: a cell, a vessel or a
-    speck narrower than the square is removed, a tissue edge or a plane's step is kept.
-    """
-    s = smooth(block, geometry)
-    return s, _ndi_for(block).grey_opening(s, size=geometry.open_vox)
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def _snap(grid: tuple[tuple[int, ...], ...], bins: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-    """Chunks of the same shape whose sides (but the last) are whole numbers of bins."""
-    out = []
-    for c, b in zip(grid, bins, strict=True):
-        n, step = sum(c), max(b, round(max(c) / b) * b)
-        out.append(tuple([step] * (n // step) + ([n % step] if n % step else [])))
-    return tuple(out)
-
-
-def statistics_grid(
-    chunks: tuple[tuple[int, ...], ...], geometry: LocalGeometry
-) -> tuple[tuple[int, ...], ...]:
-    """The blocks of the statistics pass: ``chunks`` snapped to whole bins (a regular grid)."""
-    return _snap(chunks, geometry.bin_vox)
-
-
-def _bin_stats_block(
-    padded: Any, *, region: Region, geometry: LocalGeometry, keep: str | None = None
-) -> np.ndarray:
-    """Per bin of the core: the median of ``I_s − O``, and the MAD × 1.4826 of ``I_s``.
-
-    Returns ``(2, Z, NY, NX)``. With ``keep`` (a Zarr array of the volume's shape) the
-    core's ``O`` is also written there.
-    """
-    smoothed, opened = levels(padded, geometry)
-    a = _to_numpy(smoothed[region.core])
-    opened = _to_numpy(opened[region.core])
-    if keep is not None:
-        _write_block(keep, region, opened)
-    residual = a - opened
-    nbins = [-(-n // b) for n, b in zip(a.shape, geometry.bin_vox, strict=True)]
-    out = np.empty((2, *nbins), np.float32)
-    for cells, sl in _bins(a, geometry.bin_vox):
-        med = np.median(cells, axis=-1)
-        out[1][sl] = np.median(np.abs(cells - med[..., None]), axis=-1)
-    for cells, sl in _bins(residual, geometry.bin_vox):
-        out[0][sl] = np.median(cells, axis=-1)
-    out[1] *= _MAD_TO_SD
-    return out
-
-
-def _bins(a: np.ndarray, bin_vox: Sequence[int]):
-    """``(values, where)``: each bin's voxels along the last axis, and its place in the grid.
-
-    Whole bins at once; the volume's last row and column of bins may be partial.
-    """
-    _, by, bx = bin_vox
-    z, y, x = a.shape
-    ny, nx = -(-y // by), -(-x // bx)
-    for ys, ye in ((0, min(ny, y // by)), (y // by, ny)):
-        for xs, xe in ((0, min(nx, x // bx)), (x // bx, nx)):
-            if ye <= ys or xe <= xs:
-                continue
-            part = a[:, ys * by : min(y, ye * by), xs * bx : min(x, xe * bx)]
-            h, w = -(-part.shape[1] // (ye - ys)), -(-part.shape[2] // (xe - xs))
-            cells = part.reshape(z, ye - ys, h, xe - xs, w).transpose(0, 1, 3, 2, 4)
-            yield cells.reshape(z, ye - ys, xe - xs, h * w), np.s_[:, ys:ye, xs:xe]
-
-
-def plane_statistics(
-    image: Any,
-    geometry: LocalGeometry,
-    *,
-    chunks: tuple[tuple[int, ...], ...],
-    keep_opening: str | Path | None = None,
-) -> tuple[da.Array, da.Array]:
-    """The background's offset above the opening, and the noise ``S``, per plane on the bins.
-
-    Parameters
-    ----------
-    image : (Z, Y, X) dask array or stored array-like
-    geometry : LocalGeometry
-    chunks : chunk grid
-        Blocks of the statistics pass (snapped to whole bins).
-    keep_opening : path-like, optional
-        A float32 Zarr array of the image's shape, chunked as :func:`statistics_grid`, into
-        which computing the statistics also writes ``O`` (the later passes then read it
-        instead of recomputing it over a halo of ``2 × bin`` more).
-
-    Returns
-    -------
-    offset, noise : (Z, ceil(Y / by), ceil(X / bx)) dask arrays of float32
-        The median over 3 × 3 bins of each bin's median of ``I_s − O`` (see :func:`levels`),
-        and the median over 9 × 9 bins of each bin's MAD × 1.4826 of ``I_s``. Lazy.
-    """
-    grid = statistics_grid(chunks, geometry)
-    regions = block_regions(grid, geometry.halo)
-    blocks = _padded(image, regions)
-    parts = np.empty(tuple(len(c) for c in grid), dtype=object)
-    keep = None if keep_opening is None else str(keep_opening)
-    for idx, r in regions.items():
-        shape = tuple(
-            -(-(b - a) // n) for a, b, n in zip(r.start, r.stop, geometry.bin_vox, strict=True)
-        )
-        parts[idx] = da.from_delayed(
-            dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry, keep=keep),
-            shape=(2, *shape),
-            dtype=np.float32,
-            meta=np.empty((0, 0, 0, 0), np.float32),
-        )
-    stats = da.concatenate(
-        [
-            da.concatenate([da.concatenate(list(row), axis=3) for row in plane], axis=2)
-            for plane in parts
-        ],
-        axis=1,
-    )
-    return _median_bins(stats[0], BACKGROUND_WINDOW_BINS), _median_bins(stats[1], NOISE_WINDOW_BINS)
-
-
-def _median_bins(bins: da.Array, window: int) -> da.Array:
-    half = window // 2
-    depth = (0, min(half, bins.shape[1] - 1), min(half, bins.shape[2] - 1))
-    return map_overlap(
-        _median_block, bins, depth=depth, boundary="nearest", dtype=np.float32, window=window
-    )
-
-
-def _median_block(padded: np.ndarray, *, region: Region, window: int) -> np.ndarray:
-    return ndi.median_filter(padded, size=(1, window, window), mode="nearest")
-
-
-def _lerp(values: np.ndarray, axis: int, coords: np.ndarray, b: int, first: int, n: int):
-    """Linear interpolation along ``axis`` between bin centres ``(j + 0.5) b − 0.5``."""
-    u = (coords + 0.5) / b - 0.5
-    j0 = np.floor(u)
-    w = (u - j0).astype(np.float32)
-    lo = np.clip(j0.astype(np.int64), 0, n - 1) - first
-    hi = np.clip(j0.astype(np.int64) + 1, 0, n - 1) - first
-    shape = [1, 1, 1]
-    shape[axis] = -1
-    w = w.reshape(shape)
-    return np.take(values, lo, axis=axis) * (1 - w) + np.take(values, hi, axis=axis) * w
-
-
-def _bin_span(start: int, stop: int, b: int, n: int) -> tuple[int, int]:
-    """The bins ``[lo, hi)`` `_lerp` reads for voxels ``[start, stop)``."""
-    lo = min(max(0, math.floor((start + 0.5) / b - 0.5)), n - 1)
-    hi = min(n, max(1, math.floor((stop - 0.5) / b - 0.5) + 2))
-    return lo, max(hi, lo + 1)
 
 
 # ----------------------------------------------------------------------------- blocks
-
-
-def _padded(image: Any, regions: dict) -> dict:
-    """Each region's halo-padded block, delayed: read from the store, or cut from dask."""
-    out = {}
-    if isinstance(image, da.Array):
-        for idx, r in regions.items():
-            sl = tuple(
-                slice(a - lo, b + hi)
-                for a, b, lo, hi in zip(r.start, r.stop, r.lo, r.hi, strict=True)
-            )
-            out[idx] = dask.delayed(np.asarray)(image[sl])
-        return out
-    source = dask.delayed(image, pure=True, traverse=False)
-    for idx, r in regions.items():
-        out[idx] = dask.delayed(read_region)(source, r)
-    return out
 
 
 def _shell_extent(region: Region) -> list[tuple[int, int]]:
@@ -488,13 +267,6 @@ def _scratch_array(path: Path, shape, chunks, dtype):
 def _regular(grid) -> bool:
     """A grid a zarr array can hold one block per chunk of: equal sides, the last no larger."""
     return all(all(n == c[0] for n in c[:-1]) and c[-1] <= c[0] for c in grid)
-
-
-def _write_block(path: str, region: Region, block: np.ndarray) -> None:
-    store = zarr.open_array(path, mode="r+")
-    store[tuple(slice(a, b) for a, b in zip(region.start, region.stop, strict=True))] = (
-        block.astype(store.dtype)
-    )
 
 
 def _kept_block(path: str, region: Region, keep_lut: np.ndarray, dtype) -> np.ndarray:

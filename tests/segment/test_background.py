@@ -1,4 +1,5 @@
-"""The local method's background against SciPy on the whole array, and at a tissue edge."""
+"""The local method's background (`lightsheet.segment.background`) against SciPy on the whole
+array, and cells at a step in it."""
 
 from __future__ import annotations
 
@@ -12,15 +13,14 @@ from lightsheet.config import SegmentConfig
 from lightsheet.evaluate import match_points
 from lightsheet.regions import block_regions
 from lightsheet.segment import segment_volume
-from lightsheet.segment.local import (
+from lightsheet.segment.background import (
     BACKGROUND_WINDOW_BINS,
     NOISE_WINDOW_BINS,
     LocalGeometry,
-    _channel_parts,
-    _core,
     _padded,
     plane_statistics,
 )
+from lightsheet.segment.local import _channel_parts, _core
 
 VOXEL_UM = (2.0, 1.0, 1.0)
 
