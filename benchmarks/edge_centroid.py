@@ -36,20 +36,56 @@ EDGE_X = 100  # voxels: the edge's middle
 INSIDE_UM = (4.0, 6.0, 8.0)
 
 
-def edge_volume(diameter_um: float, edge_um: float, noise: float, seed: int = 0):
-    """The synthetic volume and its cells' true centres (µm)."""
+def cells_beside_edge(edge_x: int, direction: int = -1) -> list[tuple[float, float, float]]:
+    """Five cell centres (µm) in the middle plane, 4, 6, 8, 4 and 6 µm from the edge's middle
+    at voxel ``edge_x``: on its low-x side (``direction`` −1) or its high-x side (+1)."""
+    return [
+        (12 * VOXEL_UM[0], y * VOXEL_UM[1], edge_x * VOXEL_UM[2] + direction * INSIDE_UM[i % 3])
+        for i, y in enumerate(range(14, SHAPE[1] - 6, 16))
+    ]
+
+
+def step_volume(
+    shape,
+    *,
+    edge_x: int,
+    edge_um: float,
+    cells_um,
+    diameter_um: float,
+    noise: float,
+    levels=(1000.0, 100.0),
+    amplitude: float = 600.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """A plane-wise step from ``levels[0]`` (low x) to ``levels[1]`` across a logistic edge of
+    ``edge_um`` scale whose middle is voxel ``edge_x``, Gaussian cells (σ a quarter of the
+    diameter) of ``amplitude`` at ``cells_um``, and Gaussian noise of SD ``noise`` scaled by the
+    square root of the local level over ``levels[0]``. Voxels of `VOXEL_UM`."""
     rng = np.random.default_rng(seed)
-    x_um = np.arange(SHAPE[2]) * VOXEL_UM[2]
-    level = 100 + 900 / (1 + np.exp((x_um - EDGE_X * VOXEL_UM[2]) / edge_um))
-    image = np.broadcast_to(level, SHAPE).astype(np.float32).copy()
-    grid = np.indices(SHAPE, dtype=np.float32) * np.reshape(VOXEL_UM, (3, 1, 1, 1))
-    centres = []
-    for i, y in enumerate(range(14, SHAPE[1] - 6, 16)):
-        c = (12 * VOXEL_UM[0], y * VOXEL_UM[1], EDGE_X * VOXEL_UM[2] - INSIDE_UM[i % 3])
-        centres.append(c)
+    high, low = levels
+    x_um = np.arange(shape[2]) * VOXEL_UM[2]
+    level = low + (high - low) / (1 + np.exp((x_um - edge_x * VOXEL_UM[2]) / edge_um))
+    image = np.broadcast_to(level, shape).astype(np.float32).copy()
+    grid = np.indices(shape, dtype=np.float32) * np.reshape(VOXEL_UM, (3, 1, 1, 1))
+    for c in cells_um:
         r2 = sum((grid[a] - c[a]) ** 2 for a in range(3))
-        image += 600 * np.exp(-r2 / (2 * (diameter_um / 4) ** 2))
-    image += rng.normal(0, noise, SHAPE).astype(np.float32) * np.sqrt(level / 1000)
+        image += amplitude * np.exp(-r2 / (2 * (diameter_um / 4) ** 2))
+    image += rng.normal(0, noise, shape).astype(np.float32) * np.sqrt(level / high)
+    return image
+
+
+def edge_volume(diameter_um: float, edge_um: float, noise: float, seed: int = 0):
+    """The benchmark's volume (tissue at 1000, outside at 100) and its cells' centres (µm)."""
+    centres = cells_beside_edge(EDGE_X)
+    image = step_volume(
+        SHAPE,
+        edge_x=EDGE_X,
+        edge_um=edge_um,
+        cells_um=centres,
+        diameter_um=diameter_um,
+        noise=noise,
+        seed=seed,
+    )
     return image, np.array(centres)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
+from benchmarks.edge_centroid import VOXEL_UM, cells_beside_edge, step_volume
 from lightsheet.config import SegmentConfig
 from lightsheet.evaluate import match_points
 from lightsheet.regions import block_regions
@@ -21,26 +22,6 @@ from lightsheet.segment.background import (
     plane_statistics,
 )
 from lightsheet.segment.local import _channel_parts, _core
-
-VOXEL_UM = (2.0, 1.0, 1.0)
-
-
-def _edge_volume(shape, *, edge_x, edge_um, cells, diameter_um, noise, levels=(1000, 100), seed=0):
-    """A plane-wise step from ``levels[0]`` (x below ``edge_x``) to ``levels[1]`` across a
-    logistic edge of ``edge_um``, Gaussian cells (σ a quarter of the diameter, amplitude 600
-    on a 1000 : 100 step, else 300), and noise growing with the level."""
-    rng = np.random.default_rng(seed)
-    x_um = np.arange(shape[2]) * VOXEL_UM[2]
-    high, low = levels
-    level = low + (high - low) / (1 + np.exp((x_um - edge_x * VOXEL_UM[2]) / edge_um))
-    image = np.broadcast_to(level, shape).astype(np.float32).copy()
-    grid = np.indices(shape, dtype=np.float32) * np.reshape(VOXEL_UM, (3, 1, 1, 1))
-    amplitude = 600 if low == 100 else 300
-    for c in cells:
-        r2 = sum((grid[a] - c[a]) ** 2 for a in range(3))
-        image += amplitude * np.exp(-r2 / (2 * (diameter_um / 4) ** 2))
-    image += rng.normal(0, noise, shape).astype(np.float32) * np.sqrt(level / 1000)
-    return image
 
 
 def _binned(a, bins, stat):
@@ -91,8 +72,8 @@ def test_background_and_significance_equal_whole_array_scipy(chunks):
     diameter = 8.0
     shape = (6, 70, 90)
     cells = [(6.0, 20.0, 30.0), (4.0, 50.0, 52.0), (8.0, 35.0, 70.0)]
-    image = _edge_volume(
-        shape, edge_x=55, edge_um=1.0, cells=cells, diameter_um=diameter, noise=60.0
+    image = step_volume(
+        shape, edge_x=55, edge_um=1.0, cells_um=cells, diameter_um=diameter, noise=60.0
     )
     geometry = LocalGeometry.of(VOXEL_UM, diameter)
     b_ref, z_ref = _reference(image, geometry)
@@ -120,20 +101,20 @@ def test_cells_next_to_a_sharp_step(edge_um, side):
     (1000), where that background stood too high (1 of 5 found at 1 µm; at 3 µm 17 objects
     along the step). The opening follows the step on both sides.
     """
-    diameter, shape, edge_x = 12.0, (24, 96, 160), 100 if side == "bright" else 60
-    sign, levels = (-1, (1000, 100)) if side == "bright" else (1, (1000, 400))
-    cells = [
-        (24.0, float(y), edge_x + sign * inside)
-        for y, inside in zip(range(14, 90, 16), (4.0, 6.0, 8.0, 4.0, 6.0), strict=True)
-    ]
-    image = _edge_volume(
+    diameter, shape = 12.0, (24, 96, 160)
+    edge_x, direction, levels, amplitude, noise = (
+        (100, -1, (1000, 100), 600, 60.0) if side == "bright" else (60, 1, (1000, 400), 300, 30.0)
+    )
+    cells = cells_beside_edge(edge_x, direction)
+    image = step_volume(
         shape,
         edge_x=edge_x,
         edge_um=edge_um,
-        cells=cells,
+        cells_um=cells,
         diameter_um=diameter,
-        noise=60.0 if side == "bright" else 30.0,
+        noise=noise,
         levels=levels,
+        amplitude=amplitude,
     )
     result = segment_volume(
         da.from_array(image, chunks=(24, 48, 64)),
