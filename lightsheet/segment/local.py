@@ -382,8 +382,8 @@ def detect_local(
         A folder (created if missing) where the method keeps what later passes would
         otherwise recompute: each channel's bin statistics (then a pass of their own) and
         opening ``O`` (float32, written by that pass), and, when ``chunks`` is a regular
-        grid, each block's cell bodies, which the labels then
-        read instead of repeating the smoothing, statistics, basins and bodies. The
+        grid, each block's cell bodies, which the labels then read instead of repeating the
+        smoothing, statistics, basins and bodies. The
         returned labels read it: delete it once they are computed. Default: nothing kept,
         every pass recomputes (same labels and table, byte for byte).
 
