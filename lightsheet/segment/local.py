@@ -61,11 +61,13 @@ written. Each re-smooths halo-padded blocks and recomputes the bin statistics (`
 side)²`` of the volume) it reads; nothing volume-sized is held. Given a ``scratch`` folder
 (the segment task gives one) the method keeps on disk what later passes would repeat: the
 statistics of both channels become a pass of their own, written once and read by the
-others; that pass also writes each channel's opening ``O`` (float32, compressed: twice the
-bytes of a uint16 channel before compression), so the later passes read it and pad their
-blocks only by the smoothing's halo, not by the opening's ``2 × bin`` more; and the
-measurement writes each block's cell bodies (basin labels, compressed), which the label
-pass only renumbers instead of smoothing, tobogganing and cutting bodies a third time.
+others; that pass also writes each channel's ``I_s`` and ``O`` (float32, compressed: four
+times the bytes of a uint16 channel before compression), so the later passes read both over
+a one-voxel shell instead of reading the image over the smoothing's and the opening's halo
+and computing them again, and read the image itself only at each block's core (the
+measurement's intensities); and the measurement writes each block's cell bodies (basin
+labels, compressed), which the label pass only renumbers instead of tobogganing and cutting
+bodies a third time.
 Same labels and table, byte for byte; on the deconvolved small phantom the method's CPU
 time halves (`benchmarks/results/real_data.md`, Speed).
 """
@@ -91,6 +93,7 @@ from zarr.codecs import BloscCodec
 from lightsheet.regions import Region, block_regions
 from lightsheet.segment._common import _to_numpy, label_dtype
 from lightsheet.segment.background import (
+    Kept,
     LocalGeometry,
     _bin_span,
     _lerp,
@@ -98,7 +101,6 @@ from lightsheet.segment.background import (
     _write_block,
     levels,
     plane_statistics,
-    smooth,
     statistics_grid,
 )
 from lightsheet.segment.measure import _combine, _measure_block
@@ -154,19 +156,19 @@ def _maps(region: Region, geometry: LocalGeometry, nbins) -> tuple[tuple, list]:
 def _contrast_parts(padded, offset, noise, region: Region, spans, geometry, kept=None) -> dict:
     """On a block and its shell: ``E = I_s − B``, ``B`` and (with ``noise``) ``z = E / S``.
 
-    ``B = O + offset``: the opening, raised by the interpolated offset bins. ``O`` is read
-    from ``kept`` (the statistics pass's, `plane_statistics`) when given, else computed
-    (``padded`` then needs the halo of ``geometry.halo``, not only of ``geometry.depth``).
+    ``B = O + offset``: the opening, raised by the interpolated offset bins. ``I_s`` and
+    ``O`` are read from ``kept`` (the statistics pass's, `plane_statistics`) when given,
+    else computed from ``padded`` (the block with the halo of ``geometry.halo``).
     """
-    sl = _shell(region)
     ext = _shell_extent(region)
     if kept is None:
         smoothed, opened = levels(padded, geometry)
-        opened = _to_numpy(opened[sl])
+        sl = _shell(region)
+        s, opened = _to_numpy(smoothed[sl]), _to_numpy(opened[sl])
     else:
-        smoothed = smooth(padded, geometry)
-        opened = zarr.open_array(kept, mode="r")[tuple(slice(a, b) for a, b in ext)]
-    s = _to_numpy(smoothed[sl])
+        window = tuple(slice(a, b) for a, b in ext)
+        s = zarr.open_array(kept.smoothed, mode="r")[window]
+        opened = zarr.open_array(kept.opening, mode="r")[window]
     for axis in (1, 2):
         coords = np.arange(*ext[axis], dtype=np.float64)
         b, first, n = geometry.bin_vox[axis], spans[axis][0], spans[axis][2]
@@ -258,7 +260,7 @@ def _scratch_array(path: Path, shape, chunks, dtype):
         shape=shape,
         chunks=chunks,
         dtype=dtype,
-        compressors=BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+        compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
         fill_value=0,
         overwrite=True,
     )
@@ -290,7 +292,8 @@ class LocalResult:
 def _channel_parts(blocks, geometry, stats, regions, with_noise: bool, kept=None) -> dict:
     """Per block, the delayed `_contrast_parts` of one channel.
 
-    ``stats``: its offset and noise ``S``; ``kept``: its opening on disk, or None.
+    ``stats``: its offset and noise ``S``; ``kept``: its ``I_s`` and ``O`` on disk, or None
+    (``blocks`` then holds each region's padded block).
     """
     offset, noise = stats
     o_win = _Windows(offset)
@@ -380,8 +383,8 @@ def detect_local(
         ``compute(collection, description)`` runs each pass (default ``dask.compute``).
     scratch : path-like, optional
         A folder (created if missing) where the method keeps what later passes would
-        otherwise recompute: each channel's bin statistics (then a pass of their own) and
-        opening ``O`` (float32, written by that pass), and, when ``chunks`` is a regular
+        otherwise recompute: each channel's bin statistics (then a pass of their own),
+        ``I_s`` and ``O`` (float32, written by that pass), and, when ``chunks`` is a regular
         grid, each block's cell bodies, which the labels then read instead of repeating the
         smoothing, statistics, basins and bodies. The
         returned labels read it: delete it once they are computed. Default: nothing kept,
@@ -400,28 +403,40 @@ def detect_local(
     grid = chunks
     numblocks = tuple(len(c) for c in grid)
     channels = {"image": image} if background is None else {"image": image, "bg": background}
-    # with a scratch folder the statistics pass keeps each channel's opening there, and the
-    # later passes read it: their blocks then need only the smoothing's halo
+    # with a scratch folder the statistics pass keeps each channel's I_s and O there, and
+    # the later passes read them over a one-voxel shell: no halo, no smoothing, no opening
     kept = dict.fromkeys(channels)
     if scratch is not None:
         scratch = Path(scratch)
         scratch.mkdir(parents=True, exist_ok=True)
         step = tuple(c[0] for c in statistics_grid(grid, geometry))
         for name in channels:
-            kept[name] = str(scratch / f"{name}-opening.zarr")
-            _scratch_array(kept[name], shape, step, np.float32)
+            kept[name] = Kept(
+                str(scratch / f"{name}-smoothed.zarr"), str(scratch / f"{name}-opening.zarr")
+            )
+            for path in (kept[name].smoothed, kept[name].opening):
+                _scratch_array(path, shape, step, np.float32)
     stats = {}
     for name, channel in channels.items():
         stats[f"{name}-offset"], stats[f"{name}-noise"] = plane_statistics(
-            channel, geometry, chunks=grid, keep_opening=kept[name]
+            channel, geometry, chunks=grid, keep=kept[name]
         )
     stats.pop("bg-noise", None)
-    if scratch is not None:
+    if scratch is None:
+        regions = block_regions(grid, tuple(d + 1 for d in geometry.halo))
+        # the padded blocks serve the smoothing and, cut to their core, the measurement
+        blocks = {name: _padded(channel, regions) for name, channel in channels.items()}
+        cores = {
+            name: {idx: dask.delayed(_core_of)(b[idx], regions[idx]) for idx in regions}
+            for name, b in blocks.items()
+        }
+    else:
         stats = _keep_statistics(stats, scratch, compute)
-    halo = geometry.halo if scratch is None else geometry.depth
-    regions = block_regions(grid, tuple(d + 1 for d in halo))
-    # the padded blocks serve the smoothing and, cut to their core, the measurement
-    blocks = {name: _padded(channel, regions) for name, channel in channels.items()}
+        regions = block_regions(grid, (1, 1, 1))
+        blocks = {name: dict.fromkeys(regions) for name in channels}
+        # the image itself only where the measurement reads it: each block's core
+        core_regions = block_regions(grid, (0, 0, 0))
+        cores = {name: _padded(channel, core_regions) for name, channel in channels.items()}
     parts = _channel_parts(
         blocks["image"],
         geometry,
@@ -455,10 +470,6 @@ def detect_local(
     cell_peaks = dask.delayed(
         np.where(peaks_by_label >= min_peak_sd, peaks_by_label, np.inf), pure=True
     )
-    cores = {
-        name: {idx: dask.delayed(_core_of)(b[idx], regions[idx]) for idx in regions}
-        for name, b in blocks.items()
-    }
     bodies = None
     if scratch is not None and _regular(grid):
         bodies = str(scratch / "bodies.zarr")

@@ -130,10 +130,12 @@ def test_scratch_changes_nothing(crop, with_background, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "bg-offset.zarr",
         "bg-opening.zarr",
+        "bg-smoothed.zarr",
         "bodies.zarr",
         "image-noise.zarr",
         "image-offset.zarr",
         "image-opening.zarr",
+        "image-smoothed.zarr",
     ]
     pd.testing.assert_frame_equal(kept.table, with_background.table, check_exact=True)
     np.testing.assert_array_equal(kept.labels.compute(), with_background.labels.compute())

@@ -497,6 +497,7 @@ def test_local_scratch_changes_nothing(blocks, tmp_path):
             "image-noise.zarr",
             "image-offset.zarr",
             "image-opening.zarr",
+            "image-smoothed.zarr",
         ]
         recomputes = any("contrast_parts" in str(k) for k in kept.labels.__dask_graph__())
         assert recomputes != regular
@@ -504,6 +505,45 @@ def test_local_scratch_changes_nothing(blocks, tmp_path):
         labels = kept.labels.compute()
         assert labels.dtype == ref.labels.dtype
         np.testing.assert_array_equal(labels, ref.labels.compute())
+
+
+def test_local_scratch_reads_the_image_with_a_halo_once(tmp_path, monkeypatch):
+    # with a scratch folder only the statistics pass reads the image over a halo, in its own
+    # blocks (2 x 2 of the analysis's in y and x); the analysis reads none of it (I_s and O
+    # come from the scratch folder), the measurement each block's core once, the labels none
+    from lightsheet.regions import read_region
+    from lightsheet.segment import background as bg
+
+    reads = []
+
+    def recording(source, region, boundary="none"):
+        reads.append(region)
+        return read_region(source, region, boundary)
+
+    monkeypatch.setattr(bg, "read_region", recording)
+    shape, blocks = (30, 70, 64), (10, 16, 16)
+    rng = np.random.default_rng(8)
+    image = _nuclei_image(shape, rng.uniform((4, 5, 5), (56, 65, 59), size=(14, 3)), seed=3)
+    store = zarr.create_array(zarr.storage.MemoryStore(), data=image, chunks=(7, 32, 20))
+    result = seg.segment_volume(
+        store,
+        voxel_size_um=VOXEL_UM,
+        config=SegmentConfig(nucleus_diameter_um=DIAMETER_UM),
+        chunks=blocks,
+        scratch=tmp_path,
+    )
+    result.labels.compute()
+    assert result.n > 8
+    padded = [r for r in reads if any(r.lo) or any(r.hi)]
+    cores = sorted(r.start for r in reads if not (any(r.lo) or any(r.hi)))
+    geometry = bg.LocalGeometry.of(VOXEL_UM, DIAMETER_UM)
+    grid = da.core.normalize_chunks(blocks, shape)
+    stat_blocks = bg._statistics_blocks(bg.statistics_grid(grid, geometry))
+    assert stat_blocks[1:] == ((36, 34), (36, 28))  # blocks of 2 bins of 9, 2 x 2 joined
+    assert len(padded) == 3 * 2 * 2
+    assert cores == sorted(
+        (z, y, x) for z in (0, 10, 20) for y in range(0, 70, 16) for x in range(0, 64, 16)
+    )  # each of the 3 x 5 x 4 blocks once
 
 
 def test_merge_by_dynamics_depth_fraction_and_peak_distance():
