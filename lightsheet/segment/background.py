@@ -203,9 +203,8 @@ def plane_statistics(
     image : (Z, Y, X) dask array or stored array-like
     geometry : LocalGeometry
     chunks : chunk grid
-        Blocks of the analysis: snapped to whole bins (:func:`statistics_grid`), and
-        ``STATISTICS_BLOCK`` × ``STATISTICS_BLOCK`` of them in y and x, they make the
-        statistics pass's blocks.
+        Blocks of the analysis. The statistics pass's blocks are these snapped to whole
+        bins (:func:`statistics_grid`) and joined ``STATISTICS_BLOCK`` a side in y and x.
     keep : Kept, optional
         Where computing the statistics also writes ``I_s`` and ``O``: the later passes then
         read them over a one-voxel shell instead of reading the image over a halo of the

@@ -292,8 +292,8 @@ class LocalResult:
 def _channel_parts(blocks, geometry, stats, regions, with_noise: bool, kept=None) -> dict:
     """Per block, the delayed `_contrast_parts` of one channel.
 
-    ``stats``: its offset and noise ``S``; ``kept``: its ``I_s`` and ``O`` on disk, or None
-    (``blocks`` then holds each region's padded block).
+    ``stats``: its offset and noise ``S``; ``kept``: its ``I_s`` and ``O`` on disk (then
+    ``blocks`` is None), or None (then ``blocks`` holds each region's padded block).
     """
     offset, noise = stats
     o_win = _Windows(offset)
@@ -302,7 +302,7 @@ def _channel_parts(blocks, geometry, stats, regions, with_noise: bool, kept=None
     for idx, r in regions.items():
         sel, spans = _maps(r, geometry, offset.shape)
         out[idx] = dask.delayed(_contrast_parts)(
-            blocks[idx],
+            None if blocks is None else blocks[idx],
             o_win[sel],
             n_win[sel] if with_noise else None,
             r,
@@ -433,7 +433,7 @@ def detect_local(
     else:
         stats = _keep_statistics(stats, scratch, compute)
         regions = block_regions(grid, (1, 1, 1))
-        blocks = {name: dict.fromkeys(regions) for name in channels}
+        blocks = dict.fromkeys(channels)  # I_s and O come from `kept`
         # the image itself only where the measurement reads it: each block's core
         core_regions = block_regions(grid, (0, 0, 0))
         cores = {name: _padded(channel, core_regions) for name, channel in channels.items()}
