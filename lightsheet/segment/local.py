@@ -41,11 +41,19 @@ a cell, in units of the variation of the tissue around it:
    (`_same_cells`; two Gaussian-blurred objects closer than about one FWHM show no dip at
    all, so such maxima are texture inside one cell, not two cells).
 4. **Cells.** A basin whose peak stands at least ``min_peak_sd`` above its background is a
-   cell. Its body is its basin at no less than half its peak (whatever its brightness):
-   its extent at half maximum, which for a blurred nucleus lies near its surface, so the
-   size filter (on the body) compares like with like. Its centroid weights each voxel by
-   how far it rises above 0.7 of the peak (the top of the cell, which neighbours and
-   background slopes shift least). ``contrast`` is ``Σ(I_s − B) / ΣB`` over the body.
+   cell. The significance finds cells; their shape and place come from their light, the
+   contrast ``R = (I_s − B) / max(B, S)``. The body is the basin where ``R`` is at least
+   half its value at the peak (whatever the brightness): the extent at half maximum,
+   which for a blurred nucleus lies near its surface, so the size filter (on the body)
+   compares like with like. The centroid weights each voxel by how far its ``R`` rises
+   above 0.7 of the peak's (the top of the cell, which neighbours and background slopes
+   shift least). Not the significance ``z``: ``S`` is measured over nine diameters, and
+   where that window reaches the dark outside (the planes near a brain's surface) it
+   changes from one plane to the next across a cell, which cut the body short on the
+   noisier side and moved the centre 1–2 µm towards the quieter one. Dividing by ``B``
+   still cancels a plane's gain (sheet power, bleaching), which scales a cell and its
+   background alike; ``max(B, S)`` keeps ``R`` finite where an image's background was
+   subtracted to about zero. ``contrast`` is ``Σ(I_s − B) / ΣB`` over the body.
 5. **Artefacts** (``background_channel``). Vessels, debris and lipofuscin shine in every
    channel: a candidate whose contrast in the autofluorescence channel (measured the same
    way on that channel) is at least ``background_ratio`` of its contrast in the nuclei
@@ -118,10 +126,11 @@ SPLIT_FRACTION = 0.1
 #: ... and their peaks at least this many diameters apart (cells are solid: no two centres
 #: are closer than a radius).
 MIN_PEAK_DISTANCE = 0.5
-#: A cell's body: the voxels of its basin at no less than this fraction of its peak (its
-#: extent at half maximum, the usual measure of an object's size).
+#: A cell's body: the voxels of its basin whose contrast is at least this fraction of the
+#: contrast at its peak (its extent at half maximum, the usual measure of an object's size).
 BODY_FRACTION = 0.5
-#: Its centre: weighted by how far each voxel rises above this fraction of its peak.
+#: Its centre: weighted by how far each voxel's contrast rises above this fraction of the
+#: contrast at its peak.
 CENTRE_FRACTION = 0.7
 
 
@@ -154,8 +163,9 @@ def _maps(region: Region, geometry: LocalGeometry, nbins) -> tuple[tuple, list]:
 
 
 def _contrast_parts(padded, offset, noise, region: Region, spans, geometry, kept=None) -> dict:
-    """On a block and its shell: ``E = I_s − B``, ``B`` and (with ``noise``) ``z = E / S``.
+    """On a block and its shell: ``E = I_s − B``, ``B``, and with ``noise`` ``z`` and ``R``.
 
+    ``z = E / S`` is the significance, ``R = E / max(B, S)`` the contrast.
     ``B = O + offset``: the opening, raised by the interpolated offset bins. ``I_s`` and
     ``O`` are read from ``kept`` (the statistics pass's, `plane_statistics`) when given,
     else computed from ``padded`` (the block with the halo of ``geometry.halo``).
@@ -182,12 +192,20 @@ def _contrast_parts(padded, offset, noise, region: Region, spans, geometry, kept
         z = np.zeros(e.shape, np.float32)
         np.divide(e, noise, out=z, where=noise > 0)
         out["z"] = z
+        r = np.zeros(e.shape, np.float32)
+        floor = np.maximum(background, noise)
+        np.divide(e, floor, out=r, where=floor > 0)
+        out["R"] = r
     return out
 
 
 def _elevation(parts: dict) -> np.ndarray:
     z = parts["z"]
     return np.where(z > MASK_SD, z, np.float32(np.nan))
+
+
+def _contrast(parts: dict) -> np.ndarray:
+    return parts["R"]
 
 
 def _mask(elev: np.ndarray) -> np.ndarray:
@@ -199,27 +217,28 @@ def _core(a: np.ndarray, region: Region) -> np.ndarray:
     return a[tuple(slice(lo[i], lo[i] + region.stop[i] - region.start[i]) for i in range(3))]
 
 
-def _body(elev, region, plan, peaks, struct, shape) -> tuple[np.ndarray, np.ndarray]:
-    """A block's cell-body labels and centroid weights.
+def _body(elev, contrast, region, plan, tops, struct, shape) -> tuple[np.ndarray, np.ndarray]:
+    """A block's cell-body labels (``R ≥ BODY_FRACTION × tops[label]``) and core ``R``.
 
-    The body is ``z ≥ BODY_FRACTION × peak``; the weights ``z − CENTRE_FRACTION × peak``
-    where positive.
+    ``tops``: each label's contrast ``R`` at its peak, NaN for labels that are no cell.
     """
     m = ~np.isnan(elev)
     lo = tuple(min(1, x) for x in region.lo)
     hi = tuple(min(1, x) for x in region.hi)
     lab = _basin_block(elev, m, struct, lo, hi, region.start, shape, plan, np.int64)
-    z = _core(np.nan_to_num(elev, nan=-np.inf), region)
-    top = peaks[lab]
-    keep = (lab > 0) & (z >= BODY_FRACTION * top)
-    weight = np.where(keep, np.maximum(z - CENTRE_FRACTION * top, 0.0), 0.0)
-    return np.where(keep, lab, 0), weight
+    r = _core(contrast, region)
+    return np.where((lab > 0) & (r >= BODY_FRACTION * tops[lab]), lab, 0), r
 
 
 def _measure_cells(
-    elev, parts, region, plan, peaks, struct, shape, image, bg, bodies=None
+    elev, parts, region, plan, tops, struct, shape, image, bg, bodies=None
 ) -> pd.DataFrame:
-    body, w = _body(elev, region, plan, peaks, struct, shape)
+    """A block's partial sums per cell body.
+
+    The centroid weights are ``R − CENTRE_FRACTION × tops[label]`` where positive.
+    """
+    body, r = _body(elev, parts["R"], region, plan, tops, struct, shape)
+    w = np.where(body > 0, np.maximum(r - CENTRE_FRACTION * tops[body], 0.0), 0.0)
     if bodies is not None:  # kept for the label pass (`_kept_block`)
         _write_block(bodies, region, body)
     sums = {"E": _core(parts["E"], region), "B": _core(parts["B"], region)}
@@ -231,9 +250,8 @@ def _measure_cells(
     return _measure_block(body, image, region.start, weights=w, sums=sums)
 
 
-def _final_block(elev, region, plan, peaks, struct, shape, keep_lut, dtype) -> np.ndarray:
-    body, _ = _body(elev, region, plan, peaks, struct, shape)
-    return keep_lut[body].astype(dtype)
+def _final_block(elev, contrast, region, plan, tops, struct, shape, keep_lut, dtype) -> np.ndarray:
+    return keep_lut[_body(elev, contrast, region, plan, tops, struct, shape)[0]].astype(dtype)
 
 
 # ----------------------------------------------------------------------------- scratch
@@ -456,19 +474,21 @@ def detect_local(
     # share each block's smoothing and statistics instead of each fusing its own copy
     e_blocks = np.empty(numblocks, dtype=object)
     m_blocks = np.empty(numblocks, dtype=object)
+    r_blocks = np.empty(numblocks, dtype=object)
     for idx in regions:
         e_blocks[idx] = dask.delayed(_elevation)(parts[idx])
         m_blocks[idx] = dask.delayed(_mask)(e_blocks[idx])
-    _, _, _, peaks, plans = _watershed_analysis(
+        r_blocks[idx] = dask.delayed(_contrast)(parts[idx])
+    _, _, _, peaks, plans, tops = _watershed_analysis(
         e_blocks, m_blocks, grid, struct, SPLIT_SD, 0, compute=compute,
         split_fraction=SPLIT_FRACTION, vs=vs,
-        min_peak_distance_um=MIN_PEAK_DISTANCE * diameter_um,
+        min_peak_distance_um=MIN_PEAK_DISTANCE * diameter_um, values=r_blocks,
     )  # fmt: skip
     # a label is a cell when its peak is significant; others get no body
     peaks_by_label = np.r_[-np.inf, peaks]
     # one shared task for the table every block reads, not a copy embedded in each task
-    cell_peaks = dask.delayed(
-        np.where(peaks_by_label >= min_peak_sd, peaks_by_label, np.inf), pure=True
+    cell_tops = dask.delayed(
+        np.where(peaks_by_label >= min_peak_sd, np.r_[0.0, tops], np.nan), pure=True
     )
     bodies = None
     if scratch is not None and _regular(grid):
@@ -480,7 +500,7 @@ def detect_local(
             parts[idx],
             regions[idx],
             plans[idx],
-            cell_peaks,
+            cell_tops,
             struct,
             shape,
             cores["image"][idx],
@@ -512,7 +532,7 @@ def detect_local(
     for idx, r in regions.items():
         task = (
             dask.delayed(_final_block)(
-                e_blocks[idx], r, plans[idx], cell_peaks, struct, shape, lut, dtype
+                e_blocks[idx], r_blocks[idx], r, plans[idx], cell_tops, struct, shape, lut, dtype
             )
             if bodies is None
             else dask.delayed(_kept_block)(bodies, r, lut, dtype)

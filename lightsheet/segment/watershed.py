@@ -231,13 +231,14 @@ def _inner_saddles(end: np.ndarray, e: np.ndarray, m: np.ndarray, struct: np.nda
     return _max_by_pair(np.concatenate(la), np.concatenate(lb), np.concatenate(ss))
 
 
-def _toboggan_info(elev, mask, struct, lo, hi, origin, shape, image=None):
+def _toboggan_info(elev, mask, struct, lo, hi, origin, shape, image=None, values=None):
     """The watershed's one analysis pass over a block.
 
-    Small tables: peaks (global index, height); exits (endpoints in a neighbour's core);
-    saddles between endpoints inside the core; and with ``image``, measurement partials
-    keyed by endpoint + 1. And the core's shell towards neighbours (``face_*``: each voxel's
-    global index, endpoint and height), which `_neighbour_tables` reduces on the workers.
+    Small tables: peaks (global index, height, and with ``values``, laid out as ``elev``,
+    their value there); exits (endpoints in a neighbour's core); saddles between endpoints
+    inside the core; and with ``image``, measurement partials keyed by endpoint + 1. And
+    the core's shell towards neighbours (``face_*``: each voxel's global index, endpoint and
+    height), which `_neighbour_tables` reduces on the workers.
     """
     end_g, m, is_max, e = _toboggan(elev, mask, struct, lo, hi, origin, shape)
     g = _global_index(m.shape, origin, shape)
@@ -261,6 +262,10 @@ def _toboggan_info(elev, mask, struct, lo, hi, origin, shape, image=None):
         "face_heights": e[sel],
         "saddles": _inner_saddles(end_g, e, m, struct),
     }
+    if values is not None:
+        v = np.asarray(_to_numpy(values))
+        core = tuple(slice(lo[a], v.shape[a] - hi[a]) for a in range(3))
+        out["values"] = v[core][is_max][order]
     if image is not None:
         out["parts"] = _measure_block(np.where(m, end_g + 1, 0), image, origin)
     return out
@@ -537,8 +542,11 @@ def _watershed_analysis(
     compute: Callable[[Any, str], Any] | None = None,
     split_fraction: float = 0.0,
     min_peak_distance_um: float = 0.0,
-) -> tuple[da.Array, int, pd.DataFrame | None, np.ndarray, dict]:
-    """One pass over the blocks → lazy labels, n, the table (with ``image``), peaks, plans.
+    values: da.Array | np.ndarray | None = None,
+) -> tuple[da.Array, int, pd.DataFrame | None, np.ndarray, dict, np.ndarray | None]:
+    """One pass over the blocks → lazy labels, n, table, peaks, plans, values at the peaks.
+
+    The table comes with ``image``, the values with ``values`` (else None).
 
     Basins merge unless the dip between them is at least ``split_depth`` and at least
     ``split_fraction`` of the lower peak, and their peaks are at least
@@ -548,12 +556,16 @@ def _watershed_analysis(
     of one voxel (`_shells`, or `_surface_block` on a stored image): dask arrays, or
     object arrays of their delayed blocks (`_delayed_blocks`). ``peaks[i]`` is the
     highest elevation of label ``offset + i + 1``; ``plans[block index]`` maps the block's
-    path endpoints to labels (`_basin_block`).
+    path endpoints to labels (`_basin_block`). ``values``, laid out as ``e_ov``, gives
+    another quantity that the caller wants where each label peaks: ``label_values[i]`` is
+    its value at the voxel of ``peaks[i]`` (ties: the highest global index, as the
+    watershed breaks them).
     """
     numblocks = tuple(len(c) for c in grid)
     origins = _block_origins(grid)
     shape = tuple(sum(c) for c in grid)
     e_blocks, m_blocks = _delayed_blocks(e_ov), _delayed_blocks(m_ov)
+    v_blocks = _delayed_blocks(values) if values is not None else None
     i_blocks = image.rechunk(grid).to_delayed() if image is not None else None
     geo = {}
     for idx in np.ndindex(numblocks):
@@ -569,6 +581,7 @@ def _watershed_analysis(
             *geo[idx],
             shape,
             i_blocks[idx] if i_blocks is not None else None,
+            v_blocks[idx] if v_blocks is not None else None,
         )
         for idx in np.ndindex(numblocks)
     }
@@ -585,6 +598,8 @@ def _watershed_analysis(
     heights = np.concatenate([i["heights"] for i in infos.values()])
     order = np.argsort(peaks)
     peaks, heights = peaks[order], heights[order]
+    if values is not None:
+        values = np.concatenate([i["values"] for i in infos.values()])[order]
     # exits → their endpoints in the neighbour, followed until each ends at a peak
     hop_keys = np.concatenate([np.empty(0, np.int64)] + [t[2] for t in touching])
     hop_ends = np.concatenate([np.empty(0, np.int64)] + [t[3] for t in touching])
@@ -616,6 +631,12 @@ def _watershed_analysis(
     final = offset + merged.astype(np.int64) + 1  # basin → label
     label_peaks = np.full(n, -np.inf)
     np.maximum.at(label_peaks, merged, heights)
+    label_values = None
+    if values is not None:  # each label's highest basin sorts last (ties: the highest key)
+        o = np.lexsort((peaks, heights, merged))
+        last = np.r_[merged[o][1:] != merged[o][:-1], True] if o.size else o.astype(bool)
+        label_values = np.full(n, np.nan)
+        label_values[merged[o][last]] = values[o][last]
     dtype = label_dtype(offset + n)
 
     plans = {}
@@ -644,7 +665,7 @@ def _watershed_analysis(
                 part["label"] = final[basin_of(part["label"].to_numpy().astype(np.int64) - 1)]
                 measured.append(part)
         table = _combine(measured, vs)
-    return labels, n, table, label_peaks, plans
+    return labels, n, table, label_peaks, plans, label_values
 
 
 def _delayed_blocks(blocks: Any) -> np.ndarray:

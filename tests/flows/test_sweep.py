@@ -202,9 +202,9 @@ def test_methods_side_by_side_on_real_tissue(prefect_harness, tmp_path):
     assert all(Path(r["png"]).is_file() for r in rows.values())
     table = pd.read_csv(result["csv"])
     assert {"precision", "recall", "f1"} <= set(table.columns)
-    # 38 of the 56 reference cells (0.68) lie within half a diameter of a local detection (42
-    # before the background followed tissue edges: three centroids moved 0.4–1.1 µm in z across
-    # the 7 µm line; within 10 µm, 48 against 47; `benchmarks/results/real_data.md`) ...
+    # 41 of the 56 reference cells (0.73) lie within half a diameter of a local detection (38
+    # before the centre followed the contrast, 42 before the background followed tissue
+    # edges; `benchmarks/results/real_data.md`) ...
     assert rows["local"]["recall"] >= 0.65, rows["local"]
     # ... the global split cuts the tissue into thousands of pieces
     assert rows["otsu"]["cells"] > 3 * rows["local"]["cells"], (rows["otsu"], rows["local"])
