@@ -86,7 +86,7 @@ def run(packing: float, psf_sigma_z_um: float, seed: int = 0) -> dict:
     score = match_points(found, centres, max_distance_um=diameters / 2)
     # the method's noise estimate against the image's own noise at the smoothing scale
     geometry = LocalGeometry.of(tuple(VOXEL_UM), DIAMETER_UM)
-    _, noise = plane_statistics(image, geometry, chunks=image.chunks)
+    _, noise, _ = plane_statistics(image, geometry, chunks=image.chunks)
     flat = rng.poisson(np.full((8, 128, 128), 100.0)).astype(np.float32)
     true_noise = ndi.gaussian_filter(flat, geometry.sigma_vox)[2:-2, 8:-8, 8:-8].std()
     return {

@@ -21,7 +21,15 @@ import zarr
 from lightsheet.regions import Region, block_regions, map_overlap, read_region
 from lightsheet.segment._common import _ndi_for, _to_numpy, _xp_for
 
-__all__ = ["Kept", "LocalGeometry", "levels", "plane_statistics", "smooth", "statistics_grid"]
+__all__ = [
+    "Kept",
+    "LocalGeometry",
+    "levels",
+    "plane_gain",
+    "plane_statistics",
+    "smooth",
+    "statistics_grid",
+]
 
 #: Smoothing σ as a fraction of the diameter.
 SMOOTH_SIGMA = 0.2
@@ -148,9 +156,9 @@ def _statistics_blocks(grid: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ..
 def _bin_stats_block(
     padded: Any, *, region: Region, geometry: LocalGeometry, keep: Kept | None = None
 ) -> np.ndarray:
-    """Per bin of the core: the median of ``I_s − O``, and the MAD × 1.4826 of ``I_s``.
+    """Per bin of the core: the median of ``I_s − O``, and the MAD × 1.4826 and median of ``I_s``.
 
-    Returns ``(2, Z, NY, NX)``. With ``keep`` the core's ``I_s`` and ``O`` are also written
+    Returns ``(3, Z, NY, NX)``. With ``keep`` the core's ``I_s`` and ``O`` are also written
     to its Zarr arrays.
     """
     smoothed, opened = levels(padded, geometry)
@@ -161,10 +169,11 @@ def _bin_stats_block(
         _write_block(keep.opening, region, opened)
     residual = a - opened
     nbins = [-(-n // b) for n, b in zip(a.shape, geometry.bin_vox, strict=True)]
-    out = np.empty((2, *nbins), np.float32)
+    out = np.empty((3, *nbins), np.float32)
     for cells, sl in _bins(a, geometry.bin_vox):
         med = np.median(cells, axis=-1)
         out[1][sl] = np.median(np.abs(cells - med[..., None]), axis=-1)
+        out[2][sl] = med
     for cells, sl in _bins(residual, geometry.bin_vox):
         out[0][sl] = np.median(cells, axis=-1)
     out[1] *= _MAD_TO_SD
@@ -195,8 +204,8 @@ def plane_statistics(
     *,
     chunks: tuple[tuple[int, ...], ...],
     keep: Kept | None = None,
-) -> tuple[da.Array, da.Array]:
-    """The background's offset above the opening, and the noise ``S``, per plane on the bins.
+) -> tuple[da.Array, da.Array, da.Array]:
+    """Per plane: the background's offset and the noise ``S`` on the bins, and the gain.
 
     Parameters
     ----------
@@ -215,6 +224,8 @@ def plane_statistics(
     offset, noise : (Z, ceil(Y / by), ceil(X / bx)) dask arrays of float32
         The median over 3 × 3 bins of each bin's median of ``I_s − O`` (see :func:`levels`),
         and the median over 9 × 9 bins of each bin's MAD × 1.4826 of ``I_s``. Lazy.
+    gain : (Z,) dask array of float64
+        Each plane's gain relative to the first (:func:`plane_gain`). Lazy.
     """
     grid = _statistics_blocks(statistics_grid(chunks, geometry))
     regions = block_regions(grid, geometry.halo)
@@ -226,7 +237,7 @@ def plane_statistics(
         )
         parts[idx] = da.from_delayed(
             dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry, keep=keep),
-            shape=(2, *shape),
+            shape=(3, *shape),
             dtype=np.float32,
             meta=np.empty((0, 0, 0, 0), np.float32),
         )
@@ -237,7 +248,43 @@ def plane_statistics(
         ],
         axis=1,
     )
-    return _median_bins(stats[0], BACKGROUND_WINDOW_BINS), _median_bins(stats[1], NOISE_WINDOW_BINS)
+    return (
+        _median_bins(stats[0], BACKGROUND_WINDOW_BINS),
+        _median_bins(stats[1], NOISE_WINDOW_BINS),
+        plane_gain(stats[2], stats[1]),
+    )
+
+
+def plane_gain(level: da.Array, spread: da.Array) -> da.Array:
+    """Each plane's gain, chained from its neighbour's: ``(Z,)`` float64, the first plane 1.
+
+    Light-sheet planes are acquired one at a time: the sheet's power, the camera's exposure
+    and bleaching scale a whole plane, cells and background alike. Between two neighbouring
+    planes the gain's step is the median over the bins of one plane's level (the median of
+    ``I_s``) over the other's, among the bins whose level stands above their spread (MAD ×
+    1.4826) in both: a level within its own noise of zero (a subtracted background) holds
+    no gain. A plane pair without such bins steps by 1. Tissue that enters or leaves the
+    field changes few bins from one plane to the next, so the median follows the gain, not
+    the tissue. Exact at any chunking (bins lie on a global grid; each plane's median is
+    taken over the whole plane).
+    """
+    if level.shape[0] < 2:
+        return da.ones(level.shape[0], dtype=np.float64, chunks=-1)
+    clear = level > spread
+    both = clear[1:] & clear[:-1]
+    ratio = da.where(both, level[1:] / da.where(both, level[:-1], 1), np.nan)
+    ratio = ratio.rechunk({0: 8, 1: -1, 2: -1})  # whole planes, a few at a time
+    step = ratio.map_blocks(_median_step, drop_axis=(1, 2), dtype=np.float64)
+    return da.concatenate([da.ones(1, dtype=np.float64), da.cumprod(step)]).rechunk(-1)
+
+
+def _median_step(ratio: np.ndarray) -> np.ndarray:
+    out = np.ones(ratio.shape[0], np.float64)
+    for i, plane in enumerate(ratio):
+        values = plane[np.isfinite(plane)]
+        if values.size:
+            out[i] = np.median(values)
+    return out
 
 
 def _median_bins(bins: da.Array, window: int) -> da.Array:

@@ -41,19 +41,22 @@ a cell, in units of the variation of the tissue around it:
    (`_same_cells`; two Gaussian-blurred objects closer than about one FWHM show no dip at
    all, so such maxima are texture inside one cell, not two cells).
 4. **Cells.** A basin whose peak stands at least ``min_peak_sd`` above its background is a
-   cell. The significance finds cells; their shape and place come from their light, the
-   contrast ``R = (I_s − B) / max(B, S)``. The body is the basin where ``R`` is at least
-   half its value at the peak (whatever the brightness): the extent at half maximum,
-   which for a blurred nucleus lies near its surface, so the size filter (on the body)
-   compares like with like. The centroid weights each voxel by how far its ``R`` rises
-   above 0.7 of the peak's (the top of the cell, which neighbours and background slopes
-   shift least). Not the significance ``z``: ``S`` is measured over nine diameters, and
-   where that window reaches the dark outside (the planes near a brain's surface) it
-   changes from one plane to the next across a cell, which cut the body short on the
-   noisier side and moved the centre 1–2 µm towards the quieter one. Dividing by ``B``
-   still cancels a plane's gain (sheet power, bleaching), which scales a cell and its
-   background alike; ``max(B, S)`` keeps ``R`` finite where an image's background was
-   subtracted to about zero. ``contrast`` is ``Σ(I_s − B) / ΣB`` over the body.
+   cell. The significance finds cells; their shape and place come from their light above
+   the background in units of each plane's gain, ``R = (I_s − B) / g`` (``g``:
+   `lightsheet.segment.background.plane_gain`, the median step of the bins' levels from
+   one plane to the next, chained). The body is the basin where ``R`` is at least half its
+   value at the peak (whatever the brightness): the extent at half maximum, which for a
+   blurred nucleus lies near its surface, so the size filter (on the body) compares like
+   with like. The centroid weights each voxel by how far its ``R`` rises above 0.7 of the
+   peak's (the top of the cell, which neighbours and background slopes shift least). Not
+   the significance ``z``: ``S`` is measured over nine diameters, and where that window
+   reaches the dark outside (the planes near a brain's surface) it changes from one plane
+   to the next across a cell, which cut the body short on the noisier side and moved the
+   centre 1–2 µm towards the quieter one. Not ``I_s − B`` alone either: a plane's gain
+   (sheet power, bleaching) scales a cell with its background, and a cell stretched over
+   many planes by the axial PSF was pulled towards the brighter ones. Not ``(I_s − B) /
+   B``: across a soft tissue edge the background falls while a cell's light does not.
+   ``contrast`` is ``Σ(I_s − B) / ΣB`` over the body.
 5. **Artefacts** (``background_channel``). Vessels, debris and lipofuscin shine in every
    channel: a candidate whose contrast in the autofluorescence channel (measured the same
    way on that channel) is at least ``background_ratio`` of its contrast in the nuclei
@@ -162,10 +165,13 @@ def _maps(region: Region, geometry: LocalGeometry, nbins) -> tuple[tuple, list]:
     return tuple(slice(lo, hi) for lo, hi, _ in spans), spans
 
 
-def _contrast_parts(padded, offset, noise, region: Region, spans, geometry, kept=None) -> dict:
+def _contrast_parts(
+    padded, offset, noise, gain, region: Region, spans, geometry, kept=None
+) -> dict:
     """On a block and its shell: ``E = I_s − B``, ``B``, and with ``noise`` ``z`` and ``R``.
 
-    ``z = E / S`` is the significance, ``R = E / max(B, S)`` the contrast.
+    ``z = E / S`` is the significance, ``R = E / g`` the light above the background in
+    units of each plane's gain ``g`` (``gain``: the block's planes, shell included).
     ``B = O + offset``: the opening, raised by the interpolated offset bins. ``I_s`` and
     ``O`` are read from ``kept`` (the statistics pass's, `plane_statistics`) when given,
     else computed from ``padded`` (the block with the halo of ``geometry.halo``).
@@ -192,10 +198,7 @@ def _contrast_parts(padded, offset, noise, region: Region, spans, geometry, kept
         z = np.zeros(e.shape, np.float32)
         np.divide(e, noise, out=z, where=noise > 0)
         out["z"] = z
-        r = np.zeros(e.shape, np.float32)
-        floor = np.maximum(background, noise)
-        np.divide(e, floor, out=r, where=floor > 0)
-        out["R"] = r
+        out["R"] = (e / np.asarray(gain, np.float32)[:, None, None]).astype(np.float32)
     return out
 
 
@@ -310,10 +313,11 @@ class LocalResult:
 def _channel_parts(blocks, geometry, stats, regions, with_noise: bool, kept=None) -> dict:
     """Per block, the delayed `_contrast_parts` of one channel.
 
-    ``stats``: its offset and noise ``S``; ``kept``: its ``I_s`` and ``O`` on disk (then
-    ``blocks`` is None), or None (then ``blocks`` holds each region's padded block).
+    ``stats``: its offset, noise ``S`` and plane gains; ``kept``: its ``I_s`` and ``O`` on
+    disk (then ``blocks`` is None), or None (then ``blocks`` holds each region's padded
+    block).
     """
-    offset, noise = stats
+    offset, noise, gain = stats
     o_win = _Windows(offset)
     n_win = _Windows(noise) if with_noise else None
     out = {}
@@ -323,6 +327,7 @@ def _channel_parts(blocks, geometry, stats, regions, with_noise: bool, kept=None
             None if blocks is None else blocks[idx],
             o_win[sel],
             n_win[sel] if with_noise else None,
+            gain[spans[0][0] : spans[0][1]] if with_noise else None,
             r,
             spans,
             geometry,
@@ -436,10 +441,11 @@ def detect_local(
                 _scratch_array(path, shape, step, np.float32)
     stats = {}
     for name, channel in channels.items():
-        stats[f"{name}-offset"], stats[f"{name}-noise"] = plane_statistics(
+        stats[f"{name}-offset"], stats[f"{name}-noise"], stats[f"{name}-gain"] = plane_statistics(
             channel, geometry, chunks=grid, keep=kept[name]
         )
     stats.pop("bg-noise", None)
+    stats.pop("bg-gain", None)
     if scratch is None:
         regions = block_regions(grid, tuple(d + 1 for d in geometry.halo))
         # the padded blocks serve the smoothing and, cut to their core, the measurement
@@ -458,7 +464,7 @@ def detect_local(
     parts = _channel_parts(
         blocks["image"],
         geometry,
-        (stats["image-offset"], stats["image-noise"]),
+        (stats["image-offset"], stats["image-noise"], stats["image-gain"]),
         regions,
         True,
         kept["image"],
@@ -467,7 +473,7 @@ def detect_local(
         None
         if background is None
         else _channel_parts(
-            blocks["bg"], geometry, (stats["bg-offset"], None), regions, False, kept["bg"]
+            blocks["bg"], geometry, (stats["bg-offset"], None, None), regions, False, kept["bg"]
         )
     )
     # grids of delayed blocks, not dask arrays: the mask, the analysis and the measurement

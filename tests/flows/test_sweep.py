@@ -202,8 +202,8 @@ def test_methods_side_by_side_on_real_tissue(prefect_harness, tmp_path):
     assert all(Path(r["png"]).is_file() for r in rows.values())
     table = pd.read_csv(result["csv"])
     assert {"precision", "recall", "f1"} <= set(table.columns)
-    # 41 of the 56 reference cells (0.73) lie within half a diameter of a local detection (38
-    # before the centre followed the contrast, 42 before the background followed tissue
+    # 44 of the 56 reference cells (0.79) lie within half a diameter of a local detection (38
+    # before the centre followed the cell's light, 42 before the background followed tissue
     # edges; `benchmarks/results/real_data.md`) ...
     assert rows["local"]["recall"] >= 0.65, rows["local"]
     # ... the global split cuts the tissue into thousands of pieces

@@ -156,3 +156,56 @@ def test_centre_follows_the_cell_not_the_noise_of_its_planes():
     offsets = found[score.pairs[:, 0]] - np.array(cells)[score.pairs[:, 1]]
     # significance (before 2026-12-05): +2.9 µm along z, towards the quiet planes
     assert abs(offsets[:, 0].mean()) < 0.3, offsets
+
+
+def test_plane_gain_follows_the_planes_not_the_tissue():
+    """Each plane's gain, against the gains that made the image (smoothed along z as
+    ``I_s`` is, whose levels it compares).
+
+    Tissue (1000, textured) covers a part of every plane that grows from a quarter to three
+    quarters; the rest is a subtracted background (0), whose level is within its noise of
+    zero and holds no gain. Every plane is then scaled by its own gain (a ramp with a step).
+    """
+    shape, geometry = (12, 90, 120), LocalGeometry.of(VOXEL_UM, 8.0)
+    rng = np.random.default_rng(1)
+    true = 1.0 + 0.04 * np.arange(shape[0])
+    true[7:] *= 1.5
+    edge = np.linspace(30, 90, shape[0]).astype(int)
+    image = rng.normal(0.0, 5.0, shape)
+    for z in range(shape[0]):
+        tissue = 1000 + 80 * ndi.gaussian_filter(rng.normal(size=shape[1:]), 3)
+        image[z, :, : edge[z]] += tissue[:, : edge[z]]
+    image = (image * true[:, None, None]).astype(np.float32)
+    *_, gain = plane_statistics(
+        da.from_array(image, chunks=(5, 45, 60)), geometry, chunks=((5, 5, 2), (45, 45), (60, 60))
+    )
+    expected = ndi.gaussian_filter1d(true, geometry.sigma_vox[0], truncate=4.0)
+    gain = gain.compute()
+    assert gain[0] == 1.0
+    # what a cell sees is the step from one plane to the next (the chain's product drifts)
+    np.testing.assert_allclose(gain[1:] / gain[:-1], expected[1:] / expected[:-1], rtol=0.015)
+
+
+def test_centre_ignores_a_gain_ramp_across_planes():
+    """Tall cells in planes whose gain doubles across the stack are centred where they are.
+
+    The contrast ``I_s − B`` of a cell grows with its planes' gain (a light sheet's power,
+    bleaching), and weighted by it the centre of a cell that the axial PSF stretches over
+    many planes moved towards the brighter ones (the cellfinder crop brightens by 60 %
+    across each group of ten planes); the gain of each plane divides it out.
+    """
+    diameter, shape = 12.0, (24, 96, 96)
+    rng = np.random.default_rng(0)
+    grid = np.indices(shape, dtype=np.float32) * np.reshape(VOXEL_UM, (3, 1, 1, 1))
+    cells = [(23.0, y, x) for y, x in ((20, 20), (20, 70), (48, 45), (75, 20), (75, 70))]
+    image = np.full(shape, 1000.0, np.float32)
+    sigma = np.array([2.0, 1.0, 1.0]) * diameter / 4  # twice as tall as wide
+    for c in cells:
+        r2 = sum(((grid[a] - c[a]) / sigma[a]) ** 2 for a in range(3))
+        image += 600 * np.exp(-r2 / 2)
+    image += rng.normal(0, 30, shape).astype(np.float32)
+    image *= np.linspace(0.7, 1.6, shape[0], dtype=np.float32)[:, None, None]
+    found, score = _exactly_these_cells(image, cells, diameter, chunks=(12, 48, 48))
+    offsets = found[score.pairs[:, 0]] - np.array(cells)[score.pairs[:, 1]]
+    # weighted by I_s − B without the gain: +0.6 µm along z; with it: −0.14
+    assert abs(offsets[:, 0].mean()) < 0.3, offsets

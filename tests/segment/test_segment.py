@@ -494,6 +494,7 @@ def test_local_scratch_changes_nothing(blocks, tmp_path):
         regular = blocks[0] == 10
         assert sorted(p.name for p in scratch.iterdir()) == [
             *(["bodies.zarr"] if regular else []),
+            "image-gain.zarr",
             "image-noise.zarr",
             "image-offset.zarr",
             "image-opening.zarr",
