@@ -129,11 +129,11 @@ SPLIT_FRACTION = 0.1
 #: ... and their peaks at least this many diameters apart (cells are solid: no two centres
 #: are closer than a radius).
 MIN_PEAK_DISTANCE = 0.5
-#: A cell's body: the voxels of its basin whose contrast is at least this fraction of the
-#: contrast at its peak (its extent at half maximum, the usual measure of an object's size).
+#: A cell's body: the voxels of its basin whose light ``R`` is at least this fraction of
+#: ``R`` at its peak (its extent at half maximum, the usual measure of an object's size).
 BODY_FRACTION = 0.5
-#: Its centre: weighted by how far each voxel's contrast rises above this fraction of the
-#: contrast at its peak.
+#: Its centre: weighted by how far each voxel's ``R`` rises above this fraction of ``R`` at
+#: its peak.
 CENTRE_FRACTION = 0.7
 
 
@@ -207,7 +207,7 @@ def _elevation(parts: dict) -> np.ndarray:
     return np.where(z > MASK_SD, z, np.float32(np.nan))
 
 
-def _contrast(parts: dict) -> np.ndarray:
+def _light(parts: dict) -> np.ndarray:
     return parts["R"]
 
 
@@ -220,16 +220,17 @@ def _core(a: np.ndarray, region: Region) -> np.ndarray:
     return a[tuple(slice(lo[i], lo[i] + region.stop[i] - region.start[i]) for i in range(3))]
 
 
-def _body(elev, contrast, region, plan, tops, struct, shape) -> tuple[np.ndarray, np.ndarray]:
+def _body(elev, light, region, plan, tops, struct, shape) -> tuple[np.ndarray, np.ndarray]:
     """A block's cell-body labels (``R ≥ BODY_FRACTION × tops[label]``) and core ``R``.
 
-    ``tops``: each label's contrast ``R`` at its peak, NaN for labels that are no cell.
+    ``light``: the block's ``R`` with its shell; ``tops``: each label's ``R`` at its peak,
+    NaN for labels that are no cell.
     """
     m = ~np.isnan(elev)
     lo = tuple(min(1, x) for x in region.lo)
     hi = tuple(min(1, x) for x in region.hi)
     lab = _basin_block(elev, m, struct, lo, hi, region.start, shape, plan, np.int64)
-    r = _core(contrast, region)
+    r = _core(light, region)
     return np.where((lab > 0) & (r >= BODY_FRACTION * tops[lab]), lab, 0), r
 
 
@@ -253,8 +254,8 @@ def _measure_cells(
     return _measure_block(body, image, region.start, weights=w, sums=sums)
 
 
-def _final_block(elev, contrast, region, plan, tops, struct, shape, keep_lut, dtype) -> np.ndarray:
-    return keep_lut[_body(elev, contrast, region, plan, tops, struct, shape)[0]].astype(dtype)
+def _final_block(elev, light, region, plan, tops, struct, shape, keep_lut, dtype) -> np.ndarray:
+    return keep_lut[_body(elev, light, region, plan, tops, struct, shape)[0]].astype(dtype)
 
 
 # ----------------------------------------------------------------------------- scratch
@@ -484,7 +485,7 @@ def detect_local(
     for idx in regions:
         e_blocks[idx] = dask.delayed(_elevation)(parts[idx])
         m_blocks[idx] = dask.delayed(_mask)(e_blocks[idx])
-        r_blocks[idx] = dask.delayed(_contrast)(parts[idx])
+        r_blocks[idx] = dask.delayed(_light)(parts[idx])
     _, _, _, peaks, plans, tops = _watershed_analysis(
         e_blocks, m_blocks, grid, struct, SPLIT_SD, 0, compute=compute,
         split_fraction=SPLIT_FRACTION, vs=vs,
