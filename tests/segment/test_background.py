@@ -132,6 +132,19 @@ def _exactly_these_cells(image, cells, diameter, *, chunks):
     return found, score
 
 
+def _five_cells(diameter, *, stretch_z=1.0):
+    """Five Gaussian cells (600, σ a quarter of the diameter, ``stretch_z`` × that along z)
+    in the middle of 24 × 96 × 96 voxels of background 1000, no noise: (image, centres µm)."""
+    shape = (24, 96, 96)
+    grid = np.indices(shape, dtype=np.float32) * np.reshape(VOXEL_UM, (3, 1, 1, 1))
+    cells = [(23.0, y, x) for y, x in ((20, 20), (20, 70), (48, 45), (75, 20), (75, 70))]
+    sigma = np.array([stretch_z, 1.0, 1.0]) * diameter / 4
+    image = np.full(shape, 1000.0, np.float32)
+    for c in cells:
+        image += 600 * np.exp(-sum(((grid[a] - c[a]) / sigma[a]) ** 2 for a in range(3)) / 2)
+    return image, cells
+
+
 def test_centre_follows_the_cell_not_the_noise_of_its_planes():
     """A cell whose planes differ in noise is centred on its light, not on its significance.
 
@@ -142,14 +155,9 @@ def test_centre_follows_the_cell_not_the_noise_of_its_planes():
     outer layer's cells across a region boundary. Here five cells sit on a flat background
     whose noise SD is 60 in the planes before their middle (z < 23 µm) and 15 from it on.
     """
-    diameter, shape = 12.0, (24, 96, 96)
-    rng = np.random.default_rng(0)
-    grid = np.indices(shape, dtype=np.float32) * np.reshape(VOXEL_UM, (3, 1, 1, 1))
-    cells = [(23.0, y, x) for y, x in ((20, 20), (20, 70), (48, 45), (75, 20), (75, 70))]
-    image = np.full(shape, 1000.0, np.float32)
-    for c in cells:
-        r2 = sum((grid[a] - c[a]) ** 2 for a in range(3))
-        image += 600 * np.exp(-r2 / (2 * (diameter / 4) ** 2))
+    diameter = 12.0
+    image, cells = _five_cells(diameter)
+    shape, rng = image.shape, np.random.default_rng(0)
     sd = np.where(np.arange(shape[0]) * VOXEL_UM[0] < 23.0, 60.0, 15.0)[:, None, None]
     image += rng.normal(0, 1, shape).astype(np.float32) * sd.astype(np.float32)
     found, score = _exactly_these_cells(image, cells, diameter, chunks=(12, 48, 48))
@@ -194,17 +202,10 @@ def test_centre_ignores_a_gain_ramp_across_planes():
     many planes moved towards the brighter ones (the cellfinder crop brightens by 60 %
     across each group of ten planes); the gain of each plane divides it out.
     """
-    diameter, shape = 12.0, (24, 96, 96)
-    rng = np.random.default_rng(0)
-    grid = np.indices(shape, dtype=np.float32) * np.reshape(VOXEL_UM, (3, 1, 1, 1))
-    cells = [(23.0, y, x) for y, x in ((20, 20), (20, 70), (48, 45), (75, 20), (75, 70))]
-    image = np.full(shape, 1000.0, np.float32)
-    sigma = np.array([2.0, 1.0, 1.0]) * diameter / 4  # twice as tall as wide
-    for c in cells:
-        r2 = sum(((grid[a] - c[a]) / sigma[a]) ** 2 for a in range(3))
-        image += 600 * np.exp(-r2 / 2)
-    image += rng.normal(0, 30, shape).astype(np.float32)
-    image *= np.linspace(0.7, 1.6, shape[0], dtype=np.float32)[:, None, None]
+    diameter = 12.0
+    image, cells = _five_cells(diameter, stretch_z=2.0)  # twice as tall as wide
+    image += np.random.default_rng(0).normal(0, 30, image.shape).astype(np.float32)
+    image *= np.linspace(0.7, 1.6, image.shape[0], dtype=np.float32)[:, None, None]
     found, score = _exactly_these_cells(image, cells, diameter, chunks=(12, 48, 48))
     offsets = found[score.pairs[:, 0]] - np.array(cells)[score.pairs[:, 1]]
     # weighted by I_s − B without the gain: +0.6 µm along z; with it: −0.14
