@@ -198,7 +198,7 @@ def _contrast_parts(
         z = np.zeros(e.shape, np.float32)
         np.divide(e, noise, out=z, where=noise > 0)
         out["z"] = z
-        out["R"] = (e / np.asarray(gain, np.float32)[:, None, None]).astype(np.float32)
+        out["R"] = (e / np.asarray(gain, np.float32)[:, None, None]).astype(np.float32, copy=False)
     return out
 
 
