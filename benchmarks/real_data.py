@@ -49,9 +49,36 @@ def _planes(folder: Path) -> np.ndarray:
     return np.stack([tifffile.imread(f) for f in sorted(glob.glob(str(folder / "*.tif")))])
 
 
-def cellfinder(root: Path, overrides: dict, chunks=(30, 256, 256)) -> dict:
-    """The crop's count and how many of its 56 reference cells are found within 10 µm."""
-    signal, autofluorescence = _planes(root / "ch0"), _planes(root / "ch1")
+def coarser(volume: np.ndarray, z_step: int = 1, bin_yx: int = 1) -> np.ndarray:
+    """The volume as a coarser acquisition records it: every ``z_step``-th plane, and
+    ``bin_yx`` × ``bin_yx`` camera pixels summed into one (kept as their mean, float32;
+    a partial last row or column is dropped). Unchanged for ``(1, 1)``."""
+    if (z_step, bin_yx) == (1, 1):
+        return volume
+    k = bin_yx
+    v = volume[::z_step, : volume.shape[1] // k * k, : volume.shape[2] // k * k]
+    z, y, x = v.shape
+    return v.astype(np.float32).reshape(z, y // k, k, x // k, k).mean(axis=(2, 4))
+
+
+def coarser_voxel(voxel_um, z_step: int, bin_yx: int) -> tuple[tuple, np.ndarray]:
+    """The coarser volume's voxel size, and the shift from its voxel centres (µm) to the
+    original's: a binned pixel's centre lies half a bin less one pixel further on."""
+    vz, vy, vx = voxel_um
+    shift = np.array([0.0, (bin_yx - 1) / 2 * vy, (bin_yx - 1) / 2 * vx])
+    return (vz * z_step, vy * bin_yx, vx * bin_yx), shift
+
+
+def cellfinder(
+    root: Path, overrides: dict, chunks=(30, 256, 256), *, z_step: int = 1, bin_yx: int = 1
+) -> dict:
+    """The crop's count and how many of its 56 reference cells are found within 10 µm.
+
+    ``z_step`` and ``bin_yx``: score the crop as a coarser acquisition records it
+    (:func:`coarser`), against the same reference positions.
+    """
+    signal, autofluorescence = (coarser(_planes(root / c), z_step, bin_yx) for c in ("ch0", "ch1"))
+    voxel_um, shift = coarser_voxel(CELLFINDER_VOXEL_UM, z_step, bin_yx)
     reference = read_points(root / "cell_classification.xml", cell_type=2)
     local = overrides.get("method", "local") == "local"
     config = SegmentConfig(
@@ -61,14 +88,14 @@ def cellfinder(root: Path, overrides: dict, chunks=(30, 256, 256)) -> dict:
     start = time.perf_counter()
     result = segment_volume(
         dask.array.from_array(signal, chunks=chunks),
-        voxel_size_um=CELLFINDER_VOXEL_UM,
+        voxel_size_um=voxel_um,
         config=config,
         background=dask.array.from_array(autofluorescence, chunks=chunks)
         if config.background_channel is not None
         else None,
     )
     seconds = time.perf_counter() - start
-    found = result.table[["z_um", "y_um", "x_um"]].to_numpy()
+    found = result.table[["z_um", "y_um", "x_um"]].to_numpy() + shift
     score = match_points(found, reference * CELLFINDER_VOXEL_UM, max_distance_um=10.0)
     return {
         "config": config.model_dump(mode="json"),
@@ -80,22 +107,24 @@ def cellfinder(root: Path, overrides: dict, chunks=(30, 256, 256)) -> dict:
     }
 
 
-def delivr(root: Path, overrides: dict) -> tuple[dict, pd.DataFrame]:
-    """Precision, recall and F1 over all 27 patches, and per patch."""
+def delivr(root: Path, overrides: dict, *, bin_yx: int = 1) -> tuple[dict, pd.DataFrame]:
+    """Precision, recall and F1 over all 27 patches, and per patch (``bin_yx``: binned
+    camera pixels, :func:`coarser`)."""
     config = SegmentConfig(**{"nucleus_diameter_um": 11.0, **overrides})
+    voxel_um, shift = coarser_voxel(DELIVR_VOXEL_UM, 1, bin_yx)
     rows = []
     start = time.perf_counter()
     for image_path in sorted((root / "images").glob("patch_*.tif")):
         patch = image_path.stem.removeprefix("patch_")
         points = pd.read_csv(root / "points" / f"patch_{patch}_points.csv")
         truth = points[points["n_voxels"] >= 4][["z", "y", "x"]].to_numpy(float)
-        image = tifffile.imread(image_path)
+        image = coarser(tifffile.imread(image_path), 1, bin_yx)
         result = segment_volume(
             dask.array.from_array(image, chunks=image.shape),
-            voxel_size_um=DELIVR_VOXEL_UM,
+            voxel_size_um=voxel_um,
             config=config,
         )
-        found = result.table[["z_um", "y_um", "x_um"]].to_numpy()
+        found = result.table[["z_um", "y_um", "x_um"]].to_numpy() + shift
         s = match_points(found, truth * DELIVR_VOXEL_UM, max_distance_um=6.0)
         rows.append({"patch": patch, "annotated": len(truth), "found": len(found), **s.as_dict()})
     table = pd.DataFrame(rows)

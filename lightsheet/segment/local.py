@@ -18,7 +18,10 @@ a cell, in units of the variation of the tissue around it:
    over 3 × 3 bins. The noise ``S`` is the median over 9 × 9 bins (about nine diameters,
    where cells fill well under half of the bins, so ``S`` measures the tissue's texture and
    noise, not the cells) of each bin's median absolute deviation of ``I_s`` (× 1.4826: the
-   SD of Gaussian noise). Offset and noise are interpolated linearly between bin centres.
+   SD of Gaussian noise). A bin has two voxels a side at least, and ``S`` is scaled so that
+   it estimates the same at any voxel size: a bin of a few voxels (a coarse camera pixel)
+   gives a MAD biased low (`lightsheet.segment.background.noise_calibration`). Offset and
+   noise are interpolated linearly between bin centres.
    Per plane because light-sheet planes are acquired one at a time and their brightness
    steps (tile seams, sheet power, bleaching); medians because bright cells, vessels and
    the dark outside must not move the level of their neighbours. The bins alone (a median
