@@ -65,6 +65,10 @@ class AtlasCoverageWarning(UserWarning):
     """Many cells fall outside every atlas region: usually a wrong orientation or voxel size."""
 
 
+class UndersampledCellWarning(UserWarning):
+    """The cells are under two camera pixels across: found, but fewer and placed coarsely."""
+
+
 class SampleError(LightsheetError, ValueError):
     """Bad arguments for the generated sample acquisition."""
 

@@ -9,6 +9,7 @@ dark background; this crop has what real tissue has, and each default is checked
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pandas as pd
 import pytest
 
 from lightsheet.config import SegmentConfig
+from lightsheet.errors import UndersampledCellWarning
 from lightsheet.evaluate import match_points
 from lightsheet.ingest import discover
 from lightsheet.segment import segment_volume
@@ -103,9 +105,14 @@ def test_coarser_pixels_same_cells(crop, with_background, reference, bin_yx):
 
     voxel_um, shift = coarser_voxel(VOXEL_UM, 1, bin_yx)
     signal, autofluorescence = (coarser(c, 1, bin_yx) for c in crop)
-    result = _segment(
-        signal, SegmentConfig(**DEFAULTS), autofluorescence, (10, 128, 128), voxel_um=voxel_um
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _segment(
+            signal, SegmentConfig(**DEFAULTS), autofluorescence, (10, 128, 128), voxel_um=voxel_um
+        )
+    # 14 µm is 2.3 pixels at 6 µm, 1.4 at 10 µm: only the second is told
+    undersampled = [w for w in caught if issubclass(w.category, UndersampledCellWarning)]
+    assert len(undersampled) == (bin_yx == 5), [str(w.message) for w in caught]
     assert 0.6 <= result.n / with_background.n <= 1.25, (result.n, with_background.n)
     found = result.table[["z_um", "y_um", "x_um"]].to_numpy() + shift
     assert match_points(found, reference, max_distance_um=15.0).tp >= 0.75 * len(reference)
