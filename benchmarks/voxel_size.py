@@ -38,6 +38,13 @@ CROP = ((1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (2, 1))
 DELIVR = (1, 2, 3)
 
 
+def _sampling(voxel_um, z_step: int, bin_yx: int, result: dict) -> dict:
+    """The coarser voxel size, and the configured diameter in its pixels."""
+    voxel = coarser_voxel(voxel_um, z_step, bin_yx)[0]
+    across = result["config"]["nucleus_diameter_um"] / voxel[1]
+    return {"voxel_size_um": voxel, "diameter_voxels_yx": round(across, 2)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the data sets")
@@ -50,8 +57,7 @@ def main(argv=None) -> int:
         rows.append(
             {
                 "data": "cellfinder-crop",
-                "voxel_size_um": coarser_voxel(CELLFINDER_VOXEL_UM, z_step, k)[0],
-                "diameter_voxels_yx": round(14.0 / (CELLFINDER_VOXEL_UM[1] * k), 2),
+                **_sampling(CELLFINDER_VOXEL_UM, z_step, k, r),
                 "objects": r["cells"],
                 "reference_found": r["reference_found"],
             }
@@ -62,8 +68,7 @@ def main(argv=None) -> int:
         rows.append(
             {
                 "data": "delivr-cfos",
-                "voxel_size_um": coarser_voxel(DELIVR_VOXEL_UM, 1, k)[0],
-                "diameter_voxels_yx": round(11.0 / (DELIVR_VOXEL_UM[1] * k), 2),
+                **_sampling(DELIVR_VOXEL_UM, 1, k, summary),
                 "objects": summary["found"],
                 **{m: round(summary[m], 4) for m in ("precision", "recall", "f1")},
             }
