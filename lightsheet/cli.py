@@ -104,13 +104,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
             "--misaligned cannot be combined with --overlap/--stage-error-um/--grid; "
             "expected one of them"
         )
-    if (overlapping or args.misaligned) and (args.realistic or args.cells):
+    if args.misaligned and (args.realistic or args.cells):
         raise SampleError(
-            "--realistic/--cells cannot be combined with --misaligned or --overlap/"
-            "--stage-error-um/--grid; expected one of them"
+            "--realistic/--cells cannot be combined with --misaligned; expected one of them"
         )
     if args.cells and not args.realistic:
         raise SampleError("--cells goes with --realistic; expected --realistic --cells ...")
+    common.update(realistic=args.realistic, cells=args.cells or "nuclei")
     bar, progress = _progress_bar(f"sample ({args.size})")
     with bar:
         if overlapping:
@@ -122,8 +122,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             info = generate(
                 args.dir, **common, timepoints=args.timepoints, progress=progress,
-                misaligned=args.misaligned, realistic=args.realistic,
-                cells=args.cells or "nuclei",
+                misaligned=args.misaligned,
             )  # fmt: skip
     gb = info.get("bytes_written", 0) / 1e9
     print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
@@ -531,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="image textured tissue: autofluorescence varying several-fold, a dark outside, "
         "vessels and debris in every channel, light-sheet decay and stripes (the config then "
-        "sets segment.background_channel: 1)",
+        "sets segment.background_channel: 1); with --overlap each tile has its own sheet",
     )
     p.add_argument(
         "--cells",

@@ -24,10 +24,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 
+from lightsheet.errors import SampleError
 from lightsheet.geometry import atlas_voxel, reorientation_um
 from lightsheet.sample.phantom import Phantom
 from lightsheet.sample.render import _Scene
@@ -547,8 +547,13 @@ class MisalignedPhantom(Phantom):
     misalignment: Misalignment | None = None
     sample_labels: tuple = ()
 
-    @cached_property
-    def _scene(self) -> MisalignedScene:
+    def scene(self, origin_um=(0.0, 0.0, 0.0), *, sheet_um=None) -> MisalignedScene:
+        """`Phantom.scene`, in the one frame of the whole acquisition (no tile offsets)."""
+        if np.any(np.asarray(origin_um, float) != 0.0):
+            raise SampleError(
+                f"a misaligned sample is rendered in one frame; got a tile origin {origin_um} "
+                "µm, expected (0, 0, 0)"
+            )
         return MisalignedScene(
             self.cells, self.psf, self.voxel_size_um, self.resolution_um, self.fields,
             misalignment=self.misalignment,

@@ -102,6 +102,8 @@ def generate_overlapping(
     grid: Sequence[int] | None = None,
     tile_shape: Sequence[int] | None = None,
     progress=None,
+    realistic: bool = False,
+    cells: str = "nuclei",
 ) -> dict:
     """Write an overlapping-tile sample acquisition with its truth (see the module doc).
 
@@ -119,6 +121,12 @@ def generate_overlapping(
     tile_shape : (3,) sequence of int, optional
         Voxels (z, y, x) of a tile; the phantom then spans the mosaic ``size`` is ignored
         (benchmarks compare mosaics of equal tiles).
+    realistic, cells
+        As for `lightsheet.sample.generate`: textured tissue (`lightsheet.sample.realistic`).
+        Each tile is then lit by its own light sheet, entering at the tile's first column
+        and fading across it, as a microscope images one field of view after another: the
+        same tissue is darker in one tile's overlap than in its neighbour's, and the fused
+        volume has seams.
 
     Returns
     -------
@@ -151,7 +159,7 @@ def generate_overlapping(
     writer._write_json(
         out / "sample.json", {"format": presets.SAMPLE_FORMAT, "complete": False, "size": size}
     )
-    ph = phantom.build_phantom(preset, seed=seed, channels=channels)
+    ph = writer.build(preset, seed=seed, channels=channels, realistic=realistic, cells=cells)
     vox = np.asarray(ph.voxel_size_um, dtype=float)
     if tile_shape is None:
         tile_shape, origins = tiling(preset.shape_zyx, grid, ov)
@@ -171,10 +179,7 @@ def generate_overlapping(
 
     def write_tile(t: int, c: int, k: int) -> tuple[str, int]:
         lo = np.floor(true_um[k] / vox).astype(int)
-        scene = render._Scene(
-            ph.cells, ph.psf, ph.voxel_size_um, ph.resolution_um, ph.fields,
-            origin_um=true_um[k] - lo * vox,
-        )  # fmt: skip
+        scene = ph.scene(true_um[k] - lo * vox, sheet_um=(true_um[k][2], tile_shape[2] * vox[2]))
         expected = scene.expected(
             lo, lo + tile_shape, channel=c, nuclei=c == 0, bleach=presets.BLEACH_PER_TIMEPOINT**t
         )
@@ -227,6 +232,7 @@ def generate_overlapping(
             "positions": "positions.csv",
             "tile_truth": "truth/tiles.csv",
             "bytes_written": nbytes,
+            "realistic": ph.info() if realistic else None,
         }
     )
     writer._write_config(out / "config.yaml", info, stitch={"overlap": list(ov)})

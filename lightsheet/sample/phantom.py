@@ -92,9 +92,28 @@ class Phantom:
         """Labels and their voxel size that define the truth's region volumes."""
         return self.annotation, self.hemispheres, self.resolution_um
 
+    def scene(
+        self,
+        origin_um: Sequence[float] = (0.0, 0.0, 0.0),
+        *,
+        sheet_um: Sequence[float] | None = None,
+    ) -> _Scene:
+        """The renderer of this phantom, voxel ``i`` centred at ``origin_um + i × voxel size``.
+
+        A non-zero ``origin_um`` images a tile whose stage position is not a whole number of
+        voxels (`lightsheet.sample.overlap`). ``sheet_um`` (x where the light sheet enters,
+        its length across the field) is for scenes that model the sheet
+        (`lightsheet.sample.realistic`); the plain phantom's illumination is part of its
+        fields, so it ignores it.
+        """
+        return _Scene(
+            self.cells, self.psf, self.voxel_size_um, self.resolution_um, self.fields,
+            origin_um=origin_um,
+        )  # fmt: skip
+
     @cached_property
     def _scene(self) -> _Scene:
-        return _Scene(self.cells, self.psf, self.voxel_size_um, self.resolution_um, self.fields)
+        return self.scene()
 
     def expected(self, lo: Sequence[int], hi: Sequence[int], *, channel: int, t: int = 0):
         """Expected photons per voxel (noise-free, blurred) of the box ``[lo, hi)``.

@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -308,12 +307,14 @@ class RealisticScene(_Scene):
     the medium.
     """
 
-    def __init__(self, *args, bright, outside, key, extent_um):
-        super().__init__(*args)
+    def __init__(self, *args, bright, outside, key, extent_um, sheet_um=None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.bright = bright
         self.outside = outside
         self.key = int(key)
         self.extent_um = np.asarray(extent_um, float)
+        # x (µm) where the sheet enters the field of view, and the field's length along x
+        self.sheet_um = (0.0, float(self.extent_um[2])) if sheet_um is None else sheet_um
 
     def _coords(self, lo, hi) -> list[np.ndarray]:
         return [np.arange(lo[a], hi[a]) * self.vox[a] + self.origin_um[a] for a in range(3)]
@@ -328,7 +329,8 @@ class RealisticScene(_Scene):
     def illumination(self, coords) -> np.ndarray:
         """Sheet decay along x, slow ±10 % waves and stripes; float32 (Z, Y, X)."""
         z, y, x = coords
-        decay = np.exp(np.log(SHEET_FAR_SIDE) * x / self.extent_um[2]).astype(np.float32)
+        entry, length = self.sheet_um
+        decay = np.exp(np.log(SHEET_FAR_SIDE) * (x - entry) / length).astype(np.float32)
         waves = 0.1 * value_noise(coords, (self.extent_um.max() / 2,) * 3, key=self.key * 16 + 8)
         stripes = value_noise(coords, STRIPE_SCALE_UM, key=self.key * 16 + 9)
         return (1.0 + waves) * np.exp(STRIPE_AMPLITUDE * stripes) * decay[None, None, :]
@@ -365,14 +367,19 @@ class RealisticPhantom(Phantom):
     bright: Structures | None = None
     seed: int = 0
 
-    @cached_property
-    def _scene(self) -> RealisticScene:
+    def scene(self, origin_um=(0.0, 0.0, 0.0), *, sheet_um=None) -> RealisticScene:
+        """`Phantom.scene` with the textured tissue.
+
+        ``sheet_um``: x (µm) where the light sheet enters and the length it crosses; default
+        the whole sample, one field of view. A tile of a mosaic has its own
+        (`lightsheet.sample.overlap`).
+        """
         extent = np.asarray(self.preset.shape_zyx) * np.asarray(self.voxel_size_um)
         return RealisticScene(
             self.cells, self.psf, self.voxel_size_um, self.resolution_um, self.fields,
             bright=self.bright,
             outside=[OUTSIDE_FRACTION * ch.outside_photons for ch in self.channels],
-            key=self.seed, extent_um=extent,
+            key=self.seed, extent_um=extent, sheet_um=sheet_um, origin_um=origin_um,
         )  # fmt: skip
 
     def info(self) -> dict:

@@ -112,20 +112,16 @@ def generate(
     # marks the folder as a sample from the start, so an interrupted run can be redone
     _write_json(out / "sample.json", {"format": SAMPLE_FORMAT, "complete": False, "size": size})
 
-    if misaligned and realistic:
-        raise SampleError("misaligned and realistic cannot be combined; expected one of them")
-    if cells != "nuclei" and not realistic:
-        raise SampleError(f"cells: {cells!r} needs realistic=True; expected 'nuclei' without")
+    if misaligned and (realistic or cells != "nuclei"):
+        raise SampleError(
+            "misaligned cannot be combined with realistic or cells; expected one of them"
+        )
     if misaligned:
         from lightsheet.sample.misaligned import build_misaligned_phantom
 
         ph = build_misaligned_phantom(size, seed=seed, channels=channels)
-    elif realistic:
-        from lightsheet.sample.realistic import build_realistic_phantom
-
-        ph = build_realistic_phantom(size, seed=seed, channels=channels, cells=cells)
     else:
-        ph = build_phantom(size, seed=seed, channels=channels)
+        ph = build(size, seed=seed, channels=channels, realistic=realistic, cells=cells)
     vox, shape = ph.voxel_size_um, preset.shape_zyx
     labels, sides, volume_res = ph.truth_volumes()
     density = truth_region_table(ph.cells, labels, sides, ph.structures, volume_res)
@@ -186,6 +182,17 @@ def generate(
     _write_config(out / "config.yaml", info)
     _write_json(out / "sample.json", info)
     return info
+
+
+def build(size, *, seed: int, channels: int, realistic: bool, cells: str) -> Phantom:
+    """The plain or the realistic phantom (``cells`` only with ``realistic``)."""
+    if cells != "nuclei" and not realistic:
+        raise SampleError(f"cells: {cells!r} needs realistic=True; expected 'nuclei' without")
+    if not realistic:
+        return build_phantom(size, seed=seed, channels=channels)
+    from lightsheet.sample.realistic import build_realistic_phantom
+
+    return build_realistic_phantom(size, seed=seed, channels=channels, cells=cells)
 
 
 def _prepare_out_dir(out: Path) -> Path:

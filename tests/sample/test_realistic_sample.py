@@ -137,6 +137,38 @@ def test_tiles_join_seamlessly():
         np.testing.assert_allclose(box, whole[sl], rtol=1e-4, atol=1e-2)
 
 
+def test_mosaic_tiles_each_lit_by_their_own_sheet(tmp_path):
+    """Overlapping tiles of textured tissue: where two tiles share tissue, the left one
+    sees it at its sheet's far side and the right one near its entry, as a microscope
+    images one field after another (noise-free scenes: the ratio is the sheet's decay
+    exactly). The files carry it too, and the config reads the autofluorescence channel."""
+    from lightsheet.sample.overlap import generate_overlapping
+
+    ph = build_realistic_phantom("tiny", seed=SEED, cells="somata")
+    vox = np.asarray(VOXEL_SIZE_UM)
+    side = 40  # voxels of a tile along x; the right tile starts at 30: 10 voxels shared
+    left = ph.scene(sheet_um=(0.0, side * vox[2]))
+    right = ph.scene(sheet_um=(30 * vox[2], side * vox[2]))
+    lo, hi = (4, 20, 30), (8, 60, 40)
+    a = left.expected(lo, hi, channel=1, nuclei=False)
+    b = right.expected(lo, hi, channel=1, nuclei=False)
+    # the sheets differ by a constant factor over the shared voxels, blurred or not
+    np.testing.assert_allclose(a / b, SHEET_FAR_SIDE ** (30 / side), rtol=1e-4)
+
+    info = generate_overlapping(
+        tmp_path / "mosaic", size="tiny", seed=SEED, grid=(1, 1, 2), overlap=(0, 0, 0.25),
+        stage_error_um=0.0, realistic=True, cells="somata",
+    )  # fmt: skip
+    assert info["realistic"]["cells"] == "somata"
+    assert load_config(tmp_path / "mosaic" / "config.yaml").segment.background_channel == 1
+    tiles = sorted((tmp_path / "mosaic" / "tiles").glob("*_ch1_*"))
+    t0, t1 = (tifffile.imread(f).astype(float) - CAMERA["offset_adu"] for f in tiles)
+    start = pd.read_csv(tmp_path / "mosaic" / "positions.csv")["x_um"].max() / vox[2]
+    shared = t0.shape[2] - round(start)
+    ratio = np.median(t0[..., -shared:]) / np.median(t1[..., :shared])
+    assert ratio == pytest.approx(SHEET_FAR_SIDE ** (start / t0.shape[2]), rel=0.1)
+
+
 def test_truth_centres_on_bright_somata(somata):
     out, info = somata
     cells = pd.read_csv(out / "truth" / "cells.csv")
@@ -341,3 +373,9 @@ def test_cli_realistic(tmp_path, capsys):
     assert info["realistic"]["cells"] == "somata" and info["size"] == "tiny"
     assert main(["sample", str(tmp_path / "n"), "--cells", "somata"]) == 2
     assert "--realistic" in capsys.readouterr().err
+    mosaic = ["sample", str(tmp_path / "m"), "--realistic", "--overlap", "0.2"]
+    assert main([*mosaic, "--grid", "1", "1", "2"]) == 0
+    info = json.loads((tmp_path / "m" / "sample.json").read_text())
+    assert info["realistic"]["cells"] == "nuclei" and info["overlap"] == [0.0, 0.0, 0.2]
+    assert main(["sample", str(tmp_path / "x"), "--realistic", "--misaligned"]) == 2
+    assert "--misaligned" in capsys.readouterr().err

@@ -155,11 +155,27 @@ def layout_of(folder, info, **kwargs):
     return m, nominal_layout(m, info["voxel_size_um"], overlap=info["overlap"], **kwargs)
 
 
+@pytest.fixture(scope="module")
+def textured_mosaic(tmp_path_factory):
+    """The same mosaic of textured tissue with stripes (`lightsheet.sample.realistic`),
+    each tile lit by its own light sheet: the shared tissue is about half as bright in one
+    tile of a pair as in the other."""
+    from lightsheet.sample.overlap import generate_overlapping
+
+    folder = tmp_path_factory.mktemp("textured")
+    info = generate_overlapping(
+        folder, size="small", seed=4, channels=1, grid=(1, 3, 3), overlap=(0, 0.15, 0.15),
+        stage_error_um=(2, 8, 8), realistic=True, cells="somata",
+    )  # fmt: skip
+    return folder, info
+
+
 @pytest.mark.usefixtures("two_dask_threads")
-def test_registration_places_every_tile_within_half_a_voxel(overlapping):
+@pytest.mark.parametrize("mosaic", ["overlapping", "textured_mosaic"])
+def test_registration_places_every_tile_within_half_a_voxel(mosaic, request):
     from lightsheet.stitch import register
 
-    folder, info = overlapping
+    folder, info = request.getfixturevalue(mosaic)
     m, layout = layout_of(folder, info)
     assert layout.shape_zyx == tuple(info["shape"][2:])
     errors = np.abs(true_positions(folder, info) - layout.positions_vox)
