@@ -158,8 +158,8 @@ def layout_of(folder, info, **kwargs):
 @pytest.fixture(scope="module")
 def textured_mosaic(tmp_path_factory):
     """The same mosaic of textured tissue with stripes (`lightsheet.sample.realistic`),
-    each tile lit by its own light sheet: the shared tissue is about half as bright in one
-    tile of a pair as in the other."""
+    each tile lit by its own light sheet along x: the tissue that two neighbours along x
+    share is about half as bright in the left tile as in the right one."""
     from lightsheet.sample.overlap import generate_overlapping
 
     folder = tmp_path_factory.mktemp("textured")
