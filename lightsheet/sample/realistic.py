@@ -314,8 +314,8 @@ class RealisticScene(_Scene):
         self.key = int(key)
         self.extent_um = np.asarray(extent_um, float)
         # x (µm) where the sheet enters the field of view, and the field's length along x
-        self.sheet_um = (0.0, float(self.extent_um[2])) if sheet_um is None else sheet_um
-        self.sheet_um = tuple(float(v) for v in self.sheet_um)
+        entry, length = (0.0, self.extent_um[2]) if sheet_um is None else sheet_um
+        self.sheet_um = (float(entry), float(length))
 
     def _coords(self, lo, hi) -> list[np.ndarray]:
         return [np.arange(lo[a], hi[a]) * self.vox[a] + self.origin_um[a] for a in range(3)]
