@@ -71,8 +71,12 @@ computed in one piece; each block is read with a halo that covers the smoothing 
 opening (``LocalGeometry.halo``), so the result does not depend on the chunking.
 
 Passes over the data: the watershed analysis, the measurement, and the labels when
-written. Each re-smooths halo-padded blocks and recomputes the bin statistics (``1 / (bin
-side)²`` of the volume) it reads; nothing volume-sized is held. Given a ``scratch`` folder
+written. The analysis sends the client only the basins that can matter: a group of basins
+that lies inside one block and peaks under ``min_peak_sd`` (most of the noise's bumps
+above the mask) stays on the worker, so the client's tables grow with the cells, not the
+volume (`lightsheet.segment.watershed._drop_closed_groups`; same cells). Each pass
+re-smooths halo-padded blocks and recomputes the bin statistics (``1 / (bin side)²`` of
+the volume) it reads; nothing volume-sized is held. Given a ``scratch`` folder
 (the segment task gives one) the method keeps on disk what later passes would repeat: the
 statistics of both channels become a pass of their own, written once and read by the
 others; that pass also writes each channel's ``I_s`` and ``O`` (float32, compressed: four
@@ -493,6 +497,7 @@ def detect_local(
         e_blocks, m_blocks, grid, struct, SPLIT_SD, 0, compute=compute,
         split_fraction=SPLIT_FRACTION, vs=vs,
         min_peak_distance_um=MIN_PEAK_DISTANCE * diameter_um, values=r_blocks,
+        drop_below=min_peak_sd,
     )  # fmt: skip
     # a label is a cell when its peak is significant; others get no body
     peaks_by_label = np.r_[-np.inf, peaks]

@@ -10,6 +10,8 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from lightsheet.config.derived import default_smooth_um, default_split_depth_um
 from lightsheet.errors import SegmentError
@@ -231,7 +233,9 @@ def _inner_saddles(end: np.ndarray, e: np.ndarray, m: np.ndarray, struct: np.nda
     return _max_by_pair(np.concatenate(la), np.concatenate(lb), np.concatenate(ss))
 
 
-def _toboggan_info(elev, mask, struct, lo, hi, origin, shape, image=None, values=None):
+def _toboggan_info(
+    elev, mask, struct, lo, hi, origin, shape, image=None, values=None, drop_below=None
+):
     """The watershed's one analysis pass over a block.
 
     Small tables: peaks (global index, height, and with ``values``, laid out as ``elev``,
@@ -239,6 +243,9 @@ def _toboggan_info(elev, mask, struct, lo, hi, origin, shape, image=None, values
     inside the core; and with ``image``, measurement partials keyed by endpoint + 1. And
     the core's shell towards neighbours (``face_*``: each voxel's global index, endpoint and
     height), which `_neighbour_tables` reduces on the workers.
+
+    With ``drop_below``, the basins of groups that lie wholly inside the block and peak
+    below it are left out (`_drop_closed_groups`).
     """
     end_g, m, is_max, e = _toboggan(elev, mask, struct, lo, hi, origin, shape)
     g = _global_index(m.shape, origin, shape)
@@ -268,6 +275,50 @@ def _toboggan_info(elev, mask, struct, lo, hi, origin, shape, image=None, values
         out["values"] = v[core][is_max][order]
     if image is not None:
         out["parts"] = _measure_block(np.where(m, end_g + 1, 0), image, origin)
+    if drop_below is not None:
+        out = _drop_closed_groups(out, drop_below)
+    return out
+
+
+def _drop_closed_groups(info: dict, below: float) -> dict:
+    """``info`` without the basins of closed groups that peak below ``below``.
+
+    A group is a set of basins joined by the block's inner saddles (a connected component
+    of the mask, as far as the block sees it). It is closed when none of its basins
+    reaches the block's shell or leads to an exit: then no saddle joins it to any basin
+    outside, the merge by dynamics cannot join it to one, and its basins merge at most
+    among themselves, into labels whose peak is the group's. A caller that keeps only
+    labels peaking at ``below`` or higher (`lightsheet.segment.local`: cells stand
+    ``min_peak_sd`` above the noise) loses nothing when such groups never reach the client:
+    on tissue most basins are the noise's bumps above the mask, closed and low (82 % of
+    them on the 1 GB generated sample), and the client's tables then grow with the cells,
+    not the volume. Their voxels get label 0 (`_basin_block`).
+    """
+    peaks, pairs = info["peaks"], info["saddles"][0]
+    keys = np.union1d(peaks, info["exits"])
+    if keys.size == 0:
+        return info
+    n = keys.size
+    ia, ib = np.searchsorted(keys, pairs[:, 0]), np.searchsorted(keys, pairs[:, 1])
+    graph = coo_matrix((np.ones(ia.size, bool), (ia, ib)), shape=(n, n))
+    _, group = connected_components(graph, directed=False)
+    at_peak = np.searchsorted(keys, peaks)
+    kept = np.isin(keys, info["exits"]) | np.isin(keys, info["face_ends"])
+    kept[at_peak[info["heights"] >= below]] = True
+    keep_group = np.zeros(int(group.max()) + 1, bool)
+    keep_group[group[kept]] = True
+    keep = keep_group[group]
+    out = dict(info)
+    k = keep[at_peak]
+    for name in ("peaks", "heights", "values"):
+        if name in info:
+            out[name] = info[name][k]
+    s = keep[ia]  # both ends of a saddle lie in one group
+    out["saddles"] = (pairs[s], info["saddles"][1][s])
+    if "parts" in info and len(info["parts"]):
+        gone = peaks[~k]
+        part = info["parts"]
+        out["parts"] = part[~np.isin(part["label"].to_numpy() - 1, gone)].reset_index(drop=True)
     return out
 
 
@@ -286,8 +337,9 @@ def _basin_block(elev, mask, struct, lo, hi, origin, shape, plan, dtype):
     end_g, m, _, _ = _toboggan(elev, mask, struct, lo, hi, origin, shape)
     keys, values = plan
     out = np.zeros(m.shape, dtype=dtype)
-    if keys.size:
-        out[m] = values[np.searchsorted(keys, end_g[m])]
+    if keys.size:  # endpoints the plan lacks (`_drop_closed_groups`) stay 0
+        found, pos = _sorted_lookup(keys, end_g[m])
+        out[m] = np.where(found, values[pos], 0)
     return out
 
 
@@ -336,15 +388,27 @@ def _neighbour_tables(a: dict, b: dict, shape, struct):
     return edges, saddles, np.concatenate(hop_keys), np.concatenate(hop_ends)
 
 
-def _touching_blocks(numblocks, struct) -> list[tuple[tuple, tuple]]:
-    """Each unordered pair of blocks that a neighbourhood step can cross, once."""
-    pairs = []
+def _with_neighbours(a: dict, others: list[dict], shape, struct):
+    """`_neighbour_tables` of one block with each of ``others``, its four tables concatenated.
+
+    One task per block instead of one per pair (a block touches up to 13 later ones, with
+    26-connectivity): the scheduler keeps state for every task, about 17 KiB each in the
+    analysis pass of the 1 GB generated sample (3.2 k tasks; `benchmarks/results/real_data.md`).
+    """
+    parts = [_neighbour_tables(a, b, shape, struct) for b in others]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+
+
+def _touching_blocks(numblocks, struct) -> dict[tuple, list[tuple]]:
+    """Per block, the later blocks that a neighbourhood step can cross to (each pair once)."""
+    later = {}
     for idx in np.ndindex(numblocks):
+        later[idx] = []
         for off in _positive_offsets(struct):
             nb = tuple(i + o for i, o in zip(idx, off, strict=True))
             if all(0 <= nb[a] < numblocks[a] for a in range(3)):
-                pairs.append((idx, nb))
-    return pairs
+                later[idx].append(nb)
+    return later
 
 
 def _merge_by_dynamics(
@@ -543,6 +607,7 @@ def _watershed_analysis(
     split_fraction: float = 0.0,
     min_peak_distance_um: float = 0.0,
     values: da.Array | np.ndarray | None = None,
+    drop_below: float | None = None,
 ) -> tuple[da.Array, int, pd.DataFrame | None, np.ndarray, dict, np.ndarray | None]:
     """One pass over the blocks → lazy labels, n, table, peaks, plans, values at the peaks.
 
@@ -560,6 +625,11 @@ def _watershed_analysis(
     another quantity that the caller wants where each label peaks: ``label_values[i]`` is
     its value at the voxel of ``peaks[i]`` (ties: the highest global index, as the
     watershed breaks them).
+
+    ``drop_below``: for a caller that keeps only labels whose peak reaches it, the blocks
+    leave out the basins of groups that lie inside one block and peak lower
+    (`_drop_closed_groups`); they get no label, and the labels of the others are the same
+    up to their numbering.
     """
     numblocks = tuple(len(c) for c in grid)
     origins = _block_origins(grid)
@@ -571,8 +641,8 @@ def _watershed_analysis(
     for idx in np.ndindex(numblocks):
         lo, hi = _pad_widths(idx, numblocks)
         geo[idx] = (lo, hi, tuple(int(origins[a][idx[a]]) for a in range(3)))
-    # per block: its tables; per pair of touching blocks: what crosses between them. The
-    # shell arrays that the pairs need stay on the workers: only small tables come back
+    # per block: its tables, and what crosses between it and each later block it touches.
+    # The shell arrays that the pairs need stay on the workers: only small tables come back
     full = {
         idx: dask.delayed(_toboggan_info)(
             e_blocks[idx],
@@ -582,12 +652,14 @@ def _watershed_analysis(
             shape,
             i_blocks[idx] if i_blocks is not None else None,
             v_blocks[idx] if v_blocks is not None else None,
+            drop_below,
         )
         for idx in np.ndindex(numblocks)
     }
     touching = [
-        dask.delayed(_neighbour_tables)(full[a], full[b], shape, struct)
-        for a, b in _touching_blocks(numblocks, struct)
+        dask.delayed(_with_neighbours)(full[a], [full[b] for b in nbs], shape, struct)
+        for a, nbs in _touching_blocks(numblocks, struct).items()
+        if nbs
     ]
     tables = [dask.delayed(_block_tables)(info) for info in full.values()]
     infos, touching = _compute(compute, [tables, touching], "analysis (basins and saddles)")

@@ -1,0 +1,66 @@
+"""The watershed's analysis: what leaving closed low groups out of the client's tables keeps."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from lightsheet.segment._common import structure
+from lightsheet.segment.watershed import _shells, _watershed_analysis
+
+#: A basin's label is kept when its peak reaches this (noise SDs of the test's field).
+DROP_BELOW = 4.0
+
+
+def _field(shape=(24, 48, 48), seed=3) -> np.ndarray:
+    """Smoothed noise in units of its own SD, with a few bright blobs: many low basins."""
+    rng = np.random.default_rng(seed)
+    z = ndi.gaussian_filter(rng.standard_normal(shape), (1.0, 1.5, 1.5))
+    z /= z.std()
+    for c in rng.uniform((4, 6, 6), np.array(shape) - (4, 6, 6), (6, 3)):
+        d2 = sum(((np.arange(n) - x) ** 2).reshape([-1 if a == i else 1 for a in range(3)])
+                 for i, (n, x) in enumerate(zip(shape, c, strict=True)))  # fmt: skip
+        z += 6.0 * np.exp(-d2 / (2 * 2.5**2))
+    return z.astype(np.float32)
+
+
+def _labels(z: np.ndarray, chunks, drop_below):
+    elev = np.where(z > 1.0, z, np.float32(np.nan))
+    e, m = da.from_array(elev, chunks=chunks), da.from_array(~np.isnan(elev), chunks=chunks)
+    labels, n, _, peaks, _, _ = _watershed_analysis(
+        *_shells(e, m), e.chunks, structure(1), 1.0, 0, drop_below=drop_below
+    )
+    return labels.compute().astype(np.int64), n, peaks
+
+
+@pytest.mark.parametrize("chunks", [(24, 48, 48), (8, 16, 16), (7, 13, 11)])
+def test_dropping_closed_low_groups_keeps_every_label_that_can_peak_high(chunks):
+    z = _field()
+    whole, n_whole, peaks_whole = _labels(z, (24, 48, 48), None)
+    kept, n_kept, peaks_kept = _labels(z, chunks, DROP_BELOW)
+    high = (whole > 0) & (peaks_whole[whole - 1] >= DROP_BELOW)
+    # every label that peaks high is there, voxel for voxel, under its own number
+    pairs = np.unique(np.stack([whole[high], kept[high]]), axis=1)
+    assert pairs.shape[1] == np.unique(whole[high]).size == np.unique(kept[high]).size
+    assert (kept[high] > 0).all()
+    assert (peaks_kept[kept[high] - 1] == peaks_whole[whole[high] - 1]).all()
+    # what went is low: voxels of labels that peak under the threshold, never a high one
+    gone = (whole > 0) & (kept == 0)
+    assert gone.any() and not high[gone].any()
+    # and the client saw fewer basins
+    assert n_kept < n_whole
+    assert (peaks_kept[np.unique(kept[kept > 0]) - 1] >= DROP_BELOW).sum() == np.unique(
+        whole[high]
+    ).size
+
+
+def test_a_low_group_on_a_block_border_is_kept():
+    """A low group cut by a border may join a high basin in the next block: it stays."""
+    z = np.zeros((1, 1, 12), np.float32)
+    z[0, 0, 1:11] = [2, 3, 2.5, 2.8, 3.2, 3.5, 4, 6, 9, 5]  # one ridge, rising into block 2
+    whole, _, peaks_whole = _labels(z, (1, 1, 12), None)
+    split, _, peaks_split = _labels(z, (1, 1, 5), DROP_BELOW)
+    assert np.array_equal(whole > 0, split > 0)
+    assert peaks_split[split[split > 0] - 1].min() == peaks_whole[whole[whole > 0] - 1].min()
