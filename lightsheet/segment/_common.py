@@ -8,6 +8,8 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import scipy.ndimage as ndi
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from lightsheet.errors import SegmentError
 
@@ -117,6 +119,18 @@ def _positive(value: Any, name: str) -> float:
 def label_dtype(max_label: int) -> np.dtype:
     """Smallest unsigned type that holds ``max_label``: uint32, else uint64 (never wraps)."""
     return np.dtype(np.uint32) if max_label <= _UINT32_MAX else np.dtype(np.uint64)
+
+
+def _components(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """The connected component of each of ``n`` nodes joined by the pairs ``(a[i], b[i])``.
+
+    Examples
+    --------
+    >>> _components(np.array([0, 3]), np.array([1, 4]), 5).tolist()
+    [0, 0, 1, 2, 2]
+    """
+    graph = coo_matrix((np.ones(len(a), bool), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 def _block_origins(chunks: tuple[tuple[int, ...], ...]) -> list[np.ndarray]:

@@ -10,14 +10,13 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from lightsheet.errors import SegmentError
 from lightsheet.segment._common import (
     _as_mask,
     _block_origins,
     _check_offset,
+    _components,
     _ndi_for,
     _pad_widths,
     _to_numpy,
@@ -150,10 +149,7 @@ def _merge_plan(counts: np.ndarray, pairs: np.ndarray, numblocks, offset: int) -
         prov = starts[pairs >> 32] + (pairs & 0xFFFFFFFF)
         ids, inv = np.unique(prov.ravel(), return_inverse=True)
         inv = inv.reshape(prov.shape)
-        graph = coo_matrix(
-            (np.ones(len(inv), np.int8), (inv[:, 0], inv[:, 1])), shape=(ids.size, ids.size)
-        )
-        _, comp = connected_components(graph, directed=False)
+        comp = _components(inv[:, 0], inv[:, 1], ids.size)
         root = np.full(comp.max() + 1, np.iinfo(np.int64).max, dtype=np.int64)
         np.minimum.at(root, comp, ids)
         roots = root[comp]

@@ -103,13 +103,11 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import zarr
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from zarr.codecs import BloscCodec
 
 from lightsheet.regions import Region, block_regions
-from lightsheet.segment._common import _to_numpy, label_dtype
+from lightsheet.segment._common import _components, _to_numpy, label_dtype
 from lightsheet.segment.background import (
     Kept,
     LocalGeometry,
@@ -600,10 +598,7 @@ def _same_cells(
     if not len(pairs):
         return None
     n = len(t)
-    _, comp = connected_components(
-        coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)),
-        directed=False,
-    )
+    comp = _components(pairs[:, 0], pairs[:, 1], n)
     lab = label[ok]
     brightest_first = np.argsort(-peaks_by_label[lab], kind="stable")
     comps, first = np.unique(comp[brightest_first], return_index=True)

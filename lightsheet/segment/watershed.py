@@ -10,8 +10,6 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from lightsheet.config.derived import default_smooth_um, default_split_depth_um
 from lightsheet.errors import SegmentError
@@ -21,6 +19,7 @@ from lightsheet.segment._common import (
     _as_volume,
     _block_origins,
     _check_offset,
+    _components,
     _ndi_for,
     _pad_widths,
     _positive,
@@ -298,10 +297,8 @@ def _drop_closed_groups(info: dict, below: float) -> dict:
     keys = np.union1d(peaks, info["exits"])
     if keys.size == 0:
         return info
-    n = keys.size
     ia, ib = np.searchsorted(keys, pairs[:, 0]), np.searchsorted(keys, pairs[:, 1])
-    graph = coo_matrix((np.ones(ia.size, bool), (ia, ib)), shape=(n, n))
-    _, group = connected_components(graph, directed=False)
+    group = _components(ia, ib, keys.size)
     at_peak = np.searchsorted(keys, peaks)
     kept = np.isin(keys, info["exits"]) | np.isin(keys, info["face_ends"])
     kept[at_peak[info["heights"] >= below]] = True
