@@ -204,16 +204,20 @@ def _positive_offsets(struct: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def _max_by_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
-    """Unordered pairs (a != b) with the largest ``s`` of each: ((K, 2) int64, (K,) float)."""
+    """Unordered pairs (a != b) with the largest ``s`` of each: ((K, 2), (K,)), dtypes kept.
+
+    Saddles stay float32, as the elevation they come from (`_toboggan`): float64 doubled
+    the largest table the client gathers for nothing.
+    """
     keep = a != b
     a, b, s = a[keep], b[keep], s[keep]
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     if lo.size == 0:
-        return np.empty((0, 2), np.int64), np.empty(0, np.float64)
+        return np.empty((0, 2), lo.dtype), np.empty(0, s.dtype)
     order = np.lexsort((s, hi, lo))
     lo, hi, s = lo[order], hi[order], s[order]
     last = np.r_[(lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1]), True]  # max saddle sorts last
-    return np.stack([lo[last], hi[last]], axis=1), s[last].astype(np.float64)
+    return np.stack([lo[last], hi[last]], axis=1), s[last]
 
 
 def _inner_saddles(end: np.ndarray, e: np.ndarray, m: np.ndarray, struct: np.ndarray):
@@ -228,7 +232,7 @@ def _inner_saddles(end: np.ndarray, e: np.ndarray, m: np.ndarray, struct: np.nda
         lb.append(end[dst][sel])
         ss.append(np.minimum(e[src], e[dst])[sel])
     if not la:
-        return np.empty((0, 2), np.int64), np.empty(0, np.float64)
+        return np.empty((0, 2), np.int64), np.empty(0, np.float32)
     return _max_by_pair(np.concatenate(la), np.concatenate(lb), np.concatenate(ss))
 
 
@@ -389,8 +393,7 @@ def _with_neighbours(a: dict, others: list[dict], shape, struct):
     """`_neighbour_tables` of one block with each of ``others``, its four tables concatenated.
 
     One task per block instead of one per pair (a block touches up to 13 later ones, with
-    26-connectivity): the scheduler keeps state for every task, about 17 KiB each in the
-    analysis pass of the 1 GB generated sample (3.2 k tasks; `benchmarks/results/real_data.md`).
+    26-connectivity): the scheduler and the workers keep state for every task of a pass.
     """
     parts = [_neighbour_tables(a, b, shape, struct) for b in others]
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
@@ -675,19 +678,23 @@ def _watershed_analysis(
     hop_keys, first = np.unique(hop_keys, return_index=True)
     hop_keys, hop_ends = _resolve(hop_keys, hop_ends[first])
 
+    # basin indices in the smallest type that holds them: the edges are the client's
+    # largest table (saddles inside and between blocks, 2.4 M on the 4 GB sample)
+    index = np.int32 if peaks.size < 2**31 else np.int64
+
     def basin_of(keys: np.ndarray) -> np.ndarray:
         # endpoint (a peak, or an exit into a neighbour's shell) → basin index
         found, pos = _sorted_lookup(hop_keys, keys)
         if found.any():
             keys = np.where(found, hop_ends[pos], keys)
-        return np.searchsorted(peaks, keys)
+        return np.searchsorted(peaks, keys).astype(index, copy=False)
 
     # the saddle between every two touching basins: inside blocks, and across their borders
     pairs = [i["saddles"] for i in infos.values()] + [t[:2] for t in touching]
     edges = np.concatenate(
-        [np.empty((0, 2), np.int64)] + [basin_of(p.ravel()).reshape(-1, 2) for p, _ in pairs]
+        [np.empty((0, 2), index)] + [basin_of(p.ravel()).reshape(-1, 2) for p, _ in pairs]
     )
-    saddles = np.concatenate([np.empty(0)] + [s for _, s in pairs])
+    saddles = np.concatenate([np.empty(0, np.float32)] + [s for _, s in pairs])
     edges, saddles = _max_by_pair(edges[:, 0], edges[:, 1], saddles)
     positions = None
     if min_peak_distance_um > 0:

@@ -1,4 +1,4 @@
-"""The watershed's analysis: what leaving closed low groups out of the client's tables keeps."""
+"""The watershed's analysis: the client's tables, and what leaving closed low groups out keeps."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from lightsheet.segment._common import structure
-from lightsheet.segment.watershed import _shells, _watershed_analysis
+from lightsheet.segment.watershed import _max_by_pair, _shells, _watershed_analysis
 
 #: A basin's label is kept when its peak reaches this (noise SDs of the test's field).
 DROP_BELOW = 4.0
@@ -64,3 +64,20 @@ def test_a_low_group_on_a_block_border_is_kept():
     split, _, peaks_split = _labels(z, (1, 1, 5), DROP_BELOW)
     assert np.array_equal(whole > 0, split > 0)
     assert peaks_split[split[split > 0] - 1].min() == peaks_whole[whole[whole > 0] - 1].min()
+
+
+@pytest.mark.parametrize("index", [np.int32, np.int64])
+def test_max_by_pair_keeps_the_highest_saddle_of_each_pair_in_its_own_types(index):
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 30, (2, 2000)).astype(index)
+    s = rng.normal(size=2000).astype(np.float32)
+    best = {}
+    for x, y, v in zip(a.tolist(), b.tolist(), s.tolist(), strict=True):
+        if x != y:
+            key = (min(x, y), max(x, y))
+            best[key] = max(best.get(key, -np.inf), v)
+    edges, saddles = _max_by_pair(a, b, s)
+    assert edges.dtype == index and saddles.dtype == np.float32
+    assert dict(zip(map(tuple, edges.tolist()), saddles.tolist(), strict=True)) == best
+    empty = _max_by_pair(a[:0], b[:0], s[:0])
+    assert empty[0].shape == (0, 2) and empty[0].dtype == index and empty[1].dtype == np.float32
