@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -144,7 +145,7 @@ def main() -> None:
     p.add_argument("image", help="OME-Zarr image (e.g. a run's deconvolved.ome.zarr)")
     p.add_argument("--diameter-um", type=float, required=True, help="nucleus_diameter_um")
     p.add_argument("--channel", type=int, default=0)
-    p.add_argument("--scratch", type=Path, default=Path("segment-memory-scratch"))
+    p.add_argument("--scratch", type=Path, help="the stage's scratch (default: a temporary one)")
     p.add_argument("--trim-every", type=float, default=0.0, help="seconds (0: never)")
     p.add_argument("--tile", type=int, default=1, help="repeat the image K × K in y and x")
     p.add_argument("--tiled-copy", type=Path, help="where the tiled image is written")
@@ -154,7 +155,9 @@ def main() -> None:
         if args.tiled_copy is None:
             p.error("--tile needs --tiled-copy")
         path = tile(path, args.tiled_copy, args.tile)
-    measure(path, args.channel, args.diameter_um, str(args.scratch), args.trim_every)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = str(args.scratch or tmp)
+        measure(path, args.channel, args.diameter_um, scratch, args.trim_every)
 
 
 if __name__ == "__main__":
