@@ -206,8 +206,8 @@ def _positive_offsets(struct: np.ndarray) -> list[tuple[int, int, int]]:
 def _max_by_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
     """Unordered pairs (a != b) with the largest ``s`` of each: ((K, 2), (K,)), dtypes kept.
 
-    Saddles stay float32, as the elevation they come from (`_toboggan`): float64 doubled
-    the largest table the client gathers for nothing.
+    Saddles stay float32, as the elevation they come from (`_toboggan`): widened to
+    float64 they only made the largest table that the client gathers larger.
     """
     keep = a != b
     a, b, s = a[keep], b[keep], s[keep]
