@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from benchmarks.memory import tree_rss
+
 
 def _stage(path: str, channel: int, diameter_um: float, scratch: str) -> tuple[list, int]:
     """On a worker: the segment stage's passes, timed; ([(pass, start, end, outputs)], n)."""
@@ -38,8 +40,7 @@ def _stage(path: str, channel: int, diameter_um: float, scratch: str) -> tuple[l
 
     from lightsheet.blocks import segment_chunks
     from lightsheet.config import SegmentConfig
-    from lightsheet.io.omezarr import read_image
-    from lightsheet.io.reader import stored_volume
+    from lightsheet.io.omezarr import read_image, stored_volume
     from lightsheet.segment import segment_volume
 
     marks = []
@@ -110,7 +111,7 @@ def measure(path: str, channel: int, diameter_um: float, scratch: str, trim_ever
 
     def sample_rss():
         while not stop.is_set():
-            worker_rss = sum(w.memory_info().rss for w in workers)
+            worker_rss = sum(tree_rss(w) for w in workers)
             rss.append((time.time(), me.memory_info().rss, worker_rss))
             time.sleep(0.2)
 
