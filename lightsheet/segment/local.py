@@ -85,7 +85,9 @@ a one-voxel shell instead of reading the image over the smoothing's and the open
 and computing them again, and read the image itself only at each block's core (the
 measurement's intensities); and the measurement writes each block's cell bodies (basin
 labels, compressed), which the label pass only renumbers instead of tobogganing and cutting
-bodies a third time.
+bodies a third time. The watershed's plans (each block's basin → label table) go there too,
+and each measurement task reads its own, instead of all of them travelling in the pass's
+graph.
 Same labels and table, byte for byte; on the deconvolved small phantom the method's CPU
 time halves (`benchmarks/results/real_data.md`, Speed).
 """
@@ -415,7 +417,8 @@ def detect_local(
         otherwise recompute: each channel's bin statistics (then a pass of their own),
         ``I_s`` and ``O`` (float32, written by that pass), and, when ``chunks`` is a regular
         grid, each block's cell bodies, which the labels then read instead of repeating the
-        smoothing, statistics, basins and bodies. The
+        smoothing, statistics, basins and bodies; and the watershed's plans, which the
+        measurement's tasks read instead of carrying them. The
         returned labels read it: delete it once they are computed. Default: nothing kept,
         every pass recomputes (same labels and table, byte for byte).
 
@@ -495,7 +498,7 @@ def detect_local(
         e_blocks, m_blocks, grid, struct, SPLIT_SD, 0, compute=compute,
         split_fraction=SPLIT_FRACTION, vs=vs,
         min_peak_distance_um=MIN_PEAK_DISTANCE * diameter_um, values=r_blocks,
-        drop_below=min_peak_sd,
+        drop_below=min_peak_sd, plans_in=None if scratch is None else scratch / "plans",
     )  # fmt: skip
     # a label is a cell when its peak is significant; others get no body
     peaks_by_label = np.r_[-np.inf, peaks]

@@ -153,7 +153,7 @@ def test_crop_exact_at_any_chunking(crop, with_background):
 
 
 def test_scratch_changes_nothing(crop, with_background, tmp_path):
-    """Both channels' statistics and the bodies kept on disk: the same cells, bit for bit."""
+    """Statistics, plans and bodies kept on disk: the same cells, bit for bit."""
     signal, autofluorescence = crop
     kept = _segment(signal, SegmentConfig(**DEFAULTS), autofluorescence, scratch=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -166,6 +166,7 @@ def test_scratch_changes_nothing(crop, with_background, tmp_path):
         "image-offset.zarr",
         "image-opening.zarr",
         "image-smoothed.zarr",
+        "plans",
     ]
     pd.testing.assert_frame_equal(kept.table, with_background.table, check_exact=True)
     np.testing.assert_array_equal(kept.labels.compute(), with_background.labels.compute())

@@ -8,7 +8,12 @@ import pytest
 import scipy.ndimage as ndi
 
 from lightsheet.segment._common import structure
-from lightsheet.segment.watershed import _max_by_pair, _shells, _watershed_analysis
+from lightsheet.segment.watershed import (
+    StoredPlan,
+    _max_by_pair,
+    _shells,
+    _watershed_analysis,
+)
 
 #: A basin's label is kept when its peak reaches this (noise SDs of the test's field).
 DROP_BELOW = 4.0
@@ -26,12 +31,16 @@ def _field(shape=(24, 48, 48), seed=3) -> np.ndarray:
     return z.astype(np.float32)
 
 
-def _labels(z: np.ndarray, chunks, drop_below):
+def _analysis(z: np.ndarray, chunks, drop_below, plans_in=None):
     elev = np.where(z > 1.0, z, np.float32(np.nan))
     e, m = da.from_array(elev, chunks=chunks), da.from_array(~np.isnan(elev), chunks=chunks)
-    labels, n, _, peaks, _, _ = _watershed_analysis(
-        *_shells(e, m), e.chunks, structure(1), 1.0, 0, drop_below=drop_below
+    return _watershed_analysis(
+        *_shells(e, m), e.chunks, structure(1), 1.0, 0, drop_below=drop_below, plans_in=plans_in
     )
+
+
+def _labels(z: np.ndarray, chunks, drop_below):
+    labels, n, _, peaks, _, _ = _analysis(z, chunks, drop_below)
     return labels.compute().astype(np.int64), n, peaks
 
 
@@ -81,3 +90,19 @@ def test_max_by_pair_keeps_the_highest_saddle_of_each_pair_in_its_own_types(inde
     assert dict(zip(map(tuple, edges.tolist()), saddles.tolist(), strict=True)) == best
     empty = _max_by_pair(a[:0], b[:0], s[:0])
     assert empty[0].shape == (0, 2) and empty[0].dtype == index and empty[1].dtype == np.float32
+
+
+def test_plans_stored_on_disk_read_back_as_given_and_label_alike(tmp_path):
+    """Each block's stored plan is its in-memory plan, empty blocks too; labels are equal."""
+    z = _field()
+    z[:8, :16, :16] = 0  # a block without foreground: an empty plan
+    labels, _, _, _, plans, _ = _analysis(z, (8, 16, 16), DROP_BELOW)
+    stored_labels, _, _, _, stored, _ = _analysis(z, (8, 16, 16), DROP_BELOW, tmp_path / "p")
+    assert stored.keys() == plans.keys()
+    assert any(p[0].size == 0 for p in plans.values())
+    for idx, (keys, values) in plans.items():
+        assert isinstance(stored[idx], StoredPlan)
+        got_keys, got_values = stored[idx].load()
+        np.testing.assert_array_equal(got_keys, keys)
+        np.testing.assert_array_equal(got_values, values)
+    np.testing.assert_array_equal(stored_labels.compute(), labels.compute())
