@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 import scipy.ndimage as ndi
 import zarr
+from zarr.codecs import BloscCodec
 
 from lightsheet.regions import Region, block_regions, map_overlap, read_region
 from lightsheet.segment._common import _ndi_for, _to_numpy, _xp_for
@@ -25,12 +26,16 @@ from lightsheet.segment._common import _ndi_for, _to_numpy, _xp_for
 __all__ = [
     "Kept",
     "LocalGeometry",
+    "gain_of",
     "levels",
     "noise_calibration",
     "plane_gain",
     "plane_statistics",
     "smooth",
+    "scratch_array",
     "statistics_grid",
+    "stored_bins",
+    "stored_statistics",
 ]
 
 #: Smoothing σ as a fraction of the diameter.
@@ -52,6 +57,9 @@ MIN_BIN_VOX = 2
 #: The well-sampled bin that `noise_calibration` compares with (voxels a side): from about
 #: four voxels a side the noise estimate no longer depends on the sampling.
 REFERENCE_BIN_VOX = 16
+#: `stored_statistics` reads whole planes of bins (the windows' medians and the gain's step
+#: need them), at most this many bytes of them a task, and at least one plane.
+SLAB_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -162,12 +170,18 @@ def _statistics_blocks(grid: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ..
 
 
 def _bin_stats_block(
-    padded: Any, *, region: Region, geometry: LocalGeometry, keep: Kept | None = None
-) -> np.ndarray:
+    padded: Any,
+    *,
+    region: Region,
+    geometry: LocalGeometry,
+    keep: Kept | None = None,
+    bins: str | None = None,
+) -> np.ndarray | None:
     """Per bin of the core: the median of ``I_s − O``, and the MAD × 1.4826 and median of ``I_s``.
 
-    Returns ``(3, Z, NY, NX)``. With ``keep`` the core's ``I_s`` and ``O`` are also written
-    to its Zarr arrays.
+    Returns ``(3, Z, NY, NX)``, or with ``bins`` (`stored_bins`' array) writes them there at
+    the core's bins and returns None. With ``keep`` the core's ``I_s`` and ``O`` are also
+    written to its Zarr arrays.
     """
     smoothed, opened = levels(padded, geometry)
     a = _to_numpy(smoothed[region.core])
@@ -185,7 +199,13 @@ def _bin_stats_block(
     for cells, sl in _bins(residual, geometry.bin_vox):
         out[0][sl] = np.median(cells, axis=-1)
     out[1] *= _MAD_TO_SD
-    return out
+    if bins is None:
+        return out
+    at = [a // b for a, b in zip(region.start, geometry.bin_vox, strict=True)]
+    zarr.open_array(bins, mode="r+")[
+        (slice(None),) + tuple(slice(a, a + n) for a, n in zip(at, out.shape[1:], strict=True))
+    ] = out
+    return None
 
 
 def _bins(a: np.ndarray, bin_vox: Sequence[int]):
@@ -211,7 +231,6 @@ def plane_statistics(
     geometry: LocalGeometry,
     *,
     chunks: tuple[tuple[int, ...], ...],
-    keep: Kept | None = None,
 ) -> tuple[da.Array, da.Array, da.Array]:
     """Per plane: the background's offset and the noise ``S`` on the bins, and the gain.
 
@@ -222,10 +241,8 @@ def plane_statistics(
     chunks : chunk grid
         Blocks of the analysis. The statistics pass's blocks are these snapped to whole
         bins (:func:`statistics_grid`) and joined ``STATISTICS_BLOCK`` a side in y and x.
-    keep : Kept, optional
-        Where computing the statistics also writes ``I_s`` and ``O``: the later passes then
-        read them over a one-voxel shell instead of reading the image over a halo of the
-        smoothing and the opening and recomputing both.
+        (:func:`stored_bins` and :func:`stored_statistics` compute the same onto disk, and
+        keep ``I_s`` and ``O`` there too.)
 
     Returns
     -------
@@ -240,12 +257,9 @@ def plane_statistics(
     blocks = _padded(image, regions)
     parts = np.empty(tuple(len(c) for c in grid), dtype=object)
     for idx, r in regions.items():
-        shape = tuple(
-            -(-(b - a) // n) for a, b, n in zip(r.start, r.stop, geometry.bin_vox, strict=True)
-        )
         parts[idx] = da.from_delayed(
-            dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry, keep=keep),
-            shape=(3, *shape),
+            dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry),
+            shape=(3, *_nbins([b - a for a, b in zip(r.start, r.stop, strict=True)], geometry)),
             dtype=np.float32,
             meta=np.empty((0, 0, 0, 0), np.float32),
         )
@@ -309,6 +323,99 @@ def noise_calibration(geometry: LocalGeometry) -> float:
     return fine / _bin_spread(geometry.sigma_vox[1:], geometry.bin_vox[1:])
 
 
+def _nbins(shape: Sequence[int], geometry: LocalGeometry) -> tuple[int, ...]:
+    """Bins over a box of ``shape`` voxels that starts on a bin (the last may be partial)."""
+    return tuple(-(-n // b) for n, b in zip(shape, geometry.bin_vox, strict=True))
+
+
+def stored_bins(
+    image: Any, geometry: LocalGeometry, *, chunks: tuple[tuple[int, ...], ...], keep: Kept, path
+) -> list:
+    """The statistics pass's first step on disk: one task a block, writing its raw bins.
+
+    `plane_statistics` joins the blocks' bins into dask arrays and takes the windows'
+    medians and the gain with dask-array operations over them: 15 small tasks per analysis
+    block, whose graph the client builds and sends whole (at 1,024 blocks, 225–275 MiB of
+    the peak of the worker that runs the segment stage as the client). Here each statistics
+    block writes its ``(3, Z, NY, NX)`` bins into a Zarr array at ``path`` (a chunk per
+    block: no two tasks share one), and I_s and O into ``keep``; `stored_statistics` then
+    works on whole planes. Returns the tasks.
+    """
+    grid = _statistics_blocks(statistics_grid(chunks, geometry))
+    regions = block_regions(grid, geometry.halo)
+    shape = tuple(int(n) for n in image.shape)
+    block = _nbins([c[0] for c in grid], geometry)
+    scratch_array(path, (3, *_nbins(shape, geometry)), (3, *block), np.float32)
+    blocks = _padded(image, regions)
+    return [
+        dask.delayed(_bin_stats_block)(
+            blocks[idx], region=r, geometry=geometry, keep=keep, bins=str(path)
+        )
+        for idx, r in regions.items()
+    ]
+
+
+def stored_statistics(bins, geometry: LocalGeometry, *, offset, noise=None) -> list:
+    """The statistics from `stored_bins`' array ``bins``: the offset, and the noise and gain.
+
+    Tasks of a few whole planes each (``SLAB_BYTES``), each writing the windows' medians to
+    the Zarr arrays ``offset`` and (with ``noise``) ``noise`` (chunks of its planes by a
+    statistics block's bins in y and x, which the later passes read windows of), and
+    returning its planes' gain steps (with ``noise``; the first plane's is 1). `gain_of`
+    chains them. The same values as `plane_statistics`.
+    """
+    src = zarr.open_array(str(bins), mode="r")
+    _, nz, ny, nx = src.shape
+    planes = max(1, SLAB_BYTES // (3 * ny * nx * 4))
+    for path in (offset, noise):
+        if path is not None:
+            scratch_array(path, (nz, ny, nx), (planes, *src.chunks[2:]), np.float32)
+    return [
+        dask.delayed(_slab_statistics)(
+            str(bins),
+            z,
+            min(nz, z + planes),
+            geometry,
+            str(offset),
+            None if noise is None else str(noise),
+        )
+        for z in range(0, nz, planes)
+    ]
+
+
+def _slab_statistics(bins: str, z0: int, z1: int, geometry, offset: str, noise: str | None):
+    src = zarr.open_array(bins, mode="r")
+    first = max(0, z0 - 1)  # the plane before: the first plane's gain step
+    stats = src[:, first:z1]
+    out = zarr.open_array(offset, mode="r+")
+    out[z0:z1] = _median_block(stats[0, z0 - first :], window=BACKGROUND_WINDOW_BINS)
+    if noise is None:
+        return None
+    calibration = np.float32(noise_calibration(geometry))
+    out = zarr.open_array(noise, mode="r+")
+    out[z0:z1] = _median_block(stats[1, z0 - first :], window=NOISE_WINDOW_BINS) * calibration
+    step = _median_step(_plane_ratio(stats[2], stats[1]))
+    return np.r_[1.0, step] if z0 == 0 else step
+
+
+def gain_of(steps: Sequence[np.ndarray]) -> np.ndarray:
+    """Each plane's gain from `stored_statistics`' steps, in order: as `plane_gain`'s."""
+    return np.cumprod(np.concatenate(steps))
+
+
+def scratch_array(path, shape, chunks, dtype) -> zarr.Array:
+    """A compressed Zarr array for intermediates (zeros until written), replacing any."""
+    return zarr.create_array(
+        str(path),
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+        fill_value=0,
+        overwrite=True,
+    )
+
+
 def plane_gain(level: da.Array, spread: da.Array) -> da.Array:
     """Each plane's gain, chained from its neighbour's: ``(Z,)`` float64, the first plane 1.
 
@@ -324,12 +431,20 @@ def plane_gain(level: da.Array, spread: da.Array) -> da.Array:
     """
     if level.shape[0] < 2:
         return da.ones(level.shape[0], dtype=np.float64, chunks=-1)
+    ratio = _plane_ratio(level, spread).rechunk({0: 8, 1: -1, 2: -1})  # whole planes
+    step = ratio.map_blocks(_median_step, drop_axis=(1, 2), dtype=np.float64)
+    steps = da.concatenate([da.ones(1, dtype=np.float64), step]).rechunk(-1)
+    return steps.map_blocks(np.cumprod, dtype=np.float64)
+
+
+def _plane_ratio(level, spread):
+    """Each plane's bin levels over the previous plane's where both stand above their spread.
+
+    ``(Z − 1, NY, NX)``, NaN elsewhere; NumPy or dask arrays alike.
+    """
     clear = level > spread
     both = clear[1:] & clear[:-1]
-    ratio = da.where(both, level[1:] / da.where(both, level[:-1], 1), np.nan)
-    ratio = ratio.rechunk({0: 8, 1: -1, 2: -1})  # whole planes, a few at a time
-    step = ratio.map_blocks(_median_step, drop_axis=(1, 2), dtype=np.float64)
-    return da.concatenate([da.ones(1, dtype=np.float64), da.cumprod(step)]).rechunk(-1)
+    return np.where(both, level[1:] / np.where(both, level[:-1], 1), np.nan)
 
 
 def _median_step(ratio: np.ndarray) -> np.ndarray:
@@ -349,7 +464,7 @@ def _median_bins(bins: da.Array, window: int) -> da.Array:
     )
 
 
-def _median_block(padded: np.ndarray, *, region: Region, window: int) -> np.ndarray:
+def _median_block(padded: np.ndarray, *, region: Region | None = None, window: int) -> np.ndarray:
     return ndi.median_filter(padded, size=(1, window, window), mode="nearest")
 
 

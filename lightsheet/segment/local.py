@@ -78,18 +78,19 @@ volume (`lightsheet.segment.watershed._drop_closed_groups`; same cells). Each pa
 re-smooths halo-padded blocks and recomputes the bin statistics (``1 / (bin side)²`` of
 the volume) it reads; nothing volume-sized is held. Given a ``scratch`` folder
 (the segment task gives one) the method keeps on disk what later passes would repeat: the
-statistics of both channels become a pass of their own, written once and read by the
-others; that pass also writes each channel's ``I_s`` and ``O`` (float32, compressed: four
-times the bytes of a uint16 channel before compression), so the later passes read both over
-a one-voxel shell instead of reading the image over the smoothing's and the opening's halo
-and computing them again, and read the image itself only at each block's core (the
-measurement's intensities); and the measurement writes each block's cell bodies (basin
-labels, compressed), which the label pass only renumbers instead of tobogganing and cutting
-bodies a third time. The watershed's plans (each block's basin → label table) go there too,
-and each measurement task reads its own, instead of all of them travelling in the pass's
-graph.
-Same labels and table, byte for byte; on the deconvolved small phantom the method's CPU
-time halves (`benchmarks/results/real_data.md`, Speed).
+statistics of both channels become two passes of their own, written once and read by the
+others' tasks (one task a statistics block writes its bins, then one task a few whole
+planes takes the windows' medians and the gain: `background.stored_bins`,
+`background.stored_statistics`); the first also writes each channel's ``I_s`` and ``O``
+(float32, compressed: four times the bytes of a uint16 channel before compression), so the
+later passes read both over a one-voxel shell instead of reading the image over the
+smoothing's and the opening's halo and computing them again, and read the image itself only
+at each block's core (the measurement's intensities); and the measurement writes each
+block's cell bodies (basin labels, compressed), which the label pass only renumbers instead
+of tobogganing and cutting bodies a third time. The watershed's plans (each block's basin →
+label table) go there too, and each measurement task reads its own, instead of all of them
+travelling in the pass's graph. Same labels and table, byte for byte; on the deconvolved
+small phantom the method's CPU time halves (`benchmarks/results/real_data.md`, Speed).
 """
 
 from __future__ import annotations
@@ -106,7 +107,6 @@ import numpy as np
 import pandas as pd
 import zarr
 from scipy.spatial import cKDTree
-from zarr.codecs import BloscCodec
 
 from lightsheet.regions import Region, block_regions
 from lightsheet.segment._common import _components, _to_numpy, label_dtype
@@ -117,9 +117,13 @@ from lightsheet.segment.background import (
     _lerp,
     _padded,
     _write_block,
+    gain_of,
     levels,
     plane_statistics,
+    scratch_array,
     statistics_grid,
+    stored_bins,
+    stored_statistics,
 )
 from lightsheet.segment.measure import _combine, _measure_block
 from lightsheet.segment.threshold import _compute
@@ -269,33 +273,35 @@ def _final_block(elev, light, region, plan, tops, struct, shape, keep_lut, dtype
 # ----------------------------------------------------------------------------- scratch
 
 
-def _keep_statistics(stats: dict, scratch: Path, compute) -> dict:
-    """Compute the bin statistics once (one pass) into ``scratch``; the stored arrays, opened.
+def _keep_statistics(channels: dict, geometry, grid, kept: dict, scratch: Path, compute) -> dict:
+    """The bin statistics of every channel into ``scratch``, in two passes of few tasks.
 
-    The later passes' tasks read their windows themselves (`_StoredWindows`).
-
-    Without this every later pass recomputes them (their smoothing and medians cost about
-    as much as the pass's own work).
+    One task a statistics block writes its bins (and I_s and O, into ``kept``), then one
+    task a few whole planes takes the windows' medians and the gain's steps
+    (`background.stored_bins`, `background.stored_statistics`). Returns the offsets and
+    the noise as opened Zarr arrays, whose windows the later passes' tasks read themselves
+    (`_StoredWindows`), and the gain as an array. Without this every later pass recomputes
+    the statistics (their smoothing and medians cost about as much as the pass's own work).
     """
-    sources, targets = [], []
-    for name, a in stats.items():
-        a = a.rechunk(tuple(max(c) for c in a.chunks))  # zarr needs a regular grid
-        targets.append(_scratch_array(scratch / f"{name}.zarr", a.shape, a.chunksize, a.dtype))
-        sources.append(a)
-    _compute(compute, [da.store(sources, targets, lock=False, compute=False)], "statistics")
-    return {name: zarr.open_array(str(scratch / f"{name}.zarr"), mode="r") for name in stats}
-
-
-def _scratch_array(path: Path, shape, chunks, dtype):
-    return zarr.create_array(
-        str(path),
-        shape=shape,
-        chunks=chunks,
-        dtype=dtype,
-        compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
-        fill_value=0,
-        overwrite=True,
-    )
+    bins = {name: scratch / f"{name}-bins.zarr" for name in channels}
+    tasks = [
+        stored_bins(channel, geometry, chunks=grid, keep=kept[name], path=bins[name])
+        for name, channel in channels.items()
+    ]
+    _compute(compute, [tasks], "statistics (bins)")
+    out = {f"{name}-offset": scratch / f"{name}-offset.zarr" for name in channels}
+    out["image-noise"] = scratch / "image-noise.zarr"
+    tasks = {
+        name: stored_statistics(
+            bins[name], geometry, offset=out[f"{name}-offset"],
+            noise=out["image-noise"] if name == "image" else None,
+        )
+        for name in channels
+    }  # fmt: skip
+    (steps,) = _compute(compute, [tasks], "statistics (planes)")
+    stats = {name: zarr.open_array(str(path), mode="r") for name, path in out.items()}
+    stats["image-gain"] = gain_of(steps["image"])
+    return stats
 
 
 def _regular(grid) -> bool:
@@ -334,8 +340,6 @@ def _channel_parts(blocks, geometry, stats, regions, with_noise: bool, kept=None
     n_win = None
     if with_noise:
         n_win = _StoredWindows(noise) if stored else _Windows(noise)
-        if stored:  # one float a plane: in the tasks, not a lazy slice of its own each
-            gain = gain[:]
     out = {}
     for idx, r in regions.items():
         sel, spans = _maps(r, geometry, offset.shape)
@@ -448,8 +452,8 @@ def detect_local(
         ``compute(collection, description)`` runs each pass (default ``dask.compute``).
     scratch : path-like, optional
         A folder (created if missing) where the method keeps what later passes would
-        otherwise recompute: each channel's bin statistics (then a pass of their own),
-        ``I_s`` and ``O`` (float32, written by that pass), and, when ``chunks`` is a regular
+        otherwise recompute: each channel's bin statistics (then two passes of their own),
+        ``I_s`` and ``O`` (float32, written by the first), and, when ``chunks`` is a regular
         grid, each block's cell bodies, which the labels then read instead of repeating the
         smoothing, statistics, basins and bodies; and the watershed's plans, which the
         measurement's tasks read instead of carrying them. The
@@ -481,15 +485,13 @@ def detect_local(
                 str(scratch / f"{name}-smoothed.zarr"), str(scratch / f"{name}-opening.zarr")
             )
             for path in (kept[name].smoothed, kept[name].opening):
-                _scratch_array(path, shape, step, np.float32)
-    stats = {}
-    for name, channel in channels.items():
-        stats[f"{name}-offset"], stats[f"{name}-noise"], stats[f"{name}-gain"] = plane_statistics(
-            channel, geometry, chunks=grid, keep=kept[name]
-        )
-    stats.pop("bg-noise", None)
-    stats.pop("bg-gain", None)
+                scratch_array(path, shape, step, np.float32)
     if scratch is None:
+        stats = {}
+        for name, channel in channels.items():
+            stats[f"{name}-offset"], stats[f"{name}-noise"], stats[f"{name}-gain"] = (
+                plane_statistics(channel, geometry, chunks=grid)
+            )
         regions = block_regions(grid, tuple(d + 1 for d in geometry.halo))
         # the padded blocks serve the smoothing and, cut to their core, the measurement
         blocks = {name: _padded(channel, regions) for name, channel in channels.items()}
@@ -498,7 +500,7 @@ def detect_local(
             for name, b in blocks.items()
         }
     else:
-        stats = _keep_statistics(stats, scratch, compute)
+        stats = _keep_statistics(channels, geometry, grid, kept, scratch, compute)
         regions = block_regions(grid, (1, 1, 1))
         blocks = dict.fromkeys(channels)  # I_s and O come from `kept`
         # the image itself only where the measurement reads it: each block's core
@@ -543,7 +545,7 @@ def detect_local(
     bodies = None
     if scratch is not None and _regular(grid):
         bodies = str(scratch / "bodies.zarr")
-        _scratch_array(bodies, shape, tuple(c[0] for c in grid), label_dtype(len(peaks)))
+        scratch_array(bodies, shape, tuple(c[0] for c in grid), label_dtype(len(peaks)))
     measured = [
         dask.delayed(_measure_cells)(
             e_blocks[idx],

@@ -8,21 +8,29 @@ import dask.array as da
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+import zarr
 
 from benchmarks.edge_centroid import VOXEL_UM, cells_beside_edge, step_volume
 from benchmarks.real_data import coarser
 from lightsheet.config import SegmentConfig
 from lightsheet.evaluate import match_points
 from lightsheet.regions import block_regions
-from lightsheet.segment import segment_volume
+from lightsheet.segment import background, segment_volume
 from lightsheet.segment.background import (
     BACKGROUND_WINDOW_BINS,
     NOISE_WINDOW_BINS,
+    Kept,
     LocalGeometry,
+    _nbins,
     _padded,
+    gain_of,
     noise_calibration,
     plane_statistics,
+    scratch_array,
     smooth,
+    statistics_grid,
+    stored_bins,
+    stored_statistics,
 )
 from lightsheet.segment.local import _channel_parts, _core
 
@@ -188,15 +196,12 @@ def test_centre_follows_the_cell_not_the_noise_of_its_planes():
     assert abs(offsets[:, 0].mean()) < 0.3, offsets
 
 
-def test_plane_gain_follows_the_planes_not_the_tissue():
-    """Each plane's gain, against the gains that made the image (smoothed along z as
-    ``I_s`` is, whose levels it compares).
+GRID = ((5, 5, 2), (45, 45), (60, 60))
 
-    Tissue (1000, textured) covers a part of every plane that grows from a quarter to three
-    quarters; the rest is a subtracted background (0), whose level is within its noise of
-    zero and holds no gain. Every plane is then scaled by its own gain (a ramp with a step).
-    """
-    shape, geometry = (12, 90, 120), LocalGeometry.of(VOXEL_UM, 8.0)
+
+def _gained_image(shape=(12, 90, 120)):
+    """Textured tissue over a growing part of each plane, each plane scaled by its gain."""
+    geometry = LocalGeometry.of(VOXEL_UM, 8.0)
     rng = np.random.default_rng(1)
     true = 1.0 + 0.04 * np.arange(shape[0])
     true[7:] *= 1.5
@@ -205,10 +210,42 @@ def test_plane_gain_follows_the_planes_not_the_tissue():
     for z in range(shape[0]):
         tissue = 1000 + 80 * ndi.gaussian_filter(rng.normal(size=shape[1:]), 3)
         image[z, :, : edge[z]] += tissue[:, : edge[z]]
-    image = (image * true[:, None, None]).astype(np.float32)
-    *_, gain = plane_statistics(
-        da.from_array(image, chunks=(5, 45, 60)), geometry, chunks=((5, 5, 2), (45, 45), (60, 60))
-    )
+    return (image * true[:, None, None]).astype(np.float32), true, geometry
+
+
+@pytest.mark.parametrize("planes", [1, 5, None])
+def test_stored_statistics_equal_the_lazy_ones(planes, tmp_path, monkeypatch):
+    """The scratch's two passes (bins per block, then whole planes a few at a time) give
+    `plane_statistics`' offset, noise and gain bit for bit, whatever the planes per task."""
+    image, _, geometry = _gained_image()
+    if planes is not None:  # else all 12 planes in one task
+        _, ny, nx = _nbins(image.shape, geometry)
+        monkeypatch.setattr(background, "SLAB_BYTES", planes * 3 * ny * nx * 4)
+    keep = Kept(str(tmp_path / "s.zarr"), str(tmp_path / "o.zarr"))
+    step = tuple(c[0] for c in statistics_grid(GRID, geometry))
+    for path in keep.__dict__.values():
+        scratch_array(path, image.shape, step, np.float32)
+    bins, offset, noise = (tmp_path / f"{n}.zarr" for n in ("bins", "offset", "noise"))
+    dask.compute(stored_bins(image, geometry, chunks=GRID, keep=keep, path=bins))
+    tasks = stored_statistics(bins, geometry, offset=offset, noise=noise)
+    assert len(tasks) == -(-12 // (planes or 12))
+    (steps,) = dask.compute(tasks)
+    lazy = dask.compute(*plane_statistics(da.from_array(image, chunks=GRID), geometry, chunks=GRID))
+    stored = [zarr.open_array(str(p))[:] for p in (offset, noise)] + [gain_of(steps)]
+    for got, want in zip(stored, lazy, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_plane_gain_follows_the_planes_not_the_tissue():
+    """Each plane's gain, against the gains that made the image (smoothed along z as
+    ``I_s`` is, whose levels it compares).
+
+    Tissue (1000, textured) covers a part of every plane that grows from a quarter to three
+    quarters; the rest is a subtracted background (0), whose level is within its noise of
+    zero and holds no gain. Every plane is then scaled by its own gain (a ramp with a step).
+    """
+    image, true, geometry = _gained_image()
+    *_, gain = plane_statistics(da.from_array(image, chunks=(5, 45, 60)), geometry, chunks=GRID)
     expected = ndi.gaussian_filter1d(true, geometry.sigma_vox[0], truncate=4.0)
     gain = gain.compute()
     assert gain[0] == 1.0

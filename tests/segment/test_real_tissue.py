@@ -157,11 +157,12 @@ def test_scratch_changes_nothing(crop, with_background, tmp_path):
     signal, autofluorescence = crop
     kept = _segment(signal, SegmentConfig(**DEFAULTS), autofluorescence, scratch=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bg-bins.zarr",
         "bg-offset.zarr",
         "bg-opening.zarr",
         "bg-smoothed.zarr",
         "bodies.zarr",
-        "image-gain.zarr",
+        "image-bins.zarr",
         "image-noise.zarr",
         "image-offset.zarr",
         "image-opening.zarr",
