@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from lightsheet.segment._common import (
     structure,
 )
 from lightsheet.segment.measure import _combine, _measure_block
+from lightsheet.segment.plans import StoredPlan, _store_plans
 from lightsheet.segment.threshold import _compute, _tophat_block
 
 __all__ = [
@@ -334,45 +334,6 @@ def _resolve(keys: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray
             break
         ends = nxt
     return keys, ends
-
-
-@dataclass(frozen=True)
-class StoredPlan:
-    """Where a block's plan lies in the files of `_store_plans`: three numbers in a task.
-
-    The plans of all blocks are about 24 bytes per basin that the client sees (23 MB on
-    the 4 GB sample): embedded in the tasks they travel with the graph, and the scheduler
-    holds them while the pass runs; stored, each task reads its own.
-    """
-
-    folder: str
-    start: int
-    count: int
-
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """The block's (sorted endpoint keys, labels), as `_basin_block` takes them."""
-        return tuple(
-            np.fromfile(
-                Path(self.folder) / name, dtype=np.int64, count=self.count, offset=8 * self.start
-            )
-            for name in _PLAN_FILES
-        )
-
-
-_PLAN_FILES = ("plan-keys.i8", "plan-labels.i8")
-
-
-def _store_plans(plans: Iterable[tuple[tuple, tuple]], folder: Path) -> dict[tuple, StoredPlan]:
-    """Write each block's plan, one after the other, into two files in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    stored, start = {}, 0
-    with open(folder / _PLAN_FILES[0], "wb") as fk, open(folder / _PLAN_FILES[1], "wb") as fv:
-        for idx, (keys, values) in plans:
-            fk.write(np.ascontiguousarray(keys, np.int64).tobytes())
-            fv.write(np.ascontiguousarray(values, np.int64).tobytes())
-            stored[idx] = StoredPlan(str(folder), start, int(keys.size))
-            start += int(keys.size)
-    return stored
 
 
 def _basin_block(elev, mask, struct, lo, hi, origin, shape, plan, dtype):

@@ -8,12 +8,8 @@ import pytest
 import scipy.ndimage as ndi
 
 from lightsheet.segment._common import structure
-from lightsheet.segment.watershed import (
-    StoredPlan,
-    _max_by_pair,
-    _shells,
-    _watershed_analysis,
-)
+from lightsheet.segment.plans import StoredPlan
+from lightsheet.segment.watershed import _max_by_pair, _shells, _watershed_analysis
 
 #: A basin's label is kept when its peak reaches this (noise SDs of the test's field).
 DROP_BELOW = 4.0
