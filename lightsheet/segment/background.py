@@ -386,7 +386,7 @@ def stored_statistics(bins, geometry: LocalGeometry, *, offset, noise=None) -> l
 def _slab_statistics(bins: str, z0: int, z1: int, geometry, offset: str, noise: str | None):
     src = zarr.open_array(bins, mode="r")
     first = max(0, z0 - 1)  # the plane before: the first plane's gain step
-    stats = src[:, first:z1]
+    stats = src[: 1 if noise is None else 3, first:z1]  # the offset alone needs one
     out = zarr.open_array(offset, mode="r+")
     out[z0:z1] = _median_block(stats[0, z0 - first :], window=BACKGROUND_WINDOW_BINS)
     if noise is None:
