@@ -89,8 +89,10 @@ at each block's core (the measurement's intensities); and the measurement writes
 block's cell bodies (basin labels, compressed), which the label pass only renumbers instead
 of tobogganing and cutting bodies a third time. The watershed's plans (each block's basin →
 label table) go there too, and each measurement task reads its own, instead of all of them
-travelling in the pass's graph. Same labels and table, byte for byte; on the deconvolved
-small phantom the method's CPU time halves (`benchmarks/results/real_data.md`, Speed).
+travelling in the pass's graph; so do the blocks' shells, which the analysis's neighbour tasks
+read instead of the worker holding them until every neighbour is done. Same labels and table,
+byte for byte; on the deconvolved small phantom the method's CPU time halves
+(`benchmarks/results/real_data.md`, Speed).
 """
 
 from __future__ import annotations
@@ -455,8 +457,8 @@ def detect_local(
         otherwise recompute: each channel's bin statistics (then two passes of their own),
         ``I_s`` and ``O`` (float32, written by the first), and, when ``chunks`` is a regular
         grid, each block's cell bodies, which the labels then read instead of repeating the
-        smoothing, statistics, basins and bodies; and the watershed's plans, which the
-        measurement's tasks read instead of carrying them. The
+        smoothing, statistics, basins and bodies; and the watershed's block shells and
+        plans, which its neighbour and measurement tasks read instead of holding them. The
         returned labels read it: delete it once they are computed. Default: nothing kept,
         every pass recomputes (same labels and table, byte for byte).
 
@@ -534,7 +536,7 @@ def detect_local(
         e_blocks, m_blocks, grid, struct, SPLIT_SD, 0, compute=compute,
         split_fraction=SPLIT_FRACTION, vs=vs,
         min_peak_distance_um=MIN_PEAK_DISTANCE * diameter_um, values=r_blocks,
-        drop_below=min_peak_sd, plans_in=None if scratch is None else scratch / "plans",
+        drop_below=min_peak_sd, tables_in=None if scratch is None else scratch / "watershed",
     )  # fmt: skip
     # a label is a cell when its peak is significant; others get no body
     peaks_by_label = np.r_[-np.inf, peaks]

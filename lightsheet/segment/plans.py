@@ -1,4 +1,10 @@
-"""The watershed's plans kept on disk: each block's endpoint → label table, read by its task."""
+"""The watershed's tables kept on disk: each block's plan, and each block's shell.
+
+Plans (`StoredPlan`): each block's endpoint → label table, read by its labelling task.
+Shells (`_store_faces`, `_load_faces`): the voxels of a block's core that border its
+neighbours, with their endpoints and heights, which the analysis pass's neighbour tasks
+compare (`lightsheet.segment.watershed._neighbour_tables`).
+"""
 
 from __future__ import annotations
 
@@ -48,3 +54,37 @@ def _store_plans(plans: Iterable[tuple[tuple, tuple]], folder: Path) -> dict[tup
             stored[idx] = StoredPlan(str(folder), start, int(keys.size))
             start += int(keys.size)
     return stored
+
+
+#: A block's shell arrays, in the order `_store_faces` writes them.
+_FACES = ("face_keys", "face_ends", "face_heights")
+
+
+def _store_faces(info: dict, folder: str | Path, origin: tuple[int, ...]) -> dict:
+    """``info`` with its shell arrays moved into a file of ``folder``; ``face_file`` says where.
+
+    Until every later neighbour of a block has been analysed, the worker holds the block's
+    analysis; Dask's order keeps a layer of blocks or more waiting (931 of 4,000 blocks of
+    a 10 × 20 × 20 grid), so shells held in memory grew with the volume's cross-section.
+    Stored, the waiting analyses are the small tables, and each neighbour task reads the
+    shells it compares (`_load_faces`).
+    """
+    path = Path(folder) / ("faces-" + "-".join(map(str, origin)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for name in _FACES:
+            np.ascontiguousarray(info[name]).tofile(f)
+    out = {k: v for k, v in info.items() if k not in _FACES}
+    dtypes = tuple(info[name].dtype.str for name in _FACES)
+    out["face_file"] = (str(path), int(info["face_keys"].size), dtypes)
+    return out
+
+
+def _load_faces(info: dict) -> dict:
+    """``info`` with the shell arrays that `_store_faces` wrote read back (as given if held)."""
+    if "face_file" not in info:
+        return info
+    path, count, dtypes = info["face_file"]
+    with open(path, "rb") as f:
+        arrays = [np.fromfile(f, dtype, count) for dtype in dtypes]
+    return {**info, **dict(zip(_FACES, arrays, strict=True))}

@@ -31,7 +31,7 @@ from lightsheet.segment._common import (
     structure,
 )
 from lightsheet.segment.measure import _combine, _measure_block
-from lightsheet.segment.plans import StoredPlan, _store_plans
+from lightsheet.segment.plans import StoredPlan, _load_faces, _store_faces, _store_plans
 from lightsheet.segment.threshold import _compute, _tophat_block
 
 __all__ = [
@@ -239,8 +239,9 @@ def _inner_saddles(end: np.ndarray, e: np.ndarray, m: np.ndarray, struct: np.nda
 
 
 def _toboggan_info(
-    elev, mask, struct, lo, hi, origin, shape, image=None, values=None, drop_below=None
-):
+    elev, mask, struct, lo, hi, origin, shape, image=None, values=None, drop_below=None,
+    faces_in=None,
+):  # fmt: skip
     """The watershed's one analysis pass over a block.
 
     Small tables: peaks (global index, height, and with ``values``, laid out as ``elev``,
@@ -250,7 +251,8 @@ def _toboggan_info(
     height), which `_neighbour_tables` reduces on the workers.
 
     With ``drop_below``, the basins of groups that lie wholly inside the block and peak
-    below it are left out (`_drop_closed_groups`).
+    below it are left out (`_drop_closed_groups`). With ``faces_in`` (a folder), the shell
+    arrays go to a file there (`_store_faces`).
     """
     end_g, m, is_max, e = _toboggan(elev, mask, struct, lo, hi, origin, shape)
     g = _global_index(m.shape, origin, shape)
@@ -282,7 +284,7 @@ def _toboggan_info(
         out["parts"] = _measure_block(np.where(m, end_g + 1, 0), image, origin)
     if drop_below is not None:
         out = _drop_closed_groups(out, drop_below)
-    return out
+    return out if faces_in is None else _store_faces(out, faces_in, origin)
 
 
 def _drop_closed_groups(info: dict, below: float) -> dict:
@@ -347,7 +349,7 @@ def _basin_block(elev, mask, struct, lo, hi, origin, shape, plan, dtype):
 
 
 def _block_tables(info: dict) -> dict:
-    """A block's analysis without its shell arrays (those stay on the workers)."""
+    """A block's analysis without its shell arrays (those stay on the workers or on disk)."""
     return {k: v for k, v in info.items() if not k.startswith("face_")}
 
 
@@ -397,7 +399,8 @@ def _with_neighbours(a: dict, others: list[dict], shape, struct):
     One task per block instead of one per pair (a block touches up to 13 later ones, with
     26-connectivity): the scheduler and the workers keep state for every task of a pass.
     """
-    parts = [_neighbour_tables(a, b, shape, struct) for b in others]
+    a = _load_faces(a)
+    parts = [_neighbour_tables(a, _load_faces(b), shape, struct) for b in others]
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
@@ -610,7 +613,7 @@ def _watershed_analysis(
     min_peak_distance_um: float = 0.0,
     values: da.Array | np.ndarray | None = None,
     drop_below: float | None = None,
-    plans_in: Path | None = None,
+    tables_in: Path | None = None,
 ) -> tuple[da.Array, int, pd.DataFrame | None, np.ndarray, dict, np.ndarray | None]:
     """One pass over the blocks → lazy labels, n, table, peaks, plans, values at the peaks.
 
@@ -634,8 +637,9 @@ def _watershed_analysis(
     (`_drop_closed_groups`); they get no label, and the labels of the others are the same
     up to their numbering.
 
-    ``plans_in``: a folder where the plans are written (`_store_plans`); then
-    ``plans[block index]`` is a `StoredPlan`, which `_basin_block` reads.
+    ``tables_in``: a folder where the blocks' shells (`_store_faces`) and the plans
+    (`_store_plans`) are written; then ``plans[block index]`` is a `StoredPlan`, which
+    `_basin_block` reads.
     """
     numblocks = tuple(len(c) for c in grid)
     origins = _block_origins(grid)
@@ -659,6 +663,7 @@ def _watershed_analysis(
             i_blocks[idx] if i_blocks is not None else None,
             v_blocks[idx] if v_blocks is not None else None,
             drop_below,
+            None if tables_in is None else str(tables_in),
         )
         for idx in np.ndindex(numblocks)
     }
@@ -726,7 +731,7 @@ def _watershed_analysis(
         return keys, final[basin_of(keys)] if keys.size else keys
 
     plans = ((idx, plan(info)) for idx, info in infos.items())
-    plans = dict(plans) if plans_in is None else _store_plans(plans, plans_in)
+    plans = dict(plans) if tables_in is None else _store_plans(plans, tables_in)
     plan_d = dask.delayed(plans, pure=True)
     parts = np.empty(numblocks, dtype=object)
     for idx in np.ndindex(numblocks):

@@ -167,7 +167,7 @@ def test_scratch_changes_nothing(crop, with_background, tmp_path):
         "image-offset.zarr",
         "image-opening.zarr",
         "image-smoothed.zarr",
-        "plans",
+        "watershed",
     ]
     pd.testing.assert_frame_equal(kept.table, with_background.table, check_exact=True)
     np.testing.assert_array_equal(kept.labels.compute(), with_background.labels.compute())

@@ -27,11 +27,11 @@ def _field(shape=(24, 48, 48), seed=3) -> np.ndarray:
     return z.astype(np.float32)
 
 
-def _analysis(z: np.ndarray, chunks, drop_below, plans_in=None):
+def _analysis(z: np.ndarray, chunks, drop_below, tables_in=None):
     elev = np.where(z > 1.0, z, np.float32(np.nan))
     e, m = da.from_array(elev, chunks=chunks), da.from_array(~np.isnan(elev), chunks=chunks)
     return _watershed_analysis(
-        *_shells(e, m), e.chunks, structure(1), 1.0, 0, drop_below=drop_below, plans_in=plans_in
+        *_shells(e, m), e.chunks, structure(1), 1.0, 0, drop_below=drop_below, tables_in=tables_in
     )
 
 
@@ -88,12 +88,19 @@ def test_max_by_pair_keeps_the_highest_saddle_of_each_pair_in_its_own_types(inde
     assert empty[0].shape == (0, 2) and empty[0].dtype == index and empty[1].dtype == np.float32
 
 
-def test_plans_stored_on_disk_read_back_as_given_and_label_alike(tmp_path):
-    """Each block's stored plan is its in-memory plan, empty blocks too; labels are equal."""
+def test_tables_stored_on_disk_read_back_as_given_and_label_alike(tmp_path):
+    """Each block's stored plan is its in-memory plan, empty blocks too; the neighbour tasks
+    read the blocks' shells from disk; labels and peaks are equal."""
     z = _field()
-    z[:8, :16, :16] = 0  # a block without foreground: an empty plan
-    labels, _, _, _, plans, _ = _analysis(z, (8, 16, 16), DROP_BELOW)
-    stored_labels, _, _, _, stored, _ = _analysis(z, (8, 16, 16), DROP_BELOW, tmp_path / "p")
+    z[:8, :16, :16] = 0  # a block without foreground: an empty plan and shell
+    labels, n, _, peaks, plans, _ = _analysis(z, (8, 16, 16), DROP_BELOW)
+    stored_labels, n_stored, _, stored_peaks, stored, _ = _analysis(
+        z, (8, 16, 16), DROP_BELOW, tmp_path / "p"
+    )
+    faces = sorted(p.name for p in (tmp_path / "p").glob("faces-*"))
+    assert len(faces) == len(plans) and "faces-0-0-0" in faces
+    assert (tmp_path / "p" / "faces-0-0-0").stat().st_size == 0
+    assert n_stored == n and np.array_equal(stored_peaks, peaks)
     assert stored.keys() == plans.keys()
     assert any(p[0].size == 0 for p in plans.values())
     for idx, (keys, values) in plans.items():
