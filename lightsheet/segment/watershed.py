@@ -326,11 +326,16 @@ def _drop_closed_groups(info: dict, below: float) -> dict:
     return out
 
 
+def _step(keys: np.ndarray, ends: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """One step along the paths: each query found in the sorted ``keys`` → its ``ends``."""
+    found, pos = _sorted_lookup(keys, queries)
+    return np.where(found, ends[pos], queries) if found.any() else queries
+
+
 def _resolve(keys: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Follow face endpoints across blocks until every one is a peak (keys sorted)."""
     while keys.size:
-        pos = np.searchsorted(keys, ends).clip(0, keys.size - 1)
-        nxt = np.where(keys[pos] == ends, ends[pos], ends)
+        nxt = _step(keys, ends, ends)
         if np.array_equal(nxt, ends):
             break
         ends = nxt
@@ -394,14 +399,7 @@ def _neighbour_tables(a: dict, b: dict, shape, struct):
     la, lb, ss = np.concatenate(la), np.concatenate(lb), np.concatenate(ss)
     order = np.argsort(hop_keys)
     step_keys, step_ends = hop_keys[order], hop_ends[order]
-
-    def step(k: np.ndarray) -> np.ndarray:
-        if step_keys.size == 0:
-            return k
-        found, pos = _sorted_lookup(step_keys, k)
-        return np.where(found, step_ends[pos], k)
-
-    apart = step(la) != step(lb)
+    apart = _step(step_keys, step_ends, la) != _step(step_keys, step_ends, lb)
     edges, saddles = _max_by_pair(la[apart], lb[apart], ss[apart])
     return edges, saddles, hop_keys, hop_ends
 
@@ -712,9 +710,7 @@ def _watershed_analysis(
 
     def basin_of(keys: np.ndarray) -> np.ndarray:
         # endpoint (a peak, or an exit into a neighbour's shell) → basin index
-        found, pos = _sorted_lookup(hop_keys, keys)
-        if found.any():
-            keys = np.where(found, hop_ends[pos], keys)
+        keys = _step(hop_keys, hop_ends, keys)
         return np.searchsorted(peaks, keys).astype(index, copy=False)
 
     size = sum(s.size for _, s in pairs)
