@@ -3,7 +3,7 @@
 Plans (`StoredPlan`): each block's endpoint → label table, read by the block's later tasks.
 Shells (`_store_faces`, `_load_faces`): the voxels of a block's core that border its
 neighbours, with their endpoints and heights, which the analysis pass's neighbour tasks
-compare (`lightsheet.segment.watershed._neighbour_tables`).
+compare (`lightsheet.segment.watershed._block_edges`).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ _FACES = ("face_keys", "face_ends", "face_heights")
 def _store_faces(info: dict, folder: str | Path, origin: tuple[int, ...]) -> dict:
     """``info`` with its shell arrays moved into a file of ``folder``; ``face_file`` says where.
 
-    Until every later neighbour of a block has been analysed, the worker holds the block's
+    Until every neighbour of a block has been analysed, the worker holds the block's
     analysis; Dask's order keeps a layer of blocks or more waiting (931 of 4,000 blocks of
     a 10 × 20 × 20 grid), so shells held in memory grew with the volume's cross-section
     (about 0.1 MiB a block on the 1 GB sample). Stored, the waiting analyses are the small

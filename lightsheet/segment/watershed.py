@@ -30,8 +30,19 @@ from lightsheet.segment._common import (
     label_dtype,
     structure,
 )
+from lightsheet.segment.graph import (
+    _block_edges,
+    _inner_saddles,
+    _max_by_pair,
+    _merge_by_dynamics,
+    _neighbour_offsets,
+    _resolve,
+    _sorted_lookup,
+    _step,
+    _touching_blocks,
+)
 from lightsheet.segment.measure import _combine, _measure_block
-from lightsheet.segment.plans import StoredPlan, _load_faces, _store_faces, _store_plans
+from lightsheet.segment.plans import StoredPlan, _store_faces, _store_plans
 from lightsheet.segment.threshold import _compute, _tophat_block
 
 __all__ = [
@@ -129,14 +140,6 @@ def distance_elevation(
     return out if out.chunks == mask.chunks else out.rechunk(mask.chunks)
 
 
-def _neighbour_offsets(struct: np.ndarray) -> list[tuple[int, int, int]]:
-    return [
-        (dz - 1, dy - 1, dx - 1)
-        for dz, dy, dx in zip(*np.nonzero(struct), strict=True)
-        if (dz, dy, dx) != (1, 1, 1)
-    ]
-
-
 def _toboggan(elev, mask, struct, lo, hi, origin, shape):
     """Steepest-ascent endpoints of a padded block.
 
@@ -200,43 +203,6 @@ def _global_index(block_shape, origin, shape) -> np.ndarray:
     ]
 
 
-def _positive_offsets(struct: np.ndarray) -> list[tuple[int, int, int]]:
-    """Half of the neighbourhood: each unordered neighbour pair once."""
-    return [o for o in _neighbour_offsets(struct) if o > (0, 0, 0)]
-
-
-def _max_by_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
-    """Unordered pairs (a != b) with the largest ``s`` of each: ((K, 2), (K,)), dtypes kept.
-
-    Saddles stay float32, as the elevation they come from (`_toboggan`): widened to
-    float64 they only made the largest table that the client gathers larger.
-    """
-    keep = a != b
-    lo, hi, s = np.minimum(a, b)[keep], np.maximum(a, b)[keep], s[keep]
-    if lo.size == 0:
-        return np.empty((0, 2), lo.dtype), np.empty(0, s.dtype)
-    order = np.lexsort((s, hi, lo))
-    lo, hi, s = lo[order], hi[order], s[order]
-    last = np.r_[(lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1]), True]  # max saddle sorts last
-    return np.stack([lo[last], hi[last]], axis=1), s[last]
-
-
-def _inner_saddles(end: np.ndarray, e: np.ndarray, m: np.ndarray, struct: np.ndarray):
-    """Saddles between different endpoints for neighbour pairs inside one block's core."""
-    shape = end.shape
-    la, lb, ss = [], [], []
-    for off in _positive_offsets(struct):
-        src = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(off, shape, strict=True))
-        dst = tuple(slice(max(0, o), n - max(0, -o)) for o, n in zip(off, shape, strict=True))
-        sel = m[src] & m[dst] & (end[src] != end[dst])
-        la.append(end[src][sel])
-        lb.append(end[dst][sel])
-        ss.append(np.minimum(e[src], e[dst])[sel])
-    if not la:
-        return np.empty((0, 2), np.int64), np.empty(0, np.float32)
-    return _max_by_pair(np.concatenate(la), np.concatenate(lb), np.concatenate(ss))
-
-
 def _toboggan_info(
     elev, mask, struct, lo, hi, origin, shape, image=None, values=None, drop_below=None,
     faces_in=None,
@@ -247,7 +213,7 @@ def _toboggan_info(
     their value there); exits (endpoints in a neighbour's core); saddles between endpoints
     inside the core; and with ``image``, measurement partials keyed by endpoint + 1. And
     the core's shell towards neighbours (``face_*``: each voxel's global index, endpoint and
-    height), which `_neighbour_tables` reduces on the workers.
+    height), which `_block_edges` reduces on the workers.
 
     With ``drop_below``, the basins of groups that lie wholly inside the block and peak
     below it are left out (`_drop_closed_groups`). With ``faces_in`` (a folder), the shell
@@ -326,22 +292,6 @@ def _drop_closed_groups(info: dict, below: float) -> dict:
     return out
 
 
-def _step(keys: np.ndarray, ends: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """One step along the paths: each query found in the sorted ``keys`` → its ``ends``."""
-    found, pos = _sorted_lookup(keys, queries)
-    return np.where(found, ends[pos], queries) if found.any() else queries
-
-
-def _resolve(keys: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Follow face endpoints across blocks until every one is a peak (keys sorted)."""
-    while keys.size:
-        nxt = _step(keys, ends, ends)
-        if np.array_equal(nxt, ends):
-            break
-        ends = nxt
-    return keys, ends
-
-
 def _basin_block(elev, mask, struct, lo, hi, origin, shape, plan, dtype):
     end_g, m, _, _ = _toboggan(elev, mask, struct, lo, hi, origin, shape)
     keys, values = plan.load() if isinstance(plan, StoredPlan) else plan
@@ -352,122 +302,17 @@ def _basin_block(elev, mask, struct, lo, hi, origin, shape, plan, dtype):
     return out
 
 
+#: What `_block_edges` returns in another form, left out of `_block_tables`.
+_REDUCED = ("saddles", "exits")
+
+
 def _block_tables(info: dict) -> dict:
-    """A block's analysis without its shell arrays (those stay on the workers or on disk)."""
-    return {k: v for k, v in info.items() if not k.startswith("face_")}
+    """A block's analysis for the client, without what `_block_edges` returns reduced.
 
-
-def _sorted_lookup(keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which ``queries`` are in the sorted ``keys``, and where: (found mask, positions)."""
-    if keys.size == 0:
-        return np.zeros(queries.shape, bool), np.zeros(queries.shape, np.int64)
-    pos = np.searchsorted(keys, queries).clip(0, keys.size - 1)
-    return keys[pos] == queries, pos
-
-
-def _neighbour_tables(a: dict, b: dict, shape, struct):
-    """What two touching blocks' shells tell about each other, as small tables.
-
-    ``a`` and ``b`` are `_toboggan_info` results of blocks that touch (across a face, or an
-    edge or corner for connectivity 2 and 3). Returns the saddles of the voxel pairs that
-    straddle them, reduced to the largest per pair of endpoints ((K, 2) int64, (K,) float),
-    and one step of every path that leaves one block into the other: each such exit's
-    endpoint in the block that owns the exit voxel (keys, ends). Pairs whose endpoints meet
-    after that step lead to one basin, which the client would drop as a self-loop: they are
-    left out here (on the 1 GB sample, 213 k of the 224 k pairs across blocks).
+    The shells stay on the workers or on disk, the saddles come back reduced, and the exits
+    come back as the keys of their first step.
     """
-    hop_keys, hop_ends = [], []
-    for x, y in ((a, b), (b, a)):
-        found, pos = _sorted_lookup(y["face_keys"], x["exits"])
-        hop_keys.append(x["exits"][found])
-        hop_ends.append(y["face_ends"][pos[found]])
-    keys = a["face_keys"]
-    coords = np.unravel_index(keys, shape)
-    la, lb, ss = [], [], []
-    for off in _neighbour_offsets(struct):
-        c2 = [coords[i] + off[i] for i in range(3)]
-        ok = np.ones(keys.size, bool)
-        for i in range(3):
-            ok &= (c2[i] >= 0) & (c2[i] < shape[i])
-        g2 = np.ravel_multi_index(tuple(c[ok] for c in c2), shape)
-        found, pos = _sorted_lookup(b["face_keys"], g2)
-        src, pos = np.flatnonzero(ok)[found], pos[found]
-        la.append(a["face_ends"][src])
-        lb.append(b["face_ends"][pos])
-        ss.append(np.minimum(a["face_heights"][src], b["face_heights"][pos]))
-    hop_keys, hop_ends = np.concatenate(hop_keys), np.concatenate(hop_ends)
-    la, lb, ss = np.concatenate(la), np.concatenate(lb), np.concatenate(ss)
-    order = np.argsort(hop_keys)
-    step_keys, step_ends = hop_keys[order], hop_ends[order]
-    apart = _step(step_keys, step_ends, la) != _step(step_keys, step_ends, lb)
-    edges, saddles = _max_by_pair(la[apart], lb[apart], ss[apart])
-    return edges, saddles, hop_keys, hop_ends
-
-
-def _with_neighbours(a: dict, others: list[dict], shape, struct):
-    """`_neighbour_tables` of one block with each of ``others``, its four tables concatenated.
-
-    One task per block instead of one per pair (a block touches up to 13 later ones, with
-    26-connectivity): the scheduler and the workers keep state for every task of a pass.
-    """
-    a = _load_faces(a)
-    parts = [_neighbour_tables(a, _load_faces(b), shape, struct) for b in others]
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
-
-
-def _touching_blocks(numblocks, struct) -> dict[tuple, list[tuple]]:
-    """Per block, the later blocks that a neighbourhood step can cross to (each pair once)."""
-    later = {}
-    for idx in np.ndindex(numblocks):
-        later[idx] = []
-        for off in _positive_offsets(struct):
-            nb = tuple(i + o for i, o in zip(idx, off, strict=True))
-            if all(0 <= nb[a] < numblocks[a] for a in range(3)):
-                later[idx].append(nb)
-    return later
-
-
-def _merge_by_dynamics(
-    heights: np.ndarray,
-    edges: np.ndarray,
-    saddles: np.ndarray,
-    depth: float,
-    fraction: float = 0.0,
-    positions: np.ndarray | None = None,
-    min_distance: float = 0.0,
-) -> np.ndarray:
-    """Union basins whose lower peak rises less than the split depth above their best saddle.
-
-    The split depth is ``depth``, or ``fraction`` of the lower peak where that is more.
-    With ``positions`` (each basin's peak, in the units of ``min_distance``), touching
-    basins whose highest peaks are closer than ``min_distance`` are also one.
-    Edges are processed from the highest saddle down (Kruskal on the maximum spanning
-    tree), each component keeping its highest peak; returns each basin's root (0-based).
-    """
-    parent = np.arange(heights.size, dtype=np.int64)
-    top = heights.astype(np.float64).copy()
-
-    def find(i: int) -> int:
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
-
-    for k in np.argsort(-saddles, kind="stable"):
-        ra, rb = find(int(edges[k, 0])), find(int(edges[k, 1]))
-        if ra == rb:
-            continue
-        lower = min(top[ra], top[rb])
-        # a root is its component's highest basin
-        near = positions is not None and bool(
-            np.sum((positions[ra] - positions[rb]) ** 2) < min_distance**2
-        )
-        if near or lower - float(saddles[k]) < max(depth, fraction * lower):
-            hi_, lo_ = (ra, rb) if (top[ra], ra) > (top[rb], rb) else (rb, ra)
-            parent[lo_] = hi_
-    return np.array([find(i) for i in range(heights.size)], dtype=np.int64)
+    return {k: v for k, v in info.items() if not k.startswith("face_") and k not in _REDUCED}
 
 
 def watershed(
@@ -662,8 +507,9 @@ def _watershed_analysis(
     for idx in np.ndindex(numblocks):
         lo, hi = _pad_widths(idx, numblocks)
         geo[idx] = (lo, hi, tuple(int(origins[a][idx[a]]) for a in range(3)))
-    # per block: its tables, and what crosses between it and each later block it touches.
-    # The shell arrays that the pairs need stay on the workers: only small tables come back
+    # per block: its tables, and its saddles and exits reduced with its neighbours' shells
+    # (`_block_edges`). The shell arrays stay on the workers or on disk: only small tables
+    # come back
     full = {
         idx: dask.delayed(_toboggan_info)(
             e_blocks[idx],
@@ -679,12 +525,15 @@ def _watershed_analysis(
         for idx in np.ndindex(numblocks)
     }
     touching = [
-        dask.delayed(_with_neighbours)(full[a], [full[b] for b in nbs], shape, struct)
-        for a, nbs in _touching_blocks(numblocks, struct).items()
-        if nbs
+        dask.delayed(_block_edges)(
+            full[idx], [full[b] for b in earlier], [full[b] for b in later], shape, struct
+        )
+        for idx, (earlier, later) in _touching_blocks(numblocks, struct).items()
     ]
     tables = [dask.delayed(_block_tables)(info) for info in full.values()]
     infos, touching = _compute(compute, [tables, touching], "analysis (basins and saddles)")
+    for info, (_, _, exits, _) in zip(infos, touching, strict=True):
+        info["exits"] = exits  # the block's exits, each found in a neighbour's shell
     infos = dict(zip(np.ndindex(numblocks), infos, strict=True))
 
     # peaks → basins 0..n_basins-1 (in global index order)
@@ -701,7 +550,7 @@ def _watershed_analysis(
     hop_keys, hop_ends = _resolve(hop_keys, hop_ends[first])
     # the saddle between every two touching basins, inside blocks and across their borders:
     # tables of endpoint pairs (int64 keys), each dropped as soon as it is mapped to basins
-    pairs = [i.pop("saddles") for i in infos.values()] + [t[:2] for t in touching]
+    pairs = [t[:2] for t in touching]
     del touching
 
     # basin indices in the smallest type that holds them: the edges are the client's
