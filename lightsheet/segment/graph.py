@@ -14,6 +14,9 @@ import numpy as np
 
 from lightsheet.segment.plans import _load_faces
 
+#: Nothing public: the watershed (`lightsheet.segment.watershed`) uses these helpers.
+__all__ = []
+
 
 def _neighbour_offsets(struct: np.ndarray) -> list[tuple[int, int, int]]:
     return [
