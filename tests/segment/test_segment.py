@@ -469,13 +469,15 @@ def test_stored_image_equals_dask_chunks(config):
 
 @pytest.mark.parametrize(
     "blocks",
-    [(10, 32, 32), ((9, 12, 9), (25, 25, 20), (30, 34))],
-    ids=["regular", "uneven"],
+    [(10, 32, 32), ((9, 12, 9), (25, 25, 20), (30, 34)), (10, 18, 18)],
+    ids=["regular", "uneven", "whole-bins"],
 )
 def test_local_scratch_changes_nothing(blocks, tmp_path):
     # method local keeping its statistics (and, on a regular grid, its cell bodies) on disk
     # between passes gives the labels and table of recomputing them, bit for bit, from a
-    # store and from dask chunks; the labels then read the bodies, not the image
+    # store and from dask chunks; the labels then read the bodies, not the image. Blocks of
+    # whole 9-voxel bins are the statistics' grid: the smoothed image and its opening are
+    # then stored by block, each with its one-voxel shell (`Kept.step`)
     shape = (30, 70, 64)
     rng = np.random.default_rng(8)
     centres = rng.uniform((4, 5, 5), (56, 65, 59), size=(14, 3))
@@ -501,6 +503,8 @@ def test_local_scratch_changes_nothing(blocks, tmp_path):
             "image-smoothed.zarr",
             "watershed",
         ]
+        by_block = zarr.open_array(str(scratch / "image-smoothed.zarr")).shape != shape
+        assert by_block == (blocks == (10, 18, 18))
         recomputes = any("contrast_parts" in str(k) for k in kept.labels.__dask_graph__())
         assert recomputes != regular
         pd.testing.assert_frame_equal(kept.table, ref.table, check_exact=True)
