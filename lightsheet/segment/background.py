@@ -169,11 +169,16 @@ def levels(block: Any, geometry: LocalGeometry) -> tuple[Any, Any]:
     return s, _ndi_for(block).grey_opening(s, size=geometry.open_vox)
 
 
+def _whole_bins(side: int, bin_vox: int) -> int:
+    """``side`` rounded to a whole number of bins, at least one."""
+    return max(bin_vox, round(side / bin_vox) * bin_vox)
+
+
 def _snap(grid: tuple[tuple[int, ...], ...], bins: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     """Chunks of the same shape whose sides (but the last) are whole numbers of bins."""
     out = []
     for c, b in zip(grid, bins, strict=True):
-        n, step = sum(c), max(b, round(max(c) / b) * b)
+        n, step = sum(c), _whole_bins(max(c), b)
         out.append(tuple([step] * (n // step) + ([n % step] if n % step else [])))
     return tuple(out)
 
@@ -222,7 +227,8 @@ def _bin_stats_block(
     """
     smoothed, opened = levels(padded, geometry)
     if keep is not None and keep.step is not None:
-        _write_windows(keep, region, _to_numpy(smoothed), _to_numpy(opened), shape)
+        smoothed, opened = _to_numpy(smoothed), _to_numpy(opened)
+        _write_windows(keep, region, smoothed, opened, shape)
     a = _to_numpy(smoothed[region.core])
     opened = _to_numpy(opened[region.core])
     if keep is not None and keep.step is None:

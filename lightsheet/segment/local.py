@@ -118,6 +118,7 @@ from lightsheet.segment.background import (
     _bin_span,
     _lerp,
     _padded,
+    _whole_bins,
     _write_block,
     gain_of,
     levels,
@@ -430,7 +431,7 @@ def whole_bin_chunks(
     (81, 126, 126)
     """
     geometry = LocalGeometry.of(tuple(float(v) for v in voxel_size_um), diameter_um)
-    return tuple(max(b, round(c / b) * b) for c, b in zip(chunks, geometry.bin_vox, strict=True))
+    return tuple(_whole_bins(c, b) for c, b in zip(chunks, geometry.bin_vox, strict=True))
 
 
 def detect_local(

@@ -3,7 +3,7 @@
 Plans (`StoredPlan`): each block's endpoint → label table, read by the block's later tasks.
 Shells (`_store_faces`, `_load_faces`): the voxels of a block's core that border its
 neighbours, with their endpoints and heights, which the analysis pass's neighbour tasks
-compare (`lightsheet.segment.watershed._block_edges`).
+compare (`lightsheet.segment.graph._block_edges`).
 """
 
 from __future__ import annotations

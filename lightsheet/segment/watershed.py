@@ -546,8 +546,8 @@ def _watershed_analysis(
     # exits → their endpoints in the neighbour, followed until each ends at a peak
     hop_keys = np.concatenate([np.empty(0, np.int64)] + [t[2] for t in touching])
     hop_ends = np.concatenate([np.empty(0, np.int64)] + [t[3] for t in touching])
-    hop_keys, first = np.unique(hop_keys, return_index=True)
-    hop_keys, hop_ends = _resolve(hop_keys, hop_ends[first])
+    order = np.argsort(hop_keys)  # each exit once: its own block's task steps it
+    hop_keys, hop_ends = _resolve(hop_keys[order], hop_ends[order])
     # the saddle between every two touching basins, inside blocks and across their borders:
     # tables of endpoint pairs (int64 keys), each dropped as soon as it is mapped to basins
     pairs = [t[:2] for t in touching]
