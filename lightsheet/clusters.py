@@ -57,6 +57,7 @@ __all__ = [
     "cuda_cluster",
     "cuda_cluster_kwargs",
     "load_jobqueue",
+    "release_freed_memory",
     "local_cluster",
     "local_cluster_kwargs",
     "logger",
@@ -158,6 +159,27 @@ LOCAL_LOST_WORKER_TIMEOUT_S = 3600.0
 #: (4 GB sample) were fresh mappings, and its first pass in a new worker took 8.9 s against
 #: 6.4 s at 256 MiB; the 1 GB pipeline's peak memory is the same (2.22 GiB) either way.
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 256 << 20, "MALLOC_MMAP_THRESHOLD_": 256 << 20}
+
+
+def release_freed_memory() -> int:
+    """Return the allocator's freed memory to the system (glibc ``malloc_trim(0)``).
+
+    Each stage task calls this on every worker as it starts (`tasks._common.dask_client`):
+    `WORKER_MALLOC_ENV` keeps up to 256 MiB of freed memory per arena for reuse, which
+    speeds a stage's own passes, but what the previous stage freed is not this stage's to
+    reuse. At 16 GB the worker entered the segment stage holding 1.4-1.5 GiB of the
+    deconvolve stage's freed heap (`benchmarks/results/real_data.md`). Returns 1 when
+    memory was released, 0 when none was, -1 where the C library has no ``malloc_trim``
+    (macOS, musl).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return -1
+    return int(trim(0))
 
 
 def local_cluster(**kwargs: Any) -> Any:

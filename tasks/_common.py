@@ -31,7 +31,7 @@ from prefect.artifacts import (
 )
 
 from lightsheet.access import check_output_location, literal_root
-from lightsheet.clusters import stage_resources
+from lightsheet.clusters import release_freed_memory, stage_resources
 from lightsheet.errors import InputFilesError
 from lightsheet.io.atomic import check_replaceable, claim_folder, output_lock
 from lightsheet.lineage import (
@@ -101,7 +101,9 @@ def dask_client() -> Iterator[Any]:
     """The flow's Dask client inside a task, seceding from the worker's thread pool.
 
     The stage task waits while its chunk tasks run; seceding frees its worker thread for
-    them (a one-thread SLURM worker would otherwise deadlock).
+    them (a one-thread SLURM worker would otherwise deadlock). Every worker first returns
+    the memory the previous stage freed (`lightsheet.clusters.release_freed_memory`), so a
+    stage's peak is its own.
     """
     from distributed import get_worker, worker_client
 
@@ -111,9 +113,11 @@ def dask_client() -> Iterator[Any]:
         from prefect_dask import get_dask_client
 
         with get_dask_client() as client:
+            client.run(release_freed_memory)
             yield client
         return
     with worker_client() as client:
+        client.run(release_freed_memory)
         yield client
 
 

@@ -230,6 +230,37 @@ def test_work_without_workers_fails_instead_of_hanging():
             future.result(timeout=60)
 
 
+def test_stage_client_returns_the_last_stage_s_freed_memory():
+    """A stage task's client first has every worker release the heap the previous stage
+    freed: glibc keeps freed chunks between live ones until ``malloc_trim``."""
+    import psutil
+    from distributed import Client, LocalCluster
+
+    from tasks._common import dask_client
+
+    if clusters.release_freed_memory() == -1:
+        pytest.skip("this C library has no malloc_trim")
+
+    def stage() -> int:
+        with dask_client():
+            return psutil.Process().memory_info().rss
+
+    # an in-process worker: its heap is this process's
+    with (
+        LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        blocks = [bytearray(100_000) for _ in range(2_000)]  # 200 MB under the mmap threshold
+        for block in blocks:
+            block[::4096] = bytes(len(block[::4096]))  # touch every page
+        kept = blocks[::10]  # every tenth stays: the freed chunks lie between live ones
+        del blocks
+        held = psutil.Process().memory_info().rss
+        after = client.submit(stage, pure=False).result(timeout=60)
+        assert held - after > 100e6, (held, after)
+        assert len(kept) == 200
+
+
 def test_importing_dask_jobqueue_keeps_signal_handlers():
     import signal
     import threading
