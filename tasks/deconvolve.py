@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
 from lightsheet.config import DeconvolveConfig
-from lightsheet.deconvolve import deconvolve_volumes
+from lightsheet.deconvolve import clear_otf_cache, deconvolve_volumes
 from lightsheet.errors import ConfigError
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.lineage import file_content_fingerprint
@@ -41,6 +44,20 @@ def deconvolve_spec(raw: dict, psf: str, config: DeconvolveConfig, output: str) 
     )
 
 
+@contextmanager
+def _otfs_dropped(client: Any) -> Iterator[None]:
+    """Every worker drops its cached OTFs when the stage ends, also when it fails.
+
+    The cache (`lightsheet.deconvolve.kernel`, up to 2 GiB a process) spares each block
+    of one shape a transform of the PSF; later stages have no use for it. Kept, it was
+    live memory that the next stage started with: at 1 GB 151 MiB of the worker's 813.
+    """
+    try:
+        yield
+    finally:
+        client.run(clear_otf_cache)
+
+
 @task(name="deconvolve")
 def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str) -> dict:
     """Deconvolve every selected channel and time point; other channels pass through."""
@@ -48,7 +65,7 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
     if not stage.reused:
         psf_array = load_psf(psf)
         check_unchanged(stage.spec.inputs["psf"], file_content_fingerprint(psf))
-        with dask_client():
+        with dask_client() as client, _otfs_dropped(client):
             image, voxel_size_um, _ = read_image(raw["path"])
             n_channels = image.shape[1]
             channels = range(n_channels) if config.channels is None else config.channels

@@ -182,6 +182,29 @@ def test_otf_computed_once_per_block_shape(noisy_volume):
     assert len(rl._otf_cache) == 2
 
 
+def test_deconvolve_stage_leaves_no_otfs_on_its_workers(noisy_volume):
+    """The stage's workers drop the cache when it ends, failed or not: the next stage
+    does not start with the PSF's transforms in memory."""
+    from distributed import Client, LocalCluster
+
+    from tasks.deconvolve import _otfs_dropped
+
+    image, psf = noisy_volume
+    clear_otf_cache()
+    with (
+        LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        with _otfs_dropped(client):
+            client.submit(richardson_lucy, image, psf, iterations=1).result(timeout=60)
+            assert len(rl._otf_cache) == 1  # an in-process worker: its cache is ours
+        assert len(rl._otf_cache) == 0
+        with pytest.raises(ValueError, match="failed"), _otfs_dropped(client):
+            richardson_lucy(image, psf, iterations=1)
+            raise ValueError("the stage failed")
+        assert len(rl._otf_cache) == 0
+
+
 # --------------------------------------------------------------------------- phantom
 
 
