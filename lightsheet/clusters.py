@@ -57,10 +57,10 @@ __all__ = [
     "cuda_cluster",
     "cuda_cluster_kwargs",
     "load_jobqueue",
-    "release_freed_memory",
     "local_cluster",
     "local_cluster_kwargs",
     "logger",
+    "release_freed_memory",
     "slurm_cluster",
     "slurm_cluster_kwargs",
     "slurm_job_states",
@@ -167,8 +167,9 @@ def release_freed_memory() -> int:
     Each stage task calls this on every worker as it starts (`tasks._common.dask_client`):
     `WORKER_MALLOC_ENV` keeps up to 256 MiB of freed memory per arena for reuse, which
     speeds a stage's own passes, but what the previous stage freed is not this stage's to
-    reuse. At 16 GB the worker entered the segment stage holding 1.4-1.5 GiB of the
-    deconvolve stage's freed heap (`benchmarks/results/real_data.md`). Returns 1 when
+    reuse: on entering the 16 GB sample's segment stage it returned 145 MiB of the worker's
+    1,547 (`benchmarks/results/real_data.md`; most of the rest was the deconvolve stage's
+    OTF cache, which that stage now drops). Returns 1 when
     memory was released, 0 when none was, -1 where the C library has no ``malloc_trim``
     (macOS, musl).
     """

@@ -109,14 +109,11 @@ def dask_client() -> Iterator[Any]:
 
     try:
         get_worker()
+        connect = worker_client
     except ValueError:  # not on a Dask worker: library use or another task runner
-        from prefect_dask import get_dask_client
+        from prefect_dask import get_dask_client as connect
 
-        with get_dask_client() as client:
-            client.run(release_freed_memory)
-            yield client
-        return
-    with worker_client() as client:
+    with connect() as client:
         client.run(release_freed_memory)
         yield client
 
