@@ -161,7 +161,7 @@ LOCAL_LOST_WORKER_TIMEOUT_S = 3600.0
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 256 << 20, "MALLOC_MMAP_THRESHOLD_": 256 << 20}
 
 
-def release_freed_memory() -> int:
+def release_freed_memory(dask_worker: Any = None) -> int | None:
     """Return the allocator's freed memory to the system (glibc ``malloc_trim(0)``).
 
     Each stage task calls this on every worker as it starts (`tasks._common.dask_client`):
@@ -169,18 +169,29 @@ def release_freed_memory() -> int:
     speeds a stage's own passes, but what the previous stage freed is not this stage's to
     reuse: on entering the 16 GB sample's segment stage it returned 145 MiB of the worker's
     1,547 (`benchmarks/results/real_data.md`; most of the rest was the deconvolve stage's
-    OTF cache, which that stage now drops). Returns 1 when
-    memory was released, 0 when none was, -1 where the C library has no ``malloc_trim``
-    (macOS, musl).
+    OTF cache, which that stage now drops). Returns 1 when memory was released, 0 when
+    none was, -1 where the C library has no ``malloc_trim`` (macOS, musl).
+
+    Run through ``client.run``, it is given its worker (``dask_worker``) and trims only a
+    worker that a nanny started in a process of its own. A worker without one may be
+    running in the flow's own process (``processes=False``), whose heap is the flow's and
+    whose other threads are mid-task: it is left alone, and None returned.
     """
+    if dask_worker is not None and dask_worker.nanny is None:
+        return None
+    trim = _malloc_trim()
+    return -1 if trim is None else int(trim(0))
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """The C library's ``malloc_trim``, looked up once a process; None where it has none."""
     import ctypes
-    import ctypes.util
 
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim  # the process's own symbols: no ldconfig run
     except (OSError, AttributeError):
-        return -1
-    return int(trim(0))
+        return None
 
 
 def local_cluster(**kwargs: Any) -> Any:

@@ -101,9 +101,9 @@ def dask_client() -> Iterator[Any]:
     """The flow's Dask client inside a task, seceding from the worker's thread pool.
 
     The stage task waits while its chunk tasks run; seceding frees its worker thread for
-    them (a one-thread SLURM worker would otherwise deadlock). Every worker first returns
-    the memory the previous stage freed (`lightsheet.clusters.release_freed_memory`), so a
-    stage's peak is its own.
+    them (a one-thread SLURM worker would otherwise deadlock). Every worker in a process of
+    its own first returns the memory the previous stage freed
+    (`lightsheet.clusters.release_freed_memory`), so a stage's peak is its own.
     """
     from distributed import get_worker, worker_client
 

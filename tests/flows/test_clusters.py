@@ -230,35 +230,52 @@ def test_work_without_workers_fails_instead_of_hanging():
             future.result(timeout=60)
 
 
-def test_stage_client_returns_the_last_stage_s_freed_memory():
-    """A stage task's client first has every worker release the heap the previous stage
-    freed: glibc keeps freed chunks between live ones until ``malloc_trim``."""
+def _hold_a_fragmented_heap(dask_worker) -> int:
+    """200 MB in 100 kB blocks (under the mmap threshold), every tenth kept on the worker:
+    the freed chunks lie between live ones, where glibc keeps them until ``malloc_trim``."""
     import psutil
-    from distributed import Client, LocalCluster
+
+    blocks = [bytearray(100_000) for _ in range(2_000)]
+    for block in blocks:
+        block[::4096] = bytes(len(block[::4096]))  # touch every page
+    dask_worker.kept_for_test = blocks[::10]
+    del blocks
+    return psutil.Process().memory_info().rss
+
+
+def _stage_rss() -> int:
+    import psutil
 
     from tasks._common import dask_client
+
+    with dask_client():
+        return psutil.Process().memory_info().rss
+
+
+def test_stage_client_returns_the_last_stage_s_freed_memory():
+    """A stage task's client first has every worker release the heap the previous stage
+    freed; a worker in the flow's own process (no nanny) is left alone."""
+    from distributed import Client, LocalCluster
 
     if clusters.release_freed_memory() == -1:
         pytest.skip("this C library has no malloc_trim")
 
-    def stage() -> int:
-        with dask_client():
-            return psutil.Process().memory_info().rss
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        client.submit(_stage_rss, pure=False).result(timeout=120)  # imports the stage's code
+        (held,) = client.run(_hold_a_fragmented_heap).values()
+        after = client.submit(_stage_rss, pure=False).result(timeout=120)
+        assert held - after > 100e6, (held, after)
+        (result,) = client.run(clusters.release_freed_memory).values()
+        assert result in (0, 1)  # a nanny's worker: trimmed
 
-    # an in-process worker: its heap is this process's
     with (
         LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
-        blocks = [bytearray(100_000) for _ in range(2_000)]  # 200 MB under the mmap threshold
-        for block in blocks:
-            block[::4096] = bytes(len(block[::4096]))  # touch every page
-        kept = blocks[::10]  # every tenth stays: the freed chunks lie between live ones
-        del blocks
-        held = psutil.Process().memory_info().rss
-        after = client.submit(stage, pure=False).result(timeout=60)
-        assert held - after > 100e6, (held, after)
-        assert len(kept) == 200
+        assert list(client.run(clusters.release_freed_memory).values()) == [None]
 
 
 def test_importing_dask_jobqueue_keeps_signal_handlers():
