@@ -340,9 +340,12 @@ def _channel_parts(blocks, geometry, stats, regions, with_noise: bool, kept=None
     offset, noise, gain = stats
     stored = isinstance(offset, zarr.Array)
     o_win = _StoredWindows(offset) if stored else _Windows(offset)
-    n_win = None
+    n_win = g_win = None
     if with_noise:
         n_win = _StoredWindows(noise) if stored else _Windows(noise)
+        # the gain is a NumPy array once stored, else lazy: as windows, or every block's
+        # slice would carry (and compute) its own copy of the whole statistics pass
+        g_win = gain if stored else _Windows(gain)
     out = {}
     for idx, r in regions.items():
         sel, spans = _maps(r, geometry, offset.shape)
@@ -350,7 +353,7 @@ def _channel_parts(blocks, geometry, stats, regions, with_noise: bool, kept=None
             None if blocks is None else blocks[idx],
             o_win[sel],
             n_win[sel] if with_noise else None,
-            gain[spans[0][0] : spans[0][1]] if with_noise else None,
+            g_win[spans[0][0] : spans[0][1]] if with_noise else None,
             r,
             spans,
             geometry,
@@ -370,14 +373,19 @@ class _Windows:
         self.blocks = array.to_delayed(optimize_graph=False)
         self.bounds = [np.cumsum((0,) + c) for c in array.chunks]
 
-    def __getitem__(self, sel: tuple[slice, ...]) -> Any:
+    def __getitem__(self, sel: slice | tuple[slice, ...]) -> Any:
         ranges, local = [], []
-        for b, s in zip(self.bounds, sel, strict=True):
+        for b, s in zip(self.bounds, sel if isinstance(sel, tuple) else (sel,), strict=True):
             first = int(np.searchsorted(b, s.start, side="right")) - 1
             ranges.append(range(first, int(np.searchsorted(b, s.stop, side="left"))))
             local.append(slice(s.start - b[first], s.stop - b[first]))
-        nested = [[[self.blocks[i, j, k] for k in ranges[2]] for j in ranges[1]] for i in ranges[0]]
-        return dask.delayed(_window)(nested, tuple(local))
+        return dask.delayed(_window)(self._nested((), ranges), tuple(local))
+
+    def _nested(self, at: tuple[int, ...], ranges: list[range]) -> Any:
+        """The blocks at ``ranges`` after ``at``, as nested lists for `np.block`."""
+        if len(at) == len(ranges):
+            return self.blocks[at]
+        return [self._nested(at + (i,), ranges) for i in ranges[len(at)]]
 
 
 def _window(nested: list, local: tuple[slice, ...]) -> np.ndarray:
