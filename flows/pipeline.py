@@ -102,7 +102,7 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
         # beside deconvolve/segment: it needs only the raw autofluorescence channel
         registered = step(
             "register", raw, str(config.atlas), config.register, config.density.orientation,
-            config.segment.channel, str(config.psf), o,
+            config.segment.channel, None if config.psf is None else str(config.psf), o,
         )  # fmt: skip
     density = step("density", segmented, raw, str(config.atlas), config.density, o, registered)
     return [manifest, raw, image, features, segmented, registered, density]

@@ -85,9 +85,10 @@ def check_inputs(config: PipelineConfig, *, atlas_labels: bool = True) -> Manife
     manifest = discover(
         config.input, config.pattern, max_tile_bytes=int(config.stitch.max_tile_gib * 2**30)
     )
-    psf = load_psf(config.psf)
-    if config.deconvolve.enabled:
-        check_psf_fits(psf.shape, manifest.shape[2:], what="stitched volume")
+    if config.psf is not None:  # read even when unused: the register stage may blur by it
+        psf = load_psf(config.psf)
+        if config.deconvolve.enabled:
+            check_psf_fits(psf.shape, manifest.shape[2:], what="stitched volume")
     atlas = load_atlas(config.atlas)
     if atlas_labels:
         check_atlas(atlas)

@@ -67,6 +67,7 @@ def _cases(sample: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "missing input folder": {"input": str(tmp / "nowhere" / "*.tif")},
         "wrong pattern": {"pattern": r"_tile(?P<x>\d+)\.tif$"},
         "missing psf": {"psf": str(tmp / "no-psf.tif")},
+        "deconvolution without a psf": {"psf": None},
         "missing channel": {"segment": {"channel": 5, "nucleus_diameter_um": 9.3}},
     }.items():
         folder = tmp / name.replace(" ", "-")
@@ -84,6 +85,10 @@ def _cases(sample: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "missing input folder": (["run", str(bad["missing input folder"])], "nowhere"),
         "wrong pattern": (["run", str(bad["wrong pattern"])], "pattern"),
         "missing psf": (["run", str(bad["missing psf"])], "no-psf.tif"),
+        "deconvolution without a psf": (
+            ["run", str(bad["deconvolution without a psf"])],
+            "deconvolve.enabled: false",
+        ),
         "missing channel": (["run", str(bad["missing channel"])], "segment.channel"),
         "bad optics": ([*psf, "--voxel-size-um", "0", "1", "1"], "voxel_size_um"),
         "missing output (lineage)": (["lineage", str(tmp / "no-output")], "no-output"),

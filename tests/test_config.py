@@ -273,6 +273,7 @@ BAD_COMBINATIONS = {
         "cluster.address",
         "address",
     ),
+    "deconvolution without a psf": ({"psf": None}, "psf", "psf"),
     "address profile without an address": (
         {"cluster": {"profile": "address"}},
         "cluster",
@@ -327,6 +328,8 @@ def test_good_combinations_pass_the_parameter_schema(pipeline_schema):
         {"register": {"bending_energy_weight": 0.1, "threads": 1}},
         {"cluster": {"profile": "address", "address": "tcp://10.0.0.5:8786"}},
         {"cluster": {"profile": "local", "address": None}},
+        {"psf": None, "deconvolve": {"enabled": False}},
+        {"psf": None, "deconvolve": {"enabled": False}, "register": {"enabled": True}},
     ):
         config = PipelineConfig.model_validate({**REQUIRED, **good}).model_dump(mode="json")
         assert schema_check(pipeline_schema, config) is None, good

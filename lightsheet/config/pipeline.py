@@ -6,10 +6,10 @@ import re
 import warnings
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from lightsheet.config import stages
-from lightsheet.config._base import VoxelSize, _Model
+from lightsheet.config._base import VoxelSize, _Model, schema_rules, when
 from lightsheet.config.cluster import ClusterConfig
 from lightsheet.config.pattern import DEFAULT_PATTERN, PATTERN_GROUPS, check_pattern
 
@@ -26,6 +26,17 @@ warnings.filterwarnings(
 class PipelineConfig(_Model):
     """The pipeline's parameters: one run from raw tiles to densities."""
 
+    model_config = schema_rules(  # _psf_when_deconvolving, as far as JSON Schema can say it
+        when(
+            "deconvolve",
+            {"properties": {"enabled": {"const": True}}},
+            "psf",
+            {"type": "string"},
+            absent_matches=True,
+            required=True,
+        )
+    )
+
     input: str = Field(..., description="Glob of the raw TIFF tiles, e.g. /data/brain1/*.tif")
     pattern: str = Field(
         DEFAULT_PATTERN,
@@ -35,7 +46,12 @@ class PipelineConfig(_Model):
         "time point and tile grid position (a missing group means one).",
     )
     voxel_size_um: VoxelSize = Field(..., description="Voxel size (z, y, x) in µm.")
-    psf: Path = Field(..., description="PSF TIFF at the image voxel size.")
+    psf: Path | None = Field(
+        None,
+        description="PSF TIFF at the image voxel size (`lightsheet psf` writes one from the "
+        "optics). Needed to deconvolve (deconvolve.enabled, the default); without one set "
+        "deconvolve.enabled: false, and register.match_psf then leaves the atlas unblurred.",
+    )
     atlas: Path = Field(
         ...,
         description="BrainGlobe-layout atlas folder, or a BrainGlobe atlas name such as "
@@ -65,6 +81,16 @@ class PipelineConfig(_Model):
             )
         check_pattern(v)
         return v
+
+    @model_validator(mode="after")
+    def _psf_when_deconvolving(self) -> PipelineConfig:
+        if self.deconvolve.enabled and self.psf is None:
+            raise ValueError(
+                "psf: deconvolve.enabled (the default) needs a PSF TIFF at the image voxel "
+                "size (`lightsheet psf` writes one from the optics); got none. Without a PSF "
+                "set deconvolve.enabled: false"
+            )
+        return self
 
     def resolved(self) -> PipelineConfig:
         """The run as it runs: each stage's derived defaults filled in at `voxel_size_um`.

@@ -77,7 +77,11 @@ def test_deployments_from_prefect_yaml(stack):
 BAD = {
     "wrong type": (lambda p: p["config"].update(voxel_size_um=[2.0, 1.0, "one"]), "voxel_size_um"),
     "out of range": (lambda p: p["config"].update(deconvolve={"iterations": 0}), "iterations"),
-    "missing required": (lambda p: p["config"].pop("psf"), "'psf' is a required property"),
+    "missing required": (lambda p: p["config"].pop("atlas"), "'atlas' is a required property"),
+    "deconvolution without a psf": (
+        lambda p: p["config"].pop("psf"),
+        "'config'. Failure reason: 'psf' is a required property",
+    ),
     "missing parameter": (lambda p: p.pop("config"), "'config' is a required property"),
     "unknown key": (lambda p: p.update(colour="red"), "'colour' was unexpected"),
     "unknown nested key": (

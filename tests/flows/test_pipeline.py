@@ -119,6 +119,16 @@ def test_bad_input_fails_before_compute(tiny_sample, prefect_harness, tmp_path):
     assert not any(out.glob("*.ome.zarr")), "no stage may start on bad input"
 
 
+def test_run_without_a_psf_segments_the_raw_image(tiny_sample, prefect_harness, tmp_path):
+    # real data often comes without a PSF: the run then skips deconvolution (and needs none)
+    from lightsheet.config import DeconvolveConfig
+
+    out = tmp_path / "out"
+    summary = run(tiny_sample, out, psf=None, deconvolve=DeconvolveConfig(enabled=False))
+    assert summary["n_cells"] > 0 and not (out / "deconvolved.ome.zarr").exists()
+    assert (out / "labels.ome.zarr" / "zarr.json").is_file()
+
+
 @pytest.mark.slow
 def test_small_sample_counts_match_truth(small_sample, prefect_harness, tmp_path):
     """Issue #6: every leaf with >= 100 true cells within 10 % of the true density, and
