@@ -544,10 +544,7 @@ def _padded(image: Any, regions: dict) -> dict:
                 slice(a - lo, b + hi)
                 for a, b, lo, hi in zip(r.start, r.stop, r.lo, r.hi, strict=True)
             )
-            # the slice's pieces keep the keys of the image's chunks (no graph optimised per
-            # region), so a lazy image's chunk is computed once a pass, not once per region
-            pieces = image[sl].to_delayed(optimize_graph=False)
-            out[idx] = dask.delayed(np.block)(pieces.tolist())
+            out[idx] = dask.delayed(np.asarray)(image[sl])
         return out
     source = dask.delayed(image, pure=True, traverse=False)
     for idx, r in regions.items():
