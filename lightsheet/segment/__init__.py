@@ -29,8 +29,9 @@ connectivity)``; ``1`` joins voxels sharing a face (6-neighbourhood), ``2`` also
 Passes over the data are recomputed rather than held: memory stays a few blocks (method
 ``local`` keeps its statistics and cell bodies in a ``scratch`` folder on disk when given
 one; without one its peak still grew, 1.5 to 2.2 GiB from lazy volumes of 0.25 to 1 GiB:
-give large volumes a scratch folder, as the segment stage does). CuPy: the block kernels choose ``cupyx.scipy.ndimage`` when a block is a CuPy array;
-small per-block tables are always NumPy.
+give large volumes a scratch folder, as the segment stage does). CuPy: the block kernels
+choose ``cupyx.scipy.ndimage`` when a block is a CuPy array; small per-block tables are
+always NumPy.
 """
 
 from __future__ import annotations
