@@ -107,7 +107,7 @@ def acquisition_config(
 def _inputs(folder: Path, config: PipelineConfig) -> list[Path]:
     """The files a run of ``config`` reads from the acquisition folder."""
     files = [Path(p) for p in glob.glob(config.input, recursive=True)]
-    files += [*([config.psf] if config.psf is not None else []), folder / CONFIG_NAME]
+    files += [p for p in (config.psf, folder / CONFIG_NAME) if p is not None]
     return sorted({p for p in files if p.is_file()})
 
 
