@@ -69,6 +69,27 @@ def coarser_voxel(voxel_um, z_step: int, bin_yx: int) -> tuple[tuple, np.ndarray
     return (vz * z_step, vy * bin_yx, vx * bin_yx), shift
 
 
+def crop(root: Path, *, z_step: int = 1, bin_yx: int = 1):
+    """The crop's signal and autofluorescence (as :func:`coarser` records them), their voxel
+    size, the shift from its voxel centres to the original's (µm), and the 56 reference
+    cells (µm)."""
+    signal, autofluorescence = (coarser(_planes(root / c), z_step, bin_yx) for c in ("ch0", "ch1"))
+    voxel_um, shift = coarser_voxel(CELLFINDER_VOXEL_UM, z_step, bin_yx)
+    reference = read_points(root / "cell_classification.xml", cell_type=2) * CELLFINDER_VOXEL_UM
+    return signal, autofluorescence, voxel_um, shift, reference
+
+
+def score_crop(found_um: np.ndarray, reference_um: np.ndarray) -> dict:
+    """How many reference cells have a detection within 10 µm (one to one), and the total."""
+    score = match_points(found_um, reference_um, max_distance_um=10.0)
+    return {
+        "cells": len(found_um),
+        "reference_cells": len(reference_um),
+        "reference_found": score.tp,
+        "reference_found_fraction": score.tp / len(reference_um),
+    }
+
+
 def cellfinder(
     root: Path, overrides: dict, chunks=(30, 256, 256), *, z_step: int = 1, bin_yx: int = 1
 ) -> dict:
@@ -77,9 +98,7 @@ def cellfinder(
     ``z_step`` and ``bin_yx``: score the crop as a coarser acquisition records it
     (:func:`coarser`), against the same reference positions.
     """
-    signal, autofluorescence = (coarser(_planes(root / c), z_step, bin_yx) for c in ("ch0", "ch1"))
-    voxel_um, shift = coarser_voxel(CELLFINDER_VOXEL_UM, z_step, bin_yx)
-    reference = read_points(root / "cell_classification.xml", cell_type=2)
+    signal, autofluorescence, voxel_um, shift, reference = crop(root, z_step=z_step, bin_yx=bin_yx)
     local = overrides.get("method", "local") == "local"
     config = SegmentConfig(
         **{"nucleus_diameter_um": 14.0, "background_channel": 1 if local else None,
@@ -96,15 +115,40 @@ def cellfinder(
     )
     seconds = time.perf_counter() - start
     found = result.table[["z_um", "y_um", "x_um"]].to_numpy() + shift
-    score = match_points(found, reference * CELLFINDER_VOXEL_UM, max_distance_um=10.0)
     return {
         "config": config.model_dump(mode="json"),
-        "cells": result.n,
-        "reference_cells": len(reference),
-        "reference_found": score.tp,
-        "reference_found_fraction": score.tp / len(reference),
+        **score_crop(found, reference),
         "seconds": round(seconds, 1),
     }
+
+
+def delivr_patches(root: Path, *, bin_yx: int = 1):
+    """Each patch: its id, image (as :func:`coarser` records it) and annotated cells (µm;
+    mask components of ≥ 4 voxels)."""
+    for image_path in sorted((root / "images").glob("patch_*.tif")):
+        patch = image_path.stem.removeprefix("patch_")
+        points = pd.read_csv(root / "points" / f"patch_{patch}_points.csv")
+        truth = points[points["n_voxels"] >= 4][["z", "y", "x"]].to_numpy(float)
+        yield patch, coarser(tifffile.imread(image_path), 1, bin_yx), truth * DELIVR_VOXEL_UM
+
+
+def score_delivr(found_by_patch) -> tuple[dict, pd.DataFrame]:
+    """``(patch, found µm, truth µm)`` triples scored one to one within 6 µm: all patches
+    together, and per patch."""
+    rows = []
+    for patch, found, truth in found_by_patch:
+        s = match_points(found, truth, max_distance_um=6.0)
+        rows.append({"patch": patch, "annotated": len(truth), "found": len(found), **s.as_dict()})
+    table = pd.DataFrame(rows)
+    tp, fp, fn = (int(table[c].sum()) for c in ("tp", "fp", "fn"))
+    summary = {
+        "annotated": tp + fn,
+        "found": tp + fp,
+        "precision": tp / max(tp + fp, 1),
+        "recall": tp / max(tp + fn, 1),
+        "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+    }
+    return summary, table
 
 
 def delivr(root: Path, overrides: dict, *, bin_yx: int = 1) -> tuple[dict, pd.DataFrame]:
@@ -112,33 +156,38 @@ def delivr(root: Path, overrides: dict, *, bin_yx: int = 1) -> tuple[dict, pd.Da
     camera pixels, :func:`coarser`)."""
     config = SegmentConfig(**{"nucleus_diameter_um": 11.0, **overrides})
     voxel_um, shift = coarser_voxel(DELIVR_VOXEL_UM, 1, bin_yx)
-    rows = []
+
+    def found():
+        for patch, image, truth in delivr_patches(root, bin_yx=bin_yx):
+            result = segment_volume(
+                dask.array.from_array(image, chunks=image.shape),
+                voxel_size_um=voxel_um,
+                config=config,
+            )
+            yield patch, result.table[["z_um", "y_um", "x_um"]].to_numpy() + shift, truth
+
     start = time.perf_counter()
-    for image_path in sorted((root / "images").glob("patch_*.tif")):
-        patch = image_path.stem.removeprefix("patch_")
-        points = pd.read_csv(root / "points" / f"patch_{patch}_points.csv")
-        truth = points[points["n_voxels"] >= 4][["z", "y", "x"]].to_numpy(float)
-        image = coarser(tifffile.imread(image_path), 1, bin_yx)
-        result = segment_volume(
-            dask.array.from_array(image, chunks=image.shape),
-            voxel_size_um=voxel_um,
-            config=config,
-        )
-        found = result.table[["z_um", "y_um", "x_um"]].to_numpy() + shift
-        s = match_points(found, truth * DELIVR_VOXEL_UM, max_distance_um=6.0)
-        rows.append({"patch": patch, "annotated": len(truth), "found": len(found), **s.as_dict()})
-    table = pd.DataFrame(rows)
-    tp, fp, fn = (int(table[c].sum()) for c in ("tp", "fp", "fn"))
-    summary = {
-        "config": config.model_dump(mode="json"),
-        "annotated": tp + fn,
-        "found": tp + fp,
-        "precision": tp / max(tp + fp, 1),
-        "recall": tp / max(tp + fn, 1),
-        "f1": 2 * tp / max(2 * tp + fp + fn, 1),
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    return summary, table
+    summary, table = score_delivr(found())
+    summary = {"config": config.model_dump(mode="json"), **summary}
+    return {**summary, "seconds": round(time.perf_counter() - start, 1)}, table
+
+
+def planted_volume(root: Path, *, seed: int = 0):
+    """220 somata planted into the crop's autofluorescence channel: the image, the truth
+    table, and the autofluorescence with fresh noise of its local SD (a second exposure)."""
+    from lightsheet.sample.tissue import plant_cells, second_exposure
+
+    tissue = _planes(root / "ch1")
+    image, truth = plant_cells(tissue, CELLFINDER_VOXEL_UM, seed=seed)
+    second = second_exposure(tissue, 14, rng=np.random.default_rng(seed + 1))
+    return image, truth, second
+
+
+def score_planted(found_um: np.ndarray, truth: pd.DataFrame) -> dict:
+    """Precision and recall within half of each planted cell's diameter."""
+    true = truth[["z_um", "y_um", "x_um"]].to_numpy()
+    s = match_points(found_um, true, max_distance_um=truth["diameter_um"].to_numpy() / 2)
+    return {"found": len(found_um), **{k: round(v, 4) for k, v in s.as_dict().items()}}
 
 
 def planted(root: Path, overrides: dict, *, seed: int = 0) -> dict:
@@ -148,12 +197,7 @@ def planted(root: Path, overrides: dict, *, seed: int = 0) -> dict:
     precision), and with one: the same autofluorescence with fresh noise of its local SD,
     as a second exposure of the tissue would give.
     """
-    from lightsheet.sample.tissue import plant_cells, second_exposure
-
-    tissue = _planes(root / "ch1")
-    image, truth = plant_cells(tissue, CELLFINDER_VOXEL_UM, seed=seed)
-    true = truth[["z_um", "y_um", "x_um"]].to_numpy()
-    second = second_exposure(tissue, 14, rng=np.random.default_rng(seed + 1))
+    image, truth, second = planted_volume(root, seed=seed)
     out = {"planted": len(truth), "diameter_um": [11, 17], "peak_sd": [5, 15]}
     local = overrides.get("method", "local") == "local"
     for name, background in (("without_background", None), ("with_background", second)):
@@ -171,9 +215,7 @@ def planted(root: Path, overrides: dict, *, seed: int = 0) -> dict:
             if background is None
             else dask.array.from_array(background, chunks=(30, 256, 256)),
         )
-        found = result.table[["z_um", "y_um", "x_um"]].to_numpy()
-        s = match_points(found, true, max_distance_um=truth["diameter_um"].to_numpy() / 2)
-        out[name] = {"found": len(found), **{k: round(v, 4) for k, v in s.as_dict().items()}}
+        out[name] = score_planted(result.table[["z_um", "y_um", "x_um"]].to_numpy(), truth)
     return out
 
 
