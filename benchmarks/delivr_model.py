@@ -18,7 +18,9 @@ the fold models into ``--results``.
         --config lightsheet/models/unet_default.train.yaml --workdir /tmp/delivr-cv \\
         --link train-data/sample-small-seed1
 
-``--device cuda`` trains on a GPU with the same settings; ``--steps`` overrides the config's.
+``--device cuda`` trains on a GPU with the same settings; ``--steps`` overrides the config's;
+``--candidate-classifier`` fits the candidates' classifier on each fold's inner validation
+patches (the training config's ``candidate_classifier``).
 """
 
 from __future__ import annotations
@@ -112,6 +114,11 @@ def main() -> None:
     p.add_argument("--folds", type=int, nargs="*", default=None, help="default: all five")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--candidate-classifier",
+        action="store_true",
+        help="fit the candidates' classifier too (training config candidate_classifier)",
+    )
     p.add_argument("--block", type=int, default=48, help="block side when segmenting (voxels)")
     p.add_argument(
         "--link",
@@ -139,6 +146,8 @@ def main() -> None:
             update["steps"] = args.steps
         if args.device is not None:
             update["device"] = args.device
+        if args.candidate_classifier:
+            update["candidate_classifier"] = True
         config = base_config.model_validate({**base_config.model_dump(), **update})
         out = args.workdir / f"fold{k}" / "model.safetensors"
         if not out.is_file():

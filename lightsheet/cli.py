@@ -403,6 +403,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"  held out {len(val['volumes'])} volumes: F1 {val['f1']:.3f} (precision "
         f"{val['precision']:.3f}, recall {val['recall']:.3f}) at threshold {val['threshold']}"
     )
+    classifier = record["detection"].get("classifier")
+    if classifier is not None:
+        print(
+            f"  candidates at probability {classifier['candidate_threshold']} sorted by a "
+            f"classifier fitted on them: F1 {classifier['f1']:.3f} there (the model path's "
+            "default)"
+        )
+    else:
+        print(f"  no candidates' classifier: {record['detection']['classifier_fitted']}")
     print(f"  voxel size {record['voxel_size_um']} µm, {record['duration_s']:.0f} s")
     return 0
 

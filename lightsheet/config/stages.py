@@ -158,8 +158,9 @@ class SegmentConfig(_Model):
     )
     threshold: float | None = Field(
         None,
-        description="Intensity threshold for method=absolute; probability for method=model "
-        "(default 0.5).",
+        description="Intensity threshold for method=absolute; nucleus probability for "
+        "method=model (default: the model record's, chosen on its validation volumes; "
+        "setting one also turns off the record's candidate classifier).",
     )
     nucleus_diameter_um: PositiveFloat = Field(
         9.0,

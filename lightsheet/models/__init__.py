@@ -74,6 +74,13 @@ def describe_record(record: dict) -> list[str]:
     det = record.get("detection") or {}
     if "threshold" in det:
         lines.append(f"probability threshold {det['threshold']} ({det.get('chosen_on', '...')})")
+    if det.get("classifier"):
+        c = det["classifier"]
+        lines.append(
+            f"candidates at probability {c['candidate_threshold']}, kept by a logistic "
+            f"regression on {len(c['features'])} features (cut {c['cut']}; F1 {c['f1']} on the "
+            "volumes it was fitted on)"
+        )
     if record.get("command"):
         lines.append(f"made by: {record['command']}")
     return lines

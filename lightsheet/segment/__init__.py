@@ -199,7 +199,8 @@ def segment_volume(
     model : torch.nn.Module, optional
         For ``method="model"``: the UNet itself (`lightsheet.featurize.load_model`), instead
         of ``features``; cells come from its heads with voxel-size transfer and its
-        validated threshold (`lightsheet.segment.model.segment_with_model`).
+        validated threshold, or its record's candidate classifier
+        (`lightsheet.segment.model.segment_with_model`).
     scratch : path-like, optional
         For ``method="local"``: a folder for intermediates kept on disk instead of
         recomputed in later passes (`lightsheet.segment.local.detect_local`); the labels

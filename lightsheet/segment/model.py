@@ -14,6 +14,16 @@ cell's centre. Cells are found as follows, every step exact at any chunking:
    range of the run's nucleus diameter are dropped, and the rest numbered ``1 … n``
    (`lightsheet.segment.relabel`).
 
+A model whose record holds a ``detection.classifier`` (fitted by `lightsheet train` on its
+validation volumes when its config says ``candidate_classifier: true``) finds candidates at
+the classifier's lower ``candidate_threshold`` instead, and keeps those the classifier
+accepts: a logistic regression on each candidate's `CANDIDATE_FEATURES` (its size,
+intensity, head probabilities, and how many candidates lie within a few nucleus diameters;
+on delivr-cfos the count of neighbours is what separates the cells annotators marked from
+the spots they left, `benchmarks/results/delivr_model.md`). The features are exact at any
+chunking (measured per instance across chunks; neighbours counted over the whole table). A
+run that sets ``segment.threshold`` uses that threshold alone.
+
 A model with only a nucleus head (the older two-class models: nucleus and boundary) is
 split with the distance-transform watershed instead, as the classical path does.
 """
@@ -30,7 +40,12 @@ from lightsheet.config import SegmentConfig
 from lightsheet.errors import SegmentError
 
 __all__ = [
+    "CANDIDATE_FEATURES",
     "DEFAULT_SPLIT_DEPTH",
+    "NEIGHBOUR_RADII",
+    "apply_classifier",
+    "candidate_features",
+    "detection_classifier",
     "detection_settings",
     "model_cells",
     "segment_with_model",
@@ -39,6 +54,23 @@ __all__ = [
 #: Dynamics (probability units) of a centre-map peak over the saddle to a higher one that
 #: keeps it a separate cell, for models whose record names none.
 DEFAULT_SPLIT_DEPTH = 0.1
+
+#: Radii, in nucleus diameters, within which a candidate's neighbouring candidates are counted.
+NEIGHBOUR_RADII = (2, 4, 8, 12)
+
+#: What the classifier of a model's record sees of each candidate: volume (µm³), mean and
+#: peak intensity (in the model's normalisation: 0 and 1 are the model's intensity range),
+#: mean and peak nucleus probability, peak centre probability, and neighbour counts (other
+#: candidates within each radius, divided by the share of the radius's cube inside the volume).
+CANDIDATE_FEATURES = (
+    "volume_um3",
+    "intensity_mean",
+    "intensity_max",
+    "nucleus_mean",
+    "nucleus_max",
+    "centre_max",
+    *(f"neighbours_{r}d" for r in NEIGHBOUR_RADII),
+)
 
 
 def detection_settings(
@@ -49,7 +81,9 @@ def detection_settings(
     Returns
     -------
     threshold : float
-        ``config.threshold`` when set, else the record's validated ``detection.threshold``.
+        ``config.threshold`` when set, else the candidate threshold of the record's
+        classifier (`detection_classifier`), else the record's validated
+        ``detection.threshold``.
     split_depth : float
         The record's ``detection.split_depth`` (else `DEFAULT_SPLIT_DEPTH`).
     source : str
@@ -64,6 +98,10 @@ def detection_settings(
     split = float(detection.get("split_depth", DEFAULT_SPLIT_DEPTH))
     if config.threshold is not None:
         return float(config.threshold), split, "segment.threshold"
+    classifier = detection_classifier(record, config)
+    if classifier is not None:
+        t = float(classifier["candidate_threshold"])
+        return t, split, "model record (validation): candidates, then its classifier"
     if "threshold" not in detection:
         raise SegmentError(
             "segment.method='model': the model's record has no validated probability "
@@ -76,6 +114,119 @@ def detection_settings(
     return t, split, "model record (validation)"
 
 
+def detection_classifier(
+    record: dict[str, Any] | None, config: SegmentConfig
+) -> dict[str, Any] | None:
+    """The record's ``detection.classifier``, unless the run sets its own threshold.
+
+    Raises
+    ------
+    SegmentError
+        The classifier lacks a field, or names features other than `CANDIDATE_FEATURES`.
+    """
+    found = ((record or {}).get("detection") or {}).get("classifier")
+    if found is None or config.threshold is not None:
+        return None
+    need = ("candidate_threshold", "features", "mean", "scale", "coef", "intercept", "cut")
+    missing = [k for k in need if k not in found]
+    if missing or list(found["features"]) != list(CANDIDATE_FEATURES):
+        raise SegmentError(
+            f"model record: detection.classifier lacks {missing} or names features "
+            f"{found.get('features')}; expected the fields {list(need)} and the features "
+            f"{list(CANDIDATE_FEATURES)}"
+        )
+    return found
+
+
+def candidate_features(
+    labels: da.Array,
+    table: Any,
+    maps: da.Array,
+    *,
+    targets: Sequence[str],
+    voxel_size_um: Sequence[float],
+    nucleus_diameter_um: float,
+    norm: Sequence[float] = (0.0, 1.0),
+) -> Any:
+    """`CANDIDATE_FEATURES` of each row of ``table`` (instances of ``labels``).
+
+    Parameters
+    ----------
+    labels : (Z, Y, X) dask array
+        Instances.
+    table : pandas.DataFrame
+        Their measurements (`lightsheet.segment.measure`, on the image), the rows to describe.
+    maps : (K, Z, Y, X) dask array
+        Head probabilities, channel ``k`` predicting ``targets[k]`` (``nucleus``, ``centre``).
+    voxel_size_um : (3,) floats
+    nucleus_diameter_um : float
+        The unit of the neighbour radii (`NEIGHBOUR_RADII`).
+    norm : (2,) floats
+        The intensities that the model's normalisation maps to 0 and 1.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per row of ``table``, columns `CANDIDATE_FEATURES`.
+    """
+    import pandas as pd
+    from scipy.spatial import cKDTree
+
+    from lightsheet.segment import measure
+
+    targets = list(targets)
+    if "centre" not in targets:
+        raise SegmentError(f"model: a classifier needs a centre head; targets are {targets}")
+    lo, hi = (float(v) for v in np.asarray(norm, np.float64).ravel()[:2])
+    scale = hi - lo if hi > lo else 1.0
+    out = pd.DataFrame(
+        {
+            "volume_um3": table["volume_um3"].to_numpy(np.float64),
+            "intensity_mean": (table["mean_intensity"].to_numpy(np.float64) - lo) / scale,
+            "intensity_max": (table["max_intensity"].to_numpy(np.float64) - lo) / scale,
+        }
+    )
+    if len(table) == 0:
+        return out.reindex(columns=list(CANDIDATE_FEATURES))
+    index = table["label"].to_numpy()
+    for name, columns in (("nucleus", ("mean", "max")), ("centre", ("max",))):
+        head = measure(labels, maps[targets.index(name)], voxel_size_um=voxel_size_um)
+        head = head.set_index("label").reindex(index)
+        for c in columns:
+            out[f"{name}_{c}"] = head[f"{c}_intensity"].to_numpy(np.float64)
+    centres = table[["z_um", "y_um", "x_um"]].to_numpy(np.float64)
+    vs = np.asarray(voxel_size_um, np.float64)
+    start, stop = -vs / 2, (np.asarray(labels.shape) - 0.5) * vs  # the volume's extent (µm)
+    tree = cKDTree(centres)
+    for r in NEIGHBOUR_RADII:
+        radius = r * nucleus_diameter_um
+        near = tree.query_ball_point(centres, radius, return_length=True) - 1.0
+        # counts near the volume's faces scaled by the share of the ball's cube inside it,
+        # so that a small volume and a whole brain give the same density the same count
+        inside = np.clip(
+            np.minimum(centres + radius, stop) - np.maximum(centres - radius, start), 0, None
+        )
+        share = np.prod(inside / (2 * radius), axis=1)
+        out[f"neighbours_{r}d"] = near / np.maximum(share, 1e-3)
+    return out[list(CANDIDATE_FEATURES)]
+
+
+def apply_classifier(features: Any, classifier: dict[str, Any]) -> np.ndarray:
+    """Which candidates the record's logistic regression keeps (probability above its cut).
+
+    >>> import pandas as pd
+    >>> c = {"features": ["a"], "mean": [0.0], "scale": [1.0], "coef": [2.0],
+    ...      "intercept": 0.0, "cut": 0.5}
+    >>> apply_classifier(pd.DataFrame({"a": [-1.0, 1.0]}), c).tolist()
+    [False, True]
+    """
+    x = features[list(classifier["features"])].to_numpy(np.float64)
+    z = (x - np.asarray(classifier["mean"])) / np.asarray(classifier["scale"])
+    logit = z @ np.asarray(classifier["coef"], np.float64) + float(classifier["intercept"])
+    cut = float(classifier["cut"])
+    return logit > np.log(cut / (1.0 - cut))
+
+
 def model_cells(
     image: da.Array,
     maps: da.Array,
@@ -86,6 +237,8 @@ def model_cells(
     threshold: float,
     split_depth: float = DEFAULT_SPLIT_DEPTH,
     volume_range_um3: tuple[float, float],
+    classifier: dict[str, Any] | None = None,
+    norm: Sequence[float] = (0.0, 1.0),
 ) -> tuple[da.Array, Any]:
     """Instances (one per cell) and their table from a model's head probabilities.
 
@@ -108,6 +261,12 @@ def model_cells(
         Centre-map dynamics that keeps two peaks apart.
     volume_range_um3 : (float, float)
         Instances outside this range are dropped.
+    classifier : dict, optional
+        A record's ``detection.classifier`` (`detection_classifier`): the instances found
+        at ``threshold`` are candidates, and those it rejects are dropped too.
+    norm : (2,) floats
+        The intensities the model's normalisation maps to 0 and 1 (the classifier's
+        intensity features).
 
     Returns
     -------
@@ -152,6 +311,12 @@ def model_cells(
     raw = measure(labels, image, voxel_size_um=voxel_size_um)
     lo, hi = volume_range_um3
     table = raw[(raw["volume_um3"] >= lo) & (raw["volume_um3"] <= hi)].reset_index(drop=True)
+    if classifier is not None:
+        features = candidate_features(
+            labels, table, maps, targets=targets, voxel_size_um=voxel_size_um,
+            nucleus_diameter_um=config.nucleus_diameter_um, norm=norm,
+        )  # fmt: skip
+        table = table[apply_classifier(features, classifier)].reset_index(drop=True)
     final = relabel(labels, table["label"].to_numpy(), np.arange(1, len(table) + 1))
     table["label"] = np.arange(1, len(table) + 1, dtype=np.int64)
     return final, table
@@ -197,7 +362,9 @@ def segment_with_model(
     from lightsheet.segment import SegmentResult, count_map
 
     lo_um3, hi_um3 = config.volume_range_um3()  # the config refuses min > max
-    threshold, split, _ = detection_settings(getattr(model, "record", None), config)
+    record = getattr(model, "record", None)
+    threshold, split, _ = detection_settings(record, config)
+    classifier = detection_classifier(record, config)
     targets = tuple(getattr(model, "targets", None) or ("nucleus", "boundary"))
     if norm is None:  # once, not in each of the passes below
         source = da.from_array(image, chunks=image.chunks) if is_stored(image) else image
@@ -216,6 +383,8 @@ def segment_with_model(
         threshold=threshold,
         split_depth=split,
         volume_range_um3=(lo_um3, hi_um3),
+        classifier=classifier,
+        norm=norm,
     )
     cmap = count_map(table, chunks=labels.chunks, voxel_size_um=voxel_size_um)
     return SegmentResult(

@@ -198,7 +198,9 @@ def train(
                 progress(step + 1, config.steps, history[-1])
     net = net.eval().cpu()
     match_um = config.match_distance_um or diameter / 2.0
-    validation, detection = validate(net, val_v, model_um, diameter, match_um)
+    validation, detection = validate(
+        net, val_v, model_um, diameter, match_um, classifier=config.candidate_classifier
+    )
     record = {
         "format": FORMAT,
         "command": command or f"lightsheet train CONFIG --out {out_path}",

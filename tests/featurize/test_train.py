@@ -180,6 +180,50 @@ def test_smoke_training_writes_a_safe_checkpoint_with_its_record(smoke_model):
     assert 0.0 <= val["f1"] <= 1.0 and val["threshold"] == record["detection"]["threshold"]
     assert len(val["f1_by_threshold"]) == len(THRESHOLDS)
     assert np.isfinite(record["training"]["loss_history"]).all()
+    # no candidates' classifier unless the config asks for one
+    assert "classifier" not in record["detection"]
+    assert record["detection"]["classifier_fitted"].startswith("off (training config")
+
+
+def test_a_classifier_is_fitted_only_on_enough_candidates(tmp_path):
+    # asked for, a 12-step model finds too few cells on its one held-out patch: the record
+    # says so, and the model path uses the threshold alone
+    config = _smoke_config(candidate_classifier=True)
+    record = train(config, tmp_path / "m.safetensors", base=FIXTURE)
+    assert "classifier" not in record["detection"]
+    assert record["detection"]["classifier_fitted"].startswith("not fitted: ")
+    assert "fewer than 20 of either" in record["detection"]["classifier_fitted"]
+
+
+def test_the_candidates_classifier_is_the_penalised_maximum_likelihood():
+    # reference: SciPy's minimiser on the same objective, and the best-F1 cut by brute force
+    import pandas as pd
+    from scipy.optimize import minimize
+
+    from lightsheet.segment.model import apply_classifier
+    from lightsheet.train.validation import fit_classifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3)) * [1.0, 5.0, 0.1] + [0.0, 10.0, 2.0]
+    y = rng.random(400) < 1 / (1 + np.exp(-(1.5 * x[:, 0] - 0.3 * (x[:, 1] - 10) + 0.5)))
+    features = pd.DataFrame(x, columns=["a", "b", "c"])
+    fit = fit_classifier(features, y, n_cells=int(y.sum()) + 30)
+    z = np.column_stack([(x - x.mean(0)) / x.std(0), np.ones(len(x))])
+
+    def loss(w):
+        t = z @ w
+        return np.mean(np.logaddexp(0, t) - y * t) + 0.5e-3 * np.sum(w[:-1] ** 2)
+
+    ref = minimize(loss, np.zeros(4), method="BFGS", options={"gtol": 1e-10}).x
+    np.testing.assert_allclose([*fit["coef"], fit["intercept"]], ref, atol=1e-4)
+    keep = apply_classifier(features, fit)
+    f1 = 2 * (keep & y).sum() / (keep.sum() + y.sum() + 30)
+    p = 1 / (1 + np.exp(-(z @ ref)))
+    best = max(
+        2 * ((p > c) & y).sum() / ((p > c).sum() + y.sum() + 30)
+        for c in np.arange(0.05, 0.951, 0.01)
+    )
+    assert f1 == pytest.approx(fit["f1"], abs=1e-4) and f1 == pytest.approx(best, abs=1e-4)
 
 
 def test_featurize_normalises_as_the_model_was_trained(smoke_model):
@@ -222,6 +266,11 @@ def test_the_record_is_shown_by_lineage(smoke_model):
     assert "normalisation: background (intensities of the whole volume divided by" in text
     assert "held-out scores (1 volumes, match within 6.0 µm): F1" in text
     assert f"probability threshold {record['detection']['threshold']}" in text
+    fitted = {**record["detection"], "classifier": {"candidate_threshold": 0.5, "cut": 0.3,
+              "features": ["a", "b"], "f1": 0.66}}  # fmt: skip
+    step["inputs"]["model"]["record"] = {**record, "detection": fitted}
+    text = format_lineage_step("labels.ome.zarr", step)
+    assert "candidates at probability 0.5, kept by a logistic regression on 2 features" in text
 
 
 def test_cli_train(tmp_path):

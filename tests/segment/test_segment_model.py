@@ -10,7 +10,14 @@ import torch
 from lightsheet.config import SegmentConfig
 from lightsheet.errors import SegmentError
 from lightsheet.segment import segment_volume
-from lightsheet.segment.model import detection_settings, model_cells
+from lightsheet.segment.model import (
+    CANDIDATE_FEATURES,
+    NEIGHBOUR_RADII,
+    candidate_features,
+    detection_classifier,
+    detection_settings,
+    model_cells,
+)
 from lightsheet.train import centre_map, spheres_mask
 
 VOXEL_UM = (2.0, 1.0, 1.0)
@@ -97,6 +104,91 @@ def test_threshold_comes_from_the_validation_record_unless_set():
         detection_settings({}, SegmentConfig(method="model"))
     with pytest.raises(SegmentError, match=r"\(0, 1\)"):
         detection_settings({"detection": {"threshold": 1.5}}, SegmentConfig(method="model"))
+
+
+# twelve cells of two brightnesses: the classifier below keeps the bright ones
+MANY = np.array(
+    [[4 + 3 * (i % 3), 12 + 14 * (i // 3 % 4), 10 + 30 * (i % 2)] for i in range(12)], float
+)
+BRIGHT = np.arange(12) % 2 == 0
+KEEP_BRIGHT = {
+    "candidate_threshold": 0.5,
+    "features": list(CANDIDATE_FEATURES),
+    "mean": [0.0] * len(CANDIDATE_FEATURES),
+    "scale": [1.0] * len(CANDIDATE_FEATURES),
+    "coef": [10.0 if f == "intensity_mean" else 0.0 for f in CANDIDATE_FEATURES],
+    "intercept": -10.0 * 30.0,  # norm (0, 2): the bright (80) at 40, the dim (20) at 10
+    "cut": 0.5,
+}
+
+
+def _many(chunks, **kw):
+    """The twelve cells' image and maps, and `model_cells` on them (``kw`` passed on)."""
+    shape = (16, 64, 64)
+    maps = _maps(shape, MANY, diameter_um=7.0)
+    level = np.zeros(shape, np.float32)
+    for c, bright in zip(MANY, BRIGHT, strict=True):
+        one = spheres_mask(c[None], 7.0, shape, VOXEL_UM)
+        level[one] = 80.0 if bright else 20.0
+    image, maps = da.from_array(level, chunks=chunks), da.from_array(maps, chunks=(2, *chunks))
+    config = SegmentConfig(method="model", nucleus_diameter_um=7.0)
+    labels, table = model_cells(
+        image, maps, voxel_size_um=VOXEL_UM, config=config, targets=TARGETS, threshold=0.5,
+        volume_range_um3=(10.0, 1e5), **kw,
+    )  # fmt: skip
+    return image, maps, labels, table
+
+
+@pytest.mark.parametrize("chunks", [(16, 64, 64), (5, 13, 22)])
+def test_candidate_features_equal_whole_array_scipy_at_any_chunking(chunks):
+    from scipy import ndimage as ndi
+
+    image, maps, labels, table = _many(chunks)
+    assert len(table) == 12
+    got = candidate_features(
+        labels, table, maps, targets=TARGETS, voxel_size_um=VOXEL_UM, nucleus_diameter_um=7.0,
+        norm=(0.0, 2.0),
+    )  # fmt: skip
+    lab, m, img, idx = labels.compute(), maps.compute(), image.compute(), table["label"].to_numpy()
+    np.testing.assert_allclose(got["intensity_mean"], ndi.mean(img, lab, idx) / 2, rtol=1e-6)
+    np.testing.assert_allclose(got["nucleus_max"], ndi.maximum(m[0], lab, idx), rtol=1e-6)
+    np.testing.assert_allclose(got["nucleus_mean"], ndi.mean(m[0], lab, idx), rtol=1e-5)
+    np.testing.assert_allclose(got["centre_max"], ndi.maximum(m[1], lab, idx), rtol=1e-6)
+    # neighbours: brute force, each count divided by the share of its cube inside the volume
+    p = table[["z_um", "y_um", "x_um"]].to_numpy()
+    dist = np.linalg.norm(p[:, None] - p[None], axis=2)
+    extent = np.array(lab.shape) * VOXEL_UM
+    lo = np.array(VOXEL_UM) / 2
+    for r in NEIGHBOUR_RADII:
+        rad = r * 7.0
+        inside = np.clip(np.minimum(p + rad, extent - lo) - np.maximum(p - rad, -lo), 0, None)
+        want = ((dist <= rad).sum(1) - 1) / np.maximum(np.prod(inside / (2 * rad), 1), 1e-3)
+        np.testing.assert_allclose(got[f"neighbours_{r}d"], want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("chunks", [(16, 64, 64), (3, 40, 7)])
+def test_the_record_s_classifier_drops_the_candidates_it_rejects(chunks):
+    image, _, labels, table = _many(chunks, classifier=KEEP_BRIGHT, norm=(0.0, 2.0))
+    assert len(table) == BRIGHT.sum()
+    np.testing.assert_allclose(table["mean_intensity"], 80.0)
+    found = table[["z_um", "y_um", "x_um"]].to_numpy()
+    for c in MANY[BRIGHT] * VOXEL_UM:
+        assert np.linalg.norm(found - c, axis=1).min() < 1.0
+    lab = labels.compute()
+    assert set(np.unique(lab)) == set(range(len(table) + 1))
+    assert (image.compute()[lab > 0] == 80.0).all()  # the dim cells' voxels are background
+
+
+def test_the_record_s_classifier_sets_the_candidate_threshold_unless_a_threshold_is_set():
+    record = {"detection": {"threshold": 0.88, "classifier": KEEP_BRIGHT}}
+    config = SegmentConfig(method="model")
+    assert detection_settings(record, config)[0] == 0.5
+    assert detection_classifier(record, config) is KEEP_BRIGHT
+    own = SegmentConfig(method="model", threshold=0.7)
+    assert detection_settings(record, own)[0] == 0.7 and detection_classifier(record, own) is None
+    bad = {"detection": {"threshold": 0.88, "classifier": {**KEEP_BRIGHT, "features": ["a"]}}}
+    with pytest.raises(SegmentError, match="detection.classifier"):
+        detection_classifier(bad, config)
 
 
 def test_segment_volume_with_the_model_itself():
