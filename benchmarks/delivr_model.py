@@ -20,7 +20,8 @@ the fold models into ``--results``.
 
 ``--device cuda`` trains on a GPU with the same settings; ``--steps`` overrides the config's;
 ``--candidate-classifier`` fits the candidates' classifier on each fold's inner validation
-patches (the training config's ``candidate_classifier``).
+patches (the training config's ``candidate_classifier``) and names the tables
+``delivr_model_classifier_*.csv``.
 """
 
 from __future__ import annotations
@@ -169,19 +170,21 @@ def main() -> None:
         }
         (args.workdir / f"fold{k}" / "fold.json").write_text(json.dumps(row))
         print(json.dumps(row), flush=True)
-    summarise(args.workdir, args.results)
+    stem = "delivr_model_classifier" if args.candidate_classifier else "delivr_model"
+    summarise(args.workdir, args.results, stem)
 
 
-def summarise(workdir: Path, results: Path) -> None:
-    """Every fold done so far in ``workdir``: per-fold and per-patch tables, pooled F1."""
+def summarise(workdir: Path, results: Path, stem: str = "delivr_model") -> None:
+    """Every fold done so far in ``workdir``: per-fold and per-patch tables
+    (``<stem>_folds.csv``, ``<stem>_patches.csv``), pooled F1."""
     folds = sorted(workdir.glob("fold*/fold.json"))
     if not folds:
         return
     per_fold = pd.DataFrame([json.loads(f.read_text()) for f in folds])
     per_patch = pd.concat([pd.read_csv(f.parent / "patches.csv") for f in folds])
     results.mkdir(parents=True, exist_ok=True)
-    per_fold.to_csv(results / "delivr_model_folds.csv", index=False)
-    per_patch.to_csv(results / "delivr_model_patches.csv", index=False)
+    per_fold.to_csv(results / f"{stem}_folds.csv", index=False)
+    per_patch.to_csv(results / f"{stem}_patches.csv", index=False)
     total = pooled(per_patch)
     print(
         f"{len(per_fold)} folds, {len(per_patch)} patches together: F1 {total['f1']:.3f} "
