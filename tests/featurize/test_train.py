@@ -195,6 +195,43 @@ def test_a_classifier_is_fitted_only_on_enough_candidates(tmp_path):
     assert "fewer than 20 of either" in record["detection"]["classifier_fitted"]
 
 
+def test_the_classifier_is_fitted_on_the_held_out_candidates_and_keeps_the_annotated():
+    # ideal heads over 60 cells of which the annotation marks the 30 bright ones: the
+    # classifier fitted on the candidates keeps exactly those
+    import dask.array as da
+
+    from lightsheet.config import SegmentConfig
+    from lightsheet.segment.model import model_cells
+    from lightsheet.train.data import AnnotatedVolume
+    from lightsheet.train.validation import _fit_on_validation
+
+    vs, shape, d = (2.0, 1.0, 1.0), (16, 96, 96), 7.0
+    grid = np.array(
+        [[z, 8 + 16 * i, 8 + 16 * j] for z in (4, 11) for i in range(6) for j in range(5)]
+    )
+    marked = np.arange(len(grid)) % 2 == 0
+    image = np.zeros(shape, np.float32)
+    for c, bright in zip(grid, marked, strict=True):
+        image[spheres_mask(c[None].astype(float), d, shape, vs)] = 1.0 if bright else 0.3
+    nucleus = spheres_mask(grid.astype(float), d, shape, vs)
+    maps = np.stack([0.05 + 0.9 * nucleus, centre_map(grid.astype(float), shape, vs, d / 4)])
+    volume = AnnotatedVolume(
+        name="v", dataset="v", image=image, nucleus=nucleus, centres=grid[marked].astype(float),
+        fingerprint="sha256:0", norm=(0.0, 1.0),
+    )  # fmt: skip
+    fitted, how = _fit_on_validation({"v": maps.astype(np.float32)}, [volume], np.array(vs), d, 3.5)
+    assert how.startswith("logistic regression") and fitted["f1"] == 1.0
+    _, table = model_cells(
+        da.from_array(image, chunks=(8, 40, 40)), da.from_array(maps, chunks=(2, 8, 40, 40)),
+        voxel_size_um=vs, config=SegmentConfig(method="model", nucleus_diameter_um=d),
+        targets=("nucleus", "centre"), threshold=fitted["candidate_threshold"],
+        volume_range_um3=(10.0, 1e5), classifier=fitted,
+    )  # fmt: skip
+    found = table[["z_um", "y_um", "x_um"]].to_numpy()
+    assert len(found) == marked.sum()
+    assert np.linalg.norm(found[:, None] - grid[marked] * vs, axis=2).min(axis=0).max() < 1.0
+
+
 def test_the_candidates_classifier_is_the_penalised_maximum_likelihood():
     # reference: SciPy's minimiser on the same objective, and the best-F1 cut by brute force
     import pandas as pd
