@@ -48,12 +48,13 @@ def _measure_block(
     *,
     weights: Any = None,
     sums: dict[str, Any] | None = None,
+    maxes: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Per-label partial sums of one block (one sort of its foreground voxels).
 
     With ``weights`` the coordinate sums are weighted (``sum_w`` and ``sum_z`` … are
-    ``Σw``, ``Σw·z`` …) for a weighted centroid; ``sums`` adds ``sum_<name>`` per label of
-    each named array.
+    ``Σw``, ``Σw·z`` …) for a weighted centroid; ``sums`` adds ``sum_<name>`` and
+    ``maxes`` adds ``max_<name>`` per label of each named array.
     """
     lab = _to_numpy(labels).ravel()
     fg = np.flatnonzero(lab)
@@ -80,22 +81,27 @@ def _measure_block(
     for name, values in (sums or {}).items():
         v = _to_numpy(values).ravel()[fg].astype(np.float64)
         out[f"sum_{name}"] = np.add.reduceat(v, starts)
+    for name, values in (maxes or {}).items():
+        v = _to_numpy(values).ravel()[fg].astype(np.float64)
+        out[f"max_{name}"] = np.maximum.reduceat(v, starts)
     return pd.DataFrame(out)
 
 
 def _combine(parts: list[pd.DataFrame], voxel_size_um) -> pd.DataFrame:
     """Whole-cell rows from the blocks' partial sums.
 
-    Columns :data:`TABLE_COLUMNS`, plus ``sum_<name>`` (summed) for the ``sums`` the blocks
-    measured. Centroids are weighted where the blocks measured ``weights``.
+    Columns :data:`TABLE_COLUMNS`, plus ``sum_<name>`` (summed) and ``max_<name>`` (their
+    maximum) for the ``sums`` and ``maxes`` the blocks measured. Centroids are weighted
+    where the blocks measured ``weights``.
     """
     parts = [p for p in parts if len(p)]
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype=_column_dtype(c)) for c in TABLE_COLUMNS})
     df = pd.concat(parts, ignore_index=True)
     extra = [c for c in df.columns if c.startswith("sum_") and c not in _SUMS]
+    extra_max = [c for c in df.columns if c.startswith("max_") and c != "max_i"]
     agg = {c: "sum" for c in ("count", *_SUMS, *extra) if c in df.columns}
-    agg.update({"max_i": "max"})
+    agg.update({c: "max" for c in ("max_i", *extra_max)})
     agg.update({f"bbox_{a}_min": "min" for a in "zyx"})
     agg.update({f"bbox_{a}_max": "max" for a in "zyx"})
     g = df.groupby("label", sort=True).agg(agg)
@@ -115,7 +121,7 @@ def _combine(parts: list[pd.DataFrame], voxel_size_um) -> pd.DataFrame:
     )
     for c in TABLE_COLUMNS[7:]:
         table[c] = g[c].to_numpy().astype(np.int64)
-    for c in extra:
+    for c in (*extra, *extra_max):
         table[c] = g[c].to_numpy()
     return table
 
@@ -124,7 +130,13 @@ def _column_dtype(c: str):
     return np.int64 if c == "label" or c.startswith("bbox") else np.float64
 
 
-def measure(labels: Any, image: Any, *, voxel_size_um: Sequence[float]) -> pd.DataFrame:
+def measure(
+    labels: Any,
+    image: Any,
+    *,
+    voxel_size_um: Sequence[float],
+    extra: dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """One row per label: centroid (µm), volume (µm³), mean/max intensity, bounding box.
 
     Each block yields per-label partial sums; they are combined on the client, so a cell
@@ -138,12 +150,14 @@ def measure(labels: Any, image: Any, *, voxel_size_um: Sequence[float]) -> pd.Da
         Intensities (rechunked to the labels' chunks if needed).
     voxel_size_um : (3,) sequence of float
         Voxel size (z, y, x) in µm. Voxel ``i`` has its centre at ``i * voxel_size_um``.
+    extra : dict of name → (Z, Y, X) dask array, optional
+        More arrays measured in the same pass: columns ``<name>_mean`` and ``<name>_max``.
 
     Returns
     -------
     pandas.DataFrame
-        Columns :data:`TABLE_COLUMNS`, sorted by label; bounding boxes in voxels, min
-        inclusive and max exclusive.
+        Columns :data:`TABLE_COLUMNS` (and the ``extra`` columns), sorted by label; bounding
+        boxes in voxels, min inclusive and max exclusive.
     """
     labels = _as_volume(labels, "labels")
     image = _as_volume(image, "image")
@@ -155,17 +169,34 @@ def measure(labels: Any, image: Any, *, voxel_size_um: Sequence[float]) -> pd.Da
             f"`image` shape {image.shape} differs from `labels` shape {labels.shape}"
         )
     image = image.rechunk(labels.chunks)
+    extra = {k: _as_volume(v, k) for k, v in (extra or {}).items()}
+    for name, values in extra.items():
+        if values.shape != labels.shape:
+            raise SegmentError(
+                f"`extra[{name!r}]` shape {values.shape} differs from `labels` shape {labels.shape}"
+            )
     origins = _block_origins(labels.chunks)
     lb, ib = labels.to_delayed(), image.to_delayed()
+    eb = {k: v.rechunk(labels.chunks).to_delayed() for k, v in extra.items()}
     parts = dask.compute(
         *[
             dask.delayed(_measure_block)(
-                lb[idx], ib[idx], tuple(int(origins[a][idx[a]]) for a in range(3))
+                lb[idx],
+                ib[idx],
+                tuple(int(origins[a][idx[a]]) for a in range(3)),
+                sums={k: b[idx] for k, b in eb.items()},
+                maxes={k: b[idx] for k, b in eb.items()},
             )
             for idx in np.ndindex(labels.numblocks)
         ]
     )
-    return _combine(list(parts), vs)
+    table = _combine(list(parts), vs)
+    count = table["volume_um3"].to_numpy() / np.prod(vs)
+    for k in extra:
+        empty = np.zeros(0)  # no labels: _combine has no per-array columns
+        table[f"{k}_mean"] = table.pop(f"sum_{k}").to_numpy() / count if len(table) else empty
+        table[f"{k}_max"] = table.pop(f"max_{k}").to_numpy() if len(table) else empty
+    return table
 
 
 def count_map(

@@ -365,6 +365,18 @@ def test_measure_one_row_per_cell_across_chunk_borders():
     ref = _reference_table(truth, image)
     for col in ref.columns:
         np.testing.assert_allclose(table[col].to_numpy(), ref[col].to_numpy(), rtol=SUM_RTOL)
+    # more arrays in the same pass: their mean and max per cell, as SciPy's on the whole
+    other = rng.normal(size=shape)
+    more = seg.measure(
+        da.from_array(truth.astype(np.uint32), chunks=(5, 12, 12)),
+        da.from_array(image, chunks=(7, 9, 48)),
+        voxel_size_um=VOXEL_UM,
+        extra={"other": da.from_array(other, chunks=(4, 20, 13))},
+    )
+    index = table["label"].to_numpy()
+    np.testing.assert_allclose(more["other_mean"], ndi.mean(other, truth, index), rtol=1e-9)
+    np.testing.assert_allclose(more["other_max"], ndi.maximum(other, truth, index), rtol=1e-12)
+    pd.testing.assert_frame_equal(more[list(seg.TABLE_COLUMNS)], table)
 
 
 def test_measure_empty_labels():
@@ -374,6 +386,13 @@ def test_measure_empty_labels():
         voxel_size_um=VOXEL_UM,
     )
     assert len(table) == 0 and list(table.columns) == list(seg.TABLE_COLUMNS)
+    more = seg.measure(
+        da.zeros((4, 5, 6), dtype=np.uint32, chunks=2),
+        da.ones((4, 5, 6), chunks=2),
+        voxel_size_um=VOXEL_UM,
+        extra={"other": da.ones((4, 5, 6), chunks=3)},
+    )
+    assert len(more) == 0 and list(more.columns)[-2:] == ["other_mean", "other_max"]
 
 
 def test_count_map_counts_each_cell_in_its_centroid_block():
