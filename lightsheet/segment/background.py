@@ -30,6 +30,7 @@ __all__ = [
     "gain_of",
     "levels",
     "noise_calibration",
+    "pixel_noise",
     "plane_gain",
     "plane_statistics",
     "smooth",
@@ -45,6 +46,9 @@ SMOOTH_SIGMA = 0.2
 BACKGROUND_WINDOW_BINS = 3
 #: The noise's median runs over this many bins a side.
 NOISE_WINDOW_BINS = 9
+#: A bin's spread counts at most this many times what the image's own pixel noise gives at
+#: the smoothing's scale (`pixel_noise`): beyond it the spread is the cells themselves.
+NOISE_CAP = 8.0
 _MAD_TO_SD = 1.4826
 #: The statistics pass's blocks join this many of the analysis's blocks a side in y and x:
 #: its halo (the opening's 2 bins plus the Gaussian's radius, about 2.4 diameters a side)
@@ -217,13 +221,14 @@ def _bin_stats_block(
     bins: str | None = None,
     shape: Sequence[int] | None = None,
 ) -> np.ndarray | None:
-    """Per bin of the core: the median of ``I_s − O``, and the MAD × 1.4826 and median of ``I_s``.
+    """Per bin of the core: ``I_s − O``'s median, ``I_s``'s spread and median, and the noise.
 
-    Returns ``(3, Z, NY, NX)``, or with ``bins`` (`stored_bins`' array) writes them there at
-    the core's bins and returns None. With ``keep`` the core's ``I_s`` and ``O`` are also
-    written to its Zarr arrays; laid out by block (``keep.step``), each block of the core
-    with its one-voxel shell (the volume's ``shape`` bounds it; the halo must then be one
-    voxel wider than ``geometry.halo``).
+    The spread is the MAD × 1.4826, the noise the spread at most ``NOISE_CAP`` × `pixel_noise`.
+    Returns ``(4, Z, NY, NX)`` in that order, or with ``bins`` (`stored_bins`' array) writes them
+    there at the core's bins and returns None. With ``keep`` the core's ``I_s`` and ``O`` are also
+    written to its Zarr arrays; laid out by block (``keep.step``), each block of the core with its
+    one-voxel shell (the volume's ``shape`` bounds it; the halo must then be one voxel wider than
+    ``geometry.halo``).
     """
     smoothed, opened = levels(padded, geometry)
     if keep is not None and keep.step is not None:
@@ -236,7 +241,7 @@ def _bin_stats_block(
         _write_block(keep.opening, region, opened)
     residual = a - opened
     nbins = [-(-n // b) for n, b in zip(a.shape, geometry.bin_vox, strict=True)]
-    out = np.empty((3, *nbins), np.float32)
+    out = np.empty((4, *nbins), np.float32)
     for cells, sl in _bins(a, geometry.bin_vox):
         med = np.median(cells, axis=-1)
         out[1][sl] = np.median(np.abs(cells - med[..., None]), axis=-1)
@@ -244,6 +249,8 @@ def _bin_stats_block(
     for cells, sl in _bins(residual, geometry.bin_vox):
         out[0][sl] = np.median(cells, axis=-1)
     out[1] *= _MAD_TO_SD
+    cap = NOISE_CAP * pixel_noise(padded, region, geometry)
+    out[3] = np.where(cap > 0, np.minimum(out[1], cap), out[1])
     if bins is None:
         return out
     at = [a // b for a, b in zip(region.start, geometry.bin_vox, strict=True)]
@@ -293,7 +300,8 @@ def plane_statistics(
     -------
     offset, noise : (Z, ceil(Y / by), ceil(X / bx)) dask arrays of float32
         The median over 3 × 3 bins of each bin's median of ``I_s − O`` (see :func:`levels`),
-        and the median over 9 × 9 bins of each bin's MAD × 1.4826 of ``I_s``. Lazy.
+        and the median over 9 × 9 bins of each bin's MAD × 1.4826 of ``I_s``, capped at
+        ``NOISE_CAP`` × its `pixel_noise`. Lazy.
     gain : (Z,) dask array of float64
         Each plane's gain relative to the first (:func:`plane_gain`). Lazy.
     """
@@ -304,7 +312,7 @@ def plane_statistics(
     for idx, r in regions.items():
         parts[idx] = da.from_delayed(
             dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry),
-            shape=(3, *_nbins([b - a for a, b in zip(r.start, r.stop, strict=True)], geometry)),
+            shape=(4, *_nbins([b - a for a, b in zip(r.start, r.stop, strict=True)], geometry)),
             dtype=np.float32,
             meta=np.empty((0, 0, 0, 0), np.float32),
         )
@@ -317,31 +325,80 @@ def plane_statistics(
     )
     return (
         _median_bins(stats[0], BACKGROUND_WINDOW_BINS),
-        _median_bins(stats[1], NOISE_WINDOW_BINS) * np.float32(noise_calibration(geometry)),
+        _median_bins(stats[3], NOISE_WINDOW_BINS) * np.float32(noise_calibration(geometry)),
         plane_gain(stats[2], stats[1]),
     )
 
 
 @functools.lru_cache
-def _bin_spread(sigma_yx: tuple[float, float], bins_yx: tuple[int, int]) -> float:
+def _bin_spread(
+    sigma_yx: tuple[float, float], bins_yx: tuple[int, int], *, residual: bool = False
+) -> float:
     """What the noise estimate returns for white noise smoothed by σ, over its true SD.
 
     The median over many bins of each bin's MAD × 1.4826 of Gaussian white noise smoothed
     by ``sigma_yx`` and cut into bins of ``bins_yx`` voxels, divided by the smoothed noise's
     SD. In-plane only: the bins are one plane, and smoothing along z scales a bin's MAD and
-    the SD alike. Deterministic (a fixed seed): a plane of about 2048 × 2048 voxels (at
-    least 32 × 32 bins), which puts the median within a few tenths of a per cent.
+    the SD alike. With ``residual``, of the noise minus its 3 × 3 mean (`pixel_noise`)
+    instead, over the noise's own SD (σ unused). Deterministic (a fixed seed): a plane of
+    about 2048 × 2048 voxels (at least 32 × 32 bins), which puts the median within a few
+    tenths of a per cent.
     """
     by, bx = bins_yx
     n = max(32, 2048 // max(by, bx))
-    margin = [int(4.0 * s + 0.5) for s in sigma_yx]
+    margin = [1, 1] if residual else [int(4.0 * s + 0.5) for s in sigma_yx]
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((n * by + 2 * margin[0], n * bx + 2 * margin[1]), np.float32)
-    s = ndi.gaussian_filter(noise, sigma_yx, truncate=4.0)
+    if residual:
+        s, sd = noise - ndi.uniform_filter(noise, size=3), noise.std()
+    else:
+        s = ndi.gaussian_filter(noise, sigma_yx, truncate=4.0)
     s = s[margin[0] : margin[0] + n * by, margin[1] : margin[1] + n * bx]
     cells = s.reshape(n, by, n, bx).transpose(0, 2, 1, 3).reshape(n, n, by * bx)
     mad = np.median(np.abs(cells - np.median(cells, axis=-1, keepdims=True)), axis=-1)
-    return float(np.median(mad) * _MAD_TO_SD / s.std())
+    return float(np.median(mad) * _MAD_TO_SD / (sd if residual else s.std()))
+
+
+def _mad_bins(a: np.ndarray, bin_vox: Sequence[int]) -> np.ndarray:
+    """Each bin's median absolute deviation × 1.4826 (the SD of Gaussian noise)."""
+    out = np.empty([-(-n // b) for n, b in zip(a.shape, bin_vox, strict=True)], np.float32)
+    for cells, sl in _bins(a, bin_vox):
+        med = np.median(cells, axis=-1)
+        out[sl] = np.median(np.abs(cells - med[..., None]), axis=-1)
+    return out * np.float32(_MAD_TO_SD)
+
+
+@functools.lru_cache
+def _smoothing_gain(sigma_vox: tuple[float, ...]) -> float:
+    """The SD of white noise of SD 1 after `smooth`'s Gaussian (its kernel's L2 norm)."""
+    size = [2 * int(4.0 * s + 0.5) + 1 for s in sigma_vox]
+    impulse = np.zeros(size)
+    impulse[tuple(n // 2 for n in size)] = 1.0
+    return float(np.sqrt((ndi.gaussian_filter(impulse, sigma_vox, truncate=4.0) ** 2).sum()))
+
+
+def pixel_noise(padded: Any, region: Region, geometry: LocalGeometry) -> np.ndarray:
+    """Per bin of ``region``'s core: the spread that the image's pixel noise alone gives ``I_s``.
+
+    Each voxel minus the mean of its 3 × 3 in-plane neighbourhood keeps the noise and drops whatever
+    is smooth at that scale: a blurred cell, a vessel, the tissue's slope. A bin's MAD × 1.4826 of
+    that residual, over what it gives for white noise of SD 1 (`_bin_spread` with ``residual``:
+    √(8/9) at large bins, less at a coarse pixel's few voxels), is the pixel noise's SD there; times
+    the smoothing's gain (`_smoothing_gain`) and the smoothed noise's estimate in such a bin
+    (`_bin_spread`) it is what the spread of ``I_s`` in a bin of pure noise would be. Cells cannot
+    raise it, which is why the spread counts at most ``NOISE_CAP`` times it (`_bin_stats_block`).
+    Exact at any chunking: the halo covers the 3 × 3 mean, and at the volume's faces the block's
+    reflection is the volume's.
+    """
+    raw = padded.astype(_xp_for(padded).float32, copy=False)
+    residual = _to_numpy((raw - _ndi_for(padded).uniform_filter(raw, size=(1, 3, 3)))[region.core])
+    sigma, bins = geometry.sigma_vox[1:], geometry.bin_vox[1:]
+    scale = (
+        _smoothing_gain(geometry.sigma_vox)
+        * _bin_spread(sigma, bins)
+        / _bin_spread(sigma, bins, residual=True)
+    )
+    return _mad_bins(residual, geometry.bin_vox) * np.float32(scale)
 
 
 def noise_calibration(geometry: LocalGeometry) -> float:
@@ -382,7 +439,7 @@ def stored_bins(
     medians and the gain with dask-array operations over them: 15 small tasks per analysis
     block, whose graph the client builds and sends whole (at 1,024 blocks, 225–275 MiB of
     the peak of the worker that runs the segment stage as the client). Here each statistics
-    block writes its ``(3, Z, NY, NX)`` bins into a Zarr array at ``path`` (a chunk per
+    block writes its ``(4, Z, NY, NX)`` bins into a Zarr array at ``path`` (a chunk per
     block: no two tasks share one), and I_s and O into ``keep``; `stored_statistics` then
     works on whole planes. Returns the tasks.
     """
@@ -392,7 +449,7 @@ def stored_bins(
     regions = block_regions(grid, tuple(h + wider for h in geometry.halo))
     shape = tuple(int(n) for n in image.shape)
     block = _nbins([c[0] for c in grid], geometry)
-    scratch_array(path, (3, *_nbins(shape, geometry)), (3, *block), np.float32)
+    scratch_array(path, (4, *_nbins(shape, geometry)), (4, *block), np.float32)
     blocks = _padded(image, regions)
     return [
         dask.delayed(_bin_stats_block)(
@@ -413,7 +470,7 @@ def stored_statistics(bins, geometry: LocalGeometry, *, offset, noise=None) -> l
     """
     src = zarr.open_array(str(bins), mode="r")
     _, nz, ny, nx = src.shape
-    planes = max(1, SLAB_BYTES // (3 * ny * nx * 4))
+    planes = max(1, SLAB_BYTES // (4 * ny * nx * 4))
     for path in (offset, noise):
         if path is not None:
             scratch_array(path, (nz, ny, nx), (planes, *src.chunks[2:]), np.float32)
@@ -433,14 +490,14 @@ def stored_statistics(bins, geometry: LocalGeometry, *, offset, noise=None) -> l
 def _slab_statistics(bins: str, z0: int, z1: int, geometry, offset: str, noise: str | None):
     src = zarr.open_array(bins, mode="r")
     first = max(0, z0 - 1)  # the plane before: the first plane's gain step
-    stats = src[: 1 if noise is None else 3, first:z1]  # the offset alone needs one
+    stats = src[: 1 if noise is None else 4, first:z1]  # the offset alone needs one
     out = zarr.open_array(offset, mode="r+")
     out[z0:z1] = _median_block(stats[0, z0 - first :], window=BACKGROUND_WINDOW_BINS)
     if noise is None:
         return None
     calibration = np.float32(noise_calibration(geometry))
     out = zarr.open_array(noise, mode="r+")
-    out[z0:z1] = _median_block(stats[1, z0 - first :], window=NOISE_WINDOW_BINS) * calibration
+    out[z0:z1] = _median_block(stats[3, z0 - first :], window=NOISE_WINDOW_BINS) * calibration
     step = _median_step(_plane_ratio(stats[2], stats[1]))
     return np.r_[1.0, step] if z0 == 0 else step
 
