@@ -390,8 +390,17 @@ def pixel_noise(padded: Any, region: Region, geometry: LocalGeometry) -> np.ndar
     Exact at any chunking: the halo covers the 3 × 3 mean, and at the volume's faces the block's
     reflection is the volume's.
     """
-    raw = padded.astype(_xp_for(padded).float32, copy=False)
-    residual = _to_numpy((raw - _ndi_for(padded).uniform_filter(raw, size=(1, 3, 3)))[region.core])
+    # the core and one voxel around it in y and x (where the halo has it; else the face)
+    near = (region.core[0],) + tuple(
+        slice(max(0, c.start - 1), c.stop + 1) for c in region.core[1:]
+    )
+    raw = padded[near].astype(_xp_for(padded).float32)
+    raw -= _ndi_for(padded).uniform_filter(raw, size=(1, 3, 3))
+    inner = (slice(None),) + tuple(
+        slice(c.start - n.start, c.stop - n.start)
+        for c, n in zip(region.core[1:], near[1:], strict=True)
+    )
+    residual = _to_numpy(raw[inner])
     sigma, bins = geometry.sigma_vox[1:], geometry.bin_vox[1:]
     scale = (
         _smoothing_gain(geometry.sigma_vox)
