@@ -220,10 +220,12 @@ def _bin_stats_block(
     keep: Kept | None = None,
     bins: str | None = None,
     shape: Sequence[int] | None = None,
+    noise: bool = True,
 ) -> np.ndarray | None:
     """Per bin of the core: ``I_s − O``'s median, ``I_s``'s spread and median, and the noise.
 
-    The spread is the MAD × 1.4826, the noise the spread at most ``NOISE_CAP`` × `pixel_noise`.
+    The spread is the MAD × 1.4826, the noise the spread at most ``NOISE_CAP`` × `pixel_noise`
+    (NaN without ``noise``).
     Returns ``(4, Z, NY, NX)`` in that order, or with ``bins`` (`stored_bins`' array) writes them
     there at the core's bins and returns None. With ``keep`` the core's ``I_s`` and ``O`` are also
     written to its Zarr arrays; laid out by block (``keep.step``), each block of the core with its
@@ -242,15 +244,15 @@ def _bin_stats_block(
     residual = a - opened
     nbins = [-(-n // b) for n, b in zip(a.shape, geometry.bin_vox, strict=True)]
     out = np.empty((4, *nbins), np.float32)
-    for cells, sl in _bins(a, geometry.bin_vox):
-        med = np.median(cells, axis=-1)
-        out[1][sl] = np.median(np.abs(cells - med[..., None]), axis=-1)
-        out[2][sl] = med
+    out[2], out[1] = _bin_median_mad(a, geometry.bin_vox)
     for cells, sl in _bins(residual, geometry.bin_vox):
         out[0][sl] = np.median(cells, axis=-1)
     out[1] *= _MAD_TO_SD
-    cap = NOISE_CAP * pixel_noise(padded, region, geometry)
-    out[3] = np.where(cap > 0, np.minimum(out[1], cap), out[1])
+    if noise:
+        cap = NOISE_CAP * pixel_noise(padded, region, geometry)
+        out[3] = np.where(cap > 0, np.minimum(out[1], cap), out[1])
+    else:  # a channel whose offset alone is read (`stored_statistics` without ``noise``)
+        out[3] = np.nan
     if bins is None:
         return out
     at = [a // b for a, b in zip(region.start, geometry.bin_vox, strict=True)]
@@ -283,7 +285,8 @@ def plane_statistics(
     geometry: LocalGeometry,
     *,
     chunks: tuple[tuple[int, ...], ...],
-) -> tuple[da.Array, da.Array, da.Array]:
+    noise: bool = True,
+) -> tuple[da.Array, da.Array | None, da.Array | None]:
     """Per plane: the background's offset and the noise ``S`` on the bins, and the gain.
 
     Parameters
@@ -295,6 +298,9 @@ def plane_statistics(
         bins (:func:`statistics_grid`) and joined ``STATISTICS_BLOCK`` a side in y and x.
         (:func:`stored_bins` and :func:`stored_statistics` compute the same onto disk, and
         keep ``I_s`` and ``O`` there too.)
+    noise : bool
+        False: the offset alone (an autofluorescence channel's); noise and gain are None,
+        and no `pixel_noise` is computed.
 
     Returns
     -------
@@ -311,7 +317,7 @@ def plane_statistics(
     parts = np.empty(tuple(len(c) for c in grid), dtype=object)
     for idx, r in regions.items():
         parts[idx] = da.from_delayed(
-            dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry),
+            dask.delayed(_bin_stats_block)(blocks[idx], region=r, geometry=geometry, noise=noise),
             shape=(4, *_nbins([b - a for a, b in zip(r.start, r.stop, strict=True)], geometry)),
             dtype=np.float32,
             meta=np.empty((0, 0, 0, 0), np.float32),
@@ -323,8 +329,11 @@ def plane_statistics(
         ],
         axis=1,
     )
+    offset = _median_bins(stats[0], BACKGROUND_WINDOW_BINS)
+    if not noise:
+        return offset, None, None
     return (
-        _median_bins(stats[0], BACKGROUND_WINDOW_BINS),
+        offset,
         _median_bins(stats[3], NOISE_WINDOW_BINS) * np.float32(noise_calibration(geometry)),
         plane_gain(stats[2], stats[1]),
     )
@@ -354,18 +363,18 @@ def _bin_spread(
     else:
         s = ndi.gaussian_filter(noise, sigma_yx, truncate=4.0)
     s = s[margin[0] : margin[0] + n * by, margin[1] : margin[1] + n * bx]
-    cells = s.reshape(n, by, n, bx).transpose(0, 2, 1, 3).reshape(n, n, by * bx)
-    mad = np.median(np.abs(cells - np.median(cells, axis=-1, keepdims=True)), axis=-1)
+    mad = _bin_median_mad(s[None], (1, by, bx))[1]
     return float(np.median(mad) * _MAD_TO_SD / (sd if residual else s.std()))
 
 
-def _mad_bins(a: np.ndarray, bin_vox: Sequence[int]) -> np.ndarray:
-    """Each bin's median absolute deviation × 1.4826 (the SD of Gaussian noise)."""
-    out = np.empty([-(-n // b) for n, b in zip(a.shape, bin_vox, strict=True)], np.float32)
+def _bin_median_mad(a: np.ndarray, bin_vox: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each bin's median and median absolute deviation (unscaled), float32 ``(Z, NY, NX)``."""
+    med = np.empty([-(-n // b) for n, b in zip(a.shape, bin_vox, strict=True)], np.float32)
+    mad = np.empty_like(med)
     for cells, sl in _bins(a, bin_vox):
-        med = np.median(cells, axis=-1)
-        out[sl] = np.median(np.abs(cells - med[..., None]), axis=-1)
-    return out * np.float32(_MAD_TO_SD)
+        med[sl] = np.median(cells, axis=-1)
+        mad[sl] = np.median(np.abs(cells - med[sl][..., None]), axis=-1)
+    return med, mad
 
 
 @functools.lru_cache
@@ -407,7 +416,8 @@ def pixel_noise(padded: Any, region: Region, geometry: LocalGeometry) -> np.ndar
         * _bin_spread(sigma, bins)
         / _bin_spread(sigma, bins, residual=True)
     )
-    return _mad_bins(residual, geometry.bin_vox) * np.float32(scale)
+    mad = _bin_median_mad(residual, geometry.bin_vox)[1]
+    return mad * np.float32(_MAD_TO_SD) * np.float32(scale)
 
 
 def noise_calibration(geometry: LocalGeometry) -> float:
@@ -440,7 +450,13 @@ def _nbins(shape: Sequence[int], geometry: LocalGeometry) -> tuple[int, ...]:
 
 
 def stored_bins(
-    image: Any, geometry: LocalGeometry, *, chunks: tuple[tuple[int, ...], ...], keep: Kept, path
+    image: Any,
+    geometry: LocalGeometry,
+    *,
+    chunks: tuple[tuple[int, ...], ...],
+    keep: Kept,
+    path,
+    noise: bool = True,
 ) -> list:
     """The statistics pass's first step on disk: one task a block, writing its raw bins.
 
@@ -450,7 +466,8 @@ def stored_bins(
     the peak of the worker that runs the segment stage as the client). Here each statistics
     block writes its ``(4, Z, NY, NX)`` bins into a Zarr array at ``path`` (a chunk per
     block: no two tasks share one), and I_s and O into ``keep``; `stored_statistics` then
-    works on whole planes. Returns the tasks.
+    works on whole planes (without ``noise``, the offset alone: no `pixel_noise`, the noise
+    row NaN). Returns the tasks.
     """
     grid = _statistics_blocks(statistics_grid(chunks, geometry))
     # laid out by block, the kept arrays hold each block's shell too: exact one voxel further
@@ -462,7 +479,13 @@ def stored_bins(
     blocks = _padded(image, regions)
     return [
         dask.delayed(_bin_stats_block)(
-            blocks[idx], region=r, geometry=geometry, keep=keep, bins=str(path), shape=shape
+            blocks[idx],
+            region=r,
+            geometry=geometry,
+            keep=keep,
+            bins=str(path),
+            shape=shape,
+            noise=noise,
         )
         for idx, r in regions.items()
     ]

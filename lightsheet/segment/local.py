@@ -295,7 +295,14 @@ def _keep_statistics(channels: dict, geometry, grid, kept: dict, scratch: Path, 
     """
     bins = {name: scratch / f"{name}-bins.zarr" for name in channels}
     tasks = [
-        stored_bins(channel, geometry, chunks=grid, keep=kept[name], path=bins[name])
+        stored_bins(
+            channel,
+            geometry,
+            chunks=grid,
+            keep=kept[name],
+            path=bins[name],
+            noise=name == "image",
+        )
         for name, channel in channels.items()
     ]
     _compute(compute, [tasks], "statistics (bins)")
@@ -535,7 +542,7 @@ def detect_local(
         stats = {}
         for name, channel in channels.items():
             stats[f"{name}-offset"], stats[f"{name}-noise"], stats[f"{name}-gain"] = (
-                plane_statistics(channel, geometry, chunks=grid)
+                plane_statistics(channel, geometry, chunks=grid, noise=name == "image")
             )
         regions = block_regions(grid, tuple(d + 1 for d in geometry.halo))
         # the padded blocks serve the smoothing and, cut to their core, the measurement
