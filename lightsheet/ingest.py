@@ -5,9 +5,9 @@ files, names the pattern does not parse, two files for one grid position, holes 
 grid, tiles of different shapes or dtypes, unreadable, undecodable or truncated TIFFs,
 tiles larger than a limit.
 
-A tile is one file, or, where the pattern has a ``plane`` group, the files that differ only
-in it: one file per z plane (e.g. LaVision UltraMicroscope's ``…[00 x 01]_C00_xyz-Table
-Z0123.ome.tif``), stacked in plane order.
+A tile is one file (or one channel of a file that holds several), or, where the pattern has
+a ``plane`` group, the files that differ only in it: one file per z plane (e.g. LaVision
+UltraMicroscope's ``…[00 x 01]_C00_xyz-Table Z0123.ome.tif``), stacked in plane order.
 
 Examples
 --------
@@ -24,7 +24,7 @@ import glob
 import itertools
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,8 @@ class Manifest:
 
     @property
     def paths(self) -> list[str]:
-        """Every input file, in tile order."""
-        return [p for t in self.tiles for p in t.paths]
+        """Every input file, in tile order (once, though it holds several channels)."""
+        return list(dict.fromkeys(p for t in self.tiles for p in t.paths))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -230,7 +230,9 @@ def discover(
         Regex searched in each file name, or, when it contains ``/``, in each file's path
         relative to the glob's fixed root (``ch(?P<c>\d+)/.*_(?P<z>\d+)\.tif`` for one
         folder per channel). Named groups among ``t, c, z, y, x`` give the time point,
-        channel and tile grid position. A missing group means a single one. Group values
+        channel and tile grid position. A missing group means a single one; a missing ``c``
+        where every file holds a ``C`` axis (ImageJ ``ZCYX``, OME ``CZYX``) gives the files'
+        channels, each its own tile (with a ``c`` group too, refused). Group values
         are ordered numerically when they are digits, else as text. A ``plane`` group
         makes the files that differ only in it one tile, their planes stacked along z.
     max_workers : int
@@ -248,8 +250,9 @@ def discover(
     InputFilesError
         No files, or a file that is not a readable, complete TIFF (named).
     TileGridError
-        Names that do not parse, two files for one position, a missing tile, or tiles
-        whose shape or dtype differs from the others (named, with what was expected).
+        Names that do not parse, two files for one position, a missing tile, tiles whose
+        shape, dtype or number of channels differs from the others (named, with what was
+        expected), or channels both in the names and inside the files.
     """
     files = find_files(input_glob)
     parsed = parse_names(files, pattern, root=glob_root(input_glob))
@@ -292,33 +295,35 @@ def discover(
     files = [f for planes in by_index.values() for f in planes.values()]
 
     def inspect(path: Path) -> TiffInfo:
-        return inspect_tiff(path, max_bytes=max_tile_bytes)
+        return inspect_tiff(path, max_bytes=max_tile_bytes, channels=True)
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         infos = dict(zip(files, pool.map(inspect, files), strict=True))
 
-    (shape, dtype), _ = Counter((i.shape, i.dtype) for i in infos.values()).most_common(1)[0]
-    for info in infos.values():
-        if (info.shape, info.dtype) != (shape, dtype):
+    kinds = {f: (i.shape, i.dtype, i.channels) for f, i in infos.items()}
+    expected, _ = Counter(kinds.values()).most_common(1)[0]
+    for f, got in kinds.items():
+        if got != expected:
             raise TileGridError(
-                f"{info.path}: tile has shape {info.shape} and dtype {_dtype_name(info.dtype)}; "
-                f"expected shape {shape} and dtype {_dtype_name(dtype)} like the other tiles"
+                f"{infos[f].path}: tile has {_kind(*got)}; expected {_kind(*expected)} like the "
+                "other tiles"
             )
+    shape, dtype, n_channels = expected
+    if n_channels > 1:  # the channels come from inside the files
+        if grid_shape[1] > 1:
+            raise TileGridError(
+                f"pattern: its c group names {grid_shape[1]} channels ({', '.join(values['c'])}) "
+                f"and each file holds {n_channels} (e.g. {files[0]}); expected the channels "
+                "in the file names or inside the files, not both"
+            )
+        values["c"] = [str(k) for k in range(n_channels)]
+        grid_shape = (grid_shape[0], n_channels, *grid_shape[2:])
     tiles = []
-    for i in sorted(by_index):
-        ordered = [infos[by_index[i][p]] for p in plane_values]
-        if len(ordered) == 1 and not plane_values[0]:
-            tiles.append(Tile(ordered[0].path, i, ordered[0]))
-            continue
-        stacked = TiffInfo(
-            ordered[0].path,
-            (shape[0] * len(ordered), *shape[1:]),
-            dtype,
-            None,
-            sum(p.size_bytes for p in ordered),
-            max(p.mtime_ns for p in ordered),
-        )
-        tiles.append(Tile(ordered[0].path, i, stacked, tuple(ordered)))
+    for (t, named, *zyx), planes in by_index.items():
+        for c in range(n_channels):  # named is 0 where the files hold the channels
+            ordered = [infos[planes[p]].for_channel(c) for p in plane_values]
+            tiles.append(_tile((t, named + c, *zyx), ordered, plane_values))
+    tiles.sort(key=lambda tile: tile.index)
     tile_shape = tiles[0].info.shape
     return Manifest(
         input=str(input_glob),
@@ -331,10 +336,26 @@ def discover(
     )
 
 
-def _dtype_name(dtype: str) -> str:
+def _tile(index: tuple[int, ...], planes: list[TiffInfo], plane_values: list[str]) -> Tile:
+    """One tile: a file, or (with a ``plane`` group) its files in plane order, stacked."""
+    if len(planes) == 1 and not plane_values[0]:
+        return Tile(planes[0].path, index, planes[0])
+    first = planes[0]
+    stacked = replace(
+        first,
+        shape=(first.shape[0] * len(planes), *first.shape[1:]),
+        data_offset=None,
+        size_bytes=sum(p.size_bytes for p in planes),
+        mtime_ns=max(p.mtime_ns for p in planes),
+    )
+    return Tile(first.path, index, stacked, tuple(planes))
+
+
+def _kind(shape: tuple[int, ...], dtype: str, channels: int) -> str:
     import numpy as np
 
-    return np.dtype(dtype).name
+    held = f" in each of {channels} channels" if channels > 1 else ""
+    return f"shape {shape}{held} and dtype {np.dtype(dtype).name}"
 
 
 def _describe(idx: tuple[int, ...], values: dict[str, list[str]]) -> str:

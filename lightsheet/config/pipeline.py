@@ -43,7 +43,8 @@ class PipelineConfig(_Model):
         description="Regex searched in each file name, or, when it contains '/', in the "
         "file's path relative to the glob's fixed folder (e.g. 'ch(?P<c>\\d+)/.*_(?P<z>\\d+)"
         "\\.tif' for one folder per channel); named groups among c, t, z, y, x give channel, "
-        "time point and tile grid position (a missing group means one).",
+        "time point and tile grid position (a missing group means one; a missing c, the "
+        "channels a file holds along its C axis).",
     )
     voxel_size_um: VoxelSize = Field(..., description="Voxel size (z, y, x) in µm.")
     psf: Path | None = Field(

@@ -8,11 +8,17 @@ big-endian file's bytes are swapped after the read), or through tifffile's zarr 
 otherwise (compressed with LZW, deflate, zstd... via ``imagecodecs``, tiled, scattered
 pages). Either way the voxels equal ``tifffile.imread``'s.
 
+A file may hold several channels (an ImageJ hyperstack's ``ZCYX``, an OME-TIFF's ``CZYX``
+or ``CYX``) where the caller allows it (``inspect_tiff(..., channels=True)``, as ingest
+does): each channel is then read as its own (Z, Y, X) tile (`TiffInfo.channel`), the fast
+path stepping over the other channels' planes.
+
 `inspect_tiff` refuses at ingest, naming the file, what would otherwise fail or mislead
-later: a layout that is not one (Z, Y, X) stack (several channels or RGB samples in one
-file), a codec that cannot decode (its first and last segments are decoded), an
-uncompressed page whose stored bytes cannot hold the size its header declares, and a tile
-larger than a limit (``max_bytes``, `MAX_TILE_BYTES` by default) before anything is allocated.
+later: a layout that is not one (Z, Y, X) stack per channel (RGB samples, two stack axes
+such as a plain 4-D file without metadata), a codec that cannot decode (its first and last
+segments are decoded), an uncompressed page whose stored bytes cannot hold the size its
+header declares, and a tile larger than a limit (``max_bytes``, `MAX_TILE_BYTES` by default)
+before anything is allocated.
 
 Every read re-checks the file's size and modification time against the header inspection,
 before and after reading, so a tile rewritten during a run fails it (`InputFilesError`)
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +65,10 @@ class TiffInfo:
     ``dtype`` is the native-order dtype the reader returns; ``stored_dtype`` is the file's
     own (``'>u2'`` for a big-endian uint16 file), which the fast path reads and swaps.
     ``data_offset`` is set only where that fast path is exact.
+
+    A file of several channels (``channels`` > 1, along the series' axis ``channel_axis``:
+    0 for ``CZYX``/``CYX``, 1 for ``ZCYX``) gives one `TiffInfo` per channel; ``shape`` is
+    then one channel's and ``channel`` the one read.
     """
 
     path: str
@@ -68,9 +78,28 @@ class TiffInfo:
     size_bytes: int
     mtime_ns: int
     stored_dtype: str | None = None
+    channels: int = 1
+    channel: int = 0
+    channel_axis: int | None = None
+
+    def for_channel(self, channel: int) -> TiffInfo:
+        """The same file read as its channel ``channel``."""
+        if not 0 <= channel < self.channels:
+            raise ValueError(f"{self.path}: channel {channel} of {self.channels}")
+        return replace(self, channel=channel)
+
+    def plane_layout(self) -> tuple[int, int]:
+        """(first page, pages between consecutive z planes) of the channel read."""
+        if self.channels == 1:
+            return 0, 1
+        if self.channel_axis == 0:  # CZYX: each channel's planes together
+            return self.channel * self.shape[0], 1
+        return self.channel, self.channels  # ZCYX: channels interleaved plane by plane
 
 
-def inspect_tiff(path: str | Path, *, max_bytes: int = MAX_TILE_BYTES) -> TiffInfo:
+def inspect_tiff(
+    path: str | Path, *, max_bytes: int = MAX_TILE_BYTES, channels: bool = False
+) -> TiffInfo:
     """Read a TIFF's header and check that its pixel data is all there and decodable.
 
     Parameters
@@ -79,18 +108,22 @@ def inspect_tiff(path: str | Path, *, max_bytes: int = MAX_TILE_BYTES) -> TiffIn
         The file.
     max_bytes : int
         Largest tile accepted, in bytes of the pixel data the header declares.
+    channels : bool
+        Accept a file of several channels (a ``C`` axis); the info returned reads channel
+        0 (`TiffInfo.for_channel` for the others). Otherwise such a file is refused.
 
     Returns
     -------
     info : TiffInfo
-        Shape as (Z, Y, X) (a 2-D image has Z = 1), dtype, and where contiguous data starts.
+        Shape as (Z, Y, X) (a 2-D image has Z = 1) of one channel, dtype, the number of
+        channels, and where contiguous data starts.
 
     Raises
     ------
     InputFilesError
-        The file is not a readable TIFF, is not one (Z, Y, X) stack of one channel, is
-        truncated, declares more pixel data than it stores (uncompressed) or than
-        ``max_bytes``, or its compressed data cannot be decoded.
+        The file is not a readable TIFF, is not one (Z, Y, X) stack (of one channel, unless
+        ``channels``), is truncated, declares more pixel data than it stores (uncompressed)
+        or than ``max_bytes``, or its compressed data cannot be decoded.
     """
     import tifffile
 
@@ -102,7 +135,9 @@ def inspect_tiff(path: str | Path, *, max_bytes: int = MAX_TILE_BYTES) -> TiffIn
             shape = tuple(int(s) for s in series.shape)
             axes = series.axes
             stored = np.dtype(series.dtype).newbyteorder(tf.byteorder)
-            _check_layout(path, shape, axes, stored, max_bytes)
+            n_channels, channel_axis = _check_layout(
+                path, shape, axes, stored, max_bytes, channels=channels
+            )
             offset = series.dataoffset
             page0 = tf.pages[0]
             if offset is not None and not (page0.is_final and page0.is_contiguous):
@@ -131,31 +166,47 @@ def inspect_tiff(path: str | Path, *, max_bytes: int = MAX_TILE_BYTES) -> TiffIn
             f"{path}: truncated TIFF: {pages} of the {needed} image pages (IFDs) of a {shape} "
             f"stack are in the file ({stat.st_size} bytes); expected a complete file"
         )
-    squeezed = tuple(s for s in shape if s != 1)
+    one_channel = tuple(n for a, n in zip(axes, shape, strict=True) if a != "C" or n == 1)
+    squeezed = tuple(s for s in one_channel if s != 1)
     zyx = (1,) * (3 - len(squeezed)) + squeezed
     # keep Y, X when a 2-D image has a singleton side
     if len(squeezed) < 2:
         zyx = (1, *shape[-2:])
     native = stored.newbyteorder("=")
-    return TiffInfo(str(path), zyx, native.str, offset, stat.st_size, stat.st_mtime_ns, stored.str)
+    return TiffInfo(
+        str(path), zyx, native.str, offset, stat.st_size, stat.st_mtime_ns, stored.str,
+        channels=n_channels, channel_axis=channel_axis,
+    )  # fmt: skip
 
 
 def _check_layout(
-    path: Path, shape: tuple[int, ...], axes: str, dtype: np.dtype, max_bytes: int
-) -> None:
-    """Refuse what is not one (Z, Y, X) stack of numbers, or is larger than ``max_bytes``."""
-    extra = [f"{a}={n}" for a, n in zip(axes, shape, strict=True) if n > 1 and a in "SC"]
+    path: Path,
+    shape: tuple[int, ...],
+    axes: str,
+    dtype: np.dtype,
+    max_bytes: int,
+    *,
+    channels: bool = False,
+) -> tuple[int, int | None]:
+    """Refuse what is not one (Z, Y, X) stack of numbers, or is larger than ``max_bytes``.
+
+    Returns the number of channels and the series' axis that holds them (None for one).
+    """
+    sizes = dict(zip(axes, shape, strict=True))
+    n_channels = sizes.get("C", 1)
+    extra = [f"{a}={n}" for a, n in sizes.items() if n > 1 and a in ("S" if channels else "SC")]
     if extra:
+        found = ("" if channels else "several channels or ") + "samples per pixel, e.g. RGB"
+        expected = "one value per pixel" if channels else "one channel, a (Z, Y, X) or (Y, X) stack"
         raise InputFilesError(
-            f"{path}: image has axes {axes} {shape} ({', '.join(extra)}: several channels or "
-            "samples per pixel, e.g. RGB); expected one channel per file, a (Z, Y, X) or "
-            "(Y, X) stack"
+            f"{path}: image has axes {axes} {shape} ({', '.join(extra)}: {found}); expected "
+            f"{expected}"
         )
-    stack = [a for a, n in zip(axes[:-2], shape[:-2], strict=True) if n > 1]
+    stack = [a for a, n in zip(axes[:-2], shape[:-2], strict=True) if n > 1 and a != "C"]
     if len(stack) > 1 or any(a not in _PLANE_AXES for a in stack) or axes[-2:] != "YX":
         raise InputFilesError(
             f"{path}: image has axes {axes} and shape {shape}; expected a 2-D (Y, X) or 3-D "
-            "(Z, Y, X) stack"
+            f"(Z, Y, X) stack{' per channel (C)' if channels else ''}"
         )
     if dtype.kind not in "uif":
         raise InputFilesError(
@@ -168,6 +219,7 @@ def _check_layout(
             f"expected at most {_size(max_bytes)} per image (refused before reading; raise "
             "the limit, e.g. stitch.max_tile_gib, if the image is real)"
         )
+    return (n_channels, axes.index("C")) if n_channels > 1 else (1, None)
 
 
 def _data_end(path: Path, pages) -> int:
@@ -235,7 +287,7 @@ class TiffRegion:
 
     def __dask_tokenize__(self) -> tuple:
         i = self.info
-        return ("TiffRegion", i.path, i.mtime_ns, i.size_bytes, i.shape, i.dtype)
+        return ("TiffRegion", i.path, i.mtime_ns, i.size_bytes, i.shape, i.dtype, i.channel)
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         return self.read(key)
@@ -276,9 +328,12 @@ class TiffRegion:
         self, stored: np.dtype, key: tuple[slice, ...], out: np.ndarray | None
     ) -> np.ndarray:
         info = self.info
+        first, step = info.plane_layout()
+        plane_bytes = self.shape[1] * self.shape[2] * stored.itemsize
         return _read_contiguous(
-            info.path, info.data_offset, self.shape, stored, key, out, self.scratch_bytes
-        )
+            info.path, info.data_offset + first * plane_bytes, self.shape, stored, key, out,
+            self.scratch_bytes, plane_step=step,
+        )  # fmt: skip
 
     def _read(self, key: tuple[slice, ...], out: np.ndarray | None) -> np.ndarray:
         info = self.info
@@ -304,7 +359,9 @@ class TiffRegion:
 
         with tifffile.imread(info.path, aszarr=True) as store:
             arr = zarr.open_array(store, mode="r")
-            if arr.ndim == 3:
+            if info.channels > 1:
+                data = _channel_region(arr, info, key)
+            elif arr.ndim == 3:
                 data = np.asarray(arr[key])
             else:  # 2-D or singleton-padded images are small: read whole, then slice
                 data = np.asarray(arr[...]).reshape(self.shape)[key]
@@ -313,6 +370,15 @@ class TiffRegion:
             return data
         out[...] = data
         return out
+
+
+def _channel_region(arr, info: TiffInfo, key: tuple[slice, ...]) -> np.ndarray:
+    """Region ``key`` of the channel read, from a (C, Z, Y, X), (Z, C, Y, X) or (C, Y, X) array."""
+    if arr.ndim == 3:  # one plane per channel
+        return np.asarray(arr[(info.channel, *key[1:])])[None][key[0]]
+    at = [*key]
+    at.insert(info.channel_axis, info.channel)
+    return np.asarray(arr[tuple(at)])
 
 
 class PlaneStack:
@@ -360,8 +426,13 @@ def _read_contiguous(
     key: tuple[slice, ...],
     out: np.ndarray | None = None,
     scratch_bytes: int = SCRATCH_BYTES,
+    *,
+    plane_step: int = 1,
 ) -> np.ndarray:
     """Region ``key`` of an uncompressed C-order (Z, Y, X) array stored at ``offset``.
+
+    Consecutive z planes lie ``plane_step`` planes apart (a channel of a file whose channels
+    alternate plane by plane); the planes between them are not read.
 
     Reads straight into the result (``out`` when given and C-contiguous) with ``preadv``,
     about a quarter less CPU than copying out of a memory map, whose page faults cost more
@@ -382,23 +453,27 @@ def _read_contiguous(
             f"{path}: out has shape {out.shape} {out.dtype}; the region is {region} {dtype}"
         )
     if out is not None and (not out.flags.c_contiguous or (zs, ys, xs) != (1, 1, 1)):
-        out[...] = _read_contiguous(path, offset, shape, dtype, key, scratch_bytes=scratch_bytes)
+        out[...] = _read_contiguous(
+            path, offset, shape, dtype, key, scratch_bytes=scratch_bytes, plane_step=plane_step
+        )
         return out
     if (zs, ys, xs) != (1, 1, 1):  # strided reads: rare, let a memory map do them
-        mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-        return np.array(mm[key])
+        stored = ((nz - 1) * plane_step + 1, ny, nx)
+        mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=stored)
+        return np.array(mm[::plane_step][key])
     if out is None:
         out = np.empty(region, dtype)
     if out.size == 0:
         return out
     row = nx * dtype.itemsize
+    plane = plane_step * ny * row  # bytes from one z plane to the next
     fd = os.open(path, os.O_RDONLY)
     try:
         if (x0, x1) == (0, nx):  # whole rows: straight into the result
-            if (y0, y1) == (0, ny):
+            if (y0, y1) == (0, ny) and plane_step == 1:
                 runs = [(out, offset + z0 * ny * row)]
             else:
-                runs = [(out[k], offset + ((z0 + k) * ny + y0) * row) for k in range(region[0])]
+                runs = [(out[k], offset + (z0 + k) * plane + y0 * row) for k in range(region[0])]
             for buf, at in runs:
                 _pread_exact(fd, path, memoryview(buf).cast("B"), at)
         else:  # part rows: batches of whole rows through a cache-sized buffer
@@ -408,7 +483,7 @@ def _read_contiguous(
             for k in range(region[0]):
                 for r0 in range(0, region[1], n):
                     r1 = min(region[1], r0 + n)
-                    at = offset + ((z0 + k) * ny + y0 + r0) * row
+                    at = offset + (z0 + k) * plane + (y0 + r0) * row
                     _pread_exact(fd, path, view[: (r1 - r0) * row], at)
                     out[k, r0:r1] = scratch[: r1 - r0, x0:x1]
     finally:

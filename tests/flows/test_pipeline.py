@@ -129,6 +129,34 @@ def test_run_without_a_psf_segments_the_raw_image(tiny_sample, prefect_harness, 
     assert (out / "labels.ome.zarr" / "zarr.json").is_file()
 
 
+def test_one_file_of_every_channel_per_tile_gives_the_same_cells(tiny_run, tmp_path):
+    # the same tiles written as ImageJ hyperstacks (Z, C, Y, X): the channels come from
+    # inside the files, and the run finds the same cells as from one file per channel
+    import numpy as np
+    import tifffile
+
+    from lightsheet.ingest import discover
+
+    sample, out, _, _ = tiny_run
+    config = load_config(sample / "config.yaml")
+    manifest = discover(config.input, config.pattern)
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for t, _, z, y, x in {(t, 0, z, y, x) for t, _, z, y, x in (i.index for i in manifest.tiles)}:
+        channels = [tile.region()[:, :, :] for tile in manifest.tiles
+                    if tile.index[:1] + tile.index[2:] == (t, z, y, x)]  # fmt: skip
+        tifffile.imwrite(
+            tiles / f"tile_t{t}_z{z}_y{y}_x{x}.tif", np.stack(channels, axis=1), imagej=True,
+            metadata={"axes": "ZCYX"}, photometric="minisblack",
+        )  # fmt: skip
+    pattern = r"_t(?P<t>\d+)_z(?P<z>\d+)_y(?P<y>\d+)_x(?P<x>\d+)\.tif$"
+    again = run(sample, tmp_path / "out", input=str(tiles / "*.tif"), pattern=pattern)
+    assert again["n_cells"] > 0
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "out" / "cells.csv"), pd.read_csv(out / "cells.csv")
+    )
+
+
 @pytest.mark.slow
 def test_small_sample_counts_match_truth(small_sample, prefect_harness, tmp_path):
     """Issue #6: every leaf with >= 100 true cells within 10 % of the true density, and

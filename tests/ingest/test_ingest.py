@@ -14,6 +14,7 @@ from lightsheet.config import DEFAULT_PATTERN
 from lightsheet.errors import InputFilesError, TileGridError
 from lightsheet.ingest import Manifest, discover
 from lightsheet.io.tiff import TiffRegion, inspect_tiff
+from lightsheet.stitch import stitch
 
 TILE = (5, 6, 7)
 
@@ -217,3 +218,86 @@ def test_one_file_per_plane_per_tile(tmp_path):
     missing = r"c=01, z=0, y=01, x=00\) has 3 of the 4 planes.*plane 0002"
     with pytest.raises(TileGridError, match=missing):
         discover(str(tmp_path / "*.ome.tif"), LAVISION)
+
+
+#: Files that hold every channel of a tile: an ImageJ hyperstack (Fiji's "Save As > Tiff",
+#: channels interleaved plane by plane), OME-TIFF with each channel's planes together, and the
+#: same compressed (read through tifffile, not the fast path).
+MULTICHANNEL = {
+    "imagej ZCYX": ("ZCYX", {"imagej": True}),
+    "imagej ZCYX big-endian": ("ZCYX", {"imagej": True, "byteorder": ">"}),
+    "ome CZYX": ("CZYX", {"ome": True}),
+    "ome ZCYX zlib": ("ZCYX", {"ome": True, "compression": "zlib"}),
+}
+
+
+def write_channels(path: Path, channels: np.ndarray, axes: str, kwargs: dict) -> None:
+    """Write (C, Z, Y, X) ``channels`` as one file with ``axes`` (CZYX, ZCYX or CYX)."""
+    data = channels[:, 0] if axes == "CYX" else channels
+    if axes == "ZCYX":
+        data = data.transpose(1, 0, 2, 3)
+    tifffile.imwrite(
+        path, np.ascontiguousarray(data), photometric="minisblack", metadata={"axes": axes},
+        **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", MULTICHANNEL)
+def test_channels_inside_each_file_are_the_channel_axis(tmp_path, layout):
+    # one file per tile holding all its channels stitches to what one file per channel gives
+    axes, kwargs = MULTICHANNEL[layout]
+    rng = np.random.default_rng(4)
+    stacks = {x: rng.integers(0, 60000, (3, *TILE)).astype(np.uint16) for x in range(2)}
+    per_channel, together = tmp_path / "per_channel", tmp_path / "together"
+    together.mkdir()
+    per_channel.mkdir()
+    for x, stack in stacks.items():
+        write_channels(together / f"tile_{x:03d}x.tif", stack, axes, kwargs)
+        for c, data in enumerate(stack):
+            tifffile.imwrite(per_channel / name(c=c, x=x), data, photometric="minisblack")
+    m = discover(str(together / "*.tif"), r"_(?P<x>\d+)x\.tif$")
+    assert m.grid_shape == (1, 3, 1, 1, 2)
+    assert m.channel_names() == ["ch0", "ch1", "ch2"]
+    assert len(m.paths) == 2  # each file once, though three tiles read it
+    assert Manifest.from_dict(m.to_dict()) == m
+    assert (m.tiles[0].info.data_offset is not None) == ("compression" not in kwargs)
+    for tile in m.tiles:
+        _, c, _, _, x = tile.index
+        region = tile.region()
+        for key in [
+            (slice(None),) * 3,
+            (slice(1, 4), slice(2, 6), slice(0, 7)),  # whole rows
+            (slice(2, 5), slice(1, 4), slice(2, 6)),  # part rows
+            (slice(0, 5, 2), slice(None), slice(1, 7, 3)),  # strided
+        ]:
+            np.testing.assert_array_equal(region[key], stacks[x][c][key])
+    reference = discover(str(per_channel / "*.tif"), DEFAULT_PATTERN)
+    got = stitch(m, voxel_size_um=(2, 1, 1), chunks=(2, 4, 5)).compute()
+    np.testing.assert_array_equal(got, stitch(reference, voxel_size_um=(2, 1, 1)).compute())
+
+
+def test_channels_inside_plane_files(tmp_path):
+    # one 2-D file of every channel per z plane (OME CYX), stacked by a plane group
+    rng = np.random.default_rng(5)
+    stack = rng.integers(0, 60000, (2, 4, *TILE[1:])).astype(np.uint16)  # (C, Z, Y, X)
+    for z in range(4):
+        write_channels(
+            tmp_path / f"plane_Z{z:04d}.ome.tif", stack[:, z : z + 1], "CYX", {"ome": True}
+        )
+    m = discover(str(tmp_path / "*.ome.tif"), r"_Z(?P<plane>\d+)\.ome\.tif$")
+    assert m.grid_shape == (1, 2, 1, 1, 1)
+    for tile in m.tiles:
+        c = tile.index[1]
+        np.testing.assert_array_equal(tile.region()[:, :, :], stack[c])
+        np.testing.assert_array_equal(tile.region()[1:3, 2:5, 1:6], stack[c, 1:3, 2:5, 1:6])
+
+
+def test_channels_in_names_and_inside_files_refused(tmp_path):
+    stack = np.zeros((2, *TILE), np.uint16)
+    for c in range(2):
+        write_channels(tmp_path / name(c=c), stack, "ZCYX", {"imagej": True})
+    with pytest.raises(TileGridError, match=r"c group names 2 channels.*each file holds 2"):
+        discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+    write_channels(tmp_path / name(c=1), np.zeros((3, *TILE), np.uint16), "ZCYX", {"imagej": True})
+    with pytest.raises(TileGridError, match=r"ch1_.*in each of 3 channels.*expected.*each of 2"):
+        discover(str(tmp_path / "*.tif"), r"_(?P<x>ch\d)_")

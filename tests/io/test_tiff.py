@@ -176,3 +176,13 @@ def test_psf_read_safely(tmp_path):
     tifffile.imwrite(path, psf, photometric="minisblack")
     with pytest.raises(PSFError, match="at most 100 bytes"):
         load_psf(path, max_bytes=100)
+
+
+def test_channels_allowed_still_refuse_samples_and_two_stack_axes(tmp_path):
+    rgb, plain4d = tmp_path / "rgb.tif", tmp_path / "plain4d.tif"
+    tifffile.imwrite(rgb, np.zeros((10, 10, 3), np.uint8), photometric="rgb")
+    tifffile.imwrite(plain4d, np.zeros((3, 2, 10, 10), np.uint16), photometric="minisblack")
+    with pytest.raises(InputFilesError, match=r"rgb\.tif: .*S=3: samples per pixel.*one value"):
+        inspect_tiff(rgb, channels=True)
+    with pytest.raises(InputFilesError, match=r"plain4d\.tif: .*QQYX.*stack per channel"):
+        inspect_tiff(plain4d, channels=True)
