@@ -15,10 +15,11 @@ path stepping over the other channels' planes.
 
 `inspect_tiff` refuses at ingest, naming the file, what would otherwise fail or mislead
 later: a layout that is not one (Z, Y, X) stack per channel (RGB samples, two stack axes
-such as a plain 4-D file without metadata), a codec that cannot decode (its first and last
-segments are decoded), an uncompressed page whose stored bytes cannot hold the size its
-header declares, and a tile larger than a limit (``max_bytes``, `MAX_TILE_BYTES` by default)
-before anything is allocated.
+such as a plain 4-D file without metadata, several images of one size such as OME series of
+tiles or positions), a codec that cannot decode (its first and last segments are decoded),
+an uncompressed page whose stored bytes cannot hold the size its header declares, and a tile
+larger than a limit (``max_bytes``, `MAX_TILE_BYTES` by default) before anything is
+allocated.
 
 Every read re-checks the file's size and modification time against the header inspection,
 before and after reading, so a tile rewritten during a run fails it (`InputFilesError`)
@@ -132,6 +133,7 @@ def inspect_tiff(
         stat = path.stat()
         with tifffile.TiffFile(path) as tf:
             series = tf.series[0]
+            _check_one_image(path, tf.series)
             shape = tuple(int(s) for s in series.shape)
             axes = series.axes
             stored = np.dtype(series.dtype).newbyteorder(tf.byteorder)
@@ -220,6 +222,22 @@ def _check_layout(
             "the limit, e.g. stitch.max_tile_gib, if the image is real)"
         )
     return (n_channels, axes.index("C")) if n_channels > 1 else (1, None)
+
+
+def _check_one_image(path: Path, series: list) -> None:
+    """Refuse a file of several images of one plane size: only the first would be read.
+
+    Such series are tiles, positions or time points in one file (OME); thumbnails and label
+    images of other sizes pass.
+    """
+    first = series[0]
+    same = [s for s in series[1:] if s.shape[-2:] == first.shape[-2:] and s.dtype == first.dtype]
+    if same:
+        raise InputFilesError(
+            f"{path}: holds {len(same) + 1} images of {first.shape[-2:]} pixels (image series, "
+            "e.g. several tiles, positions or time points in one file), of which only the "
+            "first would be read; expected one image per file: export one file per tile"
+        )
 
 
 def _data_end(path: Path, pages) -> int:

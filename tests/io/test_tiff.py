@@ -186,3 +186,18 @@ def test_channels_allowed_still_refuse_samples_and_two_stack_axes(tmp_path):
         inspect_tiff(rgb, channels=True)
     with pytest.raises(InputFilesError, match=r"plain4d\.tif: .*QQYX.*stack per channel"):
         inspect_tiff(plain4d, channels=True)
+
+
+def test_several_images_in_one_file_refused(tmp_path):
+    # OME series of equal planes (tiles or positions in one file): only the first would be read
+    path = tmp_path / "positions.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        for k in range(3):
+            tw.write(np.full(SHAPE, k, np.uint16), photometric="minisblack")
+    with pytest.raises(InputFilesError, match=r"positions\.ome\.tif: holds 3 images.*first"):
+        inspect_tiff(path, channels=True)
+    # a smaller image after the stack (a thumbnail) is not another tile
+    thumb = tmp_path / "thumb.tif"
+    tifffile.imwrite(thumb, np.ones(SHAPE, np.uint16), photometric="minisblack")
+    tifffile.imwrite(thumb, np.zeros((4, 5), np.uint8), photometric="minisblack", append=True)
+    np.testing.assert_array_equal(TiffRegion(inspect_tiff(thumb))[:, :, :], np.ones(SHAPE))
