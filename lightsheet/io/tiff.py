@@ -69,7 +69,8 @@ class TiffInfo:
 
     A file of several channels (``channels`` > 1, along the series' axis ``channel_axis``:
     0 for ``CZYX``/``CYX``, 1 for ``ZCYX``) gives one `TiffInfo` per channel; ``shape`` is
-    then one channel's and ``channel`` the one read.
+    then one channel's and ``channel`` the one read. ``own_pages``: one file of an OME set
+    spread over several files, read as its own pages (its OME metadata ignored).
     """
 
     path: str
@@ -82,6 +83,7 @@ class TiffInfo:
     channels: int = 1
     channel: int = 0
     channel_axis: int | None = None
+    own_pages: bool = False
 
     def for_channel(self, channel: int) -> TiffInfo:
         """The same file read as its channel ``channel``."""
@@ -126,12 +128,11 @@ def inspect_tiff(
         ``channels``), is truncated, declares more pixel data than it stores (uncompressed)
         or than ``max_bytes``, or its compressed data cannot be decoded.
     """
-    import tifffile
-
     path = Path(path)
     try:
         stat = path.stat()
-        with tifffile.TiffFile(path) as tf:
+        tf, own_pages = _open(path)
+        with tf:
             series = tf.series[0]
             _check_one_image(path, tf.series)
             shape = tuple(int(s) for s in series.shape)
@@ -177,8 +178,39 @@ def inspect_tiff(
     native = stored.newbyteorder("=")
     return TiffInfo(
         str(path), zyx, native.str, offset, stat.st_size, stat.st_mtime_ns, stored.str,
-        channels=n_channels, channel_axis=channel_axis,
+        channels=n_channels, channel_axis=channel_axis, own_pages=own_pages,
     )  # fmt: skip
+
+
+def _open(path: Path):
+    """The file as a ``tifffile.TiffFile``, and whether it is read without its OME metadata.
+
+    A file whose OME-XML spreads one image over several files (LaVision, Bio-Formats and
+    Micro-Manager write such sets, one plane or channel a file) is read as its own pages:
+    tifffile would otherwise open every file of the set from each one, and describe the
+    whole set instead of the file. Its planes are then stacked by the pattern's groups.
+    """
+    import tifffile
+
+    tf = tifffile.TiffFile(path)
+    if not tf.is_ome or not _names_other_files(tf.ome_metadata or "", path.name):
+        return tf, False
+    tf.close()
+    return tifffile.TiffFile(path, is_ome=False), True
+
+
+def _names_other_files(omexml: str, name: str) -> bool:
+    """Whether OME-XML refers to pixel data in files other than ``name``."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(omexml)
+    except ET.ParseError:
+        return False  # tifffile falls back to the file's own pages too
+    return any(
+        e.tag.endswith("UUID") and e.get("FileName", name).lower() != name.lower()
+        for e in root.iter()
+    )
 
 
 def _check_layout(
@@ -375,7 +407,8 @@ class TiffRegion:
         import tifffile
         import zarr
 
-        with tifffile.imread(info.path, aszarr=True) as store:
+        own = {"is_ome": False} if info.own_pages else {}
+        with tifffile.imread(info.path, aszarr=True, **own) as store:
             arr = zarr.open_array(store, mode="r")
             if info.channels > 1:
                 data = _channel_region(arr, info, key)

@@ -301,3 +301,54 @@ def test_channels_in_names_and_inside_files_refused(tmp_path):
     write_channels(tmp_path / name(c=1), np.zeros((3, *TILE), np.uint16), "ZCYX", {"imagej": True})
     with pytest.raises(TileGridError, match=r"ch1_.*in each of 3 channels.*expected.*each of 2"):
         discover(str(tmp_path / "*.tif"), r"_(?P<x>ch\d)_")
+
+
+def write_ome_set(folder: Path, stack: np.ndarray, names: list[str], **kwargs) -> None:
+    """One plane of ``stack`` per file, each file's OME-XML describing the whole set (the
+    files named by UUID), as LaVision ImSpector, Bio-Formats and Micro-Manager write."""
+    import uuid
+
+    nz, ny, nx = stack.shape
+    ids = [f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, n)}" for n in names]
+    tiffdata = "".join(
+        f'<TiffData FirstZ="{z}" IFD="0" PlaneCount="1"><UUID FileName="{names[z]}">{ids[z]}'
+        "</UUID></TiffData>"
+        for z in range(nz)
+    )
+    for z in range(nz):
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/'
+            f'Schemas/OME/2016-06" UUID="{ids[z]}"><Image ID="Image:0"><Pixels ID="Pixels:0" '
+            f'DimensionOrder="XYZCT" Type="uint16" SizeX="{nx}" SizeY="{ny}" SizeZ="{nz}" '
+            'SizeC="1" SizeT="1"><Channel ID="Channel:0:0" SamplesPerPixel="1"/>'
+            f"{tiffdata}</Pixels></Image></OME>"
+        )
+        tifffile.imwrite(
+            folder / names[z], stack[z], description=xml, photometric="minisblack",
+            metadata=None, **kwargs,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_ome_set_spread_over_plane_files_reads_each_file_alone(tmp_path, compression):
+    # every file's OME-XML describes the whole tile: each file must still be its own plane
+    rng = np.random.default_rng(6)
+    stacks = {}
+    for y in range(2):
+        stacks[(0, y, 0)] = rng.integers(0, 60000, (3, *TILE[1:])).astype(np.uint16)
+        names = [f"brain_UltraII[{y:02d} x 00]_C00_xyz-Table Z{z:04d}.ome.tif" for z in range(3)]
+        write_ome_set(tmp_path, stacks[(0, y, 0)], names, compression=compression)
+    m = discover(str(tmp_path / "*.ome.tif"), LAVISION)
+    assert m.grid_shape == (1, 1, 1, 2, 1)
+    assert m.tile_shape == (3, *TILE[1:])
+    assert all(p.own_pages and p.shape == (1, *TILE[1:]) for t in m.tiles for p in t.planes)
+    for tile in m.tiles:
+        _, c, _, y, x = tile.index
+        stack = stacks[(c, y, x)]
+        np.testing.assert_array_equal(tile.region()[:, :, :], stack)
+        np.testing.assert_array_equal(tile.region()[1:3, 2:5, 1:6], stack[1:3, 2:5, 1:6])
+    # a file of the set is read without the others (no warning, no zeroed planes)
+    (tmp_path / names[2]).unlink()
+    assert inspect_tiff(tmp_path / names[0]).shape == (1, *TILE[1:])
+    with pytest.raises(TileGridError, match=r"has 2 of the 3 planes.*plane 0002"):
+        discover(str(tmp_path / "*.ome.tif"), LAVISION)
