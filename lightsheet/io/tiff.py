@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -182,6 +183,9 @@ def inspect_tiff(
     )  # fmt: skip
 
 
+_FILE_NAME = re.compile(r'<(?:\w+:)?UUID\b[^>]*\bFileName\s*=\s*"([^"]*)"')
+
+
 def _open(path: Path):
     """The file as a ``tifffile.TiffFile``, and whether it is read without its OME metadata.
 
@@ -200,17 +204,16 @@ def _open(path: Path):
 
 
 def _names_other_files(omexml: str, name: str) -> bool:
-    """Whether OME-XML refers to pixel data in files other than ``name``."""
-    import xml.etree.ElementTree as ET
+    """Whether OME-XML refers to pixel data in files other than ``name``.
 
-    try:
-        root = ET.fromstring(omexml)
-    except ET.ParseError:
-        return False  # tifffile falls back to the file's own pages too
-    return any(
-        e.tag.endswith("UUID") and e.get("FileName", name).lower() != name.lower()
-        for e in root.iter()
-    )
+    Scans the ``FileName`` attributes and stops at the first other file: a set of thousands
+    of planes repeats its whole list in every file (a full XML parse took 14 ms a file at
+    2,000 planes, ten minutes of ingest for 40,000 files).
+    """
+    import html
+
+    own = name.lower()
+    return any(html.unescape(m.group(1)).lower() != own for m in _FILE_NAME.finditer(omexml))
 
 
 def _check_layout(
