@@ -183,6 +183,8 @@ def inspect_tiff(
     )  # fmt: skip
 
 
+#: The first image's sizes in OME-XML (SizeZ, SizeC, SizeT), as ``("C", "3")``.
+_SET_SIZE = re.compile(r'\bSize([ZCT])\s*=\s*"(\d+)"')
 _FILE_NAME = re.compile(r'<(?:\w+:)?UUID\b[^>]*\bFileName\s*=\s*"([^"]*)"')
 
 
@@ -192,15 +194,30 @@ def _open(path: Path):
     A file whose OME-XML spreads one image over several files (LaVision, Bio-Formats and
     Micro-Manager write such sets, one plane or channel a file) is read as its own pages:
     tifffile would otherwise open every file of the set from each one, and describe the
-    whole set instead of the file. Its planes are then stacked by the pattern's groups.
+    whole set instead of the file. Its planes are then stacked by the pattern's groups. Such
+    a file of several planes is refused where the set has several channels or time points:
+    their order in the file would be a guess.
     """
     import tifffile
 
     tf = tifffile.TiffFile(path)
-    if not tf.is_ome or not _names_other_files(tf.ome_metadata or "", path.name):
+    omexml = (tf.ome_metadata or "") if tf.is_ome else ""
+    if not _names_other_files(omexml, path.name):
         return tf, False
     tf.close()
-    return tifffile.TiffFile(path, is_ome=False), True
+    tf = tifffile.TiffFile(path, is_ome=False)
+    sizes = {k: int(v) for k, v in _SET_SIZE.findall(omexml)}
+    mixed = {k: n for k, n in sizes.items() if n > 1 and k != "Z"}
+    planes = len(tf.pages)
+    if planes > 1 and mixed:
+        tf.close()
+        raise InputFilesError(
+            f"{path}: one of an OME set spread over several files, holding {planes} "
+            f"planes of a set of {', '.join(f'{k}={n}' for k, n in mixed.items())}: which "
+            "plane is which cannot be told from the file alone; expected one plane per file "
+            "(stacked by the pattern's groups) or one file per tile and channel"
+        )
+    return tf, True
 
 
 def _names_other_files(omexml: str, name: str) -> bool:

@@ -303,28 +303,34 @@ def test_channels_in_names_and_inside_files_refused(tmp_path):
         discover(str(tmp_path / "*.tif"), r"_(?P<x>ch\d)_")
 
 
-def write_ome_set(folder: Path, stack: np.ndarray, names: list[str], **kwargs) -> None:
-    """One plane of ``stack`` per file, each file's OME-XML describing the whole set (the
-    files named by UUID), as LaVision ImSpector, Bio-Formats and Micro-Manager write."""
+def write_ome_set(
+    folder: Path, stack: np.ndarray, names: list[str], size_c: int = 1, **kwargs
+) -> None:
+    """``stack`` split over the files ``names`` (in order), each file's OME-XML describing
+    the whole set (the files named by UUID), as LaVision ImSpector (one plane a file),
+    Bio-Formats and Micro-Manager write. ``size_c``: the channels the XML declares."""
     import uuid
 
     nz, ny, nx = stack.shape
+    per = nz // len(names)
     ids = [f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, n)}" for n in names]
     tiffdata = "".join(
-        f'<TiffData FirstZ="{z}" IFD="0" PlaneCount="1"><UUID FileName="{names[z]}">{ids[z]}'
-        "</UUID></TiffData>"
-        for z in range(nz)
+        f'<TiffData FirstZ="{k * per}" IFD="0" PlaneCount="{per}"><UUID FileName="{n}">'
+        f"{ids[k]}</UUID></TiffData>"
+        for k, n in enumerate(names)
     )
-    for z in range(nz):
+    for z in range(len(names)):
         xml = (
             '<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/'
             f'Schemas/OME/2016-06" UUID="{ids[z]}"><Image ID="Image:0"><Pixels ID="Pixels:0" '
-            f'DimensionOrder="XYZCT" Type="uint16" SizeX="{nx}" SizeY="{ny}" SizeZ="{nz}" '
-            'SizeC="1" SizeT="1"><Channel ID="Channel:0:0" SamplesPerPixel="1"/>'
+            f'DimensionOrder="XYZCT" Type="uint16" SizeX="{nx}" SizeY="{ny}" '
+            f'SizeZ="{nz // size_c}" SizeC="{size_c}" SizeT="1">'
+            '<Channel ID="Channel:0:0" SamplesPerPixel="1"/>'
             f"{tiffdata}</Pixels></Image></OME>"
         )
         tifffile.imwrite(
-            folder / names[z], stack[z], description=xml, photometric="minisblack",
+            folder / names[z], stack[z * per : (z + 1) * per].squeeze(), description=xml,
+            photometric="minisblack",
             metadata=None, **kwargs,
         )  # fmt: skip
 
@@ -352,3 +358,17 @@ def test_ome_set_spread_over_plane_files_reads_each_file_alone(tmp_path, compres
     assert inspect_tiff(tmp_path / names[0]).shape == (1, *TILE[1:])
     with pytest.raises(TileGridError, match=r"has 2 of the 3 planes.*plane 0002"):
         discover(str(tmp_path / "*.ome.tif"), LAVISION)
+
+
+def test_ome_set_file_of_planes_of_several_channels_refused(tmp_path):
+    # a set's file holding several planes: stacked as they are when the set has only z
+    # planes, refused when it has channels (their order in the file would be a guess)
+    stack = np.arange(4 * 6 * 7, dtype=np.uint16).reshape(4, 6, 7)
+    names = ["set_000.ome.tif", "set_001.ome.tif"]
+    write_ome_set(tmp_path, stack, names)
+    info = inspect_tiff(tmp_path / names[1])
+    assert info.own_pages and info.shape == (2, 6, 7)
+    np.testing.assert_array_equal(TiffRegion(info)[:, :, :], stack[2:])
+    write_ome_set(tmp_path, stack, names, size_c=2)
+    with pytest.raises(InputFilesError, match=r"set_001\.ome\.tif: .*2 planes of a set of C=2"):
+        inspect_tiff(tmp_path / names[1])
