@@ -42,6 +42,7 @@ __all__ = [
     "find_files",
     "glob_root",
     "parse_names",
+    "voxel_size_mismatch",
 ]
 
 GROUPS = ("t", "c", "z", "y", "x")
@@ -116,7 +117,10 @@ class Manifest:
         """Inverse of `to_dict`."""
 
         def info(i: dict) -> TiffInfo:
-            return TiffInfo(**{**i, "shape": tuple(i["shape"])})
+            size = i.get("voxel_size_um")
+            return TiffInfo(
+                **{**i, "shape": tuple(i["shape"]), "voxel_size_um": size and tuple(size)}
+            )
 
         tiles = [
             Tile(
@@ -333,6 +337,44 @@ def discover(
         dtype=dtype,
         tiles=tiles,
         values=values,
+    )
+
+
+def voxel_size_mismatch(manifest: Manifest, voxel_size_um, *, rtol: float = 0.02) -> str | None:
+    """A warning when the tiles' own metadata declare another voxel size than the run's.
+
+    The first tile's file (its first plane's) is read for what its OME or ImageJ metadata
+    declare in a length unit (`lightsheet.io.tiff.TiffInfo.voxel_size_um`); each axis it
+    declares is compared with ``voxel_size_um`` (z, y, x), within ``rtol``. None when they
+    agree or nothing is declared: the run's value is what the stages use either way.
+
+    Examples
+    --------
+    >>> from lightsheet.io.tiff import TiffInfo
+    >>> info = TiffInfo("t.tif", (4, 8, 8), "<u2", 0, 512, 0, voxel_size_um=(5.0, 2.0, 2.0))
+    >>> m = Manifest("*.tif", "", (1,) * 5, (4, 8, 8), "<u2", [Tile("t.tif", (0,) * 5, info)])
+    >>> voxel_size_mismatch(m, (5.0, 2.0, 2.0)) is None
+    True
+    >>> voxel_size_mismatch(m, (2.0, 1.0, 1.0))  # doctest: +ELLIPSIS
+    "voxel_size_um: the run says (z, y, x) = (2, 1, 1) µm, but t.tif declares (5, 2, 2) µm..."
+    """
+    tile = manifest.tiles[0]
+    info = tile.planes[0] if tile.planes else tile.info
+    declared = info.voxel_size_um or (None, None, None)
+    off = [
+        a for a, d, v in zip("zyx", declared, voxel_size_um, strict=True)
+        if d is not None and abs(d - float(v)) > rtol * float(v)
+    ]  # fmt: skip
+    if not off:
+        return None
+
+    def show(values) -> str:
+        return "(" + ", ".join("?" if v is None else f"{float(v):g}" for v in values) + ")"
+
+    return (
+        f"voxel_size_um: the run says (z, y, x) = {show(voxel_size_um)} µm, but {info.path} "
+        f"declares {show(declared)} µm in its metadata; the stages use the run's value: "
+        "check which one is right"
     )
 
 

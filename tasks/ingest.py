@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 
 from lightsheet.config import PipelineConfig
 from lightsheet.errors import AtlasError, ConfigError, OutputNotWritableError
-from lightsheet.ingest import Manifest, discover
+from lightsheet.ingest import Manifest, discover, voxel_size_mismatch
 from lightsheet.io.atlas import Atlas, load_atlas
 from lightsheet.psf import check_psf_fits, load_psf
 
@@ -33,11 +33,16 @@ def ingest(config: PipelineConfig) -> dict:
     volume), the atlas (files, hemispheres, every labelled id a structure), the model
     checkpoint when one is used (file, metadata bounds, weights), the channel indices the
     stages use, and that the output folder can be written. A setting wrong for this data
-    is refused here, never after upstream stages have computed.
+    is refused here, never after upstream stages have computed. A voxel size that the
+    tiles' own metadata contradict is warned of (the run's value is used).
     """
     manifest = check_inputs(config)
     t, c, nz, ny, nx = manifest.grid_shape
-    get_run_logger().info(
+    logger = get_run_logger()
+    mismatch = voxel_size_mismatch(manifest, config.voxel_size_um)
+    if mismatch:
+        logger.warning("ingest: %s", mismatch)
+    logger.info(
         "ingest: %d tiles (%d time points, %d channels, %dx%dx%d tiles) of %s %s, %.2f GB",
         len(manifest.tiles),
         t,
@@ -59,6 +64,8 @@ def ingest(config: PipelineConfig) -> dict:
             {"field": "volume shape", "value": str(manifest.shape)},
             {"field": "bytes", "value": manifest.nbytes},
             {"field": "channels", "value": ", ".join(manifest.channel_names())},
+            {"field": "voxel size (z, y, x) µm", "value": str(tuple(config.voxel_size_um))},
+            {"field": "voxel size check", "value": mismatch or "no other size in the metadata"},
         ],
         description=f"Tiles matching {config.input}",
     )

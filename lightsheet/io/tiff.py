@@ -72,6 +72,8 @@ class TiffInfo:
     0 for ``CZYX``/``CYX``, 1 for ``ZCYX``) gives one `TiffInfo` per channel; ``shape`` is
     then one channel's and ``channel`` the one read. ``own_pages``: one file of an OME set
     spread over several files, read as its own pages (its OME metadata ignored).
+    ``voxel_size_um``: (z, y, x) µm as the file's OME or ImageJ metadata declare them (None
+    where they declare nothing in a length unit).
     """
 
     path: str
@@ -85,6 +87,7 @@ class TiffInfo:
     channel: int = 0
     channel_axis: int | None = None
     own_pages: bool = False
+    voxel_size_um: tuple[float | None, float | None, float | None] | None = None
 
     def for_channel(self, channel: int) -> TiffInfo:
         """The same file read as its channel ``channel``."""
@@ -132,9 +135,10 @@ def inspect_tiff(
     path = Path(path)
     try:
         stat = path.stat()
-        tf, own_pages = _open(path)
+        tf, omexml, own_pages = _open(path)
         with tf:
             series = tf.series[0]
+            declared = _declared_voxel_um(tf, omexml)
             _check_one_image(path, tf.series)
             shape = tuple(int(s) for s in series.shape)
             axes = series.axes
@@ -180,6 +184,7 @@ def inspect_tiff(
     return TiffInfo(
         str(path), zyx, native.str, offset, stat.st_size, stat.st_mtime_ns, stored.str,
         channels=n_channels, channel_axis=channel_axis, own_pages=own_pages,
+        voxel_size_um=declared,
     )  # fmt: skip
 
 
@@ -189,7 +194,7 @@ _FILE_NAME = re.compile(r'<(?:\w+:)?UUID\b[^>]*\bFileName\s*=\s*"([^"]*)"')
 
 
 def _open(path: Path):
-    """The file as a ``tifffile.TiffFile``, and whether it is read without its OME metadata.
+    """The file opened by tifffile, its OME-XML ("" if none), whether read as its own pages.
 
     A file whose OME-XML spreads one image over several files (LaVision, Bio-Formats and
     Micro-Manager write such sets, one plane or channel a file) is read as its own pages:
@@ -203,7 +208,7 @@ def _open(path: Path):
     tf = tifffile.TiffFile(path)
     omexml = (tf.ome_metadata or "") if tf.is_ome else ""
     if not _names_other_files(omexml, path.name):
-        return tf, False
+        return tf, omexml, False
     tf.close()
     tf = tifffile.TiffFile(path, is_ome=False)
     sizes = {k: int(v) for k, v in _SET_SIZE.findall(omexml)}
@@ -217,7 +222,41 @@ def _open(path: Path):
             "plane is which cannot be told from the file alone; expected one plane per file "
             "(stacked by the pattern's groups) or one file per tile and channel"
         )
-    return tf, True
+    return tf, omexml, True
+
+
+#: Length units of OME and ImageJ metadata, in µm.
+_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "\\u00B5m": 1.0, "nm": 1e-3, "mm": 1e3}
+
+
+def _declared_voxel_um(tf, omexml: str) -> tuple[float | None, ...] | None:
+    """(z, y, x) µm the file's OME-XML (first image) or ImageJ metadata declare, else None."""
+    pixels = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", omexml)
+    if pixels:
+        attrs = dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', pixels.group(0)))
+        sizes = tuple(
+            _length_um(attrs.get(f"PhysicalSize{a}"), attrs.get(f"PhysicalSize{a}Unit", "µm"))
+            for a in "ZYX"
+        )
+        return sizes if any(v is not None for v in sizes) else None
+    imagej = tf.imagej_metadata if tf.is_imagej else None
+    unit = (imagej or {}).get("unit")
+    if unit not in _UM:  # ImageJ's default unit is "pixel": nothing declared
+        return None
+    x_per_unit, y_per_unit = tf.pages[0].get_resolution()
+    return (
+        _length_um(imagej.get("spacing"), unit),
+        _length_um(1 / y_per_unit if y_per_unit else None, unit),
+        _length_um(1 / x_per_unit if x_per_unit else None, unit),
+    )
+
+
+def _length_um(value, unit: str) -> float | None:
+    try:
+        v = float(value) * _UM[unit]
+    except (TypeError, ValueError, KeyError):
+        return None
+    return v if v > 0 and math.isfinite(v) else None
 
 
 def _names_other_files(omexml: str, name: str) -> bool:

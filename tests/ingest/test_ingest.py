@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from lightsheet.config import DEFAULT_PATTERN
 from lightsheet.errors import InputFilesError, TileGridError
-from lightsheet.ingest import Manifest, discover
+from lightsheet.ingest import Manifest, discover, voxel_size_mismatch
 from lightsheet.io.tiff import TiffRegion, inspect_tiff
 from lightsheet.stitch import stitch
 
@@ -372,3 +372,18 @@ def test_ome_set_file_of_planes_of_several_channels_refused(tmp_path):
     write_ome_set(tmp_path, stack, names, size_c=2)
     with pytest.raises(InputFilesError, match=r"set_001\.ome\.tif: .*2 planes of a set of C=2"):
         inspect_tiff(tmp_path / names[1])
+
+
+def test_voxel_size_in_the_metadata_checked_against_the_run(tmp_path):
+    for x in range(2):
+        tifffile.imwrite(
+            tmp_path / name(x=x), np.zeros(TILE, np.uint16), imagej=True, resolution=(1, 1),
+            metadata={"spacing": 2.0, "unit": "micron"}, photometric="minisblack",
+        )  # fmt: skip
+    m = discover(str(tmp_path / "*.tif"), DEFAULT_PATTERN)
+    assert Manifest.from_dict(m.to_dict()) == m
+    assert voxel_size_mismatch(m, (2.0, 1.0, 1.0)) is None
+    assert voxel_size_mismatch(m, (2.02, 0.99, 1.0)) is None  # within 2 %
+    warning = voxel_size_mismatch(m, (5.0, 2.0, 2.0))
+    assert "(5, 2, 2) µm" in warning and "declares (2, 1, 1) µm" in warning
+    assert name(x=0) in warning

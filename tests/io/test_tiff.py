@@ -201,3 +201,26 @@ def test_several_images_in_one_file_refused(tmp_path):
     tifffile.imwrite(thumb, np.ones(SHAPE, np.uint16), photometric="minisblack")
     tifffile.imwrite(thumb, np.zeros((4, 5), np.uint8), photometric="minisblack", append=True)
     np.testing.assert_array_equal(TiffRegion(inspect_tiff(thumb))[:, :, :], np.ones(SHAPE))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "declared"),
+    [
+        ({}, None),  # tifffile's own metadata: no physical size
+        ({"imagej": True, "resolution": (2, 2), "metadata": {"spacing": 5, "unit": "um"}},
+         (5.0, 0.5, 0.5)),
+        ({"imagej": True, "resolution": (1, 1), "metadata": {"unit": "micron"}}, (None, 1, 1)),
+        ({"imagej": True, "resolution": (2, 2), "metadata": {"spacing": 5}}, None),  # pixels
+        ({"ome": True, "metadata": {"PhysicalSizeX": 0.8, "PhysicalSizeY": 0.8,
+                                    "PhysicalSizeZ": 4.0}}, (4.0, 0.8, 0.8)),
+        ({"ome": True, "metadata": {"PhysicalSizeX": 800, "PhysicalSizeXUnit": "nm",
+                                    "PhysicalSizeY": 0.8}}, (None, 0.8, 0.8)),
+    ],
+)  # fmt: skip
+def test_voxel_size_declared_in_metadata(tmp_path, kwargs, declared):
+    path = tmp_path / "tile.tif"
+    if kwargs:
+        kwargs["metadata"] = {"axes": "ZYX", **kwargs["metadata"]}
+    tifffile.imwrite(path, np.zeros(SHAPE, np.uint16), photometric="minisblack", **kwargs)
+    got = inspect_tiff(path).voxel_size_um
+    assert got == (None if declared is None else pytest.approx(declared))
