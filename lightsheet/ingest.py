@@ -361,11 +361,10 @@ def voxel_size_mismatch(manifest: Manifest, voxel_size_um, *, rtol: float = 0.02
     tile = manifest.tiles[0]
     info = tile.planes[0] if tile.planes else tile.info
     declared = info.voxel_size_um or (None, None, None)
-    off = [
-        a for a, d, v in zip("zyx", declared, voxel_size_um, strict=True)
-        if d is not None and abs(d - float(v)) > rtol * float(v)
-    ]  # fmt: skip
-    if not off:
+    if not any(
+        d is not None and abs(d - float(v)) > rtol * float(v)
+        for d, v in zip(declared, voxel_size_um, strict=True)
+    ):
         return None
 
     def show(values) -> str:
