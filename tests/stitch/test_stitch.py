@@ -202,6 +202,34 @@ def test_positions_file_gives_the_same_registration(overlapping):
 
 
 @pytest.mark.usefixtures("two_dask_threads")
+def test_tiles_numbered_in_one_sequence_are_placed_by_their_positions(overlapping, tmp_path):
+    # mesoSPIM-like names (Tile0 ... Tile8): the number is the x group, the stage positions
+    # come from a positions file keyed by it; registration then finds the same places
+    import re
+    import shutil
+
+    import pandas as pd
+
+    from lightsheet.stitch import nominal_layout, register
+
+    folder, info = overlapping
+    (tmp_path / "tiles").mkdir()
+    for f in (folder / "tiles").glob("*.tif"):
+        x, y = map(int, re.search(r"_(\d+)x_(\d+)y_", f.name).groups())
+        shutil.copy(f, tmp_path / "tiles" / f"brain_Tile{3 * y + x}_Ch488.tif")
+    grid = pd.read_csv(folder / "positions.csv")
+    numbered = grid.assign(x=3 * grid["y"] + grid["x"]).drop(columns="y")
+    numbered.to_csv(tmp_path / "positions.csv", index=False)
+    m = discover(str(tmp_path / "tiles" / "*.tif"), r"_Tile(?P<x>\d+)_Ch")
+    assert m.grid_shape == (1, 1, 1, 1, 9)
+    layout = nominal_layout(m, info["voxel_size_um"], positions=str(tmp_path / "positions.csv"))
+    _, grid_layout = layout_of(folder, info)
+    np.testing.assert_allclose(layout.positions_vox, grid_layout.positions_vox, atol=1e-6)
+    solution = register(m, layout.positions_vox, max_shift_vox=layout.max_shift_vox)
+    assert np.abs(solution.positions - true_positions(folder, info)).max() < TOLERANCE_VOX
+
+
+@pytest.mark.usefixtures("two_dask_threads")
 def test_an_overlap_of_noise_is_dropped_and_the_rest_stay_placed(overlapping, tmp_path):
     import shutil
 
