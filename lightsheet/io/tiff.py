@@ -29,6 +29,7 @@ naming the file and the voxel).
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import re
@@ -188,8 +189,6 @@ def inspect_tiff(
     )  # fmt: skip
 
 
-#: The first image's sizes in OME-XML (SizeZ, SizeC, SizeT), as ``("C", "3")``.
-_SET_SIZE = re.compile(r'\bSize([ZCT])\s*=\s*"(\d+)"')
 _FILE_NAME = re.compile(r'<(?:\w+:)?UUID\b[^>]*\bFileName\s*=\s*"([^"]*)"')
 
 
@@ -199,9 +198,10 @@ def _open(path: Path):
     A file whose OME-XML spreads one image over several files (LaVision, Bio-Formats and
     Micro-Manager write such sets, one plane or channel a file) is read as its own pages:
     tifffile would otherwise open every file of the set from each one, and describe the
-    whole set instead of the file. Its planes are then stacked by the pattern's groups. Such
-    a file of several planes is refused where the set has several channels or time points:
-    their order in the file would be a guess.
+    whole set instead of the file. Its planes are then stacked by the pattern's groups. A
+    file of several planes is read as a z stack where the XML places them all in one channel
+    and time point (one file per channel, as Bio-Formats writes), and refused where they
+    span several (Micro-Manager's interleaved files) or the XML does not say.
     """
     import tifffile
 
@@ -211,18 +211,43 @@ def _open(path: Path):
         return tf, omexml, False
     tf.close()
     tf = tifffile.TiffFile(path, is_ome=False)
-    sizes = {k: int(v) for k, v in _SET_SIZE.findall(omexml)}
-    mixed = {k: n for k, n in sizes.items() if n > 1 and k != "Z"}
     planes = len(tf.pages)
-    if planes > 1 and mixed:
+    held = _channels_in_file(omexml, path.name)
+    if planes > 1 and len(held) != 1:
         tf.close()
+        what = f"{len(held)} (channel, time point) pairs" if held else "no plane of it"
         raise InputFilesError(
-            f"{path}: one of an OME set spread over several files, holding {planes} "
-            f"planes of a set of {', '.join(f'{k}={n}' for k, n in mixed.items())}: which "
-            "plane is which cannot be told from the file alone; expected one plane per file "
-            "(stacked by the pattern's groups) or one file per tile and channel"
+            f"{path}: one of an OME set spread over several files, holding {planes} planes, "
+            f"where its OME-XML places {what} in this file: which plane is which cannot be "
+            "told; expected one plane per file (stacked by the pattern's groups) or one z "
+            "stack of one channel per file"
         )
     return tf, omexml, True
+
+
+def _channels_in_file(omexml: str, name: str) -> set[tuple[int, int]]:
+    """The (channel, time point) of every plane the OME-XML's first image puts in ``name``.
+
+    Each ``TiffData`` naming the file (by ``UUID FileName``) places ``PlaneCount`` planes from
+    its ``FirstZ/C/T`` on, in the image's ``DimensionOrder`` (fastest axis first).
+    """
+    pixels = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", omexml)
+    attrs = dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', pixels.group(0))) if pixels else {}
+    order = attrs.get("DimensionOrder", "XYZCT")[2:][::-1]  # slowest axis first
+    shape = [int(attrs.get(f"Size{a}", 1)) for a in order]
+    held = set()
+    for part in re.split(r"<(?:\w+:)?TiffData\b", omexml)[1:]:
+        tag, _, rest = part.partition(">")
+        named = _FILE_NAME.search(rest.split("TiffData>")[0]) if not tag.endswith("/") else None
+        if named is None or html.unescape(named.group(1)).lower() != name.lower():
+            continue
+        first = dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', tag))
+        start = np.ravel_multi_index([int(first.get(f"First{a}", 0)) for a in order], shape)
+        count = int(first.get("PlaneCount", 1 if "IFD" in first else math.prod(shape)))
+        for i in range(start, min(start + count, math.prod(shape))):
+            where = dict(zip(order, np.unravel_index(i, shape), strict=True))
+            held.add((int(where["C"]), int(where["T"])))
+    return held
 
 
 #: Length units of OME and ImageJ metadata, in µm.
@@ -266,8 +291,6 @@ def _names_other_files(omexml: str, name: str) -> bool:
     of planes repeats its whole list in every file (a full XML parse took 14 ms a file at
     2,000 planes, ten minutes of ingest for 40,000 files).
     """
-    import html
-
     own = name.lower()
     return any(html.unescape(m.group(1)).lower() != own for m in _FILE_NAME.finditer(omexml))
 

@@ -304,34 +304,38 @@ def test_channels_in_names_and_inside_files_refused(tmp_path):
 
 
 def write_ome_set(
-    folder: Path, stack: np.ndarray, names: list[str], size_c: int = 1, **kwargs
+    folder: Path, stack: np.ndarray, names: list[str], *, sizes=None, order="XYZCT", **kwargs
 ) -> None:
-    """``stack`` split over the files ``names`` (in order), each file's OME-XML describing
-    the whole set (the files named by UUID), as LaVision ImSpector (one plane a file),
-    Bio-Formats and Micro-Manager write. ``size_c``: the channels the XML declares."""
+    """``stack`` split over the files ``names`` in order, each file's OME-XML describing the
+    whole set (the files named by UUID), as LaVision ImSpector (one plane a file), Bio-Formats
+    and Micro-Manager write. ``sizes``: the set's (Z, C, T), default (planes, 1, 1); the planes
+    run through them in ``order``, each file's from where the previous file's ended."""
     import uuid
 
     nz, ny, nx = stack.shape
+    size_z, size_c, size_t = sizes or (nz, 1, 1)
     per = nz // len(names)
+    fast = [{"Z": size_z, "C": size_c, "T": size_t}[a] for a in order[2:]]
     ids = [f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, n)}" for n in names]
+    firsts = [np.unravel_index(k * per, fast[::-1])[::-1] for k in range(len(names))]
     tiffdata = "".join(
-        f'<TiffData FirstZ="{k * per}" IFD="0" PlaneCount="{per}"><UUID FileName="{n}">'
-        f"{ids[k]}</UUID></TiffData>"
-        for k, n in enumerate(names)
+        "<TiffData "
+        + " ".join(f'First{a}="{v}"' for a, v in zip(order[2:], first, strict=True))
+        + f' IFD="0" PlaneCount="{per}"><UUID FileName="{n}">{ids[k]}</UUID></TiffData>'
+        for k, (n, first) in enumerate(zip(names, firsts, strict=True))
     )
-    for z in range(len(names)):
+    for k, n in enumerate(names):
         xml = (
             '<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/'
-            f'Schemas/OME/2016-06" UUID="{ids[z]}"><Image ID="Image:0"><Pixels ID="Pixels:0" '
-            f'DimensionOrder="XYZCT" Type="uint16" SizeX="{nx}" SizeY="{ny}" '
-            f'SizeZ="{nz // size_c}" SizeC="{size_c}" SizeT="1">'
+            f'Schemas/OME/2016-06" UUID="{ids[k]}"><Image ID="Image:0"><Pixels ID="Pixels:0" '
+            f'DimensionOrder="{order}" Type="uint16" SizeX="{nx}" SizeY="{ny}" '
+            f'SizeZ="{size_z}" SizeC="{size_c}" SizeT="{size_t}">'
             '<Channel ID="Channel:0:0" SamplesPerPixel="1"/>'
             f"{tiffdata}</Pixels></Image></OME>"
         )
         tifffile.imwrite(
-            folder / names[z], stack[z * per : (z + 1) * per].squeeze(), description=xml,
-            photometric="minisblack",
-            metadata=None, **kwargs,
+            folder / n, stack[k * per : (k + 1) * per].squeeze(), description=xml,
+            photometric="minisblack", metadata=None, **kwargs,
         )  # fmt: skip
 
 
@@ -360,17 +364,18 @@ def test_ome_set_spread_over_plane_files_reads_each_file_alone(tmp_path, compres
         discover(str(tmp_path / "*.ome.tif"), LAVISION)
 
 
-def test_ome_set_file_of_planes_of_several_channels_refused(tmp_path):
-    # a set's file holding several planes: stacked as they are when the set has only z
-    # planes, refused when it has channels (their order in the file would be a guess)
+def test_ome_set_files_of_one_channel_each_read_and_interleaved_ones_refused(tmp_path):
+    # a set's file of several planes is a z stack where the XML puts them in one channel
+    # (Bio-Formats: a file per channel), and refused where they span channels (Micro-Manager)
     stack = np.arange(4 * 6 * 7, dtype=np.uint16).reshape(4, 6, 7)
-    names = ["set_000.ome.tif", "set_001.ome.tif"]
-    write_ome_set(tmp_path, stack, names)
-    info = inspect_tiff(tmp_path / names[1])
-    assert info.own_pages and info.shape == (2, 6, 7)
-    np.testing.assert_array_equal(TiffRegion(info)[:, :, :], stack[2:])
-    write_ome_set(tmp_path, stack, names, size_c=2)
-    with pytest.raises(InputFilesError, match=r"set_001\.ome\.tif: .*2 planes of a set of C=2"):
+    names = ["set_C0.ome.tif", "set_C1.ome.tif"]
+    for sizes in [None, (2, 2, 1)]:  # z planes only; two channels of two planes
+        write_ome_set(tmp_path, stack, names, sizes=sizes)
+        info = inspect_tiff(tmp_path / names[1])
+        assert info.own_pages and info.shape == (2, 6, 7)
+        np.testing.assert_array_equal(TiffRegion(info)[:, :, :], stack[2:])
+    write_ome_set(tmp_path, stack, names, sizes=(2, 2, 1), order="XYCZT")  # channels fastest
+    with pytest.raises(InputFilesError, match=r"set_C1\.ome\.tif: .*2 planes.*2 \(channel, time"):
         inspect_tiff(tmp_path / names[1])
 
 
