@@ -242,8 +242,11 @@ def _channels_in_file(omexml: str, name: str) -> set[tuple[int, int]]:
         if named is None or html.unescape(named.group(1)).lower() != name.lower():
             continue
         first = dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', tag))
-        start = np.ravel_multi_index([int(first.get(f"First{a}", 0)) for a in order], shape)
-        count = int(first.get("PlaneCount", 1 if "IFD" in first else math.prod(shape)))
+        try:
+            start = np.ravel_multi_index([int(first.get(f"First{a}", 0)) for a in order], shape)
+            count = int(first.get("PlaneCount", 1 if "IFD" in first else math.prod(shape)))
+        except ValueError:  # indices outside the image: the XML does not say where
+            return set()
         for i in range(start, min(start + count, math.prod(shape))):
             where = dict(zip(order, np.unravel_index(i, shape), strict=True))
             held.add((int(where["C"]), int(where["T"])))
