@@ -142,7 +142,7 @@ def test_one_file_of_every_channel_per_tile_gives_the_same_cells(tiny_run, tmp_p
     manifest = discover(config.input, config.pattern)
     tiles = tmp_path / "tiles"
     tiles.mkdir()
-    for t, _, z, y, x in {(t, 0, z, y, x) for t, _, z, y, x in (i.index for i in manifest.tiles)}:
+    for t, z, y, x in {(t, z, y, x) for t, _, z, y, x in (i.index for i in manifest.tiles)}:
         channels = [tile.region()[:, :, :] for tile in manifest.tiles
                     if tile.index[:1] + tile.index[2:] == (t, z, y, x)]  # fmt: skip
         tifffile.imwrite(
