@@ -322,9 +322,21 @@ def _brain_middle(brain: np.ndarray, axis: int) -> int:
 
 
 def overlay_png(
-    mip: np.ndarray, labels_mip: np.ndarray, *, lo: float, hi: float, aspect: float = 1.0
+    mip: np.ndarray,
+    labels_mip: np.ndarray,
+    *,
+    lo: float,
+    hi: float,
+    aspect: float = 1.0,
+    annotated_yx: np.ndarray | None = None,
+    annotated_found: np.ndarray | None = None,
+    side: int = 256,
 ) -> bytes:
     """Label outlines over a maximum-intensity projection, as a small PNG.
+
+    Outlines are yellow. Annotated cells, where given, are circled: green where a detection
+    matched them, magenta where none did (so a setting's misses show at a glance; its false
+    detections are the outlines without a circle).
 
     Parameters
     ----------
@@ -336,11 +348,17 @@ def overlay_png(
         Display range (the same for every setting, so thumbnails compare).
     aspect : float
         Pixel height / width in µm.
+    annotated_yx : (N, 2) ndarray, optional
+        Annotated cells' positions in the projection's pixels (row, column).
+    annotated_found : (N,) ndarray of bool, optional
+        Which of them a detection matched (default: none).
+    side : int
+        Pixels of the PNG along its longer side.
 
     Returns
     -------
     bytes
-        The PNG, 256 pixels along its longer side.
+        The PNG.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -351,11 +369,24 @@ def overlay_png(
     edges = find_boundaries(labels_mip, mode="inner")
     rgb[edges] = (1.0, 0.85, 0.0)  # outlines in yellow
     h, w = gray.shape
-    scale = 256 / max(h * aspect, w)
+    scale = side / max(h * aspect, w)
     fig = Figure(figsize=(w * scale / 100, h * aspect * scale / 100), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(rgb, aspect=aspect, interpolation="nearest")
+    if annotated_yx is not None and len(annotated_yx):
+        yx = np.asarray(annotated_yx, float).reshape(-1, 2)
+        found = (
+            np.zeros(len(yx), bool)
+            if annotated_found is None
+            else np.asarray(annotated_found, bool)
+        )
+        for hit, colour in ((True, "#33ff66"), (False, "#ff33cc")):
+            sel = found == hit
+            ax.scatter(yx[sel, 1], yx[sel, 0], s=24, facecolors="none", edgecolors=colour,
+                       linewidths=0.8)  # fmt: skip
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
     ax.axis("off")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -71,7 +71,8 @@ def segment_setting(
 
     Method ``model`` runs the UNet at ``model`` (None: the bundled one); with
     ``config.background_channel`` the crop's second channel is the autofluorescence; with
-    ``crop["points_um"]`` (annotations in the crop) the row gets precision, recall and F1.
+    ``crop["points_um"]`` (annotations in the crop) the row gets precision, recall and F1,
+    and the thumbnail circles the annotated cells, found and missed.
     """
     from lightsheet.io.omezarr import read_image, write_image
     from lightsheet.io.tables import write_table
@@ -97,13 +98,25 @@ def segment_setting(
         result.labels[None, None], out / "labels.ome.zarr", voxel_size_um=voxel, labels=True
     )
     write_table(result.table, out / "cells.csv")
+    score = annotated_yx = matched = None
+    if crop.get("points_um") is not None:
+        from lightsheet.evaluate import match_points
+
+        points_um = np.asarray(crop["points_um"], float).reshape(-1, 3)
+        score = match_points(
+            result.table[["z_um", "y_um", "x_um"]].to_numpy(), points_um,
+            max_distance_um=config.nucleus_diameter_um / 2,
+        )  # fmt: skip
+        annotated_yx = points_um[:, 1:] / np.asarray(voxel[1:], float)
+        matched = np.isin(np.arange(len(points_um)), score.pairs[:, 1])
     labels_mip = np.asarray(result.labels.max(axis=0).compute())
     png = Path(folder) / f"setting-{index}.png"
     png.write_bytes(
         overlay_png(
-            np.load(crop["mip"]), labels_mip, lo=crop["lo"], hi=crop["hi"], aspect=crop["aspect"]
+            np.load(crop["mip"]), labels_mip, lo=crop["lo"], hi=crop["hi"],
+            aspect=crop["aspect"], annotated_yx=annotated_yx, annotated_found=matched,
         )
-    )
+    )  # fmt: skip
     volume_mm3 = float(np.prod(image.shape[2:]) * np.prod(voxel)) / 1e9
     seconds = time.monotonic() - begin
     changed = {k: v for k, v in config.model_dump(mode="json").items() if v != crop["base"].get(k)}
@@ -118,14 +131,7 @@ def segment_setting(
         if result.n
         else None,
     }
-    if crop.get("points_um") is not None:
-        from lightsheet.evaluate import match_points
-
-        found = result.table[["z_um", "y_um", "x_um"]].to_numpy()
-        score = match_points(
-            found, np.asarray(crop["points_um"]).reshape(-1, 3),
-            max_distance_um=config.nucleus_diameter_um / 2,
-        )  # fmt: skip
+    if score is not None:
         row |= {k: round(getattr(score, k), 3) for k in ("precision", "recall", "f1")}
     return {**row, "seconds": round(seconds, 2), "labels": str(out / "labels.ome.zarr"),
             "png": str(png)}  # fmt: skip
@@ -182,7 +188,9 @@ def publish(rows: list[dict], crop: dict, folder: str, source: str) -> dict:
             f"| {r['setting']} | {r['method']} | {changes} | {r['threshold']} | {r['cells']} | "
             f"{r['cells_per_mm3']} | {r['median_volume_um3']} | {score}{r['seconds']} |"
         )
-    md += ["", "Label outlines over the crop's maximum-intensity projection:", ""]
+    circles = "; annotated cells circled, green where a detection matched them, magenta where not"
+    caption = "Label outlines (yellow) over the crop's maximum-intensity projection"
+    md += ["", caption + (circles if scored else "") + ":", ""]
     md.append("| " + " | ".join(f"setting {r['setting']}" for r in rows) + " |")
     md.append("|" + "---|" * len(rows))
     pics = [base64.b64encode(Path(r["png"]).read_bytes()).decode() for r in rows]

@@ -1,4 +1,5 @@
-"""lightsheet.plots: the stitch overview and the MIP thumbnail (density plots: test_density)."""
+"""lightsheet.plots: the stitch overview, the MIP thumbnail and the sweep's overlay (density
+plots: test_density)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from lightsheet.io.omezarr import write_image
-from lightsheet.plots import mip_png, plot_overview
+from lightsheet.plots import mip_png, overlay_png, plot_overview
 from lightsheet.stitch.register import Link, Solution
 
 
@@ -38,3 +39,29 @@ def test_plot_overview_draws_every_tile(tmp_path):
     assert ((g > 150) & (r < 100) & (b < 100)).any(), "kept links in lime"
     assert ((r > 150) & (g < 100) & (b < 100)).any(), "dropped links in red"
     assert ((r > 200) & (g > 120) & (g < 200) & (b < 80)).any(), "nominal tiles in orange"
+
+
+def test_overlay_circles_annotated_cells_found_and_missed():
+    """Green circles where a detection matched an annotation, magenta where none did, each
+    around its annotation's pixel (a dark image, one label outlined in yellow)."""
+    mip = np.zeros((100, 200), np.float32)
+    labels = np.zeros((100, 200), np.int32)
+    labels[45:55, 20:30] = 1
+    annotated = np.array([[50.0, 60.0], [50.0, 150.0]])
+    png = overlay_png(mip, labels, lo=0, hi=1, annotated_yx=annotated,
+                      annotated_found=np.array([True, False]), side=200)  # fmt: skip
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (100, 200)
+    r, g, b = np.moveaxis(pixels, -1, 0)
+    green = (g > 150) & (r < 120) & (b < 150)
+    magenta = (r > 150) & (g < 120) & (b > 120)
+    yellow = (r > 200) & (g > 150) & (b < 80)
+    for mask, (y, x) in ((green, annotated[0]), (magenta, annotated[1])):
+        ys, xs = np.nonzero(mask)
+        assert len(ys) and abs(ys.mean() - y) < 1.5 and abs(xs.mean() - x) < 1.5
+        assert np.hypot(ys - y, xs - x).max() < 8  # a circle around it, not beyond
+    assert not (green[:, 100:].any() or magenta[:, :100].any())
+    assert yellow[45:55, 20:30].any() and not yellow[:, 40:].any()
+    # no annotations: only the outlines
+    plain = np.asarray(Image.open(io.BytesIO(overlay_png(mip, labels, lo=0, hi=1, side=200))))
+    assert not ((plain[..., 1] > 150) & (plain[..., 0] < 120)).any()
