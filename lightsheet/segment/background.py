@@ -225,7 +225,7 @@ def _bin_stats_block(
     """Per bin of the core: ``I_s − O``'s median, ``I_s``'s spread and median, and the noise.
 
     The spread is the MAD × 1.4826, the noise the spread at most ``NOISE_CAP`` × `pixel_noise`
-    (NaN without ``noise``).
+    (NaN without ``noise``, and in `_censored` bins).
     Returns ``(4, Z, NY, NX)`` in that order, or with ``bins`` (`stored_bins`' array) writes them
     there at the core's bins and returns None. With ``keep`` the core's ``I_s`` and ``O`` are also
     written to its Zarr arrays; laid out by block (``keep.step``), each block of the core with its
@@ -251,6 +251,7 @@ def _bin_stats_block(
     if noise:
         cap = NOISE_CAP * pixel_noise(padded, region, geometry)
         out[3] = np.where(cap > 0, np.minimum(out[1], cap), out[1])
+        out[3][_censored(_to_numpy(padded[region.core]), geometry.bin_vox)] = np.nan
     else:  # a channel whose offset alone is read (`stored_statistics` without ``noise``)
         out[3] = np.nan
     if bins is None:
@@ -334,7 +335,11 @@ def plane_statistics(
         return offset, None, None
     return (
         offset,
-        _median_bins(stats[3], NOISE_WINDOW_BINS) * np.float32(noise_calibration(geometry)),
+        _median_bins(
+            stats[3].rechunk({1: -1, 2: -1}).map_blocks(_fill_censored, dtype=np.float32),
+            NOISE_WINDOW_BINS,
+        )
+        * np.float32(noise_calibration(geometry)),
         plane_gain(stats[2], stats[1]),
     )
 
@@ -365,6 +370,42 @@ def _bin_spread(
     s = s[margin[0] : margin[0] + n * by, margin[1] : margin[1] + n * bx]
     mad = _bin_median_mad(s[None], (1, by, bx))[1]
     return float(np.median(mad) * _MAD_TO_SD / (sd if residual else s.std()))
+
+
+def _censored(raw: np.ndarray, bin_vox: Sequence[int]) -> np.ndarray:
+    """Bins whose median is their lowest value: more than half their voxels share it.
+
+    There the image was clipped (an offset subtracted, a camera's floor, a stitched mosaic's
+    empty fill), and the spread of what is left measures the clipping, not the noise: near
+    zero, which made every speck of the dark outside a cell. `_fill_censored` gives such
+    bins their plane's noise instead.
+
+    >>> raw = np.zeros((1, 2, 4), np.uint16); raw[0, :, 2:] = [[5, 7], [6, 9]]
+    >>> _censored(raw, (1, 2, 2)).tolist()
+    [[[True, False]]]
+    """
+    out = np.empty([-(-n // b) for n, b in zip(raw.shape, bin_vox, strict=True)], bool)
+    for cells, sl in _bins(raw, bin_vox):
+        low = cells.min(axis=-1, keepdims=True)
+        out[sl] = 2 * np.count_nonzero(cells == low, axis=-1) > cells.shape[-1]
+    return out
+
+
+def _fill_censored(noise: np.ndarray) -> np.ndarray:
+    """Each plane's NaN (`_censored`) bins at the median of its other bins' noise.
+
+    The noise's window median then reads the tissue's noise next to a clipped outside, and
+    across it. A plane censored everywhere gets 0 (nothing is found there).
+
+    >>> _fill_censored(np.array([[[1.0, np.nan, 3.0]], [[np.nan, np.nan, np.nan]]])).tolist()
+    [[[1.0, 2.0, 3.0]], [[0.0, 0.0, 0.0]]]
+    """
+    out = np.array(noise, np.float32)
+    for plane in out:
+        bad = np.isnan(plane)
+        if bad.any():
+            plane[bad] = 0.0 if bad.all() else np.median(plane[~bad])
+    return out
 
 
 def _bin_median_mad(a: np.ndarray, bin_vox: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -529,7 +570,10 @@ def _slab_statistics(bins: str, z0: int, z1: int, geometry, offset: str, noise: 
         return None
     calibration = np.float32(noise_calibration(geometry))
     out = zarr.open_array(noise, mode="r+")
-    out[z0:z1] = _median_block(stats[3, z0 - first :], window=NOISE_WINDOW_BINS) * calibration
+    out[z0:z1] = (
+        _median_block(_fill_censored(stats[3, z0 - first :]), window=NOISE_WINDOW_BINS)
+        * calibration
+    )
     step = _median_step(_plane_ratio(stats[2], stats[1]))
     return np.r_[1.0, step] if z0 == 0 else step
 

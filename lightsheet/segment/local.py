@@ -27,8 +27,13 @@ a cell, in units of the variation of the tissue around it:
    stays under the cap (the cellfinder crop: 485 → 489 objects). A bin has two voxels a
    side at least, and ``S`` is scaled so that
    it estimates the same at any voxel size: a bin of a few voxels (a coarse camera pixel)
-   gives a MAD biased low (`lightsheet.segment.background.noise_calibration`). Offset and
-   noise are interpolated linearly between bin centres.
+   gives a MAD biased low (`lightsheet.segment.background.noise_calibration`). A bin whose
+   raw voxels sit at its lowest value for more than half of them was clipped (an offset
+   subtracted at acquisition, a mosaic's empty fill): what spread is left there is that of
+   a few specks over nothing, so such a bin takes its plane's median noise instead
+   (`lightsheet.segment.background._censored`; the cellfinder crop clipped at its 10th
+   percentile gave 626 objects for 489, now 485). Offset and noise are interpolated
+   linearly between bin centres.
    Per plane because light-sheet planes are acquired one at a time and their brightness
    steps (tile seams, sheet power, bleaching); medians because bright cells, vessels and
    the dark outside must not move the level of their neighbours. The bins alone (a median
