@@ -80,6 +80,7 @@ __all__ = [
     "lineage_chain",
     "make_record",
     "read_lineage",
+    "recorded_quantum",
     "sidecar",
     "write_input_files",
     "write_sidecar",
@@ -420,3 +421,19 @@ def lineage_chain(path: str | Path) -> list[dict[str, Any]]:
             if isinstance(inp, Mapping) and inp.get("kind") == "output" and inp.get("path"):
                 todo.append(Path(inp["path"]))
     return chain
+
+
+def recorded_quantum(dtype: Any, lineage: Mapping[str, Any]) -> float | None:
+    """The step an image's values were recorded in: 1 for integers, else its lineage's.
+
+    A deconvolved image (float32) keeps its raw image's (``quantum`` in the lineage it is
+    written with), so the segment stage and the sweep know the rounding noise its camera's
+    integers carry (`lightsheet.segment.segment_volume`'s ``quantum``). None for a
+    real-valued raw image.
+
+    >>> recorded_quantum(np.uint8, {}), recorded_quantum(np.float32, {"quantum": 1.0})
+    (1.0, 1.0)
+    >>> recorded_quantum(np.float32, {}) is None
+    True
+    """
+    return 1.0 if np.issubdtype(dtype, np.integer) else lineage.get("quantum")

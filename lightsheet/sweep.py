@@ -24,6 +24,7 @@ from pydantic.fields import FieldInfo
 
 from lightsheet.config import PipelineConfig, SegmentConfig, load_config
 from lightsheet.errors import SweepError
+from lightsheet.lineage import recorded_quantum
 
 __all__ = [
     "DEFAULT_CROP_DIAMETERS",
@@ -182,11 +183,15 @@ class Crop:
         Where the crop lies in the source volume (voxels).
     voxel_size_um : tuple of 3 float
         Voxel size (z, y, x) in µm.
+    quantum : float or None
+        The step the source's values were recorded in (`lightsheet.lineage.recorded_quantum`),
+        which a deconvolved crop keeps: the segment stage's ``quantum``.
     """
 
     volume: da.Array
     box: tuple[slice, slice, slice]
     voxel_size_um: tuple[float, float, float]
+    quantum: float | None = None
 
 
 def crop_source(
@@ -238,10 +243,11 @@ def crop_source(
         )
         image, _ = stitch_configured(manifest, config.voxel_size_um, config.stitch)
         voxel = tuple(float(v) for v in config.voxel_size_um)
+        lineage: dict = {}
     else:
         from lightsheet.io.omezarr import read_image
 
-        image, voxel, _ = read_image(source)
+        image, voxel, lineage = read_image(source)
     volume = select_volume(image, t, channels[0], source)
     box = crop_box(
         volume.shape,
@@ -254,7 +260,8 @@ def crop_source(
     if config is not None and deconvolve and config.deconvolve.enabled:
         crop = _deconvolved_crop(volume, box, config)
     planes = [da.asarray(crop)] + [select_volume(image, t, c, source)[box] for c in channels[1:]]
-    return Crop(da.stack(planes), box, voxel)  # type: ignore[arg-type]
+    quantum = recorded_quantum(image.dtype, lineage)
+    return Crop(da.stack(planes), box, voxel, quantum)  # type: ignore[arg-type]
 
 
 def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: PipelineConfig):

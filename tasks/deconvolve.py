@@ -13,7 +13,7 @@ from lightsheet.config import DeconvolveConfig
 from lightsheet.deconvolve import clear_otf_cache, deconvolve_volumes
 from lightsheet.errors import ConfigError
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
-from lightsheet.lineage import file_content_fingerprint
+from lightsheet.lineage import file_content_fingerprint, recorded_quantum
 from lightsheet.psf import load_psf
 from tasks._common import (
     OUTPUTS,
@@ -66,7 +66,7 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
         psf_array = load_psf(psf)
         check_unchanged(stage.spec.inputs["psf"], file_content_fingerprint(psf))
         with dask_client() as client, _otfs_dropped(client):
-            image, voxel_size_um, _ = read_image(raw["path"])
+            image, voxel_size_um, raw_lineage = read_image(raw["path"])
             n_channels = image.shape[1]
             channels = range(n_channels) if config.channels is None else config.channels
             for c in channels:
@@ -96,7 +96,8 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
                 voxel_size_um=voxel_size_um,
                 name="deconvolved",
                 channel_names=raw.get("channel_names"),
-                lineage=stage.lineage(),
+                # float32 now, but the camera's integers' rounding stays in it
+                lineage={**stage.lineage(), "quantum": recorded_quantum(image.dtype, raw_lineage)},
                 compute=stage.progress(),
                 chunks=chunks,
                 # segment and featurize read it in halo-padded regions

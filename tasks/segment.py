@@ -17,7 +17,12 @@ from lightsheet.config import SegmentConfig
 from lightsheet.io.atomic import partial_path, remove_stale_partials
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.io.tables import write_table
-from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
+from lightsheet.lineage import (
+    file_content_fingerprint,
+    finish_record,
+    recorded_quantum,
+    write_sidecar,
+)
 from lightsheet.segment import segment_volume as segment_one
 from lightsheet.segment.local import whole_bin_chunks
 from tasks._common import (
@@ -76,7 +81,7 @@ def segment_volume(
     thresholds = None
     if not stage.reused:
         with dask_client(), _scratch(stage.outputs["path"]) as scratch:
-            source, voxel_size_um, _ = read_image(image["path"])
+            source, voxel_size_um, image_lineage = read_image(image["path"])
             check_channel(config.channel, source.shape[1], "segment.channel")
             if config.background_channel is not None:
                 check_channel(
@@ -106,6 +111,7 @@ def segment_volume(
                         c, description=f"segment: {what}", stage=stage.name
                     ),
                     scratch=scratch / f"t{t}",
+                    quantum=recorded_quantum(source.dtype, image_lineage),
                 )
                 for t in range(source.shape[0])
             ]

@@ -60,6 +60,7 @@ def write_crop(
         "start_zyx": start,
         "shape_zyx": shape,
         "voxel_size_um": list(crop.voxel_size_um),
+        "quantum": crop.quantum,  # a deconvolved crop keeps its raw values' step
     }
 
 
@@ -91,6 +92,7 @@ def segment_setting(
         config=config,
         background=image[0, 1] if config.background_channel is not None else None,
         model=net,
+        quantum=crop.get("quantum"),
     )
     out = Path(folder) / f"setting-{index}"
     out.mkdir(parents=True, exist_ok=True)

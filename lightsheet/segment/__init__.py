@@ -165,6 +165,7 @@ def segment_volume(
     compute: Callable[[Any, str], Any] | None = None,
     model: Any = None,
     scratch: str | Path | None = None,
+    quantum: float | None = None,
 ) -> SegmentResult:
     """Intensities → cells: labels and one row per cell, each cell once, at any chunking.
 
@@ -205,6 +206,13 @@ def segment_volume(
         For ``method="local"``: a folder for intermediates kept on disk instead of
         recomputed in later passes (`lightsheet.segment.local.detect_local`); the labels
         read it, so delete it only after computing them. Other methods ignore it.
+    quantum : float, optional
+        For ``method="local"``: the step of the values the intensities were recorded in (a
+        camera's integers: 1; a deconvolved image keeps its raw image's). Their rounding
+        noise, ``quantum / √12`` a voxel, is the least noise the method assumes: where a
+        dim background reads one value but for a few voxels one step off (8-bit data, data
+        scaled down before it was saved) the spread measured is near 0, and every such speck
+        stood out as a cell. Default: 1 for an integer ``image``, none for a real one.
 
     Returns
     -------
@@ -215,7 +223,9 @@ def segment_volume(
     vs = _voxel_size(voxel_size_um)
     config = (SegmentConfig() if config is None else config).resolved(vs)
     if config.method == "local":
-        return _segment_local(image, vs, config, background, chunks, compute, scratch)
+        if quantum is None and np.issubdtype(image.dtype, np.integer):
+            quantum = 1.0
+        return _segment_local(image, vs, config, background, chunks, compute, scratch, quantum)
     if background is not None:
         raise SegmentError(
             f"`background` (an autofluorescence channel) is used by method 'local' only; "
@@ -291,7 +301,7 @@ def segment_volume(
     return SegmentResult(labels=final, table=table, threshold=t, n=len(table), count_map=cmap)
 
 
-def _segment_local(image, vs, config: SegmentConfig, background, chunks, compute, scratch):
+def _segment_local(image, vs, config: SegmentConfig, background, chunks, compute, scratch, quantum):
     """`segment_volume` for ``method="local"``: stored or dask inputs alike."""
     _check_volume(image, "image")
     across = config.nucleus_diameter_um / max(vs[1:])
@@ -328,6 +338,7 @@ def _segment_local(image, vs, config: SegmentConfig, background, chunks, compute
         background_ratio=config.background_ratio,
         compute=compute,
         scratch=scratch,
+        quantum=quantum,
     )
     table = result.table
     cmap = count_map(table, chunks=result.labels.chunks, voxel_size_um=vs)

@@ -125,28 +125,37 @@ class LocalGeometry:
         Statistics bin: one plane, about one diameter in y and x.
     open_vox : (3,) ints
         The opening's square: one plane, ``2 × bin + 1`` (about two diameters) in y and x.
+    noise_floor : float
+        The least noise ``S``: the rounding noise of values recorded in steps of ``quantum``
+        (``quantum / √12`` a voxel, uniform), smoothed like the image. 0 without a quantum.
     """
 
     sigma_vox: tuple[float, float, float]
     depth: tuple[int, int, int]
     bin_vox: tuple[int, int, int]
     open_vox: tuple[int, int, int]
+    noise_floor: float = 0.0
 
     @classmethod
-    def of(cls, voxel_size_um: Sequence[float], diameter_um: float) -> LocalGeometry:
-        """The geometry for a cell diameter at a voxel size.
+    def of(
+        cls, voxel_size_um: Sequence[float], diameter_um: float, quantum: float | None = None
+    ) -> LocalGeometry:
+        """The geometry for a cell diameter at a voxel size (and values recorded in steps).
 
         Examples
         --------
         >>> g = LocalGeometry.of((5.0, 2.0, 2.0), 14.0)
         >>> g.sigma_vox, g.depth, g.bin_vox, g.open_vox, g.halo
         ((0.56, 1.4, 1.4), (2, 6, 6), (1, 7, 7), (1, 15, 15), (2, 20, 20))
+        >>> round(LocalGeometry.of((5.0, 2.0, 2.0), 14.0, quantum=1).noise_floor, 4)
+        0.0429
         """
         sigma = tuple(round(SMOOTH_SIGMA * diameter_um / v, 6) for v in voxel_size_um)
         depth = tuple(int(4.0 * s + 0.5) for s in sigma)  # scipy's Gaussian radius
         bins = (1,) + tuple(max(MIN_BIN_VOX, round(diameter_um / v)) for v in voxel_size_um[1:])
         opening = (1,) + tuple(2 * b + 1 for b in bins[1:])
-        return cls(sigma, depth, bins, opening)  # type: ignore[arg-type]
+        floor = 0.0 if not quantum else quantum / math.sqrt(12.0) * _smoothing_gain(sigma)
+        return cls(sigma, depth, bins, opening, round(floor, 9))  # type: ignore[arg-type]
 
     @property
     def halo(self) -> tuple[int, int, int]:
@@ -225,7 +234,8 @@ def _bin_stats_block(
     """Per bin of the core: ``I_s − O``'s median, ``I_s``'s spread and median, and the noise.
 
     The spread is the MAD × 1.4826, the noise the spread at most ``NOISE_CAP`` × `pixel_noise`
-    (NaN without ``noise``, and in `_censored` bins).
+    and at least ``geometry.noise_floor`` (before `noise_calibration`, which the windows'
+    median is multiplied by), NaN without ``noise`` and in `_censored` bins.
     Returns ``(4, Z, NY, NX)`` in that order, or with ``bins`` (`stored_bins`' array) writes them
     there at the core's bins and returns None. With ``keep`` the core's ``I_s`` and ``O`` are also
     written to its Zarr arrays; laid out by block (``keep.step``), each block of the core with its
@@ -251,6 +261,8 @@ def _bin_stats_block(
     if noise:
         cap = NOISE_CAP * pixel_noise(padded, region, geometry)
         out[3] = np.where(cap > 0, np.minimum(out[1], cap), out[1])
+        if geometry.noise_floor:  # the recorded values' rounding: the least noise there is
+            out[3] = np.maximum(out[3], geometry.noise_floor / noise_calibration(geometry))
         out[3][_censored(_to_numpy(padded[region.core]), geometry.bin_vox)] = np.nan
     else:  # a channel whose offset alone is read (`stored_statistics` without ``noise``)
         out[3] = np.nan
@@ -373,21 +385,26 @@ def _bin_spread(
 
 
 def _censored(raw: np.ndarray, bin_vox: Sequence[int]) -> np.ndarray:
-    """Bins whose median is their lowest value: more than half their voxels share it.
+    """Bins where more than half the raw voxels share one value: their MAD is 0.
 
-    There the image was clipped (an offset subtracted, a camera's floor, a stitched mosaic's
-    empty fill), and the spread of what is left measures the clipping, not the noise: near
-    zero, which made every speck of the dark outside a cell. `_fill_censored` gives such
-    bins their plane's noise instead.
+    Such a bin's spread measures how the image was written, not its noise. Clipped (an
+    offset subtracted, a camera's floor, a stitched mosaic's empty fill: the shared value is
+    the bin's lowest), or quantized more coarsely than its noise (a dim background in 8-bit
+    data, or in data scaled down before it was saved: the outside reads one value with a
+    few voxels one step off). What spread is left there is that of a few specks over
+    nothing, near zero, which made every speck of the dark outside a cell.
+    `_fill_censored` gives such bins their plane's noise instead.
 
-    >>> raw = np.zeros((1, 2, 4), np.uint16); raw[0, :, 2:] = [[5, 7], [6, 9]]
+    >>> raw = np.zeros((1, 2, 6), np.uint16); raw[0, :, 2:] = [[5, 7, 6, 6], [6, 9, 6, 7]]
     >>> _censored(raw, (1, 2, 2)).tolist()
-    [[[True, False]]]
+    [[[True, False, True]]]
     """
     out = np.empty([-(-n // b) for n, b in zip(raw.shape, bin_vox, strict=True)], bool)
     for cells, sl in _bins(raw, bin_vox):
-        low = cells.min(axis=-1, keepdims=True)
-        out[sl] = 2 * np.count_nonzero(cells == low, axis=-1) > cells.shape[-1]
+        # a value that more than half share is the middle one in sorted order
+        k = (cells.shape[-1] - 1) // 2
+        mid = np.partition(cells, k, axis=-1)[..., k : k + 1]
+        out[sl] = 2 * np.count_nonzero(cells == mid, axis=-1) > cells.shape[-1]
     return out
 
 

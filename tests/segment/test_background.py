@@ -61,7 +61,7 @@ def _interpolated(bins, shape, size):
     return out
 
 
-def _reference(image, geometry):
+def _reference(image, geometry, quantum=None):
     """``B`` and ``z`` of the whole array, written from the module's description."""
     s = ndi.gaussian_filter(image.astype(np.float32), geometry.sigma_vox, truncate=4.0)
     opened = ndi.grey_opening(s, size=geometry.open_vox)
@@ -86,13 +86,15 @@ def _reference(image, geometry):
     cap = background.NOISE_CAP * _binned(residual, geometry.bin_vox, _mad) * norm * bias
     spread = _binned(s, geometry.bin_vox, _mad)
     capped = np.where(cap > 0, np.minimum(spread, cap), spread)
+    if quantum:  # and at least the rounding noise of the recorded steps (before calibration)
+        capped = np.maximum(capped, quantum / np.sqrt(12) * norm / noise_calibration(geometry))
 
-    # bins where more than half the voxels sit at the bin's lowest value (a clipped image)
+    # bins where more than half the voxels share one value (clipped or coarsely quantized)
     # take their plane's median over the other bins
-    def clipped(v):
-        return 2 * (v == v.min(-1)[:, None]).sum(-1) > v.shape[-1]
+    def one_value(v):
+        return 2 * (v == np.median(v, -1)[:, None]).sum(-1) > v.shape[-1]
 
-    censored = _binned(image, geometry.bin_vox, clipped).astype(bool)
+    censored = _binned(image, geometry.bin_vox, one_value).astype(bool)
     for plane, bad in zip(capped, censored, strict=True):
         plane[bad] = np.median(plane[~bad])
     noise = windowed(capped, NOISE_WINDOW_BINS)
@@ -101,13 +103,20 @@ def _reference(image, geometry):
     return b, (s - b) / _interpolated(noise, s.shape, geometry.bin_vox)
 
 
-@pytest.mark.parametrize("cap, floor", [(None, None), (1.0, None), (None, 110.0)])
+@pytest.mark.parametrize(
+    "cap, floor, quantum", [(None, None, None), (1.0, None, None), (None, 110.0, None),
+                            (None, None, 200.0)]
+)  # fmt: skip
 @pytest.mark.parametrize("chunks", [(6, 70, 90), (3, 30, 40), (2, 17, 23), (6, 9, 90)])
-def test_background_and_significance_equal_whole_array_scipy(chunks, cap, floor, monkeypatch):
+def test_background_and_significance_equal_whole_array_scipy(
+    chunks, cap, floor, quantum, monkeypatch
+):
     """Blockwise ``B`` and ``z`` are the whole array's, at any blocks (the halo covers the
     smoothing, the opening and the pixel noise's 3 × 3 mean; the bins are whole in every
     block). ``cap`` 1: the pixel noise caps the spread in some bins, not in others. ``floor``:
-    the image clipped there, which censors most bins of the dark side."""
+    the image clipped there, which censors most bins of the dark side. ``quantum``: values
+    recorded in steps whose rounding noise is the least noise, more than the spread in some
+    bins (the dark side's)."""
     if cap is not None:
         monkeypatch.setattr(background, "NOISE_CAP", cap)
     diameter = 8.0
@@ -116,11 +125,11 @@ def test_background_and_significance_equal_whole_array_scipy(chunks, cap, floor,
     image = step_volume(
         shape, edge_x=55, edge_um=1.0, cells_um=cells, diameter_um=diameter, noise=60.0
     )
-    geometry = LocalGeometry.of(VOXEL_UM, diameter)
+    geometry = LocalGeometry.of(VOXEL_UM, diameter, quantum)
     if floor is not None:
         image = np.maximum(image, np.float32(floor))
         assert 0.2 < background._censored(image, geometry.bin_vox).mean() < 0.5
-    b_ref, z_ref = _reference(image, geometry)
+    b_ref, z_ref = _reference(image, geometry, quantum)
     dimage = da.from_array(image, chunks=chunks)
     grid = dimage.chunks
     regions = block_regions(grid, tuple(d + 1 for d in geometry.halo))
@@ -148,6 +157,44 @@ def test_pixel_noise_is_the_spread_of_pure_noise(pixel_um):
     spread = _binned(smooth(image, geometry), geometry.bin_vox, _mad)
     ratio = np.median(pixel) / np.median(spread)
     assert 0.92 < ratio < 1.08, ratio
+
+
+def test_a_dark_outside_below_one_step_holds_no_cells():
+    """8-bit tiles (a camera's 100 ADU offset and 1.5 ADU read noise, saved divided by 16):
+    the dark outside reads 6 but for 0.4 % of its voxels at 7. Deconvolved (float32), it is
+    6 ± 10⁻³ with a spike at each 7, and the spread there, near 0, made each spike a cell
+    (50 of them beside the 10 somata). The noise is at least the rounding noise of the
+    recorded steps (``quantum`` 1, which the deconvolve stage passes on): the 10 somata, and
+    nothing outside. The undeconvolved integers need no quantum: most of a bin reads one
+    value (`background._censored`)."""
+    from lightsheet.deconvolve import deconvolve
+    from lightsheet.psf import gaussian_psf
+
+    rng = np.random.default_rng(3)
+    shape, diameter, sigma_um = (16, 96, 160), 8.0, (2.0, 0.6, 0.6)
+    cells = np.c_[rng.uniform(6, 26, 10), rng.uniform(8, 88, 10), rng.uniform(8, 72, 10)]
+    grid = np.indices(shape, dtype=np.float32) * np.reshape(VOXEL_UM, (3, 1, 1, 1))
+    light = np.broadcast_to(np.where(np.arange(shape[2]) < 80, 200.0, 0.0), shape).copy()
+    for c in cells:  # tissue on the left half, the dark outside on the right
+        r2 = sum((grid[a] - c[a]) ** 2 for a in range(3))
+        light += 300 * np.exp(-r2 / (2 * (diameter / 4) ** 2))
+    light = ndi.gaussian_filter(light, np.divide(sigma_um, VOXEL_UM))
+    raw = rng.poisson(light) + 100 + rng.normal(0, 1.5, shape)
+    tiles = np.rint(raw / 16).astype(np.uint8)
+    assert 0.001 < np.mean(tiles[:, :, 100:] != 6) < 0.01
+    psf = gaussian_psf(sigma_um, VOXEL_UM)
+    deconvolved = deconvolve(da.from_array(tiles, chunks=(16, 48, 80)), psf).compute()
+
+    def found(image, quantum):
+        config = SegmentConfig(nucleus_diameter_um=diameter)
+        image = da.from_array(image, chunks=(16, 48, 80))
+        result = segment_volume(image, voxel_size_um=VOXEL_UM, config=config, quantum=quantum)
+        return result.table[["z_um", "y_um", "x_um"]].to_numpy()
+
+    for image, quantum in [(deconvolved, 1.0), (tiles, None)]:
+        f = found(image, quantum)
+        assert match_points(f, cells, max_distance_um=diameter / 2).tp == len(f) == 10
+    assert len(found(deconvolved, None)) > 20  # without the floor: the outside's spikes
 
 
 def test_crowded_nuclei_keep_the_noise_of_the_image():
