@@ -171,6 +171,8 @@ def deconvolve(
         eps=eps,
         workers=workers,
         gpu=gpu,
+        # a stored volume names its image, time point and channel in a bad value's error
+        source=str(image) if stored else "image",
     )
 
 
@@ -236,17 +238,19 @@ def _deconvolve_block(
     eps: float | None,
     workers: int | None,
     gpu: bool | None,
+    source: str = "image",
 ) -> Any:
     """One halo-padded block: check, move to the GPU if wanted, deconvolve, move back."""
     # check the block itself (not its halo) so the message names the right voxel and block
     where = f" (block {region.index})"
-    _check_values(block[region.core], offset=region.start, where=where)
+    _check_values(block[region.core], offset=region.start, where=where, name=source)
     # a bad voxel in the halo belongs to a neighbour: stop before FFTs spread it here
     _check_values(
         block,
         offset=region.origin,
         shape=region.shape,
         where=f" (in the halo of block {region.index})",
+        name=source,
     )
     on_host = type(block).__module__.split(".")[0] == "numpy"
     use_gpu = on_host and gpu is not False and _cuda_available()

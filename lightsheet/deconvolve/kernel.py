@@ -212,8 +212,9 @@ def _check_values(
     offset: Sequence[int] = (0, 0, 0),
     shape: Sequence[int] | None = None,
     where: str = "",
+    name: str = "image",
 ) -> None:
-    """Raise `ImageError` for NaN, infinite or negative intensities, naming the voxel.
+    """Raise `ImageError` for NaN, infinite or negative intensities, naming ``name``'s voxel.
 
     ``offset`` is the volume index of ``block[0, 0, 0]``; indices outside a volume of
     ``shape`` are mirrored back (dask's "reflect" halo at the volume's edges).
@@ -230,7 +231,8 @@ def _check_values(
         (
             block < 0,
             f"negative intensities (min {lo:.4g})",
-            "non-negative data for Richardson–Lucy (clip or offset it first)",
+            "non-negative data for Richardson–Lucy (clip or offset it first, or leave it "
+            "undeconvolved: deconvolve.enabled, deconvolve.channels)",
         ),
     ):
         hits = xp.argwhere(bad)
@@ -240,7 +242,7 @@ def _check_values(
                 voxel = [_mirror(v, n) for v, n in zip(voxel, shape, strict=True)]
             voxel = tuple(voxel)
             raise ImageError(
-                f"image: contains {what}, first at voxel (z, y, x) = {voxel}{where}; "
+                f"{name}: contains {what}, first at voxel (z, y, x) = {voxel}{where}; "
                 f"expected {expected}"
             )
 

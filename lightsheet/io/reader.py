@@ -60,6 +60,11 @@ class StoredVolume:
         key = key if isinstance(key, tuple) else (key,)
         return np.asarray(self.array[(self.t, self.c, *key)])
 
+    def __str__(self) -> str:
+        """What an error names: the image's level, time point and channel."""
+        path = str(self.array.store_path).removeprefix("file://")
+        return f"{path}, time point {self.t}, channel {self.c}"
+
     def __dask_tokenize__(self) -> tuple:
         meta = Path(str(self.array.store_path).removeprefix("file://")) / "zarr.json"
         try:

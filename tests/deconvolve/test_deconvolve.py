@@ -423,6 +423,27 @@ def test_bad_image_values_are_rejected(value, match):
             lazy.compute()
 
 
+def test_bad_values_of_a_stored_image_name_its_file_and_channel(tmp_path):
+    """Data with a background subtracted in floating point holds negative values, which
+    Richardson–Lucy cannot take: the error names the image, time point and channel (the
+    pipeline's ``raw.ome.zarr``), the voxel, and what to do."""
+    from lightsheet.deconvolve import deconvolve_volumes
+    from lightsheet.io.omezarr import stored_volume, write_image
+
+    image = np.ones((1, 2, 20, 20, 20), np.float32)
+    image[0, 1, 15, 3, 4] = -5.0
+    path = tmp_path / "raw.ome.zarr"
+    write_image(da.from_array(image), path, voxel_size_um=(1.0, 1.0, 1.0), name="raw")
+    volumes = [[stored_volume(path, 0, c) for c in range(2)]]
+    result, _ = deconvolve_volumes(volumes, gaussian_psf((1, 1, 1), (1, 1, 1)), iterations=2)
+    expected = r"raw.ome.zarr.*time point 0, channel 1: contains negative .*\(15, 3, 4\)"
+    with pytest.raises(ImageError, match=expected + ".*deconvolve.channels"):
+        result.compute()
+    # the channel left undeconvolved passes through
+    result, _ = deconvolve_volumes(volumes, gaussian_psf((1, 1, 1), (1, 1, 1)), channels=[0])
+    assert result[0, 1, 15, 3, 4].compute() == -5.0
+
+
 def test_bad_image_shapes_are_rejected():
     psf = gaussian_psf((1, 1, 1), (1, 1, 1))
     with pytest.raises(ImageError, match="3-D"):
