@@ -26,6 +26,8 @@ __all__ = [
     "SweepError",
     "TableError",
     "TileGridError",
+    "UndersampledCellWarning",
+    "ZeroLevelWarning",
 ]
 
 
@@ -67,6 +69,10 @@ class AtlasCoverageWarning(UserWarning):
 
 class UndersampledCellWarning(UserWarning):
     """The cells are under two camera pixels across: found, but fewer and placed coarsely."""
+
+
+class ZeroLevelWarning(UserWarning):
+    """Cells lie where the background level is not above 0: the image's 0 is not "no light"."""
 
 
 class SampleError(LightsheetError, ValueError):

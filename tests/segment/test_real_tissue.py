@@ -195,6 +195,21 @@ def test_a_clipped_outside_holds_no_cells(crop, with_background):
     assert (zeros[tuple(np.clip(at, 0, np.array(signal.shape) - 1).T)] <= 0.5).all()
 
 
+def test_a_level_below_zero_keeps_its_cells_and_says_why(crop):
+    """Float data with more than the dark level subtracted (here each channel's 99th
+    percentile): the tissue's level is below 0, where a cell's contrast over its level, on
+    which the background channel's artefact test rests, means nothing. Such candidates are
+    kept untested, with a warning that says why, instead of being dropped by a test of
+    undefined numbers (before: 36 of the 240 cells found without the channel were kept)."""
+    from lightsheet.errors import ZeroLevelWarning
+
+    signal, autofluorescence = (c.astype(np.float32) - np.percentile(c, 99) for c in crop)
+    with pytest.warns(ZeroLevelWarning, match="not above 0"):
+        result = _segment(signal, SegmentConfig(**DEFAULTS), autofluorescence)
+    alone = _segment(signal, SegmentConfig(nucleus_diameter_um=14))
+    pd.testing.assert_frame_equal(result.table[alone.table.columns], alone.table)
+
+
 def test_planted_somata_on_real_background(crop, seed=1):
     """220 somata of 11–17 µm, peaks 5–15 local noise SDs, planted into the real
     autofluorescence: found within half a diameter, with the channel's second exposure
