@@ -38,7 +38,8 @@ a cell, in units of the variation of the tissue around it:
    smoothed like the image; ``quantum`` is 1 for a camera's integers, and a deconvolved
    image keeps its raw image's): deconvolved, an 8-bit dark outside is a flat floor with a
    spike at each voxel that read one step more, and each spike stood out as a cell (the
-   realistic small sample divided by 16: 3,122 objects for 1,466 cells, now 1,412).
+   realistic small sample written as 8 bits, its four low bits dropped: 3,122 objects
+   for 1,466 cells, now 1,412; `benchmarks/recording.py`).
    Offset and noise are interpolated linearly between bin centres.
    Per plane because light-sheet planes are acquired one at a time and their brightness
    steps (tile seams, sheet power, bleaching); medians because bright cells, vessels and
