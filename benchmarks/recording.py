@@ -77,9 +77,11 @@ def main(argv=None) -> int:
         run_config(load_config(copy / "config.yaml"))
         summary, _ = score(copy, copy / "output")
         summary.pop("radial_offset_um_by_shell")
+        with tifffile.TiffFile(next((copy / "tiles").glob("*.tif"))) as tif:
+            dtype = str(tif.pages[0].dtype)
         rows.append({
             "recording": name, "size": args.size, "cells": args.cells, "seed": args.seed,
-            "dtype": str(tifffile.imread(next((copy / "tiles").glob("*.tif"))).dtype),
+            "dtype": dtype,
             **summary, "pipeline_s": round(time.perf_counter() - start, 1),
         })  # fmt: skip
         print(pd.DataFrame(rows[-1:]).to_string(index=False))

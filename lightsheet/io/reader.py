@@ -60,13 +60,17 @@ class StoredVolume:
         key = key if isinstance(key, tuple) else (key,)
         return np.asarray(self.array[(self.t, self.c, *key)])
 
+    @property
+    def path(self) -> str:
+        """The stored level's path (the image's folder and the level in it)."""
+        return str(self.array.store_path).removeprefix("file://")
+
     def __str__(self) -> str:
         """What an error names: the image's level, time point and channel."""
-        path = str(self.array.store_path).removeprefix("file://")
-        return f"{path}, time point {self.t}, channel {self.c}"
+        return f"{self.path}, time point {self.t}, channel {self.c}"
 
     def __dask_tokenize__(self) -> tuple:
-        meta = Path(str(self.array.store_path).removeprefix("file://")) / "zarr.json"
+        meta = Path(self.path) / "zarr.json"
         try:
             stamp = meta.stat().st_mtime_ns
         except OSError:

@@ -49,6 +49,7 @@ import pandas as pd
 from lightsheet.config import SegmentConfig
 from lightsheet.config.derived import default_volume_range_um3
 from lightsheet.errors import SegmentError, UndersampledCellWarning
+from lightsheet.lineage import recorded_quantum
 from lightsheet.regions import is_stored, map_overlap
 from lightsheet.segment._common import _as_volume, _voxel_size, label_dtype, structure
 from lightsheet.segment.classify import (
@@ -223,8 +224,8 @@ def segment_volume(
     vs = _voxel_size(voxel_size_um)
     config = (SegmentConfig() if config is None else config).resolved(vs)
     if config.method == "local":
-        if quantum is None and np.issubdtype(image.dtype, np.integer):
-            quantum = 1.0
+        if quantum is None:
+            quantum = recorded_quantum(image.dtype, {})
         return _segment_local(image, vs, config, background, chunks, compute, scratch, quantum)
     if background is not None:
         raise SegmentError(
