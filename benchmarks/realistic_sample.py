@@ -103,12 +103,18 @@ def edge_bias(sample: Path, found: pd.DataFrame, truth: pd.DataFrame, pairs) -> 
 
 
 def run_mode(
-    work: Path, size: str, cells: str, seed: int, mosaic: dict | None = None
+    work: Path,
+    size: str,
+    cells: str,
+    seed: int,
+    mosaic: dict | None = None,
+    voxel_size_um: tuple[float, float, float] | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """Generate, run and score one cell mode; seconds of each step included.
 
     ``mosaic``: ``overlap`` and ``stage_error_um`` of an overlapping-tile sample (else one
-    field of view cut into tiles that abut).
+    field of view cut into tiles that abut). ``voxel_size_um``: image the sample at this
+    voxel size instead of the default (`lightsheet.sample.generate`).
     """
     from lightsheet.cli import run_config
     from lightsheet.config import load_config
@@ -122,7 +128,9 @@ def run_mode(
     if mosaic:
         generate_overlapping(sample, size=size, seed=seed, realistic=True, cells=cells, **mosaic)
     else:
-        generate(sample, size=size, seed=seed, realistic=True, cells=cells)
+        generate(
+            sample, size=size, seed=seed, realistic=True, cells=cells, voxel_size_um=voxel_size_um
+        )
     generated = time.perf_counter() - start
     config = load_config(sample / "config.yaml")
     start = time.perf_counter()
@@ -134,6 +142,7 @@ def run_mode(
         "size": size,
         "seed": seed,
         **({"mosaic": mosaic} if mosaic else {}),
+        "voxel_size_um": list(config.voxel_size_um),
         "segment": config.segment.model_dump(mode="json", exclude_defaults=True),
         **summary,
         "generate_s": round(generated, 1),

@@ -14,6 +14,17 @@ so one tissue imaged with coarser pixels should give about the same cells. This 
     python -m benchmarks.voxel_size --results benchmarks/results     # about 3 minutes
 
 Writes ``voxel_size.csv`` under ``--results``.
+
+With ``--sample`` it measures the same on generated truth instead: the realistic sample
+(``lightsheet sample --realistic --voxel-size-um Z Y X``, the brain and its cells the same
+size in µm, each camera pixel collecting its area's light) imaged at each voxel size of
+``SAMPLE_VOXELS``, both cell modes, the whole pipeline with the sample's config
+(`benchmarks.realistic_sample.run_mode`), scored against the truth:
+
+    python -m benchmarks.voxel_size --sample --work /tmp/vs --results benchmarks/results
+
+Writes ``voxel_size_sample.csv`` (one row a cell mode and voxel size) and
+``voxel_size_sample_leaves.csv``.
 """
 
 from __future__ import annotations
@@ -36,6 +47,16 @@ from benchmarks.real_data import (
 #: (z step, y/x bin) of the crop, and y/x bins of the DELiVR patches.
 CROP = ((1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (2, 1))
 DELIVR = (1, 2, 3)
+#: Voxel sizes (z, y, x) µm of the generated sample: the default, finer, coarser, the two
+#: real data sets', and planes 10 µm apart.
+SAMPLE_VOXELS = (
+    (2.0, 1.0, 1.0),
+    (3.0, 0.75, 0.75),
+    (4.0, 2.0, 2.0),
+    (5.0, 2.0, 2.0),
+    (6.0, 1.62, 1.62),
+    (10.0, 2.0, 2.0),
+)
 
 
 def _sampling(voxel_um, z_step: int, bin_yx: int, result: dict) -> dict:
@@ -45,11 +66,56 @@ def _sampling(voxel_um, z_step: int, bin_yx: int, result: dict) -> dict:
     return {"voxel_size_um": voxel, "diameter_voxels_yx": round(across, 2)}
 
 
+def sample_rows(work: Path, size: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The realistic sample at each of `SAMPLE_VOXELS`, both cell modes: scores and leaves."""
+    from benchmarks.realistic_sample import run_mode
+
+    rows, leaves = [], []
+    for voxel in SAMPLE_VOXELS:
+        for cells in ("somata", "nuclei"):
+            name = "x".join(f"{v:g}" for v in voxel)
+            summary, table = run_mode(work / name, size, cells, seed, voxel_size_um=voxel)
+            d = summary["segment"]["nucleus_diameter_um"]
+            worst = table.loc[table["error"].abs().idxmax()]
+            rows.append(
+                {
+                    "cells": cells,
+                    "voxel_size_um": " x ".join(f"{v:g}" for v in voxel),
+                    "diameter_voxels_yx": round(d / voxel[1], 2),
+                    **{k: summary[k] for k in ("true_cells", "found_cells", "tp", "fp", "fn")},
+                    **{k: round(summary[k], 4) for k in ("precision", "recall", "f1")},
+                    "leaves_within_10pct": summary["leaves_within_10pct"],
+                    "leaves": summary["leaves"],
+                    "worst_leaf": f"{worst['acronym']} {worst['error']:+.1%}",
+                    "pipeline_s": summary["pipeline_s"],
+                }
+            )
+            print(rows[-1], flush=True)
+            leaves.append(table.assign(voxel_size_um=rows[-1]["voxel_size_um"]))
+    return pd.DataFrame(rows), pd.concat(leaves)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the data sets")
-    parser.add_argument("--results", type=Path, help="write voxel_size.csv here")
+    parser.add_argument("--results", type=Path, help="write the CSV files here")
+    parser.add_argument(
+        "--sample", action="store_true", help="the generated sample instead of the real data"
+    )
+    parser.add_argument("--work", type=Path, help="with --sample: folder for samples and runs")
+    parser.add_argument("--size", default="small", help="with --sample: its size (small)")
+    parser.add_argument("--seed", type=int, default=0, help="with --sample: its seed")
     args = parser.parse_args(argv)
+    if args.sample:
+        if args.work is None:
+            parser.error("--sample needs --work")
+        table, leaves = sample_rows(args.work, args.size, args.seed)
+        print(table.to_string(index=False))
+        if args.results:
+            args.results.mkdir(parents=True, exist_ok=True)
+            table.to_csv(args.results / "voxel_size_sample.csv", index=False)
+            leaves.to_csv(args.results / "voxel_size_sample_leaves.csv", index=False)
+        return 0
     dask.config.set(scheduler="threads")
     rows = []
     for z_step, k in CROP:

@@ -4,7 +4,7 @@ Subcommands::
 
     lightsheet sample DIR [--size tiny|small|medium|large] [--seed N] [--misaligned]
                       [--overlap F] [--stage-error-um UM [UM UM]] [--grid Z Y X]
-                      [--realistic [--cells nuclei|somata]]
+                      [--realistic [--cells nuclei|somata]] [--voxel-size-um Z Y X]
     lightsheet sample DIR --background PLANES_DIR --voxel-size-um Z Y X [--n-cells N]
     lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large] [--cells nuclei|somata]
@@ -95,14 +95,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.background:
         return _sample_planted(args)
-    if args.voxel_size_um or args.n_cells:
-        raise SampleError("--voxel-size-um and --n-cells go with --background; expected it")
+    if args.n_cells:
+        raise SampleError("--n-cells goes with --background; expected it")
     common = {"size": args.size, "seed": args.seed, "channels": args.channels}
     overlapping = args.overlap or args.stage_error_um or args.grid
     if overlapping and args.misaligned:
         raise SampleError(
             "--misaligned cannot be combined with --overlap/--stage-error-um/--grid; "
             "expected one of them"
+        )
+    if args.voxel_size_um and (overlapping or args.misaligned):
+        raise SampleError(
+            "--voxel-size-um cannot be combined with --overlap/--stage-error-um/--grid or "
+            "--misaligned (their tiles and atlas are laid out at the default voxel size)"
         )
     if args.misaligned and (args.realistic or args.cells):
         raise SampleError(
@@ -122,7 +127,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             info = generate(
                 args.dir, **common, timepoints=args.timepoints, progress=progress,
-                misaligned=args.misaligned,
+                misaligned=args.misaligned, voxel_size_um=args.voxel_size_um,
             )  # fmt: skip
     gb = info.get("bytes_written", 0) / 1e9
     print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
@@ -557,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs=3,
         metavar=("Z", "Y", "X"),
-        help="with --background: its voxel size in um",
+        help="with --background: its voxel size in um; otherwise the voxel size to image "
+        "the generated sample at (default 2 1 1; the brain keeps its size in um)",
     )
     p.add_argument(
         "--n-cells",

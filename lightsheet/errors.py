@@ -68,7 +68,7 @@ class AtlasCoverageWarning(UserWarning):
 
 
 class UndersampledCellWarning(UserWarning):
-    """The cells are under two camera pixels across: found, but fewer and placed coarsely."""
+    """The cells are under two pixels across or one plane deep: found, but fewer, coarsely."""
 
 
 class ZeroLevelWarning(UserWarning):

@@ -42,7 +42,9 @@ Truth
     centred at ``i × voxel_size_um``; the image → atlas mapping is the identity in µm
     (orientation ``asr``, offset 0) and a cell at ``p`` µm lies in atlas voxel
     ``floor(p / R)``, BrainGlobe's lookup (`lightsheet.density.atlas_voxel`);
-    ``intensity`` is the nucleus's peak brightness in photons per voxel before blur.
+    ``intensity`` is the nucleus's peak brightness in photons per voxel before blur, at
+    `VOXEL_SIZE_UM` (a sample at another voxel size, ``generate(..., voxel_size_um=)``,
+    collects a pixel's area's worth more or less light).
     ``truth/density.csv`` (`truth_region_table`) counts the cells of one time point.
 
 The package, by concern: `lightsheet.sample.presets` (sizes, channels, optics, camera,

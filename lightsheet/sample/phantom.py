@@ -29,6 +29,7 @@ from lightsheet.sample.presets import (
     Region,
     SizePreset,
     _check_args,
+    check_voxel_size,
 )
 from lightsheet.sample.render import _background_fields, _Scene
 
@@ -136,7 +137,13 @@ class Phantom:
         )
 
 
-def build_phantom(size: str = "tiny", *, seed: int = 0, channels: int = 2) -> Phantom:
+def build_phantom(
+    size: str = "tiny",
+    *,
+    seed: int = 0,
+    channels: int = 2,
+    voxel_size_um: Sequence[float] | None = None,
+) -> Phantom:
     """The deterministic content of a sample: atlas, cells, PSF and background fields.
 
     Parameters
@@ -147,13 +154,20 @@ def build_phantom(size: str = "tiny", *, seed: int = 0, channels: int = 2) -> Ph
         Seed of the random draws (cells and illumination).
     channels : int
         Number of channels, 1 to ``len(CHANNELS)``.
+    voxel_size_um : (3,) floats, optional
+        Image voxel size (z, y, x); default `VOXEL_SIZE_UM`. Another keeps the brain's
+        extent and the atlas in µm (`SizePreset.at_voxel_size`), the optics' PSF in µm, and
+        the light a µm² of tissue gives (`_Scene`: photons per voxel grow with the pixel's
+        area).
 
     Returns
     -------
     Phantom
     """
     preset = _check_args(size, seed, channels, 1)
-    vox = VOXEL_SIZE_UM
+    vox = VOXEL_SIZE_UM if voxel_size_um is None else check_voxel_size(voxel_size_um)
+    if vox != VOXEL_SIZE_UM:
+        preset = preset.at_voxel_size(vox)
     res_um = preset.atlas_resolution_um(vox)
     geometry = BrainGeometry.for_volume(preset.shape_zyx, vox)
     annotation, hemispheres = geometry.atlas(atlas_shape(preset.shape_zyx, vox, res_um), res_um)
@@ -436,7 +450,7 @@ def sample_cells(
     pandas.DataFrame
         ``cell_id`` (from 1), ``z_um, y_um, x_um`` (inside their atlas voxel ``j``,
         which spans ``[j R, (j + 1) R)`` µm), ``diameter_um``, ``semi_z_um, semi_y_um, semi_x_um``,
-        ``intensity`` (peak photons per voxel before blur), ``structure_id``,
+        ``intensity`` (peak photons per voxel of `VOXEL_SIZE_UM` before blur), ``structure_id``,
         ``hemisphere``; sorted by position.
     """
     parts, draw, owner = _region_draws(annotation, resolution_um, rng)

@@ -119,13 +119,11 @@ def generate_planted(
     """
     import tifffile
 
-    from lightsheet.sample.presets import SAMPLE_FORMAT, SAMPLE_VERSION
+    from lightsheet.sample.presets import SAMPLE_FORMAT, SAMPLE_VERSION, check_voxel_size
     from lightsheet.sample.tissue import plant_cells, second_exposure
     from lightsheet.sample.writer import _write_json
 
-    vs = tuple(float(v) for v in voxel_size_um)
-    if len(vs) != 3 or not all(np.isfinite(vs)) or min(vs) <= 0:
-        raise SampleError(f"voxel_size_um: got {voxel_size_um!r}; expected three positive µm")
+    vs = check_voxel_size(voxel_size_um)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise SampleError(f"seed: got {seed!r}; expected a non-negative integer")
     background, names = read_planes(background_dir)

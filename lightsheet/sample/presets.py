@@ -37,6 +37,7 @@ __all__ = [
     "TILE_THREADS",
     "TIMEPOINT_INTERVAL_MS",
     "VOXEL_SIZE_UM",
+    "check_voxel_size",
     "Channel",
     "Region",
     "size_preset",
@@ -64,12 +65,16 @@ class SizePreset:
         Atlas voxel size (isotropic) as a multiple of the lateral image voxel size.
     description : str
         What the size is for.
+    atlas_um : float or None
+        The atlas voxel size in µm, where it is not ``atlas_factor`` image voxels (a preset
+        sampled at another voxel size keeps its atlas: `at_voxel_size`).
     """
 
     shape_zyx: tuple[int, int, int]
     tile_grid_zyx: tuple[int, int, int]
     atlas_factor: int
     description: str
+    atlas_um: float | None = None
 
     def __post_init__(self) -> None:
         for n, g in zip(self.shape_zyx, self.tile_grid_zyx, strict=True):
@@ -83,7 +88,39 @@ class SizePreset:
 
     def atlas_resolution_um(self, voxel_size_um: Sequence[float] = VOXEL_SIZE_UM) -> float:
         """Isotropic atlas voxel size in µm."""
+        if self.atlas_um is not None:
+            return self.atlas_um
         return float(self.atlas_factor * min(voxel_size_um[1:]))
+
+    def at_voxel_size(self, voxel_size_um: Sequence[float]) -> SizePreset:
+        """The same brain in µm sampled at ``voxel_size_um`` instead of `VOXEL_SIZE_UM`.
+
+        Each side keeps its extent in µm, to the nearest voxel count the tile grid divides
+        (at least one voxel a tile), and the atlas its resolution in µm: about the same
+        brain and regions, with cells drawn afresh in them.
+
+        Examples
+        --------
+        >>> small = SIZES["small"]
+        >>> coarse = small.at_voxel_size((4.0, 2.0, 2.0))
+        >>> coarse.shape_zyx, coarse.tile_grid_zyx
+        ((64, 256, 256), (2, 2, 2))
+        >>> coarse.atlas_resolution_um((4.0, 2.0, 2.0)) == small.atlas_resolution_um()
+        True
+        """
+        shape = tuple(
+            g * max(1, round(n * v0 / (v * g)))
+            for n, g, v0, v in zip(
+                self.shape_zyx, self.tile_grid_zyx, VOXEL_SIZE_UM, voxel_size_um, strict=True
+            )
+        )
+        return SizePreset(
+            shape,  # type: ignore[arg-type]
+            self.tile_grid_zyx,
+            self.atlas_factor,
+            f"{self.description}; sampled at {' x '.join(f'{v:g}' for v in voxel_size_um)} µm",
+            self.atlas_resolution_um(),
+        )
 
     def raw_bytes(self, *, channels: int = 2, timepoints: int = 1) -> int:
         """Bytes of uint16 pixel data over all channels and time points."""
@@ -255,6 +292,25 @@ CELL_COLUMNS = (
     "structure_id",
     "hemisphere",
 )
+
+
+def check_voxel_size(voxel_size_um) -> tuple[float, float, float]:
+    """``voxel_size_um`` as three floats, or a `SampleError` naming it.
+
+    Examples
+    --------
+    >>> check_voxel_size([4, 2, 2])
+    (4.0, 2.0, 2.0)
+    """
+    try:
+        vs = tuple(float(v) for v in voxel_size_um)
+    except (TypeError, ValueError):
+        vs = ()
+    if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
+        raise SampleError(
+            f"voxel_size_um: got {voxel_size_um!r}; expected three positive µm (z, y, x)"
+        )
+    return vs  # type: ignore[return-value]
 
 
 def _check_args(size, seed, channels, timepoints) -> SizePreset:

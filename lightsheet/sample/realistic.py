@@ -424,13 +424,18 @@ def soma_cells(
 
 
 def build_realistic_phantom(
-    size: str = "tiny", *, seed: int = 0, channels: int = 2, cells: str = "nuclei"
+    size: str = "tiny",
+    *,
+    seed: int = 0,
+    channels: int = 2,
+    cells: str = "nuclei",
+    voxel_size_um: Sequence[float] | None = None,
 ) -> RealisticPhantom:
     """The deterministic content of a realistic sample (see the module docstring).
 
     Parameters
     ----------
-    size, seed, channels
+    size, seed, channels, voxel_size_um
         As `lightsheet.sample.build_phantom`.
     cells : {"nuclei", "somata"}
         Dense nuclei (6–12 µm) or sparse somata (12–18 µm).
@@ -448,7 +453,7 @@ def build_realistic_phantom(
 
     if cells not in CELL_MODES:
         raise SampleError(f"cells: got {cells!r}; expected one of {list(CELL_MODES)}")
-    base = build_phantom(size, seed=seed, channels=channels)  # atlas, nuclei, PSF
+    base = build_phantom(size, seed=seed, channels=channels, voxel_size_um=voxel_size_um)
     geometry, annotation, res_um = base.geometry, base.annotation, base.resolution_um
     if cells == "nuclei":
         table = base.cells

@@ -6,7 +6,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lightsheet.sample.presets import CAMERA, NUCLEUS_EDGE_UM, REGIONS, TILE_THREADS
+from lightsheet.sample.presets import (
+    CAMERA,
+    NUCLEUS_EDGE_UM,
+    REGIONS,
+    TILE_THREADS,
+    VOXEL_SIZE_UM,
+)
 
 __all__ = [
     "camera",
@@ -53,12 +59,16 @@ class _Scene:
     """Renders the expected (noise-free) image of any box of the volume.
 
     Voxel ``i`` is centred at ``origin_um + i × voxel_size_um``: a non-zero origin renders
-    a tile whose stage position is not a whole number of voxels.
+    a tile whose stage position is not a whole number of voxels. Photons are given per voxel
+    of `VOXEL_SIZE_UM` (cells' ``intensity``, the fields); a camera pixel of another size
+    collects ``light`` times as many, its area over the default's (the z step, set by the
+    sheet, does not change what one plane collects).
     """
 
     def __init__(self, cells, psf, voxel_size_um, res_um, fields, origin_um=(0.0, 0.0, 0.0)):
         self.origin_um = np.asarray(origin_um, dtype=float)
         self.vox = np.asarray(voxel_size_um, dtype=float)
+        self.light = float(self.vox[1] * self.vox[2] / (VOXEL_SIZE_UM[1] * VOXEL_SIZE_UM[2]))
         self.psf = np.asarray(psf, dtype=np.float32)
         self._psf_ft: dict[tuple[int, ...], np.ndarray] = {}
         self.half = np.array(psf.shape) // 2
@@ -85,7 +95,7 @@ class _Scene:
         return np.maximum(blurred, 0.0, out=blurred)
 
     def _convolve_valid(self, image: np.ndarray) -> np.ndarray:
-        """'valid' part of ``image`` ⊛ PSF by FFT, in float32 on all cores.
+        """'valid' part of ``image`` ⊛ PSF by FFT, times ``light``; float32 on all cores.
 
         A circular convolution at any length ≥ the image's leaves the 'valid' voxels
         untouched by wrap-around, so the FFT length is just the next fast size.
@@ -94,7 +104,7 @@ class _Scene:
 
         fast = tuple(scipy.fft.next_fast_len(n, real=True) for n in image.shape)
         if fast not in self._psf_ft:
-            self._psf_ft[fast] = scipy.fft.rfftn(self.psf, s=fast, workers=-1)
+            self._psf_ft[fast] = scipy.fft.rfftn(self.psf * self.light, s=fast, workers=-1)
         spectrum = scipy.fft.rfftn(image, s=fast, workers=-1)
         spectrum *= self._psf_ft[fast]
         full = scipy.fft.irfftn(spectrum, s=fast, workers=-1)

@@ -26,6 +26,7 @@ from lightsheet.sample.presets import (
     START_ABS_MS,
     TIMEPOINT_INTERVAL_MS,
     _check_args,
+    check_voxel_size,
 )
 from lightsheet.sample.render import _bounded_map, camera
 
@@ -66,6 +67,7 @@ def generate(
     misaligned: bool = False,
     realistic: bool = False,
     cells: str = "nuclei",
+    voxel_size_um: Sequence[float] | None = None,
 ) -> dict:
     """Write a sample acquisition with its atlas and ground truth.
 
@@ -94,6 +96,11 @@ def generate(
         as ``segment.background_channel``.
     cells : {"nuclei", "somata"}
         With ``realistic``: dense nuclei (6–12 µm) or sparse somata (12–18 µm).
+    voxel_size_um : (3,) floats, optional
+        The voxel size (z, y, x) to image at; default `VOXEL_SIZE_UM`. The brain, its atlas
+        and the optics keep their size in µm (`SizePreset.at_voxel_size`), so ``size``
+        names an extent, not a byte count; a pixel collects light in proportion to its
+        area. Not with ``misaligned``.
 
     Returns
     -------
@@ -103,25 +110,32 @@ def generate(
     Raises
     ------
     SampleError
-        Unknown size, or channels/timepoints/seed out of range.
+        Unknown size, bad voxel size, or channels/timepoints/seed out of range.
     OutputExistsError
         ``out_dir`` holds files that are not a previous sample.
     """
-    preset = _check_args(size, seed, channels, timepoints)
+    _check_args(size, seed, channels, timepoints)
+    if voxel_size_um is not None:
+        check_voxel_size(voxel_size_um)
     out = _prepare_out_dir(Path(out_dir))
     # marks the folder as a sample from the start, so an interrupted run can be redone
     _write_json(out / "sample.json", {"format": SAMPLE_FORMAT, "complete": False, "size": size})
 
-    if misaligned and (realistic or cells != "nuclei"):
+    if misaligned and (realistic or cells != "nuclei" or voxel_size_um is not None):
         raise SampleError(
-            "misaligned cannot be combined with realistic or cells; expected one of them"
+            "misaligned cannot be combined with realistic, cells or voxel_size_um; expected "
+            "one of them"
         )
     if misaligned:
         from lightsheet.sample.misaligned import build_misaligned_phantom
 
         ph = build_misaligned_phantom(size, seed=seed, channels=channels)
     else:
-        ph = build(size, seed=seed, channels=channels, realistic=realistic, cells=cells)
+        ph = build(
+            size, seed=seed, channels=channels, realistic=realistic, cells=cells,
+            voxel_size_um=voxel_size_um,
+        )  # fmt: skip
+    preset = ph.preset
     vox, shape = ph.voxel_size_um, preset.shape_zyx
     labels, sides, volume_res = ph.truth_volumes()
     density = truth_region_table(ph.cells, labels, sides, ph.structures, volume_res)
@@ -184,15 +198,19 @@ def generate(
     return info
 
 
-def build(size, *, seed: int, channels: int, realistic: bool, cells: str) -> Phantom:
+def build(
+    size, *, seed: int, channels: int, realistic: bool, cells: str, voxel_size_um=None
+) -> Phantom:
     """The plain or the realistic phantom (``cells`` only with ``realistic``)."""
     if cells != "nuclei" and not realistic:
         raise SampleError(f"cells: {cells!r} needs realistic=True; expected 'nuclei' without")
     if not realistic:
-        return build_phantom(size, seed=seed, channels=channels)
+        return build_phantom(size, seed=seed, channels=channels, voxel_size_um=voxel_size_um)
     from lightsheet.sample.realistic import build_realistic_phantom
 
-    return build_realistic_phantom(size, seed=seed, channels=channels, cells=cells)
+    return build_realistic_phantom(
+        size, seed=seed, channels=channels, cells=cells, voxel_size_um=voxel_size_um
+    )
 
 
 def _prepare_out_dir(out: Path) -> Path:

@@ -317,6 +317,19 @@ def _segment_local(image, vs, config: SegmentConfig, background, chunks, compute
             ),
             stacklevel=3,
         )
+    deep = config.nucleus_diameter_um / vs[0]
+    if deep < 1:
+        warnings.warn(
+            UndersampledCellWarning(
+                f"nucleus_diameter_um={config.nucleus_diameter_um:g} is {deep:.2f} planes deep "
+                f"at the voxel size {tuple(vs)} µm (z, y, x); cells thinner than the plane "
+                "spacing fall between planes or join a neighbour above or below (the realistic "
+                "nuclei sample imaged at 10 µm planes: recall 0.84 against 0.97 at 2 µm, "
+                "benchmarks/voxel_size.py --sample). Check voxel_size_um, or image at finer "
+                "z steps"
+            ),
+            stacklevel=3,
+        )
     grid = da.core.normalize_chunks(
         chunks if chunks is not None else image.chunks, image.shape, dtype=image.dtype
     )

@@ -184,6 +184,24 @@ def test_eight_bit_tiles_find_the_cells_and_nothing_outside(prefect_harness, tmp
     assert tp / len(found) >= 0.95 and tp / len(truth) >= 0.9, (tp, len(found), len(truth))
 
 
+def test_a_coarser_voxel_size_finds_the_same_nuclei(prefect_harness, tmp_path):
+    """The realistic tiny sample imaged at the cellfinder crop's 5 × 2 × 2 µm instead of
+    2 × 1 × 1 (`lightsheet sample --voxel-size-um`: the same brain in µm, a tenth of the
+    voxels): every scale of the run derives from the voxel size, so the nuclei are found."""
+    from lightsheet.evaluate import match_points
+    from lightsheet.sample import generate
+
+    sample = tmp_path / "sample"
+    generate(sample, size="tiny", seed=0, realistic=True, voxel_size_um=(5.0, 2.0, 2.0))
+    run(sample, tmp_path / "out")
+    truth = pd.read_csv(sample / "truth" / "cells.csv")
+    found = pd.read_csv(tmp_path / "out" / "cells.csv")[["z_um", "y_um", "x_um"]].to_numpy()
+    radius = truth["diameter_um"].to_numpy() / 2
+    tp = match_points(found, truth[["z_um", "y_um", "x_um"]].to_numpy(), max_distance_um=radius).tp
+    # measured: 79 of 80 true nuclei among 79 detections (76 of 79 among 76 at 2 × 1 × 1)
+    assert tp / len(found) >= 0.95 and tp / len(truth) >= 0.9, (tp, len(found), len(truth))
+
+
 @pytest.mark.slow
 def test_small_sample_counts_match_truth(small_sample, prefect_harness, tmp_path):
     """Issue #6: every leaf with >= 100 true cells within 10 % of the true density, and

@@ -248,6 +248,7 @@ def test_nuclei_mode_keeps_the_plain_cells():
         ({"cells": "somata"}, "realistic"),
         ({"realistic": True, "cells": "neurons"}, "neurons"),
         ({"realistic": True, "misaligned": True}, "cannot be combined"),
+        ({"misaligned": True, "voxel_size_um": (4, 2, 2)}, "voxel_size_um"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
@@ -379,3 +380,9 @@ def test_cli_realistic(tmp_path, capsys):
     assert info["realistic"]["cells"] == "nuclei" and info["overlap"] == [0.0, 0.0, 0.2]
     assert main(["sample", str(tmp_path / "x"), "--realistic", "--misaligned"]) == 2
     assert "--misaligned" in capsys.readouterr().err
+    coarse = ["sample", str(tmp_path / "c"), "--realistic", "--voxel-size-um", "4", "2", "2"]
+    assert main(coarse) == 0
+    info = json.loads((tmp_path / "c" / "sample.json").read_text())
+    assert info["voxel_size_um"] == [4.0, 2.0, 2.0] and info["shape"][2:] == [24, 96, 96]
+    assert main([*coarse, "--overlap", "0.2"]) == 2
+    assert "--voxel-size-um cannot be combined" in capsys.readouterr().err

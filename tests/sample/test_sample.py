@@ -211,6 +211,36 @@ def test_nuclei_at_truth_positions(tiny):
         assert np.median(vol[inside]) > np.median(vol[~inside]) + 10
 
 
+def test_another_voxel_size_images_the_same_brain(tiny, tmp_path):
+    """Coarser pixels and z steps: the brain, atlas and optics keep their size in µm, the
+    nuclei stand out where the truth puts them, and a pixel collects its area's light."""
+    vox = (4.0, 2.0, 2.0)
+    out = tmp_path / "coarse"
+    info = generate(out, size="tiny", seed=SEED, voxel_size_um=vox)
+    default_out, default_info, _ = tiny
+    assert info["voxel_size_um"] == list(vox)
+    assert load_config(out / "config.yaml").voxel_size_um == vox
+    assert info["shape"][2:] == [24, 96, 96]  # tiny's 96 × 192 × 192 µm
+    assert info["atlas"] == default_info["atlas"]  # same resolution and shape
+    np.testing.assert_allclose(
+        load_psf(out / "psf.tif"), psf_from_optics(voxel_size_um=vox, **OPTICS), rtol=1e-5
+    )
+    brain = [
+        pd.read_csv(o / "truth" / "density.csv").set_index("acronym").loc["root"]
+        for o in (out, default_out)
+    ]
+    assert brain[0]["total_volume_mm3"] == pytest.approx(brain[1]["total_volume_mm3"], rel=0.02)
+    cells = pd.read_csv(out / "truth" / "cells.csv")
+    ch0, ch1 = (stitched(read_tiles(out), 0, c) for c in (0, 1))
+    assert standing_out(ch0, cells[["z_um", "y_um", "x_um"]].to_numpy(), vox).mean() >= MIN_FOUND
+    # autofluorescence photons per pixel: 4 × the default's (pixels of 2 × 2 against 1 × 1 µm)
+    light = [
+        np.median(stitched(read_tiles(o), 0, 1)) - CAMERA["offset_adu"] for o in (out, default_out)
+    ]
+    assert light[0] / light[1] == pytest.approx(4.0, rel=0.1)
+    assert ch1.shape == ch0.shape
+
+
 def test_tiles_join_seamlessly():
     ph = build_phantom("tiny", seed=SEED, channels=1)
     shape, tshape, grid = ph.preset.shape_zyx, ph.preset.tile_shape_zyx, ph.preset.tile_grid_zyx
@@ -426,6 +456,8 @@ def test_timepoints_same_cells_fresh_noise(tmp_path):
         ({"timepoints": 0}, "timepoints"),
         ({"seed": -1}, "seed"),
         ({"seed": 1.5}, "seed"),
+        ({"voxel_size_um": (0, 1, 1)}, r"voxel_size_um: got \(0, 1, 1\); expected three positive"),
+        ({"voxel_size_um": (2, 1)}, "voxel_size_um: got"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from lightsheet import segment as seg
 from lightsheet.config import SegmentConfig
-from lightsheet.errors import SegmentError
+from lightsheet.errors import SegmentError, UndersampledCellWarning
 
 VOXEL_UM = (2.0, 1.0, 1.0)
 DIAMETER_UM = 9.0
@@ -697,6 +697,25 @@ def test_segment_volume_empty_volume(method):
     )
     assert res.n == 0 and len(res.table) == 0 and res.count_map.sum() == 0
     assert not res.labels.any().compute()
+
+
+@pytest.mark.parametrize(
+    ("voxel_um", "told"),
+    [((2.0, 1.0, 1.0), ""), ((10.0, 1.0, 1.0), "planes deep"), ((2.0, 5.0, 5.0), "pixels across")],
+)
+def test_segment_volume_tells_when_cells_are_undersampled(voxel_um, told):
+    """Cells under two pixels across or under one plane deep are named in a warning."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seg.segment_volume(
+            da.zeros((8, 16, 16), dtype=np.uint16, chunks=8),
+            voxel_size_um=voxel_um,
+            config=SegmentConfig(nucleus_diameter_um=9.0),
+        )
+    said = [str(w.message) for w in caught if issubclass(w.category, UndersampledCellWarning)]
+    assert len(said) == bool(told) and all(told in m and "voxel_size_um" in m for m in said)
 
 
 def test_segment_volume_config_errors():
