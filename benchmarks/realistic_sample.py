@@ -108,13 +108,16 @@ def run_mode(
     cells: str,
     seed: int,
     mosaic: dict | None = None,
-    voxel_size_um: tuple[float, float, float] | None = None,
+    *,
+    deconvolve: bool = True,
+    **imaging,
 ) -> tuple[dict, pd.DataFrame]:
     """Generate, run and score one cell mode; seconds of each step included.
 
     ``mosaic``: ``overlap`` and ``stage_error_um`` of an overlapping-tile sample (else one
-    field of view cut into tiles that abut). ``voxel_size_um``: image the sample at this
-    voxel size instead of the default (`lightsheet.sample.generate`).
+    field of view cut into tiles that abut). ``imaging``: `lightsheet.sample.generate`'s
+    ``voxel_size_um`` and ``sheet_fwhm_um`` (else the default's). ``deconvolve=False`` runs
+    without deconvolution, as where no PSF is known.
     """
     from lightsheet.cli import run_config
     from lightsheet.config import load_config
@@ -128,11 +131,12 @@ def run_mode(
     if mosaic:
         generate_overlapping(sample, size=size, seed=seed, realistic=True, cells=cells, **mosaic)
     else:
-        generate(
-            sample, size=size, seed=seed, realistic=True, cells=cells, voxel_size_um=voxel_size_um
-        )
+        generate(sample, size=size, seed=seed, realistic=True, cells=cells, **imaging)
     generated = time.perf_counter() - start
     config = load_config(sample / "config.yaml")
+    if not deconvolve:
+        off = config.deconvolve.model_copy(update={"enabled": False})
+        config = config.model_copy(update={"deconvolve": off})
     start = time.perf_counter()
     run_config(config)
     ran = time.perf_counter() - start
@@ -143,6 +147,8 @@ def run_mode(
         "seed": seed,
         **({"mosaic": mosaic} if mosaic else {}),
         "voxel_size_um": list(config.voxel_size_um),
+        "sheet_fwhm_um": json.loads((sample / "sample.json").read_text())["psf"]["sheet_fwhm_um"],
+        "deconvolve": config.deconvolve.enabled,
         "segment": config.segment.model_dump(mode="json", exclude_defaults=True),
         **summary,
         "generate_s": round(generated, 1),

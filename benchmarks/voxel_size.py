@@ -1,4 +1,4 @@
-"""The segment defaults at other voxel sizes: the real data as coarser cameras record them.
+"""The segment defaults at other voxel sizes and sheets: real data binned, generated truth.
 
 Every scale of the ``local`` method derives from ``nucleus_diameter_um`` and the voxel size,
 so one tissue imaged with coarser pixels should give about the same cells. This runs
@@ -15,16 +15,19 @@ so one tissue imaged with coarser pixels should give about the same cells. This 
 
 Writes ``voxel_size.csv`` under ``--results``.
 
-With ``--sample`` it measures the same on generated truth instead: the realistic sample
-(``lightsheet sample --realistic --voxel-size-um Z Y X``, the brain and its cells the same
-size in µm, each camera pixel collecting its area's light) imaged at each voxel size of
-``SAMPLE_VOXELS``, both cell modes, the whole pipeline with the sample's config
-(`benchmarks.realistic_sample.run_mode`), scored against the truth:
+With ``--sample voxels`` it measures the same on generated truth instead: the realistic
+sample (``lightsheet sample --realistic --voxel-size-um Z Y X``, the brain and its cells the
+same size in µm, each camera pixel collecting its area's light) imaged at each voxel size of
+`SAMPLE_VOXELS`, both cell modes, the whole pipeline with the sample's config
+(`benchmarks.realistic_sample.run_mode`), scored against the truth. ``--sample sheets``
+images it through the light sheets of `SAMPLE_SHEETS` instead (``--sheet-fwhm-um F``: the
+axial blur of another microscope), deconvolved with that PSF or not deconvolved at all:
 
-    python -m benchmarks.voxel_size --sample --work /tmp/vs --results benchmarks/results
+    python -m benchmarks.voxel_size --sample voxels --work /tmp/vs --results benchmarks/results
+    python -m benchmarks.voxel_size --sample sheets --work /tmp/vs --results benchmarks/results
 
-Writes ``voxel_size_sample.csv`` (one row a cell mode and voxel size) and
-``voxel_size_sample_leaves.csv``.
+Writes ``voxel_size_sample.csv`` or ``sheet_sample.csv`` (one row a cell mode and imaging)
+and the matching ``_leaves.csv``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 from pathlib import Path
 
 import dask
+import numpy as np
 import pandas as pd
 
 from benchmarks.real_data import (
@@ -57,6 +61,16 @@ SAMPLE_VOXELS = (
     (6.0, 1.62, 1.62),
     (10.0, 2.0, 2.0),
 )
+#: Light sheets (FWHM µm) of the sample at its default voxel size, and whether the run
+#: deconvolves: thinner and thicker than the default 7 µm, and 7 µm without a PSF.
+SAMPLE_SHEETS = (
+    (3.0, True),
+    (7.0, False),
+    (15.0, True),
+    (15.0, False),
+    (25.0, True),
+    (25.0, False),
+)
 
 
 def _sampling(voxel_um, z_step: int, bin_yx: int, result: dict) -> dict:
@@ -66,21 +80,31 @@ def _sampling(voxel_um, z_step: int, bin_yx: int, result: dict) -> dict:
     return {"voxel_size_um": voxel, "diameter_voxels_yx": round(across, 2)}
 
 
-def sample_rows(work: Path, size: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The realistic sample at each of `SAMPLE_VOXELS`, both cell modes: scores and leaves."""
+def sample_rows(work: Path, size: str, seed: int, part: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The realistic sample imaged each way of ``part`` (``voxels``: `SAMPLE_VOXELS`,
+    ``sheets``: `SAMPLE_SHEETS`), both cell modes: scores and leaves."""
     from benchmarks.realistic_sample import run_mode
 
+    if part == "voxels":
+        ways = [({"voxel_size_um": v}, True) for v in SAMPLE_VOXELS]
+    else:
+        ways = [({"sheet_fwhm_um": f}, on) for f, on in SAMPLE_SHEETS]
     rows, leaves = [], []
-    for voxel in SAMPLE_VOXELS:
+    for imaging, deconvolve in ways:
         for cells in ("somata", "nuclei"):
-            name = "x".join(f"{v:g}" for v in voxel)
-            summary, table = run_mode(work / name, size, cells, seed, voxel_size_um=voxel)
+            name = "-".join(f"{v:g}" for v in np.ravel(list(imaging.values()))) + f"-{deconvolve}"
+            summary, table = run_mode(
+                work / name, size, cells, seed, deconvolve=deconvolve, **imaging
+            )
             d = summary["segment"]["nucleus_diameter_um"]
+            voxel = summary["voxel_size_um"]
             worst = table.loc[table["error"].abs().idxmax()]
             rows.append(
                 {
                     "cells": cells,
                     "voxel_size_um": " x ".join(f"{v:g}" for v in voxel),
+                    "sheet_fwhm_um": summary["sheet_fwhm_um"],
+                    "deconvolve": deconvolve,
                     "diameter_voxels_yx": round(d / voxel[1], 2),
                     **{k: summary[k] for k in ("true_cells", "found_cells", "tp", "fp", "fn")},
                     **{k: round(summary[k], 4) for k in ("precision", "recall", "f1")},
@@ -91,7 +115,11 @@ def sample_rows(work: Path, size: str, seed: int) -> tuple[pd.DataFrame, pd.Data
                 }
             )
             print(rows[-1], flush=True)
-            leaves.append(table.assign(voxel_size_um=rows[-1]["voxel_size_um"]))
+            leaves.append(
+                table.assign(**{k: rows[-1][k] for k in ("voxel_size_um", "sheet_fwhm_um")}).assign(
+                    deconvolve=deconvolve
+                )
+            )
     return pd.DataFrame(rows), pd.concat(leaves)
 
 
@@ -100,7 +128,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the data sets")
     parser.add_argument("--results", type=Path, help="write the CSV files here")
     parser.add_argument(
-        "--sample", action="store_true", help="the generated sample instead of the real data"
+        "--sample",
+        choices=("voxels", "sheets"),
+        help="the generated sample at other voxel sizes or sheets instead of the real data",
     )
     parser.add_argument("--work", type=Path, help="with --sample: folder for samples and runs")
     parser.add_argument("--size", default="small", help="with --sample: its size (small)")
@@ -109,12 +139,13 @@ def main(argv=None) -> int:
     if args.sample:
         if args.work is None:
             parser.error("--sample needs --work")
-        table, leaves = sample_rows(args.work, args.size, args.seed)
+        table, leaves = sample_rows(args.work, args.size, args.seed, args.sample)
         print(table.to_string(index=False))
         if args.results:
+            stem = {"voxels": "voxel_size_sample", "sheets": "sheet_sample"}[args.sample]
             args.results.mkdir(parents=True, exist_ok=True)
-            table.to_csv(args.results / "voxel_size_sample.csv", index=False)
-            leaves.to_csv(args.results / "voxel_size_sample_leaves.csv", index=False)
+            table.to_csv(args.results / f"{stem}.csv", index=False)
+            leaves.to_csv(args.results / f"{stem}_leaves.csv", index=False)
         return 0
     dask.config.set(scheduler="threads")
     rows = []

@@ -5,6 +5,7 @@ Subcommands::
     lightsheet sample DIR [--size tiny|small|medium|large] [--seed N] [--misaligned]
                       [--overlap F] [--stage-error-um UM [UM UM]] [--grid Z Y X]
                       [--realistic [--cells nuclei|somata]] [--voxel-size-um Z Y X]
+                      [--sheet-fwhm-um F]
     lightsheet sample DIR --background PLANES_DIR --voxel-size-um Z Y X [--n-cells N]
     lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large] [--cells nuclei|somata]
@@ -104,10 +105,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
             "--misaligned cannot be combined with --overlap/--stage-error-um/--grid; "
             "expected one of them"
         )
-    if args.voxel_size_um and (overlapping or args.misaligned):
+    if (args.voxel_size_um or args.sheet_fwhm_um) and (overlapping or args.misaligned):
         raise SampleError(
-            "--voxel-size-um cannot be combined with --overlap/--stage-error-um/--grid or "
-            "--misaligned (their tiles and atlas are laid out at the default voxel size)"
+            "--voxel-size-um and --sheet-fwhm-um cannot be combined with --overlap/"
+            "--stage-error-um/--grid or --misaligned (they image at the default optics and "
+            "voxel size)"
         )
     if args.misaligned and (args.realistic or args.cells):
         raise SampleError(
@@ -128,6 +130,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             info = generate(
                 args.dir, **common, timepoints=args.timepoints, progress=progress,
                 misaligned=args.misaligned, voxel_size_um=args.voxel_size_um,
+                sheet_fwhm_um=args.sheet_fwhm_um,
             )  # fmt: skip
     gb = info.get("bytes_written", 0) / 1e9
     print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
@@ -140,8 +143,8 @@ def _sample_planted(args: argparse.Namespace) -> int:
     from lightsheet.errors import SampleError
     from lightsheet.sample.planted import generate_planted
 
-    others = [f for f in ("realistic", "cells", "misaligned", "overlap", "stage_error_um", "grid")
-              if getattr(args, f)]  # fmt: skip
+    others = [f for f in ("realistic", "cells", "misaligned", "overlap", "stage_error_um", "grid",
+                          "sheet_fwhm_um") if getattr(args, f)]  # fmt: skip
     others += [f for f, default in (("size", "tiny"), ("channels", 2), ("timepoints", 1))
                if getattr(args, f) != default]  # fmt: skip
     if others:
@@ -564,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("Z", "Y", "X"),
         help="with --background: its voxel size in um; otherwise the voxel size to image "
         "the generated sample at (default 2 1 1; the brain keeps its size in um)",
+    )
+    p.add_argument(
+        "--sheet-fwhm-um",
+        type=float,
+        metavar="F",
+        help="the light sheet's thickness (FWHM, um) the sample is imaged with (default 7)",
     )
     p.add_argument(
         "--n-cells",

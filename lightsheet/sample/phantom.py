@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -75,6 +75,8 @@ class Phantom:
         The channels imaged.
     fields : list of (A0, A1, A2) ndarray of float32
         Expected autofluorescence photons per channel on the atlas grid.
+    optics : dict
+        What the PSF was made from (`psf_from_optics`' keywords): `OPTICS`, or another sheet.
     """
 
     preset: SizePreset
@@ -88,6 +90,7 @@ class Phantom:
     psf: np.ndarray
     channels: tuple[Channel, ...]
     fields: list[np.ndarray]
+    optics: dict = field(default_factory=lambda: dict(OPTICS))
 
     def truth_volumes(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Labels and their voxel size that define the truth's region volumes."""
@@ -143,6 +146,7 @@ def build_phantom(
     seed: int = 0,
     channels: int = 2,
     voxel_size_um: Sequence[float] | None = None,
+    sheet_fwhm_um: float | None = None,
 ) -> Phantom:
     """The deterministic content of a sample: atlas, cells, PSF and background fields.
 
@@ -159,6 +163,9 @@ def build_phantom(
         extent and the atlas in µm (`SizePreset.at_voxel_size`), the optics' PSF in µm, and
         the light a µm² of tissue gives (`_Scene`: photons per voxel grow with the pixel's
         area).
+    sheet_fwhm_um : float, optional
+        The light sheet's thickness (FWHM, µm) instead of `OPTICS`'; a thicker sheet blurs
+        the cells longer along z.
 
     Returns
     -------
@@ -168,6 +175,13 @@ def build_phantom(
     vox = VOXEL_SIZE_UM if voxel_size_um is None else check_voxel_size(voxel_size_um)
     if vox != VOXEL_SIZE_UM:
         preset = preset.at_voxel_size(vox)
+    optics = dict(OPTICS)
+    if sheet_fwhm_um is not None:
+        if not (isinstance(sheet_fwhm_um, int | float) and 0 < sheet_fwhm_um < math.inf):
+            raise SampleError(
+                f"sheet_fwhm_um: got {sheet_fwhm_um!r}; expected a positive thickness in µm"
+            )
+        optics["sheet_fwhm_um"] = float(sheet_fwhm_um)
     res_um = preset.atlas_resolution_um(vox)
     geometry = BrainGeometry.for_volume(preset.shape_zyx, vox)
     annotation, hemispheres = geometry.atlas(atlas_shape(preset.shape_zyx, vox, res_um), res_um)
@@ -183,9 +197,10 @@ def build_phantom(
         hemispheres=hemispheres,
         structures=structures_json(),
         cells=cells,
-        psf=psf_from_optics(voxel_size_um=vox, **OPTICS),
+        psf=psf_from_optics(voxel_size_um=vox, **optics),
         channels=chans,
         fields=_background_fields(geometry, annotation, res_um, chans, seed),
+        optics=optics,
     )
 
 

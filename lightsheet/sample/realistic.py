@@ -430,12 +430,13 @@ def build_realistic_phantom(
     channels: int = 2,
     cells: str = "nuclei",
     voxel_size_um: Sequence[float] | None = None,
+    sheet_fwhm_um: float | None = None,
 ) -> RealisticPhantom:
     """The deterministic content of a realistic sample (see the module docstring).
 
     Parameters
     ----------
-    size, seed, channels, voxel_size_um
+    size, seed, channels, voxel_size_um, sheet_fwhm_um
         As `lightsheet.sample.build_phantom`.
     cells : {"nuclei", "somata"}
         Dense nuclei (6–12 µm) or sparse somata (12–18 µm).
@@ -453,7 +454,9 @@ def build_realistic_phantom(
 
     if cells not in CELL_MODES:
         raise SampleError(f"cells: got {cells!r}; expected one of {list(CELL_MODES)}")
-    base = build_phantom(size, seed=seed, channels=channels, voxel_size_um=voxel_size_um)
+    base = build_phantom(
+        size, seed=seed, channels=channels, voxel_size_um=voxel_size_um, sheet_fwhm_um=sheet_fwhm_um
+    )
     geometry, annotation, res_um = base.geometry, base.annotation, base.resolution_um
     if cells == "nuclei":
         table = base.cells

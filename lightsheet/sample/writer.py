@@ -18,7 +18,6 @@ from lightsheet.sample.phantom import Phantom, _cells_over_time, build_phantom, 
 from lightsheet.sample.presets import (
     CAMERA,
     FILE_NAME,
-    OPTICS,
     PLANE_EXPOSURE_MS,
     REGIONS,
     SAMPLE_FORMAT,
@@ -68,6 +67,7 @@ def generate(
     realistic: bool = False,
     cells: str = "nuclei",
     voxel_size_um: Sequence[float] | None = None,
+    sheet_fwhm_um: float | None = None,
 ) -> dict:
     """Write a sample acquisition with its atlas and ground truth.
 
@@ -101,6 +101,9 @@ def generate(
         and the optics keep their size in µm (`SizePreset.at_voxel_size`), so ``size``
         names an extent, not a byte count; a pixel collects light in proportion to its
         area. Not with ``misaligned``.
+    sheet_fwhm_um : float, optional
+        The light sheet's thickness (FWHM, µm; default `OPTICS`' 7): the PSF the tiles are
+        blurred with and ``psf.tif`` holds. Not with ``misaligned``.
 
     Returns
     -------
@@ -121,10 +124,11 @@ def generate(
     # marks the folder as a sample from the start, so an interrupted run can be redone
     _write_json(out / "sample.json", {"format": SAMPLE_FORMAT, "complete": False, "size": size})
 
-    if misaligned and (realistic or cells != "nuclei" or voxel_size_um is not None):
+    custom = voxel_size_um is not None or sheet_fwhm_um is not None
+    if misaligned and (realistic or cells != "nuclei" or custom):
         raise SampleError(
-            "misaligned cannot be combined with realistic, cells or voxel_size_um; expected "
-            "one of them"
+            "misaligned cannot be combined with realistic, cells, voxel_size_um or "
+            "sheet_fwhm_um; expected one of them"
         )
     if misaligned:
         from lightsheet.sample.misaligned import build_misaligned_phantom
@@ -133,7 +137,7 @@ def generate(
     else:
         ph = build(
             size, seed=seed, channels=channels, realistic=realistic, cells=cells,
-            voxel_size_um=voxel_size_um,
+            voxel_size_um=voxel_size_um, sheet_fwhm_um=sheet_fwhm_um,
         )  # fmt: skip
     preset = ph.preset
     vox, shape = ph.voxel_size_um, preset.shape_zyx
@@ -198,19 +202,18 @@ def generate(
     return info
 
 
-def build(
-    size, *, seed: int, channels: int, realistic: bool, cells: str, voxel_size_um=None
-) -> Phantom:
-    """The plain or the realistic phantom (``cells`` only with ``realistic``)."""
+def build(size, *, seed: int, channels: int, realistic: bool, cells: str, **imaging) -> Phantom:
+    """The plain or the realistic phantom (``cells`` only with ``realistic``).
+
+    ``imaging``: `build_phantom`'s ``voxel_size_um`` and ``sheet_fwhm_um``.
+    """
     if cells != "nuclei" and not realistic:
         raise SampleError(f"cells: {cells!r} needs realistic=True; expected 'nuclei' without")
     if not realistic:
-        return build_phantom(size, seed=seed, channels=channels, voxel_size_um=voxel_size_um)
+        return build_phantom(size, seed=seed, channels=channels, **imaging)
     from lightsheet.sample.realistic import build_realistic_phantom
 
-    return build_realistic_phantom(
-        size, seed=seed, channels=channels, cells=cells, voxel_size_um=voxel_size_um
-    )
+    return build_realistic_phantom(size, seed=seed, channels=channels, cells=cells, **imaging)
 
 
 def _prepare_out_dir(out: Path) -> Path:
@@ -317,7 +320,7 @@ def _sample_info(ph: Phantom, *, size: str, seed: int, timepoints: int) -> dict:
             "orientation": "asr",
             "offset_um": [0.0, 0.0, 0.0],
         },
-        "psf": {"path": "psf.tif", "shape": list(ph.psf.shape), **OPTICS},
+        "psf": {"path": "psf.tif", "shape": list(ph.psf.shape), **ph.optics},
         "camera": CAMERA,
         "n_cells": len(ph.cells),
         "nucleus_diameter_um": round(float(ph.cells["diameter_um"].mean()), 2),

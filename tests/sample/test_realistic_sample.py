@@ -385,4 +385,4 @@ def test_cli_realistic(tmp_path, capsys):
     info = json.loads((tmp_path / "c" / "sample.json").read_text())
     assert info["voxel_size_um"] == [4.0, 2.0, 2.0] and info["shape"][2:] == [24, 96, 96]
     assert main([*coarse, "--overlap", "0.2"]) == 2
-    assert "--voxel-size-um cannot be combined" in capsys.readouterr().err
+    assert "--voxel-size-um and --sheet-fwhm-um cannot be combined" in capsys.readouterr().err

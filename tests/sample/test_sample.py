@@ -241,6 +241,29 @@ def test_another_voxel_size_images_the_same_brain(tiny, tmp_path):
     assert ch1.shape == ch0.shape
 
 
+def test_a_thicker_sheet_blurs_the_nuclei_longer_along_z(tmp_path):
+    """``sheet_fwhm_um``: the PSF is the optics' with that sheet, and what the tiles show."""
+    out = tmp_path / "thick"
+    info = generate(out, size="tiny", seed=SEED, channels=1, sheet_fwhm_um=20.0)
+    optics = {**OPTICS, "sheet_fwhm_um": 20.0}
+    assert info["psf"] == {"path": "psf.tif", "shape": info["psf"]["shape"], **optics}
+    psf = load_psf(out / "psf.tif")
+    np.testing.assert_allclose(psf, psf_from_optics(voxel_size_um=VOXEL_SIZE_UM, **optics))
+    # the image is the phantom blurred by that PSF: its nuclei reach further along z
+    thin = build_phantom("tiny", seed=SEED, channels=1)
+    thick = build_phantom("tiny", seed=SEED, channels=1, sheet_fwhm_um=20.0)
+    pd.testing.assert_frame_equal(thin.cells, thick.cells)
+    z, y, x = np.rint(thin.cells[["z_um", "y_um", "x_um"]].to_numpy()[0] / VOXEL_SIZE_UM).astype(
+        int
+    )
+    box = (z - 8, y, x), (z + 9, y + 1, x + 1)
+    profiles = [ph.expected(*box, channel=0)[:, 0, 0] for ph in (thin, thick)]
+    widths = [(p > p.min() + (p.max() - p.min()) / 2).sum() for p in profiles]
+    assert widths[1] > widths[0], widths
+    with pytest.raises(SampleError, match="sheet_fwhm_um: got -1"):
+        build_phantom("tiny", sheet_fwhm_um=-1)
+
+
 def test_tiles_join_seamlessly():
     ph = build_phantom("tiny", seed=SEED, channels=1)
     shape, tshape, grid = ph.preset.shape_zyx, ph.preset.tile_shape_zyx, ph.preset.tile_grid_zyx
