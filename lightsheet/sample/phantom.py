@@ -30,6 +30,7 @@ from lightsheet.sample.presets import (
     SizePreset,
     _check_args,
     check_voxel_size,
+    optics_with,
 )
 from lightsheet.sample.render import _background_fields, _Scene
 
@@ -175,13 +176,7 @@ def build_phantom(
     vox = VOXEL_SIZE_UM if voxel_size_um is None else check_voxel_size(voxel_size_um)
     if vox != VOXEL_SIZE_UM:
         preset = preset.at_voxel_size(vox)
-    optics = dict(OPTICS)
-    if sheet_fwhm_um is not None:
-        if not (isinstance(sheet_fwhm_um, int | float) and 0 < sheet_fwhm_um < math.inf):
-            raise SampleError(
-                f"sheet_fwhm_um: got {sheet_fwhm_um!r}; expected a positive thickness in µm"
-            )
-        optics["sheet_fwhm_um"] = float(sheet_fwhm_um)
+    optics = optics_with(sheet_fwhm_um)
     res_um = preset.atlas_resolution_um(vox)
     geometry = BrainGeometry.for_volume(preset.shape_zyx, vox)
     annotation, hemispheres = geometry.atlas(atlas_shape(preset.shape_zyx, vox, res_um), res_um)

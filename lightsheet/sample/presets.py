@@ -38,6 +38,7 @@ __all__ = [
     "TIMEPOINT_INTERVAL_MS",
     "VOXEL_SIZE_UM",
     "check_voxel_size",
+    "optics_with",
     "Channel",
     "Region",
     "size_preset",
@@ -311,6 +312,27 @@ def check_voxel_size(voxel_size_um) -> tuple[float, float, float]:
             f"voxel_size_um: got {voxel_size_um!r}; expected three positive µm (z, y, x)"
         )
     return vs  # type: ignore[return-value]
+
+
+def optics_with(sheet_fwhm_um: float | None = None) -> dict:
+    """`OPTICS`, with another light sheet's thickness (FWHM, µm), or a `SampleError`.
+
+    Examples
+    --------
+    >>> optics_with(20)["sheet_fwhm_um"], optics_with()["sheet_fwhm_um"]
+    (20.0, 7.0)
+    """
+    optics = dict(OPTICS)
+    if sheet_fwhm_um is not None:
+        ok = isinstance(sheet_fwhm_um, int | float | np.number) and not isinstance(
+            sheet_fwhm_um, bool
+        )
+        if not (ok and 0 < sheet_fwhm_um < math.inf):
+            raise SampleError(
+                f"sheet_fwhm_um: got {sheet_fwhm_um!r}; expected a positive thickness in µm"
+            )
+        optics["sheet_fwhm_um"] = float(sheet_fwhm_um)
+    return optics
 
 
 def _check_args(size, seed, channels, timepoints) -> SizePreset:

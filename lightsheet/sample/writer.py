@@ -26,6 +26,7 @@ from lightsheet.sample.presets import (
     TIMEPOINT_INTERVAL_MS,
     _check_args,
     check_voxel_size,
+    optics_with,
 )
 from lightsheet.sample.render import _bounded_map, camera
 
@@ -120,6 +121,7 @@ def generate(
     _check_args(size, seed, channels, timepoints)
     if voxel_size_um is not None:
         check_voxel_size(voxel_size_um)
+    optics_with(sheet_fwhm_um)  # refused before anything is written
     out = _prepare_out_dir(Path(out_dir))
     # marks the folder as a sample from the start, so an interrupted run can be redone
     _write_json(out / "sample.json", {"format": SAMPLE_FORMAT, "complete": False, "size": size})

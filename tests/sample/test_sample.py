@@ -481,6 +481,7 @@ def test_timepoints_same_cells_fresh_noise(tmp_path):
         ({"seed": 1.5}, "seed"),
         ({"voxel_size_um": (0, 1, 1)}, r"voxel_size_um: got \(0, 1, 1\); expected three positive"),
         ({"voxel_size_um": (2, 1)}, "voxel_size_um: got"),
+        ({"sheet_fwhm_um": 0}, "sheet_fwhm_um: got 0; expected a positive thickness"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
