@@ -152,6 +152,31 @@ def test_crop_exact_at_any_chunking(crop, with_background):
     assert (np.asarray(ref.labels) > 0).sum() == (np.asarray(other.labels) > 0).sum()
 
 
+@pytest.mark.parametrize("framing", ["planes reversed", "intensities x 3", "mirrored in y"])
+def test_the_same_cells_however_the_tissue_is_framed(crop, framing):
+    """The planes' order, the intensity scale and a mirror that keeps the statistics' bins
+    on the tissue (504 rows: whole 7-voxel bins) change no cell (`benchmarks/invariance.py`
+    measures shifts and margins too)."""
+    signal, autofluorescence = (v[:, :504, :665] for v in crop)
+    top, bottom = (signal.shape[0] - 1) * VOXEL_UM[0], (signal.shape[1] - 1) * VOXEL_UM[1]
+    forward, back = {
+        "planes reversed": (lambda v: v[::-1], lambda p: np.c_[top - p[:, 0], p[:, 1:]]),
+        "intensities x 3": (lambda v: v * np.uint16(3), lambda p: p),
+        "mirrored in y": (
+            lambda v: v[:, ::-1],
+            lambda p: np.c_[p[:, 0], bottom - p[:, 1], p[:, 2]],
+        ),
+    }[framing]
+    config = SegmentConfig(**DEFAULTS)
+    cells = [
+        _segment(s, config, a).table[["z_um", "y_um", "x_um"]].to_numpy()
+        for s, a in ((signal, autofluorescence), (forward(signal), forward(autofluorescence)))
+    ]
+    framed = back(cells[1])
+    assert len(framed) == len(cells[0]) > 150
+    assert match_points(framed, cells[0], max_distance_um=1e-3).tp == len(framed)
+
+
 def test_scratch_changes_nothing(crop, with_background, tmp_path):
     """Statistics, plans and bodies kept on disk: the same cells, bit for bit."""
     signal, autofluorescence = crop
