@@ -157,16 +157,10 @@ def test_the_same_cells_however_the_tissue_is_framed(crop, framing):
     """The planes' order, the intensity scale and a mirror that keeps the statistics' bins
     on the tissue (504 rows: whole 7-voxel bins) change no cell (`benchmarks/invariance.py`
     measures shifts and margins too)."""
+    from benchmarks.invariance import transforms
+
     signal, autofluorescence = (v[:, :504, :665] for v in crop)
-    top, bottom = (signal.shape[0] - 1) * VOXEL_UM[0], (signal.shape[1] - 1) * VOXEL_UM[1]
-    forward, back = {
-        "planes reversed": (lambda v: v[::-1], lambda p: np.c_[top - p[:, 0], p[:, 1:]]),
-        "intensities x 3": (lambda v: v * np.uint16(3), lambda p: p),
-        "mirrored in y": (
-            lambda v: v[:, ::-1],
-            lambda p: np.c_[p[:, 0], bottom - p[:, 1], p[:, 2]],
-        ),
-    }[framing]
+    forward, back = transforms(signal.shape)[framing]
     config = SegmentConfig(**DEFAULTS)
     cells = [
         _segment(s, config, a).table[["z_um", "y_um", "x_um"]].to_numpy()
