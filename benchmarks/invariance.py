@@ -34,8 +34,10 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from benchmarks.real_data import CELLFINDER_VOXEL_UM
+
 CROP = Path(__file__).resolve().parents[1] / "tests" / "data" / "cellfinder-crop"
-VOXEL_UM = np.array([5.0, 2.0, 2.0])
+VOXEL_UM = np.array(CELLFINDER_VOXEL_UM)
 PATTERN = r"ch(?P<c>\d+)/ch\d(?P<plane>\d+)\.tif$"
 
 

@@ -129,9 +129,11 @@ def run_mode(
         shutil.rmtree(sample)
     start = time.perf_counter()
     if mosaic:
-        generate_overlapping(sample, size=size, seed=seed, realistic=True, cells=cells, **mosaic)
+        info = generate_overlapping(
+            sample, size=size, seed=seed, realistic=True, cells=cells, **mosaic
+        )
     else:
-        generate(sample, size=size, seed=seed, realistic=True, cells=cells, **imaging)
+        info = generate(sample, size=size, seed=seed, realistic=True, cells=cells, **imaging)
     generated = time.perf_counter() - start
     config = load_config(sample / "config.yaml")
     if not deconvolve:
@@ -147,7 +149,7 @@ def run_mode(
         "seed": seed,
         **({"mosaic": mosaic} if mosaic else {}),
         "voxel_size_um": list(config.voxel_size_um),
-        "sheet_fwhm_um": json.loads((sample / "sample.json").read_text())["psf"]["sheet_fwhm_um"],
+        "sheet_fwhm_um": info["psf"]["sheet_fwhm_um"],
         "deconvolve": config.deconvolve.enabled,
         "segment": config.segment.model_dump(mode="json", exclude_defaults=True),
         **summary,
