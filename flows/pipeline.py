@@ -91,7 +91,7 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
     raw = step("stitch", manifest, list(config.voxel_size_um), config.stitch, o)
     image = raw
     if config.deconvolve.enabled:
-        image = step("deconvolve", raw, str(config.psf), config.deconvolve, o)
+        image = step("deconvolve", raw, str(config.psf), config.deconvolve, o, config.camera_offset)
     features = None
     if config.featurize.enabled:
         features = step("featurize", image, config.segment.channel, config.featurize, o)

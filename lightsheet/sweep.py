@@ -267,7 +267,7 @@ def crop_source(
 def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: PipelineConfig):
     """The box of ``volume`` deconvolved with the pipeline's settings and halo."""
     from lightsheet.blocks import default_depth
-    from lightsheet.deconvolve import deconvolve
+    from lightsheet.deconvolve import check_background, deconvolve
     from lightsheet.psf import load_psf
 
     settings = config.deconvolve
@@ -279,6 +279,7 @@ def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: Pipeline
         slice(max(0, s.start - d), min(n, s.stop + d))
         for s, n, d in zip(box, volume.shape, depth, strict=True)
     )
+    check_background(volume[wide].compute(), config.camera_offset, where="the crop")
     sharp = deconvolve(
         volume[wide].astype(np.float32),
         psf,
@@ -286,6 +287,7 @@ def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: Pipeline
         acceleration=settings.acceleration,
         depth=settings.depth_zyx,
         block_bytes=settings.block_mib << 20,
+        background=config.camera_offset,
     )
     inner = tuple(
         slice(s.start - w.start, s.stop - w.start) for s, w in zip(box, wide, strict=True)

@@ -10,7 +10,7 @@ from typing import Any
 from prefect import task
 
 from lightsheet.config import DeconvolveConfig
-from lightsheet.deconvolve import clear_otf_cache, deconvolve_volumes
+from lightsheet.deconvolve import check_background, clear_otf_cache, deconvolve_volumes
 from lightsheet.errors import ConfigError
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.lineage import file_content_fingerprint, recorded_quantum
@@ -31,12 +31,14 @@ __all__ = [
 ]
 
 
-def deconvolve_spec(raw: dict, psf: str, config: DeconvolveConfig, output: str) -> StageSpec:
-    """What `deconvolve_volume` makes from the raw image and the PSF."""
+def deconvolve_spec(
+    raw: dict, psf: str, config: DeconvolveConfig, output: str, camera_offset: float = 0.0
+) -> StageSpec:
+    """What `deconvolve_volume` makes from the raw image, the PSF and the camera's offset."""
     return StageSpec(
         "deconvolve",
         {"path": Path(output) / OUTPUTS["deconvolve"]},
-        params=config.model_dump(mode="json"),
+        params={**config.model_dump(mode="json"), "camera_offset": float(camera_offset)},
         inputs={
             "raw": output_input(raw),
             "psf": {"kind": "file", "path": psf, "fingerprint": file_content_fingerprint(psf)},
@@ -59,9 +61,15 @@ def _otfs_dropped(client: Any) -> Iterator[None]:
 
 
 @task(name="deconvolve")
-def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str) -> dict:
-    """Deconvolve every selected channel and time point; other channels pass through."""
-    stage = Stage(deconvolve_spec(raw, psf, config, output))
+def deconvolve_volume(
+    raw: dict, psf: str, config: DeconvolveConfig, output: str, camera_offset: float = 0.0
+) -> dict:
+    """Deconvolve every selected channel and time point; other channels pass through.
+
+    ``camera_offset`` (the run's ``camera_offset``) is Richardson–Lucy's background
+    (`lightsheet.deconvolve.kernel.richardson_lucy`); the result keeps the raw image's level.
+    """
+    stage = Stage(deconvolve_spec(raw, psf, config, output, camera_offset))
     if not stage.reused:
         psf_array = load_psf(psf)
         check_unchanged(stage.spec.inputs["psf"], file_content_fingerprint(psf))
@@ -75,6 +83,13 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
                         f"deconvolve.channels: channel {c} does not exist; the image has "
                         f"{n_channels} channels (0..{n_channels - 1})"
                     )
+            coarsest = read_image(raw["path"], level=-1)[0]
+            for c in channels:
+                check_background(
+                    coarsest[:, c].compute(),
+                    camera_offset,
+                    where=f"{raw['path']} channel {c} (its coarsest level)",
+                )
             # each block reads its halo from the stored raw image (memory does not grow with
             # the volume) and covers whole raw chunks, which the output keeps
             volumes = [
@@ -89,6 +104,7 @@ def deconvolve_volume(raw: dict, psf: str, config: DeconvolveConfig, output: str
                 acceleration=config.acceleration,
                 depth=config.depth_zyx,
                 block_bytes=config.block_mib << 20,
+                background=camera_offset,
             )
             fingerprint = write_image(
                 result,

@@ -48,6 +48,7 @@ def test_default_pattern_matches_readme():
         ({"density": {"orientation": "aar"}}, "orientation"),
         ({"voxel_size_um": [2, 1]}, "voxel_size_um"),
         ({"voxel_size_um": [2, 0, 1]}, "voxel_size_um"),
+        ({"camera_offset": -100}, "camera_offset"),
     ],
 )
 def test_bad_values_name_the_field(change, field):
@@ -142,6 +143,7 @@ def test_pattern_matched_with_a_time_limit():
         ({"density": {"offset_um": [0, float("inf"), 0]}}, "offset_um"),
         ({"density": {"outside_warning_fraction": float("nan")}}, "outside_warning_fraction"),
         ({"voxel_size_um": [1e300, 1, 1]}, "voxel_size_um"),
+        ({"camera_offset": float("inf")}, "camera_offset"),
     ],
 )
 def test_nan_inf_and_absurd_values_refused(change, field):

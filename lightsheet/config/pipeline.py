@@ -47,6 +47,16 @@ class PipelineConfig(_Model):
         "channels a file holds along its C axis).",
     )
     voxel_size_um: VoxelSize = Field(..., description="Voxel size (z, y, x) in µm.")
+    camera_offset: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="What the camera reads with no light (its offset, baseline or dark level), "
+        "in the raw tiles' units, e.g. 100 for many sCMOS cameras; 0 (the default) when the "
+        "tiles' 0 is no light. Deconvolution models it as a background that is not light; "
+        "counted as light, it let a bright cell's deconvolution echo along z in the dark "
+        "outside, where echoes were found as cells.",
+    )
     psf: Path | None = Field(
         None,
         description="PSF TIFF at the image voxel size (`lightsheet psf` writes one from the "

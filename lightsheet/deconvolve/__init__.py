@@ -26,6 +26,7 @@ from lightsheet.blocks import (
     default_depth,
 )
 from lightsheet.deconvolve.kernel import (
+    _check_background,
     _check_values,
     _cpu_count,
     _psf_half,
@@ -39,6 +40,7 @@ from lightsheet.psf import check_psf_fits, validate_psf
 from lightsheet.regions import Region, is_stored, map_overlap
 
 __all__ = [
+    "check_background",
     "clear_otf_cache",
     "deconvolve",
     "deconvolve_volumes",
@@ -58,6 +60,7 @@ def deconvolve(
     workers: int | None = None,
     gpu: bool | None = None,
     block_bytes: int = BLOCK_BYTES,
+    background: float = 0.0,
 ) -> da.Array:
     """Deconvolve a ``(Z, Y, X)`` volume block by block with halos (lazy).
 
@@ -94,6 +97,9 @@ def deconvolve(
     block_bytes : int
         Largest halo-padded float32 block for ``chunks=None`` on a stored array; the
         kernel's working set is about six times this per block running.
+    background : float
+        The image's reading with no light (a camera's offset), modelled as a background
+        that is not light and kept in the result (`richardson_lucy`).
 
     Returns
     -------
@@ -121,6 +127,7 @@ def deconvolve(
     True
     """
     iterations = check_iterations(iterations)
+    background = _check_background(background)
     stored = is_stored(image)
     if not stored and not isinstance(image, da.Array):
         raise ImageError(
@@ -171,9 +178,37 @@ def deconvolve(
         eps=eps,
         workers=workers,
         gpu=gpu,
+        background=background,
         # a stored volume names its image, time point and channel in a bad value's error
         source=str(image) if stored else "image",
     )
+
+
+def check_background(image: Any, background: float, *, where: str) -> None:
+    """Refuse a background (a camera's offset) that nearly all of ``image`` reads below.
+
+    Where the offset is right, only the noise of voxels without light reads below it: about
+    half of them, so at most half of any volume, however dark. Above nine tenths of the
+    image (tiles rescaled, or their offset already subtracted), it is wrong, and
+    Richardson–Lucy would take everything under it for no light: the deconvolved image would
+    hold little but the brightest cells. ``image``: a small stand-in for the volume (its
+    coarsest pyramid level, or a crop); ``where`` names it in the `ConfigError`.
+
+    >>> check_background(np.r_[np.full(50, 99.0), np.full(50, 120.0)], 100.0, where="raw")
+    >>> check_background(np.full((2, 2, 2), 6.0), 100.0, where="raw")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lightsheet.errors.ConfigError: camera_offset: 100 is above 90 % of raw (...: 6); expected ...
+    """
+    if not background:
+        return
+    high = float(np.quantile(np.asarray(image), 0.9))
+    if high < background:
+        raise ConfigError(
+            f"camera_offset: {background:g} is above 90 % of {where} (its 90th percentile: "
+            f"{high:.4g}); expected what the camera reads with no light, below the tissue's "
+            "level (0 where the tiles' 0 is no light)"
+        )
 
 
 def deconvolve_volumes(
@@ -238,6 +273,7 @@ def _deconvolve_block(
     eps: float | None,
     workers: int | None,
     gpu: bool | None,
+    background: float = 0.0,
     source: str = "image",
 ) -> Any:
     """One halo-padded block: check, move to the GPU if wanted, deconvolve, move back."""
@@ -265,6 +301,7 @@ def _deconvolve_block(
             pad_width=0,
             eps=eps,
             check=False,
+            background=background,
         )
         return cupy.asnumpy(out)
     return richardson_lucy(
@@ -276,6 +313,7 @@ def _deconvolve_block(
         eps=eps,
         workers=workers if workers is not None else _threads_per_block(),
         check=False,
+        background=background,
     )
 
 

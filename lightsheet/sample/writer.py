@@ -384,6 +384,7 @@ def _write_config(path: Path, info: dict, *, stitch: dict | None = None) -> None
         "input": info["input"],
         "pattern": info["pattern"],
         "voxel_size_um": info["voxel_size_um"],
+        "camera_offset": info["camera"]["offset_adu"],
         "psf": info["psf"]["path"],
         "atlas": info["atlas"]["path"],
         "output": "output",

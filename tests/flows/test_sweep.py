@@ -66,6 +66,7 @@ def test_deconvolved_crop_matches_the_whole_volume(tiny_sample):
     whole = deconvolve(
         volume[0, 0].astype(np.float32), load_psf(config.psf),
         iterations=config.deconvolve.iterations, acceleration=config.deconvolve.acceleration,
+        background=config.camera_offset,
     )  # fmt: skip
     for start in ((4, 30, 40), (30, 0, 150)):
         crop = crop_source(

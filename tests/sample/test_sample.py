@@ -157,6 +157,8 @@ def test_config_validates(tiny):
 
     assert len(glob.glob(cfg.input)) == info["n_tiles"]
     assert cfg.segment.channel == info["nuclei_channel"] == 0
+    # what the generated camera reads with no light: Richardson–Lucy's background
+    assert cfg.camera_offset == info["camera"]["offset_adu"] == CAMERA["offset_adu"]
 
 
 def test_psf_is_the_light_sheet_one(tiny):
