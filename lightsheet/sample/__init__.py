@@ -26,7 +26,8 @@ Imaging
     Expected photons = smooth uneven illumination × autofluorescence (brighter inside the
     brain, region-dependent anatomy contrast) + nuclei (channel 0 only), blurred by a
     light-sheet PSF (`lightsheet.psf.psf_from_optics`), then Poisson shot noise, Gaussian
-    read noise and a camera offset, clipped to uint16. Time points repeat the same cells
+    read noise and a camera offset (`CAMERA`; ``config.yaml`` gives it as ``camera_offset``,
+    the deconvolution's background), clipped to uint16. Time points repeat the same cells
     with fresh noise and slight bleaching.
 Tiles
     Abutting tiles are rendered one at a time with a PSF-sized halo and cropped after the
