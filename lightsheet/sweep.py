@@ -279,7 +279,7 @@ def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: Pipeline
         slice(max(0, s.start - d), min(n, s.stop + d))
         for s, n, d in zip(box, volume.shape, depth, strict=True)
     )
-    check_background(volume[wide].compute(), config.camera_offset, where="the crop")
+    check_background(volume[wide], config.camera_offset, where="the crop")
     sharp = deconvolve(
         volume[wide].astype(np.float32),
         psf,

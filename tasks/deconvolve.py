@@ -86,7 +86,7 @@ def deconvolve_volume(
             coarsest = read_image(raw["path"], level=-1)[0]
             for c in channels:
                 check_background(
-                    coarsest[:, c].compute(),
+                    coarsest[:, c],
                     camera_offset,
                     where=f"{raw['path']} channel {c} (its coarsest level)",
                 )

@@ -192,7 +192,8 @@ def check_background(image: Any, background: float, *, where: str) -> None:
     image (tiles rescaled, or their offset already subtracted), it is wrong, and
     Richardson–Lucy would take everything under it for no light: the deconvolved image would
     hold little but the brightest cells. ``image``: a small stand-in for the volume (its
-    coarsest pyramid level, or a crop); ``where`` names it in the `ConfigError`.
+    coarsest pyramid level, or a crop), read only when ``background`` is not 0 (a dask
+    array is computed then); ``where`` names it in the `ConfigError`.
 
     >>> check_background(np.r_[np.full(50, 99.0), np.full(50, 120.0)], 100.0, where="raw")
     >>> check_background(np.full((2, 2, 2), 6.0), 100.0, where="raw")  # doctest: +ELLIPSIS

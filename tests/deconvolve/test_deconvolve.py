@@ -446,22 +446,17 @@ def test_bad_psf_is_rejected_before_compute(psf, match):
         richardson_lucy(np.ones((20, 20, 20), np.float32), psf, iterations=3, pad_width=0)
 
 
-@pytest.mark.parametrize("iterations", [0, -2, 2.5, True, "10"])
-def test_bad_iterations_are_rejected(iterations):
+@pytest.mark.parametrize(
+    ("keyword", "value", "match"),
+    [("iterations", v, "iterations") for v in (0, -2, 2.5, True, "10")]
+    + [("background", v, "background: got") for v in (-1, float("nan"), float("inf"), "100", True)],
+)
+def test_bad_arguments_are_rejected(keyword, value, match):
     psf = gaussian_psf((1, 1, 1), (1, 1, 1))
-    with pytest.raises(ValueError, match="iterations"):
-        deconvolve(_unusable(), psf, iterations=iterations)
-    with pytest.raises(ValueError, match="iterations"):
-        richardson_lucy(np.ones((8, 8, 8)), psf, iterations=iterations)
-
-
-@pytest.mark.parametrize("background", [-1, float("nan"), float("inf"), "100", True])
-def test_bad_backgrounds_are_rejected(background):
-    psf = gaussian_psf((1, 1, 1), (1, 1, 1))
-    with pytest.raises(ValueError, match="background: got"):
-        deconvolve(_unusable(), psf, background=background)
-    with pytest.raises(ValueError, match="background: got"):
-        richardson_lucy(np.ones((8, 8, 8)), psf, background=background)
+    with pytest.raises(ValueError, match=match):
+        deconvolve(_unusable(), psf, **{keyword: value})
+    with pytest.raises(ValueError, match=match):
+        richardson_lucy(np.ones((8, 8, 8)), psf, **{keyword: value})
 
 
 def test_depth_below_half_size_is_rejected():
