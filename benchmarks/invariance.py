@@ -15,7 +15,8 @@ transformed, maps the detections back to the crop's frame, and counts:
 Transforms: planes in reverse order; all intensities × 3; the image and its rows mirrored
 in y; shifted by one row, and by three columns; padded with 63 voxels of 0 (the dark
 outside of a larger field, a whole number of the method's 7-voxel bins) and with 3 voxels
-(not a whole number). The crop is first cut to 504 × 665 voxels (whole bins) so that the
+(not a whole number); 100 added to every voxel (a camera's offset), stated as
+``camera_offset`` and not. The crop is first cut to 504 × 665 voxels (whole bins) so that the
 mirror keeps the bin grid.
 
     python -m benchmarks.invariance --results benchmarks/results     # about a minute
@@ -52,7 +53,7 @@ def _crop() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return volume[0][:, :504, :665], volume[1][:, :504, :665], reference
 
 
-def _cells(signal: np.ndarray, background: np.ndarray) -> np.ndarray:
+def _cells(signal: np.ndarray, background: np.ndarray, camera_offset: float) -> np.ndarray:
     from lightsheet.config import SegmentConfig
     from lightsheet.segment import segment_volume
 
@@ -62,12 +63,14 @@ def _cells(signal: np.ndarray, background: np.ndarray) -> np.ndarray:
         voxel_size_um=tuple(VOXEL_UM),
         config=config,
         background=da.from_array(background, chunks=(10, 256, 256)),
+        camera_offset=camera_offset,
     )
     return result.table[["z_um", "y_um", "x_um"]].to_numpy()
 
 
 def transforms(shape) -> dict:
-    """name → (transform of a volume, detections in µm back to the crop's frame)."""
+    """name → (transform of a volume, detections in µm back to the crop's frame, the
+    ``camera_offset`` the transformed volume is segmented with)."""
     nz, ny, _ = shape
     top = (nz - 1) * VOXEL_UM[0]
     bottom = (ny - 1) * VOXEL_UM[1]
@@ -76,19 +79,33 @@ def transforms(shape) -> dict:
         return (
             lambda v: np.pad(v, ((0, 0), (k, k), (k, k))),
             lambda p: p - [0.0, k * VOXEL_UM[1], k * VOXEL_UM[2]],
+            0.0,
         )
 
+    def same(p):
+        return p
+
+    def lifted(v):
+        return v + np.uint16(100)
+
     return {
-        "planes reversed": (lambda v: v[::-1], lambda p: np.c_[top - p[:, 0], p[:, 1:]]),
-        "intensities x 3": (lambda v: v * np.uint16(3), lambda p: p),
+        "planes reversed": (lambda v: v[::-1], lambda p: np.c_[top - p[:, 0], p[:, 1:]], 0.0),
+        "intensities x 3": (lambda v: v * np.uint16(3), same, 0.0),
         "mirrored in y": (
             lambda v: v[:, ::-1],
             lambda p: np.c_[p[:, 0], bottom - p[:, 1], p[:, 2]],
+            0.0,
         ),
-        "shifted 1 row": (lambda v: v[:, 1:], lambda p: p + [0.0, VOXEL_UM[1], 0.0]),
-        "shifted 3 columns": (lambda v: v[:, :, 3:], lambda p: p + [0.0, 0.0, 3 * VOXEL_UM[2]]),
+        "shifted 1 row": (lambda v: v[:, 1:], lambda p: p + [0.0, VOXEL_UM[1], 0.0], 0.0),
+        "shifted 3 columns": (
+            lambda v: v[:, :, 3:],
+            lambda p: p + [0.0, 0.0, 3 * VOXEL_UM[2]],
+            0.0,
+        ),
         "dark margin of 63 (whole bins)": pad(63),
         "dark margin of 3": pad(3),
+        "camera offset 100, not stated": (lifted, same, 0.0),
+        "camera offset 100, given": (lifted, same, 100.0),
     }
 
 
@@ -113,10 +130,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # the warnings of the stages are not what is measured
     signal, background, reference = _crop()
-    base = _cells(signal, background)
+    base = _cells(signal, background, 0.0)
     rows = [{"transform": "none", **compare(base, base, reference)}]
-    for name, (forward, back) in transforms(signal.shape).items():
-        found = back(_cells(forward(signal), forward(background)))
+    for name, (forward, back, offset) in transforms(signal.shape).items():
+        found = back(_cells(forward(signal), forward(background), offset))
         rows.append({"transform": name, **compare(base, found, reference)})
         print(rows[-1], flush=True)
     table = pd.DataFrame(rows)

@@ -96,7 +96,7 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
     if config.featurize.enabled:
         features = step("featurize", image, config.segment.channel, config.featurize, o)
     model = None if config.featurize.model is None else str(config.featurize.model)
-    segmented = step("segment", image, features, config.segment, model, o)
+    segmented = step("segment", image, features, config.segment, model, o, config.camera_offset)
     registered = None
     if config.register.enabled:
         # beside deconvolve/segment: it needs only the raw autofluorescence channel

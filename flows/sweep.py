@@ -56,6 +56,7 @@ def sweep(
     deconvolve: bool = True,
     output: str | None = None,
     annotations: str | None = None,
+    camera_offset: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None,
 ) -> dict:
     """Segment one sub-volume with several settings in parallel and compare them.
 
@@ -75,6 +76,10 @@ def sweep(
         annotations: Cells a person marked, as a CSV of z, y, x or a Fiji CellCounter XML,
             in voxels of the source volume: each setting's precision, recall and F1 on the
             crop (one to one, within half a nucleus diameter).
+        camera_offset: What the source reads with no light, in its units (the local
+            method's gain and contrasts count light above it; a YAML source's crop is
+            deconvolved with it); default: the run config's, or the one a run's deconvolved
+            image was made with, else 0.
 
     Settings may differ in ``method`` (local, otsu, absolute, model: the run config's
     ``featurize.model`` or the bundled UNet) and may name a ``background_channel`` (the same
@@ -93,6 +98,7 @@ def sweep(
         start=crop_start_zyx,
         shape=crop_shape_zyx,
         deconvolve=deconvolve,
+        camera_offset=camera_offset,
         configs=[c.model_dump(mode="json") for c in configs],
     )
     # deployed: every path the sweep reads or writes lies in the deployment's data roots
@@ -108,7 +114,10 @@ def sweep(
         points = read_points(annotations)  # before any compute: a bad file fails now
     background = next((c.background_channel for c in configs if c.background_channel), None)
     channels = channel if background is None else (channel, background)
-    crop = write_crop(source, t, channels, base, crop_start_zyx, crop_shape_zyx, deconvolve, folder)
+    crop = write_crop(
+        source, t, channels, base, crop_start_zyx, crop_shape_zyx, deconvolve, folder,
+        camera_offset,
+    )  # fmt: skip
     if points is not None:
         crop["points_um"] = crop_points(points, crop).tolist()
     shared = projection(crop, base)

@@ -72,7 +72,7 @@ class UndersampledCellWarning(UserWarning):
 
 
 class ZeroLevelWarning(UserWarning):
-    """Cells lie where the background level is not above 0: the image's 0 is not "no light"."""
+    """Cells lie where the background is not above the level of no light (0, camera_offset)."""
 
 
 class SampleError(LightsheetError, ValueError):

@@ -186,12 +186,16 @@ class Crop:
     quantum : float or None
         The step the source's values were recorded in (`lightsheet.lineage.recorded_quantum`),
         which a deconvolved crop keeps: the segment stage's ``quantum``.
+    camera_offset : float
+        What the source reads with no light (a deconvolved crop keeps it): the segment
+        stage's ``camera_offset``.
     """
 
     volume: da.Array
     box: tuple[slice, slice, slice]
     voxel_size_um: tuple[float, float, float]
     quantum: float | None = None
+    camera_offset: float = 0.0
 
 
 def crop_source(
@@ -203,6 +207,7 @@ def crop_source(
     start_zyx: tuple[int, int, int] | None = None,
     crop_shape_zyx: tuple[int, int, int] | None = None,
     deconvolve: bool = True,
+    camera_offset: float | None = None,
 ) -> Crop:
     """Cut the crop out of an OME-Zarr image or a run config's tiles, lazily.
 
@@ -226,6 +231,9 @@ def crop_source(
         The crop (`crop_box`).
     deconvolve : bool
         Run config source: deconvolve the nuclei channel as the config says.
+    camera_offset : float, optional
+        What the source reads with no light. Default: the run config's (YAML source), the
+        one a run's deconvolved image was made with (its lineage's ``params``), else 0.
 
     Raises
     ------
@@ -238,6 +246,8 @@ def crop_source(
         from lightsheet.stitch import stitch_configured
 
         config = load_config(source)
+        if camera_offset is not None:
+            config = config.model_copy(update={"camera_offset": float(camera_offset)})
         manifest = discover(
             config.input, config.pattern, max_tile_bytes=int(config.stitch.max_tile_gib * 2**30)
         )
@@ -261,7 +271,13 @@ def crop_source(
         crop = _deconvolved_crop(volume, box, config)
     planes = [da.asarray(crop)] + [select_volume(image, t, c, source)[box] for c in channels[1:]]
     quantum = recorded_quantum(image.dtype, lineage)
-    return Crop(da.stack(planes), box, voxel, quantum)  # type: ignore[arg-type]
+    if camera_offset is None:
+        camera_offset = (
+            config.camera_offset
+            if config is not None
+            else (lineage.get("params") or {}).get("camera_offset", 0.0)
+        )
+    return Crop(da.stack(planes), box, voxel, quantum, float(camera_offset))  # type: ignore[arg-type]
 
 
 def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: PipelineConfig):

@@ -177,6 +177,23 @@ def check_unchanged(inp: Mapping[str, Any], used: str) -> None:
         )
 
 
+def check_camera_offset(path: str, channels: Any, camera_offset: float) -> None:
+    """Refuse a ``camera_offset`` above 90 % of any of ``channels`` of the image at ``path``.
+
+    Read on the image's coarsest pyramid level (`lightsheet.deconvolve.check_background`),
+    and only when the offset is not 0.
+    """
+    from lightsheet.deconvolve import check_background
+    from lightsheet.io.omezarr import read_image
+
+    if not camera_offset:
+        return
+    coarsest = read_image(path, level=-1)[0]
+    for c in channels:
+        where = f"{path} channel {c} (its coarsest level)"
+        check_background(coarsest[:, c], camera_offset, where=where)
+
+
 def output_input(record: Mapping[str, Any], path_key: str = "path") -> dict[str, Any]:
     """How a stage names an upstream stage's output among its inputs."""
     return {

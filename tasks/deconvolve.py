@@ -10,7 +10,7 @@ from typing import Any
 from prefect import task
 
 from lightsheet.config import DeconvolveConfig
-from lightsheet.deconvolve import check_background, clear_otf_cache, deconvolve_volumes
+from lightsheet.deconvolve import clear_otf_cache, deconvolve_volumes
 from lightsheet.errors import ConfigError
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.lineage import file_content_fingerprint, recorded_quantum
@@ -19,6 +19,7 @@ from tasks._common import (
     OUTPUTS,
     Stage,
     StageSpec,
+    check_camera_offset,
     check_unchanged,
     dask_client,
     output_input,
@@ -83,13 +84,7 @@ def deconvolve_volume(
                         f"deconvolve.channels: channel {c} does not exist; the image has "
                         f"{n_channels} channels (0..{n_channels - 1})"
                     )
-            coarsest = read_image(raw["path"], level=-1)[0]
-            for c in channels:
-                check_background(
-                    coarsest[:, c],
-                    camera_offset,
-                    where=f"{raw['path']} channel {c} (its coarsest level)",
-                )
+            check_camera_offset(raw["path"], channels, camera_offset)
             # each block reads its halo from the stored raw image (memory does not grow with
             # the volume) and covers whole raw chunks, which the output keeps
             volumes = [

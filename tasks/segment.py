@@ -29,6 +29,7 @@ from tasks._common import (
     OUTPUTS,
     Stage,
     StageSpec,
+    check_camera_offset,
     compute_with_progress,
     dask_client,
     output_input,
@@ -43,9 +44,17 @@ __all__ = [
 
 
 def segment_spec(
-    image: dict, features: dict | None, config: SegmentConfig, model: str | None, output: str
+    image: dict,
+    features: dict | None,
+    config: SegmentConfig,
+    model: str | None,
+    output: str,
+    camera_offset: float = 0.0,
 ) -> StageSpec:
     """What `segment_volume` makes from the image (and the model, with ``method="model"``)."""
+    params = config.model_dump(mode="json")
+    if config.method == "local":  # the only method that reads it
+        params["camera_offset"] = float(camera_offset)
     inputs = {"image": output_input(image)}
     if config.method == "model":
         inputs["model"] = model_input(model)
@@ -55,7 +64,7 @@ def segment_spec(
             "path": Path(output) / OUTPUTS["segment"],
             "cells": Path(output) / OUTPUTS["segment_table"],
         },
-        params=config.model_dump(mode="json"),
+        params=params,
         inputs=inputs,
         related={} if features is None else {"features": output_input(features)},
     )
@@ -63,7 +72,12 @@ def segment_spec(
 
 @task(name="segment")
 def segment_volume(
-    image: dict, features: dict | None, config: SegmentConfig, model: str | None, output: str
+    image: dict,
+    features: dict | None,
+    config: SegmentConfig,
+    model: str | None,
+    output: str,
+    camera_offset: float = 0.0,
 ) -> dict:
     """Label nuclei with ids unique over the volume and measure each cell once.
 
@@ -75,9 +89,12 @@ def segment_volume(
     None for the bundled one; `lightsheet.segment.model`), resampled to and from the voxel
     size it was trained at, thresholded at ``config.threshold`` or else at the probability
     threshold its record validated on held-out volumes.
+
+    ``camera_offset`` (the run's) is what the image reads with no light: the local method's
+    planes' gain and contrasts count light above it.
     """
     uses_model = config.method == "model"
-    stage = Stage(segment_spec(image, features, config, model, output))
+    stage = Stage(segment_spec(image, features, config, model, output, camera_offset))
     thresholds = None
     if not stage.reused:
         with dask_client(), _scratch(stage.outputs["path"]) as scratch:
@@ -86,6 +103,11 @@ def segment_volume(
             if config.background_channel is not None:
                 check_channel(
                     config.background_channel, source.shape[1], "segment.background_channel"
+                )
+            if config.method == "local":  # the method that counts light above it
+                channels = (config.channel, config.background_channel)
+                check_camera_offset(
+                    image["path"], [c for c in channels if c is not None], camera_offset
                 )
             net = None
             if uses_model:  # torch: only where tasks run
@@ -112,6 +134,7 @@ def segment_volume(
                     ),
                     scratch=scratch / f"t{t}",
                     quantum=recorded_quantum(source.dtype, image_lineage),
+                    camera_offset=camera_offset,
                 )
                 for t in range(source.shape[0])
             ]

@@ -33,11 +33,13 @@ def write_crop(
     crop_shape_zyx,
     deconvolve_crop: bool,
     folder: str,
+    camera_offset: float | None = None,
 ) -> dict:
     """Cut the sub-volume out of the source (lazily) and store it as ``crop.ome.zarr``.
 
     ``channel``: the nuclei channel, or (nuclei, autofluorescence); the crop's channels are
-    those, in that order.
+    those, in that order. ``camera_offset``: what the source reads with no light (default:
+    the run config's, or a deconvolved image's lineage's, else 0; `crop_source`).
     """
     from lightsheet.io.omezarr import write_image
 
@@ -50,6 +52,7 @@ def write_crop(
         start_zyx=start_zyx,
         crop_shape_zyx=crop_shape_zyx,
         deconvolve=deconvolve_crop,
+        camera_offset=camera_offset,
     )
     write_image(crop.volume[None], path, voxel_size_um=crop.voxel_size_um, name="crop")
     start = [s.start for s in crop.box]
@@ -61,6 +64,7 @@ def write_crop(
         "shape_zyx": shape,
         "voxel_size_um": list(crop.voxel_size_um),
         "quantum": crop.quantum,  # a deconvolved crop keeps its raw values' step
+        "camera_offset": crop.camera_offset,  # and its raw level
     }
 
 
@@ -93,6 +97,7 @@ def segment_setting(
         background=image[0, 1] if config.background_channel is not None else None,
         model=net,
         quantum=crop.get("quantum"),
+        camera_offset=crop.get("camera_offset", 0.0),
     )
     out = Path(folder) / f"setting-{index}"
     out.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,8 @@ class PipelineConfig(_Model):
         "in the raw tiles' units, e.g. 100 for many sCMOS cameras; 0 (the default) when the "
         "tiles' 0 is no light. Deconvolution models it as a background that is not light; "
         "counted as light, it let a bright cell's deconvolution echo along z in the dark "
-        "outside, where echoes were found as cells.",
+        "outside, where echoes were found as cells. The segment stage's planes' gain and "
+        "contrasts count light above it; counted as light, it moved cells along z.",
     )
     psf: Path | None = Field(
         None,

@@ -66,7 +66,8 @@ a cell, in units of the variation of the tissue around it:
    cell. The significance finds cells; their shape and place come from their light above
    the background in units of each plane's gain, ``R = (I_s − B) / g`` (``g``:
    `lightsheet.segment.background.plane_gain`, the median step of the bins' levels from
-   one plane to the next, chained). The body is the basin where ``R`` is at least half its
+   one plane to the next, chained; a level is light, so taken above the camera's offset).
+   The body is the basin where ``R`` is at least half its
    value at the peak (whatever the brightness): the extent at half maximum, which for a
    blurred nucleus lies near its surface, so the size filter (on the body) compares like
    with like. The centroid weights each voxel by how far its ``R`` rises above 0.7 of the
@@ -78,15 +79,16 @@ a cell, in units of the variation of the tissue around it:
    (sheet power, bleaching) scales a cell with its background, and a cell stretched over
    many planes by the axial PSF was pulled towards the brighter ones. Not ``(I_s − B) /
    B``: across a soft tissue edge the background falls while a cell's light does not.
-   ``contrast`` is ``Σ(I_s − B) / ΣB`` over the body.
+   ``contrast`` is ``Σ(I_s − B) / Σ(B − dark)`` over the body (``dark``: the camera's
+   offset, what it reads with no light).
 5. **Artefacts** (``background_channel``). Vessels, debris and lipofuscin shine in every
    channel: a candidate whose contrast in the autofluorescence channel (measured the same
    way on that channel) is at least ``background_ratio`` of its contrast in the nuclei
-   channel is dropped. A contrast over a level needs the level above 0 (intensities whose 0
-   is no light): a candidate where either channel's level is not is kept untested, with a
-   `lightsheet.errors.ZeroLevelWarning` (float data with more than the dark level
-   subtracted; before, such candidates were dropped by a test of meaningless numbers: 73
-   of the 77 of the realistic tiny sample minus 200).
+   channel is dropped. A contrast over a level needs the level above the dark level (0, or
+   the camera's offset when given): a candidate where either channel's is not is kept
+   untested, with a `lightsheet.errors.ZeroLevelWarning` (float data with more than the
+   dark level subtracted; before, such candidates were dropped by a test of meaningless
+   numbers: 73 of the 77 of the realistic tiny sample minus 200).
 
 Every scale derives from ``nucleus_diameter_um`` and the voxel size. The bins form a fixed
 grid of the volume, and the statistics pass cuts blocks of whole bins, so every bin is
@@ -207,7 +209,9 @@ def _maps(region: Region, geometry: LocalGeometry, nbins) -> tuple[tuple, list]:
 def _contrast_parts(
     padded, offset, noise, gain, region: Region, spans, geometry, kept=None
 ) -> dict:
-    """On a block and its shell: ``E = I_s − B``, ``B``, and with ``noise`` ``z`` and ``R``.
+    """On a block and its shell: ``E = I_s − B``, ``B``'s light, with ``noise`` ``z`` and ``R``.
+
+    ``B``'s light is ``B`` above ``geometry.dark`` (what the image reads with no light).
 
     ``z = E / S`` is the significance, ``R = E / g`` the light above the background in
     units of each plane's gain ``g`` (``gain``: the block's planes, shell included).
@@ -233,7 +237,7 @@ def _contrast_parts(
             noise = _lerp(noise, axis, coords, b, first, n)
     background = opened + offset
     e = s - background
-    out = {"E": e, "B": background}
+    out = {"E": e, "B": background - np.float32(geometry.dark)}  # B: its light, for contrast
     if noise is not None:
         z = np.zeros(e.shape, np.float32)
         np.divide(e, noise, out=z, where=noise > 0)
@@ -491,6 +495,7 @@ def detect_local(
     compute: Callable[[Any, str], Any] | None = None,
     scratch: str | Path | None = None,
     quantum: float | None = None,
+    camera_offset: float = 0.0,
 ) -> LocalResult:
     """Cells of ``image`` by the local method (see the module's description).
 
@@ -529,6 +534,9 @@ def detect_local(
     quantum : float, optional
         The step the intensities were recorded in: the noise ``S`` is at least their
         rounding noise (`lightsheet.segment.background.LocalGeometry`'s ``noise_floor``).
+    camera_offset : float
+        What the image reads with no light: the planes' gain and the contrasts count the
+        light above it (`lightsheet.segment.background.LocalGeometry`'s ``dark``).
 
     Returns
     -------
@@ -538,7 +546,7 @@ def detect_local(
         ``background_mean_intensity`` and ``background_contrast``.
     """
     vs = tuple(float(v) for v in voxel_size_um)
-    geometry = LocalGeometry.of(vs, diameter_um, quantum)
+    geometry = LocalGeometry.of(vs, diameter_um, quantum, camera_offset)
     shape = tuple(int(s) for s in image.shape)
     grid = chunks
     numblocks = tuple(len(c) for c in grid)
@@ -741,8 +749,8 @@ def _finish_table(
     t = raw[(raw["volume_um3"] >= lo) & (raw["volume_um3"] <= hi)].copy()
     t["peak_sd"] = peaks_by_label[t["label"].to_numpy()]
     if background is not None:
-        # the test compares each channel's light over its own level, which needs a level
-        # above 0: intensities whose 0 is no light
+        # the test compares each channel's light over its own level's, which needs a level
+        # above the dark one (sum_B is already taken above it)
         untested = ~((t["sum_B"] > 0) & (t["sum_bg_B"] > 0)).to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         t["contrast"] = t.pop("sum_E") / t.pop("sum_B")
@@ -755,10 +763,12 @@ def _finish_table(
             warnings.warn(
                 ZeroLevelWarning(
                     f"{untested.sum()} of {len(t)} candidates lie where the background level of "
-                    "the nuclei or the autofluorescence channel is not above 0: their contrast "
+                    "the nuclei or the autofluorescence channel is not above the level of no "
+                    "light: their contrast "
                     "is undefined and the background channel cannot test them, so they are "
-                    "kept. The test needs intensities whose 0 is no light; was a background or "
-                    "an offset subtracted beyond the dark level?"
+                    "kept. The test needs the level of no light: 0, or camera_offset when "
+                    "given. Was a background or an offset subtracted beyond the dark level, "
+                    "or is camera_offset above it?"
                 ),
                 stacklevel=5,
             )

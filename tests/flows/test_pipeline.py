@@ -187,6 +187,14 @@ def test_eight_bit_tiles_find_the_cells_and_nothing_outside(prefect_harness, tmp
     # the 16-bit camera's offset is wrong for these values: with no light they read 100 >> 4
     with pytest.raises(ConfigError, match=r"camera_offset: 100 is above 90 % of .*channel 0"):
         run(sample, tmp_path / "wrong")
+    # and not deconvolved, the segment stage refuses it (its gain counts light above it)
+    config, off = load_config(sample / "config.yaml"), {"enabled": False}
+    with pytest.raises(ConfigError, match=r"camera_offset: 100 .*raw.ome.zarr channel 0"):
+        run(
+            sample, tmp_path / "wrong-raw",
+            deconvolve=config.deconvolve.model_copy(update=off),
+            featurize=config.featurize.model_copy(update=off),
+        )  # fmt: skip
     run(sample, tmp_path / "out", camera_offset=100 >> 4)
     assert read_image(tmp_path / "out" / "deconvolved.ome.zarr")[2]["quantum"] == 1.0
     tp, found, true = matched_cells(sample, tmp_path / "out")

@@ -78,6 +78,34 @@ def test_deconvolved_crop_matches_the_whole_volume(tiny_sample):
         assert np.abs(got - ref).max() <= 1e-3 * ref.max(), start
 
 
+def test_the_crop_keeps_the_level_of_no_light(tiny_sample, tmp_path):
+    """The crop's ``camera_offset`` (the segmentation's): the one given, else the run
+    config's, else the one a run's deconvolved image records, else 0."""
+    from lightsheet.io.omezarr import write_image
+    from lightsheet.sweep import crop_source
+
+    config, volume = stitched(tiny_sample)
+    shape = (8, 32, 32)
+
+    def offset(source, **kwargs):
+        return crop_source(
+            str(source), t=0, channels=(0,), nucleus_diameter_um=9.0,
+            crop_shape_zyx=shape, deconvolve=False, **kwargs,
+        ).camera_offset  # fmt: skip
+
+    yaml = tiny_sample / "config.yaml"
+    assert offset(yaml) == config.camera_offset == 100
+    assert offset(yaml, camera_offset=3) == 3
+    part = volume[:, :, : shape[0]]
+    write_image(part, tmp_path / "raw.ome.zarr", voxel_size_um=config.voxel_size_um)
+    assert offset(tmp_path / "raw.ome.zarr") == 0
+    write_image(
+        part, tmp_path / "deconvolved.ome.zarr", voxel_size_um=config.voxel_size_um,
+        lineage={"stage": "deconvolve", "params": {"camera_offset": 100.0}},
+    )  # fmt: skip
+    assert offset(tmp_path / "deconvolved.ome.zarr") == 100
+
+
 @pytest.fixture(scope="module")
 def swept(tiny_sample, prefect_harness, tmp_path_factory):
     from flows.sweep import sweep
@@ -106,7 +134,10 @@ def test_counts_match_the_library_on_the_same_crop(swept, tiny_sample):
     crop = volume[0, config.segment.channel][box]
     for row, override in zip(result["settings"], settings, strict=True):
         cfg = SegmentConfig.model_validate({**config.segment.model_dump(), **override})
-        ref = segment_volume(crop, voxel_size_um=config.voxel_size_um, config=cfg)
+        ref = segment_volume(
+            crop, voxel_size_um=config.voxel_size_um, config=cfg,
+            camera_offset=config.camera_offset,
+        )  # fmt: skip
         assert row["cells"] == ref.n, (override, row)
     assert result["settings"][2]["cells"] == 0  # nothing is brighter than 1e9
 

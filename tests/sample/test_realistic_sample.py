@@ -264,12 +264,13 @@ def test_default_detection_finds_the_somata(somata):
 
     out, _ = somata
     tiles = read_tiles(out)
-    config = load_config(out / "config.yaml").segment
+    config = load_config(out / "config.yaml")
     result = segment_volume(
         da.from_array(stitched(tiles, 0, 0), chunks=(24, 96, 96)),
         voxel_size_um=VOXEL_SIZE_UM,
-        config=config,
+        config=config.segment,
         background=da.from_array(stitched(tiles, 0, 1), chunks=(24, 96, 96)),
+        camera_offset=config.camera_offset,
     )
     truth = pd.read_csv(out / "truth" / "cells.csv")
     score = match_points(

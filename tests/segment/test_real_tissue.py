@@ -45,7 +45,13 @@ def reference() -> np.ndarray:
 
 
 def _segment(
-    signal, config, background=None, chunks=(10, 256, 256), scratch=None, voxel_um=VOXEL_UM
+    signal,
+    config,
+    background=None,
+    chunks=(10, 256, 256),
+    scratch=None,
+    voxel_um=VOXEL_UM,
+    camera_offset=0.0,
 ):
     import dask.array as da
 
@@ -55,6 +61,7 @@ def _segment(
         config=config,
         background=None if background is None else da.from_array(background, chunks=chunks),
         scratch=scratch,
+        camera_offset=camera_offset,
     )
 
 
@@ -152,19 +159,26 @@ def test_crop_exact_at_any_chunking(crop, with_background):
     assert (np.asarray(ref.labels) > 0).sum() == (np.asarray(other.labels) > 0).sum()
 
 
-@pytest.mark.parametrize("framing", ["planes reversed", "intensities x 3", "mirrored in y"])
+@pytest.mark.parametrize(
+    "framing",
+    ["planes reversed", "intensities x 3", "mirrored in y", "camera offset 100, given"],
+)
 def test_the_same_cells_however_the_tissue_is_framed(crop, framing):
-    """The planes' order, the intensity scale and a mirror that keeps the statistics' bins
-    on the tissue (504 rows: whole 7-voxel bins) change no cell (`benchmarks/invariance.py`
-    measures shifts and margins too)."""
+    """The planes' order, the intensity scale, a mirror that keeps the statistics' bins on
+    the tissue (504 rows: whole 7-voxel bins) and a camera's offset that the run states
+    change no cell (`benchmarks/invariance.py` measures shifts, margins and an offset not
+    stated too)."""
     from benchmarks.invariance import transforms
 
     signal, autofluorescence = (v[:, :504, :665] for v in crop)
-    forward, back = transforms(signal.shape)[framing]
+    forward, back, offset = transforms(signal.shape)[framing]
     config = SegmentConfig(**DEFAULTS)
     cells = [
-        _segment(s, config, a).table[["z_um", "y_um", "x_um"]].to_numpy()
-        for s, a in ((signal, autofluorescence), (forward(signal), forward(autofluorescence)))
+        _segment(s, config, a, camera_offset=o).table[["z_um", "y_um", "x_um"]].to_numpy()
+        for s, a, o in (
+            (signal, autofluorescence, 0.0),
+            (forward(signal), forward(autofluorescence), offset),
+        )
     ]
     framed = back(cells[1])
     assert len(framed) == len(cells[0]) > 150
@@ -223,7 +237,7 @@ def test_a_level_below_zero_keeps_its_cells_and_says_why(crop):
     from lightsheet.errors import ZeroLevelWarning
 
     signal, autofluorescence = (c.astype(np.float32) - np.percentile(c, 99) for c in crop)
-    with pytest.warns(ZeroLevelWarning, match="not above 0"):
+    with pytest.warns(ZeroLevelWarning, match="not above the level of no light"):
         result = _segment(signal, SegmentConfig(**DEFAULTS), autofluorescence)
     alone = _segment(signal, SegmentConfig(nucleus_diameter_um=14))
     pd.testing.assert_frame_equal(result.table[alone.table.columns], alone.table)
