@@ -718,6 +718,25 @@ def test_segment_volume_tells_when_cells_are_undersampled(voxel_um, told):
     assert len(said) == bool(told) and all(told in m and "voxel_size_um" in m for m in said)
 
 
+@pytest.mark.parametrize(("quantum", "kept"), [(None, True), (1.0, False)])
+def test_a_level_under_one_recorded_step_counts_one_step(quantum, kept):
+    """The artefact test's contrasts: a candidate 20 units above a nuclei-channel level of
+    0.1 a voxel (10 voxels), and 75 above an autofluorescence level of 5. Over the levels as
+    measured its contrasts are 20 and 1.5, and it is kept as a cell; a level above the dark
+    one is known only to the step the values were recorded in, and with that floor the
+    contrasts are 2 and 1.5: as bright in both channels, an artefact, dropped."""
+    from lightsheet.segment.local import _finish_table
+
+    raw = pd.DataFrame(
+        {"label": [1], "volume_um3": [10.0], "sum_E": [20.0], "sum_B": [1.0],
+         "sum_bg_raw": [600.0], "sum_bg_E": [75.0], "sum_bg_B": [50.0]}
+    )  # fmt: skip
+    t = _finish_table(raw, np.r_[-np.inf, 12.0], (1.0, 1.0, 1.0), (1.0, 100.0), True, 0.5, quantum)
+    assert len(t) == kept
+    if kept:
+        np.testing.assert_allclose(t[["contrast", "background_contrast"]], [[20.0, 1.5]])
+
+
 def test_segment_volume_config_errors():
     img = da.zeros((8, 16, 16), dtype=np.uint16, chunks=8)
     # the config refuses bad combinations when it is made (so the API refuses a run)
