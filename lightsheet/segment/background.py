@@ -636,10 +636,13 @@ def plane_gain(level: da.Array, spread: da.Array) -> da.Array:
     fixture with 100 added moved 132 of its 201 centres more than 1 µm, none with the
     offset known) over the other's, among the bins whose level stands above their spread
     (MAD × 1.4826) in both: a level within its own noise of zero (a subtracted background)
-    holds no gain. A plane pair without such bins steps by 1. Tissue that enters or leaves the
-    field changes few bins from one plane to the next, so the median follows the gain, not
-    the tissue. Exact at any chunking (bins lie on a global grid; each plane's median is
-    taken over the whole plane).
+    holds no gain. A plane pair without such bins steps by 1. Tissue that enters or leaves
+    the field changes few bins from one plane to the next, so the median follows the gain,
+    not the tissue; but tissue whose level changes along z as a whole is taken for a gain
+    (the realistic sample, no gain in it, dims towards the brain's faces: 1.7 % a plane,
+    chained to 2.8 × at mid-depth), which moves centres outward by about 0.1 µm there
+    (`benchmarks/results/realistic_sample.md`). Exact at any chunking (bins lie on a global
+    grid; each plane's median is taken over the whole plane).
     """
     if level.shape[0] < 2:
         return da.ones(level.shape[0], dtype=np.float64, chunks=-1)

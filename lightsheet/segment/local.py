@@ -67,11 +67,11 @@ a cell, in units of the variation of the tissue around it:
    the background in units of each plane's gain, ``R = (I_s − B) / g`` (``g``:
    `lightsheet.segment.background.plane_gain`, the median step of the bins' levels from
    one plane to the next, chained; a level is light, so taken above the camera's offset).
-   The body is the basin where ``R`` is at least half its
-   value at the peak (whatever the brightness): the extent at half maximum, which for a
-   blurred nucleus lies near its surface, so the size filter (on the body) compares like
-   with like. The centroid weights each voxel by how far its ``R`` rises above 0.7 of the
-   peak's (the top of the cell, which neighbours and background slopes shift least). Not
+   The body is the basin where ``R`` is at least half its value at the peak (whatever the
+   brightness): the extent at half maximum, which for a blurred nucleus lies near its
+   surface, so the size filter (on the body) compares like with like. The centroid weights
+   each voxel by how far its ``R`` rises above 0.7 of the peak's (the top of the cell,
+   which neighbours and background slopes shift least). Not
    the significance ``z``: ``S`` is measured over nine diameters, and where that window
    reaches the dark outside (the planes near a brain's surface) it changes from one plane
    to the next across a cell, which cut the body short on the noisier side and moved the
