@@ -362,17 +362,17 @@ def test_fusion_at_sub_voxel_positions_interpolates_linearly(tmp_path):
 
 
 @pytest.mark.parametrize("chunks", [(3, 13, 17), (12, 60, 64), (1, 8, 64)])
-def test_voxels_no_tile_covers_extend_the_nearest_tile(tmp_path, chunks):
+def test_voxels_no_tile_covers_mirror_the_nearest_tile(tmp_path, chunks):
     # tiles shifted inward by stage errors leave the mosaic's border uncovered: those voxels
-    # take the nearest tile's nearest voxel (no step to 0 for deconvolution to ring at),
-    # the same at any chunking
+    # take the nearest tile's voxels mirrored about its edge (no step to 0 for deconvolution
+    # to ring at, no rows of repeated values), the same at any chunking
     tile = (10, 30, 32)
     origins = np.array([[1, 2, 0], [0, 0, 25], [3, 24, 1], [2, 23, 27]])
     shape = (14, 56, 60)
     volume, _, fused = fuse_cut(tmp_path, shape, origins, tile, chunks, (1, 4, 4), shape)
     fused = fused[0, 0]
     # the reference, voxel by voxel: squared distance to each tile's box, ties to the lower
-    # index; the value is the tile's voxel at the position clamped into the box
+    # index; the value is the tile's voxel at the position mirrored into the box
     tiles = [volume[z : z + tile[0], y : y + tile[1], x : x + tile[2]] for z, y, x in origins]
     expected, dist = nearest_tile_values(tiles, origins, shape)
     covered = dist == 0

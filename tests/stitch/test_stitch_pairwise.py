@@ -138,7 +138,7 @@ def reference_fusion(tiles, positions, shape, blend):
     """Whole-volume fusion: each tile linearly interpolated at its position (SciPy), weighted
     by the product of its border ramps, weighted mean where tiles overlap; where no tile
     covers a voxel, the voxel of the nearest tile (boxes at rounded positions, squared
-    distance, ties to the lower index) at the position clamped into it."""
+    distance, ties to the lower index) at the position mirrored into it."""
     acc = np.zeros(shape)
     weights = np.zeros(shape)
     grid = np.indices(shape, dtype=float)
@@ -163,7 +163,8 @@ def nearest_tile_values(tiles, starts, shape):
     """Each voxel's nearest tile's voxel, and the squared distance to that tile (0 inside).
 
     Tiles are boxes at the integer ``starts``; the nearest is by squared distance to the box,
-    ties to the lower index; its voxel is the position clamped into the box.
+    ties to the lower index; its voxel is the position mirrored into the box about its edge
+    voxel (a triangle wave of the offset; gaps here are narrower than a tile).
     """
     grid = np.indices(shape)
     dist = np.stack(
@@ -178,7 +179,8 @@ def nearest_tile_values(tiles, starts, shape):
     nearest = np.argmin(dist, axis=0)
     out = np.empty(shape, np.result_type(*tiles))
     for i, (tile, s) in enumerate(zip(tiles, starts, strict=True)):
-        j = [np.clip(grid[a] - s[a], 0, tile.shape[a] - 1) for a in range(3)]
+        last = [n - 1 for n in tile.shape]
+        j = [last[a] - np.abs(last[a] - np.abs(grid[a] - s[a])) for a in range(3)]
         mine = nearest == i
         out[mine] = tile[j[0][mine], j[1][mine], j[2][mine]]
     return out, dist.min(axis=0)
