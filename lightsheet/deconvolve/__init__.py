@@ -26,12 +26,12 @@ from lightsheet.blocks import (
     default_depth,
 )
 from lightsheet.deconvolve.kernel import (
-    _check_background,
     _check_values,
     _cpu_count,
     _psf_half,
     _to_numpy,
     _triple_int,
+    check_dark_level,
     clear_otf_cache,
     richardson_lucy,
 )
@@ -127,7 +127,7 @@ def deconvolve(
     True
     """
     iterations = check_iterations(iterations)
-    background = _check_background(background)
+    background = check_dark_level(background)
     stored = is_stored(image)
     if not stored and not isinstance(image, da.Array):
         raise ImageError(

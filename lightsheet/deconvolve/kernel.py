@@ -34,7 +34,7 @@ from lightsheet.blocks import (
 from lightsheet.errors import ImageError
 from lightsheet.psf import check_psf_fits, validate_psf
 
-__all__ = ["clear_otf_cache", "richardson_lucy"]
+__all__ = ["check_dark_level", "clear_otf_cache", "richardson_lucy"]
 
 #: Bytes of spectrum per z-transform slab on the CPU (`_PlaneRL`) when the L3 cache size
 #: is unknown (see `_slab_bytes`).
@@ -206,12 +206,16 @@ def _triple_int(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in vals)  # type: ignore[return-value]
 
 
-def _check_background(value: Any) -> float:
-    """``background`` as a float: a finite real number >= 0, else `ValueError` naming it."""
+def check_dark_level(value: Any, name: str = "background", error: type = ValueError) -> float:
+    """``value`` as a float: a finite real number >= 0, else ``error`` naming ``name``.
+
+    The one check of a stated level of no light (Richardson–Lucy's ``background``, the
+    segment stage's ``camera_offset``): numbers only, so ``"100"`` or ``True`` is refused too.
+    """
     real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
     if not (real and math.isfinite(value) and value >= 0):
-        raise ValueError(
-            f"background: got {value!r}; expected the image's reading with no light "
+        raise error(
+            f"{name}: got {value!r}; expected the image's reading with no light "
             "(a camera's offset), a finite number >= 0"
         )
     return float(value)
@@ -358,7 +362,7 @@ def richardson_lucy(
     check_psf_fits(psf.shape, padded, what="padded image")
     if check:
         _check_values(image)
-    background = _check_background(background)
+    background = check_dark_level(background)
     shape = fast_shape(padded)
     xp = be.xp
 

@@ -36,7 +36,6 @@ always NumPy.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ import pandas as pd
 
 from lightsheet.config import SegmentConfig
 from lightsheet.config.derived import default_volume_range_um3
+from lightsheet.deconvolve.kernel import check_dark_level
 from lightsheet.errors import SegmentError, UndersampledCellWarning
 from lightsheet.lineage import recorded_quantum
 from lightsheet.regions import is_stored, map_overlap
@@ -317,11 +317,7 @@ def _segment_local(
 ):
     """`segment_volume` for ``method="local"``: stored or dask inputs alike."""
     _check_volume(image, "image")
-    if not (math.isfinite(offset) and offset >= 0):
-        raise SegmentError(
-            f"camera_offset={offset!r}: expected a finite level of no light, 0 or more, in "
-            "the image's units"
-        )
+    offset = check_dark_level(offset, "camera_offset", SegmentError)
     across = config.nucleus_diameter_um / max(vs[1:])
     if across < 2:
         warnings.warn(
@@ -370,7 +366,7 @@ def _segment_local(
         compute=compute,
         scratch=scratch,
         quantum=quantum,
-        camera_offset=float(offset),
+        camera_offset=offset,
     )
     table = result.table
     cmap = count_map(table, chunks=result.labels.chunks, voxel_size_um=vs)

@@ -750,8 +750,8 @@ def test_segment_volume_config_errors():
         SegmentConfig(channel=1, background_channel=1)
     with pytest.raises(SegmentError, match="voxel_size_um"):
         seg.segment_volume(img, voxel_size_um=(1.0, 0.0, 1.0))
-    for offset in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(SegmentError, match=r"camera_offset=.*expected a finite level"):
+    for offset in (-1.0, float("nan"), float("inf"), "100", True):
+        with pytest.raises(SegmentError, match=r"camera_offset: got .*reading with no light"):
             seg.segment_volume(img, voxel_size_um=(1.0, 1.0, 1.0), camera_offset=offset)
 
 
