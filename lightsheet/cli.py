@@ -111,10 +111,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
             "--stage-error-um/--grid or --misaligned (they image at the default optics and "
             "voxel size)"
         )
-    if args.misaligned and (args.realistic or args.cells):
-        raise SampleError(
-            "--realistic/--cells cannot be combined with --misaligned; expected one of them"
-        )
     if args.cells and not args.realistic:
         raise SampleError("--cells goes with --realistic; expected --realistic --cells ...")
     common.update(realistic=args.realistic, cells=args.cells or "nuclei")
@@ -540,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--misaligned",
         action="store_true",
-        help="rotate, scale and warp the brain against its atlas (the config registers it)",
+        help="rotate, scale and warp the brain against its atlas (the config registers it); "
+        "with --realistic, the textured tissue is what the registration sees",
     )
     p.add_argument(
         "--realistic",

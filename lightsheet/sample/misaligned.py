@@ -30,6 +30,16 @@ import numpy as np
 from lightsheet.errors import SampleError
 from lightsheet.geometry import atlas_voxel, reorientation_um
 from lightsheet.sample.phantom import Phantom
+from lightsheet.sample.realistic import (
+    CELL_MODES,
+    SOMA_DENSITY_FRACTION,
+    SOMA_DIAMETER_RANGE_UM,
+    SOMA_DIAMETER_SD_UM,
+    SOMA_DIAMETER_SHIFT_UM,
+    RealisticPhantom,
+    RealisticScene,
+    realistic_tissue,
+)
 from lightsheet.sample.render import _Scene
 
 __all__ = [
@@ -39,6 +49,8 @@ __all__ = [
     "MisalignedPhantom",
     "MisalignedScene",
     "Misalignment",
+    "RealisticMisalignedPhantom",
+    "RealisticMisalignedScene",
     "RegistrationCase",
     "SAMPLE_MISALIGNMENT",
     "SAMPLE_ORIENTATION",
@@ -397,8 +409,19 @@ MISALIGNED_SEMI_AXIS_FRACTION = 0.36
 MISALIGNED_ATLAS_REFINEMENT = 2
 
 
-def build_misaligned_phantom(size: str = "tiny", *, seed: int = 0, channels: int = 2):
+def build_misaligned_phantom(
+    size: str = "tiny",
+    *,
+    seed: int = 0,
+    channels: int = 2,
+    realistic: bool = False,
+    cells: str = "nuclei",
+):
     """The content of a misaligned sample: atlas, misalignment, cells, fields.
+
+    ``realistic``: image it as textured tissue (`lightsheet.sample.realistic`: the anatomy's
+    levels through the misalignment; texture, vessels, debris, sheet decay and stripes in
+    the image's frame), with ``cells`` "nuclei" or sparse "somata".
 
     The atlas (orientation ``asr``, the sample preset's resolution) spans the image's
     extent along the matching axes; the brain sits in it as in the aligned sample, a little
@@ -418,6 +441,11 @@ def build_misaligned_phantom(size: str = "tiny", *, seed: int = 0, channels: int
     from lightsheet.sample.render import _background_fields
 
     preset = _check_args(size, seed, channels, 1)
+    if cells not in CELL_MODES or (cells != "nuclei" and not realistic):
+        raise SampleError(
+            f"cells: got {cells!r}; expected one of {list(CELL_MODES)}, and 'nuclei' unless "
+            "realistic"
+        )
     vox = VOXEL_SIZE_UM
     res = preset.atlas_resolution_um(vox) / MISALIGNED_ATLAS_REFINEMENT
     reorient = reorientation_um(
@@ -443,22 +471,33 @@ def build_misaligned_phantom(size: str = "tiny", *, seed: int = 0, channels: int
         rng=rng,
     )
     labels = _sample_space_labels(mis, annotation, hemispheres, res, preset.shape_zyx, vox)
-    cells = _misaligned_cells(mis, annotation, hemispheres, res, labels, rng=rng)
-    chans = CHANNELS[:channels]
-    return MisalignedPhantom(
-        preset=preset,
-        voxel_size_um=vox,
-        resolution_um=res,
-        geometry=geometry,
-        annotation=annotation,
-        hemispheres=hemispheres,
-        structures=structures_json(),
-        cells=cells,
-        psf=psf_from_optics(voxel_size_um=vox, **OPTICS),
-        channels=chans,
-        fields=_background_fields(geometry, annotation, res, chans, seed),
-        misalignment=mis,
-        sample_labels=labels,
+    table = _misaligned_cells(
+        mis, annotation, hemispheres, res, labels, rng=rng, somata=cells == "somata"
+    )
+    common = {
+        "preset": preset,
+        "voxel_size_um": vox,
+        "resolution_um": res,
+        "geometry": geometry,
+        "annotation": annotation,
+        "hemispheres": hemispheres,
+        "structures": structures_json(),
+        "cells": table,
+        "psf": psf_from_optics(voxel_size_um=vox, **OPTICS),
+        "misalignment": mis,
+        "sample_labels": labels,
+    }
+    if not realistic:
+        chans = CHANNELS[:channels]
+        fields = _background_fields(geometry, annotation, res, chans, seed)
+        return MisalignedPhantom(**common, channels=chans, fields=fields)
+    # vessels and debris in the brain as the image frames it (the aligned sample's place)
+    in_image = BrainGeometry.for_volume(preset.shape_zyx, vox)
+    chans, fields, bright = realistic_tissue(
+        geometry, annotation, res, channels, cells, seed, structures_geometry=in_image
+    )
+    return RealisticMisalignedPhantom(
+        **common, channels=chans, fields=fields, cell_mode=cells, bright=bright, seed=int(seed)
     )
 
 
@@ -483,10 +522,21 @@ def _sample_space_labels(mis, annotation, hemispheres, res, image_shape, vox):
     return ann, hem, h, axes
 
 
-def _misaligned_cells(mis, annotation, hemispheres, res, labels, *, rng):
-    """Nuclei uniform in sample space at each region's density; truth = atlas voxel at q."""
+def _misaligned_cells(mis, annotation, hemispheres, res, labels, *, rng, somata=False):
+    """Nuclei uniform in sample space at each region's density; truth = atlas voxel at q.
+
+    ``somata``: sparse somata instead, at the density and sizes of
+    `lightsheet.sample.realistic.soma_cells`.
+    """
     from lightsheet.sample.phantom import cells_frame, draw_diameters, separate
     from lightsheet.sample.presets import REGIONS
+
+    factor, shift = (SOMA_DENSITY_FRACTION, SOMA_DIAMETER_SHIFT_UM) if somata else (1.0, 0.0)
+    sizes = (
+        {"diameter_range_um": SOMA_DIAMETER_RANGE_UM, "diameter_sd_um": SOMA_DIAMETER_SD_UM}
+        if somata
+        else {}
+    )
 
     ann_s, _, h, axes = labels
     voxel_mm3 = h**3 * 1e-9
@@ -495,7 +545,7 @@ def _misaligned_cells(mis, annotation, hemispheres, res, labels, *, rng):
         if region.density_cells_per_mm3 is None:
             continue
         where = np.flatnonzero(ann_s.ravel() == region.id)
-        n = int(round(region.density_cells_per_mm3 * where.size * voxel_mm3))
+        n = int(round(factor * region.density_cells_per_mm3 * where.size * voxel_mm3))
         if n:
             parts.append((region, where, n))
 
@@ -516,7 +566,9 @@ def _misaligned_cells(mis, annotation, hemispheres, res, labels, *, rng):
     positions = [draw(w, n) for w, (_, _, n) in zip(wheres, parts, strict=True)]
     owner = np.concatenate([np.full(n, i) for i, (_, _, n) in enumerate(parts)]).astype(int)
     pos = np.concatenate(positions) if positions else np.empty((0, 3))
-    diam = draw_diameters(np.array([parts[i][0].diameter_um for i in owner]), rng=rng)
+    diam = draw_diameters(
+        np.array([parts[i][0].diameter_um + shift for i in owner]), rng=rng, **sizes
+    )
     pos = separate(pos, diam, owner, wheres, draw)
     q = mis(pos)
     ids = lookup_labels(annotation, res, q).astype(np.int64)
@@ -527,8 +579,8 @@ def _misaligned_cells(mis, annotation, hemispheres, res, labels, *, rng):
 class MisalignedScene(_Scene):
     """`_Scene` whose autofluorescence is the atlas-grid field at ``q = T(p)``."""
 
-    def __init__(self, *args, misalignment: Misalignment):
-        super().__init__(*args)
+    def __init__(self, *args, misalignment: Misalignment, **kwargs):
+        super().__init__(*args, **kwargs)
         self.misalignment = misalignment
 
     def _field(self, grid, lo, hi):
@@ -549,17 +601,42 @@ class MisalignedPhantom(Phantom):
 
     def scene(self, origin_um=(0.0, 0.0, 0.0), *, sheet_um=None) -> MisalignedScene:
         """`Phantom.scene`, in the one frame of the whole acquisition (no tile offsets)."""
-        if np.any(np.asarray(origin_um, float) != 0.0):
-            raise SampleError(
-                f"a misaligned sample is rendered in one frame; got a tile origin {origin_um} "
-                "µm, expected (0, 0, 0)"
-            )
+        self._one_frame(origin_um)
         return MisalignedScene(
             self.cells, self.psf, self.voxel_size_um, self.resolution_um, self.fields,
             misalignment=self.misalignment,
         )  # fmt: skip
 
+    @staticmethod
+    def _one_frame(origin_um) -> None:
+        if np.any(np.asarray(origin_um, float) != 0.0):
+            raise SampleError(
+                f"a misaligned sample is rendered in one frame; got a tile origin {origin_um} "
+                "µm, expected (0, 0, 0)"
+            )
+
     def truth_volumes(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Labels on the sample-space grid and its spacing: volumes as imaged."""
         ann, hem, h, _ = self.sample_labels
         return ann, hem, h
+
+
+class RealisticMisalignedScene(MisalignedScene, RealisticScene):
+    """`RealisticScene` whose anatomy is the atlas-grid field at ``q = T(p)``.
+
+    Texture, vessels, debris, the sheet's decay and its stripes stay in the image's frame,
+    as the tissue and the microscope put them; only the anatomy is misaligned.
+    """
+
+
+@dataclass(frozen=True, eq=False)
+class RealisticMisalignedPhantom(MisalignedPhantom, RealisticPhantom):
+    """A `MisalignedPhantom` imaged as `RealisticPhantom`'s textured tissue."""
+
+    def scene(self, origin_um=(0.0, 0.0, 0.0), *, sheet_um=None) -> RealisticMisalignedScene:
+        """`MisalignedPhantom.scene` with the textured tissue (one frame, one sheet)."""
+        self._one_frame(origin_um)
+        return RealisticMisalignedScene(
+            self.cells, self.psf, self.voxel_size_um, self.resolution_um, self.fields,
+            misalignment=self.misalignment, **self.tissue(sheet_um),
+        )  # fmt: skip

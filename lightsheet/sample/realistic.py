@@ -66,6 +66,7 @@ __all__ = [
     "RealisticScene",
     "Structures",
     "build_realistic_phantom",
+    "realistic_tissue",
     "soma_cells",
     "value_noise",
 ]
@@ -375,13 +376,20 @@ class RealisticPhantom(Phantom):
         the whole sample, one field of view. A tile of a mosaic has its own
         (`lightsheet.sample.overlap`).
         """
-        extent = np.asarray(self.preset.shape_zyx) * np.asarray(self.voxel_size_um)
         return RealisticScene(
             self.cells, self.psf, self.voxel_size_um, self.resolution_um, self.fields,
-            bright=self.bright,
-            outside=[OUTSIDE_FRACTION * ch.outside_photons for ch in self.channels],
-            key=self.seed, extent_um=extent, sheet_um=sheet_um, origin_um=origin_um,
+            **self.tissue(sheet_um), origin_um=origin_um,
         )  # fmt: skip
+
+    def tissue(self, sheet_um=None) -> dict:
+        """`RealisticScene`'s own arguments: structures, outside glow, key, extent, sheet."""
+        return {
+            "bright": self.bright,
+            "outside": [OUTSIDE_FRACTION * ch.outside_photons for ch in self.channels],
+            "key": self.seed,
+            "extent_um": np.asarray(self.preset.shape_zyx) * np.asarray(self.voxel_size_um),
+            "sheet_um": sheet_um,
+        }
 
     def info(self) -> dict:
         """The ``realistic`` record of ``sample.json``."""
@@ -423,6 +431,51 @@ def soma_cells(
     return cells_frame(pos, diam, ids, hemi, rng=rng)
 
 
+def realistic_tissue(
+    geometry: BrainGeometry,
+    annotation: np.ndarray,
+    resolution_um: float,
+    channels: int,
+    cells: str,
+    seed: int,
+    *,
+    structures_geometry: BrainGeometry | None = None,
+) -> tuple[tuple, list[np.ndarray], Structures]:
+    """A realistic sample's channels, tissue fields and bright structures.
+
+    The fields (expected photons per channel on the atlas grid of ``annotation``, before the
+    texture, structures and illumination of `RealisticScene`) are each region's anatomy
+    level inside the brain's soft boundary (``geometry``, atlas µm); vessels and debris are
+    drawn in ``structures_geometry``'s brain (image µm; default ``geometry``, where the
+    image and the atlas share their frame).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    res_um = float(resolution_um)
+    brain_mm3 = float((annotation > 0).sum()) * res_um**3 * 1e-9
+    rng_structures = np.random.default_rng(np.random.SeedSequence([seed, 4]))
+    bright = Structures.draw(structures_geometry or geometry, brain_mm3, rng_structures)
+    level = np.ones(annotation.shape)
+    for r in REGIONS:
+        level[annotation == r.id] = r.anatomy
+    level = gaussian_filter(level, sigma=1.0, mode="nearest")
+    chans = tuple(
+        replace(ch, content="somata") if c == 0 and cells == "somata" else ch
+        for c, ch in enumerate(CHANNELS[:channels])
+    )
+    # atlas voxel j's centre is at (j + 0.5) R (BrainGlobe: the voxel spans [j R, (j+1) R))
+    z, y, x = ((np.arange(n) + 0.5) * res_um for n in annotation.shape)
+    edge_um = max(MASK_EDGE_UM, 0.5 * res_um)
+    mask = geometry.brain_weight(
+        z[:, None, None], y[None, :, None], x[None, None, :], edge_um=edge_um
+    )
+    fields = [
+        (ch.inside_photons * (1.0 + ch.anatomy_contrast * (level - 1.0)) * mask).astype(np.float32)
+        for ch in chans
+    ]
+    return chans, fields, bright
+
+
 def build_realistic_phantom(
     size: str = "tiny",
     *,
@@ -450,8 +503,6 @@ def build_realistic_phantom(
     SampleError
         Unknown ``cells`` mode, or the arguments `build_phantom` refuses.
     """
-    from scipy.ndimage import gaussian_filter
-
     if cells not in CELL_MODES:
         raise SampleError(f"cells: got {cells!r}; expected one of {list(CELL_MODES)}")
     base = build_phantom(
@@ -463,27 +514,7 @@ def build_realistic_phantom(
     else:
         rng_cells = np.random.default_rng(np.random.SeedSequence([seed, 1]))
         table = soma_cells(annotation, base.hemispheres, res_um, rng=rng_cells)
-    brain_mm3 = float((annotation > 0).sum()) * res_um**3 * 1e-9
-    rng_structures = np.random.default_rng(np.random.SeedSequence([seed, 4]))
-    bright = Structures.draw(geometry, brain_mm3, rng_structures)
-    level = np.ones(annotation.shape)
-    for r in REGIONS:
-        level[annotation == r.id] = r.anatomy
-    level = gaussian_filter(level, sigma=1.0, mode="nearest")
-    chans = tuple(
-        replace(ch, content="somata") if c == 0 and cells == "somata" else ch
-        for c, ch in enumerate(CHANNELS[:channels])
-    )
-    # atlas voxel j's centre is at (j + 0.5) R (BrainGlobe: the voxel spans [j R, (j+1) R))
-    z, y, x = ((np.arange(n) + 0.5) * res_um for n in annotation.shape)
-    edge_um = max(MASK_EDGE_UM, 0.5 * res_um)
-    mask = geometry.brain_weight(
-        z[:, None, None], y[None, :, None], x[None, None, :], edge_um=edge_um
-    )
-    fields = [
-        (ch.inside_photons * (1.0 + ch.anatomy_contrast * (level - 1.0)) * mask).astype(np.float32)
-        for ch in chans
-    ]
+    chans, fields, bright = realistic_tissue(geometry, annotation, res_um, channels, cells, seed)
     common = {f.name: getattr(base, f.name) for f in dataclasses.fields(Phantom)}
     return RealisticPhantom(
         **{**common, "cells": table, "channels": chans, "fields": fields},

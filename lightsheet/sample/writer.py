@@ -90,7 +90,8 @@ def generate(
         ``progress(done, total, what)``, called after each tile file is written.
     misaligned : bool
         Rotate, scale, shift and warp the brain against its atlas and reorient the image
-        (`lightsheet.sample.misaligned`); the config then registers the atlas.
+        (`lightsheet.sample.misaligned`); the config then registers the atlas. With
+        ``realistic``, its textured tissue is what the registration sees.
     realistic : bool
         Image textured tissue with a dark outside, vessels, debris, uneven illumination and
         light-sheet stripes (`lightsheet.sample.realistic`); the config then sets channel 1
@@ -127,15 +128,19 @@ def generate(
     _write_json(out / "sample.json", {"format": SAMPLE_FORMAT, "complete": False, "size": size})
 
     custom = voxel_size_um is not None or sheet_fwhm_um is not None
-    if misaligned and (realistic or cells != "nuclei" or custom):
+    if misaligned and custom:
         raise SampleError(
-            "misaligned cannot be combined with realistic, cells, voxel_size_um or "
-            "sheet_fwhm_um; expected one of them"
+            "misaligned cannot be combined with voxel_size_um or sheet_fwhm_um; expected one "
+            "of them"
         )
+    if cells != "nuclei" and not realistic:
+        raise SampleError(f"cells: {cells!r} needs realistic=True; expected 'nuclei' without")
     if misaligned:
         from lightsheet.sample.misaligned import build_misaligned_phantom
 
-        ph = build_misaligned_phantom(size, seed=seed, channels=channels)
+        ph = build_misaligned_phantom(
+            size, seed=seed, channels=channels, realistic=realistic, cells=cells
+        )
     else:
         ph = build(
             size, seed=seed, channels=channels, realistic=realistic, cells=cells,
@@ -209,8 +214,6 @@ def build(size, *, seed: int, channels: int, realistic: bool, cells: str, **imag
 
     ``imaging``: `build_phantom`'s ``voxel_size_um`` and ``sheet_fwhm_um``.
     """
-    if cells != "nuclei" and not realistic:
-        raise SampleError(f"cells: {cells!r} needs realistic=True; expected 'nuclei' without")
     if not realistic:
         return build_phantom(size, seed=seed, channels=channels, **imaging)
     from lightsheet.sample.realistic import build_realistic_phantom

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.ndimage as ndi
 import tifffile
+import yaml
 
 from lightsheet.config import SegmentConfig, load_config
 from lightsheet.errors import OutputExistsError, SampleError
@@ -247,7 +249,8 @@ def test_nuclei_mode_keeps_the_plain_cells():
     [
         ({"cells": "somata"}, "realistic"),
         ({"realistic": True, "cells": "neurons"}, "neurons"),
-        ({"realistic": True, "misaligned": True}, "cannot be combined"),
+        ({"misaligned": True, "cells": "somata"}, "realistic"),
+        ({"misaligned": True, "realistic": True, "cells": "neurons"}, "neurons"),
         ({"misaligned": True, "voxel_size_um": (4, 2, 2)}, "voxel_size_um"),
     ],
 )
@@ -379,11 +382,53 @@ def test_cli_realistic(tmp_path, capsys):
     assert main([*mosaic, "--grid", "1", "1", "2"]) == 0
     info = json.loads((tmp_path / "m" / "sample.json").read_text())
     assert info["realistic"]["cells"] == "nuclei" and info["overlap"] == [0.0, 0.0, 0.2]
-    assert main(["sample", str(tmp_path / "x"), "--realistic", "--misaligned"]) == 2
-    assert "--misaligned" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "x"), "--realistic", "--misaligned"]) == 0
+    config = yaml.safe_load((tmp_path / "x" / "config.yaml").read_text())
+    assert config["register"]["enabled"] and config["segment"]["background_channel"] == 1
     coarse = ["sample", str(tmp_path / "c"), "--realistic", "--voxel-size-um", "4", "2", "2"]
     assert main(coarse) == 0
     info = json.loads((tmp_path / "c" / "sample.json").read_text())
     assert info["voxel_size_um"] == [4.0, 2.0, 2.0] and info["shape"][2:] == [24, 96, 96]
     assert main([*coarse, "--overlap", "0.2"]) == 2
     assert "--voxel-size-um and --sheet-fwhm-um cannot be combined" in capsys.readouterr().err
+
+
+def test_realistic_misaligned_sample_is_textured_tissue_through_the_misalignment():
+    """`--realistic --misaligned`: the truth is the atlas at each cell's mapped position, the
+    anatomy follows the misalignment, and the tissue is the realistic sample's (its somata,
+    a dark outside, the sheet's stripes in the image's frame)."""
+    from lightsheet.sample.misaligned import build_misaligned_phantom, lookup_labels
+    from lightsheet.sample.realistic import SOMA_DIAMETER_RANGE_UM
+
+    ph = build_misaligned_phantom("tiny", seed=1, realistic=True, cells="somata")
+    nuclei = build_misaligned_phantom("tiny", seed=1)
+    cells = ph.cells
+    q = ph.misalignment(cells[["z_um", "y_um", "x_um"]].to_numpy())
+    np.testing.assert_array_equal(
+        cells["structure_id"], lookup_labels(ph.annotation, ph.resolution_um, q)
+    )
+    lo, hi = SOMA_DIAMETER_RANGE_UM
+    assert cells["diameter_um"].between(lo, hi).all()
+    assert 0.15 < len(cells) / len(nuclei.cells) < 0.45, (len(cells), len(nuclei.cells))
+    assert ph.info()["cells"] == "somata" and ph.channels[0].content == "somata"
+    np.testing.assert_array_equal(ph.misalignment.matrix, nuclei.misalignment.matrix)
+
+    shape = ph.preset.shape_zyx
+    image = ph.expected((0, 0, 0), shape, channel=1)
+    grid = np.stack(
+        np.meshgrid(
+            *[np.arange(n) * v for n, v in zip(shape, ph.voxel_size_um, strict=True)], indexing="ij"
+        ),  # fmt: skip
+        -1,
+    )
+    brain = lookup_labels(ph.annotation, ph.resolution_um, ph.misalignment(grid)) > 0
+    inside, outside = np.median(image[brain]), np.median(image[~brain])
+    assert inside > 4 * outside, (inside, outside)
+
+    # the plain misaligned sample's background is smooth; this one's varies along y at the
+    # stripes' scale, inside the brain, far more than along x (the sheet's direction)
+    def fine(axis):
+        smooth = ndi.gaussian_filter1d(image, 8.0, axis=axis)
+        return np.median(np.abs(image / smooth - 1)[brain])
+
+    assert fine(1) > 2 * fine(2), (fine(1), fine(2))
