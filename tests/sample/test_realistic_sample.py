@@ -418,7 +418,7 @@ def test_realistic_misaligned_sample_is_textured_tissue_through_the_misalignment
     grid = np.stack(
         np.meshgrid(
             *[np.arange(n) * v for n, v in zip(shape, ph.voxel_size_um, strict=True)], indexing="ij"
-        ),  # fmt: skip
+        ),
         -1,
     )
     brain = lookup_labels(ph.annotation, ph.resolution_um, ph.misalignment(grid)) > 0
