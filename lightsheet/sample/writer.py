@@ -133,8 +133,6 @@ def generate(
             "misaligned cannot be combined with voxel_size_um or sheet_fwhm_um; expected one "
             "of them"
         )
-    if cells != "nuclei" and not realistic:
-        raise SampleError(f"cells: {cells!r} needs realistic=True; expected 'nuclei' without")
     if misaligned:
         from lightsheet.sample.misaligned import build_misaligned_phantom
 
@@ -214,6 +212,8 @@ def build(size, *, seed: int, channels: int, realistic: bool, cells: str, **imag
 
     ``imaging``: `build_phantom`'s ``voxel_size_um`` and ``sheet_fwhm_um``.
     """
+    if cells != "nuclei" and not realistic:
+        raise SampleError(f"cells: {cells!r} needs realistic=True; expected 'nuclei' without")
     if not realistic:
         return build_phantom(size, seed=seed, channels=channels, **imaging)
     from lightsheet.sample.realistic import build_realistic_phantom

@@ -259,6 +259,13 @@ def test_bad_arguments(tmp_path, kwargs, match):
         generate(tmp_path / "s", size="tiny", **kwargs)
 
 
+def test_a_mosaic_refuses_somata_without_realistic(tmp_path):
+    from lightsheet.sample.overlap import generate_overlapping
+
+    with pytest.raises(SampleError, match="needs realistic=True"):
+        generate_overlapping(tmp_path / "m", size="tiny", cells="somata", overlap=0.2)
+
+
 def test_default_detection_finds_the_somata(somata):
     """The default `local` detection with the autofluorescence channel, on the raw tiles."""
     import dask.array as da
