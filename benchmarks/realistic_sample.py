@@ -66,10 +66,12 @@ def score(sample: Path, output: Path) -> tuple[dict, pd.DataFrame]:
     )
     rows["error"] = (rows["found_cells_per_mm3"] / rows["true_cells_per_mm3"] - 1).round(4)
     rows = rows.join(leaf_budget(found, truth, s.pairs, leaves.index))
-    offsets = found[axes].to_numpy()[s.pairs[:, 0]] - truth[axes].to_numpy()[s.pairs[:, 1]]
+    # each matched cell's true centre and its detection's offset from it (µm)
+    matched = truth[axes].to_numpy()[s.pairs[:, 1]]
+    offsets = found[axes].to_numpy()[s.pairs[:, 0]] - matched
     rows["expected_placement_error"] = expected_placement(sample, output, truth, offsets, rows)
     summary = {
-        "radial_offset_um_by_shell": edge_bias(sample, found, truth, s.pairs),
+        "radial_offset_um_by_shell": edge_bias(sample, matched, offsets),
         "true_cells": len(truth),
         "found_cells": len(found),
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in s.as_dict().items()},
@@ -155,18 +157,18 @@ def expected_placement(
     return (counts / draws / rows["true_cells"] - 1).round(4)
 
 
-def edge_bias(sample: Path, found: pd.DataFrame, truth: pd.DataFrame, pairs) -> dict:
+def edge_bias(sample: Path, true, offset) -> dict:
     """Mean offset (µm) of matched centroids along the brain's outward normal, per shell of
-    the normalised brain radius: how far detection moves cells towards the tissue edge."""
+    the normalised brain radius: how far detection moves cells towards the tissue edge.
+
+    ``true``: the matched cells' true centres, ``offset``: their detections' offsets (µm).
+    """
     import numpy as np
 
     from lightsheet.sample import BrainGeometry
 
     info = json.loads((sample / "sample.json").read_text())
     geometry = BrainGeometry.for_volume(info["shape"][2:], info["voxel_size_um"])
-    axes = ["z_um", "y_um", "x_um"]
-    true = truth[axes].to_numpy()[pairs[:, 1]]
-    offset = found[axes].to_numpy()[pairs[:, 0]] - true
     a, s, r = geometry.normalised(*true.T)
     squash = np.where(s > 0, 0.85, 1.0)  # the flatter ventral side (BrainGeometry)
     rho = np.sqrt(a**2 + (s / squash) ** 2 + r**2)

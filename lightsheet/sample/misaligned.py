@@ -638,5 +638,5 @@ class RealisticMisalignedPhantom(MisalignedPhantom, RealisticPhantom):
         self._one_frame(origin_um)
         return RealisticMisalignedScene(
             self.cells, self.psf, self.voxel_size_um, self.resolution_um, self.fields,
-            misalignment=self.misalignment, **self.tissue(sheet_um),
+            misalignment=self.misalignment, **self.scene_kwargs(sheet_um),
         )  # fmt: skip

@@ -378,10 +378,10 @@ class RealisticPhantom(Phantom):
         """
         return RealisticScene(
             self.cells, self.psf, self.voxel_size_um, self.resolution_um, self.fields,
-            **self.tissue(sheet_um), origin_um=origin_um,
+            **self.scene_kwargs(sheet_um), origin_um=origin_um,
         )  # fmt: skip
 
-    def tissue(self, sheet_um=None) -> dict:
+    def scene_kwargs(self, sheet_um=None) -> dict:
         """`RealisticScene`'s own arguments: structures, outside glow, key, extent, sheet."""
         return {
             "bright": self.bright,
