@@ -103,6 +103,7 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
         registered = step(
             "register", raw, str(config.atlas), config.register, config.density.orientation,
             config.segment.channel, None if config.psf is None else str(config.psf), o,
+            config.camera_offset,
         )  # fmt: skip
     density = step("density", segmented, raw, str(config.atlas), config.density, o, registered)
     return [manifest, raw, image, features, segmented, registered, density]

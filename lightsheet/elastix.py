@@ -243,6 +243,11 @@ class Registration:
         Where the B-spline took its samples (see `register`); None without a mask.
     timings_s : dict
         Wall time (s) of each step in the child process.
+    illumination : ndarray of float32 or None
+        The gain divided out of the fixed image before the B-spline
+        (`lightsheet.illumination`); None when not fitted.
+    illumination_range : float or None
+        Its largest over its smallest value in the brain.
     """
 
     transform_files: list[Path]
@@ -252,6 +257,8 @@ class Registration:
     log: str
     fixed_mask: np.ndarray | None = None
     timings_s: dict = field(default_factory=dict)
+    illumination: np.ndarray | None = None
+    illumination_range: float | None = None
 
 
 def register(
@@ -267,6 +274,7 @@ def register(
     mask_margin_um: float | None = None,
     threads: int | None = None,
     timeout_s: float | None = None,
+    illumination_dark: float | None = None,
 ) -> Registration:
     """Register ``moving`` (atlas reference) onto ``fixed`` (the sample) with elastix.
 
@@ -300,6 +308,11 @@ def register(
         elastix threads; default all cores.
     timeout_s : float, optional
         Give up (and fail) after this long.
+    illumination_dark : float, optional
+        Given (with ``moving_mask``), the fixed image's illumination is fitted against the
+        reference the affine places on it, inside the brain, and divided out of the light
+        above this level (what the camera reads with no light) before the B-spline
+        (`lightsheet.illumination`).
     """
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="lightsheet-elastix-") as job:
@@ -307,7 +320,8 @@ def register(
         np.save(job / "fixed.npy", np.ascontiguousarray(fixed, np.float32))
         np.save(job / "moving.npy", np.ascontiguousarray(moving, np.float32))
         masked = moving_mask is not None and mask_margin_um is not None
-        if masked:
+        lit = moving_mask is not None and illumination_dark is not None and len(maps) > 1
+        if masked or lit:
             np.save(job / "moving_mask.npy", np.asarray(moving_mask, bool))
         spec = {
             "command": "register",
@@ -317,6 +331,7 @@ def register(
             "moving_spacing": [float(r) for r in moving_spacing_um],
             "maps": maps,
             "mask_margin_um": float(mask_margin_um) if masked else None,
+            "illumination_dark": float(illumination_dark) if lit else None,
             "threads": threads,
         }
         _run_worker(job, spec, timeout_s)
@@ -330,6 +345,12 @@ def register(
             fixed_mask=np.load(job / "fixed_mask.npy") if masked and len(maps) > 1 else None,
             timings_s=json.loads((job / "timings.json").read_text()),
         )
+        if (job / "illumination.npy").exists():
+            result = dataclasses.replace(
+                result,
+                illumination=np.load(job / "illumination.npy"),
+                illumination_range=json.loads((job / "illumination.json").read_text())["range"],
+            )
         tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -523,8 +544,11 @@ def _worker(job: Path) -> None:
     moving = image(np.load(job / "moving.npy"), *moving_geometry)
     maps = spec["maps"]
     margin = spec.get("mask_margin_um")
-    # with a mask: the first map (affine) on the whole image, the rest inside the mask it gives
-    stages = [maps[:1], maps[1:]] if margin is not None and len(maps) > 1 else [maps]
+    dark = spec.get("illumination_dark")
+    # with a mask or the illumination: the first map (affine) on the whole image, then the
+    # rest inside the mask it gives, on the image with the illumination it shows divided out
+    split = len(maps) > 1 and (margin is not None or dark is not None)
+    stages = [maps[:1], maps[1:]] if split else [maps]
     files: list[Path] = []
     mask = None
     for i, stage_maps in enumerate(stages):
@@ -553,8 +577,15 @@ def _worker(job: Path) -> None:
             with clock("mask"):
                 brain = image(np.load(job / "moving_mask.npy").astype(np.float32), *moving_geometry)
                 inside = _transformix_image(itk, brain, files, folder) > 0.5
-                mask = dilate(inside, margin, spec["fixed_spacing"])
-                np.save(job / "fixed_mask.npy", mask)
+                if margin is not None:
+                    mask = dilate(inside, margin, spec["fixed_spacing"])
+                    np.save(job / "fixed_mask.npy", mask)
+            if dark is not None:
+                with clock("illumination"):
+                    fixed_array = _illumination(
+                        job, np.load(job / "fixed.npy"), itk.array_from_image(warped), inside, dark
+                    )
+                    fixed = image(fixed_array, *fixed_geometry)
     # linear interpolation, float (`parameter_maps`' FinalBSplineInterpolationOrder 1)
     np.save(job / "warped.npy", itk.array_from_image(warped).astype(np.float32))
     params = itk.ParameterObject.New()
@@ -570,6 +601,24 @@ def _worker(job: Path) -> None:
         det = jacobian_determinant(deformation, spec["fixed_spacing"])
         np.save(job / "jacobian.npy", det)
     (job / "timings.json").write_text(json.dumps(timings))
+
+
+def _illumination(
+    job: Path, fixed: np.ndarray, warped: np.ndarray, inside: np.ndarray, dark: float
+) -> np.ndarray:
+    """``fixed`` with the illumination that the affine's ``warped`` reference shows divided out.
+
+    Writes ``illumination.npy`` (the gain) and ``illumination.json`` (its range); without a
+    fit (too little of the brain holds light) the image comes back unchanged.
+    """
+    from lightsheet.illumination import fit_illumination
+
+    fit = fit_illumination(fixed, warped, inside, dark=dark)
+    if fit is None:
+        return np.asarray(fixed, np.float32)
+    np.save(job / "illumination.npy", fit.gain)
+    (job / "illumination.json").write_text(json.dumps({"range": fit.range, "voxels": fit.voxels}))
+    return fit.correct(fixed, dark)
 
 
 def jacobian_determinant(

@@ -262,6 +262,7 @@ def plot_registration_qc(
     grid=None,
     similarity: float | None = None,
     title: str | None = None,
+    illumination: np.ndarray | None = None,
 ) -> Path:
     """Atlas region outlines over the sample: three orthogonal mid-planes, as a PNG.
 
@@ -278,6 +279,9 @@ def plot_registration_qc(
     similarity : float, optional
         Shown in the title.
     title : str, optional
+    illumination : (K0, K1, K2) ndarray, optional
+        The gain divided out before the B-spline (`lightsheet.illumination`), drawn as
+        labelled contours: where the sheet faded, and by how much.
     """
     image = np.asarray(image, dtype=np.float64)
     labels = np.asarray(labels)
@@ -304,12 +308,21 @@ def plot_registration_qc(
             np.ma.masked_where(~edges, edges), cmap="autumn", vmin=0, vmax=1,
             extent=extent, interpolation="nearest",
         )  # fmt: skip
+        if illumination is not None:
+            gain = np.asarray(illumination)[sl]
+            if np.ptp(gain) > 1e-3:
+                lines = ax.contour(
+                    gain, levels=5, colors="cyan", linewidths=0.7,
+                    extent=extent, origin="upper",
+                )  # fmt: skip
+                ax.clabel(lines, fmt="×%.2f", fontsize="xx-small")
         ax.set_title(f"plane {names[axis]} = {mid}", fontsize="small")
         ax.set_xlabel(f"{names[cols]} (µm)", fontsize="small")
         ax.set_ylabel(f"{names[rows]} (µm)", fontsize="small")
         ax.tick_params(labelsize="x-small")
     sim = "" if similarity is None else f" (similarity {similarity:.3f})"
-    fig.suptitle(title or f"Atlas regions registered to the sample{sim}")
+    lit = "" if illumination is None else "; cyan: the illumination divided out"
+    fig.suptitle(title or f"Atlas regions registered to the sample{sim}{lit}")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -480,6 +480,8 @@ class AtlasRegistration:
     log: str
     fixed_mask: np.ndarray | None = None
     timings_s: dict = field(default_factory=dict)
+    illumination: np.ndarray | None = None
+    illumination_range: float | None = None
 
     @property
     def min_jacobian(self) -> float:
@@ -496,6 +498,9 @@ class AtlasRegistration:
                 float(self.jacobian_determinant[brain].min()) if brain.any() else float("nan"), 4
             ),
             "affine": self.affine,
+            "illumination_range": (
+                None if self.illumination_range is None else round(self.illumination_range, 3)
+            ),
             "grid_shape": list(self.grid.shape),
             "grid_spacing_um": list(self.grid.spacing_um),
             "warnings": self.warnings,
@@ -555,6 +560,7 @@ def register_atlas(
     bspline_mask: bool = True,
     mask_margin_um: float | None = None,
     psf_sigma_um: Sequence[float] | None = None,
+    illumination_dark: float | None = 0.0,
 ) -> AtlasRegistration:
     """Register the atlas reference to a sample on its fixed grid, and measure the result.
 
@@ -589,6 +595,12 @@ def register_atlas(
         the same resolution: the sample is seen through the microscope's optics, the atlas
         template is not, and a sharper moving image makes the B-spline shift thin bright
         layers (see `RegisterConfig.match_psf`).
+    illumination_dark : float or None
+        What the fixed image reads with no light (the camera's offset). The sample's
+        illumination (a sheet fading along its path, a brighter side) is then fitted against
+        the reference as the affine places it and divided out before the B-spline
+        (`lightsheet.illumination`); the similarity is measured on the corrected image.
+        None: no correction.
     """
     fixed = np.asarray(fixed, dtype=np.float32)
     if fixed.shape != grid.shape:
@@ -617,13 +629,16 @@ def register_atlas(
         mask_margin_um=mask_margin_um if bspline_mask else None,
         threads=threads,
         timeout_s=timeout_s,
+        illumination_dark=illumination_dark,
     )
     ann, hem = labels_in_sample_space(
         reg.deformation_um, grid, annotation, hemispheres, resolution_um
     )
     warped = grid.from_atlas_axes(reg.warped_reference)
     jac = grid.from_atlas_axes(reg.jacobian_determinant)
-    sim = similarity(fixed, warped, ann > 0)
+    gain = None if reg.illumination is None else grid.from_atlas_axes(reg.illumination)
+    seen = fixed if gain is None else illumination_dark + (fixed - illumination_dark) / gain
+    sim = similarity(seen, warped, ann > 0)
     affine = affine_summary(reg.transform_files[0])
     warnings = quality_warnings(
         similarity=sim, min_similarity=min_similarity, affine=affine, min_jacobian=float(jac.min())
@@ -631,7 +646,7 @@ def register_atlas(
     mask = None if reg.fixed_mask is None else grid.from_atlas_axes(reg.fixed_mask)
     return AtlasRegistration(
         grid, reg.transform_files, fixed, warped, ann, hem, jac, affine, sim, warnings, reg.log,
-        mask, reg.timings_s,
+        mask, reg.timings_s, gain, reg.illumination_range,
     )  # fmt: skip
 
 

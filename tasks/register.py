@@ -77,11 +77,13 @@ def register_channel(config: RegisterConfig, segment_channel: int, n_channels: i
 
 def register_spec(
     raw: dict, atlas: str, config: RegisterConfig, orientation: str, segment_channel: int,
-    psf: str | None, output: str,
+    psf: str | None, output: str, camera_offset: float = 0.0,
 ) -> StageSpec:  # fmt: skip
     """What `register_volume` makes from the raw image's autofluorescence and the atlas.
 
-    ``psf`` (the run's PSF file) blurs the atlas reference when ``config.match_psf``.
+    ``psf`` (the run's PSF file) blurs the atlas reference when ``config.match_psf``;
+    ``camera_offset`` (the run's) is the level under the light whose illumination
+    ``config.correct_illumination`` divides out.
     """
     out = Path(output)
     inputs = {"raw": output_input(raw), "atlas": atlas_input(atlas)}
@@ -107,6 +109,7 @@ def register_spec(
             "image_shape_zyx": list(raw["shape"][2:]),
             "voxel_size_um": list(raw["voxel_size_um"]),
             "psf_sigma_um": psf_sigma,
+            "camera_offset": float(camera_offset),
         },
         inputs=inputs,
     )
@@ -140,11 +143,14 @@ def _levels(path: str) -> list[tuple[float, float, float]]:
 @task(name="register")
 def register_volume(
     raw: dict, atlas: str, config: RegisterConfig, orientation: str, segment_channel: int,
-    psf: str | None, output: str,
+    psf: str | None, output: str, camera_offset: float = 0.0,
 ) -> dict:  # fmt: skip
     """Downsample the autofluorescence, register the atlas to it, bring labels to the sample."""
     out = Path(output)
-    stage = Stage(register_spec(raw, atlas, config, orientation, segment_channel, psf, output))
+    spec = register_spec(
+        raw, atlas, config, orientation, segment_channel, psf, output, camera_offset
+    )
+    stage = Stage(spec)
     if not stage.reused:
         summary = _compute(stage, raw, atlas, config, orientation, out)
     else:
@@ -199,12 +205,16 @@ def _compute(stage: Stage, raw, atlas, config, orientation, out: Path) -> dict:
             bspline_mask=config.bspline_mask,
             mask_margin_um=config.mask_margin_um,
             psf_sigma_um=stage.spec.params["psf_sigma_um"],
+            illumination_dark=stage.spec.params["camera_offset"]
+            if config.correct_illumination
+            else None,
         )
         # the transform files name each other by path: name their final place
         _retarget(tmp, transforms)
         plot_registration_qc(
-            result.fixed, result.annotation, tmp / "qc.png", grid=grid, similarity=result.similarity
-        )
+            result.fixed, result.annotation, tmp / "qc.png", grid=grid,
+            similarity=result.similarity, illumination=result.illumination,
+        )  # fmt: skip
     lineage = stage.lineage()
     fps = {}
     spacing = grid.spacing_um
@@ -266,6 +276,12 @@ def publish_registration(summary: dict, qc: Path) -> None:
             {
                 "figure": "affine scales (atlas / sample)",
                 "value": [round(s, 3) for s in affine["scales"]],
+            },
+            {
+                "figure": "illumination divided out before the B-spline (range in the brain)",
+                "value": "not fitted"
+                if summary.get("illumination_range") is None
+                else f"{summary['illumination_range']:.2f}×",
             },
             {"figure": "grid (image axes)", "value": summary["grid_shape"]},
         ]

@@ -1,5 +1,5 @@
-"""lightsheet.plots: the stitch overview, the MIP thumbnail and the sweep's overlay (density
-plots: test_density)."""
+"""lightsheet.plots: the stitch overview, the MIP thumbnail, the sweep's overlay and the
+registration's QC (density plots: test_density)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from lightsheet.io.omezarr import write_image
-from lightsheet.plots import mip_png, overlay_png, plot_overview
+from lightsheet.plots import mip_png, overlay_png, plot_overview, plot_registration_qc
 from lightsheet.stitch.register import Link, Solution
 
 
@@ -65,3 +65,20 @@ def test_overlay_circles_annotated_cells_found_and_missed():
     # no annotations: only the outlines
     plain = np.asarray(Image.open(io.BytesIO(overlay_png(mip, labels, lo=0, hi=1, side=200))))
     assert not ((plain[..., 1] > 150) & (plain[..., 0] < 120)).any()
+
+
+def test_registration_qc_draws_the_illumination_where_it_was_divided_out(tmp_path):
+    """Region outlines in yellow; the gain's contours in cyan, only when one is given."""
+    g = np.meshgrid(*[np.linspace(-1, 1, n) for n in (20, 30, 40)], indexing="ij")
+    labels = (sum(x**2 for x in g) < 0.7).astype(int) + (g[2] > 0.3)
+    gain = np.exp(-0.8 * g[2])
+    image = 100 * gain * (labels > 0)
+
+    def cyan(path):
+        with Image.open(path) as png:
+            r, gr, b = np.moveaxis(np.asarray(png.convert("RGB")).astype(int), -1, 0)
+        return int(((r < 80) & (gr > 180) & (b > 180)).sum())
+
+    plain = plot_registration_qc(image, labels, tmp_path / "plain.png")
+    lit = plot_registration_qc(image, labels, tmp_path / "lit.png", illumination=gain)
+    assert cyan(plain) == 0 and cyan(lit) > 100

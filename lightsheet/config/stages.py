@@ -402,6 +402,13 @@ class RegisterConfig(_Model):
     mask_margin_um: PositiveFloat | None = Field(
         None, description="Margin of the B-spline's mask in µm; default the grid spacing."
     )
+    correct_illumination: bool = Field(
+        True,
+        description="Fit the sample's illumination (a sheet fading along its path, one side "
+        "brighter) against the atlas reference as the affine places it, a smooth gain that "
+        "the template's anatomy does not explain, and divide it out (above camera_offset) "
+        "before the B-spline, which it would otherwise bend (lightsheet.illumination).",
+    )
     match_psf: bool = Field(
         True,
         description="Blur the atlas reference by the run's PSF (its width along each axis) "
