@@ -454,50 +454,42 @@ def test_wrong_orientation_gives_a_quality_warning(coarse_case, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_fading_light_sheet_is_divided_out_before_the_b_spline(coarse_case, tmp_path):
+def test_a_fading_light_sheet_is_divided_out_before_the_b_spline(coarse_result, tmp_path):
     """The sheet fades to a quarter across the sample: corrected, the B-spline is not pulled.
 
-    The same registration without the correction is the reference: its landmarks move
-    further from the truth (measured 0.52 against 0.15 atlas voxels), and the fitted range is
-    the fade's with the case's own gradient (10 %), across the brain's extent along it.
+    The reference is the same case without the fade (`coarse_result`): the landmarks stay as
+    close to the truth (measured 0.15 atlas voxels against 0.12 unfaded; 0.52 without the
+    correction), and the fitted range is the fade's with the case's own gradient (10 %),
+    across the brain's extent along it.
     """
     import dataclasses
 
-    case = coarse_case
+    case, atlas, unfaded = coarse_result
     t = np.linspace(0.0, 1.0, case.image.shape[2], dtype=np.float32)
     fade = 0.25**t
     case = dataclasses.replace(case, image=case.image * fade[None, None, :])
     light = fade * (1 - 0.1 * t)
-    atlas = _atlas(case)
-    grid = FixedGrid.for_atlas(
-        atlas, image_shape=case.image.shape, voxel_size_um=case.voxel_size_um,
-        orientation=case.orientation,
+    result = register_atlas(
+        case.image, unfaded.grid, annotation=case.annotation, hemispheres=case.hemispheres,
+        reference=case.reference, resolution_um=atlas.resolution_um, out_dir=tmp_path / "r",
+        threads=2,
     )  # fmt: skip
-    figures, results = {}, {}
-    for dark in (0.0, None):
-        results[dark] = register_atlas(
-            case.image, grid, annotation=case.annotation, hemispheres=case.hemispheres,
-            reference=case.reference, resolution_um=atlas.resolution_um,
-            out_dir=tmp_path / str(dark), threads=2, illumination_dark=dark,
-        )  # fmt: skip
-        figures[dark] = registration_figures(case, results[dark], atlas)
-    corrected, not_corrected = figures[0.0], figures[None]
-    assert results[None].illumination is None and results[None].illumination_range is None
-    gain = results[0.0].illumination
-    assert gain.shape == grid.shape == case.image.shape  # the image is at the atlas's resolution
-    brain = np.flatnonzero((results[0.0].annotation > 0).any(axis=(0, 1)))
+    gain = result.illumination
+    assert gain.shape == case.image.shape  # the image is at the atlas's resolution
+    brain = np.flatnonzero((result.annotation > 0).any(axis=(0, 1)))
     truth = light[brain[0]] / light[brain[-1]]
-    assert results[0.0].summary()["illumination_range"] == pytest.approx(truth, rel=0.1)
+    assert result.summary()["illumination_range"] == pytest.approx(truth, rel=0.1)
     # brighter on the sheet's side: the brain's first quarter along the fade over its last
-    inside, quarter = results[0.0].annotation > 0, (brain[-1] - brain[0]) // 4
+    inside, quarter = result.annotation > 0, (brain[-1] - brain[0]) // 4
     near, far = (np.s_[..., a : a + quarter] for a in (brain[0], brain[-1] - quarter))
     ratio = gain[near][inside[near]].mean() / gain[far][inside[far]].mean()
     assert ratio == pytest.approx(light[near[-1]].mean() / light[far[-1]].mean(), rel=0.1)
-    assert corrected["landmark_mean_voxels"] < 0.5, corrected
-    assert corrected["landmark_mean_voxels"] < 0.8 * not_corrected["landmark_mean_voxels"], (
-        corrected,
-        not_corrected,
+    faded, reference = (registration_figures(case, r, atlas) for r in (result, unfaded))
+    assert faded["landmark_mean_voxels"] < reference["landmark_mean_voxels"] + 0.1, (
+        faded,
+        reference,
     )
+    assert result.warnings == [], result.warnings
 
 
 @pytest.mark.slow
