@@ -27,10 +27,17 @@ in their leaf, below the 0.98 without any correction).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ILLUMINATION_DEGREE", "REFERENCE_LEVELS", "IlluminationFit", "fit_illumination"]
+__all__ = [
+    "ILLUMINATION_DEGREE",
+    "REFERENCE_LEVELS",
+    "IlluminationFit",
+    "divide_out",
+    "fit_illumination",
+]
 
 #: Degree of the illumination polynomial: 2 holds a fade along the sheet (nearly linear in
 #: log) and the dip in the middle of a sheet from both sides, and stays smoother than any
@@ -43,6 +50,7 @@ REFERENCE_LEVELS = 16
 TUKEY_C = 4.685
 
 
+@dataclass(frozen=True, eq=False)
 class IlluminationFit:
     """The gain fitted by `fit_illumination`.
 
@@ -56,14 +64,24 @@ class IlluminationFit:
         Voxels the fit used.
     """
 
-    def __init__(self, gain: np.ndarray, range_: float, voxels: int):
-        self.gain = gain
-        self.range = range_
-        self.voxels = voxels
+    gain: np.ndarray
+    range: float
+    voxels: int
 
     def correct(self, fixed: np.ndarray, dark: float = 0.0) -> np.ndarray:
-        """``fixed`` with the gain divided out of its light above ``dark``."""
-        return (dark + (np.asarray(fixed, np.float32) - dark) / self.gain).astype(np.float32)
+        """``fixed`` with the gain divided out (`divide_out`)."""
+        return divide_out(fixed, self.gain, dark)
+
+
+def divide_out(fixed: np.ndarray, gain: np.ndarray, dark: float = 0.0) -> np.ndarray:
+    """``fixed`` with ``gain`` divided out of its light above ``dark`` (float32).
+
+    Examples
+    --------
+    >>> divide_out(np.array([100.0, 300.0]), np.array([1.0, 2.0]), dark=100.0).tolist()
+    [100.0, 200.0]
+    """
+    return (dark + (np.asarray(fixed, np.float32) - dark) / gain).astype(np.float32)
 
 
 def _monomials(coords: Sequence[np.ndarray], degree: int) -> list[np.ndarray]:
@@ -112,7 +130,7 @@ def fit_illumination(
     max_samples : int
         At most this many voxels of the brain, drawn at random (``seed``), enter the fit.
     iterations : int
-        Reweighting passes.
+        Least-squares passes (at least 1), each reweighted by the last one's residuals.
 
     Returns
     -------

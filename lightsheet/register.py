@@ -39,6 +39,7 @@ import pandas as pd
 from lightsheet.density import atlas_voxel, reorientation_um
 from lightsheet.elastix import parameter_maps, register, transform_points
 from lightsheet.errors import ConfigError, RegistrationError
+from lightsheet.illumination import divide_out
 from lightsheet.io.atlas import HEMISPHERE_LEFT, HEMISPHERE_NONE, HEMISPHERE_RIGHT
 
 __all__ = [
@@ -637,7 +638,7 @@ def register_atlas(
     warped = grid.from_atlas_axes(reg.warped_reference)
     jac = grid.from_atlas_axes(reg.jacobian_determinant)
     gain = None if reg.illumination is None else grid.from_atlas_axes(reg.illumination)
-    seen = fixed if gain is None else illumination_dark + (fixed - illumination_dark) / gain
+    seen = fixed if gain is None else divide_out(fixed, gain, illumination_dark)
     sim = similarity(seen, warped, ann > 0)
     affine = affine_summary(reg.transform_files[0])
     warnings = quality_warnings(
