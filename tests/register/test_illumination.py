@@ -22,14 +22,19 @@ def _in_brain_error(fit, truth, inside):
     return float(np.abs(fit.gain[inside] / truth[inside] - 1).max())
 
 
-@pytest.mark.parametrize("far_side", [0.45, 0.2])
-def test_a_fading_sheet_is_recovered_under_another_contrast(far_side):
-    """Exponential fade along x, the sample's contrast a gamma of the template's, noise."""
+@pytest.mark.parametrize(
+    "far_side, contrast",
+    [(0.45, lambda r: r**1.3), (0.2, lambda r: r**1.3), (0.45, lambda r: 1 / r)],
+    ids=["gamma-0.45", "gamma-0.2", "inverted-0.45"],
+)
+def test_a_fading_sheet_is_recovered_under_another_contrast(far_side, contrast):
+    """Exponential fade along x; the sample's contrast a gamma of the template's, or the
+    template's inverted (another stain, bright where the template is dark); noise."""
     ref, inside, grid = _anatomy()
     x = (grid[2] + 1) / 2
     truth = far_side**x
     rng = np.random.default_rng(1)
-    fixed = 5.0 * ref**1.3 * truth * (1 + 0.05 * rng.standard_normal(ref.shape))
+    fixed = 5.0 * contrast(ref) * truth * (1 + 0.05 * rng.standard_normal(ref.shape))
     fit = fit_illumination(fixed, ref, inside)
     assert _in_brain_error(fit, truth, inside) < 0.03
     assert fit.range == pytest.approx(truth[inside].max() / truth[inside].min(), rel=0.03)
