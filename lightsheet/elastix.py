@@ -540,7 +540,8 @@ def _worker(job: Path) -> None:
     clock = _Clock(timings)
     fixed_geometry = (spec["fixed_origin"], spec["fixed_spacing"])
     moving_geometry = (spec["moving_origin"], spec["moving_spacing"])
-    fixed = image(np.load(job / "fixed.npy"), *fixed_geometry)
+    fixed_array = np.load(job / "fixed.npy")
+    fixed = image(fixed_array, *fixed_geometry)
     moving = image(np.load(job / "moving.npy"), *moving_geometry)
     maps = spec["maps"]
     margin = spec.get("mask_margin_um")
@@ -582,10 +583,10 @@ def _worker(job: Path) -> None:
                     np.save(job / "fixed_mask.npy", mask)
             if dark is not None:
                 with clock("illumination"):
-                    fixed_array = _illumination(
-                        job, np.load(job / "fixed.npy"), itk.array_from_image(warped), inside, dark
+                    lit = _illumination(
+                        job, fixed_array, itk.array_from_image(warped), inside, dark
                     )
-                    fixed = image(fixed_array, *fixed_geometry)
+                    fixed = image(lit, *fixed_geometry)
     # linear interpolation, float (`parameter_maps`' FinalBSplineInterpolationOrder 1)
     np.save(job / "warped.npy", itk.array_from_image(warped).astype(np.float32))
     params = itk.ParameterObject.New()
@@ -617,7 +618,7 @@ def _illumination(
     if fit is None:
         return np.asarray(fixed, np.float32)
     np.save(job / "illumination.npy", fit.gain)
-    (job / "illumination.json").write_text(json.dumps({"range": fit.range, "voxels": fit.voxels}))
+    (job / "illumination.json").write_text(json.dumps({"range": fit.range}))
     return fit.correct(fixed, dark)
 
 

@@ -162,9 +162,10 @@ def fit_illumination(
     ref = np.asarray(reference, np.float32).ravel()[index]
     edges = np.quantile(ref, np.linspace(0, 1, levels + 1)[1:-1])
     bins = np.searchsorted(edges, ref, side="right")
-    design = np.zeros((index.size, levels + len(_monomials(pos, degree))), np.float64)
+    terms = np.stack(_monomials(pos, degree), axis=1)
+    design = np.zeros((index.size, levels + terms.shape[1]), np.float64)
     design[np.arange(index.size), bins] = 1.0
-    design[:, levels:] = np.stack(_monomials(pos, degree), axis=1)
+    design[:, levels:] = terms
     y = np.log(light.ravel()[index].astype(np.float64))
     weight = np.ones_like(y)
     for _ in range(iterations):

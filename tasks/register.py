@@ -280,7 +280,7 @@ def publish_registration(summary: dict, qc: Path) -> None:
             {
                 "figure": "illumination divided out before the B-spline (range in the brain)",
                 "value": "not fitted"
-                if summary.get("illumination_range") is None
+                if summary["illumination_range"] is None
                 else f"{summary['illumination_range']:.2f}×",
             },
             {"figure": "grid (image axes)", "value": summary["grid_shape"]},
