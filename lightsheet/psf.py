@@ -2,6 +2,11 @@
 
 A PSF here is a float32 ``(Z, Y, X)`` array with odd size in every axis, its peak at the
 centre voxel, non-negative and summing to 1, sampled at the image's voxel size.
+
+A measured PSF (a bead's image) comes as the camera recorded it: on the camera's level and
+noise, and often at a finer z step than the sample. `validate_psf` takes the level of the
+crop's border off and zeroes what is within the border's noise; `load_psf` resamples a PSF
+whose TIFF declares another voxel size (ImageJ or OME metadata) to the image's.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ __all__ = [
     "gaussian_psf",
     "load_psf",
     "psf_from_optics",
+    "psf_grid_note",
     "psf_sigma_um",
+    "resample_psf",
     "validate_psf",
     "write_psf",
 ]
@@ -124,6 +131,15 @@ def psf_from_optics(
 def validate_psf(psf: np.ndarray, *, name: str = "psf") -> np.ndarray:
     """Check a PSF and return it as a centred, odd-sized float32 array summing to 1.
 
+    A bead's image sits on the camera's level, with noise, and would otherwise add a flat
+    box the size of the crop to the PSF. Where the crop's outermost voxels (its border)
+    hold a level above zero (their median, more than 3 robust SDs: 1.4826 × their median
+    absolute deviation) or negative values (a level already subtracted), that level comes
+    off, every voxel within 3 SDs of it is zeroed, and of the rest only what is connected to
+    the brightest voxel is kept. A generated PSF's border holds its tails, smooth and above zero,
+    and is kept as it is; so is a border above half the peak (a crop too tight to tell a
+    level from the PSF's own spread).
+
     Parameters
     ----------
     psf : (Z, Y, X) ndarray
@@ -138,13 +154,23 @@ def validate_psf(psf: np.ndarray, *, name: str = "psf") -> np.ndarray:
     Raises
     ------
     PSFError
-        Not 3-D, not finite, negative values, or all zeros.
+        Not 3-D, not finite, negative values (a negative level), or all zeros.
+
+    Examples
+    --------
+    A bead 5,000 counts bright on a camera level of 100 with noise of SD 5:
+
+    >>> true = gaussian_psf((2.0, 1.0, 1.0), (1.0, 0.5, 0.5), truncate=4)
+    >>> bead = np.random.default_rng(0).normal(100 + 5000 * true / true.max(), 5)
+    >>> [round(s, 2) for s in psf_sigma_um(validate_psf(bead), (1.0, 0.5, 0.5))]
+    [1.97, 0.98, 0.99]
     """
     psf = np.asarray(psf)
     if psf.ndim != 3:
         raise PSFError(f"{name}: a PSF must be a 3-D (Z, Y, X) array; got shape {psf.shape}")
     if not np.all(np.isfinite(psf)):
         raise PSFError(f"{name}: PSF contains NaN or infinite values; expected finite values")
+    psf = _level_removed(psf.astype(np.float64), name)
     if np.any(psf < 0):
         raise PSFError(
             f"{name}: PSF has negative values (min {float(psf.min()):.3g}); expected >= 0"
@@ -152,8 +178,84 @@ def validate_psf(psf: np.ndarray, *, name: str = "psf") -> np.ndarray:
     total = float(psf.sum(dtype=np.float64))
     if total <= 0:
         raise PSFError(f"{name}: PSF sums to {total}; expected a positive sum (all zeros?)")
-    psf = _recentre(psf.astype(np.float64))
+    psf = _recentre(psf)
     return (psf / psf.sum()).astype(np.float32)
+
+
+def _level_removed(psf: np.ndarray, name: str) -> np.ndarray:
+    """``psf`` less its border's level, what is within the border's noise zeroed.
+
+    See `validate_psf`; unchanged where the border holds no level. Of what stands above the
+    noise, only the part connected to the brightest voxel is kept: the noise's own specks
+    (and another bead in the crop) are not the PSF, and far from the centre they would
+    widen it most.
+    """
+    inner = tuple(slice(1, -1) if n > 2 else slice(0, 0) for n in psf.shape)
+    border_mask = np.ones(psf.shape, bool)
+    border_mask[inner] = False
+    border = psf[border_mask]
+    level = float(np.median(border))
+    sd = 1.4826 * float(np.median(np.abs(border - level)))
+    if level < -3 * sd or (level < 0 and sd == 0):
+        raise PSFError(
+            f"{name}: PSF has negative values (its border's level is {level:.3g}); expected "
+            ">= 0 (a level under zero: signed data read as unsigned, or too much subtracted?)"
+        )
+    has_level = level > 3 * sd or float(border.min()) < 0
+    if not has_level or level + 3 * sd >= 0.5 * float(psf.max()):
+        return psf
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(psf > level + 3 * sd)
+    body = labels == labels.flat[np.argmax(psf)]
+    return np.where(body, psf - level, 0.0)
+
+
+def resample_psf(psf: np.ndarray, from_um: Sequence[float], to_um: Sequence[float]) -> np.ndarray:
+    """A PSF sampled at voxel size ``from_um`` resampled to ``to_um`` (z, y, x in µm).
+
+    Each axis whose size differs, separately and conservatively: each new voxel holds the
+    PSF's mass over its extent, each old voxel's mass spread evenly over its own. The sum is
+    kept, and a finer PSF is integrated, not point-sampled, onto the coarser grid, as a
+    camera's pixels integrate the light. The new centre voxel is centred on the PSF's
+    centroid along that axis (a bead stack's noise can make a plane a few fine steps off
+    its brightest). The result covers at least the input's extent, odd-sized, validated.
+
+    Examples
+    --------
+    >>> fine = gaussian_psf((2.0, 1.0, 1.0), (0.5, 0.25, 0.25), truncate=4)
+    >>> coarse = resample_psf(fine, (0.5, 0.25, 0.25), (2.0, 1.0, 1.0))
+    >>> coarse.shape, [round(s, 2) for s in psf_sigma_um(coarse, (2.0, 1.0, 1.0))]
+    ((9, 9, 9), [2.09, 1.05, 1.05])
+
+    (integrated over the coarser voxels: the variance grows by about a voxel's width
+    squared over 12.)
+    """
+    out = validate_psf(psf).astype(np.float64)
+    pairs = zip(_triple(from_um, "from_um"), _triple(to_um, "to_um"), strict=True)
+    for axis, (old, new) in enumerate(pairs):
+        if old == new:
+            continue
+        profile = out.sum(axis=tuple(a for a in range(3) if a != axis))
+        offset = float(profile @ (np.arange(profile.size) - profile.size // 2)) * old
+        weights = _remap(out.shape[axis], old, new, offset)
+        out = np.moveaxis(np.tensordot(weights, out, (1, axis)), 0, axis)
+    return validate_psf(out)
+
+
+def _remap(n: int, old: float, new: float, centre: float) -> np.ndarray:
+    """(m, n) weights from ``n`` voxels of size ``old`` to ``m`` of size ``new``.
+
+    The share of each old voxel (centred on 0) that falls in each new one (centred on
+    ``centre``, µm); the new voxels cover the old ones' extent.
+    """
+    half = n * old / 2
+    m = 2 * math.ceil((half + abs(centre)) / new - 0.5) + 1
+    old_edges = np.arange(n + 1) * old - half
+    new_edges = (np.arange(m + 1) - m / 2) * new + centre
+    lo = np.maximum(new_edges[:-1, None], old_edges[None, :-1])
+    hi = np.minimum(new_edges[1:, None], old_edges[None, 1:])
+    return np.clip(hi - lo, 0, None) / old
 
 
 def psf_sigma_um(psf: np.ndarray, voxel_size_um: Sequence[float]) -> tuple[float, float, float]:
@@ -241,13 +343,59 @@ def _recentre(psf: np.ndarray) -> np.ndarray:
 MAX_PSF_BYTES = 256 << 20
 
 
-def load_psf(path: str | Path, *, max_bytes: int = MAX_PSF_BYTES) -> np.ndarray:
-    """Read a PSF TIFF and validate it (see `validate_psf`).
+def load_psf(
+    path: str | Path,
+    voxel_size_um: Sequence[float] | None = None,
+    *,
+    max_bytes: int = MAX_PSF_BYTES,
+) -> np.ndarray:
+    """Read a PSF TIFF, validate it (see `validate_psf`), at the image's voxel size.
 
     The file is checked like a tile first (`lightsheet.io.tiff.inspect_tiff`: layout,
     decodability, declared size against the stored bytes and against ``max_bytes``), so a
     header claiming a huge image is refused before anything is allocated.
+
+    ``voxel_size_um``: the image's (z, y, x) µm. Where the file's ImageJ or OME metadata
+    declare another (by more than 1 % on an axis; `psf_grid_note` says which), the PSF is
+    resampled to it (`resample_psf`): a bead stack taken at a finer z step serves as it is.
+    An axis the file declares nothing for is taken at the image's. None: the PSF as stored.
     """
+    data, declared = _read_psf(path, max_bytes)
+    psf = validate_psf(data, name=str(path))
+    if voxel_size_um is None:
+        return psf
+    image = _triple(voxel_size_um, "voxel_size_um")
+    own = _own_voxel_um(declared, image)
+    return psf if own == image else resample_psf(psf, own, image)
+
+
+def psf_grid_note(path: str | Path, voxel_size_um: Sequence[float]) -> str:
+    """How `load_psf` places the PSF file on the image's grid, in words (for the run's log).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "psf.tif")
+    ...     _ = write_psf(path, gaussian_psf((2, 1, 1), (1, 0.5, 0.5)), (1, 0.5, 0.5))
+    ...     print(psf_grid_note(path, (2, 1, 1)))
+    declares (1, 0.5, 0.5) µm: resampled to the image's (2, 1, 1) µm
+    """
+    declared = _read_psf(path, MAX_PSF_BYTES, pixels=False)[1]
+    image = _triple(voxel_size_um, "voxel_size_um")
+    own = _own_voxel_um(declared, image)
+    if own != image:
+        return f"declares {_um(own)} µm: resampled to the image's {_um(image)} µm"
+    if all(d is None for d in declared):
+        return f"declares no voxel size: taken at the image's {_um(image)} µm"
+    return f"at the image's voxel size {_um(image)} µm"
+
+
+def _um(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _read_psf(path: str | Path, max_bytes: int, *, pixels: bool = True):
     from lightsheet.errors import InputFilesError
     from lightsheet.io.tiff import TiffRegion, inspect_tiff
 
@@ -255,11 +403,22 @@ def load_psf(path: str | Path, *, max_bytes: int = MAX_PSF_BYTES) -> np.ndarray:
     if not path.is_file():
         raise PSFError(f"psf: no such file {path}; expected a (Z, Y, X) TIFF")
     try:
-        region = TiffRegion(inspect_tiff(path, max_bytes=max_bytes))
-        data = region[(slice(None),) * 3]
+        info = inspect_tiff(path, max_bytes=max_bytes)
+        data = np.squeeze(TiffRegion(info)[(slice(None),) * 3]) if pixels else None
     except InputFilesError as exc:
         raise PSFError(f"psf: cannot read {exc}") from exc
-    return validate_psf(np.squeeze(data), name=str(path))
+    return data, info.voxel_size_um or (None, None, None)
+
+
+def _own_voxel_um(declared, image: tuple[float, float, float]) -> tuple[float, ...]:
+    """The PSF's voxel size.
+
+    The axes declared that differ from the image's by over 1 %; the image's elsewhere.
+    """
+    return tuple(
+        v if d is None or abs(d / v - 1) <= 0.01 else d
+        for d, v in zip(declared, image, strict=True)
+    )
 
 
 def write_psf(path: str | Path, psf: np.ndarray, voxel_size_um: Sequence[float]) -> Path:

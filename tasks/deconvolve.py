@@ -72,7 +72,7 @@ def deconvolve_volume(
     """
     stage = Stage(deconvolve_spec(raw, psf, config, output, camera_offset))
     if not stage.reused:
-        psf_array = load_psf(psf)
+        psf_array = load_psf(psf, raw["voxel_size_um"])
         check_unchanged(stage.spec.inputs["psf"], file_content_fingerprint(psf))
         with dask_client() as client, _otfs_dropped(client):
             image, voxel_size_um, raw_lineage = read_image(raw["path"])

@@ -13,7 +13,7 @@ from lightsheet.config import PipelineConfig
 from lightsheet.errors import AtlasError, ConfigError, OutputNotWritableError
 from lightsheet.ingest import Manifest, discover, voxel_size_mismatch
 from lightsheet.io.atlas import Atlas, load_atlas
-from lightsheet.psf import check_psf_fits, load_psf
+from lightsheet.psf import check_psf_fits, load_psf, psf_grid_note
 
 __all__ = [
     "check_atlas",
@@ -42,6 +42,9 @@ def ingest(config: PipelineConfig) -> dict:
     mismatch = voxel_size_mismatch(manifest, config.voxel_size_um)
     if mismatch:
         logger.warning("ingest: %s", mismatch)
+    psf_note = None if config.psf is None else psf_grid_note(config.psf, config.voxel_size_um)
+    if psf_note:
+        logger.info("ingest: psf %s %s", config.psf, psf_note)
     logger.info(
         "ingest: %d tiles (%d time points, %d channels, %dx%dx%d tiles) of %s %s, %.2f GB",
         len(manifest.tiles),
@@ -66,6 +69,7 @@ def ingest(config: PipelineConfig) -> dict:
             {"field": "channels", "value": ", ".join(manifest.channel_names())},
             {"field": "voxel size (z, y, x) µm", "value": str(tuple(config.voxel_size_um))},
             {"field": "voxel size check", "value": mismatch or "no other size in the metadata"},
+            {"field": "psf", "value": f"{config.psf}: {psf_note}" if psf_note else "none"},
         ],
         description=f"Tiles matching {config.input}",
     )
@@ -93,7 +97,7 @@ def check_inputs(config: PipelineConfig, *, atlas_labels: bool = True) -> Manife
         config.input, config.pattern, max_tile_bytes=int(config.stitch.max_tile_gib * 2**30)
     )
     if config.psf is not None:  # read even when unused: the register stage may blur by it
-        psf = load_psf(config.psf)
+        psf = load_psf(config.psf, config.voxel_size_um)
         if config.deconvolve.enabled:
             check_psf_fits(psf.shape, manifest.shape[2:], what="stitched volume")
     atlas = load_atlas(config.atlas)

@@ -90,7 +90,8 @@ def register_spec(
     psf_sigma = None
     if config.match_psf and psf is not None:
         inputs["psf"] = {"kind": "file", "path": psf, "fingerprint": file_content_fingerprint(psf)}
-        psf_sigma = [round(s, 6) for s in psf_sigma_um(load_psf(psf), raw["voxel_size_um"])]
+        voxel = raw["voxel_size_um"]
+        psf_sigma = [round(s, 6) for s in psf_sigma_um(load_psf(psf, voxel), voxel)]
     channel = register_channel(config, segment_channel, int(raw["shape"][1]))
     atlas_obj = load_atlas(atlas)  # lazy: metadata and the annotation's header
     grid = FixedGrid.for_atlas(

@@ -15,6 +15,7 @@ from lightsheet.psf import (
     gaussian_psf,
     load_psf,
     psf_from_optics,
+    psf_grid_note,
     validate_psf,
     write_psf,
 )
@@ -156,3 +157,93 @@ def test_psf_must_fit_the_data():
     check_psf_fits((7, 7, 7), (7, 64, 64))
     with pytest.raises(PSFError, match=r"larger than the chunk plus halo .* along y, x"):
         check_psf_fits((7, 65, 65), (64, 64, 64), what="chunk plus halo")
+
+
+def _box_gaussian(sigma_um, voxel_um, half, centre_um=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """A Gaussian PSF integrated over each voxel (erf per axis): the reference that
+    `resample_psf` approximates from a finer stack, normalised to sum 1."""
+    from scipy.special import erf
+
+    profiles = []
+    for s, v, h, c in zip(sigma_um, voxel_um, half, centre_um, strict=True):
+        edges = ((np.arange(-h, h + 2) - 0.5) * v - c) / (s * math.sqrt(2))
+        profiles.append(np.diff(erf(edges)))
+    psf = np.einsum("i,j,k->ijk", *profiles)
+    return psf / psf.sum()
+
+
+def _bead_stack(rng, sigma_um, voxel_um, half, *, peak, level, centre_um=(0.0, 0.0, 0.0)):
+    """A bead's image as a camera records it: Poisson light on ``level``, read noise."""
+    axes = [
+        (np.arange(-h, h + 1) * v - c) / s
+        for s, v, h, c in zip(sigma_um, voxel_um, half, centre_um, strict=True)
+    ]
+    z, y, x = np.meshgrid(*axes, indexing="ij")
+    light = peak * np.exp(-0.5 * (z**2 + y**2 + x**2))
+    return (rng.poisson(light) + level + rng.normal(0, 2, light.shape)).astype(np.float32)
+
+
+def test_a_bead_stack_on_the_cameras_level_gives_the_psf():
+    # a bead 4,000 counts bright on a level of 100 (a box of 17 x 21 x 21 voxels: the level
+    # alone would outweigh the bead 12 times)
+    rng = np.random.default_rng(1)
+    sigma, voxel = (3.0, 0.8, 0.8), (2.0, 1.0, 1.0)
+    bead = _bead_stack(rng, sigma, voxel, (8, 10, 10), peak=4000, level=100)
+    psf = validate_psf(bead, name="bead.tif")
+    _assert_normalised(psf)
+    truth = gaussian_psf(sigma, voxel, truncate=20)
+    np.testing.assert_allclose(_sigma_vox(psf) * voxel, _sigma_vox(truth) * voxel, rtol=0.03)
+    c = tuple(n // 2 for n in psf.shape)
+    assert psf[c] == pytest.approx(truth[tuple(n // 2 for n in truth.shape)], rel=0.03)
+    assert psf[0].max() == 0 and psf[:, 0].max() == 0  # the level's noise at the border: gone
+    np.testing.assert_array_equal(validate_psf(psf), psf)  # a PSF validated stays as it is
+    # the same bead with the level already subtracted (its noise below zero) gives the same
+    np.testing.assert_allclose(validate_psf(bead - 100), psf, atol=1e-6)
+
+
+def test_a_psf_declaring_another_voxel_size_is_resampled_to_the_images(tmp_path):
+    sigma, fine, image = (3.0, 0.8, 0.8), (0.5, 0.25, 0.25), (2.0, 1.0, 1.0)
+    path = write_psf(tmp_path / "psf.tif", gaussian_psf(sigma, fine, truncate=5), fine)
+    assert load_psf(path).shape == gaussian_psf(sigma, fine, truncate=5).shape  # as stored
+    psf = load_psf(path, image)
+    _assert_normalised(psf)
+    # (the fine stack's point samples summed over each voxel: within 2 % of the integral)
+    reference = _box_gaussian(sigma, image, tuple(n // 2 for n in psf.shape))
+    np.testing.assert_allclose(psf, reference, atol=0.02 * reference.max())
+    assert "resampled to the image's (2, 1, 1) µm" in psf_grid_note(path, image)
+    assert psf_grid_note(path, fine) == "at the image's voxel size (0.5, 0.25, 0.25) µm"
+    # a file without a voxel size in a length unit is taken at the image's
+    bare = tmp_path / "bare.tif"
+    tifffile.imwrite(bare, gaussian_psf(sigma, image), photometric="minisblack")
+    assert load_psf(bare, image).shape == gaussian_psf(sigma, image).shape
+    assert psf_grid_note(bare, image).startswith("declares no voxel size")
+
+
+def test_a_bead_stack_at_a_finer_z_step_is_centred_on_its_light(tmp_path):
+    # beads are imaged at a fine z step, where the noise moves the brightest plane around a
+    # flat axial top; the bead also sits between voxels
+    rng = np.random.default_rng(2)
+    sigma, fine, image = (3.0, 0.8, 0.8), (0.5, 1.0, 1.0), (2.0, 1.0, 1.0)
+    centre = (0.3, 0.2, -0.1)
+    bead = _bead_stack(rng, sigma, fine, (24, 8, 8), peak=4000, level=100, centre_um=centre)
+    path = tmp_path / "bead.tif"
+    tifffile.imwrite(
+        path, bead.astype(np.uint16), imagej=True, resolution=(1.0, 1.0),
+        metadata={"spacing": 0.5, "unit": "um", "axes": "ZYX"},
+    )  # fmt: skip
+    psf = load_psf(path, image)
+    _assert_normalised(psf)
+    # centred on the bead's light along z (where it was resampled), to a tenth of a voxel
+    grids = np.indices(psf.shape, dtype=np.float64)
+    centroid = [float((g * psf).sum()) - n // 2 for g, n in zip(grids, psf.shape, strict=True)]
+    assert abs(centroid[0]) < 0.1
+    # the reference: integrated over each voxel along z (resampled), point-sampled in y and x
+    half = tuple(n // 2 for n in psf.shape)
+    z = _box_gaussian(sigma, image, half).sum(axis=(1, 2))
+    y, x = (
+        np.exp(-0.5 * ((np.arange(-h, h + 1) * v - c) / s) ** 2)
+        for s, v, h, c in zip(sigma[1:], image[1:], half[1:], centre[1:], strict=True)
+    )
+    reference = np.einsum("i,j,k->ijk", z, y, x)
+    reference /= reference.sum()
+    np.testing.assert_allclose(psf, reference, atol=0.05 * reference.max())
