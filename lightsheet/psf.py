@@ -136,7 +136,8 @@ def validate_psf(psf: np.ndarray, *, name: str = "psf") -> np.ndarray:
     hold a level above zero (their median, more than 3 robust SDs: 1.4826 × their median
     absolute deviation) or negative values (a level already subtracted), that level comes
     off, every voxel within 3 SDs of it is zeroed, and of the rest only what is connected to
-    the brightest voxel is kept. A generated PSF's border holds its tails, smooth and above zero,
+    the brightest voxel is kept, cut to its bounding box (so a crop of a bead field gives
+    its brightest bead, not a PSF the size of the field). A generated PSF's border holds its tails, smooth and above zero,
     and is kept as it is; so is a border above half the peak (a crop too tight to tell a
     level from the PSF's own spread).
 
@@ -207,8 +208,9 @@ def _level_removed(psf: np.ndarray, name: str) -> np.ndarray:
     from scipy import ndimage
 
     labels, _ = ndimage.label(psf > level + 3 * sd)
-    body = labels == labels.flat[np.argmax(psf)]
-    return np.where(body, psf - level, 0.0)
+    peak = labels.flat[np.argmax(psf)]
+    box = ndimage.find_objects(labels)[peak - 1]  # a field of beads: this bead's box
+    return np.where(labels[box] == peak, psf[box] - level, 0.0)
 
 
 def resample_psf(psf: np.ndarray, from_um: Sequence[float], to_um: Sequence[float]) -> np.ndarray:

@@ -13,7 +13,13 @@ from lightsheet.config import PipelineConfig
 from lightsheet.errors import AtlasError, ConfigError, OutputNotWritableError
 from lightsheet.ingest import Manifest, discover, voxel_size_mismatch
 from lightsheet.io.atlas import Atlas, load_atlas
-from lightsheet.psf import check_psf_fits, load_psf, psf_grid_note
+from lightsheet.psf import (
+    FWHM_PER_SIGMA,
+    check_psf_fits,
+    load_psf,
+    psf_grid_note,
+    psf_sigma_um,
+)
 
 __all__ = [
     "check_atlas",
@@ -42,7 +48,7 @@ def ingest(config: PipelineConfig) -> dict:
     mismatch = voxel_size_mismatch(manifest, config.voxel_size_um)
     if mismatch:
         logger.warning("ingest: %s", mismatch)
-    psf_note = None if config.psf is None else psf_grid_note(config.psf, config.voxel_size_um)
+    psf_note = None if config.psf is None else _psf_note(config.psf, config.voxel_size_um)
     if psf_note:
         logger.info("ingest: psf %s %s", config.psf, psf_note)
     logger.info(
@@ -74,6 +80,13 @@ def ingest(config: PipelineConfig) -> dict:
         description=f"Tiles matching {config.input}",
     )
     return manifest.to_dict()
+
+
+def _psf_note(path, voxel_size_um) -> str:
+    """The PSF's grid (`psf_grid_note`) and its FWHM at the image's voxel size."""
+    sigma = psf_sigma_um(load_psf(path, voxel_size_um), voxel_size_um)
+    fwhm = ", ".join(f"{FWHM_PER_SIGMA * s:.2f}" for s in sigma)
+    return f"{psf_grid_note(path, voxel_size_um)}; FWHM (z, y, x) ({fwhm}) µm"
 
 
 def check_inputs(config: PipelineConfig, *, atlas_labels: bool = True) -> Manifest:

@@ -195,7 +195,8 @@ def test_a_bead_stack_on_the_cameras_level_gives_the_psf():
     np.testing.assert_allclose(_sigma_vox(psf) * voxel, _sigma_vox(truth) * voxel, rtol=0.03)
     c = tuple(n // 2 for n in psf.shape)
     assert psf[c] == pytest.approx(truth[tuple(n // 2 for n in truth.shape)], rel=0.03)
-    assert psf[0].max() == 0 and psf[:, 0].max() == 0  # the level's noise at the border: gone
+    # the level's noise is gone, and the PSF cut to the bead's light
+    assert all(p < b for p, b in zip(psf.shape, bead.shape, strict=True))
     np.testing.assert_array_equal(validate_psf(psf), psf)  # a PSF validated stays as it is
     # the same bead with the level already subtracted (its noise below zero) gives the same
     np.testing.assert_allclose(validate_psf(bead - 100), psf, atol=1e-6)
@@ -247,3 +248,18 @@ def test_a_bead_stack_at_a_finer_z_step_is_centred_on_its_light(tmp_path):
     reference = np.einsum("i,j,k->ijk", z, y, x)
     reference /= reference.sum()
     np.testing.assert_allclose(psf, reference, atol=0.05 * reference.max())
+
+
+def test_a_field_of_beads_gives_its_brightest_bead_cut_to_its_light():
+    rng = np.random.default_rng(3)
+    sigma, voxel = (3.0, 0.8, 0.8), (2.0, 1.0, 1.0)
+    field = np.full((17, 64, 64), 100.0)
+    for (y, x), peak in (((16, 16), 4000), ((40, 48), 2500), ((50, 12), 3000)):
+        bead = _bead_stack(rng, sigma, voxel, (8, 10, 10), peak=peak, level=0)
+        field[:, y - 10 : y + 11, x - 10 : x + 11] += bead
+    field += rng.normal(0, 2, field.shape)
+    psf = validate_psf(field, name="beads.tif")
+    _assert_normalised(psf)
+    assert psf.shape[1] < 21 and psf.shape[2] < 21  # one bead's light, not the field
+    truth = gaussian_psf(sigma, voxel, truncate=20)
+    np.testing.assert_allclose(_sigma_vox(psf) * voxel, _sigma_vox(truth) * voxel, rtol=0.03)
