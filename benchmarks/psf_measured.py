@@ -10,6 +10,7 @@ at a finer z step than the sample. This generates both sides with known truth:
   100 with Poisson noise and a read noise of 2 counts;
 * the same PSF's bead stack at (0.5, 1, 1) µm (a sub-resolution bead, peak 4,000 counts on
   the same camera), uint16, its voxel size in its ImageJ metadata, as Fiji writes it;
+* a field of 16 such beads 30 µm apart, distilled by ``lightsheet psf --beads``;
 
 and deconvolves the sample (`lightsheet.deconvolve.kernel.richardson_lucy`, 10 iterations,
 ``background`` the camera's level) with the true PSF and with the bead stack as
@@ -27,7 +28,9 @@ Writes ``psf_measured.csv`` under ``--results``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import io
 import tempfile
 from pathlib import Path
 
@@ -43,6 +46,7 @@ VOXEL_UM = (2.0, 1.0, 1.0)
 BEAD_VOXEL_UM = (0.5, 1.0, 1.0)
 SIGMA_UM = (3.0, 0.8, 0.8)
 CAMERA_LEVEL = 100.0
+PEAK = 4000.0
 READ_NOISE = 2.0
 
 
@@ -67,18 +71,17 @@ def sample(rng: np.random.Generator, shape=(48, 160, 160)) -> tuple[np.ndarray, 
     return truth, _camera(blurred, rng)
 
 
-def bead_stack(rng: np.random.Generator, path: Path) -> Path:
-    """The PSF's bead stack at ``BEAD_VOXEL_UM`` on the camera, written as Fiji does."""
-    half = (24, 10, 10)  # ±12 µm in z, ±10 µm in y and x
-    axes = [
-        np.arange(-h, h + 1) * v / s for h, v, s in zip(half, BEAD_VOXEL_UM, SIGMA_UM, strict=True)
-    ]
-    z, y, x = np.meshgrid(*axes, indexing="ij")
-    crop = np.exp(-0.5 * (z**2 + y**2 + x**2))
-    stack = _camera(4000.0 * crop / crop.max(), rng)
+def beads(rng: np.random.Generator, path: Path, shape, centres_um) -> Path:
+    """Beads at ``centres_um`` in a stack of ``shape`` at ``BEAD_VOXEL_UM`` on the camera
+    (peaks of 4,000 counts), written as Fiji does (its voxel size in ImageJ metadata)."""
+    grids = np.indices(shape, dtype=np.float64) * np.array(BEAD_VOXEL_UM)[:, None, None, None]
+    light = np.zeros(shape)
+    for centre in centres_um:
+        r2 = sum(((g - c) / s) ** 2 for g, c, s in zip(grids, centre, SIGMA_UM, strict=True))
+        light += PEAK * np.exp(-r2 / 2)
     vz, vy, vx = BEAD_VOXEL_UM
     tifffile.imwrite(
-        path, stack, imagej=True, resolution=(1 / vx, 1 / vy),
+        path, _camera(light, rng), imagej=True, resolution=(1 / vx, 1 / vy),
         metadata={"spacing": vz, "unit": "um", "axes": "ZYX"},
     )  # fmt: skip
     return path
@@ -103,6 +106,23 @@ def _row(name: str, psf: np.ndarray | None, image, truth, reference) -> dict:
     }
 
 
+def _field_row(rng, folder: Path, image, truth, reference) -> dict:
+    """A field of 16 beads 30 µm apart (a few tenths of a voxel off the grid) through
+    `lightsheet psf --beads`, then `load_psf` at the image's voxel size."""
+    from lightsheet.cli import main as lightsheet
+
+    grid = [(24.0, 15.0 + 30 * i, 15.0 + 30 * j) for i in range(4) for j in range(4)]
+    centres = [np.add(c, rng.uniform(-0.5, 0.5, 3)) for c in grid]
+    field = beads(rng, folder / "beads.tif", (96, 120, 120), centres)
+    out = folder / "psf_beads.tif"
+    with contextlib.redirect_stdout(io.StringIO()):
+        lightsheet(["psf", str(out), "--beads", str(field)])
+    row = _row(
+        "bead field, lightsheet psf --beads", load_psf(out, VOXEL_UM), image, truth, reference
+    )
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, help="write psf_measured.csv here")
@@ -114,7 +134,8 @@ def main(argv=None) -> int:
     reference = richardson_lucy(image, true_psf, iterations=10, background=CAMERA_LEVEL)
     reference = reference - CAMERA_LEVEL
     with tempfile.TemporaryDirectory() as folder:
-        path = bead_stack(rng, Path(folder) / "bead.tif")
+        # one bead, cut ±12 µm in z and ±10 µm in y and x around it
+        path = beads(rng, Path(folder) / "bead.tif", (49, 21, 21), [(12.0, 10.0, 10.0)])
         rows = [
             _row(
                 "none: the image, not deconvolved", None, image.astype(np.float32), truth, reference
@@ -125,6 +146,8 @@ def main(argv=None) -> int:
         if "voxel_size_um" in inspect.signature(load_psf).parameters:  # not before it existed
             loaded = load_psf(path, VOXEL_UM)
             rows.append(_row("bead stack, load_psf(path, voxel)", loaded, image, truth, reference))
+        if (Path(__file__).parents[1] / "lightsheet" / "beads.py").is_file():
+            rows.append(_field_row(rng, Path(folder), image, truth, reference))
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
     if args.results:

@@ -10,6 +10,7 @@ Subcommands::
     lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large] [--cells nuclei|somata]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
+    lightsheet psf OUT.tif --beads BEADS.tif [--voxel-size-um Z Y X]
     lightsheet train CONFIG.yaml --out CHECKPOINT [--data-root DIR] [--steps N] [--device D]
     lightsheet lineage OUTPUT [--json]
     lightsheet verify OUTPUT [--quick]
@@ -355,9 +356,16 @@ def print_truth_comparison(found_csv: Path, truth_csv: Path) -> None:
 
 
 def cmd_psf(args: argparse.Namespace) -> int:
-    """`lightsheet psf`: write a PSF generated from the optics."""
+    """`lightsheet psf`: write a PSF generated from the optics, or distilled from beads."""
+    from lightsheet.errors import ConfigError
     from lightsheet.psf import psf_from_optics, write_psf
 
+    if args.beads is not None:
+        return _psf_from_beads(args)
+    missing = [f"--{a.replace('_', '-')}" for a in ("na", "wavelength_nm", "voxel_size_um")
+               if getattr(args, a) is None]  # fmt: skip
+    if missing:
+        raise ConfigError(f"lightsheet psf: {', '.join(missing)} needed (or --beads FILE)")
     psf = psf_from_optics(
         na=args.na,
         wavelength_nm=args.wavelength_nm,
@@ -367,6 +375,45 @@ def cmd_psf(args: argparse.Namespace) -> int:
     )
     write_psf(args.out, psf, args.voxel_size_um)
     print(f"PSF {psf.shape} (z, y, x) written to {args.out}")
+    return 0
+
+
+def _psf_from_beads(args: argparse.Namespace) -> int:
+    """`lightsheet psf OUT --beads FILE`: the PSF, its beads (CSV) and a figure (PNG)."""
+    from lightsheet.beads import distil_psf
+    from lightsheet.errors import ConfigError, InputFilesError, PSFError
+    from lightsheet.io.tiff import TiffRegion, inspect_tiff
+    from lightsheet.plots import plot_psf
+    from lightsheet.psf import FWHM_PER_SIGMA, psf_sigma_um, write_psf
+
+    try:
+        info = inspect_tiff(args.beads)
+    except InputFilesError as exc:
+        raise PSFError(f"--beads: cannot read {exc}") from exc
+    voxel = args.voxel_size_um or info.voxel_size_um
+    if voxel is None or any(v is None for v in voxel):
+        raise ConfigError(
+            f"--beads {args.beads}: its metadata declare no voxel size (z, y, x) in a length "
+            f"unit ({info.voxel_size_um}); give --voxel-size-um Z Y X"
+        )
+    if args.na is not None or args.wavelength_nm is not None:
+        raise ConfigError("lightsheet psf: --beads measures the PSF; drop --na/--wavelength-nm")
+    result = distil_psf(TiffRegion(info), name=str(args.beads))
+    out = Path(args.out)
+    write_psf(out, result.psf, voxel)
+    result.beads.to_csv(out.with_suffix(".beads.csv"), index=False)
+    fwhm = [FWHM_PER_SIGMA * s for s in psf_sigma_um(result.psf, voxel)]
+    used = int(result.beads["used"].sum())
+    title = (
+        f"{used} beads of {len(result.beads)}; FWHM (z, y, x) "
+        + ", ".join(f"{f:.2f}" for f in fwhm)
+        + " µm"
+    )
+    plot_psf(result.psf, voxel, out.with_suffix(".png"), title=title)
+    skipped = result.beads.loc[~result.beads["used"], "reason"].value_counts().to_dict()
+    print(f"PSF {result.psf.shape} (z, y, x) at {tuple(voxel)} µm written to {out}")
+    print(f"{title}; not used: {skipped or 'none'}")
+    print(f"beads: {out.with_suffix('.beads.csv')}; figure: {out.with_suffix('.png')}")
     return 0
 
 
@@ -625,12 +672,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("psf", help="write a PSF TIFF generated from the optics")
+    p = sub.add_parser(
+        "psf",
+        help="write a PSF TIFF generated from the optics, or measured from a stack of beads",
+        description="From the optics (--na, --wavelength-nm, --voxel-size-um): a Gaussian "
+        "approximation. From beads (--beads FILE): every isolated single bead of the stack "
+        "centred on its light and summed (lightsheet.beads), at the stack's voxel size (its "
+        "metadata's, or --voxel-size-um); also writes OUT's beads (.beads.csv: each bead "
+        "found, used or why not) and a figure of the PSF (.png).",
+    )
     p.add_argument("out", help="output TIFF")
-    p.add_argument("--na", type=float, required=True, help="detection numerical aperture")
-    p.add_argument("--wavelength-nm", type=float, required=True, help="emission wavelength")
+    p.add_argument("--beads", default=None, metavar="FILE", help="TIFF stack of beads")
+    p.add_argument("--na", type=float, default=None, help="detection numerical aperture")
+    p.add_argument("--wavelength-nm", type=float, default=None, help="emission wavelength")
     p.add_argument("--refractive-index", type=float, default=1.45, help="default 1.45")
-    p.add_argument("--voxel-size-um", type=float, nargs=3, required=True, metavar=("Z", "Y", "X"))
+    p.add_argument("--voxel-size-um", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"))
     p.add_argument("--sheet-fwhm-um", type=float, default=None, help="light-sheet FWHM")
     p.set_defaults(func=cmd_psf)
 

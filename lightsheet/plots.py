@@ -4,7 +4,8 @@ Density: `plot_top_regions` (the densest regions, left and right), `plot_density
 atlas slice coloured by density). Registration: `plot_registration_qc` (atlas outlines on
 the sample). Segmentation: `overlay_png` (label outlines over a projection, the sweep's
 thumbnails). Stitching: `plot_overview` (the mosaic's tiles and links). Any stage output:
-`mip_png` (a maximum-intensity projection thumbnail, the tasks' artifacts). Figures are
+`mip_png` (a maximum-intensity projection thumbnail, the tasks' artifacts). PSF: `plot_psf`
+(its projections, `lightsheet psf --beads`). Figures are
 drawn on matplotlib's Agg canvas without pyplot's global state, so tasks can draw in worker
 threads.
 """
@@ -26,6 +27,7 @@ __all__ = [
     "mip_png",
     "overlay_png",
     "plot_overview",
+    "plot_psf",
     "plot_density_slice",
     "plot_registration_qc",
     "plot_top_regions",
@@ -461,6 +463,32 @@ def plot_overview(
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+def plot_psf(
+    psf: np.ndarray, voxel_size_um: Sequence[float], path: str | Path, *, title: str = ""
+) -> Path:
+    """PNG of a PSF's maximum projections along z, y and x, in µm.
+
+    Square-root scaled, so that its faint tails and side lobes show.
+    """
+    from matplotlib.colors import PowerNorm
+
+    vz, vy, vx = (float(v) for v in voxel_size_um)
+    nz, ny, nx = psf.shape
+    views = [
+        (psf.max(axis=0), (0, nx * vx, ny * vy, 0), "x (µm)", "y (µm)"),
+        (psf.max(axis=1), (0, nx * vx, nz * vz, 0), "x (µm)", "z (µm)"),
+        (psf.max(axis=2), (0, ny * vy, nz * vz, 0), "y (µm)", "z (µm)"),
+    ]
+    fig = _figure((10, 3.8), dpi=100)
+    for ax, (image, extent, xlabel, ylabel) in zip(fig.subplots(1, 3), views, strict=True):
+        ax.imshow(image, cmap="magma", norm=PowerNorm(0.5, vmin=0), extent=extent)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def mip_png(path: str | Path, *, channel: int = 0, max_side: int = 256) -> bytes:

@@ -22,6 +22,7 @@ from lightsheet.errors import PSFError
 __all__ = [
     "FWHM_PER_SIGMA",
     "MAX_PSF_BYTES",
+    "border_light",
     "check_psf_fits",
     "gaussian_psf",
     "load_psf",
@@ -137,9 +138,9 @@ def validate_psf(psf: np.ndarray, *, name: str = "psf") -> np.ndarray:
     absolute deviation) or negative values (a level already subtracted), that level comes
     off, every voxel within 3 SDs of it is zeroed, and of the rest only what is connected to
     the brightest voxel is kept, cut to its bounding box (so a crop of a bead field gives
-    its brightest bead, not a PSF the size of the field). A generated PSF's border holds its tails, smooth and above zero,
-    and is kept as it is; so is a border above half the peak (a crop too tight to tell a
-    level from the PSF's own spread).
+    its brightest bead, not a PSF the size of the field). A generated PSF's border holds
+    its tails, smooth and above zero, and is kept as it is; so is a border above half the
+    peak (a crop too tight to tell a level from the PSF's own spread).
 
     Parameters
     ----------
@@ -187,30 +188,46 @@ def _level_removed(psf: np.ndarray, name: str) -> np.ndarray:
     """``psf`` less its border's level, what is within the border's noise zeroed.
 
     See `validate_psf`; unchanged where the border holds no level. Of what stands above the
-    noise, only the part connected to the brightest voxel is kept: the noise's own specks
-    (and another bead in the crop) are not the PSF, and far from the centre they would
-    widen it most.
+    noise, only the part connected to the brightest voxel is kept (`border_light`): the
+    noise's own specks (and another bead in the crop) are not the PSF, and far from the
+    centre they would widen it most.
     """
-    inner = tuple(slice(1, -1) if n > 2 else slice(0, 0) for n in psf.shape)
-    border_mask = np.ones(psf.shape, bool)
-    border_mask[inner] = False
-    border = psf[border_mask]
-    level = float(np.median(border))
-    sd = 1.4826 * float(np.median(np.abs(border - level)))
+    level, sd, light = border_light(psf)
     if level < -3 * sd or (level < 0 and sd == 0):
         raise PSFError(
             f"{name}: PSF has negative values (its border's level is {level:.3g}); expected "
             ">= 0 (a level under zero: signed data read as unsigned, or too much subtracted?)"
         )
-    has_level = level > 3 * sd or float(border.min()) < 0
+    has_level = level > 3 * sd or float(psf[_border(psf.shape)].min()) < 0
     if not has_level or level + 3 * sd >= 0.5 * float(psf.max()):
         return psf
     from scipy import ndimage
 
-    labels, _ = ndimage.label(psf > level + 3 * sd)
-    peak = labels.flat[np.argmax(psf)]
-    box = ndimage.find_objects(labels)[peak - 1]  # a field of beads: this bead's box
-    return np.where(labels[box] == peak, psf[box] - level, 0.0)
+    box = ndimage.find_objects(light.astype(np.int8))[0]  # a field of beads: this bead's box
+    return np.where(light[box], psf[box] - level, 0.0)
+
+
+def border_light(array: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """The level of an array's outermost voxels, their noise, and the light above them.
+
+    The level is the border's median, the noise SD 1.4826 × its median absolute deviation;
+    the light is the voxels more than 3 SDs above the level that connect to the brightest
+    voxel (a boolean mask).
+    """
+    from scipy import ndimage
+
+    border = array[_border(array.shape)]
+    level = float(np.median(border))
+    sd = 1.4826 * float(np.median(np.abs(border - level)))
+    labels, _ = ndimage.label(array > level + 3 * sd)
+    return level, sd, labels == labels.flat[np.argmax(array)]
+
+
+def _border(shape: Sequence[int]) -> np.ndarray:
+    """Mask of an array's outermost voxels (all of a side 2 or fewer voxels thick)."""
+    mask = np.ones(shape, bool)
+    mask[tuple(slice(1, -1) if n > 2 else slice(0, 0) for n in shape)] = False
+    return mask
 
 
 def resample_psf(psf: np.ndarray, from_um: Sequence[float], to_um: Sequence[float]) -> np.ndarray:

@@ -1,0 +1,208 @@
+"""A PSF distilled from a stack of beads: every isolated bead found, centred on its light, summed.
+
+A microscope's PSF is measured by imaging sub-resolution fluorescent beads. One bead's
+image is noisy; the field holds dozens, some touching, some clumped, some cut by the
+stack's edge. `distil_psf` reads the stack slab by slab (memory does not grow with it),
+finds the beads, keeps the isolated single ones, centres each on its light to a fraction
+of a voxel, and sums them weighted by their brightness (the weights that give the sum the
+best signal to noise when every bead has the camera's noise), then validates the sum as
+any PSF (`lightsheet.psf.validate_psf`: the level and noise off, cut to its light, odd,
+centred, summing to 1).
+
+Hand-written: the PSF tools that do this (Huygens' PSF distiller, PSFj, napari-psf-analysis)
+are a commercial program, a Java application and a napari plugin; none is a library the
+pipeline could call.
+
+    lightsheet psf psf.tif --beads beads.tif     # the stack's voxel size from its metadata
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.fft
+from scipy import ndimage
+
+from lightsheet.errors import PSFError
+from lightsheet.psf import border_light, validate_psf
+
+__all__ = ["MIN_PEAK_SD", "BeadPSF", "distil_psf"]
+
+#: A bead's peak stands this many noise SDs above the level of its slab (the field smoothed
+#: by a Gaussian of one voxel): at 10 SDs no voxel of camera noise passes in any stack.
+MIN_PEAK_SD = 10.0
+
+#: Beads whose light (summed above the level) is off the median bead's by more than these
+#: factors are not single beads: clumps of two or more, or specks of dye and hot pixels.
+BRIGHTNESS_RANGE = (0.5, 1.5)
+
+_SLAB = 32  # planes read at once
+
+
+@dataclass(frozen=True)
+class BeadPSF:
+    """A distilled PSF and the beads it came from.
+
+    ``psf``: float32 (Z, Y, X), odd, centred, summing to 1. ``beads``: one row per bead
+    found, ``z, y, x`` (its light's centroid, voxels of the stack), ``peak_sd``, ``light``
+    (summed above the level), ``used`` and ``reason`` (why one was not: ``edge``,
+    ``neighbour``, ``saturated``, ``clump`` or ``dim``). ``half_size``: the box (voxels
+    per side, z, y, x) each bead was cut with.
+    """
+
+    psf: np.ndarray
+    beads: pd.DataFrame
+    half_size: tuple[int, int, int]
+
+
+def distil_psf(field, *, name: str = "beads") -> BeadPSF:
+    """The PSF of a stack of beads (see the module docstring).
+
+    Parameters
+    ----------
+    field : (Z, Y, X) array-like
+        The bead stack as recorded (any real dtype); anything sliceable that returns
+        NumPy arrays (a `lightsheet.io.tiff.TiffRegion` reads only what is asked).
+    name : str
+        What to call the stack in messages (its file name).
+
+    Raises
+    ------
+    PSFError
+        No bead stands out, or none is isolated, inside the stack and unsaturated.
+
+    Examples
+    --------
+    Four beads of σ (3, 0.8, 0.8) µm at (2, 1, 1) µm voxels, between voxels, on a level of
+    100 with Poisson noise:
+
+    >>> from lightsheet.psf import psf_sigma_um
+    >>> z, y, x = np.indices((24, 96, 96)) * np.array([2.0, 1, 1])[:, None, None, None]
+    >>> field = np.full(z.shape, 100.0)
+    >>> for cz, cy, cx in [(24, 20.3, 20), (23, 20, 70.6), (24.5, 70, 30.2), (24, 72.5, 75)]:
+    ...     r2 = ((z - cz) / 3) ** 2 + ((y - cy) / 0.8) ** 2 + ((x - cx) / 0.8) ** 2
+    ...     field += 3000 * np.exp(-r2 / 2)
+    >>> result = distil_psf(np.random.default_rng(0).poisson(field))
+    >>> sigma = psf_sigma_um(result.psf, (2, 1, 1))  # within the noise's 3 SDs: a little less
+    >>> int(result.beads["used"].sum()), bool(np.allclose(sigma, (3, 0.8, 0.8), rtol=0.05))
+    (4, True)
+    """
+    shape = tuple(int(n) for n in field.shape)
+    if len(shape) != 3:
+        raise PSFError(f"{name}: a bead stack must be 3-D (Z, Y, X); got shape {shape}")
+    peaks = _candidates(field, shape)
+    if peaks.empty:
+        raise PSFError(
+            f"{name}: no bead stands {MIN_PEAK_SD:g} noise SDs above the stack's level; "
+            "expected a stack of bright sub-resolution beads"
+        )
+    half = _half_size(field, shape, peaks.iloc[0])
+    rows, total = [], None
+    top = np.iinfo(field.dtype).max if np.dtype(field.dtype).kind in "ui" else math.inf
+    centres = peaks[["z", "y", "x"]].to_numpy()
+    for i, peak in enumerate(centres):
+        row = dict(zip("zyx", map(float, peak), strict=True))
+        row.update(peak_sd=float(peaks["peak_sd"].iloc[i]), light=math.nan, reason="")
+        lo, hi = peak - half, peak + half + 1
+        others = np.delete(centres, i, axis=0)
+        if np.any(lo < 0) or np.any(hi > shape):
+            row["reason"] = "edge"
+        elif len(others) and np.any(np.all(np.abs(others - peak) <= 2 * half, axis=1)):
+            row["reason"] = "neighbour"  # its light and the other's overlap the boxes
+        else:
+            crop = np.asarray(field[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
+            if crop.max() >= top:
+                row["reason"] = "saturated"
+            else:
+                light, centroid, crop = _centred(crop.astype(np.float64), half)
+                row.update(light=light, z=lo[0] + centroid[0], y=lo[1] + centroid[1],
+                           x=lo[2] + centroid[2], _crop=crop)  # fmt: skip
+        rows.append(row)
+    beads = pd.DataFrame(rows)
+    single = beads["reason"] == ""
+    if not single.any():
+        raise PSFError(
+            f"{name}: {len(beads)} beads found, none isolated inside the stack and unsaturated "
+            f"({beads['reason'].value_counts().to_dict()}); expected beads at least "
+            f"{tuple(2 * h for h in half)} voxels apart"
+        )
+    median = float(beads.loc[single, "light"].median())
+    low, high = BRIGHTNESS_RANGE
+    beads.loc[single & (beads["light"] > high * median), "reason"] = "clump"
+    beads.loc[single & (beads["light"] < low * median), "reason"] = "dim"
+    beads["used"] = beads["reason"] == ""
+    for crop, light in zip(
+        beads.loc[beads["used"], "_crop"], beads.loc[beads["used"], "light"], strict=True
+    ):
+        total = crop * light if total is None else total + crop * light
+    psf = validate_psf(total, name=name)
+    return BeadPSF(psf, beads.drop(columns="_crop"), tuple(int(h) for h in half))
+
+
+def _candidates(field, shape) -> pd.DataFrame:
+    """Local maxima of the field smoothed by one voxel, brightest first.
+
+    Those ``MIN_PEAK_SD`` noise SDs above their slab's level (its median; the SD from its
+    median absolute deviation), read slab by slab.
+    """
+    found = []
+    halo = 4
+    for z0 in range(0, shape[0], _SLAB):
+        a, b = max(z0 - halo, 0), min(z0 + _SLAB + halo, shape[0])
+        slab = ndimage.gaussian_filter(np.asarray(field[a:b, :, :]).astype(np.float32), 1.0)
+        core = slab[z0 - a : z0 - a + min(_SLAB, shape[0] - z0)]
+        level = float(np.median(core))
+        sd = 1.4826 * float(np.median(np.abs(core - level)))
+        if sd == 0:
+            continue
+        top = ndimage.maximum_filter(slab, size=3) == slab
+        keep = top & (slab > level + MIN_PEAK_SD * sd)
+        for z, y, x in np.argwhere(keep):
+            if z0 <= a + z < z0 + _SLAB:
+                found.append((a + z, y, x, (slab[z, y, x] - level) / sd))
+    table = pd.DataFrame(found, columns=["z", "y", "x", "peak_sd"])
+    return table.sort_values("peak_sd", ascending=False, ignore_index=True)
+
+
+def _half_size(field, shape, brightest) -> np.ndarray:
+    """The box (half-size per side) that holds a bead's light, from the brightest bead.
+
+    Its light above the noise (cut out with a box grown until the light no longer touches
+    it), 1.5 × as far from the peak, + 2 voxels.
+    """
+    peak = brightest[["z", "y", "x"]].to_numpy(int)
+    half = np.array([8, 8, 8])
+    while True:
+        lo, hi = np.maximum(peak - half, 0), np.minimum(peak + half + 1, shape)
+        crop = np.asarray(field[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
+        body = border_light(crop.astype(np.float64))[2]
+        boxes = ndimage.find_objects(body.astype(np.int8))[0]
+        reach = np.array([max(peak[i] - lo[i] - s.start, s.stop - 1 - (peak[i] - lo[i]))
+                          for i, s in enumerate(boxes)])  # fmt: skip
+        touches = [(s.start == 0 and lo[i] > 0) or (s.stop == hi[i] - lo[i] and hi[i] < shape[i])
+                   for i, s in enumerate(boxes)]  # fmt: skip
+        if not any(touches) or np.all(2 * half + 1 >= shape):
+            return np.ceil(1.5 * reach).astype(int) + 2
+        half = np.where(touches, 2 * half, half)
+
+
+def _centred(crop: np.ndarray, half: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """A bead's light (summed above the level), its centroid, and the crop centred on it.
+
+    The centroid in voxels of the crop; the crop less the level, shifted so that the
+    centroid falls on the centre voxel: in Fourier space, which interpolates a bead sampled
+    at about its width with less blur than a spline (measured on the tests' beads: the
+    sum's peak 2.4 % under the truth's, 5.6 % with a cubic spline).
+    """
+    level, _, body = border_light(crop)
+    light = np.where(body, crop - level, 0.0)
+    total = float(light.sum())
+    centroid = np.array([(light.sum(axis=tuple(a for a in range(3) if a != i))
+                          @ np.arange(n)) / total for i, n in enumerate(crop.shape)])  # fmt: skip
+    spectrum = scipy.fft.rfftn(crop - level)
+    moved = ndimage.fourier_shift(spectrum, half - centroid, n=crop.shape[-1])
+    shifted = scipy.fft.irfftn(moved, crop.shape)
+    return total, centroid, shifted

@@ -1,0 +1,128 @@
+"""A PSF distilled from a stack of beads, against the Gaussian that made them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from lightsheet.beads import distil_psf
+from lightsheet.errors import PSFError
+from lightsheet.psf import gaussian_psf, load_psf, psf_sigma_um, validate_psf
+
+SIGMA_UM = (3.0, 0.8, 0.8)
+VOXEL_UM = (2.0, 1.0, 1.0)
+
+
+def _field(rng, beads, shape=(32, 160, 160), level=100.0):
+    """A uint16 bead stack: each bead ``(z, y, x, photons)`` (µm, between voxels) a Gaussian
+    of ``SIGMA_UM``, on ``level`` with Poisson light and read noise, clipped as a camera."""
+    grids = np.indices(shape, dtype=np.float64) * np.array(VOXEL_UM)[:, None, None, None]
+    light = np.zeros(shape)
+    for *centre, peak in beads:
+        r2 = sum(((g - c) / s) ** 2 for g, c, s in zip(grids, centre, SIGMA_UM, strict=True))
+        light += peak * np.exp(-r2 / 2)
+    counts = rng.poisson(light) + level + rng.normal(0, 2, shape)
+    return np.clip(np.round(counts), 0, 65535).astype(np.uint16)
+
+
+def _stack(rng):
+    """Ten single beads, two clumps (two beads 0.2 µm apart), a close pair, one at the
+    stack's edge, one saturated, each a few tenths of a voxel off the grid."""
+    singles = [(30 + rng.uniform(-1, 1), y + rng.uniform(-0.5, 0.5), x + rng.uniform(-0.5, 0.5),
+                rng.uniform(2000, 4000))
+               for y, x in [(20, 20), (20, 60), (20, 100), (60, 20), (60, 100), (100, 20),
+                            (100, 60), (100, 100), (140, 40), (140, 80)]]  # fmt: skip
+    clumps = [(31, y, x + d, 3000) for y, x in [(60, 60), (20, 140)] for d in (0, 0.2)]
+    pair = [(30, 140, 125, 3000), (30, 145, 131, 3000)]
+    edge = [(4, 100, 140, 3000)]
+    saturated = [(30, 60, 140, 80000)]
+    return _field(rng, singles + clumps + pair + edge + saturated), singles
+
+
+def test_the_isolated_single_beads_give_the_psf():
+    rng = np.random.default_rng(0)
+    field, singles = _stack(rng)
+    result = distil_psf(field, name="beads.tif")
+    beads = result.beads
+    assert beads["used"].sum() == len(singles)
+    reasons = beads.loc[~beads["used"], "reason"].value_counts().to_dict()
+    assert reasons == {"clump": 2, "neighbour": 2, "edge": 1, "saturated": 1}
+    # each single bead found where it was put, to a tenth of a voxel
+    used = beads[beads["used"]][["z", "y", "x"]].to_numpy() * VOXEL_UM
+    for z, y, x, _ in singles:
+        nearest = np.linalg.norm(used - (z, y, x), axis=1).min()
+        assert nearest < 0.1 * VOXEL_UM[1]
+    truth = gaussian_psf(SIGMA_UM, VOXEL_UM, truncate=4)
+    psf = result.psf
+    np.testing.assert_allclose(psf_sigma_um(psf, VOXEL_UM), SIGMA_UM, rtol=0.03)
+    # the same grid as the truth's, then voxel by voxel
+    half = [min(a, b) // 2 for a, b in zip(psf.shape, truth.shape, strict=True)]
+    np.testing.assert_allclose(_middle(psf, half), _middle(truth, half), atol=0.05 * truth.max())
+    # ten beads summed are nearer the truth than the brightest bead alone
+    z, y, x = (int(round(v / s)) for v, s in zip(singles[0][:3], VOXEL_UM, strict=True))
+    one = validate_psf(field[z - 8 : z + 9, y - 10 : y + 11, x - 10 : x + 11])
+    assert _error(psf, truth) < 0.7 * _error(one, truth)
+
+
+def _middle(a: np.ndarray, half) -> np.ndarray:
+    """``a``'s centre voxel and ``half`` voxels each side of it."""
+    return a[tuple(slice(n // 2 - h, n // 2 + h + 1) for n, h in zip(a.shape, half, strict=True))]
+
+
+def _error(psf, truth) -> float:
+    """RMS difference from ``truth`` on ``truth``'s grid (both centred)."""
+    pad = [max(a - b, 0) for a, b in zip(psf.shape, truth.shape, strict=True)]
+    t = np.pad(truth, [(p // 2, p // 2) for p in pad])
+    pad = [max(b - a, 0) for a, b in zip(psf.shape, t.shape, strict=True)]
+    p = np.pad(psf, [(q // 2, q // 2) for q in pad])
+    return float(np.sqrt(np.mean((p - t) ** 2)))
+
+
+def test_the_stack_is_read_slab_by_slab_from_its_file(tmp_path):
+    # a TiffRegion (what the command reads) gives what the array gives
+    from lightsheet.io.tiff import TiffRegion, inspect_tiff
+
+    field, _ = _stack(np.random.default_rng(1))
+    path = tmp_path / "beads.tif"
+    tifffile.imwrite(path, field)
+    from_file = distil_psf(TiffRegion(inspect_tiff(path)))
+    in_memory = distil_psf(field)
+    np.testing.assert_array_equal(from_file.psf, in_memory.psf)
+    pd.testing.assert_frame_equal(from_file.beads, in_memory.beads)
+
+
+def test_a_stack_without_beads_is_refused():
+    rng = np.random.default_rng(2)
+    with pytest.raises(PSFError, match=r"noise\.tif: no bead stands 10 noise SDs"):
+        distil_psf(rng.poisson(100, (16, 64, 64)).astype(np.uint16), name="noise.tif")
+    crowded = _field(rng, [(30, 32, 32 + 3 * i, 3000) for i in range(3)], shape=(32, 64, 64))
+    with pytest.raises(PSFError, match="none isolated"):
+        distil_psf(crowded, name="crowded.tif")
+
+
+def test_the_command_writes_the_psf_its_beads_and_a_figure(tmp_path, capsys):
+    from lightsheet.cli import main
+
+    field, singles = _stack(np.random.default_rng(3))
+    beads = tmp_path / "beads.tif"
+    vz, vy, vx = VOXEL_UM
+    tifffile.imwrite(beads, field, imagej=True, resolution=(1 / vx, 1 / vy),
+                     metadata={"spacing": vz, "unit": "um", "axes": "ZYX"})  # fmt: skip
+    out = tmp_path / "psf.tif"
+    assert main(["psf", str(out), "--beads", str(beads)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(singles)} beads of 16" in printed and "FWHM" in printed
+    psf = load_psf(out, VOXEL_UM)  # declares the stack's voxel size: nothing resampled
+    np.testing.assert_allclose(psf_sigma_um(psf, VOXEL_UM), SIGMA_UM, rtol=0.03)
+    table = pd.read_csv(tmp_path / "psf.beads.csv")
+    assert table["used"].sum() == len(singles)
+    assert (tmp_path / "psf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a stack that declares no voxel size needs one on the command line
+    bare = tmp_path / "bare.tif"
+    tifffile.imwrite(bare, field)
+    assert main(["psf", str(tmp_path / "p2.tif"), "--beads", str(bare)]) == 2
+    assert "--voxel-size-um" in capsys.readouterr().err
+    assert main(["psf", str(tmp_path / "p2.tif"), "--beads", str(bare),
+                 "--voxel-size-um", "2", "1", "1"]) == 0  # fmt: skip
