@@ -91,8 +91,11 @@ def distil_psf(field, *, name: str = "beads") -> BeadPSF:
     (4, True)
     """
     shape = tuple(int(n) for n in field.shape)
-    if len(shape) != 3:
-        raise PSFError(f"{name}: a bead stack must be 3-D (Z, Y, X); got shape {shape}")
+    if len(shape) != 3 or shape[0] < 3:
+        raise PSFError(
+            f"{name}: a bead stack must be 3-D (Z, Y, X) with planes above and below its "
+            f"beads; got shape {shape}"
+        )
     peaks = _candidates(field, shape)
     if peaks.empty:
         raise PSFError(

@@ -365,7 +365,7 @@ def cmd_psf(args: argparse.Namespace) -> int:
     missing = [f"--{a.replace('_', '-')}" for a in ("na", "wavelength_nm", "voxel_size_um")
                if getattr(args, a) is None]  # fmt: skip
     if missing:
-        raise ConfigError(f"lightsheet psf: {', '.join(missing)} needed (or --beads FILE)")
+        raise ConfigError(f"{', '.join(missing)} needed (or --beads FILE)")
     psf = psf_from_optics(
         na=args.na,
         wavelength_nm=args.wavelength_nm,
@@ -397,7 +397,7 @@ def _psf_from_beads(args: argparse.Namespace) -> int:
             f"unit ({info.voxel_size_um}); give --voxel-size-um Z Y X"
         )
     if args.na is not None or args.wavelength_nm is not None:
-        raise ConfigError("lightsheet psf: --beads measures the PSF; drop --na/--wavelength-nm")
+        raise ConfigError("--beads measures the PSF; drop --na and --wavelength-nm")
     result = distil_psf(TiffRegion(info), name=str(args.beads))
     out = Path(args.out)
     write_psf(out, result.psf, voxel)

@@ -97,6 +97,8 @@ def test_a_stack_without_beads_is_refused():
     rng = np.random.default_rng(2)
     with pytest.raises(PSFError, match=r"noise\.tif: no bead stands 10 noise SDs"):
         distil_psf(rng.poisson(100, (16, 64, 64)).astype(np.uint16), name="noise.tif")
+    with pytest.raises(PSFError, match=r"plane\.tif: a bead stack must be 3-D .* \(1, 64, 64\)"):
+        distil_psf(rng.poisson(100, (1, 64, 64)), name="plane.tif")
     crowded = _field(rng, [(30, 32, 32 + 3 * i, 3000) for i in range(3)], shape=(32, 64, 64))
     with pytest.raises(PSFError, match="none isolated"):
         distil_psf(crowded, name="crowded.tif")
