@@ -60,9 +60,12 @@ class PipelineConfig(_Model):
     )
     psf: Path | None = Field(
         None,
-        description="PSF TIFF at the image voxel size (`lightsheet psf` writes one from the "
-        "optics). Needed to deconvolve (deconvolve.enabled, the default); without one set "
-        "deconvolve.enabled: false, and register.match_psf then leaves the atlas unblurred.",
+        description="PSF TIFF (`lightsheet psf` writes one from the optics or from a stack of "
+        "beads). One bead's crop as recorded serves: the level and noise of its border are "
+        "taken off. Resampled to the image's voxel size where its ImageJ or OME metadata "
+        "declare another; taken at the image's where they declare none. Needed to deconvolve "
+        "(deconvolve.enabled, the default); without one set deconvolve.enabled: false, and "
+        "register.match_psf then leaves the atlas unblurred.",
     )
     atlas: Path = Field(
         ...,
@@ -98,9 +101,9 @@ class PipelineConfig(_Model):
     def _psf_when_deconvolving(self) -> PipelineConfig:
         if self.deconvolve.enabled and self.psf is None:
             raise ValueError(
-                "psf: deconvolve.enabled (the default) needs a PSF TIFF at the image voxel "
-                "size (`lightsheet psf` writes one from the optics); got none. Without a PSF "
-                "set deconvolve.enabled: false"
+                "psf: deconvolve.enabled (the default) needs a PSF TIFF (`lightsheet psf` "
+                "writes one from the optics or from a stack of beads); got none. Without a "
+                "PSF set deconvolve.enabled: false"
             )
         return self
 
