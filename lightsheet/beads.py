@@ -39,7 +39,7 @@ MIN_PEAK_SD = 10.0
 #: factors are not single beads: clumps of two or more, or specks of dye and hot pixels.
 BRIGHTNESS_RANGE = (0.5, 1.5)
 
-_SLAB = 32  # planes read at once
+_SLAB = 16  # planes read at once (with a halo of 4 each side: 24 planes of the field in memory)
 
 
 @dataclass(frozen=True)
