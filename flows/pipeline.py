@@ -89,9 +89,13 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
     o = str(config.output)
     manifest = ingest_step(config)
     raw = step("stitch", manifest, list(config.voxel_size_um), config.stitch, o)
+    psf_voxel = None if config.psf_voxel_size_um is None else list(config.psf_voxel_size_um)
     image = raw
     if config.deconvolve.enabled:
-        image = step("deconvolve", raw, str(config.psf), config.deconvolve, o, config.camera_offset)
+        image = step(
+            "deconvolve", raw, str(config.psf), config.deconvolve, o, config.camera_offset,
+            psf_voxel,
+        )  # fmt: skip
     features = None
     if config.featurize.enabled:
         features = step("featurize", image, config.segment.channel, config.featurize, o)
@@ -103,7 +107,7 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
         registered = step(
             "register", raw, str(config.atlas), config.register, config.density.orientation,
             config.segment.channel, None if config.psf is None else str(config.psf), o,
-            config.camera_offset,
+            config.camera_offset, psf_voxel,
         )  # fmt: skip
     density = step("density", segmented, raw, str(config.atlas), config.density, o, registered)
     return [manifest, raw, image, features, segmented, registered, density]

@@ -331,7 +331,7 @@ def check_psf_fits(
         raise PSFError(
             f"{name}: shape {psf_shape} is larger than the {what} {shape} along "
             f"{', '.join(axes)}; expected a PSF no larger than the data (crop it, or check "
-            "its voxel size)"
+            "its voxel size: psf_voxel_size_um, or its file's metadata)"
         )
 
 
@@ -366,6 +366,7 @@ def load_psf(
     path: str | Path,
     voxel_size_um: Sequence[float] | None = None,
     *,
+    psf_voxel_size_um: Sequence[float] | None = None,
     max_bytes: int = MAX_PSF_BYTES,
 ) -> np.ndarray:
     """Read a PSF TIFF, validate it (see `validate_psf`), at the image's voxel size.
@@ -378,17 +379,29 @@ def load_psf(
     declare another (by more than 1 % on an axis; `psf_grid_note` says which), the PSF is
     resampled to it (`resample_psf`): a bead stack taken at a finer z step serves as it is.
     An axis the file declares nothing for is taken at the image's. None: the PSF as stored.
+    ``psf_voxel_size_um`` (the run's ``psf_voxel_size_um``): the file's own voxel size,
+    instead of what its metadata declare.
     """
     data, declared = _read_psf(path, max_bytes)
     psf = validate_psf(data, name=str(path))
     if voxel_size_um is None:
         return psf
     image = _triple(voxel_size_um, "voxel_size_um")
-    own = _own_voxel_um(declared, image)
+    own = _own_voxel_um(_given_or(declared, psf_voxel_size_um), image)
     return psf if own == image else resample_psf(psf, own, image)
 
 
-def psf_grid_note(path: str | Path, voxel_size_um: Sequence[float]) -> str:
+def _given_or(declared, given: Sequence[float] | None):
+    """The voxel size the config gives for the PSF file, else the one its metadata declare."""
+    return declared if given is None else _triple(given, "psf_voxel_size_um")
+
+
+def psf_grid_note(
+    path: str | Path,
+    voxel_size_um: Sequence[float],
+    *,
+    psf_voxel_size_um: Sequence[float] | None = None,
+) -> str:
     """How `load_psf` places the PSF file on the image's grid, in words (for the run's log).
 
     Examples
@@ -402,10 +415,11 @@ def psf_grid_note(path: str | Path, voxel_size_um: Sequence[float]) -> str:
     """
     declared = _read_psf(path, MAX_PSF_BYTES, pixels=False)[1]
     image = _triple(voxel_size_um, "voxel_size_um")
-    own = _own_voxel_um(declared, image)
+    own = _own_voxel_um(_given_or(declared, psf_voxel_size_um), image)
+    says = "declares" if psf_voxel_size_um is None else "given (psf_voxel_size_um) at"
     if own != image:
-        return f"declares {_um(own)} µm: resampled to the image's {_um(image)} µm"
-    if all(d is None for d in declared):
+        return f"{says} {_um(own)} µm: resampled to the image's {_um(image)} µm"
+    if psf_voxel_size_um is None and all(d is None for d in declared):
         return f"declares no voxel size: taken at the image's {_um(image)} µm"
     return f"at the image's voxel size {_um(image)} µm"
 

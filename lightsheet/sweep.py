@@ -287,7 +287,7 @@ def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: Pipeline
     from lightsheet.psf import load_psf
 
     settings = config.deconvolve
-    psf = load_psf(config.psf, config.voxel_size_um)
+    psf = load_psf(config.psf, config.voxel_size_um, psf_voxel_size_um=config.psf_voxel_size_um)
     depth = settings.depth_zyx or default_depth(psf.shape, settings.iterations)
     # the pipeline's halo of real data on each side of the crop (less only at the volume's
     # own edge, reflected there as in the pipeline), trimmed after: no edge artefacts

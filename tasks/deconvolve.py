@@ -33,13 +33,17 @@ __all__ = [
 
 
 def deconvolve_spec(
-    raw: dict, psf: str, config: DeconvolveConfig, output: str, camera_offset: float = 0.0
-) -> StageSpec:
+    raw: dict, psf: str, config: DeconvolveConfig, output: str, camera_offset: float = 0.0,
+    psf_voxel_size_um: list[float] | None = None,
+) -> StageSpec:  # fmt: skip
     """What `deconvolve_volume` makes from the raw image, the PSF and the camera's offset."""
+    params = {**config.model_dump(mode="json"), "camera_offset": float(camera_offset)}
+    if psf_voxel_size_um is not None:  # absent when not given: earlier runs' keys hold
+        params["psf_voxel_size_um"] = [float(v) for v in psf_voxel_size_um]
     return StageSpec(
         "deconvolve",
         {"path": Path(output) / OUTPUTS["deconvolve"]},
-        params={**config.model_dump(mode="json"), "camera_offset": float(camera_offset)},
+        params=params,
         inputs={
             "raw": output_input(raw),
             "psf": {"kind": "file", "path": psf, "fingerprint": file_content_fingerprint(psf)},
@@ -63,16 +67,19 @@ def _otfs_dropped(client: Any) -> Iterator[None]:
 
 @task(name="deconvolve")
 def deconvolve_volume(
-    raw: dict, psf: str, config: DeconvolveConfig, output: str, camera_offset: float = 0.0
-) -> dict:
+    raw: dict, psf: str, config: DeconvolveConfig, output: str, camera_offset: float = 0.0,
+    psf_voxel_size_um: list[float] | None = None,
+) -> dict:  # fmt: skip
     """Deconvolve every selected channel and time point; other channels pass through.
 
     ``camera_offset`` (the run's ``camera_offset``) is Richardson–Lucy's background
     (`lightsheet.deconvolve.kernel.richardson_lucy`); the result keeps the raw image's level.
+    The PSF is read at the image's voxel size (`lightsheet.psf.load_psf`; the file's own is
+    ``psf_voxel_size_um``, the run's, or what its metadata declare).
     """
-    stage = Stage(deconvolve_spec(raw, psf, config, output, camera_offset))
+    stage = Stage(deconvolve_spec(raw, psf, config, output, camera_offset, psf_voxel_size_um))
     if not stage.reused:
-        psf_array = load_psf(psf, raw["voxel_size_um"])
+        psf_array = load_psf(psf, raw["voxel_size_um"], psf_voxel_size_um=psf_voxel_size_um)
         check_unchanged(stage.spec.inputs["psf"], file_content_fingerprint(psf))
         with dask_client() as client, _otfs_dropped(client):
             image, voxel_size_um, raw_lineage = read_image(raw["path"])

@@ -48,7 +48,7 @@ def ingest(config: PipelineConfig) -> dict:
     mismatch = voxel_size_mismatch(manifest, config.voxel_size_um)
     if mismatch:
         logger.warning("ingest: %s", mismatch)
-    psf_note = None if config.psf is None else _psf_note(config.psf, config.voxel_size_um)
+    psf_note = None if config.psf is None else _psf_note(config)
     if psf_note:
         logger.info("ingest: psf %s %s", config.psf, psf_note)
     logger.info(
@@ -82,11 +82,12 @@ def ingest(config: PipelineConfig) -> dict:
     return manifest.to_dict()
 
 
-def _psf_note(path, voxel_size_um) -> str:
+def _psf_note(config: PipelineConfig) -> str:
     """The PSF's grid (`psf_grid_note`) and its FWHM at the image's voxel size."""
-    sigma = psf_sigma_um(load_psf(path, voxel_size_um), voxel_size_um)
+    voxel, own = config.voxel_size_um, config.psf_voxel_size_um
+    sigma = psf_sigma_um(load_psf(config.psf, voxel, psf_voxel_size_um=own), voxel)
     fwhm = ", ".join(f"{FWHM_PER_SIGMA * s:.2f}" for s in sigma)
-    return f"{psf_grid_note(path, voxel_size_um)}; FWHM (z, y, x) ({fwhm}) µm"
+    return f"{psf_grid_note(config.psf, voxel, psf_voxel_size_um=own)}; FWHM (z, y, x) ({fwhm}) µm"
 
 
 def check_inputs(config: PipelineConfig, *, atlas_labels: bool = True) -> Manifest:
@@ -110,9 +111,11 @@ def check_inputs(config: PipelineConfig, *, atlas_labels: bool = True) -> Manife
         config.input, config.pattern, max_tile_bytes=int(config.stitch.max_tile_gib * 2**30)
     )
     if config.psf is not None:  # read even when unused: the register stage may blur by it
-        psf = load_psf(config.psf, config.voxel_size_um)
+        psf = load_psf(config.psf, config.voxel_size_um, psf_voxel_size_um=config.psf_voxel_size_um)
         if config.deconvolve.enabled:
-            check_psf_fits(psf.shape, manifest.shape[2:], what="stitched volume")
+            check_psf_fits(
+                psf.shape, manifest.shape[2:], what="stitched volume", name=f"psf {config.psf}"
+            )
     atlas = load_atlas(config.atlas)
     if atlas_labels:
         check_atlas(atlas)

@@ -78,10 +78,12 @@ def register_channel(config: RegisterConfig, segment_channel: int, n_channels: i
 def register_spec(
     raw: dict, atlas: str, config: RegisterConfig, orientation: str, segment_channel: int,
     psf: str | None, output: str, camera_offset: float = 0.0,
+    psf_voxel_size_um: list[float] | None = None,
 ) -> StageSpec:  # fmt: skip
     """What `register_volume` makes from the raw image's autofluorescence and the atlas.
 
-    ``psf`` (the run's PSF file) blurs the atlas reference when ``config.match_psf``;
+    ``psf`` (the run's PSF file, its own voxel size ``psf_voxel_size_um`` or its metadata's)
+    blurs the atlas reference when ``config.match_psf``;
     ``camera_offset`` (the run's) is the level under the light whose illumination
     ``config.correct_illumination`` divides out.
     """
@@ -91,7 +93,8 @@ def register_spec(
     if config.match_psf and psf is not None:
         inputs["psf"] = {"kind": "file", "path": psf, "fingerprint": file_content_fingerprint(psf)}
         voxel = raw["voxel_size_um"]
-        psf_sigma = [round(s, 6) for s in psf_sigma_um(load_psf(psf, voxel), voxel)]
+        psf_array = load_psf(psf, voxel, psf_voxel_size_um=psf_voxel_size_um)
+        psf_sigma = [round(s, 6) for s in psf_sigma_um(psf_array, voxel)]
     channel = register_channel(config, segment_channel, int(raw["shape"][1]))
     atlas_obj = load_atlas(atlas)  # lazy: metadata and the annotation's header
     grid = FixedGrid.for_atlas(
@@ -145,12 +148,14 @@ def _levels(path: str) -> list[tuple[float, float, float]]:
 def register_volume(
     raw: dict, atlas: str, config: RegisterConfig, orientation: str, segment_channel: int,
     psf: str | None, output: str, camera_offset: float = 0.0,
+    psf_voxel_size_um: list[float] | None = None,
 ) -> dict:  # fmt: skip
     """Downsample the autofluorescence, register the atlas to it, bring labels to the sample."""
     out = Path(output)
     spec = register_spec(
-        raw, atlas, config, orientation, segment_channel, psf, output, camera_offset
-    )
+        raw, atlas, config, orientation, segment_channel, psf, output, camera_offset,
+        psf_voxel_size_um,
+    )  # fmt: skip
     stage = Stage(spec)
     if not stage.reused:
         summary = _compute(stage, raw, atlas, config, orientation, out)

@@ -67,6 +67,12 @@ class PipelineConfig(_Model):
         "(deconvolve.enabled, the default); without one set deconvolve.enabled: false, and "
         "register.match_psf then leaves the atlas unblurred.",
     )
+    psf_voxel_size_um: VoxelSize | None = Field(
+        None,
+        description="The PSF file's own voxel size (z, y, x) in µm, where its TIFF declares "
+        "none (or a wrong one); it is resampled from it to the image's. null: the voxel size "
+        "its ImageJ or OME metadata declare, else the image's.",
+    )
     atlas: Path = Field(
         ...,
         description="BrainGlobe-layout atlas folder, or a BrainGlobe atlas name such as "

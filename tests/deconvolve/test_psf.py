@@ -218,6 +218,14 @@ def test_a_psf_declaring_another_voxel_size_is_resampled_to_the_images(tmp_path)
     tifffile.imwrite(bare, gaussian_psf(sigma, image), photometric="minisblack")
     assert load_psf(bare, image).shape == gaussian_psf(sigma, image).shape
     assert psf_grid_note(bare, image).startswith("declares no voxel size")
+    # the run's psf_voxel_size_um says what the file does not, or overrides what it says
+    given = load_psf(bare, (image[0] / 2, *image[1:]), psf_voxel_size_um=image)
+    assert given.shape[0] > gaussian_psf(sigma, image).shape[0]  # resampled to finer planes
+    note = psf_grid_note(bare, (1.0, 1.0, 1.0), psf_voxel_size_um=image)
+    assert (
+        note == "given (psf_voxel_size_um) at (2, 1, 1) µm: resampled to the image's (1, 1, 1) µm"
+    )
+    np.testing.assert_array_equal(load_psf(path, image, psf_voxel_size_um=image), load_psf(path))
 
 
 def test_a_bead_stack_at_a_finer_z_step_is_centred_on_its_light(tmp_path):

@@ -142,7 +142,8 @@ def test_run_without_a_psf_segments_the_raw_image(tiny_sample, prefect_harness, 
 
 def test_a_bead_stack_at_a_finer_z_step_deconvolves_as_the_samples_psf(tiny_run, tmp_path):
     # the sample's PSF as a microscope user measures it: a bead imaged at a quarter of the
-    # sample's z step, on a camera level of 100 with its noise, Fiji's metadata saying so
+    # sample's z step, on a camera level of 100 with its noise, in a file that does not say
+    # its voxel size: the run's psf_voxel_size_um does (the file's metadata: test_psf)
     import numpy as np
     import tifffile
 
@@ -160,11 +161,8 @@ def test_a_bead_stack_at_a_finer_z_step_deconvolves_as_the_samples_psf(tiny_run,
     light = 5000 * np.exp(-0.5 * (z**2 + y**2 + x**2))
     bead = np.round(rng.poisson(light) + 100 + rng.normal(0, 2, light.shape)).astype(np.uint16)
     path = tmp_path / "bead.tif"
-    tifffile.imwrite(
-        path, bead, imagej=True, resolution=(1 / vx, 1 / vy),
-        metadata={"spacing": fine[0], "unit": "um", "axes": "ZYX"},
-    )  # fmt: skip
-    again = run(sample, tmp_path / "out", psf=path)
+    tifffile.imwrite(path, bead, photometric="minisblack")
+    again = run(sample, tmp_path / "out", psf=path, psf_voxel_size_um=fine)
     a, b = (
         read_image(o / "deconvolved.ome.zarr")[0].compute().astype(np.float64)
         - config.camera_offset

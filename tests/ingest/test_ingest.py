@@ -392,3 +392,33 @@ def test_voxel_size_in_the_metadata_checked_against_the_run(tmp_path):
     warning = voxel_size_mismatch(m, (5.0, 2.0, 2.0))
     assert "(5, 2, 2) µm" in warning and "declares (2, 1, 1) µm" in warning
     assert name(x=0) in warning
+
+
+def test_a_psf_at_a_finer_z_step_is_checked_and_read_as_the_run_resamples_it(tiny_sample, tmp_path):
+    # the sample's PSF at a quarter of its z step, in a file that says nothing of its voxel
+    # size: too deep for the volume as stored; resampled by psf_voxel_size_um, it fits
+    from lightsheet.config import load_config
+    from lightsheet.errors import PSFError
+    from lightsheet.psf import gaussian_psf, load_psf, psf_sigma_um
+    from tasks.deconvolve import deconvolve_spec
+    from tasks.ingest import check_inputs
+
+    config = load_config(tiny_sample / "config.yaml")
+    vz, vy, vx = config.voxel_size_um
+    fine = (vz / 4, vy, vx)
+    sigma = psf_sigma_um(load_psf(tiny_sample / "psf.tif"), config.voxel_size_um)
+    bare = tmp_path / "psf.tif"
+    tifffile.imwrite(bare, gaussian_psf(sigma, fine, truncate=6), photometric="minisblack")
+    as_stored = config.model_copy(update={"psf": bare})
+    with pytest.raises(PSFError, match=r"psf .*psf\.tif: shape \(\d+, .* larger than the stitched"):
+        check_inputs(as_stored, atlas_labels=False)
+    given = config.model_copy(update={"psf": bare, "psf_voxel_size_um": fine})
+    check_inputs(given, atlas_labels=False)
+    psf = load_psf(bare, config.voxel_size_um, psf_voxel_size_um=fine)
+    np.testing.assert_allclose(psf_sigma_um(psf, config.voxel_size_um), sigma, rtol=0.05)
+    # the deconvolve stage's key holds it (and not when it is not given: earlier runs reused)
+    raw = {"stage": "stitch", "path": "raw.ome.zarr", "fingerprints": {"path": "x"}}
+    spec = deconvolve_spec(raw, str(bare), config.deconvolve, str(tmp_path), 0.0, list(fine))
+    assert spec.params["psf_voxel_size_um"] == list(fine)
+    spec = deconvolve_spec(raw, str(bare), config.deconvolve, str(tmp_path), 0.0)
+    assert "psf_voxel_size_um" not in spec.params
