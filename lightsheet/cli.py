@@ -401,18 +401,29 @@ def _psf_from_beads(args: argparse.Namespace) -> int:
     result = distil_psf(TiffRegion(info), name=str(args.beads))
     out = Path(args.out)
     write_psf(out, result.psf, voxel)
-    result.beads.to_csv(out.with_suffix(".beads.csv"), index=False)
+    beads = result.beads
+    for axis, v in zip("zyx", voxel, strict=True):
+        beads[f"{axis}_um"] = beads[axis] * v
+        beads[f"fwhm_{axis}_um"] = beads[f"sigma_{axis}"] * FWHM_PER_SIGMA * v
+    beads.to_csv(out.with_suffix(".beads.csv"), index=False)
     fwhm = [FWHM_PER_SIGMA * s for s in psf_sigma_um(result.psf, voxel)]
-    used = int(result.beads["used"].sum())
+    used = beads[beads["used"]]
     title = (
-        f"{used} beads of {len(result.beads)}; FWHM (z, y, x) "
+        f"{len(used)} beads of {len(beads)}; FWHM (z, y, x) "
         + ", ".join(f"{f:.2f}" for f in fwhm)
         + " µm"
     )
-    plot_psf(result.psf, voxel, out.with_suffix(".png"), title=title)
-    skipped = result.beads.loc[~result.beads["used"], "reason"].value_counts().to_dict()
+    plot_psf(result.psf, voxel, out.with_suffix(".png"), title=title, beads=used)
+    skipped = beads.loc[~beads["used"], "reason"].value_counts().to_dict()
     print(f"PSF {result.psf.shape} (z, y, x) at {tuple(voxel)} µm written to {out}")
     print(f"{title}; not used: {skipped or 'none'}")
+    lo, mid, hi = used["fwhm_z_um"].quantile([0, 0.5, 1])
+    print(f"axial FWHM of single beads across the field: {lo:.2f}-{hi:.2f} µm (median {mid:.2f})")
+    if hi > 1.25 * lo:
+        print(
+            "the PSF varies across the field (axial FWHM of its beads over 1.25x apart: the "
+            "light sheet's waist?); one PSF for the whole volume fits its middle"
+        )
     print(f"beads: {out.with_suffix('.beads.csv')}; figure: {out.with_suffix('.png')}")
     return 0
 

@@ -466,11 +466,18 @@ def plot_overview(
 
 
 def plot_psf(
-    psf: np.ndarray, voxel_size_um: Sequence[float], path: str | Path, *, title: str = ""
+    psf: np.ndarray,
+    voxel_size_um: Sequence[float],
+    path: str | Path,
+    *,
+    title: str = "",
+    beads: pd.DataFrame | None = None,
 ) -> Path:
     """PNG of a PSF's maximum projections along z, y and x, in µm.
 
-    Square-root scaled, so that its faint tails and side lobes show.
+    Square-root scaled, so that its faint tails and side lobes show. With ``beads`` (columns
+    ``x_um``, ``y_um``, ``fwhm_z_um``: the beads it was measured from), a fourth panel maps
+    their axial FWHM across the field, where a light sheet's waist shows.
     """
     from matplotlib.colors import PowerNorm
 
@@ -481,11 +488,26 @@ def plot_psf(
         (psf.max(axis=1), (0, nx * vx, nz * vz, 0), "x (µm)", "z (µm)"),
         (psf.max(axis=2), (0, ny * vy, nz * vz, 0), "y (µm)", "z (µm)"),
     ]
-    fig = _figure((10, 3.8), dpi=100)
-    for ax, (image, extent, xlabel, ylabel) in zip(fig.subplots(1, 3), views, strict=True):
+    panels = 3 if beads is None else 4
+    fig = _figure((3.4 * panels, 3.8), dpi=100)
+    axes = fig.subplots(1, panels)
+    for ax, (image, extent, xlabel, ylabel) in zip(axes, views, strict=False):
         ax.imshow(image, cmap="magma", norm=PowerNorm(0.5, vmin=0), extent=extent)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+    if beads is not None:
+        ax = axes[3]
+        dots = ax.scatter(beads["x_um"], beads["y_um"], c=beads["fwhm_z_um"], cmap="viridis")
+        fig.colorbar(dots, ax=ax, label="axial FWHM (µm)")
+        # one scale on both axes, wide enough for beads all on one line
+        x, y = beads["x_um"].to_numpy(), beads["y_um"].to_numpy()
+        half = 0.6 * max(np.ptp(x), np.ptp(y), 10 * vx)
+        ax.set_xlim((x.min() + x.max()) / 2 - half, (x.min() + x.max()) / 2 + half)
+        ax.set_ylim((y.min() + y.max()) / 2 + half, (y.min() + y.max()) / 2 - half)
+        ax.set_aspect("equal")
+        ax.set_xlabel("x (µm)")
+        ax.set_ylabel("y (µm)")
+        ax.set_title("beads used", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

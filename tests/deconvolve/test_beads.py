@@ -128,3 +128,30 @@ def test_the_command_writes_the_psf_its_beads_and_a_figure(tmp_path, capsys):
     assert "--voxel-size-um" in capsys.readouterr().err
     assert main(["psf", str(tmp_path / "p2.tif"), "--beads", str(bare),
                  "--voxel-size-um", "2", "1", "1"]) == 0  # fmt: skip
+
+
+def test_a_psf_that_varies_across_the_field_is_shown_and_said(tmp_path, capsys):
+    # a light sheet thinnest in the middle of x: the beads' axial width grows away from it
+    from lightsheet.cli import main
+
+    rng = np.random.default_rng(4)
+    shape, vz = (40, 64, 200), VOXEL_UM[0]
+    grids = np.indices(shape, dtype=np.float64) * np.array(VOXEL_UM)[:, None, None, None]
+    light = np.zeros(shape)
+    xs = np.arange(20, 200, 30)
+    for x in xs:
+        sigma = (2.2 + 0.02 * abs(x - 100), *SIGMA_UM[1:])
+        r2 = sum(((g - c) / s) ** 2 for g, c, s in zip(grids, (40, 32, x), sigma, strict=True))
+        light += 3000 * np.exp(-r2 / 2)
+    field = np.round(rng.poisson(light) + 100.0).astype(np.uint16)
+    beads = tmp_path / "beads.tif"
+    tifffile.imwrite(beads, field, imagej=True, resolution=(1, 1),
+                     metadata={"spacing": vz, "unit": "um", "axes": "ZYX"})  # fmt: skip
+    assert main(["psf", str(tmp_path / "psf.tif"), "--beads", str(beads)]) == 0
+    assert "the PSF varies across the field" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "psf.beads.csv").sort_values("x_um")
+    assert table["used"].all() and len(table) == len(xs)
+    # each bead's axial FWHM follows the sheet's (its light above the noise: a little less)
+    truth = 2.355 * (2.2 + 0.02 * np.abs(table["x_um"] - 100))
+    np.testing.assert_allclose(table["fwhm_z_um"], truth, rtol=0.1)
+    assert np.corrcoef(table["fwhm_z_um"], truth)[0, 1] > 0.95
