@@ -122,8 +122,8 @@ def distil_psf(field, *, name: str = "beads") -> BeadPSF:
                 row["reason"] = "saturated"
             else:
                 light, centroid, sigma, crop = _centred(crop.astype(np.float64), half)
-                row.update({a: lo[i] + centroid[i] for i, a in enumerate("zyx")})
-                row.update({f"sigma_{a}": sigma[i] for i, a in enumerate("zyx")})
+                row.update({a: lo[k] + centroid[k] for k, a in enumerate("zyx")})
+                row.update({f"sigma_{a}": sigma[k] for k, a in enumerate("zyx")})
                 row.update(light=light, _crop=crop)
         rows.append(row)
     beads = pd.DataFrame(rows)

@@ -353,7 +353,8 @@ def psf_larger_than_volume(sample: Path, out: Path) -> tuple[type, str]:
     from lightsheet.psf import gaussian_psf, write_psf
 
     write_psf(sample / "psf.tif", gaussian_psf((40.0, 4.0, 4.0), (2.0, 1.0, 1.0)), (2, 1, 1))
-    return PSFError, r"psf: shape \(\d+, \d+, \d+\) is larger than the stitched volume"
+    path = re.escape(str(sample / "psf.tif"))
+    return PSFError, rf"psf {path}: shape \(\d+, \d+, \d+\) is larger than the stitched volume"
 
 
 def channel_out_of_range(sample: Path, out: Path) -> tuple[type, str]:
