@@ -27,7 +27,7 @@ import scipy.fft
 from scipy import ndimage
 
 from lightsheet.errors import PSFError
-from lightsheet.psf import border_light, validate_psf
+from lightsheet.psf import axis_moments, border_light, validate_psf
 
 __all__ = ["MIN_PEAK_SD", "BeadPSF", "distil_psf"]
 
@@ -211,12 +211,8 @@ def _centred(
     """
     level, _, body = border_light(crop)
     light = np.where(body, crop - level, 0.0)
-    total = float(light.sum())
-    profiles = [light.sum(axis=tuple(a for a in range(3) if a != i)) / total for i in range(3)]
-    steps = [np.arange(n) for n in crop.shape]
-    centroid = np.array([p @ x for p, x in zip(profiles, steps, strict=True)])
-    sigma = np.sqrt([p @ (x - c) ** 2 for p, x, c in zip(profiles, steps, centroid, strict=True)])
+    centroid, sigma = axis_moments(light)
     spectrum = scipy.fft.rfftn(crop - level)
     moved = ndimage.fourier_shift(spectrum, half - centroid, n=crop.shape[-1])
     shifted = scipy.fft.irfftn(moved, crop.shape)
-    return total, centroid, sigma, shifted
+    return float(light.sum()), centroid, sigma, shifted

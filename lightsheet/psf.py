@@ -22,6 +22,7 @@ from lightsheet.errors import PSFError
 __all__ = [
     "FWHM_PER_SIGMA",
     "MAX_PSF_BYTES",
+    "axis_moments",
     "border_light",
     "check_psf_fits",
     "gaussian_psf",
@@ -251,12 +252,13 @@ def resample_psf(psf: np.ndarray, from_um: Sequence[float], to_um: Sequence[floa
     squared over 12.)
     """
     out = validate_psf(psf).astype(np.float64)
+    # resampling one axis keeps the others' profiles (it moves mass along that axis only)
+    centroid = axis_moments(out)[0]
     pairs = zip(_triple(from_um, "from_um"), _triple(to_um, "to_um"), strict=True)
     for axis, (old, new) in enumerate(pairs):
         if old == new:
             continue
-        profile = out.sum(axis=tuple(a for a in range(3) if a != axis))
-        offset = float(profile @ (np.arange(profile.size) - profile.size // 2)) * old
+        offset = (centroid[axis] - out.shape[axis] // 2) * old
         weights = _remap(out.shape[axis], old, new, offset)
         out = np.moveaxis(np.tensordot(weights, out, (1, axis)), 0, axis)
     return validate_psf(out)
@@ -289,14 +291,32 @@ def psf_sigma_um(psf: np.ndarray, voxel_size_um: Sequence[float]) -> tuple[float
     ...     truncate=6), (1, 0.5, 0.5))]
     [2.0, 0.8, 0.8]
     """
-    p = validate_psf(psf).astype(np.float64)
-    out = []
-    for axis, v in enumerate(_triple(voxel_size_um, "voxel_size_um")):
-        profile = p.sum(axis=tuple(a for a in range(3) if a != axis))
-        x = np.arange(profile.size) * v
-        mean = float(profile @ x)
-        out.append(math.sqrt(max(float(profile @ (x - mean) ** 2), 0.0)))
-    return tuple(out)  # type: ignore[return-value]
+    sd = axis_moments(validate_psf(psf))[1]
+    voxel = _triple(voxel_size_um, "voxel_size_um")
+    return tuple(float(s * v) for s, v in zip(sd, voxel, strict=True))  # type: ignore[return-value]
+
+
+def axis_moments(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid and standard deviation along each axis of a non-negative array's mass.
+
+    Both in voxels, the centroid counted from index 0: the first and the root of the
+    second central moment of the array summed over the other axes.
+
+    Examples
+    --------
+    >>> centroid, sd = axis_moments(np.array([[0.0, 1.0, 1.0], [0.0, 0.0, 2.0]]))
+    >>> centroid.tolist(), sd.tolist()
+    ([0.5, 1.75], [0.5, 0.4330127018922193])
+    """
+    a = np.asarray(array, np.float64)
+    total = a.sum()
+    centroid, sd = [], []
+    for axis, n in enumerate(a.shape):
+        profile = a.sum(axis=tuple(b for b in range(a.ndim) if b != axis)) / total
+        x = np.arange(n)
+        centroid.append(float(profile @ x))
+        sd.append(math.sqrt(max(float(profile @ (x - centroid[-1]) ** 2), 0.0)))
+    return np.array(centroid), np.array(sd)
 
 
 def check_psf_fits(
@@ -386,14 +406,8 @@ def load_psf(
     psf = validate_psf(data, name=str(path))
     if voxel_size_um is None:
         return psf
-    image = _triple(voxel_size_um, "voxel_size_um")
-    own = _own_voxel_um(_given_or(declared, psf_voxel_size_um), image)
+    own, image = _placement(declared, voxel_size_um, psf_voxel_size_um)
     return psf if own == image else resample_psf(psf, own, image)
-
-
-def _given_or(declared, given: Sequence[float] | None):
-    """The voxel size the config gives for the PSF file, else the one its metadata declare."""
-    return declared if given is None else _triple(given, "psf_voxel_size_um")
 
 
 def psf_grid_note(
@@ -414,8 +428,7 @@ def psf_grid_note(
     declares (1, 0.5, 0.5) µm: resampled to the image's (2, 1, 1) µm
     """
     declared = _read_psf(path, MAX_PSF_BYTES, pixels=False)[1]
-    image = _triple(voxel_size_um, "voxel_size_um")
-    own = _own_voxel_um(_given_or(declared, psf_voxel_size_um), image)
+    own, image = _placement(declared, voxel_size_um, psf_voxel_size_um)
     says = "declares" if psf_voxel_size_um is None else "given (psf_voxel_size_um) at"
     if own != image:
         return f"{says} {_um(own)} µm: resampled to the image's {_um(image)} µm"
@@ -443,15 +456,20 @@ def _read_psf(path: str | Path, max_bytes: int, *, pixels: bool = True):
     return data, info.voxel_size_um or (None, None, None)
 
 
-def _own_voxel_um(declared, image: tuple[float, float, float]) -> tuple[float, ...]:
-    """The PSF's voxel size.
+def _placement(declared, voxel_size_um, given) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(the PSF file's own voxel size, the image's), as `load_psf` places it.
 
-    The axes declared that differ from the image's by over 1 %; the image's elsewhere.
+    Its own: ``given`` (the run's ``psf_voxel_size_um``), else per axis what its metadata
+    declare where that differs from the image's by over 1 %, else the image's.
     """
-    return tuple(
+    image = _triple(voxel_size_um, "voxel_size_um")
+    if given is not None:
+        declared = _triple(given, "psf_voxel_size_um")
+    own = tuple(
         v if d is None or abs(d / v - 1) <= 0.01 else d
         for d, v in zip(declared, image, strict=True)
     )
+    return own, image
 
 
 def write_psf(path: str | Path, psf: np.ndarray, voxel_size_um: Sequence[float]) -> Path:
