@@ -60,13 +60,10 @@ class IlluminationFit:
         The illumination at each voxel of the fixed image (geometric mean 1 in the brain).
     range : float
         Its largest over its smallest value in the brain.
-    voxels : int
-        Voxels the fit used.
     """
 
     gain: np.ndarray
     range: float
-    voxels: int
 
     def correct(self, fixed: np.ndarray, dark: float = 0.0) -> np.ndarray:
         """``fixed`` with the gain divided out (`divide_out`)."""
@@ -188,4 +185,4 @@ def fit_illumination(
     inner = field[np.asarray(inside, bool)]
     lo, hi = float(inner.min()), float(inner.max())
     field = np.clip(field, lo, hi) - np.float32(inner.mean())
-    return IlluminationFit(np.exp(field), float(np.exp(hi - lo)), int(index.size))
+    return IlluminationFit(np.exp(field), float(np.exp(hi - lo)))
