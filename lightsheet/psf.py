@@ -27,6 +27,7 @@ __all__ = [
     "check_psf_fits",
     "gaussian_psf",
     "load_psf",
+    "optics_sigma_um",
     "psf_from_optics",
     "psf_grid_note",
     "psf_sigma_um",
@@ -73,6 +74,41 @@ def gaussian_psf(
     return (psf / psf.sum()).astype(np.float32)
 
 
+def optics_sigma_um(
+    *,
+    na: float,
+    wavelength_nm: float,
+    refractive_index: float,
+    sheet_fwhm_um: float | None = None,
+) -> tuple[float, float, float]:
+    """The ``(z, y, x)`` standard deviations in µm of a light-sheet microscope's PSF.
+
+    Lateral and axial widths of the detection objective follow the paraxial Gaussian
+    fits of Zhang, Zerubia & Olivo-Marin (Appl. Opt. 2007): ``sigma_xy = 0.21 λ / NA`` and
+    ``sigma_z = 0.66 λ n / NA²``. A light sheet of the given FWHM confines the axial extent;
+    the two axial profiles multiply, so their inverse variances add. Parameters as for
+    `psf_from_optics`.
+
+    Examples
+    --------
+    >>> [round(s, 3) for s in optics_sigma_um(na=0.16, wavelength_nm=600, refractive_index=1.45)]
+    [22.43, 0.787, 0.787]
+    """
+    if not 0 < na < refractive_index:
+        raise PSFError(f"na must be in (0, refractive_index={refractive_index}); got {na}")
+    if wavelength_nm <= 0:
+        raise PSFError(f"wavelength_nm must be positive; got {wavelength_nm}")
+    lam_um = wavelength_nm / 1000.0
+    sigma_xy = 0.21 * lam_um / na
+    sigma_z = 0.66 * lam_um * refractive_index / na**2
+    if sheet_fwhm_um is not None:
+        if sheet_fwhm_um <= 0:
+            raise PSFError(f"sheet_fwhm_um must be positive; got {sheet_fwhm_um}")
+        sigma_sheet = sheet_fwhm_um / FWHM_PER_SIGMA
+        sigma_z = 1.0 / math.sqrt(1.0 / sigma_z**2 + 1.0 / sigma_sheet**2)
+    return (sigma_z, sigma_xy, sigma_xy)
+
+
 def psf_from_optics(
     *,
     na: float,
@@ -84,10 +120,8 @@ def psf_from_optics(
 ) -> np.ndarray:
     """Gaussian approximation of a light-sheet microscope's PSF from its optics.
 
-    Lateral and axial widths of the detection objective follow the paraxial Gaussian
-    fits of Zhang, Zerubia & Olivo-Marin (Appl. Opt. 2007): ``sigma_xy = 0.21 λ / NA`` and
-    ``sigma_z = 0.66 λ n / NA²``. A light sheet of the given FWHM confines the axial extent;
-    the two axial profiles multiply, so their inverse variances add.
+    Its widths are `optics_sigma_um`'s (paraxial Gaussian fits to the detection objective,
+    confined axially by the light sheet), sampled at the voxel centres (`gaussian_psf`).
 
     Parameters
     ----------
@@ -115,19 +149,11 @@ def psf_from_optics(
     >>> psf.shape[0] > 1 and psf.shape[0] % 2 == 1
     True
     """
-    if not 0 < na < refractive_index:
-        raise PSFError(f"na must be in (0, refractive_index={refractive_index}); got {na}")
-    if wavelength_nm <= 0:
-        raise PSFError(f"wavelength_nm must be positive; got {wavelength_nm}")
-    lam_um = wavelength_nm / 1000.0
-    sigma_xy = 0.21 * lam_um / na
-    sigma_z = 0.66 * lam_um * refractive_index / na**2
-    if sheet_fwhm_um is not None:
-        if sheet_fwhm_um <= 0:
-            raise PSFError(f"sheet_fwhm_um must be positive; got {sheet_fwhm_um}")
-        sigma_sheet = sheet_fwhm_um / FWHM_PER_SIGMA
-        sigma_z = 1.0 / math.sqrt(1.0 / sigma_z**2 + 1.0 / sigma_sheet**2)
-    return gaussian_psf((sigma_z, sigma_xy, sigma_xy), voxel_size_um, truncate=truncate)
+    sigma = optics_sigma_um(
+        na=na, wavelength_nm=wavelength_nm, refractive_index=refractive_index,
+        sheet_fwhm_um=sheet_fwhm_um,
+    )  # fmt: skip
+    return gaussian_psf(sigma, voxel_size_um, truncate=truncate)
 
 
 def validate_psf(psf: np.ndarray, *, name: str = "psf") -> np.ndarray:
@@ -234,22 +260,29 @@ def _border(shape: Sequence[int]) -> np.ndarray:
 def resample_psf(psf: np.ndarray, from_um: Sequence[float], to_um: Sequence[float]) -> np.ndarray:
     """A PSF sampled at voxel size ``from_um`` resampled to ``to_um`` (z, y, x in µm).
 
-    Each axis whose size differs, separately and conservatively: each new voxel holds the
-    PSF's mass over its extent, each old voxel's mass spread evenly over its own. The sum is
-    kept, and a finer PSF is integrated, not point-sampled, onto the coarser grid, as a
-    camera's pixels integrate the light. The new centre voxel is centred on the PSF's
-    centroid along that axis (a bead stack's noise can make a plane a few fine steps off
-    its brightest). The result covers at least the input's extent, odd-sized, validated.
+    Each axis whose size differs, separately, as the image samples the light along it:
+
+    - **z, point-sampled**: a light-sheet plane is the sheet's light at that depth, not
+      its average over the step to the next plane (the PSF's axial profile already holds
+      the sheet), so the new planes take the profile's values at their depths (Keys' cubic
+      interpolation between the old planes), as `psf_from_optics` samples the optics' PSF;
+    - **y and x, integrated** (conservatively: each new voxel holds the PSF's mass over its
+      extent, each old voxel's mass spread evenly over its own), as a camera's pixels
+      integrate the light.
+
+    The new centre voxel is centred on the PSF's centroid along that axis (a bead stack's
+    noise can make a plane a few fine steps off its brightest). The result covers at least
+    the input's extent, odd-sized, validated (summing to 1).
 
     Examples
     --------
     >>> fine = gaussian_psf((2.0, 1.0, 1.0), (0.5, 0.25, 0.25), truncate=4)
     >>> coarse = resample_psf(fine, (0.5, 0.25, 0.25), (2.0, 1.0, 1.0))
     >>> coarse.shape, [round(s, 2) for s in psf_sigma_um(coarse, (2.0, 1.0, 1.0))]
-    ((9, 9, 9), [2.09, 1.05, 1.05])
+    ((9, 9, 9), [2.0, 1.05, 1.05])
 
-    (integrated over the coarser voxels: the variance grows by about a voxel's width
-    squared over 12.)
+    (along y and x, integrated over the coarser pixels: the variance grows by about a
+    pixel's width squared over 12; along z, the point samples' 2.0.)
     """
     out = validate_psf(psf).astype(np.float64)
     # resampling one axis keeps the others' profiles (it moves mass along that axis only)
@@ -259,9 +292,28 @@ def resample_psf(psf: np.ndarray, from_um: Sequence[float], to_um: Sequence[floa
         if old == new:
             continue
         offset = (centroid[axis] - out.shape[axis] // 2) * old
-        weights = _remap(out.shape[axis], old, new, offset)
+        weights = (_sample if axis == 0 else _remap)(out.shape[axis], old, new, offset)
         out = np.moveaxis(np.tensordot(weights, out, (1, axis)), 0, axis)
-    return validate_psf(out)
+    return validate_psf(np.clip(out, 0.0, None))  # (the cubic's small lobes below zero)
+
+
+def _new_count(n: int, old: float, new: float, centre: float) -> int:
+    """Odd count of voxels of size ``new``, centred on ``centre``, covering ``n`` of ``old``."""
+    return 2 * math.ceil((n * old / 2 + abs(centre)) / new - 0.5) + 1
+
+
+def _sample(n: int, old: float, new: float, centre: float) -> np.ndarray:
+    """(m, n) weights from ``n`` point samples ``old`` apart to ``m`` ``new`` apart.
+
+    Keys' cubic convolution (a = -0.5) at the new points (centred on ``centre``, µm; the old
+    ones on 0), which covers the old ones' extent; zero beyond the old samples.
+    """
+    m = _new_count(n, old, new, centre)
+    points = ((np.arange(m) - m // 2) * new + centre) / old + n // 2
+    t = np.abs(points[:, None] - np.arange(n)[None, :])
+    near = 1.5 * t**3 - 2.5 * t**2 + 1
+    far = -0.5 * t**3 + 2.5 * t**2 - 4 * t + 2
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
 
 
 def _remap(n: int, old: float, new: float, centre: float) -> np.ndarray:
@@ -271,7 +323,7 @@ def _remap(n: int, old: float, new: float, centre: float) -> np.ndarray:
     ``centre``, µm); the new voxels cover the old ones' extent.
     """
     half = n * old / 2
-    m = 2 * math.ceil((half + abs(centre)) / new - 0.5) + 1
+    m = _new_count(n, old, new, centre)
     old_edges = np.arange(n + 1) * old - half
     new_edges = (np.arange(m + 1) - m / 2) * new + centre
     lo = np.maximum(new_edges[:-1, None], old_edges[None, :-1])
@@ -472,8 +524,14 @@ def _placement(declared, voxel_size_um, given) -> tuple[tuple[float, ...], tuple
     return own, image
 
 
-def write_psf(path: str | Path, psf: np.ndarray, voxel_size_um: Sequence[float]) -> Path:
-    """Write a PSF as a float32 ImageJ TIFF carrying its voxel size."""
+def write_psf(
+    path: str | Path, psf: np.ndarray, voxel_size_um: Sequence[float], *, dtype=np.float32
+) -> Path:
+    """Write a PSF (float32) or a bead stack (its camera's ``dtype``) as an ImageJ TIFF.
+
+    The TIFF carries its voxel size as Fiji writes it: what `load_psf` and
+    `lightsheet psf --beads` read.
+    """
     import tifffile
 
     path = Path(path)
@@ -481,7 +539,7 @@ def write_psf(path: str | Path, psf: np.ndarray, voxel_size_um: Sequence[float])
     vz, vy, vx = _triple(voxel_size_um, "voxel_size_um")
     tifffile.imwrite(
         path,
-        np.asarray(psf, dtype=np.float32),
+        np.asarray(psf, dtype=dtype),
         imagej=True,
         resolution=(1.0 / vx, 1.0 / vy),
         metadata={"spacing": vz, "unit": "um", "axes": "ZYX"},
