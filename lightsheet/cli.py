@@ -41,6 +41,7 @@ __all__ = [
     "cmd_verify",
     "format_lineage_step",
     "main",
+    "measure_psf",
     "one_line",
     "print_summary",
     "print_truth_comparison",
@@ -302,7 +303,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """`lightsheet demo`: realistic sample (reused when present) + run + summary."""
+    """`lightsheet demo`: realistic sample (reused when present), PSF from its beads, run."""
     from lightsheet.config import load_config
     from lightsheet.sample import generate
 
@@ -310,17 +311,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     meta = sample_dir / "sample.json"
     info = json.loads(meta.read_text()) if meta.is_file() else {}
     realistic = info.get("realistic") or {}
-    reuse = info.get("seed") == args.seed and realistic.get("cells") == args.cells
+    reuse = (
+        info.get("seed") == args.seed
+        and realistic.get("cells") == args.cells
+        and (sample_dir / "beads.tif").is_file()
+    )
     if reuse:
         print(f"reusing the sample acquisition in {sample_dir}")
     else:
         bar, progress = _progress_bar(f"generating the realistic {args.size} sample")
         with bar:
-            generate(
+            info = generate(
                 sample_dir, size=args.size, seed=args.seed, progress=progress, realistic=True,
                 cells=args.cells,
             )  # fmt: skip
-    config = load_config(sample_dir / "config.yaml")
+    print(
+        "measuring the PSF from the sample's bead stack, as for your own microscope "
+        f"(lightsheet psf OUT.tif --beads {sample_dir / 'beads.tif'}); the optics' FWHM "
+        + ", ".join(f"{f:.2f}" for f in info["beads"]["fwhm_um"])
+        + " µm"
+    )
+    psf = measure_psf(sample_dir / "beads.tif", Path(args.dir) / "psf-from-beads.tif")
+    config = load_config(sample_dir / "config.yaml").model_copy(update={"psf": psf.resolve()})
     summary = run_config(config)
     print_summary(summary)
     print_truth_comparison(Path(summary["density"]), sample_dir / "truth" / "density.csv")
@@ -380,6 +392,21 @@ def cmd_psf(args: argparse.Namespace) -> int:
 
 def _psf_from_beads(args: argparse.Namespace) -> int:
     """`lightsheet psf OUT --beads FILE`: the PSF, its beads (CSV) and a figure (PNG)."""
+    from lightsheet.errors import ConfigError
+
+    if args.na is not None or args.wavelength_nm is not None:
+        raise ConfigError("--beads measures the PSF; drop --na and --wavelength-nm")
+    measure_psf(args.beads, args.out, args.voxel_size_um)
+    return 0
+
+
+def measure_psf(beads_tif, out, voxel_size_um=None) -> Path:
+    """Distil the PSF of a bead stack into ``out``, beside it its beads and a figure.
+
+    ``out`` is at the stack's voxel size (its metadata's, or ``voxel_size_um``);
+    ``OUT.beads.csv`` lists every bead found, ``OUT.png`` draws the PSF. Prints what was
+    found.
+    """
     from lightsheet.beads import distil_psf
     from lightsheet.errors import ConfigError, InputFilesError, PSFError
     from lightsheet.io.tiff import TiffRegion, inspect_tiff
@@ -387,19 +414,17 @@ def _psf_from_beads(args: argparse.Namespace) -> int:
     from lightsheet.psf import FWHM_PER_SIGMA, psf_sigma_um, write_psf
 
     try:
-        info = inspect_tiff(args.beads)
+        info = inspect_tiff(beads_tif)
     except InputFilesError as exc:
         raise PSFError(f"--beads: cannot read {exc}") from exc
-    voxel = args.voxel_size_um or info.voxel_size_um
+    voxel = voxel_size_um or info.voxel_size_um
     if voxel is None or any(v is None for v in voxel):
         raise ConfigError(
-            f"--beads {args.beads}: its metadata declare no voxel size (z, y, x) in a length "
+            f"--beads {beads_tif}: its metadata declare no voxel size (z, y, x) in a length "
             f"unit ({info.voxel_size_um}); give --voxel-size-um Z Y X"
         )
-    if args.na is not None or args.wavelength_nm is not None:
-        raise ConfigError("--beads measures the PSF; drop --na and --wavelength-nm")
-    result = distil_psf(TiffRegion(info), name=str(args.beads))
-    out = Path(args.out)
+    result = distil_psf(TiffRegion(info), name=str(beads_tif))
+    out = Path(out)
     write_psf(out, result.psf, voxel)
     beads = result.beads
     for axis, v in zip("zyx", voxel, strict=True):
@@ -425,7 +450,7 @@ def _psf_from_beads(args: argparse.Namespace) -> int:
             "light sheet's waist?); one PSF for the whole volume fits its middle"
         )
     print(f"beads: {out.with_suffix('.beads.csv')}; figure: {out.with_suffix('.png')}")
-    return 0
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -653,7 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="generate a sample, run the pipeline, print densities")
+    p = sub.add_parser(
+        "demo", help="generate a sample, measure its PSF from its beads, run, print densities"
+    )
     p.add_argument("dir", nargs="?", default="lightsheet-demo", help="default: ./lightsheet-demo")
     p.add_argument("--size", choices=SIZES, default="small", help="default: small")
     p.add_argument("--seed", type=int, default=0)

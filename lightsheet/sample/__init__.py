@@ -3,7 +3,8 @@
 `generate` writes what a microscope and an atlas would give the pipeline, plus the ground
 truth it should recover (layout in ``docs/architecture.md``)::
 
-    DIR/tiles/*.tif  psf.tif  atlas/  truth/cells.csv  truth/density.csv  sample.json  config.yaml
+    DIR/tiles/*.tif  psf.tif  beads.tif  atlas/  truth/cells.csv  truth/density.csv
+        sample.json  config.yaml
 
 The phantom
     An ellipsoidal brain (flattened ventrally) fills the middle ~84 % of the volume, split

@@ -133,7 +133,6 @@ def generate_overlapping(
     dict
         The content of ``sample.json``.
     """
-    from lightsheet.psf import write_psf
     from lightsheet.sample import phantom, presets, render, writer
 
     preset = presets._check_args(size, seed, channels, timepoints)
@@ -172,7 +171,7 @@ def generate_overlapping(
     true_um = nominal_um + errors
     mosaic = tuple(int(math.ceil(o.max() + t)) for o, t in zip(origins.T, tile_shape, strict=True))
 
-    write_psf(out / "psf.tif", ph.psf, ph.voxel_size_um)
+    beads = writer._write_psf(out, ph, seed)
     writer._write_phantom_atlas(out / "atlas", ph, channels)
     (out / "tiles").mkdir()
     indices = list(np.ndindex(*grid))
@@ -220,7 +219,7 @@ def generate_overlapping(
     density = phantom.truth_region_table(ph.cells, labels, sides, ph.structures, volume_res)
     density.to_csv(out / "truth" / "density.csv", index=False)
 
-    info = writer._sample_info(ph, size=size, seed=seed, timepoints=timepoints)
+    info = writer._sample_info(ph, size=size, seed=seed, timepoints=timepoints, beads=beads)
     info.update(
         {
             "shape": [timepoints, channels, *mosaic],

@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 _SAMPLE_ENTRIES = (
-    "tiles", "atlas", "truth", "psf.tif", "sample.json", "config.yaml", "positions.csv",
+    "tiles", "atlas", "truth", "psf.tif", "beads.tif", "sample.json", "config.yaml",
+    "positions.csv",
 )  # fmt: skip
 _ATLAS_FILES = (
     "metadata.json",
@@ -145,10 +146,10 @@ def generate(
             voxel_size_um=voxel_size_um, sheet_fwhm_um=sheet_fwhm_um,
         )  # fmt: skip
     preset = ph.preset
-    vox, shape = ph.voxel_size_um, preset.shape_zyx
+    shape = preset.shape_zyx
     labels, sides, volume_res = ph.truth_volumes()
     density = truth_region_table(ph.cells, labels, sides, ph.structures, volume_res)
-    write_psf(out / "psf.tif", ph.psf, vox)
+    beads = _write_psf(out, ph, seed)
     _write_phantom_atlas(out / "atlas", ph, channels)
 
     (out / "tiles").mkdir()
@@ -190,7 +191,7 @@ def generate(
     truth.to_csv(out / "truth" / "cells.csv", index=False)
     density.to_csv(out / "truth" / "density.csv", index=False)
 
-    info = _sample_info(ph, size=size, seed=seed, timepoints=timepoints)
+    info = _sample_info(ph, size=size, seed=seed, timepoints=timepoints, beads=beads)
     info.update(
         {
             "shape": [timepoints, channels, *shape],
@@ -296,7 +297,19 @@ def _write_phantom_atlas(folder: Path, ph: Phantom, channels: int) -> None:
     )
 
 
-def _sample_info(ph: Phantom, *, size: str, seed: int, timepoints: int) -> dict:
+def _write_psf(out: Path, ph: Phantom, seed: int) -> dict:
+    """Write ``psf.tif`` and ``beads.tif``; return ``sample.json``'s ``beads``.
+
+    ``psf.tif``: what the tiles are blurred with; ``beads.tif``: a stack of beads imaged
+    with the same optics and camera (`lightsheet.sample.beads`).
+    """
+    from lightsheet.sample.beads import write_bead_stack
+
+    write_psf(out / "psf.tif", ph.psf, ph.voxel_size_um)
+    return write_bead_stack(out / "beads.tif", ph.optics, ph.voxel_size_um, seed=seed)
+
+
+def _sample_info(ph: Phantom, *, size: str, seed: int, timepoints: int, beads: dict) -> dict:
     """``sample.json`` but the tiling (shape, tile grid and shape, counts: None here)."""
     channels = len(ph.channels)
     return {
@@ -326,6 +339,7 @@ def _sample_info(ph: Phantom, *, size: str, seed: int, timepoints: int) -> dict:
             "offset_um": [0.0, 0.0, 0.0],
         },
         "psf": {"path": "psf.tif", "shape": list(ph.psf.shape), **ph.optics},
+        "beads": beads,
         "camera": CAMERA,
         "n_cells": len(ph.cells),
         "nucleus_diameter_um": round(float(ph.cells["diameter_um"].mean()), 2),

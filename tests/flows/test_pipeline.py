@@ -310,3 +310,18 @@ def test_misaligned_sample_registers_and_counts_match_truth(prefect_harness, tmp
     annotation = np.asarray(atlas.annotation.compute())
     kept = (annotation[tuple(v.T)] == cells["structure_id"].to_numpy()).mean()
     assert kept >= 0.97, kept  # measured 0.986
+
+
+def test_the_demo_measures_its_psf_from_the_samples_beads(prefect_harness, tmp_path, capsys):
+    # what the README's first command runs, at the tiny size: the sample's PSF measured from
+    # its bead stack (as a user without the tiles' PSF would), the run deconvolved with that
+    from lightsheet.cli import main
+
+    assert main(["demo", str(tmp_path), "--size", "tiny"]) == 0
+    printed = capsys.readouterr().out
+    measured = tmp_path / "psf-from-beads.tif"
+    for path in (measured, measured.with_suffix(".png"), measured.with_suffix(".beads.csv")):
+        assert path.is_file(), path
+    assert "found vs ground truth" in printed and "not used: {'clump'" in printed
+    assert main(["lineage", str(tmp_path / "sample-tiny" / "output" / "density.csv")]) == 0
+    assert str(measured.resolve()) in capsys.readouterr().out

@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 import tifffile
 
+from lightsheet.beads import distil_psf
 from lightsheet.config import DEFAULT_PATTERN, load_config
 from lightsheet.errors import OutputExistsError, SampleError
-from lightsheet.psf import FWHM_PER_SIGMA, load_psf, psf_from_optics
+from lightsheet.io.tiff import inspect_tiff
+from lightsheet.psf import FWHM_PER_SIGMA, load_psf, psf_from_optics, psf_sigma_um, write_psf
 from lightsheet.sample import (
     BLEACH_PER_TIMEPOINT,
     CAMERA,
@@ -100,6 +102,7 @@ def test_layout_names_and_progress(tiny):
     out, info, calls = tiny
     assert sorted(p.name for p in out.iterdir()) == [
         "atlas",
+        "beads.tif",
         "config.yaml",
         "psf.tif",
         "sample.json",
@@ -182,6 +185,36 @@ def test_psf_is_the_light_sheet_one(tiny):
     assert sd[1] * FWHM_PER_SIGMA > VOXEL_SIZE_UM[1]
 
 
+def _measured_from_beads(out, info, tmp_path):
+    """The sample's bead stack distilled (`lightsheet psf --beads`), at the image's voxels."""
+    stack = inspect_tiff(out / "beads.tif")
+    assert stack.voxel_size_um == pytest.approx(info["beads"]["voxel_size_um"])
+    result = distil_psf(tifffile.imread(out / "beads.tif"))
+    path = write_psf(tmp_path / "measured.tif", result.psf, stack.voxel_size_um)
+    return result, load_psf(path, info["voxel_size_um"])
+
+
+def test_the_bead_stack_gives_the_tiles_psf(tiny, tmp_path):
+    """What a user with no PSF does: image beads, distil them, run with that. The stack is
+    at half the tiles' z step; measured and resampled, its PSF is the tiles' within 4 %, and
+    the clumps of two beads are the ones the measurement leaves out."""
+    out, info, _ = tiny
+    beads = info["beads"]
+    assert beads["voxel_size_um"] == [VOXEL_SIZE_UM[0] / 2, *VOXEL_SIZE_UM[1:]]
+    result, measured = _measured_from_beads(out, info, tmp_path)
+    table = result.beads
+    assert len(table) == beads["n_beads"] >= 30  # of N_BEADS = 40: as many as find room
+    assert (table["reason"] == "clump").sum() == beads["n_clumps"] > 0
+    assert table["used"].sum() == beads["n_beads"] - beads["n_clumps"]
+    truth = load_psf(out / "psf.tif")
+    np.testing.assert_allclose(
+        psf_sigma_um(measured, VOXEL_SIZE_UM), psf_sigma_um(truth, VOXEL_SIZE_UM), rtol=0.04
+    )
+    np.testing.assert_allclose(
+        np.array(psf_sigma_um(truth, VOXEL_SIZE_UM)) * FWHM_PER_SIGMA, beads["fwhm_um"], rtol=0.02
+    )
+
+
 # -- the image matches the truth ------------------------------------------------------------
 
 
@@ -251,6 +284,13 @@ def test_a_thicker_sheet_blurs_the_nuclei_longer_along_z(tmp_path):
     assert info["psf"] == {"path": "psf.tif", "shape": info["psf"]["shape"], **optics}
     psf = load_psf(out / "psf.tif")
     np.testing.assert_allclose(psf, psf_from_optics(voxel_size_um=VOXEL_SIZE_UM, **optics))
+    # its beads too: stepped more coarsely than half the tiles' z step (it would take more
+    # than MAX_PLANES), they still give that PSF
+    assert info["beads"]["voxel_size_um"][0] > VOXEL_SIZE_UM[0] / 2
+    _, measured = _measured_from_beads(out, info, tmp_path)
+    np.testing.assert_allclose(
+        psf_sigma_um(measured, VOXEL_SIZE_UM), psf_sigma_um(psf, VOXEL_SIZE_UM), rtol=0.04
+    )
     # the image is the phantom blurred by that PSF: its nuclei reach further along z
     thin = build_phantom("tiny", seed=SEED, channels=1)
     thick = build_phantom("tiny", seed=SEED, channels=1, sheet_fwhm_um=20.0)
