@@ -14,22 +14,34 @@ are a commercial program, a Java application and a napari plugin; none is a libr
 pipeline could call.
 
     lightsheet psf psf.tif --beads beads.tif     # the stack's voxel size from its metadata
+
+`measure_psf` is that command: the stack read (one channel of a multi-channel one), the PSF
+written with its beads' table and a figure, and a report.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.fft
 from scipy import ndimage
 
-from lightsheet.errors import PSFError
-from lightsheet.psf import axis_moments, border_light, validate_psf
+from lightsheet.errors import ConfigError, InputFilesError, PSFError
+from lightsheet.psf import (
+    FWHM_PER_SIGMA,
+    axis_moments,
+    border_light,
+    psf_sigma_um,
+    validate_psf,
+    write_psf,
+)
 
-__all__ = ["MIN_PEAK_SD", "BeadPSF", "distil_psf"]
+__all__ = ["MIN_PEAK_SD", "BeadPSF", "distil_psf", "measure_psf"]
 
 #: A bead's peak stands this many noise SDs above the level of its slab (the field smoothed
 #: by a Gaussian of one voxel): at 10 SDs no voxel of camera noise passes in any stack.
@@ -145,6 +157,85 @@ def distil_psf(field, *, name: str = "beads") -> BeadPSF:
         total = crop * light if total is None else total + crop * light
     psf = validate_psf(total, name=name)
     return BeadPSF(psf, beads.drop(columns="_crop"), tuple(int(h) for h in half))
+
+
+def measure_psf(
+    beads_tif: str | Path,
+    out: str | Path,
+    voxel_size_um: Sequence[float] | None = None,
+    *,
+    channel: int | None = None,
+) -> list[str]:
+    """`lightsheet psf OUT --beads STACK`: distil a bead stack's PSF into ``out``.
+
+    ``out`` is at the stack's voxel size (its metadata's, or ``voxel_size_um``); beside it
+    ``OUT.beads.csv`` lists every bead found (`BeadPSF.beads`, with µm and FWHM columns) and
+    ``OUT.png`` draws the PSF and the used beads' axial FWHM across the field
+    (`lightsheet.plots.plot_psf`). A stack of several channels (beads imaged in each, an
+    ImageJ ``ZCYX`` or OME ``CZYX`` file) is measured in ``channel``. Returns the report
+    lines the command prints: what was found, and whether the PSF varies across the field
+    (the beads' axial FWHM over 1.25 × apart: a light sheet is thinnest at its waist).
+
+    Raises
+    ------
+    PSFError
+        The stack cannot be read, or holds no isolated bead.
+    ConfigError
+        No voxel size (none declared, none given), or a channel needed, or out of range.
+    """
+    from lightsheet.io.tiff import TiffRegion, inspect_tiff
+    from lightsheet.plots import plot_psf
+
+    try:
+        info = inspect_tiff(beads_tif, channels=True)
+    except InputFilesError as exc:
+        raise PSFError(f"--beads: cannot read {exc}") from exc
+    if channel is None and info.channels > 1:
+        raise ConfigError(
+            f"--beads {beads_tif}: holds {info.channels} channels; give --channel K (0 to "
+            f"{info.channels - 1}: the one the run deconvolves)"
+        )
+    if channel is not None:
+        if not 0 <= channel < info.channels:
+            raise ConfigError(
+                f"--channel {channel}: {beads_tif} holds {info.channels} channel(s); expected "
+                f"0 to {info.channels - 1}"
+            )
+        info = info.for_channel(channel)
+    voxel = voxel_size_um or info.voxel_size_um
+    if voxel is None or any(v is None for v in voxel):
+        raise ConfigError(
+            f"--beads {beads_tif}: its metadata declare no voxel size (z, y, x) in a length "
+            f"unit ({info.voxel_size_um}); give --voxel-size-um Z Y X"
+        )
+    result = distil_psf(TiffRegion(info), name=str(beads_tif))
+    out = Path(out)
+    write_psf(out, result.psf, voxel)
+    beads = result.beads
+    for axis, v in zip("zyx", voxel, strict=True):
+        beads[f"{axis}_um"] = beads[axis] * v
+        beads[f"fwhm_{axis}_um"] = beads[f"sigma_{axis}"] * FWHM_PER_SIGMA * v
+    beads.to_csv(out.with_suffix(".beads.csv"), index=False)
+    fwhm = [FWHM_PER_SIGMA * s for s in psf_sigma_um(result.psf, voxel)]
+    used = beads[beads["used"]]
+    title = f"{len(used)} beads of {len(beads)}; FWHM (z, y, x) " + ", ".join(
+        f"{f:.2f}" for f in fwhm
+    )
+    plot_psf(result.psf, voxel, out.with_suffix(".png"), title=f"{title} µm", beads=used)
+    skipped = beads.loc[~beads["used"], "reason"].value_counts().to_dict()
+    lo, mid, hi = used["fwhm_z_um"].quantile([0, 0.5, 1])
+    lines = [
+        f"PSF {result.psf.shape} (z, y, x) at {tuple(voxel)} µm written to {out}",
+        f"{title} µm; not used: {skipped or 'none'}",
+        f"axial FWHM of single beads across the field: {lo:.2f}-{hi:.2f} µm (median {mid:.2f})",
+    ]
+    if hi > 1.25 * lo:
+        lines.append(
+            "the PSF varies across the field (axial FWHM of its beads over 1.25x apart: the "
+            "light sheet's waist?); one PSF for the whole volume fits its middle"
+        )
+    lines.append(f"beads: {out.with_suffix('.beads.csv')}; figure: {out.with_suffix('.png')}")
+    return lines
 
 
 def _candidates(field, shape) -> pd.DataFrame:

@@ -10,7 +10,7 @@ Subcommands::
     lightsheet run CONFIG.yaml [--summary-json PATH]
     lightsheet demo [DIR] [--size tiny|small|medium|large] [--cells nuclei|somata]
     lightsheet psf OUT.tif --na NA --wavelength-nm NM --refractive-index N --voxel-size-um Z Y X
-    lightsheet psf OUT.tif --beads BEADS.tif [--voxel-size-um Z Y X]
+    lightsheet psf OUT.tif --beads BEADS.tif [--channel K] [--voxel-size-um Z Y X]
     lightsheet train CONFIG.yaml --out CHECKPOINT [--data-root DIR] [--steps N] [--device D]
     lightsheet lineage OUTPUT [--json]
     lightsheet verify OUTPUT [--quick]
@@ -41,7 +41,6 @@ __all__ = [
     "cmd_verify",
     "format_lineage_step",
     "main",
-    "measure_psf",
     "one_line",
     "print_summary",
     "print_truth_comparison",
@@ -304,6 +303,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """`lightsheet demo`: realistic sample (reused when present), PSF from its beads, run."""
+    from lightsheet.beads import measure_psf
     from lightsheet.config import load_config
     from lightsheet.sample import generate
 
@@ -331,7 +331,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         + ", ".join(f"{f:.2f}" for f in info["beads"]["fwhm_um"])
         + " µm"
     )
-    psf = measure_psf(sample_dir / "beads.tif", Path(args.dir) / "psf-from-beads.tif")
+    psf = Path(args.dir) / "psf-from-beads.tif"
+    print("\n".join(measure_psf(sample_dir / "beads.tif", psf)))
     config = load_config(sample_dir / "config.yaml").model_copy(update={"psf": psf.resolve()})
     summary = run_config(config)
     print_summary(summary)
@@ -374,6 +375,8 @@ def cmd_psf(args: argparse.Namespace) -> int:
 
     if args.beads is not None:
         return _psf_from_beads(args)
+    if args.channel is not None:
+        raise ConfigError("--channel picks the channel of --beads; a PSF from the optics has none")
     missing = [f"--{a.replace('_', '-')}" for a in ("na", "wavelength_nm", "voxel_size_um")
                if getattr(args, a) is None]  # fmt: skip
     if missing:
@@ -392,65 +395,13 @@ def cmd_psf(args: argparse.Namespace) -> int:
 
 def _psf_from_beads(args: argparse.Namespace) -> int:
     """`lightsheet psf OUT --beads FILE`: the PSF, its beads (CSV) and a figure (PNG)."""
+    from lightsheet.beads import measure_psf
     from lightsheet.errors import ConfigError
 
     if args.na is not None or args.wavelength_nm is not None:
         raise ConfigError("--beads measures the PSF; drop --na and --wavelength-nm")
-    measure_psf(args.beads, args.out, args.voxel_size_um)
+    print("\n".join(measure_psf(args.beads, args.out, args.voxel_size_um, channel=args.channel)))
     return 0
-
-
-def measure_psf(beads_tif, out, voxel_size_um=None) -> Path:
-    """Distil the PSF of a bead stack into ``out``, beside it its beads and a figure.
-
-    ``out`` is at the stack's voxel size (its metadata's, or ``voxel_size_um``);
-    ``OUT.beads.csv`` lists every bead found, ``OUT.png`` draws the PSF. Prints what was
-    found.
-    """
-    from lightsheet.beads import distil_psf
-    from lightsheet.errors import ConfigError, InputFilesError, PSFError
-    from lightsheet.io.tiff import TiffRegion, inspect_tiff
-    from lightsheet.plots import plot_psf
-    from lightsheet.psf import FWHM_PER_SIGMA, psf_sigma_um, write_psf
-
-    try:
-        info = inspect_tiff(beads_tif)
-    except InputFilesError as exc:
-        raise PSFError(f"--beads: cannot read {exc}") from exc
-    voxel = voxel_size_um or info.voxel_size_um
-    if voxel is None or any(v is None for v in voxel):
-        raise ConfigError(
-            f"--beads {beads_tif}: its metadata declare no voxel size (z, y, x) in a length "
-            f"unit ({info.voxel_size_um}); give --voxel-size-um Z Y X"
-        )
-    result = distil_psf(TiffRegion(info), name=str(beads_tif))
-    out = Path(out)
-    write_psf(out, result.psf, voxel)
-    beads = result.beads
-    for axis, v in zip("zyx", voxel, strict=True):
-        beads[f"{axis}_um"] = beads[axis] * v
-        beads[f"fwhm_{axis}_um"] = beads[f"sigma_{axis}"] * FWHM_PER_SIGMA * v
-    beads.to_csv(out.with_suffix(".beads.csv"), index=False)
-    fwhm = [FWHM_PER_SIGMA * s for s in psf_sigma_um(result.psf, voxel)]
-    used = beads[beads["used"]]
-    title = (
-        f"{len(used)} beads of {len(beads)}; FWHM (z, y, x) "
-        + ", ".join(f"{f:.2f}" for f in fwhm)
-        + " µm"
-    )
-    plot_psf(result.psf, voxel, out.with_suffix(".png"), title=title, beads=used)
-    skipped = beads.loc[~beads["used"], "reason"].value_counts().to_dict()
-    print(f"PSF {result.psf.shape} (z, y, x) at {tuple(voxel)} µm written to {out}")
-    print(f"{title}; not used: {skipped or 'none'}")
-    lo, mid, hi = used["fwhm_z_um"].quantile([0, 0.5, 1])
-    print(f"axial FWHM of single beads across the field: {lo:.2f}-{hi:.2f} µm (median {mid:.2f})")
-    if hi > 1.25 * lo:
-        print(
-            "the PSF varies across the field (axial FWHM of its beads over 1.25x apart: the "
-            "light sheet's waist?); one PSF for the whole volume fits its middle"
-        )
-    print(f"beads: {out.with_suffix('.beads.csv')}; figure: {out.with_suffix('.png')}")
-    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -721,6 +672,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out", help="output TIFF")
     p.add_argument("--beads", default=None, metavar="FILE", help="TIFF stack of beads")
+    p.add_argument(
+        "--channel", type=int, default=None, metavar="K",
+        help="--beads: the channel measured, where the stack holds several (the one the run "
+        "deconvolves)",
+    )  # fmt: skip
     p.add_argument("--na", type=float, default=None, help="detection numerical aperture")
     p.add_argument("--wavelength-nm", type=float, default=None, help="emission wavelength")
     p.add_argument("--refractive-index", type=float, default=1.45, help="default 1.45")

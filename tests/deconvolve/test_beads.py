@@ -155,3 +155,33 @@ def test_a_psf_that_varies_across_the_field_is_shown_and_said(tmp_path, capsys):
     truth = 2.355 * (2.2 + 0.02 * np.abs(table["x_um"] - 100))
     np.testing.assert_allclose(table["fwhm_z_um"], truth, rtol=0.1)
     assert np.corrcoef(table["fwhm_z_um"], truth)[0, 1] > 0.95
+
+
+def test_a_stack_of_several_channels_is_measured_in_the_one_asked_for(tmp_path, capsys):
+    # multi-coloured beads imaged in two channels (Fiji's ZCYX hyperstack); the longer
+    # wavelength's PSF is wider: each channel gives its own
+    from lightsheet.cli import main
+    from lightsheet.sample.beads import bead_stack
+    from lightsheet.sample.render import camera
+
+    rng = np.random.default_rng(5)
+    sigmas = [(2.5, 0.7, 0.7), (3.5, 1.0, 1.0)]
+    voxel = (1.0, 1.0, 1.0)
+    stacks = [camera(bead_stack(s, voxel, rng=rng, n_beads=12)[0], rng=rng) for s in sigmas]
+    n = np.min([s.shape for s in stacks], axis=0)
+    field = np.stack([s[: n[0], : n[1], : n[2]] for s in stacks], axis=1)
+    beads = tmp_path / "beads.tif"
+    tifffile.imwrite(beads, field, imagej=True, resolution=(1, 1),
+                     metadata={"spacing": 1.0, "unit": "um", "axes": "ZCYX"})  # fmt: skip
+    out = tmp_path / "psf.tif"
+    assert main(["psf", str(out), "--beads", str(beads)]) == 2
+    assert "holds 2 channels; give --channel K" in capsys.readouterr().err
+    assert main(["psf", str(out), "--beads", str(beads), "--channel", "2"]) == 2
+    assert "--channel 2" in capsys.readouterr().err
+    for channel, sigma in enumerate(sigmas):
+        assert main(["psf", str(out), "--beads", str(beads), "--channel", str(channel)]) == 0
+        np.testing.assert_allclose(psf_sigma_um(load_psf(out), voxel), sigma, rtol=0.05)
+    # --channel picks what --beads measures; the optics' PSF has none
+    assert main(["psf", str(out), "--na", "0.2", "--wavelength-nm", "600",
+                 "--voxel-size-um", "2", "1", "1", "--channel", "1"]) == 2  # fmt: skip
+    assert "--channel" in capsys.readouterr().err
