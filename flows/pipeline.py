@@ -90,11 +90,13 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
     manifest = ingest_step(config)
     raw = step("stitch", manifest, list(config.voxel_size_um), config.stitch, o)
     psf_voxel = None if config.psf_voxel_size_um is None else list(config.psf_voxel_size_um)
+    # one file, or each channel's (a mapping): what the stages' specs fingerprint
+    psf = config.psf
+    psf = {c: str(p) for c, p in psf.items()} if isinstance(psf, dict) else psf and str(psf)
     image = raw
     if config.deconvolve.enabled:
         image = step(
-            "deconvolve", raw, str(config.psf), config.deconvolve, o, config.camera_offset,
-            psf_voxel,
+            "deconvolve", raw, psf, config.deconvolve, o, config.camera_offset, psf_voxel,
         )  # fmt: skip
     features = None
     if config.featurize.enabled:
@@ -106,8 +108,7 @@ def wire(config: PipelineConfig, ingest_step: Callable, step: Callable) -> list:
         # beside deconvolve/segment: it needs only the raw autofluorescence channel
         registered = step(
             "register", raw, str(config.atlas), config.register, config.density.orientation,
-            config.segment.channel, None if config.psf is None else str(config.psf), o,
-            config.camera_offset, psf_voxel,
+            config.segment.channel, psf, o, config.camera_offset, psf_voxel,
         )  # fmt: skip
     density = step("density", segmented, raw, str(config.atlas), config.density, o, registered)
     return [manifest, raw, image, features, segmented, registered, density]

@@ -153,7 +153,7 @@ def config_paths(config: PipelineConfig) -> dict[str, list[Path]]:
     atlas_files = sorted(p for p in atlas.rglob("*")) if atlas.is_dir() else []
     found = {
         "input": [literal_root(config.input), *tiles],
-        "psf": [Path(config.psf)] if config.psf is not None else [],
+        "psf": config.psf_paths(),
         "atlas": [atlas, *atlas_files],
         "output": [Path(config.output)],
         "featurize.model": [Path(config.featurize.model)] if config.featurize.model else [],

@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from lightsheet.config import PipelineConfig, SegmentConfig, load_config
-from lightsheet.errors import SweepError
+from lightsheet.errors import ConfigError, SweepError
 from lightsheet.lineage import recorded_quantum
 
 __all__ = [
@@ -268,7 +268,7 @@ def crop_source(
     )
     crop = volume[box]
     if config is not None and deconvolve and config.deconvolve.enabled:
-        crop = _deconvolved_crop(volume, box, config)
+        crop = _deconvolved_crop(volume, box, config, channels[0])
     planes = [da.asarray(crop)] + [select_volume(image, t, c, source)[box] for c in channels[1:]]
     quantum = recorded_quantum(image.dtype, lineage)
     if camera_offset is None:
@@ -280,14 +280,20 @@ def crop_source(
     return Crop(da.stack(planes), box, voxel, quantum, float(camera_offset))  # type: ignore[arg-type]
 
 
-def _deconvolved_crop(volume: da.Array, box: tuple[slice, ...], config: PipelineConfig):
-    """The box of ``volume`` deconvolved with the pipeline's settings and halo."""
+def _deconvolved_crop(
+    volume: da.Array, box: tuple[slice, ...], config: PipelineConfig, channel: int
+):
+    """The box of ``volume`` (``channel``) deconvolved with the pipeline's settings and halo."""
     from lightsheet.blocks import default_depth
     from lightsheet.deconvolve import check_background, deconvolve
     from lightsheet.psf import load_psf
 
     settings = config.deconvolve
-    psf = load_psf(config.psf, config.voxel_size_um, psf_voxel_size_um=config.psf_voxel_size_um)
+    try:
+        path = config.deconvolution_psfs([channel])[channel]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    psf = load_psf(path, config.voxel_size_um, psf_voxel_size_um=config.psf_voxel_size_um)
     depth = settings.depth_zyx or default_depth(psf.shape, settings.iterations)
     # the pipeline's halo of real data on each side of the crop (less only at the volume's
     # own edge, reflected there as in the pipeline), trimmed after: no edge artefacts

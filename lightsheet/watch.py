@@ -32,12 +32,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from lightsheet.access import check_within_roots, config_paths
-from lightsheet.config import PipelineConfig, is_atlas_name, load_config, read_yaml
+from lightsheet.config import PipelineConfig, load_config, read_yaml, resolve_paths
 from lightsheet.errors import AcquisitionError, InputFilesError, LightsheetError
 
 __all__ = [
     "CONFIG_NAME",
-    "PATH_KEYS",
     "AcquisitionError",
     "acquisition_config",
     "classify",
@@ -48,8 +47,6 @@ __all__ = [
 
 #: The acquisition's own run config.
 CONFIG_NAME = "config.yaml"
-#: Keys of a run config that are paths (relative ones are resolved).
-PATH_KEYS = ("input", "psf", "atlas", "output")
 
 
 def acquisition_config(
@@ -80,14 +77,7 @@ def acquisition_config(
             raw = read_yaml(template) or {}
             if not isinstance(raw, dict):
                 raise AcquisitionError(f"template {template}: expected a mapping of parameters")
-            for key in PATH_KEYS:
-                if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
-                    if key == "atlas" and is_atlas_name(raw[key], folder):
-                        continue
-                    # the folder's own glob characters are literal ([1] is not a pattern)
-                    base = glob.escape(str(folder)) if key == "input" else str(folder)
-                    raw[key] = os.path.join(base, raw[key])
-            config = PipelineConfig.model_validate(raw)
+            config = PipelineConfig.model_validate(resolve_paths(raw, folder))
         else:
             raise AcquisitionError(
                 f"acquisition {folder}: no {CONFIG_NAME} in the folder and no `template` "
@@ -107,7 +97,7 @@ def acquisition_config(
 def _inputs(folder: Path, config: PipelineConfig) -> list[Path]:
     """The files a run of ``config`` reads from the acquisition folder."""
     files = [Path(p) for p in glob.glob(config.input, recursive=True)]
-    files += [p for p in (config.psf, folder / CONFIG_NAME) if p is not None]
+    files += [*config.psf_paths(), folder / CONFIG_NAME]
     return sorted({p for p in files if p.is_file()})
 
 

@@ -14,7 +14,7 @@ from lightsheet.deconvolve import clear_otf_cache, deconvolve_volumes
 from lightsheet.errors import ConfigError
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.lineage import file_content_fingerprint, recorded_quantum
-from lightsheet.psf import load_psf
+from lightsheet.psf import load_psf, psf_of_channel
 from tasks._common import (
     OUTPUTS,
     Stage,
@@ -33,10 +33,14 @@ __all__ = [
 
 
 def deconvolve_spec(
-    raw: dict, psf: str, config: DeconvolveConfig, output: str, camera_offset: float = 0.0,
-    psf_voxel_size_um: list[float] | None = None,
+    raw: dict, psf: str | dict[int, str], config: DeconvolveConfig, output: str,
+    camera_offset: float = 0.0, psf_voxel_size_um: list[float] | None = None,
 ) -> StageSpec:  # fmt: skip
-    """What `deconvolve_volume` makes from the raw image, the PSF and the camera's offset."""
+    """What `deconvolve_volume` makes from the raw image, the PSF and the camera's offset.
+
+    ``psf``: one file for every channel (input ``psf``), or each channel's (a mapping:
+    inputs ``psf_c0``, ``psf_c1``, ... for the channels deconvolved).
+    """
     params = {**config.model_dump(mode="json"), "camera_offset": float(camera_offset)}
     if psf_voxel_size_um is not None:  # absent when not given: earlier runs' keys hold
         params["psf_voxel_size_um"] = [float(v) for v in psf_voxel_size_um]
@@ -46,9 +50,24 @@ def deconvolve_spec(
         params=params,
         inputs={
             "raw": output_input(raw),
-            "psf": {"kind": "file", "path": psf, "fingerprint": file_content_fingerprint(psf)},
+            **{
+                key: {"kind": "file", "path": p, "fingerprint": file_content_fingerprint(p)}
+                for key, p in _psf_files(psf, raw, config).items()
+            },
         },
     )
+
+
+def _psf_files(psf: str | dict[int, str], raw: dict, config: DeconvolveConfig) -> dict:
+    """The spec's PSF inputs: ``psf``, or ``psf_c{k}`` for each channel deconvolved.
+
+    Only channels with a PSF: ingest, and `deconvolve_volumes`, refuse one without.
+    """
+    if not isinstance(psf, dict):
+        return {"psf": psf}
+    channels = config.channels or range(int(raw["shape"][1]))
+    files = {c: psf_of_channel(psf, c) for c in channels}
+    return {f"psf_c{c}": p for c, p in files.items() if p is not None}
 
 
 @contextmanager
@@ -67,20 +86,27 @@ def _otfs_dropped(client: Any) -> Iterator[None]:
 
 @task(name="deconvolve")
 def deconvolve_volume(
-    raw: dict, psf: str, config: DeconvolveConfig, output: str, camera_offset: float = 0.0,
+    raw: dict, psf: str | dict[int, str], config: DeconvolveConfig, output: str,
+    camera_offset: float = 0.0,
     psf_voxel_size_um: list[float] | None = None,
 ) -> dict:  # fmt: skip
     """Deconvolve every selected channel and time point; other channels pass through.
 
     ``camera_offset`` (the run's ``camera_offset``) is Richardson–Lucy's background
     (`lightsheet.deconvolve.kernel.richardson_lucy`); the result keeps the raw image's level.
-    The PSF is read at the image's voxel size (`lightsheet.psf.load_psf`; the file's own is
-    ``psf_voxel_size_um``, the run's, or what its metadata declare).
+    The PSF (one file for every channel, or each channel's: a mapping) is read at the
+    image's voxel size (`lightsheet.psf.load_psf`; the file's own is ``psf_voxel_size_um``,
+    the run's, or what its metadata declare).
     """
     stage = Stage(deconvolve_spec(raw, psf, config, output, camera_offset, psf_voxel_size_um))
     if not stage.reused:
-        psf_array = load_psf(psf, raw["voxel_size_um"], psf_voxel_size_um=psf_voxel_size_um)
-        check_unchanged(stage.spec.inputs["psf"], file_content_fingerprint(psf))
+        voxel, psfs = raw["voxel_size_um"], {}
+        for key, spec in stage.spec.inputs.items():
+            if key.startswith("psf"):
+                array = load_psf(spec["path"], voxel, psf_voxel_size_um=psf_voxel_size_um)
+                check_unchanged(spec, file_content_fingerprint(spec["path"]))
+                psfs[None if key == "psf" else int(key.removeprefix("psf_c"))] = array
+        psf_array = psfs.pop(None) if None in psfs else psfs  # one for all, or each channel's
         with dask_client() as client, _otfs_dropped(client):
             image, voxel_size_um, raw_lineage = read_image(raw["path"])
             n_channels = image.shape[1]

@@ -48,9 +48,9 @@ def ingest(config: PipelineConfig) -> dict:
     mismatch = voxel_size_mismatch(manifest, config.voxel_size_um)
     if mismatch:
         logger.warning("ingest: %s", mismatch)
-    psf_note = None if config.psf is None else _psf_note(config)
+    psf_note = _psf_note(config)
     if psf_note:
-        logger.info("ingest: psf %s %s", config.psf, psf_note)
+        logger.info("ingest: psf %s", psf_note)
     logger.info(
         "ingest: %d tiles (%d time points, %d channels, %dx%dx%d tiles) of %s %s, %.2f GB",
         len(manifest.tiles),
@@ -75,7 +75,7 @@ def ingest(config: PipelineConfig) -> dict:
             {"field": "channels", "value": ", ".join(manifest.channel_names())},
             {"field": "voxel size (z, y, x) µm", "value": str(tuple(config.voxel_size_um))},
             {"field": "voxel size check", "value": mismatch or "no other size in the metadata"},
-            {"field": "psf", "value": f"{config.psf}: {psf_note}" if psf_note else "none"},
+            {"field": "psf", "value": psf_note or "none"},
         ],
         description=f"Tiles matching {config.input}",
     )
@@ -83,11 +83,26 @@ def ingest(config: PipelineConfig) -> dict:
 
 
 def _psf_note(config: PipelineConfig) -> str:
-    """The PSF's grid (`psf_grid_note`) and its FWHM at the image's voxel size."""
+    """Each PSF file's grid (`psf_grid_note`) and FWHM at the image's voxel size.
+
+    Per channel where the run gives each channel its own; "" without a PSF.
+    """
     voxel, own = config.voxel_size_um, config.psf_voxel_size_um
-    sigma = psf_sigma_um(load_psf(config.psf, voxel, psf_voxel_size_um=own), voxel)
-    fwhm = ", ".join(f"{FWHM_PER_SIGMA * s:.2f}" for s in sigma)
-    return f"{psf_grid_note(config.psf, voxel, psf_voxel_size_um=own)}; FWHM (z, y, x) ({fwhm}) µm"
+    notes = []
+    for channel, path in _psfs(config).items():
+        sigma = psf_sigma_um(load_psf(path, voxel, psf_voxel_size_um=own), voxel)
+        fwhm = ", ".join(f"{FWHM_PER_SIGMA * s:.2f}" for s in sigma)
+        grid = psf_grid_note(path, voxel, psf_voxel_size_um=own)
+        which = "" if channel is None else f"channel {channel}: "
+        notes.append(f"{which}{path}: {grid}; FWHM (z, y, x) ({fwhm}) µm")
+    return "; ".join(notes)
+
+
+def _psfs(config: PipelineConfig) -> dict[int | None, Path]:
+    """The run's PSF files by channel (None: one file for every channel)."""
+    if isinstance(config.psf, dict):
+        return dict(sorted(config.psf.items()))
+    return {} if config.psf is None else {None: config.psf}
 
 
 def check_inputs(config: PipelineConfig, *, atlas_labels: bool = True) -> Manifest:
@@ -110,12 +125,11 @@ def check_inputs(config: PipelineConfig, *, atlas_labels: bool = True) -> Manife
     manifest = discover(
         config.input, config.pattern, max_tile_bytes=int(config.stitch.max_tile_gib * 2**30)
     )
-    if config.psf is not None:  # read even when unused: the register stage may blur by it
-        psf = load_psf(config.psf, config.voxel_size_um, psf_voxel_size_um=config.psf_voxel_size_um)
+    for path in config.psf_paths():  # read even when unused: the register stage may blur by it
+        psf = load_psf(path, config.voxel_size_um, psf_voxel_size_um=config.psf_voxel_size_um)
         if config.deconvolve.enabled:
-            check_psf_fits(
-                psf.shape, manifest.shape[2:], what="stitched volume", name=f"psf {config.psf}"
-            )
+            name = f"psf {path}"
+            check_psf_fits(psf.shape, manifest.shape[2:], what="stitched volume", name=name)
     atlas = load_atlas(config.atlas)
     if atlas_labels:
         check_atlas(atlas)
@@ -136,6 +150,8 @@ def check_channels(config: PipelineConfig, manifest: Manifest) -> None:
     asked = {"segment.channel": [config.segment.channel]}
     if config.deconvolve.enabled and config.deconvolve.channels is not None:
         asked["deconvolve.channels"] = list(config.deconvolve.channels)
+    if isinstance(config.psf, dict):
+        asked["psf"] = sorted(config.psf)
     for name, channels in asked.items():
         for c in channels:
             if not 0 <= c < n:
@@ -143,6 +159,11 @@ def check_channels(config: PipelineConfig, manifest: Manifest) -> None:
                     f"{name}: channel {c} does not exist; the tiles matching {config.input!r} "
                     f"have {n} channel(s) (0..{n - 1})"
                 )
+    if config.deconvolve.enabled:
+        try:  # a PSF for every channel deconvolved (null: every channel the tiles hold)
+            config.deconvolution_psfs(config.deconvolve.channels or range(n))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def check_atlas(atlas: Atlas) -> None:

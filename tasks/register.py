@@ -32,7 +32,7 @@ from lightsheet.io.atomic import atomic_path
 from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
 from lightsheet.plots import plot_registration_qc
-from lightsheet.psf import load_psf, psf_sigma_um
+from lightsheet.psf import load_psf, psf_of_channel, psf_sigma_um
 from lightsheet.register import FixedGrid, check_channel, downsample, pick_level, register_atlas
 from tasks._common import (
     OUTPUTS,
@@ -77,25 +77,27 @@ def register_channel(config: RegisterConfig, segment_channel: int, n_channels: i
 
 def register_spec(
     raw: dict, atlas: str, config: RegisterConfig, orientation: str, segment_channel: int,
-    psf: str | None, output: str, camera_offset: float = 0.0,
+    psf: str | dict[int, str] | None, output: str, camera_offset: float = 0.0,
     psf_voxel_size_um: list[float] | None = None,
 ) -> StageSpec:  # fmt: skip
     """What `register_volume` makes from the raw image's autofluorescence and the atlas.
 
-    ``psf`` (the run's PSF file, its own voxel size ``psf_voxel_size_um`` or its metadata's)
-    blurs the atlas reference when ``config.match_psf``;
+    ``psf`` (the run's PSF file, or its channel's where the run gives each channel one; its
+    own voxel size ``psf_voxel_size_um`` or its metadata's) blurs the atlas reference when
+    ``config.match_psf`` (not where the channel registered has none);
     ``camera_offset`` (the run's) is the level under the light whose illumination
     ``config.correct_illumination`` divides out.
     """
     out = Path(output)
     inputs = {"raw": output_input(raw), "atlas": atlas_input(atlas)}
     psf_sigma = None
+    channel = register_channel(config, segment_channel, int(raw["shape"][1]))
+    psf = psf_of_channel(psf, channel)
     if config.match_psf and psf is not None:
         inputs["psf"] = {"kind": "file", "path": psf, "fingerprint": file_content_fingerprint(psf)}
         voxel = raw["voxel_size_um"]
         psf_array = load_psf(psf, voxel, psf_voxel_size_um=psf_voxel_size_um)
         psf_sigma = [round(s, 6) for s in psf_sigma_um(psf_array, voxel)]
-    channel = register_channel(config, segment_channel, int(raw["shape"][1]))
     atlas_obj = load_atlas(atlas)  # lazy: metadata and the annotation's header
     grid = FixedGrid.for_atlas(
         atlas_obj, image_shape=raw["shape"][2:], voxel_size_um=raw["voxel_size_um"],
@@ -147,7 +149,7 @@ def _levels(path: str) -> list[tuple[float, float, float]]:
 @task(name="register")
 def register_volume(
     raw: dict, atlas: str, config: RegisterConfig, orientation: str, segment_channel: int,
-    psf: str | None, output: str, camera_offset: float = 0.0,
+    psf: str | dict[int, str] | None, output: str, camera_offset: float = 0.0,
     psf_voxel_size_um: list[float] | None = None,
 ) -> dict:  # fmt: skip
     """Downsample the autofluorescence, register the atlas to it, bring labels to the sample."""

@@ -71,6 +71,34 @@ def test_relative_paths_are_relative_to_the_yaml(tmp_path):
     config = load_config(tmp_path / "run.yaml")
     assert config.input == str(tmp_path / "tiles/*.tif")
     assert config.output == tmp_path / "out"
+    assert config.psf == tmp_path / "psf.tif"
+
+
+def test_each_channel_may_have_its_own_psf(tmp_path):
+    # each wavelength blurs by its own PSF: a mapping of channel to file, relative to the YAML
+    (tmp_path / "run.yaml").write_text(
+        "input: tiles/*.tif\nvoxel_size_um: [2, 1, 1]\natlas: atlas\noutput: out\n"
+        "psf: {0: psf_640.tif, 1: /abs/psf_488.tif}\n"
+    )
+    config = load_config(tmp_path / "run.yaml")
+    assert config.psf == {0: tmp_path / "psf_640.tif", 1: Path("/abs/psf_488.tif")}
+    assert config.psf_for(1) == Path("/abs/psf_488.tif") and config.psf_for(2) is None
+    assert config.psf_paths() == [tmp_path / "psf_640.tif", Path("/abs/psf_488.tif")]
+    assert config.deconvolution_psfs([0]) == {0: tmp_path / "psf_640.tif"}
+    # one file serves every channel
+    single = PipelineConfig.model_validate(REQUIRED)
+    assert single.psf_for(5) == Path("/d/psf.tif") and single.psf_paths() == [Path("/d/psf.tif")]
+    # the channels deconvolved need one each (all of them: checked at ingest, which counts)
+    with pytest.raises(ValidationError, match=r"no PSF for channel\(s\) \[1\].*\[0, 1\]"):
+        PipelineConfig.model_validate(
+            {**REQUIRED, "psf": {0: "/d/a.tif"}, "deconvolve": {"channels": [0, 1]}}
+        )
+    PipelineConfig.model_validate(
+        {**REQUIRED, "psf": {0: "/d/a.tif"}, "deconvolve": {"channels": [0]}}
+    )
+    for bad in ({}, {-1: "/d/a.tif"}):
+        with pytest.raises(ValidationError, match="expected channel indices"):
+            PipelineConfig.model_validate({**REQUIRED, "psf": bad})
 
 
 # --- bounded parsing and values a run cannot use (issue 25) ------------------------------
@@ -332,6 +360,7 @@ def test_good_combinations_pass_the_parameter_schema(pipeline_schema):
         {"cluster": {"profile": "local", "address": None}},
         {"psf": None, "deconvolve": {"enabled": False}},
         {"psf": None, "deconvolve": {"enabled": False}, "register": {"enabled": True}},
+        {"psf": {0: "/d/a.tif", 1: "/d/b.tif"}},
     ):
         config = PipelineConfig.model_validate({**REQUIRED, **good}).model_dump(mode="json")
         assert schema_check(pipeline_schema, config) is None, good

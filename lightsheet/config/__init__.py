@@ -37,7 +37,13 @@ from lightsheet.config._base import (
     is_orientation,
 )
 from lightsheet.config.cluster import ClusterConfig
-from lightsheet.config.files import MAX_YAML_VALUES, is_atlas_name, load_config, read_yaml
+from lightsheet.config.files import (
+    MAX_YAML_VALUES,
+    is_atlas_name,
+    load_config,
+    read_yaml,
+    resolve_paths,
+)
 from lightsheet.config.pattern import (
     DEFAULT_PATTERN,
     PATTERN_GROUPS,
@@ -86,5 +92,6 @@ __all__ = [
     "is_orientation",
     "load_config",
     "read_yaml",
+    "resolve_paths",
     "search_name",
 ]

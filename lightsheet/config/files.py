@@ -10,7 +10,7 @@ from typing import Any
 from lightsheet.config.pipeline import PipelineConfig
 from lightsheet.errors import ConfigError
 
-__all__ = ["MAX_YAML_VALUES", "is_atlas_name", "load_config", "read_yaml"]
+__all__ = ["MAX_YAML_VALUES", "is_atlas_name", "load_config", "read_yaml", "resolve_paths"]
 
 
 #: Most values (scalars, lists and mappings, counted after alias expansion) a config may hold.
@@ -116,16 +116,33 @@ def load_config(path: str | Path) -> PipelineConfig:
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of parameters, got {type(raw).__name__}")
-    base = path.resolve().parent
+    return PipelineConfig.model_validate(resolve_paths(raw, path.resolve().parent))
+
+
+def resolve_paths(raw: dict, base: Path) -> dict:
+    """A raw run config's relative paths joined to ``base`` (a new dict).
+
+    ``input`` with ``base``'s own glob characters escaped (so a config in ``brain[1]/``
+    reads its own tiles, not those of ``brain1/``); ``psf`` (one file, or each of a
+    per-channel mapping), ``output``, ``stitch.positions``, and ``atlas`` unless it is a
+    BrainGlobe atlas name (`is_atlas_name`).
+    """
+    raw = dict(raw)
+
+    def joined(value: Any) -> Any:
+        relative = isinstance(value, str) and not Path(value).is_absolute()
+        return str(Path(base) / value) if relative else value
+
     for key in ("psf", "atlas", "output"):
-        if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
-            if key == "atlas" and is_atlas_name(raw[key], base):
-                continue
-            raw[key] = str(base / raw[key])
+        if key == "atlas" and isinstance(raw.get(key), str) and is_atlas_name(raw[key], base):
+            continue
+        if key == "psf" and isinstance(raw.get(key), dict):
+            raw[key] = {c: joined(p) for c, p in raw[key].items()}
+        elif key in raw:
+            raw[key] = joined(raw[key])
     if isinstance(raw.get("input"), str) and not Path(raw["input"]).is_absolute():
         raw["input"] = os.path.join(glob.escape(str(base)), raw["input"])
     stitch = raw.get("stitch")
-    if isinstance(stitch, dict) and isinstance(stitch.get("positions"), str):
-        if not Path(stitch["positions"]).is_absolute():
-            raw["stitch"] = {**stitch, "positions": str(base / stitch["positions"])}
-    return PipelineConfig.model_validate(raw)
+    if isinstance(stitch, dict) and "positions" in stitch:
+        raw["stitch"] = {**stitch, "positions": joined(stitch["positions"])}
+    return raw

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -31,7 +32,7 @@ class PipelineConfig(_Model):
             "deconvolve",
             {"properties": {"enabled": {"const": True}}},
             "psf",
-            {"type": "string"},
+            {"type": ["string", "object"], "minProperties": 1},
             absent_matches=True,
             required=True,
         )
@@ -58,14 +59,17 @@ class PipelineConfig(_Model):
         "outside, where echoes were found as cells. The segment stage's planes' gain and "
         "contrasts count light above it; counted as light, it moved cells along z.",
     )
-    psf: Path | None = Field(
+    psf: Path | dict[int, Path] | None = Field(
         None,
         description="PSF TIFF (`lightsheet psf` writes one from the optics or from a stack of "
-        "beads). One bead's crop as recorded serves: the level and noise of its border are "
+        "beads), or one per channel as a mapping of channel index to TIFF ({0: psf_640.tif, "
+        "1: psf_488.tif}: each wavelength blurs by its own; every channel deconvolved needs "
+        "one). One bead's crop as recorded serves: the level and noise of its border are "
         "taken off. Resampled to the image's voxel size where its ImageJ or OME metadata "
         "declare another; taken at the image's where they declare none. Needed to deconvolve "
         "(deconvolve.enabled, the default); without one set deconvolve.enabled: false, and "
-        "register.match_psf then leaves the atlas unblurred.",
+        "register.match_psf then leaves the atlas unblurred (as it does where the mapping "
+        "has no PSF for register's channel).",
     )
     psf_voxel_size_um: VoxelSize | None = Field(
         None,
@@ -103,6 +107,15 @@ class PipelineConfig(_Model):
         check_pattern(v)
         return v
 
+    @field_validator("psf")
+    @classmethod
+    def _psf_channels(cls, v: Path | dict[int, Path] | None) -> Path | dict[int, Path] | None:
+        if isinstance(v, dict) and (not v or min(v) < 0):
+            raise ValueError(
+                f"psf: got the mapping {v}; expected channel indices (0, 1, ...) to PSF TIFFs"
+            )
+        return v
+
     @model_validator(mode="after")
     def _psf_when_deconvolving(self) -> PipelineConfig:
         if self.deconvolve.enabled and self.psf is None:
@@ -111,7 +124,34 @@ class PipelineConfig(_Model):
                 "writes one from the optics or from a stack of beads); got none. Without a "
                 "PSF set deconvolve.enabled: false"
             )
+        if self.deconvolve.enabled and self.deconvolve.channels is not None:
+            self.deconvolution_psfs(self.deconvolve.channels)
         return self
+
+    def psf_for(self, channel: int) -> Path | None:
+        """The PSF file of ``channel``: the one file, or the mapping's (None where none)."""
+        if isinstance(self.psf, dict):
+            return self.psf.get(channel)
+        return self.psf
+
+    def psf_paths(self) -> list[Path]:
+        """Every PSF file the run names."""
+        if isinstance(self.psf, dict):
+            return list(self.psf.values())
+        return [] if self.psf is None else [self.psf]
+
+    def deconvolution_psfs(self, channels: Sequence[int]) -> dict[int, Path]:
+        """The PSF file of each channel deconvolved, or a ValueError naming those without."""
+        found = {c: self.psf_for(c) for c in channels}
+        missing = [c for c, p in found.items() if p is None]
+        if missing:
+            raise ValueError(
+                f"psf: no PSF for channel(s) {missing}, which deconvolve.channels "
+                f"({self.deconvolve.channels or 'null: every channel'}) deconvolves; the "
+                f"psf mapping has channels {sorted(self.psf or {})}. Give each a PSF TIFF, "
+                "or list the channels to deconvolve"
+            )
+        return found  # type: ignore[return-value]
 
     def resolved(self) -> PipelineConfig:
         """The run as it runs: each stage's derived defaults filled in at `voxel_size_um`.

@@ -11,7 +11,7 @@ NumPy blocks move to CuPy and back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -214,7 +214,7 @@ def check_background(image: Any, background: float, *, where: str) -> None:
 
 def deconvolve_volumes(
     volumes: Sequence[Sequence[Any]],
-    psf: np.ndarray,
+    psf: np.ndarray | Mapping[int, np.ndarray],
     *,
     channels: Sequence[int] | None = None,
     **kwargs: Any,
@@ -226,8 +226,11 @@ def deconvolve_volumes(
     volumes : T rows of C stored (Z, Y, X) volumes
         One time point per row (`lightsheet.io.omezarr.stored_volume`), same shape and
         stored chunks throughout.
-    psf : (z, y, x) ndarray
-        As for `deconvolve`.
+    psf : (z, y, x) ndarray, or a mapping of channel to one
+        As for `deconvolve`: one for every channel, or each channel's own (every channel
+        deconvolved needs one). Without a given ``depth``, every channel then gets the
+        halo of the PSF that needs the widest (`lightsheet.blocks.default_depth`), so all
+        are cut into the same blocks.
     channels : ints, optional
         Channels deconvolved; None: all.
     **kwargs
@@ -244,8 +247,16 @@ def deconvolve_volumes(
     """
     chunks = tuple(volumes[0][0].chunks)
     wanted = range(len(volumes[0])) if channels is None else channels
+    psfs = psf if isinstance(psf, Mapping) else dict.fromkeys(wanted, psf)
+    missing = [c for c in wanted if c not in psfs]
+    if missing:
+        raise ConfigError(f"psf: no PSF for channel(s) {missing}, which are deconvolved")
+    if isinstance(psf, Mapping) and kwargs.get("depth") is None:
+        iterations = check_iterations(kwargs.get("iterations", 10))
+        depths = [default_depth(validate_psf(psfs[c]).shape, iterations) for c in wanted]
+        kwargs["depth"] = tuple(int(d) for d in np.max(depths, axis=0))
     planes = [
-        [deconvolve(v, psf, **kwargs) if c in wanted else None for c, v in enumerate(row)]
+        [deconvolve(v, psfs[c], **kwargs) if c in wanted else None for c, v in enumerate(row)]
         for row in volumes
     ]
     # channels passed through are cut into the same blocks

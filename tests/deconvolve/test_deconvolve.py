@@ -559,3 +559,33 @@ def test_choose_chunks_rejects_bad_shapes():
         choose_chunks((0, 10, 10), (3, 3, 3))
     with pytest.raises(ValueError, match="shape_zyx"):
         choose_chunks((10, 10), (3, 3, 3))
+
+
+def test_each_channel_deconvolved_with_its_own_psf(tmp_path):
+    """A mapping of channel to PSF: each channel as deconvolved alone with its own, at the
+    halo of the widest, so every channel is cut into the same blocks."""
+    from lightsheet.blocks import default_depth
+    from lightsheet.deconvolve import deconvolve_volumes
+    from lightsheet.errors import ConfigError
+    from lightsheet.io.omezarr import stored_volume, write_image
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(1, 100, (1, 2, 24, 40, 40)).astype(np.float32)
+    path = tmp_path / "raw.ome.zarr"
+    write_image(da.from_array(image, chunks=(1, 1, 12, 20, 20)), path, voxel_size_um=(1, 1, 1))
+    volumes = [[stored_volume(path, 0, c) for c in range(2)]]
+    narrow, wide = gaussian_psf((1, 1, 1), (1, 1, 1)), gaussian_psf((3, 2, 2), (1, 1, 1))
+    result, _ = deconvolve_volumes(volumes, {0: narrow, 1: wide}, iterations=3)
+    depth = default_depth(wide.shape, 3)
+    for channel, psf in ((0, narrow), (1, wide)):
+        alone = deconvolve(volumes[0][channel], psf, iterations=3, depth=depth).compute()
+        np.testing.assert_allclose(result[0, channel].compute(), alone, rtol=1e-5)
+    assert result.chunks[2:] == deconvolve(volumes[0][1], wide, iterations=3).chunks
+    # the narrow PSF's own halo gives (nearly) the same: the wider halo costs only time
+    own = deconvolve(volumes[0][0], narrow, iterations=3).compute()
+    np.testing.assert_allclose(result[0, 0].compute(), own, rtol=2e-3)
+    with pytest.raises(ConfigError, match=r"no PSF for channel\(s\) \[1\]"):
+        deconvolve_volumes(volumes, {0: narrow}, iterations=3)
+    # a channel passed through needs none
+    passed, _ = deconvolve_volumes(volumes, {0: narrow}, channels=[0], iterations=3)
+    np.testing.assert_array_equal(passed[0, 1].compute(), image[0, 1])
