@@ -172,7 +172,9 @@ def measure_psf(
     ``OUT.beads.csv`` lists every bead found (`BeadPSF.beads`, with µm and FWHM columns) and
     ``OUT.png`` draws the PSF and the used beads' axial FWHM across the field
     (`lightsheet.plots.plot_psf`). A stack of several channels (beads imaged in each, an
-    ImageJ ``ZCYX`` or OME ``CZYX`` file) is measured in ``channel``. Returns the report
+    ImageJ ``ZCYX`` or OME ``CZYX`` file) is measured in ``channel``, or, without one, in
+    every channel, each into ``OUT`` with ``_c<k>`` before its suffix (``psf_c0.tif``, ...),
+    and the report ends with the run config's ``psf`` mapping of them. Returns the report
     lines the command prints: what was found, and whether the PSF varies across the field
     (the beads' axial FWHM over 1.25 × apart: a light sheet is thinnest at its waist).
 
@@ -181,35 +183,44 @@ def measure_psf(
     PSFError
         The stack cannot be read, or holds no isolated bead.
     ConfigError
-        No voxel size (none declared, none given), or a channel needed, or out of range.
+        No voxel size (none declared, none given), or a channel out of range.
     """
-    from lightsheet.io.tiff import TiffRegion, inspect_tiff
-    from lightsheet.plots import plot_psf
+    from lightsheet.io.tiff import inspect_tiff
 
     try:
         info = inspect_tiff(beads_tif, channels=True)
     except InputFilesError as exc:
         raise PSFError(f"--beads: cannot read {exc}") from exc
-    if channel is None and info.channels > 1:
+    if channel is not None and not 0 <= channel < info.channels:
         raise ConfigError(
-            f"--beads {beads_tif}: holds {info.channels} channels; give --channel K (0 to "
-            f"{info.channels - 1}: the one the run deconvolves)"
+            f"--channel {channel}: {beads_tif} holds {info.channels} channel(s); expected "
+            f"0 to {info.channels - 1}"
         )
-    if channel is not None:
-        if not 0 <= channel < info.channels:
-            raise ConfigError(
-                f"--channel {channel}: {beads_tif} holds {info.channels} channel(s); expected "
-                f"0 to {info.channels - 1}"
-            )
-        info = info.for_channel(channel)
     voxel = voxel_size_um or info.voxel_size_um
     if voxel is None or any(v is None for v in voxel):
         raise ConfigError(
             f"--beads {beads_tif}: its metadata declare no voxel size (z, y, x) in a length "
             f"unit ({info.voxel_size_um}); give --voxel-size-um Z Y X"
         )
-    result = distil_psf(TiffRegion(info), name=str(beads_tif))
     out = Path(out)
+    if channel is not None or info.channels == 1:
+        return _measured(info.for_channel(channel or 0), out, voxel, str(beads_tif))
+    lines, files = [], {}
+    for k in range(info.channels):
+        files[k] = out.with_name(f"{out.stem}_c{k}{out.suffix}")
+        lines += [f"channel {k}:"] + _measured(
+            info.for_channel(k), files[k], voxel, f"{beads_tif} (channel {k})"
+        )
+    mapping = ", ".join(f"{k}: {p}" for k, p in files.items())
+    return [*lines, f"each channel its own PSF, in the run config: psf: {{{mapping}}}"]
+
+
+def _measured(info, out: Path, voxel: Sequence[float], name: str) -> list[str]:
+    """One channel's PSF distilled into ``out``, its beads and figure beside; the report."""
+    from lightsheet.io.tiff import TiffRegion
+    from lightsheet.plots import plot_psf
+
+    result = distil_psf(TiffRegion(info), name=name)
     write_psf(out, result.psf, voxel)
     beads = result.beads
     for axis, v in zip("zyx", voxel, strict=True):

@@ -674,8 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beads", default=None, metavar="FILE", help="TIFF stack of beads")
     p.add_argument(
         "--channel", type=int, default=None, metavar="K",
-        help="--beads: the channel measured, where the stack holds several (the one the run "
-        "deconvolves)",
+        help="--beads: the channel measured, where the stack holds several (default: each, "
+        "into OUT_c0.tif, OUT_c1.tif, ...)",
     )  # fmt: skip
     p.add_argument("--na", type=float, default=None, help="detection numerical aperture")
     p.add_argument("--wavelength-nm", type=float, default=None, help="emission wavelength")

@@ -174,8 +174,13 @@ def test_a_stack_of_several_channels_is_measured_in_the_one_asked_for(tmp_path, 
     tifffile.imwrite(beads, field, imagej=True, resolution=(1, 1),
                      metadata={"spacing": 1.0, "unit": "um", "axes": "ZCYX"})  # fmt: skip
     out = tmp_path / "psf.tif"
-    assert main(["psf", str(out), "--beads", str(beads)]) == 2
-    assert "holds 2 channels; give --channel K" in capsys.readouterr().err
+    # without --channel: every channel, each to its own file, and the run config's mapping
+    assert main(["psf", str(out), "--beads", str(beads)]) == 0
+    files = [tmp_path / f"psf_c{k}.tif" for k in range(2)]
+    assert f"psf: {{0: {files[0]}, 1: {files[1]}}}" in capsys.readouterr().out
+    for path, sigma in zip(files, sigmas, strict=True):
+        np.testing.assert_allclose(psf_sigma_um(load_psf(path), voxel), sigma, rtol=0.05)
+        assert path.with_suffix(".beads.csv").is_file() and path.with_suffix(".png").is_file()
     assert main(["psf", str(out), "--beads", str(beads), "--channel", "2"]) == 2
     assert "--channel 2" in capsys.readouterr().err
     for channel, sigma in enumerate(sigmas):
