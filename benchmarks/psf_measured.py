@@ -11,6 +11,9 @@ at a finer z step than the sample. This generates both sides with known truth:
 * the same PSF's bead stack at (0.5, 1, 1) µm (a sub-resolution bead, peak 4,000 counts on
   the same camera), uint16, its voxel size in its ImageJ metadata, as Fiji writes it;
 * a field of 16 such beads 30 µm apart, distilled by ``lightsheet psf --beads``;
+* other channels of other nuclei, at a shorter (σ 2.6, 0.69, 0.69 µm) and a longer
+  wavelength (σ 3.6, 0.96, 0.96 µm), each deconvolved with the first channel's PSF and with
+  its own (their rows' RMS are against their own PSF's deconvolution and their own truth);
 
 and deconvolves the sample (`lightsheet.deconvolve.kernel.richardson_lucy`, 10 iterations,
 ``background`` the camera's level) with the true PSF and with the bead stack as
@@ -45,6 +48,8 @@ from lightsheet.psf import gaussian_psf, load_psf, psf_sigma_um
 VOXEL_UM = (2.0, 1.0, 1.0)
 BEAD_VOXEL_UM = (0.5, 1.0, 1.0)
 SIGMA_UM = (3.0, 0.8, 0.8)
+#: Other channels' PSFs: emission at 520 nm (a thinner sheet too), and at 720 nm.
+SIGMA_OTHER_UM = {"shorter": (2.6, 0.69, 0.69), "longer": (3.6, 0.96, 0.96)}
 CAMERA_LEVEL = 100.0
 PEAK = 4000.0
 READ_NOISE = 2.0
@@ -56,7 +61,9 @@ def _camera(light: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(counts), 0, 65535).astype(np.uint16)
 
 
-def sample(rng: np.random.Generator, shape=(48, 160, 160)) -> tuple[np.ndarray, np.ndarray]:
+def sample(
+    rng: np.random.Generator, shape=(48, 160, 160), sigma_um=SIGMA_UM
+) -> tuple[np.ndarray, np.ndarray]:
     """(sharp truth, recorded image) of nuclei in tissue, in counts of light."""
     grid = np.indices(shape, dtype=np.float32) * np.array(VOXEL_UM, np.float32)[:, None, None, None]
     truth = np.full(shape, 40.0, np.float32)
@@ -66,7 +73,7 @@ def sample(rng: np.random.Generator, shape=(48, 160, 160)) -> tuple[np.ndarray, 
         radius = rng.uniform(3.0, 5.0)
         inside = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2
         truth[inside] = 200.0
-    psf = gaussian_psf(SIGMA_UM, VOXEL_UM, truncate=4)
+    psf = gaussian_psf(sigma_um, VOXEL_UM, truncate=4)
     blurred = ndimage.convolve(truth, psf, mode="reflect")
     return truth, _camera(blurred, rng)
 
@@ -123,6 +130,26 @@ def _field_row(rng, folder: Path, image, truth, reference) -> dict:
     return row
 
 
+def _channel_rows(rng: np.random.Generator) -> list[dict]:
+    """Another channel at a shorter and at a longer wavelength (``SIGMA_OTHER_UM``), each
+    deconvolved with the first channel's PSF (one ``psf`` for every channel) and with its
+    own (a per-channel ``psf`` mapping)."""
+    first = gaussian_psf(SIGMA_UM, VOXEL_UM, truncate=4)
+    rows = []
+    for name, sigma in SIGMA_OTHER_UM.items():
+        truth, image = sample(rng, sigma_um=sigma)
+        own = gaussian_psf(sigma, VOXEL_UM, truncate=4)
+        reference = richardson_lucy(image, own, iterations=10, background=CAMERA_LEVEL)
+        reference = reference - CAMERA_LEVEL
+        what = f"a {name} wavelength's channel"
+        rows += [
+            _row(f"{what}, not deconvolved", None, image.astype(np.float32), truth, reference),
+            _row(f"{what}, with channel 0's PSF", first, image, truth, reference),
+            _row(f"{what}, with its own PSF", own, image, truth, reference),
+        ]
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, help="write psf_measured.csv here")
@@ -148,6 +175,7 @@ def main(argv=None) -> int:
             rows.append(_row("bead stack, load_psf(path, voxel)", loaded, image, truth, reference))
         if (Path(__file__).parents[1] / "lightsheet" / "beads.py").is_file():
             rows.append(_field_row(rng, Path(folder), image, truth, reference))
+    rows += _channel_rows(rng)
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
     if args.results:
