@@ -132,6 +132,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     gb = info.get("bytes_written", 0) / 1e9
     print(f"sample written to {args.dir} ({gb:.2f} GB raw); run it with:")
     print(f"  lightsheet run {Path(args.dir) / 'config.yaml'}")
+    print(
+        "(with psf.tif, the PSF the tiles were blurred with; to measure it from the beads "
+        "beside it, as for a microscope: lightsheet psf OUT.tif --beads "
+        f"{Path(args.dir) / 'beads.tif'}, then psf: OUT.tif)"
+    )
     return 0
 
 
