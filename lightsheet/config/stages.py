@@ -414,7 +414,9 @@ class RegisterConfig(_Model):
         description="Blur the atlas reference by the run's PSF (its width along each axis) "
         "before registering: the sample is seen through the microscope's optics, the atlas "
         "template is not, and a sharper reference makes the B-spline shift thin bright "
-        "layers by a fraction of an atlas voxel. A run without a psf leaves it unblurred.",
+        "layers by a fraction of an atlas voxel. Where psf maps channels, the registered "
+        "channel's; a run without a psf (or without one for that channel) leaves it "
+        "unblurred.",
     )
     threads: int | None = Field(
         None, ge=1, description="elastix threads; default: all cores of the machine it runs on."
