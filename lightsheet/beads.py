@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -168,33 +169,38 @@ def measure_psf(
 ) -> list[str]:
     """`lightsheet psf OUT --beads STACK`: distil a bead stack's PSF into ``out``.
 
-    ``out`` is at the stack's voxel size (its metadata's, or ``voxel_size_um``); beside it
-    ``OUT.beads.csv`` lists every bead found (`BeadPSF.beads`, with µm and FWHM columns) and
-    ``OUT.png`` draws the PSF and the used beads' axial FWHM across the field
-    (`lightsheet.plots.plot_psf`). A stack of several channels (beads imaged in each, an
-    ImageJ ``ZCYX`` or OME ``CZYX`` file) is measured in ``channel``, or, without one, in
-    every channel, each into ``OUT`` with ``_c<k>`` before its suffix (``psf_c0.tif``, ...),
-    and the report ends with the run config's ``psf`` mapping of them. Returns the report
-    lines the command prints: what was found, and whether the PSF varies across the field
-    (the beads' axial FWHM over 1.25 × apart: a light sheet is thinnest at its waist).
+    ``beads_tif`` is one TIFF stack, or, as microscopes that write one file per plane give
+    it, a folder or a glob of single-plane TIFFs, stacked in the natural order of their
+    names (``Z2`` before ``Z10``). ``out`` is at the stack's voxel size (its metadata's, or
+    ``voxel_size_um``: plane files seldom declare the z step); beside it ``OUT.beads.csv``
+    lists every bead found (`BeadPSF.beads`, with µm and FWHM columns) and ``OUT.png`` draws
+    the PSF and the used beads' axial FWHM across the field (`lightsheet.plots.plot_psf`).
+    A stack of several channels (beads imaged in each, an ImageJ ``ZCYX`` or OME ``CZYX``
+    file) is measured in ``channel``, or, without one, in every channel, each into ``OUT``
+    with ``_c<k>`` before its suffix (``psf_c0.tif``, ...), and the report ends with the run
+    config's ``psf`` mapping of them. Returns the report lines the command prints: what was
+    found, and whether the PSF varies across the field (the beads' axial FWHM over 1.25 ×
+    apart: a light sheet is thinnest at its waist).
 
     Raises
     ------
     PSFError
-        The stack cannot be read, or holds no isolated bead.
+        The stack cannot be read, its planes differ, or it holds no isolated bead.
     ConfigError
         No voxel size (none declared, none given), or a channel out of range.
     """
-    from lightsheet.io.tiff import inspect_tiff
+    from lightsheet.io.tiff import TiffRegion, inspect_tiff
 
+    planes = _plane_files(beads_tif)
     try:
-        info = inspect_tiff(beads_tif, channels=True)
+        infos = [inspect_tiff(f, channels=planes is None) for f in planes or [beads_tif]]
     except InputFilesError as exc:
         raise PSFError(f"--beads: cannot read {exc}") from exc
-    if channel is not None and not 0 <= channel < info.channels:
+    info = infos[0]
+    n = info.channels
+    if channel is not None and not 0 <= channel < n:
         raise ConfigError(
-            f"--channel {channel}: {beads_tif} holds {info.channels} channel(s); expected "
-            f"0 to {info.channels - 1}"
+            f"--channel {channel}: {beads_tif} holds {n} channel(s); expected 0 to {n - 1}"
         )
     voxel = voxel_size_um or info.voxel_size_um
     if voxel is None or any(v is None for v in voxel):
@@ -203,24 +209,61 @@ def measure_psf(
             f"unit ({info.voxel_size_um}); give --voxel-size-um Z Y X"
         )
     out = Path(out)
-    if channel is not None or info.channels == 1:
-        return _measured(info.for_channel(channel or 0), out, voxel, str(beads_tif))
+    if planes is not None:
+        return _measured(_stacked(infos, beads_tif), out, voxel, str(beads_tif))
+    if channel is not None or n == 1:
+        return _measured(TiffRegion(info.for_channel(channel or 0)), out, voxel, str(beads_tif))
     lines, files = [], {}
-    for k in range(info.channels):
+    for k in range(n):
         files[k] = out.with_name(f"{out.stem}_c{k}{out.suffix}")
-        lines += [f"channel {k}:"] + _measured(
-            info.for_channel(k), files[k], voxel, f"{beads_tif} (channel {k})"
-        )
+        field, name = TiffRegion(info.for_channel(k)), f"{beads_tif} (channel {k})"
+        lines += [f"channel {k}:", *_measured(field, files[k], voxel, name)]
     mapping = ", ".join(f"{k}: {p}" for k, p in files.items())
     return [*lines, f"each channel its own PSF, in the run config: psf: {{{mapping}}}"]
 
 
-def _measured(info, out: Path, voxel: Sequence[float], name: str) -> list[str]:
-    """One channel's PSF distilled into ``out``, its beads and figure beside; the report."""
+def _plane_files(beads: str | Path) -> list[Path] | None:
+    """The plane files of a folder or a glob, in natural order; None for one file."""
+    import glob
+    import re
+
+    text = str(beads)
+    if Path(text).is_dir():
+        files = [p for p in Path(text).iterdir() if p.suffix.lower() in (".tif", ".tiff")]
+    elif glob.has_magic(text):
+        files = [Path(p) for p in glob.glob(text)]
+    else:
+        return None
+    if not files:
+        raise PSFError(f"--beads {beads}: no TIFF file there; expected a stack or its planes")
+
+    def natural(path: Path) -> list:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+    return sorted(files, key=natural)
+
+
+def _stacked(infos, name) -> Any:
+    """Single-plane TIFFs as one lazy (Z, Y, X) stack (each plane read when sliced)."""
+    import dask.array as da
+
     from lightsheet.io.tiff import TiffRegion
+
+    first = infos[0]
+    for info in infos:
+        if info.shape[0] != 1 or info.shape[1:] != first.shape[1:] or info.dtype != first.dtype:
+            raise PSFError(
+                f"--beads {name}: {info.path} holds {info.shape} {info.dtype}; expected one "
+                f"plane of {first.shape[1:]} {first.dtype}, as {first.path}"
+            )
+    return da.concatenate([da.from_array(TiffRegion(i), chunks=i.shape) for i in infos])
+
+
+def _measured(field, out: Path, voxel: Sequence[float], name: str) -> list[str]:
+    """One field's PSF distilled into ``out``, its beads and figure beside; the report."""
     from lightsheet.plots import plot_psf
 
-    result = distil_psf(TiffRegion(info), name=name)
+    result = distil_psf(field, name=name)
     write_psf(out, result.psf, voxel)
     beads = result.beads
     for axis, v in zip("zyx", voxel, strict=True):

@@ -676,7 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
         "found, used or why not) and a figure of the PSF (.png).",
     )
     p.add_argument("out", help="output TIFF")
-    p.add_argument("--beads", default=None, metavar="FILE", help="TIFF stack of beads")
+    p.add_argument(
+        "--beads", default=None, metavar="STACK",
+        help="TIFF stack of beads, or a folder or quoted glob of its single-plane TIFFs",
+    )  # fmt: skip
     p.add_argument(
         "--channel", type=int, default=None, metavar="K",
         help="--beads: the channel measured, where the stack holds several (default: each, "

@@ -190,3 +190,34 @@ def test_a_stack_of_several_channels_is_measured_in_the_one_asked_for(tmp_path, 
     assert main(["psf", str(out), "--na", "0.2", "--wavelength-nm", "600",
                  "--voxel-size-um", "2", "1", "1", "--channel", "1"]) == 2  # fmt: skip
     assert "--channel" in capsys.readouterr().err
+
+
+def test_a_stack_written_one_file_per_plane_is_measured_as_the_stack(tmp_path, capsys):
+    # LaVision and others write one file per plane, numbered without padding (Z2 < Z10):
+    # a folder or a glob of them is the stack, in the natural order of their names
+    from lightsheet.cli import main
+    from lightsheet.sample.beads import bead_stack
+    from lightsheet.sample.render import camera
+
+    rng = np.random.default_rng(6)
+    stack = camera(bead_stack(SIGMA_UM, VOXEL_UM, rng=rng, n_beads=12)[0], rng=rng)
+    whole = tmp_path / "stack.tif"
+    tifffile.imwrite(whole, stack, imagej=True, resolution=(1, 1),
+                     metadata={"spacing": VOXEL_UM[0], "unit": "um", "axes": "ZYX"})  # fmt: skip
+    planes = tmp_path / "planes"
+    planes.mkdir()
+    for z, plane in enumerate(stack):
+        tifffile.imwrite(planes / f"beads_C00_Z{z}.ome.tif", plane)
+    assert main(["psf", str(tmp_path / "whole.tif"), "--beads", str(whole)]) == 0
+    reference = load_psf(tmp_path / "whole.tif")
+    for beads in (planes, planes / "*_Z*.ome.tif"):
+        out = tmp_path / "from_planes.tif"
+        # plane files do not say their z step
+        assert main(["psf", str(out), "--beads", str(beads)]) == 2
+        assert "--voxel-size-um" in capsys.readouterr().err
+        assert main(["psf", str(out), "--beads", str(beads), "--voxel-size-um", "2", "1", "1"]) == 0
+        np.testing.assert_array_equal(load_psf(out), reference)
+    # a plane of another size is named
+    tifffile.imwrite(planes / "beads_C00_Z999.ome.tif", stack[0, :10])
+    assert main(["psf", str(out), "--beads", str(planes), "--voxel-size-um", "2", "1", "1"]) == 2
+    assert "Z999.ome.tif holds (1, 10," in capsys.readouterr().err
