@@ -28,7 +28,6 @@ __all__ = [
     "gaussian_psf",
     "load_psf",
     "optics_sigma_um",
-    "psf_of_channel",
     "psf_from_optics",
     "psf_grid_note",
     "psf_sigma_um",
@@ -488,19 +487,6 @@ def psf_grid_note(
     if psf_voxel_size_um is None and all(d is None for d in declared):
         return f"declares no voxel size: taken at the image's {_um(image)} µm"
     return f"at the image's voxel size {_um(image)} µm"
-
-
-def psf_of_channel(psf, channel: int):
-    """A run's PSF file for ``channel``: its one file, or its per-channel mapping's.
-
-    None where the mapping has none; keys may be ints or, after JSON, their strings.
-
-    >>> psf_of_channel("psf.tif", 1), psf_of_channel({0: "a.tif", "1": "b.tif"}, 1)
-    ('psf.tif', 'b.tif')
-    """
-    if isinstance(psf, dict):
-        return psf.get(channel, psf.get(str(channel)))
-    return psf
 
 
 def _um(values) -> str:

@@ -9,12 +9,12 @@ from typing import Any
 
 from prefect import task
 
-from lightsheet.config import DeconvolveConfig
+from lightsheet.config import DeconvolveConfig, psf_of_channel
 from lightsheet.deconvolve import clear_otf_cache, deconvolve_volumes
 from lightsheet.errors import ConfigError
 from lightsheet.io.omezarr import read_image, stored_volume, write_image
 from lightsheet.lineage import file_content_fingerprint, recorded_quantum
-from lightsheet.psf import load_psf, psf_of_channel
+from lightsheet.psf import load_psf
 from tasks._common import (
     OUTPUTS,
     Stage,

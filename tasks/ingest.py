@@ -89,20 +89,13 @@ def _psf_note(config: PipelineConfig) -> str:
     """
     voxel, own = config.voxel_size_um, config.psf_voxel_size_um
     notes = []
-    for channel, path in _psfs(config).items():
+    for channel, path in config.psf_files().items():
         sigma = psf_sigma_um(load_psf(path, voxel, psf_voxel_size_um=own), voxel)
         fwhm = ", ".join(f"{FWHM_PER_SIGMA * s:.2f}" for s in sigma)
         grid = psf_grid_note(path, voxel, psf_voxel_size_um=own)
         which = "" if channel is None else f"channel {channel}: "
         notes.append(f"{which}{path}: {grid}; FWHM (z, y, x) ({fwhm}) µm")
     return "; ".join(notes)
-
-
-def _psfs(config: PipelineConfig) -> dict[int | None, Path]:
-    """The run's PSF files by channel (None: one file for every channel)."""
-    if isinstance(config.psf, dict):
-        return dict(sorted(config.psf.items()))
-    return {} if config.psf is None else {None: config.psf}
 
 
 def check_inputs(config: PipelineConfig, *, atlas_labels: bool = True) -> Manifest:

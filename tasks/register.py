@@ -24,7 +24,7 @@ import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from lightsheet.config import RegisterConfig
+from lightsheet.config import RegisterConfig, psf_of_channel
 from lightsheet.elastix import parameter_maps
 from lightsheet.errors import ConfigError
 from lightsheet.io.atlas import load_atlas, read_reference
@@ -32,7 +32,7 @@ from lightsheet.io.atomic import atomic_path
 from lightsheet.io.omezarr import read_image, write_image
 from lightsheet.lineage import file_content_fingerprint, finish_record, write_sidecar
 from lightsheet.plots import plot_registration_qc
-from lightsheet.psf import load_psf, psf_of_channel, psf_sigma_um
+from lightsheet.psf import load_psf, psf_sigma_um
 from lightsheet.register import FixedGrid, check_channel, downsample, pick_level, register_atlas
 from tasks._common import (
     OUTPUTS,

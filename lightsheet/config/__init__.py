@@ -53,7 +53,7 @@ from lightsheet.config.pattern import (
     compile_pattern,
     search_name,
 )
-from lightsheet.config.pipeline import PipelineConfig
+from lightsheet.config.pipeline import PipelineConfig, psf_of_channel
 from lightsheet.config.stages import (
     DeconvolveConfig,
     DensityConfig,
@@ -91,6 +91,7 @@ __all__ = [
     "compile_pattern",
     "is_orientation",
     "load_config",
+    "psf_of_channel",
     "read_yaml",
     "resolve_paths",
     "search_name",

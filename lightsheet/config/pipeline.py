@@ -14,7 +14,7 @@ from lightsheet.config._base import VoxelSize, _Model, schema_rules, when
 from lightsheet.config.cluster import ClusterConfig
 from lightsheet.config.pattern import DEFAULT_PATTERN, PATTERN_GROUPS, check_pattern
 
-__all__ = ["PipelineConfig"]
+__all__ = ["PipelineConfig", "psf_of_channel"]
 
 
 # The run config's key is ``register`` (the stage's name). The only "register" it shadows is
@@ -22,6 +22,20 @@ __all__ = ["PipelineConfig"]
 warnings.filterwarnings(
     "ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning
 )
+
+
+def psf_of_channel(psf, channel: int):
+    """A run's PSF file for ``channel``: its one file, or its per-channel mapping's.
+
+    ``psf`` as the config holds it, or as the flow passes it to the stages (strings; keys
+    ints or, after JSON, their strings). None where the mapping has none, or no PSF.
+
+    >>> psf_of_channel("psf.tif", 1), psf_of_channel({0: "a.tif", "1": "b.tif"}, 1)
+    ('psf.tif', 'b.tif')
+    """
+    if isinstance(psf, dict):
+        return psf.get(channel, psf.get(str(channel)))
+    return psf
 
 
 class PipelineConfig(_Model):
@@ -130,15 +144,17 @@ class PipelineConfig(_Model):
 
     def psf_for(self, channel: int) -> Path | None:
         """The PSF file of ``channel``: the one file, or the mapping's (None where none)."""
+        return psf_of_channel(self.psf, channel)
+
+    def psf_files(self) -> dict[int | None, Path]:
+        """Every PSF file the run names, by channel (None: the one file of every channel)."""
         if isinstance(self.psf, dict):
-            return self.psf.get(channel)
-        return self.psf
+            return dict(sorted(self.psf.items()))
+        return {} if self.psf is None else {None: self.psf}
 
     def psf_paths(self) -> list[Path]:
         """Every PSF file the run names."""
-        if isinstance(self.psf, dict):
-            return list(self.psf.values())
-        return [] if self.psf is None else [self.psf]
+        return list(self.psf_files().values())
 
     def deconvolution_psfs(self, channels: Sequence[int]) -> dict[int, Path]:
         """The PSF file of each channel deconvolved, or a ValueError naming those without."""
