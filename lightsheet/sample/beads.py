@@ -80,10 +80,10 @@ def bead_stack(
     """
     sigma = np.asarray(sigma_um, dtype=float)
     vox = np.asarray(voxel_size_um, dtype=float)
-    half_um = (np.ceil(1.5 * _REACH_SD * sigma / vox) + 4) * vox
-    box = 2 * np.rint(half_um / vox).astype(int) + 1
-    side = math.ceil(math.sqrt(2 * n_beads) * max(box[1:]))
-    shape = np.array([2 * box[0] - 2, side, side])
+    half = _half_box(sigma, vox)
+    half_um = half * vox
+    side = math.ceil(math.sqrt(2 * n_beads) * max(2 * half[1:] + 1))
+    shape = np.array([4 * half[0], side, side])
     extent = shape * vox
     centres: list[np.ndarray] = []
     for _ in range(200 * n_beads):
@@ -105,14 +105,23 @@ def bead_stack(
             for a, b, v, x, s in zip(lo, hi, vox, c, sigma, strict=True)
         ]
         z, y, x = (np.exp(-0.5 * d**2) for d in axes)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-        expected[box] += (peak * z[:, None, None] * y[None, :, None] * x[None, None, :]).astype(
+        region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        expected[region] += (peak * z[:, None, None] * y[None, :, None] * x[None, None, :]).astype(
             np.float32
         )
     beads = pd.DataFrame(np.reshape(centres, (n, 3)), columns=["z_um", "y_um", "x_um"])
     beads["photons"] = photons
     beads["clump"] = clump
     return expected, beads
+
+
+def _half_box(sigma_um, voxel_um) -> np.ndarray:
+    """Half side (voxels, z, y, x) of the box a bead's light fits in.
+
+    As a measurement cuts it (1.5 x its reach + 2 voxels), with 2 voxels to spare.
+    """
+    sigma = np.asarray(sigma_um, dtype=float)
+    return (np.ceil(1.5 * _REACH_SD * sigma / np.asarray(voxel_um, dtype=float)) + 4).astype(int)
 
 
 def write_bead_stack(
@@ -127,8 +136,8 @@ def write_bead_stack(
     path = Path(path)
     sigma = optics_sigma_um(**optics)
     vz, vy, vx = (float(v) for v in voxel_size_um)
-    step = vz / 2  # doubled while the stack would be deeper than MAX_PLANES
-    while 4 * (math.ceil(1.5 * _REACH_SD * sigma[0] / step) + 4) > MAX_PLANES:
+    step = vz / 2  # doubled while the stack (four half boxes, `bead_stack`) is too deep
+    while 4 * _half_box(sigma, (step, vy, vx))[0] > MAX_PLANES:
         step *= 2
     vox = (step, vy, vx)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
